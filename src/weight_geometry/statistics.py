@@ -1,0 +1,201 @@
+"""Summary statistics of the experiments: overlap structure, trends, correlations, verdicts.
+
+Correlations with fewer than 3 points are undefined (NaN, flagged), never +-1. Spearman's rho
+comes with a two-sided permutation p-value, ``(1 + #{|rho_perm| >= |rho|}) / (1 + n_perm)``,
+from a fixed seed so reports are reproducible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+MIN_POINTS = 3
+N_PERMUTATIONS = 10_000
+DISTANCES = (1, 2, 3, 5, 10, 15, 20)
+
+
+def off_diagonal(sims: np.ndarray) -> np.ndarray:
+    return sims[~np.eye(len(sims), dtype=bool)]
+
+
+def adjacent(sims: np.ndarray) -> np.ndarray:
+    """``sims[l, l+1]`` for l = 0 .. L-2."""
+    return np.diagonal(sims, offset=1).copy()
+
+
+def distant(sims: np.ndarray) -> np.ndarray:
+    """Entries with ``|i - j| > L // 3`` (both triangles, as the notebook)."""
+    n = len(sims)
+    i, j = np.indices((n, n))
+    return sims[np.abs(i - j) > n // 3]
+
+
+def overlap_summary(sims: np.ndarray) -> dict[str, float]:
+    """Experiment 1 statistics of an ``(L, L)`` similarity matrix."""
+    off, adj, far = off_diagonal(sims), adjacent(sims), distant(sims)
+    nan = float("nan")
+    return {
+        "off_diagonal_mean": off.mean(), "off_diagonal_std": off.std(),
+        "off_diagonal_min": off.min(), "off_diagonal_max": off.max(),
+        "adjacent_mean": adj.mean(), "adjacent_std": adj.std(),
+        "distant_mean": far.mean() if far.size else nan,
+        "distant_std": far.std() if far.size else nan,
+        "adjacent_minus_distant": adj.mean() - far.mean() if far.size else nan,
+        "distant_threshold": len(sims) // 3,
+    }
+
+
+def phase_boundaries(sims: np.ndarray, n: int = 10) -> pd.DataFrame:
+    """The ``n`` most negative steps of the adjacent-similarity sequence.
+
+    Step ``t`` goes from pair (t, t+1) to pair (t+1, t+2); a large drop marks a boundary
+    between layers t+1 and t+2.
+    """
+    adj = adjacent(sims)
+    steps = np.diff(adj)
+    order = np.argsort(steps, kind="stable")[:n]
+    return pd.DataFrame({
+        "rank": np.arange(len(order)),
+        "boundary": [f"{t + 1}→{t + 2}" for t in order],
+        "adjacent_similarity": adj[order + 1],
+        "change": steps[order],
+    })
+
+
+def similarity_by_distance(sims: np.ndarray) -> pd.DataFrame:
+    """Mean, std and count of ``sims[i, i + dist]`` for the notebook's distances (< L)."""
+    n = len(sims)
+    rows = []
+    for dist in sorted({*DISTANCES, n // 2}):
+        if 0 < dist < n:
+            vals = np.diagonal(sims, offset=dist)
+            rows.append((dist, vals.mean(), vals.std(), len(vals)))
+    return pd.DataFrame(rows, columns=["distance", "mean", "std", "n_pairs"])
+
+
+@dataclass(frozen=True)
+class Correlation:
+    """Pearson r, Spearman rho and its permutation p-value; NaN when ``n < 3``."""
+
+    n: int
+    pearson: float
+    spearman: float
+    spearman_p: float
+
+    @property
+    def defined(self) -> bool:
+        return self.n >= MIN_POINTS
+
+    def text(self) -> str:
+        if not self.defined:
+            return f"undefined (n={self.n} < {MIN_POINTS})"
+        return (f"r={self.pearson:+.3f}, rho={self.spearman:+.3f}"
+                f" (perm. p={self.spearman_p:.3g}, n={self.n})")
+
+
+def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+    if x.std() == 0 or y.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def correlate(x, y, n_perm: int = N_PERMUTATIONS, seed: int = 0) -> Correlation:
+    """Pearson and Spearman correlation of finite pairs, permutation p for Spearman."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    if len(x) < MIN_POINTS:
+        nan = float("nan")
+        return Correlation(len(x), nan, nan, nan)
+    rx = pd.Series(x).rank().to_numpy()
+    ry = pd.Series(y).rank().to_numpy()
+    rho = _pearson(rx, ry)
+    if np.isnan(rho):
+        p = float("nan")
+    else:
+        perms = np.random.default_rng(seed).permuted(np.tile(ry, (n_perm, 1)), axis=1)
+        pc = perms - perms.mean(1, keepdims=True)
+        xc = rx - rx.mean()
+        null = (pc @ xc) / (np.linalg.norm(pc, axis=1) * np.linalg.norm(xc))
+        p = float((1 + np.sum(np.abs(null) >= abs(rho) - 1e-12)) / (1 + n_perm))
+    return Correlation(len(x), _pearson(x, y), rho, p)
+
+
+def bottleneck_trends(sims_to_ref: np.ndarray, bottleneck: int) -> tuple[Correlation, Correlation]:
+    """Trend of similarity-to-bottleneck vs layer index before and after the bottleneck."""
+    before = sims_to_ref[:bottleneck]
+    after = sims_to_ref[bottleneck + 1:]
+    return (correlate(np.arange(len(before)), before),
+            correlate(np.arange(len(after)), after))
+
+
+def choose_bottleneck(weight_ranks: pd.DataFrame) -> int:
+    """Layer whose W_Q and W_K have the lowest mean normalized effective rank.
+
+    Normalized effective rank = ``eff_rank / min(rows, cols)`` (``shape`` like ``576x192``).
+    """
+    qk = weight_ranks[weight_ranks["weight_type"].isin(["W_Q", "W_K"])]
+    min_dim = qk["shape"].str.split("x").apply(lambda s: min(int(s[0]), int(s[1])))
+    normalized = (qk["eff_rank"] / min_dim).groupby(qk["layer_idx"]).mean()
+    return int(normalized.idxmin())
+
+
+def bottleneck_table(sims_by_head: dict[int, np.ndarray], weight_ranks: pd.DataFrame,
+                     choice: int | str) -> pd.DataFrame:
+    """Long table (head, layer, similarity) of ``sims[b, l]`` for each head, with the bottleneck
+    layer ``b`` and how it was chosen (configured, or ``auto`` by :func:`choose_bottleneck`)."""
+    if choice == "auto":
+        layer = choose_bottleneck(weight_ranks)
+        how = "auto: lowest mean normalized effective rank of W_Q and W_K"
+    else:
+        layer, how = int(choice), "set in the config"
+    frames = [pd.DataFrame({"head": head, "layer": np.arange(len(s)), "similarity": s[layer]})
+              for head, s in sorted(sims_by_head.items())]
+    table = pd.concat(frames, ignore_index=True)
+    table["bottleneck_layer"] = layer
+    table["bottleneck_choice"] = how
+    return table
+
+
+def overlap_verdict(summary: dict[str, float]) -> str:
+    """Experiment 1 verdict with the notebook's rules."""
+    gap, mean = summary["adjacent_minus_distant"], summary["off_diagonal_mean"]
+    if gap > 0.05:
+        return (f"Adjacent layers share more subspace ({summary['adjacent_mean']:.3f}) than"
+                f" distant layers ({summary['distant_mean']:.3f}): phase structure, nearby layers"
+                " refine similar subspaces while distant layers target different geometry.")
+    if mean > 0.7:
+        return (f"High uniform similarity across layers (mean {mean:.3f}): depth may be partly"
+                " redundant, layers query similar subspaces.")
+    return (f"Moderate similarity (off-diagonal mean {mean:.3f}): layers share some subspace but"
+            " also target distinct directions.")
+
+
+def bottleneck_verdict(bottleneck: int, pre: Correlation, post: Correlation) -> str:
+    """Experiment 2 verdict: convergence if pre r > 0.3 and post r < -0.3; partial if pre only."""
+    trends = f"pre {pre.text()}; post {post.text()}"
+    if not pre.defined:
+        return (f"Undetermined: too few layers before layer {bottleneck} for a trend ({trends}).")
+    if pre.pearson > 0.3 and post.defined and post.pearson < -0.3:
+        return (f"Layer {bottleneck} is a convergence point: similarity rises towards it from"
+                f" both sides ({trends}).")
+    if pre.pearson > 0.3:
+        note = "" if post.defined else " (the post-bottleneck trend is undefined)"
+        return (f"Partial convergence: similarity rises towards layer {bottleneck} from early"
+                f" layers but not from late layers{note} ({trends}).")
+    return (f"No clear convergence towards layer {bottleneck} ({trends}); its low rank may be a"
+            " local anomaly rather than a convergence point.")
+
+
+def alignment_verdict(mean_ratio: float, ffn_input: str) -> str:
+    """Experiment 3 verdict: ratio to chance > 1.5 coupled, < 0.7 avoids, else near chance."""
+    if mean_ratio > 1.5:
+        return (f"The FFN input ({ffn_input}) is coupled with attention ({mean_ratio:.2f}x"
+                " chance): they operate in overlapping subspaces.")
+    if mean_ratio < 0.7:
+        return (f"The FFN input ({ffn_input}) avoids the attention subspace ({mean_ratio:.2f}x"
+                " chance): attention routes in one subspace, the FFN reads its complement.")
+    return (f"FFN alignment is near chance ({mean_ratio:.2f}x): no strong coupling or avoidance.")

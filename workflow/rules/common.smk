@@ -1,0 +1,115 @@
+# Helpers, config validation, wildcard constraints and target lists (no defs elsewhere).
+import os
+import sys
+from pathlib import Path
+
+from snakemake.utils import validate
+
+SRC = str(Path(workflow.basedir) / "src")
+sys.path.insert(0, SRC)
+# Jobs (scripts, conda envs, cluster jobs) import the library from this checkout.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (SRC, os.environ.get("PYTHONPATH")) if p
+)
+
+from weight_geometry.config import build_plan, user_models
+from weight_geometry.errors import UserError
+from weight_geometry.figures import FIGURES
+from weight_geometry.results_io import BASES_FILES, chunk_dir_name
+
+try:
+    MODELS = user_models(config.get("models") or {}, workflow.overwrite_configfiles)
+    PLAN = build_plan(config, MODELS)
+except UserError as err:
+    sys.stderr.write(f"error: {err}\n")
+    sys.exit(1)
+config["models"] = MODELS
+validate(config, "../schemas/config.schema.yaml")
+
+ENV = "../../envs/geometry.yaml"
+R = "results/{model}"
+K = "results/{model}/k{k}"
+
+
+wildcard_constraints:
+    model="|".join(PLAN.models) or "no-model",
+    k=r"\d+",
+    head=r"\d+",
+    first=r"\d{3}",
+    last=r"\d{3}",
+
+
+def model_plan(wildcards):
+    return PLAN.models[wildcards.model]
+
+
+def chunk_files(name):
+    """Input function: one stored array of every extraction job of the model."""
+
+    def files(wildcards):
+        return [
+            f"results/{wildcards.model}/bases/{chunk_dir_name(a, b)}/{name}"
+            for a, b in model_plan(wildcards).chunks
+        ]
+
+    return files
+
+
+def similarity_files(heads_of):
+    def files(wildcards):
+        return [
+            f"results/{wildcards.model}/k{wildcards.k}/similarity_head{h}.npy"
+            for h in heads_of(model_plan(wildcards))
+        ]
+
+    return files
+
+
+def extraction_mem_mb(wildcards):
+    """Peak memory of one extraction job: one layer's weights in float32 and float64, two
+    d x d Gram matrices, and the job's stored arrays; plus the interpreter and torch."""
+    d = model_plan(wildcards).dims
+    n_layers = int(wildcards.last) - int(wildcards.first) + 1
+    layer = sum(
+        a * b
+        for a, b in map(
+            d.weight_shape, ("W_Q", "W_K", "W_V", "W_O", "W_gate", "W_up", "W_down")
+        )
+    )
+    stored = n_layers * d.n_heads * d.d_head * (d.d_model * 4 + 24)
+    return 1500 + (layer * 12 + 2 * d.d_model**2 * 8 + stored) // 2**20
+
+
+def extraction_runtime(wildcards):
+    """Minutes: generous for CPU SVD-free extraction (~1 s per 1e10 flops) plus start-up."""
+    d = model_plan(wildcards).dims
+    n_layers = int(wildcards.last) - int(wildcards.first) + 1
+    flops = n_layers * 8 * d.d_ff * d.d_model**2
+    return 10 + int(flops / 1e10 / 60)
+
+
+def uses_gpu(wildcards):
+    return 0 if PLAN.device == "cpu" else 1
+
+
+def analysis_inputs(wildcards):
+    """Named inputs of the figures and report rules (see results_io.load_analysis)."""
+    base = f"results/{wildcards.model}"
+    kdir = f"{base}/k{wildcards.k}"
+    return {
+        "model": f"{base}/model.json",
+        "similarity": similarity_files(lambda p: p.similarity_heads)(wildcards),
+        "similarity_mean": f"{kdir}/similarity_mean.npy",
+        "bottleneck": f"{kdir}/bottleneck.parquet",
+        "alignment": f"{kdir}/alignment.parquet",
+        "layers": f"{kdir}/layers.parquet",
+        "weight_ranks": f"{base}/effective_ranks.parquet",
+        "kernel_ranks": f"{base}/kernel_effective_ranks.parquet",
+        "singular_values": chunk_files("singular_values.npy")(wildcards),
+    }
+
+
+def all_targets():
+    return [
+        f"results/{name}/k{k}/report.md" for name in PLAN.models for k in PLAN.top_k
+    ]

@@ -1,0 +1,68 @@
+# Stage 1: everything that reads the checkpoint. Independent of k and of the heads.
+
+
+rule model_info:
+    output:
+        f"{R}/model.json",
+    params:
+        source=lambda w: model_plan(w).source,
+    log:
+        "logs/{model}/model_info.log",
+    benchmark:
+        f"{R}/benchmarks/model_info.tsv"
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    script:
+        "../scripts/model_info.py"
+
+
+rule extract_layers:
+    output:
+        **{
+            name: f"{R}/bases/layers{{first}}-{{last}}/{name}.npy"
+            for name in BASES_FILES
+        },
+        weight_ranks=f"{R}/bases/layers{{first}}-{{last}}/weight_ranks.parquet",
+    params:
+        source=lambda w: model_plan(w).source,
+        device=PLAN.device,
+    log:
+        "logs/{model}/extract_layers{first}-{last}.log",
+    benchmark:
+        f"{R}/benchmarks/extract_layers{{first}}-{{last}}.tsv"
+    conda:
+        ENV
+    threads: 2
+    resources:
+        mem_mb=extraction_mem_mb,
+        runtime=extraction_runtime,
+        gpu=uses_gpu,
+    script:
+        "../scripts/extract_layers.py"
+
+
+rule effective_ranks:
+    input:
+        model=f"{R}/model.json",
+        weight_ranks=chunk_files("weight_ranks.parquet"),
+        singular_values=chunk_files("singular_values.npy"),
+    output:
+        csv=f"{R}/effective_ranks.csv",
+        parquet=f"{R}/effective_ranks.parquet",
+        kernel=f"{R}/kernel_effective_ranks.parquet",
+    log:
+        "logs/{model}/effective_ranks.log",
+    benchmark:
+        f"{R}/benchmarks/effective_ranks.tsv"
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    script:
+        "../scripts/effective_ranks.py"

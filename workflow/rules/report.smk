@@ -1,0 +1,59 @@
+# Stage 3: figures and the markdown report of each (model, k).
+
+
+rule report_figures:
+    input:
+        unpack(analysis_inputs),
+    output:
+        **{
+            name: report(
+                f"{K}/figures/{name}.png",
+                caption=f"../report/{name}.rst",
+                category="{model}",
+                subcategory="k={k}",
+            )
+            for name in FIGURES
+        },
+    params:
+        heads=lambda w: model_plan(w).heads,
+        primary_head=lambda w: model_plan(w).primary_head,
+    log:
+        "logs/{model}/k{k}/figures.log",
+    benchmark:
+        f"{K}/benchmarks/figures.tsv"
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=1500,
+        runtime=5,
+    script:
+        "../scripts/report_figures.py"
+
+
+rule report_markdown:
+    input:
+        unpack(analysis_inputs),
+        figures=expand(f"{K}/figures/{{name}}.png", name=FIGURES, allow_missing=True),
+    output:
+        report(
+            f"{K}/report.md",
+            caption="../report/report.rst",
+            category="{model}",
+            subcategory="k={k}",
+        ),
+    params:
+        heads=lambda w: model_plan(w).heads,
+        primary_head=lambda w: model_plan(w).primary_head,
+    log:
+        "logs/{model}/k{k}/report.log",
+    benchmark:
+        f"{K}/benchmarks/report.tsv"
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=1500,
+        runtime=5,
+    script:
+        "../scripts/report_markdown.py"

@@ -1,0 +1,20 @@
+"""Rule layers: the per-layer cross-reference of effective ranks and subspace metrics."""
+
+from weight_geometry.rule_script import run_rule
+
+
+def main():
+    import numpy as np
+    import pandas as pd
+
+    from weight_geometry.crossref import layer_table
+
+    inp = snakemake.input
+    table = layer_table(pd.read_parquet(inp.weight_ranks), np.load(inp.similarity[0]),
+                        pd.read_parquet(inp.bottleneck), pd.read_parquet(inp.alignment),
+                        snakemake.params.head)
+    table.to_parquet(snakemake.output.parquet, index=False)
+    table.to_csv(snakemake.output.csv, index=False)
+
+
+run_rule(main, snakemake.log[0], snakemake.output)

@@ -1,0 +1,13 @@
+"""Rule model_info: record the checkpoint's architecture, dimensions and storage in model.json."""
+
+from weight_geometry.checkpoint import open_checkpoint
+from weight_geometry.results_io import write_json
+from weight_geometry.rule_script import run_rule
+
+
+def main():
+    ckpt = open_checkpoint(snakemake.params.source)
+    write_json(snakemake.output[0], {"name": snakemake.wildcards.model, **ckpt.describe()})
+
+
+run_rule(main, snakemake.log[0], snakemake.output)

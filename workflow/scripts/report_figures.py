@@ -1,0 +1,14 @@
+"""Rule figures: the report's figures for one (model, k)."""
+
+from weight_geometry.figures import FIGURES, draw_all
+from weight_geometry.results_io import load_analysis
+from weight_geometry.rule_script import run_rule
+
+
+def main():
+    p = snakemake.params
+    analysis = load_analysis(snakemake.input, int(snakemake.wildcards.k), p.heads, p.primary_head)
+    draw_all(analysis, {name: snakemake.output[name] for name in FIGURES})
+
+
+run_rule(main, snakemake.log[0], snakemake.output)

@@ -1,0 +1,14 @@
+"""Rule similarity: L x L Grassmann similarity of one head's top-k subspaces across layers."""
+
+from weight_geometry.results_io import load_head_bases, save_result
+from weight_geometry.rule_script import run_rule
+from weight_geometry.similarity import similarity_matrix
+
+
+def main():
+    w = snakemake.wildcards
+    bases = load_head_bases(snakemake.input.vectors, int(w.head), int(w.k))
+    save_result(snakemake.output[0], similarity_matrix(bases))
+
+
+run_rule(main, snakemake.log[0], snakemake.output)

@@ -1,0 +1,13 @@
+"""Rule similarity_mean: the similarity matrix averaged over the sampled heads."""
+
+import numpy as np
+
+from weight_geometry.results_io import save_result
+from weight_geometry.rule_script import run_rule
+
+
+def main():
+    save_result(snakemake.output[0], np.mean([np.load(p) for p in snakemake.input], axis=0))
+
+
+run_rule(main, snakemake.log[0], snakemake.output)
