@@ -34,7 +34,7 @@ from .architectures import (
 )
 from .errors import UserError
 from .gguf_file import GGUFFile
-from .safetensors_file import SafetensorsReader, directory_entries
+from .safetensors_file import DTYPE_NAMES, SafetensorsReader, directory_entries
 
 PYPI_PREFIX = "pypi:"
 
@@ -169,7 +169,7 @@ def _open_hf_dir(source: str, path: Path) -> Checkpoint:
     if model_type not in HF_ADAPTERS:
         raise unsupported("Hugging Face", model_type, HF_ADAPTERS)
     entries = directory_entries(path)
-    dtypes = sorted({e.dtype for e in entries.values()})
+    dtypes = sorted({DTYPE_NAMES.get(e.dtype, e.dtype) for e in entries.values()})
     return Checkpoint(
         source=source, path=path, format="safetensors", architecture=model_type,
         dims=dims_from_hf_config(config), adapter=HF_ADAPTERS[model_type],

@@ -16,6 +16,9 @@ import numpy as np
 
 from .errors import UserError
 
+#: safetensors dtype codes -> readable names (as torch spells them).
+DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+               "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 

@@ -1,16 +1,11 @@
 # Helpers, config validation, wildcard constraints and target lists (no defs elsewhere).
-import os
 import sys
 from pathlib import Path
 
 from snakemake.utils import validate
 
-SRC = str(Path(workflow.basedir) / "src")
-sys.path.insert(0, SRC)
-# Jobs (scripts, conda envs, cluster jobs) import the library from this checkout.
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    p for p in (SRC, os.environ.get("PYTHONPATH")) if p
-)
+# The library of this checkout (rule scripts do the same through workflow/scripts/_library.py).
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from weight_geometry.config import build_plan, user_models
 from weight_geometry.errors import UserError

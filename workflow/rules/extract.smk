@@ -4,8 +4,6 @@
 rule model_info:
     output:
         f"{R}/model.json",
-    params:
-        source=lambda w: model_plan(w).source,
     log:
         "logs/{model}/model_info.log",
     benchmark:
@@ -16,6 +14,8 @@ rule model_info:
     resources:
         mem_mb=1000,
         runtime=5,
+    params:
+        source=lambda w: model_plan(w).source,
     script:
         "../scripts/model_info.py"
 
@@ -27,9 +27,6 @@ rule extract_layers:
             for name in BASES_FILES
         },
         weight_ranks=f"{R}/bases/layers{{first}}-{{last}}/weight_ranks.parquet",
-    params:
-        source=lambda w: model_plan(w).source,
-        device=PLAN.device,
     log:
         "logs/{model}/extract_layers{first}-{last}.log",
     benchmark:
@@ -41,6 +38,9 @@ rule extract_layers:
         mem_mb=extraction_mem_mb,
         runtime=extraction_runtime,
         gpu=uses_gpu,
+    params:
+        source=lambda w: model_plan(w).source,
+        device=PLAN.device,
     script:
         "../scripts/extract_layers.py"
 

@@ -14,9 +14,6 @@ rule report_figures:
             )
             for name in FIGURES
         },
-    params:
-        heads=lambda w: model_plan(w).heads,
-        primary_head=lambda w: model_plan(w).primary_head,
     log:
         "logs/{model}/k{k}/figures.log",
     benchmark:
@@ -27,6 +24,9 @@ rule report_figures:
     resources:
         mem_mb=1500,
         runtime=5,
+    params:
+        heads=lambda w: model_plan(w).heads,
+        primary_head=lambda w: model_plan(w).primary_head,
     script:
         "../scripts/report_figures.py"
 
@@ -42,9 +42,6 @@ rule report_markdown:
             category="{model}",
             subcategory="k={k}",
         ),
-    params:
-        heads=lambda w: model_plan(w).heads,
-        primary_head=lambda w: model_plan(w).primary_head,
     log:
         "logs/{model}/k{k}/report.log",
     benchmark:
@@ -55,5 +52,8 @@ rule report_markdown:
     resources:
         mem_mb=1500,
         runtime=5,
+    params:
+        heads=lambda w: model_plan(w).heads,
+        primary_head=lambda w: model_plan(w).primary_head,
     script:
         "../scripts/report_markdown.py"

@@ -45,8 +45,6 @@ rule bottleneck_similarity:
         weight_ranks=f"{R}/effective_ranks.parquet",
     output:
         f"{K}/bottleneck.parquet",
-    params:
-        bottleneck=lambda w: model_plan(w).bottleneck,
     log:
         "logs/{model}/k{k}/bottleneck.log",
     benchmark:
@@ -57,6 +55,8 @@ rule bottleneck_similarity:
     resources:
         mem_mb=1000,
         runtime=5,
+    params:
+        bottleneck=lambda w: model_plan(w).bottleneck,
     script:
         "../scripts/bottleneck_similarity.py"
 
@@ -91,8 +91,6 @@ rule layer_table:
     output:
         parquet=f"{K}/layers.parquet",
         csv=f"{K}/layers.csv",
-    params:
-        head=lambda w: model_plan(w).primary_head,
     log:
         "logs/{model}/k{k}/layers.log",
     benchmark:
@@ -103,5 +101,7 @@ rule layer_table:
     resources:
         mem_mb=1000,
         runtime=5,
+    params:
+        head=lambda w: model_plan(w).primary_head,
     script:
         "../scripts/layer_table.py"

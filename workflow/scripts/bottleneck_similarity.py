@@ -1,5 +1,7 @@
 """Rule bottleneck: similarity of every layer to the bottleneck layer, per head."""
 
+import _library  # noqa: F401  (puts the checkout's src/ on sys.path)
+
 from weight_geometry.rule_script import run_rule
 
 

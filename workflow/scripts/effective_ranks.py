@@ -1,5 +1,7 @@
 """Rule effective_ranks: join per-range weight ranks; kernel effective rank per (layer, head)."""
 
+import _library  # noqa: F401  (puts the checkout's src/ on sys.path)
+
 from weight_geometry.rule_script import run_rule
 
 

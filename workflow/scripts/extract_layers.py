@@ -1,5 +1,7 @@
 """Rule extract_layers: one pass over a layer range, every tensor read once (see extraction.py)."""
 
+import _library  # noqa: F401  (puts the checkout's src/ on sys.path)
+
 from weight_geometry.rule_script import progress, run_rule
 
 

@@ -1,5 +1,7 @@
 """Rule alignment: FFN-attention alignment of every head at this k."""
 
+import _library  # noqa: F401  (puts the checkout's src/ on sys.path)
+
 from weight_geometry.alignment import alignment_table
 from weight_geometry.results_io import load_layers, read_json
 from weight_geometry.rule_script import run_rule

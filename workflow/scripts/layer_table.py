@@ -1,5 +1,7 @@
 """Rule layers: the per-layer cross-reference of effective ranks and subspace metrics."""
 
+import _library  # noqa: F401  (puts the checkout's src/ on sys.path)
+
 from weight_geometry.rule_script import run_rule
 
 

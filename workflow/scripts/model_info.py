@@ -1,5 +1,7 @@
 """Rule model_info: record the checkpoint's architecture, dimensions and storage in model.json."""
 
+import _library  # noqa: F401  (puts the checkout's src/ on sys.path)
+
 from weight_geometry.checkpoint import open_checkpoint
 from weight_geometry.results_io import write_json
 from weight_geometry.rule_script import run_rule

@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import _library  # noqa: F401  (puts the checkout's src/ on sys.path)
+
 from weight_geometry.report import render
 from weight_geometry.results_io import load_analysis
 from weight_geometry.rule_script import run_rule

@@ -1,5 +1,7 @@
 """Rule similarity: L x L Grassmann similarity of one head's top-k subspaces across layers."""
 
+import _library  # noqa: F401  (puts the checkout's src/ on sys.path)
+
 from weight_geometry.results_io import load_head_bases, save_result
 from weight_geometry.rule_script import run_rule
 from weight_geometry.similarity import similarity_matrix

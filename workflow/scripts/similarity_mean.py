@@ -1,5 +1,6 @@
 """Rule similarity_mean: the similarity matrix averaged over the sampled heads."""
 
+import _library  # noqa: F401  (puts the checkout's src/ on sys.path)
 import numpy as np
 
 from weight_geometry.results_io import save_result

@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny random checkpoints made with transformers, and Snakemake runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Tiny Llama with GQA (4 query heads, 2 KV heads) and an explicit head_dim != d // h, so a
+# d // h bug or a wrong GQA mapping changes the numbers.
+TINY_LLAMA = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=24, vocab_size=128)
+
+
+def make_llama_checkpoint(path: Path, seed: int = 0, **overrides) -> Path:
+    """Save a randomly initialised Llama built by transformers to ``path``."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(**{**TINY_LLAMA, **overrides})
+    model = AutoModelForCausalLM.from_config(config)
+    # Default init gives near-identical scales; spread them so ranks and spectra differ.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.mul_(torch.rand(p.shape[0], 1) + 0.5)
+    model.save_pretrained(path)
+    return path
+
+
+def run_snakemake(workdir: Path, *args: str, config: dict | None = None,
+                  timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python -m snakemake`` on the repository's Snakefile with ``workdir`` as directory.
+
+    ``config`` is written to ``workdir/config.yaml`` and passed as ``--configfile``.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+           "--cores", "1", "--resources", "gpu=1"]
+    if config is not None:
+        cfg = workdir / "config.yaml"
+        cfg.write_text(yaml.safe_dump(config))
+        cmd += ["--configfile", str(cfg)]
+    return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})}, cwd=workdir)
+
+
+def assert_ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, f"snakemake failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    return make_llama_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_checkpoint) -> Path:
+    """One complete workflow run on the tiny checkpoint: two k values, all heads, primary 1."""
+    workdir = tmp_path_factory.mktemp("run")
+    proc = run_snakemake(workdir, config={
+        "models": {"tiny": {"source": str(tiny_checkpoint)}},
+        "top_k": [4, 10], "heads": "all", "primary_head": 1, "bottleneck": 2,
+        "device": "cpu",
+    })
+    assert_ok(proc)
+    return workdir

@@ -1,0 +1,123 @@
+"""Bad input: one clear line naming the key/file, the value and what is allowed; non-zero exit;
+no traceback; nothing that looks like a complete output."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import make_llama_checkpoint, run_snakemake
+
+pytestmark = pytest.mark.workflow
+
+
+def error_line(proc) -> str:
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    return lines[0]
+
+
+def config_for(source, **extra):
+    return {"models": {"tiny": {"source": str(source)}}, "device": "cpu", **extra}
+
+
+@pytest.mark.parametrize(("extra", "fragments"), [
+    ({"top_k": 0}, ["top_k", "0", ">= 1"]),
+    ({"top_k": 25}, ["top_k", "25", "d_head = 24"]),
+    ({"top_k": "abc"}, ["top_k", "'abc'", "integer"]),
+    ({"heads": [0, 7]}, ["heads", "7", "h = 4"]),
+    ({"heads": {"sample": 0}}, ["heads.sample", "0"]),
+    ({"primary_head": 4}, ["primary_head", "4", "h = 4"]),
+    ({"bottleneck": 4}, ["bottleneck", "4", "[0, 4)"]),
+    ({"bottleneck": "middle"}, ["bottleneck", "'middle'", "auto"]),
+    ({"device": "tpu"}, ["device", "'tpu'", "auto, cpu, cuda"]),
+    ({"layers_per_job": -1}, ["layers_per_job", "-1"]),
+])
+def test_bad_config_value(tmp_path, tiny_checkpoint, extra, fragments):
+    line = error_line(run_snakemake(tmp_path, "-n", config=config_for(tiny_checkpoint, **extra)))
+    for fragment in fragments:
+        assert fragment in line, line
+    assert not (tmp_path / "results").exists()
+
+
+def test_list_from_command_line_is_parsed(tmp_path, tiny_checkpoint):
+    """``--config top_k=[4,10]`` arrives as a list of strings; it must plan both k."""
+    proc = run_snakemake(tmp_path, "-n", "--config", "top_k=[4,10]",
+                         config=config_for(tiny_checkpoint))
+    assert proc.returncode == 0, proc.stderr
+    assert "results/tiny/k4/report.md" in proc.stdout
+    assert "results/tiny/k10/report.md" in proc.stdout
+
+
+def test_user_configfile_replaces_default_models(tmp_path, tiny_checkpoint):
+    proc = run_snakemake(tmp_path, "-n", config=config_for(tiny_checkpoint))
+    assert proc.returncode == 0, proc.stderr
+    assert "results/tiny/" in proc.stdout
+    assert "smollm2" not in proc.stdout
+
+
+def test_missing_source(tmp_path):
+    line = error_line(run_snakemake(tmp_path, "-n", config=config_for(tmp_path / "nope")))
+    assert "models.tiny.source" in line and "nope" in line and "does not exist" in line
+
+
+def test_hub_id_not_cached_offline(tmp_path):
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    proc = run_snakemake(tmp_path, "-n", config=config_for("Qwen/Qwen2.5-3B"), env=env)
+    line = error_line(proc)
+    assert "Qwen/Qwen2.5-3B" in line and "not in the local Hugging Face cache" in line
+
+
+def _rewrite(ckpt, edit):
+    from safetensors.torch import load_file, save_file
+
+    path = ckpt / "model.safetensors"
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def test_missing_tensor(tmp_path):
+    ckpt = make_llama_checkpoint(tmp_path / "ckpt")
+    _rewrite(ckpt, lambda t: t.pop("model.layers.2.mlp.gate_proj.weight"))
+    line = error_line(run_snakemake(tmp_path / "run", "-n", config=config_for(ckpt)))
+    assert "model.layers.2.mlp.gate_proj.weight" in line and "no tensor" in line
+
+
+def test_shape_contradicts_config(tmp_path):
+    ckpt = make_llama_checkpoint(tmp_path / "ckpt")
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["head_dim"] = 16
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    line = error_line(run_snakemake(tmp_path / "run", "-n", config=config_for(ckpt)))
+    assert "q_proj.weight" in line and "(96, 64)" in line and "(64, 64)" in line
+
+
+def test_unsupported_architecture(tmp_path):
+    ckpt = make_llama_checkpoint(tmp_path / "ckpt")
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["model_type"] = "mamba"
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    line = error_line(run_snakemake(tmp_path / "run", "-n", config=config_for(ckpt)))
+    assert "'mamba' is not supported" in line and "llama" in line
+
+
+def test_nan_tensor_fails_its_job_with_one_line(tmp_path):
+    """Found only when the data is read: the extraction job fails, leaves no outputs, and the
+    one line reaches the console."""
+    ckpt = make_llama_checkpoint(tmp_path / "ckpt")
+
+    def poison(t):
+        t["model.layers.1.self_attn.v_proj.weight"][0, 0] = np.nan
+
+    _rewrite(ckpt, poison)
+    proc = run_snakemake(tmp_path / "run", config=config_for(ckpt))
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "model.layers.1.self_attn.v_proj.weight contains NaN or Inf" in out
+    assert "logs/tiny/extract_layers000-003.log" in out
+    assert not list((tmp_path / "run").glob("results/tiny/bases/*/*.npy"))
+    assert not list((tmp_path / "run").glob("results/tiny/k*/report.md"))

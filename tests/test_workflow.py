@@ -1,0 +1,177 @@
+"""The whole workflow on a tiny random Llama: layout, invariants, and numbers equal to direct
+formulas computed here from transformers' own modules (naive d x d SVD, d x d projector)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from weight_geometry.figures import FIGURES
+
+pytestmark = pytest.mark.workflow
+
+KS = (4, 10)
+HEADS = (0, 1, 2, 3)
+
+
+@pytest.fixture(scope="module")
+def modules(tiny_checkpoint):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32)
+    return model.model.layers, model.config
+
+
+def naive_basis(layer, config, head: int, k: int) -> np.ndarray:
+    """Top-k right singular vectors of the explicitly formed d x d kernel."""
+    dh = config.head_dim
+    group = config.num_attention_heads // config.num_key_value_heads
+    wq = layer.self_attn.q_proj.weight.detach().double().numpy()[head * dh:(head + 1) * dh]
+    kv = head // group
+    wk = layer.self_attn.k_proj.weight.detach().double().numpy()[kv * dh:(kv + 1) * dh]
+    _, _, vt = np.linalg.svd(wq.T @ wk)
+    return vt[:k]
+
+
+def reference_eff_rank(w: np.ndarray) -> float:
+    s = np.linalg.svd(w.astype(np.float64), compute_uv=False)
+    s = s[s > s.max() * max(w.shape) * np.finfo(np.float32).eps]
+    p = s / s.sum()
+    return float(np.exp(-np.sum(p * np.log(p))))
+
+
+def test_output_layout(tiny_run):
+    r = tiny_run / "results" / "tiny"
+    expected = ["model.json", "effective_ranks.csv", "effective_ranks.parquet",
+                "kernel_effective_ranks.parquet"]
+    expected += [f"bases/layers000-003/{n}.npy" for n in
+                 ("vectors", "singular_values", "ffn_input_energy", "ffn_input_norm2")]
+    for k in KS:
+        expected += [f"k{k}/{n}" for n in ("similarity_mean.npy", "bottleneck.parquet",
+                                            "alignment.parquet", "layers.parquet", "layers.csv",
+                                            "report.md")]
+        expected += [f"k{k}/similarity_head{h}.npy" for h in HEADS]
+        expected += [f"k{k}/figures/{f}.png" for f in FIGURES]
+    missing = [p for p in expected if not (r / p).is_file()]
+    assert not missing
+    assert (tiny_run / "logs" / "tiny" / "model_info.log").is_file()
+    assert (r / "benchmarks" / "extract_layers000-003.tsv").is_file()
+
+
+def test_model_json(tiny_run):
+    m = json.loads((tiny_run / "results/tiny/model.json").read_text())
+    assert (m["n_layers"], m["d_model"], m["d_ff"], m["n_heads"], m["n_kv_heads"],
+            m["d_head"]) == (4, 64, 96, 4, 2, 24)
+    assert m["architecture"] == "llama" and m["format"] == "safetensors"
+    assert "float32" in m["storage_dtype"]
+
+
+def test_bases_equal_naive_svd(tiny_run, modules):
+    layers, config = modules
+    v = np.load(tiny_run / "results/tiny/bases/layers000-003/vectors.npy")
+    s = np.load(tiny_run / "results/tiny/bases/layers000-003/singular_values.npy")
+    assert v.shape == (4, 4, 24, 64) and s.shape == (4, 4, 24)
+    for layer in range(4):
+        for head in HEADS:
+            ref = naive_basis(layers[layer], config, head, 24)
+            for k in KS:
+                p_ours = v[layer, head, :k].T.astype(np.float64) @ v[layer, head, :k]
+                p_ref = ref[:k].T @ ref[:k]
+                assert np.abs(p_ours - p_ref).max() < 1e-5, (layer, head, k)
+
+
+@pytest.mark.parametrize("k", KS)
+def test_similarity_matrices(tiny_run, modules, k):
+    layers, config = modules
+    kdir = tiny_run / f"results/tiny/k{k}"
+    mats = []
+    for head in HEADS:
+        sims = np.load(kdir / f"similarity_head{head}.npy")
+        assert sims.shape == (4, 4)
+        assert np.allclose(sims, sims.T) and np.allclose(np.diag(sims), 1.0)
+        assert sims.min() >= 0 and sims.max() <= 1 + 1e-12
+        bases = [naive_basis(layers[i], config, head, k) for i in range(4)]
+        for i in range(4):
+            for j in range(4):
+                direct = np.square(bases[i] @ bases[j].T).sum() / k
+                assert sims[i, j] == pytest.approx(direct, abs=1e-5)
+        mats.append(sims)
+    assert np.allclose(np.load(kdir / "similarity_mean.npy"), np.mean(mats, axis=0))
+
+
+@pytest.mark.parametrize("k", KS)
+def test_alignment_equals_projector_formula(tiny_run, modules, k):
+    layers, config = modules
+    table = pd.read_parquet(tiny_run / f"results/tiny/k{k}/alignment.parquet")
+    assert {"head", "layer", "alignment", "chance"} <= set(table.columns)
+    assert table["alignment"].between(0, 1).all()
+    assert np.allclose(table["chance"], k / 64)
+    for row in table.itertuples():
+        gate = layers[row.layer].mlp.gate_proj.weight.detach().double().numpy()
+        basis = naive_basis(layers[row.layer], config, row.head, k)
+        projector = basis.T @ basis  # d x d, allowed in a test as the independent reference
+        direct = np.square(gate @ projector).sum() / np.square(gate).sum()
+        assert row.alignment == pytest.approx(direct, rel=1e-5)
+
+
+def test_effective_ranks_equal_numpy(tiny_run, modules):
+    layers, _ = modules
+    csv = pd.read_csv(tiny_run / "results/tiny/effective_ranks.csv")
+    assert list(csv.columns) == ["layer_idx", "weight_type", "shape", "eff_rank"]
+    pq = pd.read_parquet(tiny_run / "results/tiny/effective_ranks.parquet")
+    pd.testing.assert_frame_equal(csv, pq, check_dtype=False)
+    assert len(csv) == 4 * 7
+    modules_of = {"W_Q": "self_attn.q_proj", "W_K": "self_attn.k_proj", "W_V": "self_attn.v_proj",
+                  "W_O": "self_attn.o_proj", "W_gate": "mlp.gate_proj", "W_up": "mlp.up_proj",
+                  "W_down": "mlp.down_proj"}
+    for row in csv.itertuples():
+        w = layers[row.layer_idx].get_submodule(modules_of[row.weight_type]).weight
+        w = w.detach().numpy()
+        assert row.shape == f"{w.shape[0]}x{w.shape[1]}"
+        assert row.eff_rank == pytest.approx(reference_eff_rank(w), rel=1e-6)
+    kernel = pd.read_parquet(tiny_run / "results/tiny/kernel_effective_ranks.parquet")
+    assert len(kernel) == 16 and kernel["kernel_eff_rank"].between(1, 24).all()
+
+
+def test_bottleneck_and_layer_join(tiny_run):
+    kdir = tiny_run / "results/tiny/k4"
+    table = pd.read_parquet(kdir / "bottleneck.parquet")
+    assert {"head", "layer", "similarity", "bottleneck_layer", "bottleneck_choice"} <= set(
+        table.columns)
+    assert (table["bottleneck_layer"] == 2).all()
+    for head in HEADS:
+        sims = np.load(kdir / f"similarity_head{head}.npy")
+        got = table[table["head"] == head].sort_values("layer")["similarity"].to_numpy()
+        assert np.allclose(got, sims[2])
+    layers = pd.read_csv(kdir / "layers.csv")
+    ranks = pd.read_csv(tiny_run / "results/tiny/effective_ranks.csv")
+    sims = np.load(kdir / "similarity_head1.npy")  # primary head 1
+    assert np.allclose(layers["mean_eff_rank"], ranks.groupby("layer_idx")["eff_rank"].mean())
+    assert np.allclose(layers["adjacent_similarity"][:3], np.diagonal(sims, 1))
+    assert np.isnan(layers["adjacent_similarity"].iloc[3])
+    assert np.allclose(layers["bottleneck_similarity"], sims[2])
+    align = pd.read_parquet(kdir / "alignment.parquet")
+    assert np.allclose(layers["alignment"], align[align["head"] == 1]["alignment"])
+
+
+def test_report_sections_and_figures(tiny_run):
+    text = (tiny_run / "results/tiny/k4/report.md").read_text()
+    sections = ["## Model configuration", "## Experiment 1", "### Summary statistics",
+                "### Full similarity matrix", "### Phase boundaries",
+                "### Similarity by layer distance", "## Experiment 2", "### Per-layer similarity",
+                "## Experiment 3", "### Per-layer alignment", "## Multi-head robustness",
+                "### Averaged similarity matrix (layer", "### Per-head similarity",
+                "### Per-head FFN-attention alignment", "## Cross-reference",
+                "### Correlation between metrics", "## Key findings"]
+    positions = [text.index(s) for s in sections]
+    assert positions == sorted(positions), "report sections out of order"
+    for name in FIGURES:
+        assert f"](figures/{name}.png)" in text
+    assert "zero-offset slice" in text  # the RoPE caveat
+    assert "Bottleneck layer 2: set in the config" in text
+    # 2 layers before the bottleneck: a trend from 2 points is undefined, never r = +-1.
+    assert "undefined (n=2 < 3)" in text
