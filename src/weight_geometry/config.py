@@ -172,6 +172,9 @@ def build_plan(config: dict, models: dict) -> Plan:
 
 def _model_plan(name, ckpt: Checkpoint, ks, head_spec, primary, bottleneck, per_job) -> ModelPlan:
     dims = ckpt.dims
+    if dims.n_layers < 2:
+        raise UserError(f"models.{name}: {dims.n_layers} layer(s); comparing layers needs at"
+                        " least 2")
     for k in ks:
         if k > dims.d_head:
             raise UserError(f"top_k: {k} is not allowed for model {name} (1 <= k <= d_head ="

@@ -1,0 +1,146 @@
+"""Incremental reruns: after a complete run, a change plans only the jobs it touches.
+
+Plans are read from ``snakemake -n`` (each planned job's rule and outputs)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, assert_ok, make_llama_checkpoint, run_snakemake
+
+pytestmark = pytest.mark.workflow
+
+CHEAP_K_RULES = {"similarity_matrix", "similarity_mean", "bottleneck_similarity",
+                 "ffn_alignment", "layer_table", "report_figures", "report_markdown"}
+
+
+def planned(proc) -> list[tuple[str, list[str]]]:
+    """(rule, outputs) of every job in a dry run, rule ``all`` excluded."""
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    jobs, rule = [], None
+    for line in proc.stdout.splitlines():
+        m = re.match(r"^(?:local)?rule (\w+):$", line)
+        if m:
+            rule = m.group(1)
+        elif rule and line.strip().startswith("output:"):
+            jobs.append((rule, line.split("output:", 1)[1].strip().split(", ")))
+            rule = None
+    return [j for j in jobs if j[0] != "all"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("incremental")
+    ckpt = make_llama_checkpoint(root / "ckpt")
+    config = {"models": {"tiny": {"source": str(ckpt)}}, "top_k": 4, "heads": [0, 1],
+              "bottleneck": "auto", "device": "cpu"}
+    workdir = root / "run"
+    assert_ok(run_snakemake(workdir, config=config))
+    return workdir, config, root
+
+
+def dry(base, *args, **changes):
+    workdir, config, _ = base
+    return planned(run_snakemake(workdir, "-n", *args, config={**config, **changes}))
+
+
+def test_nothing_changed_plans_nothing_quickly(base):
+    workdir, config, _ = base
+    start = time.perf_counter()
+    proc = run_snakemake(workdir, config=config)
+    elapsed = time.perf_counter() - start
+    assert_ok(proc)
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+    assert elapsed < 15, f"no-op run took {elapsed:.1f} s"
+
+
+@pytest.mark.parametrize("args", [("--config", "top_k=6"), ("--config", "top_k=[4,6]")])
+def test_new_k_plans_only_that_k(base, args):
+    jobs = dry(base, *args)
+    assert jobs
+    for rule, outputs in jobs:
+        assert rule in CHEAP_K_RULES, rule
+        assert all(o.startswith("results/tiny/k6/") for o in outputs), outputs
+
+
+def test_new_head_plans_no_extraction(base):
+    jobs = dry(base, heads=[0, 1, 2])
+    rules = {r for r, _ in jobs}
+    assert rules <= CHEAP_K_RULES and "similarity_matrix" in rules
+    sims = [o for r, outs in jobs if r == "similarity_matrix" for o in outs]
+    assert sims == ["results/tiny/k4/similarity_head2.npy"]
+
+
+def test_new_bottleneck_plans_only_its_dependants(base):
+    rules = sorted(r for r, _ in dry(base, bottleneck=1))
+    assert rules == ["bottleneck_similarity", "layer_table", "report_figures",
+                     "report_markdown"]
+
+
+def test_second_model_plans_only_that_model(base):
+    workdir, config, root = base
+    other = make_llama_checkpoint(root / "ckpt2", seed=1)
+    models = {**config["models"], "other": {"source": str(other)}}
+    jobs = dry(base, models=models)
+    assert jobs
+    assert all(o.startswith(("results/other/", "logs/other/")) for _, outs in jobs for o in outs)
+
+
+def test_edited_script_reruns_rule_and_dependants(tmp_path, base):
+    """A copy of the workflow whose ffn_alignment script changed: that rule and what reads its
+    output rerun, nothing upstream or beside it."""
+    _, config, root = base
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for part in ("Snakefile", "workflow", "src", "config", "profiles", "envs"):
+        src = REPO / part
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / part)
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "-d", str(run_dir),
+           "--cores", "1", "--configfile", str(run_dir / "config.yaml")]
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(__import__("yaml").safe_dump(config))
+    assert_ok(subprocess.run(cmd, capture_output=True, text=True, timeout=600))
+    script = repo / "workflow/scripts/ffn_alignment.py"
+    script.write_text(script.read_text() + "\n# edited\n")
+    proc = subprocess.run(cmd + ["-n"], capture_output=True, text=True, timeout=300)
+    rules = sorted(r for r, _ in planned(proc))
+    assert rules == ["ffn_alignment", "layer_table", "report_figures", "report_markdown"]
+
+
+def _digests(workdir: Path) -> dict[str, str]:
+    files = sorted(p for p in (workdir / "results").rglob("*")
+                   if p.is_file() and p.suffix in (".npy", ".csv", ".json", ".md"))
+    return {str(p.relative_to(workdir)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in files}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_interrupted_run_completes_identically(tmp_path, base, sig):
+    workdir, config, root = base
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(__import__("yaml").safe_dump(config))
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(run_dir),
+           "--cores", "1", "--configfile", str(run_dir / "config.yaml")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = run_dir / "logs/tiny/extract_layers000-003.log"
+    deadline = time.time() + 120
+    while not log.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "run finished before it could be interrupted"
+    proc.send_signal(sig)
+    proc.wait(timeout=120)
+    time.sleep(3)  # an orphaned job (after kill -9) may still be writing
+    if sig == signal.SIGKILL:  # a killed Snakemake cannot release its lock: documented step
+        assert_ok(subprocess.run(cmd + ["--unlock"], capture_output=True, text=True, timeout=120))
+    assert_ok(subprocess.run(cmd, capture_output=True, text=True, timeout=600))
+    assert _digests(run_dir) == _digests(workdir)

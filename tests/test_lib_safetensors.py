@@ -1,0 +1,109 @@
+"""safetensors reading: truncated/corrupt files are one-line UserErrors; shards == single file."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from weight_geometry.errors import UserError
+from weight_geometry.safetensors_file import SafetensorsReader, directory_entries, read_header
+
+
+def _tensors(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "model.layers.0.self_attn.q_proj.weight": torch.randn(8, 6, generator=g),
+        "model.layers.0.self_attn.k_proj.weight": torch.randn(4, 6, generator=g),
+        "model.layers.1.self_attn.q_proj.weight": torch.randn(8, 6, generator=g).bfloat16(),
+        "model.layers.1.mlp.gate_proj.weight": torch.randn(10, 6, generator=g).half(),
+    }
+
+
+def _assert_one_line_naming(err: UserError, path) -> None:
+    msg = str(err)
+    assert "\n" not in msg, "UserError must be one line"
+    assert str(path) in msg, f"UserError must name the file: {msg}"
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.9, 0.99])
+def test_truncated_data_raises_user_error(tmp_path, keep):
+    full = tmp_path / "full.safetensors"
+    save_file(_tensors(), str(full))
+    data = full.read_bytes()
+    cut = tmp_path / "model.safetensors"
+    cut.write_bytes(data[:int(len(data) * keep)])
+    with pytest.raises(UserError) as info:
+        read_header(cut)
+    _assert_one_line_naming(info.value, cut)
+    with pytest.raises(UserError) as info:
+        directory_entries(tmp_path)
+    _assert_one_line_naming(info.value, cut)
+
+
+@pytest.mark.parametrize("n_bytes", [0, 5, 8, 20])
+def test_truncated_header_raises_user_error(tmp_path, n_bytes):
+    full = tmp_path / "full.safetensors"
+    save_file(_tensors(), str(full))
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(full.read_bytes()[:n_bytes])
+    with pytest.raises(UserError) as info:
+        read_header(cut)
+    _assert_one_line_naming(info.value, cut)
+
+
+def test_garbage_header_raises_user_error(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes((12).to_bytes(8, "little") + b"not json!!!!" + b"\0" * 16)
+    with pytest.raises(UserError) as info:
+        read_header(bad)
+    _assert_one_line_naming(info.value, bad)
+
+
+def _read_all(directory) -> dict[str, np.ndarray]:
+    entries = directory_entries(directory)
+    reader = SafetensorsReader(entries)
+    return {name: reader.read(name) for name in entries}
+
+
+def test_sharded_reads_same_as_single(tmp_path):
+    tensors = _tensors(3)
+    single = tmp_path / "single"
+    sharded = tmp_path / "sharded"
+    single.mkdir()
+    sharded.mkdir()
+    save_file(tensors, str(single / "model.safetensors"))
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[:2],
+              "model-00002-of-00002.safetensors": names[2:]}
+    weight_map = {}
+    for shard, shard_names in shards.items():
+        save_file({n: tensors[n] for n in shard_names}, str(sharded / shard))
+        weight_map.update(dict.fromkeys(shard_names, shard))
+    (sharded / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+
+    a, b = _read_all(single), _read_all(sharded)
+    assert set(a) == set(b) == set(tensors)
+    entries = directory_entries(sharded)
+    for name, t in tensors.items():
+        assert a[name].dtype == np.float32 and b[name].dtype == np.float32
+        np.testing.assert_array_equal(a[name], b[name])
+        np.testing.assert_array_equal(b[name], t.float().numpy())
+        assert entries[name].shape == tuple(t.shape)
+        assert entries[name].file.name == weight_map[name]
+    assert {e.dtype for e in entries.values()} == {"F32", "BF16", "F16"}
+
+
+def test_missing_shard_and_empty_dir(tmp_path):
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"x": "model-00001-of-00002.safetensors"}}))
+    with pytest.raises(UserError, match="model-00001-of-00002.safetensors"):
+        directory_entries(tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError, match="empty"):
+        directory_entries(empty)

@@ -1,0 +1,82 @@
+"""Grassmann similarity against scipy's principal angles; the isotropic null by Monte Carlo."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.linalg import subspace_angles
+
+from weight_geometry.similarity import null_mean, null_std, similarity, similarity_matrix
+
+
+def _haar_basis(rng: np.random.Generator, k: int, d: int) -> np.ndarray:
+    """(k, d) orthonormal rows spanning a Haar-random k-subspace (QR with sign fix)."""
+    q, r = np.linalg.qr(rng.standard_normal((d, k)))
+    q = q * np.sign(np.diag(r))
+    return q.T
+
+
+def _reference(v1: np.ndarray, v2: np.ndarray) -> float:
+    """Mean squared cosine of the principal angles between the row spaces."""
+    return float(np.mean(np.cos(subspace_angles(v1.T, v2.T)) ** 2))
+
+
+@pytest.mark.parametrize("k,d", [(1, 5), (3, 10), (5, 30), (8, 8)])
+def test_similarity_equals_principal_angles(k, d):
+    rng = np.random.default_rng(k * 100 + d)
+    for _ in range(5):
+        v1, v2 = _haar_basis(rng, k, d), _haar_basis(rng, k, d)
+        assert similarity(v1, v2) == pytest.approx(_reference(v1, v2), abs=1e-12)
+
+
+def test_similarity_extremes():
+    eye = np.eye(6)
+    assert similarity(eye[:3], eye[:3]) == pytest.approx(1.0)
+    assert similarity(eye[:3], eye[3:]) == pytest.approx(0.0)
+    # Same subspace, different basis (rotated within): still 1.
+    rng = np.random.default_rng(0)
+    rot, _ = np.linalg.qr(rng.standard_normal((3, 3)))
+    assert similarity(eye[:3], rot @ eye[:3]) == pytest.approx(1.0)
+    # One shared direction out of two: 1/2.
+    assert similarity(eye[[0, 1]], eye[[0, 2]]) == pytest.approx(0.5)
+
+
+def test_similarity_matrix_matches_pairwise_reference():
+    rng = np.random.default_rng(11)
+    n, k, d = 6, 4, 12
+    bases = np.stack([_haar_basis(rng, k, d) for _ in range(n)])
+    # Make two layers nearly share a subspace so values are not all near k/d.
+    bases[3] = np.linalg.qr((bases[2] + 0.1 * rng.standard_normal((k, d))).T)[0].T
+    sims = similarity_matrix(bases.astype(np.float32))
+    assert sims.shape == (n, n)
+    np.testing.assert_array_equal(sims, sims.T)
+    np.testing.assert_array_equal(np.diag(sims), np.ones(n))
+    assert np.all((sims >= 0) & (sims <= 1 + 1e-12))
+    for i in range(n):
+        for j in range(n):
+            if i != j:
+                ref = _reference(bases[i], bases[j])
+                assert sims[i, j] == pytest.approx(ref, abs=1e-6), (i, j)
+    assert sims[2, 3] > 0.9
+
+
+def test_null_values_closed_form_small_case():
+    # d=2, k=1: sim = cos^2(theta), theta uniform: mean 1/2, var 3/8 - 1/4 = 1/8.
+    assert null_mean(1, 2) == pytest.approx(0.5)
+    assert null_std(1, 2) == pytest.approx(np.sqrt(1 / 8))
+    # k = d: every subspace is the whole space, sim is 1 exactly.
+    assert null_mean(4, 4) == pytest.approx(1.0)
+    assert null_std(4, 4) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("k,d", [(5, 30), (2, 7)])
+def test_null_mean_and_std_by_monte_carlo(k, d):
+    rng = np.random.default_rng(2024 + d)
+    n = 4000
+    draws = np.empty(n)
+    for t in range(n):
+        v1, v2 = _haar_basis(rng, k, d), _haar_basis(rng, k, d)
+        draws[t] = np.square(v1 @ v2.T).sum() / k   # independent of the library
+    se = draws.std(ddof=1) / np.sqrt(n)
+    assert abs(draws.mean() - null_mean(k, d)) < 3 * se, (draws.mean(), null_mean(k, d))
+    assert draws.std(ddof=1) == pytest.approx(null_std(k, d), rel=0.07)
