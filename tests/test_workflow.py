@@ -175,3 +175,19 @@ def test_report_sections_and_figures(tiny_run):
     assert "Bottleneck layer 2: set in the config" in text
     # 2 layers before the bottleneck: a trend from 2 points is undefined, never r = +-1.
     assert "undefined (n=2 < 3)" in text
+
+
+def test_layers_per_job_splits_extraction_with_identical_results(tmp_path, tiny_run,
+                                                                  tiny_checkpoint):
+    from conftest import assert_ok, run_snakemake
+
+    assert_ok(run_snakemake(tmp_path, config={
+        "models": {"tiny": {"source": str(tiny_checkpoint)}}, "top_k": 4, "heads": "all",
+        "primary_head": 1, "bottleneck": 2, "device": "cpu", "layers_per_job": 3}))
+    r, ref = tmp_path / "results/tiny", tiny_run / "results/tiny"
+    assert sorted(p.name for p in (r / "bases").iterdir()) == ["layers000-002", "layers003-003"]
+    for name in ["effective_ranks.csv", "k4/layers.csv"]:
+        pd.testing.assert_frame_equal(pd.read_csv(r / name), pd.read_csv(ref / name))
+    for head in HEADS:
+        assert np.array_equal(np.load(r / f"k4/similarity_head{head}.npy"),
+                              np.load(ref / f"k4/similarity_head{head}.npy"))
