@@ -17,6 +17,8 @@ What it does (see ``/work/shared/LOCAL-SLURM.md`` for the measured facts it buil
   as child processes, each with its configuration, state, socket, pid and log files under
   ``workdir`` and on free TCP ports of 127.0.0.1, so it touches nothing in ``/etc`` or ``/run``
   and can coexist with a system SLURM or a second instance;
+* gives clients ``SLURM_CONF`` and, first on ``PATH``, wrappers of the SLURM commands that set
+  ``SLURM_CONF`` themselves (needed inside jobs, see :attr:`LocalSlurm.env`);
 * configures one node with ``Gres=gpu:1`` (``File=/dev/null``), ``MinJobAge=300`` and one
   default partition, with accounting through slurmdbd so ``sacct`` works (the
   snakemake SLURM executor plugin's default status query);
@@ -31,7 +33,9 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import ctypes
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -52,6 +56,24 @@ PACKAGES: dict[str, tuple[str, ...]] = {
     "mariadb-server": ("mariadbd", "mariadb-install-db", "mariadb"),
 }
 
+#: SLURM client commands that get a wrapper in ``bin_dir`` (see :attr:`LocalSlurm.env`).
+_CLIENT_COMMANDS = (
+    "srun",
+    "sbatch",
+    "salloc",
+    "squeue",
+    "scancel",
+    "scontrol",
+    "sinfo",
+    "sacct",
+    "sacctmgr",
+    "sstat",
+    "sattach",
+    "sprio",
+    "sshare",
+    "sreport",
+)
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 _SBIN_DIRS = ("/usr/sbin", "/sbin", "/usr/local/sbin")
 _APT_TIMEOUT_S = 600.0
 _apt_updated = False  # run ``apt-get update`` at most once per process
@@ -144,6 +166,17 @@ def _free_ports(count: int) -> list[int]:
             s.close()
 
 
+def _die_with_parent() -> None:
+    """In a freshly forked daemon: get SIGTERM when the process that started it dies.
+
+    A safety net for a test process killed without running ``__exit__`` (even by SIGKILL);
+    the daemons all run in the foreground, so the signal reaches them directly.
+    """
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
 def _tail(path: Path, lines: int = 25) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -157,7 +190,8 @@ class LocalSlurm:
     Use it as a context manager; the daemons run between ``__enter__`` and ``__exit__``.
 
     Attributes available while running:
-        env: environment variables to add for SLURM client commands (``SLURM_CONF``).
+        env: environment variables to add for SLURM client commands (``SLURM_CONF``, ``PATH``);
+            :meth:`subprocess_env` gives a complete environment.
         partition: name of the (default) partition.
         node_name: the node's name (this host's short name).
         slurmctld_log: path of slurmctld's log file (likewise ``slurmd_log``, ``slurmdbd_log``).
@@ -198,6 +232,7 @@ class LocalSlurm:
         self.startup_seconds = 0.0
         self.install_seconds = 0.0
         self.node_name = socket.gethostname().split(".")[0]
+        self.ctld_port = self.slurmd_port = self.dbd_port = self.db_port = 0
 
         w = self.workdir
         self.etc_dir = w / "etc"
@@ -207,6 +242,7 @@ class LocalSlurm:
         self.db_dir = w / "mysql"
         self.state_dir = w / "state"
         self.spool_dir = w / "spool"
+        self.bin_dir = w / "bin"
         self.slurm_conf = self.etc_dir / "slurm.conf"
         self.slurmdbd_conf = self.etc_dir / "slurmdbd.conf"
         self.gres_conf = self.etc_dir / "gres.conf"
@@ -222,18 +258,33 @@ class LocalSlurm:
 
     @property
     def env(self) -> dict[str, str]:
-        """Variables to add to a client's environment (``sbatch``, ``sacct``, snakemake)."""
-        return {"SLURM_CONF": str(self.slurm_conf)}
+        """Variables to set for a client of this cluster (``sbatch``, ``sacct``, snakemake).
+
+        ``SLURM_CONF`` points at our slurm.conf; ``PATH`` starts with :attr:`bin_dir`, whose
+        wrappers of the SLURM client commands set ``SLURM_CONF`` themselves. The wrappers
+        matter inside jobs: snakemake-executor-plugin-slurm-jobstep strips every ``SLURM_*``
+        variable (``SLURM_CONF`` included) before its nested ``srun``, which would then look
+        for ``/etc/slurm/slurm.conf`` and fail.
+        """
+        path = os.environ.get("PATH", os.defpath).split(os.pathsep)
+        path += [d for d in _SBIN_DIRS if d not in path]
+        return {
+            "SLURM_CONF": str(self.slurm_conf),
+            "PATH": os.pathsep.join([str(self.bin_dir), *path]),
+        }
 
     def subprocess_env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
-        """A full environment for a subprocess: ``base`` (default ``os.environ``) without
-        inherited ``SLURM_*`` job variables, plus :attr:`env`."""
+        """A full environment for a client subprocess: ``base`` (default ``os.environ``)
+        without inherited ``SLURM_*`` job variables, plus :attr:`env`."""
         base = os.environ if base is None else base
         env = {k: v for k, v in base.items() if not k.startswith("SLURM_")}
         env.update(self.env)
-        extra = [d for d in _SBIN_DIRS if d not in env.get("PATH", "").split(os.pathsep)]
-        env["PATH"] = os.pathsep.join([env.get("PATH", os.defpath), *extra])
         return env
+
+    @property
+    def pids(self) -> dict[str, int]:
+        """Process ids of the daemons this object started and has not stopped yet."""
+        return {name: proc.pid for name, proc in self._procs}
 
     def run(
         self, cmd: Sequence[str], *, timeout: float = 30.0, check: bool = True
@@ -326,6 +377,7 @@ class LocalSlurm:
         self.munge_dir.chmod(0o755)  # munged wants its socket directory world-executable
         (self.ctld_port, self.slurmd_port, self.dbd_port, self.db_port) = _free_ports(4)
         self._write_configs()
+        self._write_client_wrappers()
 
     def _node_line(self) -> str:
         """The node definition: hardware from ``slurmd -C``, our memory, one fake GPU."""
@@ -413,6 +465,20 @@ StorageLoc={self._db_name}
 """
         )
         self.slurmdbd_conf.chmod(0o600)  # slurmdbd refuses a readable slurmdbd.conf
+
+    def _write_client_wrappers(self) -> None:
+        """``bin/<cmd>`` for each SLURM client: exports our ``SLURM_CONF``, runs the real one."""
+        self.bin_dir.mkdir(parents=True, exist_ok=True)
+        for name in _CLIENT_COMMANDS:
+            real = _which(name)
+            if real is None:
+                continue
+            wrapper = self.bin_dir / name
+            wrapper.write_text(
+                f"#!/bin/sh\nSLURM_CONF={shlex.quote(str(self.slurm_conf))}\n"
+                f'export SLURM_CONF\nexec {shlex.quote(real)} "$@"\n'
+            )
+            wrapper.chmod(0o755)
 
     def _start_munge(self) -> None:
         key = self.munge_dir / "munge.key"
@@ -575,6 +641,7 @@ StorageLoc={self._db_name}
                 stderr=subprocess.STDOUT,
                 env=self.subprocess_env(),
                 cwd=self.workdir,
+                preexec_fn=_die_with_parent,
             )
         except OSError as exc:
             raise SlurmStartupError(f"cannot start {name}: {exc}") from exc

@@ -7,7 +7,6 @@ Slow (about a minute): the cluster is shared by the tests of this module.
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -35,39 +34,56 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSlurm]:
         pytest.skip(f"local SLURM unavailable: {exc.reason}")
 
 
+#: The plugin's first status query comes this long after submission; later ones step up by
+#: 10 s while nothing finishes. Keep 3 x INIT_SECONDS <= MinJobAge (300): the plugin compares
+#: them to judge its status command. A job here takes about 5 s (two snakemake start-ups).
+INIT_SECONDS = 5
+
+#: The executor settings, as profile keys; ``run_snakemake(..., profile=True)`` uses these,
+#: otherwise the equivalent command-line flags.
+PROFILE_YAML = f"""\
+executor: slurm
+jobs: 2
+default-resources:
+  - slurm_partition=debug
+slurm-no-account: true
+slurm-init-seconds-before-status-checks: {INIT_SECONDS}
+slurm-keep-successful-logs: true
+latency-wait: 10
+printshellcmds: true
+"""
+
+
 def run_snakemake(
-    cluster: LocalSlurm, workdir: Path, *targets: str
+    cluster: LocalSlurm, workdir: Path, *targets: str, profile: bool = False
 ) -> subprocess.CompletedProcess[str]:
     """Run the smoke workflow in ``workdir`` through the SLURM executor, under timeout -k."""
     cmd = [
-        "timeout",
-        "-k",
-        "10",
-        str(SNAKEMAKE_TIMEOUT_S),
-        sys.executable,
-        "-m",
-        "snakemake",
-        "--snakefile",
-        str(SNAKEFILE),
-        "--directory",
-        str(workdir),
-        "--executor",
-        "slurm",
-        "--jobs",
-        "2",
-        "--default-resources",
-        f"slurm_partition={cluster.partition}",
-        "--slurm-no-account",
-        "--slurm-init-seconds-before-status-checks",
-        "5",
-        "--slurm-keep-successful-logs",
-        "--latency-wait",
-        "10",
-        "--printshellcmds",
-        *targets,
-    ]
+        "timeout", "-k", "10", str(SNAKEMAKE_TIMEOUT_S),
+        sys.executable, "-m", "snakemake",
+        "--snakefile", str(SNAKEFILE),
+        "--directory", str(workdir),
+        "--workflow-profile", "none",  # do not pick up the repository's profiles/default
+    ]  # fmt: skip
+    if profile:
+        assert cluster.partition == "debug"
+        profile_dir = workdir / "slurm-profile"
+        profile_dir.mkdir()
+        (profile_dir / "config.yaml").write_text(PROFILE_YAML)
+        cmd += ["--profile", str(profile_dir)]
+    else:
+        cmd += [
+            "--executor", "slurm",
+            "--jobs", "2",
+            "--default-resources", f"slurm_partition={cluster.partition}",
+            "--slurm-no-account",
+            "--slurm-init-seconds-before-status-checks", str(INIT_SECONDS),
+            "--slurm-keep-successful-logs",
+            "--latency-wait", "10",
+            "--printshellcmds",
+        ]  # fmt: skip
     return subprocess.run(
-        cmd,
+        [*cmd, *targets],
         cwd=workdir,
         env=cluster.subprocess_env(),
         capture_output=True,
@@ -89,6 +105,7 @@ def records_for(cluster: LocalSlurm, job_ids: set[str], wait_s: float = 30.0) ->
 
 
 def test_gpu_and_plain_jobs_run_and_are_accounted(cluster: LocalSlurm, tmp_path: Path) -> None:
+    """Command-line flags; the GPU job sees one GPU and is accounted with gres/gpu."""
     res = run_snakemake(cluster, tmp_path)
     output = res.stdout + res.stderr
     assert res.returncode == 0, output[-6000:]
@@ -110,8 +127,9 @@ def test_gpu_and_plain_jobs_run_and_are_accounted(cluster: LocalSlurm, tmp_path:
 
 
 def test_failing_rule_exits_nonzero_and_names_its_log(cluster: LocalSlurm, tmp_path: Path) -> None:
+    """Profile keys; a rule exiting 3 fails the run promptly, naming the rule's log."""
     started = time.monotonic()
-    res = run_snakemake(cluster, tmp_path, "fail")
+    res = run_snakemake(cluster, tmp_path, "fail", profile=True)
     elapsed = time.monotonic() - started
     output = res.stdout + res.stderr
 
@@ -128,21 +146,36 @@ def test_failing_rule_exits_nonzero_and_names_its_log(cluster: LocalSlurm, tmp_p
 
 
 def test_cluster_is_stopped_cleanly(tmp_path: Path) -> None:
-    """A second, short-lived cluster leaves none of its daemons behind."""
-    if shutil.which("pgrep") is None:
-        pytest.skip("pgrep not available")
+    """A second, short-lived cluster (next to the module's one) leaves nothing running."""
+    workdir = tmp_path / "c"
     try:
-        with LocalSlurm(tmp_path / "c") as c:
-            pids = [p.pid for _, p in c._procs]
+        with LocalSlurm(workdir) as c:
+            pids = c.pids
+            assert sorted(pids) == ["mariadbd", "munged", "slurmctld", "slurmd", "slurmdbd"]
             assert c.run(["sinfo", "-h", "-o", "%T"]).stdout.strip() == "idle"
     except SlurmUnavailable as exc:
         pytest.skip(f"local SLURM unavailable: {exc.reason}")
-    for pid in pids:
-        assert not Path(f"/proc/{pid}").exists() or _is_zombie(pid), pid
+    assert c.pids == {}
+    alive = {name: pid for name, pid in pids.items() if _running(pid)}
+    assert not alive, alive
+    mentioning = [pid for pid, cmd in _cmdlines().items() if str(workdir) in cmd]
+    assert not mentioning, mentioning
 
 
-def _is_zombie(pid: int) -> bool:
+def _running(pid: int) -> bool:
+    """True if ``pid`` exists and is not a zombie."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
+        return not Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].startswith("Z")
     except (OSError, IndexError):
-        return True
+        return False
+
+
+def _cmdlines() -> dict[int, str]:
+    out = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                out[int(proc.name)] = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+    return out

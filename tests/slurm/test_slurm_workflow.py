@@ -1,0 +1,116 @@
+"""The workflow through the shipped profiles/slurm on a real single-node SLURM.
+
+Only the profile's partition placeholder is replaced. Asserts that jobs went through sbatch
+(accounted by slurmdbd), that the GPU rule was given the node's GPU GRES, that the outputs equal
+a local run's, and that a job failing under SLURM ends Snakemake non-zero with the rule's log.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import REPO, assert_ok, make_llama_checkpoint, run_snakemake  # noqa: E402
+from local_slurm import LocalSlurm, SlurmUnavailable  # noqa: E402
+
+pytestmark = [pytest.mark.slurm, pytest.mark.workflow]
+
+TIMEOUT_S = 240
+SUBMITTED = re.compile(r"has been submitted with SLURM jobid (\d+)")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory) -> Iterator[LocalSlurm]:
+    try:
+        with LocalSlurm(tmp_path_factory.mktemp("slurm-cluster")) as running:
+            yield running
+    except SlurmUnavailable as exc:
+        pytest.skip(f"local SLURM unavailable: {exc.reason}")
+
+
+def shipped_profile(cluster: LocalSlurm, dest: Path) -> Path:
+    """profiles/slurm with only its <PARTITION> placeholder filled in."""
+    shutil.copytree(REPO / "profiles" / "slurm", dest)
+    for path in dest.iterdir():
+        text = path.read_text()
+        assert "<PARTITION>" in text
+        path.write_text(text.replace("<PARTITION>", cluster.partition))
+    return dest
+
+
+def run_on_slurm(cluster: LocalSlurm, workdir: Path, config: dict):
+    workdir.mkdir(parents=True)
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    profile = shipped_profile(cluster, workdir.parent / f"{workdir.name}-profile")
+    cmd = ["timeout", "-k", "10", str(TIMEOUT_S), sys.executable, "-m", "snakemake",
+           "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--profile", str(profile),
+           "--configfile", str(workdir / "config.yaml")]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, cwd=workdir, env=cluster.subprocess_env(), capture_output=True,
+                          text=True, timeout=TIMEOUT_S + 30)
+    return proc, time.monotonic() - start
+
+
+def accounted(cluster: LocalSlurm, job_ids: set[str], wait_s: float = 30) -> dict[str, dict]:
+    deadline = time.monotonic() + wait_s
+    while True:
+        rows = {r["JobIDRaw"]: r for r in cluster.job_records() if r["JobIDRaw"] in job_ids}
+        if rows.keys() == job_ids or time.monotonic() > deadline:
+            return rows
+        time.sleep(1)
+
+
+def test_workflow_on_slurm_equals_local_run(cluster, tmp_path):
+    ckpt = make_llama_checkpoint(tmp_path / "ckpt")
+    config = {"models": {"tiny": {"source": str(ckpt)}}, "top_k": 4, "heads": [0, 3]}
+    proc, elapsed = run_on_slurm(cluster, tmp_path / "slurm", config)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+
+    job_ids = set(SUBMITTED.findall(out))
+    rows = accounted(cluster, job_ids)
+    assert job_ids and rows.keys() == job_ids, (job_ids, rows)
+    assert {r["State"] for r in rows.values()} == {"COMPLETED"}, rows
+    extract = [r for r in rows.values() if r["Comment"].startswith("rule_extract_layers")]
+    assert len(extract) == 1 and "gres/gpu=1" in extract[0]["AllocTRES"], rows
+    others = [r for r in rows.values() if not r["Comment"].startswith("rule_extract_layers")]
+    assert others and all("gres/gpu" not in r["ReqTRES"] for r in others), rows
+
+    local = tmp_path / "local"
+    assert_ok(run_snakemake(local, config=config))
+    ours = sorted(p.relative_to(tmp_path / "slurm") for p in
+                  (tmp_path / "slurm/results").rglob("*.npy"))
+    theirs = sorted(p.relative_to(local) for p in (local / "results").rglob("*.npy"))
+    assert ours == theirs and len(ours) == 7  # 4 bases arrays, 2 heads, their mean
+    for rel in ours:
+        assert np.array_equal(np.load(tmp_path / "slurm" / rel), np.load(local / rel)), rel
+    assert (tmp_path / "slurm/results/tiny/k4/report.md").is_file()
+    print(f"SLURM run: {elapsed:.0f} s, {len(job_ids)} jobs")
+
+
+def test_failing_job_on_slurm_exits_with_its_log(cluster, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    ckpt = make_llama_checkpoint(tmp_path / "ckpt")
+    tensors = load_file(ckpt / "model.safetensors")
+    tensors["model.layers.0.self_attn.q_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+    proc, elapsed = run_on_slurm(cluster, tmp_path / "slurm",
+                                 {"models": {"bad": {"source": str(ckpt)}}, "top_k": 4})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode not in (0, 124, 137), out[-6000:]  # failed, and did not hang
+    assert "logs/bad/extract_layers000-003.log" in out, out[-6000:]
+    assert "contains NaN or Inf" in out, out[-6000:]
+    assert not list((tmp_path / "slurm").glob("results/bad/bases/*/*.npy"))
+    print(f"failing SLURM run: {elapsed:.0f} s")
