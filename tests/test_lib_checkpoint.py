@@ -51,7 +51,7 @@ def test_open_hf_dir_dims_and_read(tmp_path):
     assert (d.n_layers, d.d_model, d.d_ff, d.n_heads, d.n_kv_heads, d.d_head) == \
         (2, 24, 40, 3, 1, 8)
     assert [d.kv_head(i) for i in range(3)] == [0, 0, 0]
-    np.testing.assert_array_equal(ckpt.read("W_K", 1),
+    np.testing.assert_array_equal(ckpt.read_layer(1)["W_K"],
                                   tensors["model.layers.1.self_attn.k_proj.weight"].numpy())
 
 
@@ -74,9 +74,9 @@ def test_nan_weight_is_user_error(tmp_path):
 
     _write(tmp_path / "m", tweak=poison)
     ckpt = open_checkpoint(str(tmp_path / "m"))
-    ckpt.read("W_up", 0)
+    ckpt.read_layer(0)["W_up"]
     with pytest.raises(UserError) as info:
-        ckpt.read("W_up", 1)
+        ckpt.read_layer(1)["W_up"]
     _one_line(info.value, "model.layers.1.mlp.up_proj.weight", "model.safetensors")
 
 
@@ -102,10 +102,10 @@ def test_bad_sources(tmp_path):
     with pytest.raises(UserError) as info:
         open_checkpoint(str(tmp_path / "nope"))
     _one_line(info.value, "nope")
-    _write(tmp_path / "gpt", {**CONFIG, "model_type": "gpt2"})
+    _write(tmp_path / "mamba", {**CONFIG, "model_type": "mamba"})
     with pytest.raises(UserError) as info:
-        open_checkpoint(str(tmp_path / "gpt"))
-    _one_line(info.value, "gpt2", "llama")
+        open_checkpoint(str(tmp_path / "mamba"))
+    _one_line(info.value, "mamba", "llama")
     with pytest.raises(UserError) as info:
         open_checkpoint("pypi:surely-not-an-installed-package-xyz")
     _one_line(info.value, "surely-not-an-installed-package-xyz")

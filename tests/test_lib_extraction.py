@@ -52,7 +52,7 @@ def test_checkpoint_dims_and_reads(tiny_llama):
     assert (dims.n_layers, dims.d_model, dims.d_ff, dims.n_heads, dims.n_kv_heads,
             dims.d_head) == (L, D, D_FF, H, N_KV, D_HEAD)
     for (wt, layer), w in weights.items():
-        got = ckpt.read(wt, layer)
+        got = ckpt.read_layer(layer)[wt]
         assert got.dtype == np.float32
         np.testing.assert_array_equal(got, w.astype(np.float32), err_msg=f"{wt} layer {layer}")
 

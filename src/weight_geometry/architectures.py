@@ -1,22 +1,33 @@
 """Architecture adapters: model dimensions and where each weight lives on disk.
 
-An adapter is declarative: a template per weight type (``{layer}`` filled in) plus which weight
-is the FFN input used for the alignment experiment. Adding an architecture means adding one
-entry to :data:`HF_ADAPTERS` (Hugging Face ``model_type``) or :data:`GGUF_ARCHITECTURES`.
+An adapter is declarative: a layer prefix, and for each weight type the tensor it comes from,
+how to cut it out of a fused tensor, and whether the tensor is stored transposed (GPT-2's
+``Conv1D`` is ``(in, out)``). Adding an architecture is adding one entry to :data:`HF_ADAPTERS`
+(keyed by ``config.model_type``) or :data:`GGUF_ADAPTERS` (``general.architecture``).
 
-Weights follow the ``nn.Linear`` convention (out x in): ``W_Q`` is ``(h * d_head, d)`` with rows
-``[i * d_head, (i + 1) * d_head)`` belonging to query head ``i``. Biases, QK-norm gains and
-LayerNorm/RMSNorm gains are not read: the raw projection weights are analysed, as the notebook
-did.
+Weights come out in the ``nn.Linear`` convention (out x in): ``W_Q`` is ``(h * d_head, d)`` with
+rows ``[i * d_head, (i + 1) * d_head)`` belonging to query head ``i``. Gated FFNs have
+``W_gate, W_up, W_down`` and the alignment uses ``W_gate``; non-gated FFNs (GPT-2, GPT-NeoX)
+have ``W_up, W_down`` and the alignment uses their input projection ``W_up``.
+
+Biases are never read. Norm gains (pre-attention and pre-FFN LayerNorm/RMSNorm, and QK-norm
+gains) are left out by default, as in the notebook; with ``fold_norms`` they are folded in:
+``W <- W diag(g)`` for the projections reading a normed input (``g = 1 + w`` where the
+architecture stores ``w``, as Gemma), and ``W_Q_i <- diag(g_q) W_Q_i`` for QK-norm gains.
+LayerNorm biases and the normalisation itself are not linear and are not folded.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
 
 from .errors import UserError
 
-WEIGHT_TYPES = ("W_Q", "W_K", "W_V", "W_O", "W_gate", "W_up", "W_down")
+GATED = ("W_Q", "W_K", "W_V", "W_O", "W_gate", "W_up", "W_down")
+NON_GATED = ("W_Q", "W_K", "W_V", "W_O", "W_up", "W_down")
 
 
 @dataclass(frozen=True)
@@ -44,9 +55,9 @@ class ModelDims:
         return head // (self.n_heads // self.n_kv_heads)
 
     def weight_shape(self, weight_type: str) -> tuple[int, int]:
-        """Expected (out, in) shape of a weight type."""
-        d, q, kv, ff = self.d_model, self.n_heads * self.d_head, self.n_kv_heads * self.d_head, \
-            self.d_ff
+        """(out, in) shape of a weight type."""
+        d, ff = self.d_model, self.d_ff
+        q, kv = self.n_heads * self.d_head, self.n_kv_heads * self.d_head
         return {"W_Q": (q, d), "W_K": (kv, d), "W_V": (kv, d), "W_O": (d, q),
                 "W_gate": (ff, d), "W_up": (ff, d), "W_down": (d, ff)}[weight_type]
 
@@ -54,59 +65,183 @@ class ModelDims:
         return asdict(self)
 
 
+# --- how a weight is cut out of its stored tensor -------------------------------------------
+
+@dataclass(frozen=True)
+class Whole:
+    """The tensor is the weight."""
+
+    def raw_shape(self, dims: ModelDims, weight_type: str) -> tuple[int, int]:
+        return dims.weight_shape(weight_type)
+
+    def apply(self, tensor: np.ndarray, dims: ModelDims) -> np.ndarray:
+        return tensor
+
+
+@dataclass(frozen=True)
+class RowBlock:
+    """Block ``index`` of a tensor whose rows are consecutive blocks (Phi-3 ``qkv_proj``:
+    [Q | K | V]; ``gate_up_proj``: [gate | up]; GPT-2 ``c_attn`` after transposing)."""
+
+    index: int
+    blocks: Callable[[ModelDims], tuple[int, ...]]
+
+    def raw_shape(self, dims: ModelDims, weight_type: str) -> tuple[int, int]:
+        return sum(self.blocks(dims)), dims.weight_shape(weight_type)[1]
+
+    def apply(self, tensor: np.ndarray, dims: ModelDims) -> np.ndarray:
+        sizes = self.blocks(dims)
+        start = sum(sizes[:self.index])
+        return tensor[start:start + sizes[self.index]]
+
+
+@dataclass(frozen=True)
+class HeadInterleaved:
+    """Part ``index`` (0 = Q, 1 = K, 2 = V) of GPT-NeoX's ``query_key_value``, whose rows are
+    ``[Q_0 K_0 V_0 Q_1 K_1 V_1 ...]`` in blocks of ``d_head``."""
+
+    index: int
+
+    def raw_shape(self, dims: ModelDims, weight_type: str) -> tuple[int, int]:
+        return 3 * dims.n_heads * dims.d_head, dims.d_model
+
+    def apply(self, tensor: np.ndarray, dims: ModelDims) -> np.ndarray:
+        h, dh = dims.n_heads, dims.d_head
+        return tensor.reshape(h, 3, dh, -1)[:, self.index].reshape(h * dh, -1)
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """Where one weight type comes from: tensor name (after the layer prefix), cut, layout."""
+
+    tensor: str
+    cut: Whole | RowBlock | HeadInterleaved = Whole()
+    transposed: bool = False
+
+    def raw_shape(self, dims: ModelDims, weight_type: str) -> tuple[int, int]:
+        shape = self.cut.raw_shape(dims, weight_type)
+        return shape[::-1] if self.transposed else shape
+
+    def extract(self, tensor: np.ndarray, dims: ModelDims) -> np.ndarray:
+        return self.cut.apply(tensor.T if self.transposed else tensor, dims)
+
+
 @dataclass(frozen=True)
 class Adapter:
-    """Tensor-name templates of one architecture and its FFN input weight."""
+    """Tensor layout of one architecture.
+
+    ``norms`` maps a norm role to its tensor (after the layer prefix): ``attn`` (input of
+    W_Q, W_K, W_V), ``ffn`` (input of the FFN projections), ``q``/``k`` (QK-norm gains).
+    """
 
     architecture: str
-    names: dict[str, str]
+    layer_prefix: str
+    weights: dict[str, WeightSpec]
     ffn_input: str = "W_gate"
+    norms: dict[str, str] = field(default_factory=dict)
+    norm_offset: float = 0.0
+
+    @property
+    def weight_types(self) -> tuple[str, ...]:
+        return tuple(self.weights)
 
     def tensor_name(self, weight_type: str, layer: int) -> str:
-        return self.names[weight_type].format(layer=layer)
+        return self.layer_prefix.format(layer=layer) + self.weights[weight_type].tensor
+
+    def norm_name(self, role: str, layer: int) -> str:
+        return self.layer_prefix.format(layer=layer) + self.norms[role]
 
 
-_LLAMA_NAMES = {
-    "W_Q": "model.layers.{layer}.self_attn.q_proj.weight",
-    "W_K": "model.layers.{layer}.self_attn.k_proj.weight",
-    "W_V": "model.layers.{layer}.self_attn.v_proj.weight",
-    "W_O": "model.layers.{layer}.self_attn.o_proj.weight",
-    "W_gate": "model.layers.{layer}.mlp.gate_proj.weight",
-    "W_up": "model.layers.{layer}.mlp.up_proj.weight",
-    "W_down": "model.layers.{layer}.mlp.down_proj.weight",
-}
+def _split(prefix_attn: str, prefix_mlp: str) -> dict[str, WeightSpec]:
+    return {"W_Q": WeightSpec(f"{prefix_attn}q_proj.weight"),
+            "W_K": WeightSpec(f"{prefix_attn}k_proj.weight"),
+            "W_V": WeightSpec(f"{prefix_attn}v_proj.weight"),
+            "W_O": WeightSpec(f"{prefix_attn}o_proj.weight"),
+            "W_gate": WeightSpec(f"{prefix_mlp}gate_proj.weight"),
+            "W_up": WeightSpec(f"{prefix_mlp}up_proj.weight"),
+            "W_down": WeightSpec(f"{prefix_mlp}down_proj.weight")}
+
+
+def _qkv_blocks(d: ModelDims) -> tuple[int, ...]:
+    return d.n_heads * d.d_head, d.n_kv_heads * d.d_head, d.n_kv_heads * d.d_head
+
+
+def _gate_up_blocks(d: ModelDims) -> tuple[int, ...]:
+    return d.d_ff, d.d_ff
+
+
+_LLAMA = _split("self_attn.", "mlp.")
+_LLAMA_NORMS = {"attn": "input_layernorm.weight", "ffn": "post_attention_layernorm.weight"}
+_QK_NORMS = {"q": "self_attn.q_norm.weight", "k": "self_attn.k_norm.weight"}
 
 #: Hugging Face ``config.model_type`` -> adapter.
-HF_ADAPTERS = {
-    name: Adapter(name, _LLAMA_NAMES) for name in ("llama", "mistral", "qwen2", "qwen3")
+HF_ADAPTERS: dict[str, Adapter] = {
+    "llama": Adapter("llama", "model.layers.{layer}.", _LLAMA, norms=_LLAMA_NORMS),
+    "mistral": Adapter("mistral", "model.layers.{layer}.", _LLAMA, norms=_LLAMA_NORMS),
+    "qwen2": Adapter("qwen2", "model.layers.{layer}.", _LLAMA, norms=_LLAMA_NORMS),
+    "qwen3": Adapter("qwen3", "model.layers.{layer}.", _LLAMA,
+                     norms={**_LLAMA_NORMS, **_QK_NORMS}),
+    "gemma": Adapter("gemma", "model.layers.{layer}.", _LLAMA, norms=_LLAMA_NORMS,
+                     norm_offset=1.0),
+    "gemma2": Adapter("gemma2", "model.layers.{layer}.", _LLAMA, norm_offset=1.0,
+                      norms={"attn": "input_layernorm.weight",
+                             "ffn": "pre_feedforward_layernorm.weight"}),
+    "phi3": Adapter("phi3", "model.layers.{layer}.", {
+        "W_Q": WeightSpec("self_attn.qkv_proj.weight", RowBlock(0, _qkv_blocks)),
+        "W_K": WeightSpec("self_attn.qkv_proj.weight", RowBlock(1, _qkv_blocks)),
+        "W_V": WeightSpec("self_attn.qkv_proj.weight", RowBlock(2, _qkv_blocks)),
+        "W_O": WeightSpec("self_attn.o_proj.weight"),
+        "W_gate": WeightSpec("mlp.gate_up_proj.weight", RowBlock(0, _gate_up_blocks)),
+        "W_up": WeightSpec("mlp.gate_up_proj.weight", RowBlock(1, _gate_up_blocks)),
+        "W_down": WeightSpec("mlp.down_proj.weight"),
+    }, norms=_LLAMA_NORMS),
+    "gpt2": Adapter("gpt2", "transformer.h.{layer}.", {
+        "W_Q": WeightSpec("attn.c_attn.weight", RowBlock(0, _qkv_blocks), transposed=True),
+        "W_K": WeightSpec("attn.c_attn.weight", RowBlock(1, _qkv_blocks), transposed=True),
+        "W_V": WeightSpec("attn.c_attn.weight", RowBlock(2, _qkv_blocks), transposed=True),
+        "W_O": WeightSpec("attn.c_proj.weight", transposed=True),
+        "W_up": WeightSpec("mlp.c_fc.weight", transposed=True),
+        "W_down": WeightSpec("mlp.c_proj.weight", transposed=True),
+    }, ffn_input="W_up", norms={"attn": "ln_1.weight", "ffn": "ln_2.weight"}),
+    "gpt_neox": Adapter("gpt_neox", "gpt_neox.layers.{layer}.", {
+        "W_Q": WeightSpec("attention.query_key_value.weight", HeadInterleaved(0)),
+        "W_K": WeightSpec("attention.query_key_value.weight", HeadInterleaved(1)),
+        "W_V": WeightSpec("attention.query_key_value.weight", HeadInterleaved(2)),
+        "W_O": WeightSpec("attention.dense.weight"),
+        "W_up": WeightSpec("mlp.dense_h_to_4h.weight"),
+        "W_down": WeightSpec("mlp.dense_4h_to_h.weight"),
+    }, ffn_input="W_up", norms=_LLAMA_NORMS),
 }
 
-_GGUF_NAMES = {
-    "W_Q": "blk.{layer}.attn_q.weight",
-    "W_K": "blk.{layer}.attn_k.weight",
-    "W_V": "blk.{layer}.attn_v.weight",
-    "W_O": "blk.{layer}.attn_output.weight",
-    "W_gate": "blk.{layer}.ffn_gate.weight",
-    "W_up": "blk.{layer}.ffn_up.weight",
-    "W_down": "blk.{layer}.ffn_down.weight",
-}
+_GGUF = {"W_Q": WeightSpec("attn_q.weight"), "W_K": WeightSpec("attn_k.weight"),
+         "W_V": WeightSpec("attn_v.weight"), "W_O": WeightSpec("attn_output.weight"),
+         "W_gate": WeightSpec("ffn_gate.weight"), "W_up": WeightSpec("ffn_up.weight"),
+         "W_down": WeightSpec("ffn_down.weight")}
+_GGUF_NORMS = {"attn": "attn_norm.weight", "ffn": "ffn_norm.weight"}
 
-#: GGUF ``general.architecture`` -> (adapter, whether llama.cpp permuted Q/K rows for RoPE).
-GGUF_ARCHITECTURES = {
-    "llama": (Adapter("llama", _GGUF_NAMES), True),
-    "mistral": (Adapter("mistral", _GGUF_NAMES), True),
-    "qwen2": (Adapter("qwen2", _GGUF_NAMES), False),
-    "qwen3": (Adapter("qwen3", _GGUF_NAMES), False),
+#: GGUF ``general.architecture`` -> adapter. llama.cpp permutes the rows of W_Q/W_K of the
+#: ``llama`` family for its RoPE layout; :data:`GGUF_ROPE_PERMUTED` lists those.
+GGUF_ADAPTERS: dict[str, Adapter] = {
+    "llama": Adapter("llama", "blk.{layer}.", _GGUF, norms=_GGUF_NORMS),
+    "mistral": Adapter("mistral", "blk.{layer}.", _GGUF, norms=_GGUF_NORMS),
+    "qwen2": Adapter("qwen2", "blk.{layer}.", _GGUF, norms=_GGUF_NORMS),
+    "qwen3": Adapter("qwen3", "blk.{layer}.", _GGUF, norms={
+        **_GGUF_NORMS, "q": "attn_q_norm.weight", "k": "attn_k_norm.weight"}),
 }
+GGUF_ROPE_PERMUTED = {"llama", "mistral"}
 
 
 def unsupported(kind: str, name: str, supported) -> UserError:
-    return UserError(f"{kind} architecture '{name}' is not supported; supported:"
-                     f" {', '.join(sorted(supported))}")
+    return UserError(f"{kind} architecture '{name}' is not supported (MoE, state-space and"
+                     f" encoder-only models are not); supported: {', '.join(sorted(supported))}")
 
 
 def dims_from_hf_config(config: dict) -> ModelDims:
-    """Dimensions from a Hugging Face ``config.json`` dict."""
+    """Dimensions from a Hugging Face ``config.json`` dict (GPT-2 names included)."""
+    if config.get("model_type") == "gpt2":
+        d, h = int(config["n_embd"]), int(config["n_head"])
+        return ModelDims(int(config["n_layer"]), d, int(config.get("n_inner") or 4 * d), h, h,
+                         d // h)
     h = int(config["num_attention_heads"])
     d = int(config["hidden_size"])
     return ModelDims(

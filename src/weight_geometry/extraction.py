@@ -1,17 +1,18 @@
 """One pass over a range of layers: every tensor read once, everything k- and head-independent.
 
-Per layer ``l`` the seven weights are read one at a time and produce:
+Per layer ``l`` the layer's weights are read (each stored tensor once) and produce:
 - ``vectors[l]`` ``(h, d_head, d)``: right singular vectors of each head's kernel
   (:func:`kernels.head_subspaces`), all ``d_head`` of them;
 - ``singular_values[l]`` ``(h, d_head)``;
 - ``ffn_input_energy[l]`` ``(h, d_head)``: ``||W_in v||^2`` for each of those vectors, where
-  ``W_in`` is the FFN input (gate) projection. Because ``V_k`` is the first ``k`` rows,
-  ``||W_in V_k^T||_F^2`` is a prefix sum, so the alignment of every head at every k follows
-  without re-reading weights. Computed from ``G = W_in^T W_in`` (the Gram matrix that the
-  effective rank needs anyway): ``diag(V G V^T)``, cost O(h d_head d^2);
+  ``W_in`` is the FFN input projection (``W_gate``, or ``W_up`` for a non-gated FFN). As
+  ``V_k`` is the first ``k`` rows, ``||W_in V_k^T||_F^2`` is a prefix sum, so the alignment
+  of every head at every k follows without re-reading weights. Computed from
+  ``G = W_in^T W_in`` (the Gram matrix that the effective rank needs anyway) as
+  ``diag(V G V^T)``, cost O(h d_head d^2);
 - ``ffn_input_norm2[l]``: ``||W_in||_F^2 = trace(G)``;
-- effective-rank rows (layer_idx, weight_type, shape, eff_rank) for the seven weights.
-Peak memory: one layer's weights plus one d x d Gram matrix.
+- effective-rank rows (layer_idx, weight_type, shape, eff_rank) for every weight.
+Peak memory: one layer's weights (numpy and device copies) plus one d x d Gram matrix.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .architectures import WEIGHT_TYPES
 from .checkpoint import Checkpoint
 from .kernels import head_subspaces
 from .ranks import (
@@ -45,7 +45,8 @@ class LayerRangeResult:
     weight_ranks: pd.DataFrame
 
 
-def extract_layers(ckpt: Checkpoint, layers: range, device: torch.device) -> LayerRangeResult:
+def extract_layers(ckpt: Checkpoint, layers: range, device: torch.device,
+                   fold_norms: bool = False) -> LayerRangeResult:
     """Run the single pass over ``layers`` of ``ckpt`` on ``device``."""
     dims = ckpt.dims
     n = len(layers)
@@ -57,8 +58,8 @@ def extract_layers(ckpt: Checkpoint, layers: range, device: torch.device) -> Lay
     ffn_input = ckpt.adapter.ffn_input
     for pos, layer in enumerate(layers):
         weights = {}
-        for wt in WEIGHT_TYPES:
-            weights[wt] = torch.from_numpy(ckpt.read(wt, layer)).to(device)
+        for wt, array in ckpt.read_layer(layer, fold_norms).items():
+            weights[wt] = torch.from_numpy(array).to(device)
             shape = tuple(weights[wt].shape)
             g = gram(weights[wt], "in" if wt == ffn_input else smaller_side(shape))
             rows.append((layer, wt, f"{shape[0]}x{shape[1]}",

@@ -2,8 +2,9 @@
 
 ``gguf.GGUFReader`` builds views of every metadata array (about 2 s for a 49k-token vocabulary),
 which is too slow for the Snakefile's parse-time inspection. This module parses the header with
-``struct`` (scalar metadata kept, arrays skipped) and memory-maps the data section; a tensor is
-dequantized with ``gguf.quants.dequantize`` only when asked for, so peak memory is one tensor.
+``struct`` (scalar metadata kept, arrays skipped); a tensor's bytes are read with one ``pread``
+and dequantized with ``gguf.quants.dequantize`` only when asked for, so peak memory is one
+tensor and no pages of earlier tensors stay mapped.
 
 GGUF stores dimensions innermost first (``ne[0]`` = columns); :class:`GGUFTensorInfo.shape` is
 the Hugging Face ``(out, in)`` order, i.e. the reversed list.
@@ -12,6 +13,7 @@ the Hugging Face ``(out, in)`` order, i.e. the reversed list.
 from __future__ import annotations
 
 import mmap
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,9 +86,16 @@ class GGUFFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         with open(self.path, "rb") as fh:
-            self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        cur = _Cursor(memoryview(self._map), self.path)
-        if len(self._map) < 24 or bytes(self._map[:4]) != b"GGUF":
+            mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        view = memoryview(mapped)
+        try:
+            self._parse(_Cursor(view, self.path), len(mapped))
+        finally:
+            view.release()
+            mapped.close()
+
+    def _parse(self, cur: _Cursor, file_size: int) -> None:
+        if file_size < 24 or bytes(cur.buf[:4]) != b"GGUF":
             raise UserError(f"{self.path}: not a GGUF file (magic bytes differ)")
         cur.pos = 4
         version = cur.unpack("<I")
@@ -108,7 +117,7 @@ class GGUFFile:
         for name, ne, ggml_type, rel in raw_infos:
             info = GGUFTensorInfo(name, tuple(reversed(ne)), ggml_type, data_start + rel,
                                   _tensor_nbytes(ne, ggml_type))
-            if info.offset + info.nbytes > len(self._map):
+            if info.offset + info.nbytes > file_size:
                 raise UserError(f"{self.path}: tensor {name} extends past the end of the file"
                                 " (truncated download?)")
             self.tensors[name] = info
@@ -118,7 +127,8 @@ class GGUFFile:
         from gguf.quants import dequantize
 
         info = self.tensors[name]
-        raw = np.frombuffer(self._map, dtype=np.uint8, count=info.nbytes, offset=info.offset)
+        with open(self.path, "rb") as fh:
+            raw = np.frombuffer(os.pread(fh.fileno(), info.nbytes, info.offset), dtype=np.uint8)
         rows = int(np.prod(info.shape[:-1])) if len(info.shape) > 1 else 1
         values = dequantize(raw.reshape(rows, -1), info.ggml_type)
         return np.asarray(values, dtype=np.float32).reshape(info.shape)

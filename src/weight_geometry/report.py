@@ -81,7 +81,8 @@ def render(a: Analysis) -> str:
       f" stored as {m['storage_dtype']}; analysed as {m['compute_dtype']}.\n")
     w("Caveats: the kernel `W_Q_i^T W_K_j` is the attention score's bilinear form before RoPE"
       " and scaling; RoPE makes the true kernel depend on the relative position, and this is"
-      " its zero-offset slice. Biases and norm gains are not included (raw projection weights)."
+      f" its zero-offset slice. Biases: {m.get('biases', 'not used')}; norm gains:"
+      f" {m.get('norm_gains', 'not applied (raw projection weights)')}."
       + (f" **k = d_head = {d_head}: the subspace is the row space of W_K alone, so heads sharing"
          " a KV head are identical; use k < d_head to compare heads.**" if k == d_head else "")
       + "\n")
@@ -160,7 +161,9 @@ def render(a: Analysis) -> str:
       + "\n")
 
     w("## Experiment 3: FFN-attention alignment\n")
-    w(f"Fraction of the FFN input projection's ({m['ffn_input']}) Frobenius energy inside the"
+    gated = "" if m["ffn_input"] == "W_gate" else "; this model's FFN is not gated"
+    w(f"Fraction of the FFN input projection's ({m['ffn_input']}{gated}) Frobenius energy inside"
+      " the"
       f" top-{k} attention subspace, `||W_in V_k^T||_F^2 / ||W_in||_F^2`. Chance level"
       f" = k/d = {k}/{d} = {chance:.4f}.\n")
     w("**Interpretation:**\n")

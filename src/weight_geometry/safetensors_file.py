@@ -1,13 +1,15 @@
 """Lazy safetensors reading, single file or sharded (``model.safetensors.index.json``).
 
 The tensor directory comes from each file's JSON header (8-byte length + JSON), so inspecting a
-checkpoint costs a few kilobytes of I/O and no torch import. Tensors are read one at a time
-through ``safetensors.safe_open`` (memory-mapped), converted to float32 numpy.
+checkpoint costs a few kilobytes of I/O and no torch import. A tensor is read with one
+``pread`` of its byte range and converted to float32: no memory map, so pages of tensors read
+earlier do not stay mapped into the process (its RSS stays near one tensor, not the file).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,13 +25,22 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
 
+#: safetensors dtype code -> (numpy dtype of the stored bytes, how to make float32).
+_DECODE = {
+    "F64": (np.float64, None), "F32": (np.float32, None), "F16": (np.float16, None),
+    "BF16": (np.uint16, lambda raw: (raw.astype(np.uint32) << 16).view(np.float32)),
+}
+
+
 @dataclass(frozen=True)
 class TensorEntry:
-    """Where a tensor lives and what it is: file, dtype string, HF shape."""
+    """Where a tensor lives and what it is: file, dtype string, HF shape, absolute byte range."""
 
     file: Path
     dtype: str
     shape: tuple[int, ...]
+    start: int = 0
+    end: int = 0
 
 
 def read_header(path: Path) -> dict[str, TensorEntry]:
@@ -50,7 +61,8 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
         start, end = meta["data_offsets"]
         if 8 + n + end > size:
             raise UserError(f"{path}: tensor {name} extends past the end of the file (truncated?)")
-        entries[name] = TensorEntry(path, meta["dtype"], tuple(meta["shape"]))
+        entries[name] = TensorEntry(path, meta["dtype"], tuple(meta["shape"]), 8 + n + start,
+                                    8 + n + end)
     return entries
 
 
@@ -73,17 +85,23 @@ def directory_entries(directory: Path) -> dict[str, TensorEntry]:
 
 
 class SafetensorsReader:
-    """Read tensors by name from a checkpoint directory; one open handle per shard."""
+    """Read tensors by name from a checkpoint directory, one ``pread`` per tensor."""
 
     def __init__(self, entries: dict[str, TensorEntry]):
         self.entries = entries
-        self._handles: dict[Path, object] = {}
 
     def read(self, name: str) -> np.ndarray:
         """One tensor as float32 numpy, shape as on disk. Cost: one read of its bytes."""
-        from safetensors import safe_open
-
         entry = self.entries[name]
-        if entry.file not in self._handles:
-            self._handles[entry.file] = safe_open(str(entry.file), framework="pt")
-        return self._handles[entry.file].get_tensor(name).float().numpy()
+        if entry.dtype not in _DECODE:
+            raise UserError(f"{entry.file}: tensor {name} has dtype {entry.dtype}; readable:"
+                            f" {', '.join(_DECODE)}")
+        stored, convert = _DECODE[entry.dtype]
+        size = entry.end - entry.start
+        with open(entry.file, "rb") as fh:
+            raw = os.pread(fh.fileno(), size, entry.start)
+        if len(raw) != size:
+            raise UserError(f"{entry.file}: tensor {name} is truncated")
+        values = np.frombuffer(raw, dtype=stored)
+        values = convert(values) if convert else values.astype(np.float32)
+        return values.reshape(entry.shape)

@@ -70,7 +70,7 @@ def extraction_mem_mb(wildcards):
         for a, b in map(
             d.weight_shape, ("W_Q", "W_K", "W_V", "W_O", "W_gate", "W_up", "W_down")
         )
-    )
+    )  # the gated layout bounds the non-gated one
     stored = n_layers * d.n_heads * d.d_head * (d.d_model * 4 + 24)
     return 1500 + (layer * 12 + 2 * d.d_model**2 * 8 + stored) // 2**20
 

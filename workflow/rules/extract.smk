@@ -16,6 +16,7 @@ rule model_info:
         runtime=5,
     params:
         source=lambda w: model_plan(w).source,
+        fold_norms=PLAN.fold_norms,
     script:
         "../scripts/model_info.py"
 
@@ -41,6 +42,7 @@ rule extract_layers:
     params:
         source=lambda w: model_plan(w).source,
         device=PLAN.device,
+        fold_norms=PLAN.fold_norms,
     script:
         "../scripts/extract_layers.py"
 

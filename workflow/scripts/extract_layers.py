@@ -16,10 +16,11 @@ def main():
 
     torch.set_num_threads(snakemake.threads)
     device = resolve_device(snakemake.params.device)
-    ckpt = open_checkpoint(snakemake.params.source)
+    fold = snakemake.params.fold_norms
+    ckpt = open_checkpoint(snakemake.params.source, fold)
     layers = range(int(snakemake.wildcards.first), int(snakemake.wildcards.last) + 1)
     progress(f"{ckpt.path}: layers {layers.start}-{layers.stop - 1} on {device}")
-    result = extract_layers(ckpt, layers, device)
+    result = extract_layers(ckpt, layers, device, fold)
     out = snakemake.output
     for name in ("vectors", "singular_values", "ffn_input_energy", "ffn_input_norm2"):
         save_result(out[name], getattr(result, name))

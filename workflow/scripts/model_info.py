@@ -8,8 +8,9 @@ from weight_geometry.rule_script import run_rule
 
 
 def main():
-    ckpt = open_checkpoint(snakemake.params.source)
-    write_json(snakemake.output[0], {"name": snakemake.wildcards.model, **ckpt.describe()})
+    fold = snakemake.params.fold_norms
+    ckpt = open_checkpoint(snakemake.params.source, fold)
+    write_json(snakemake.output[0], {"name": snakemake.wildcards.model, **ckpt.describe(fold)})
 
 
 run_rule(main, snakemake.log[0], snakemake.output)
