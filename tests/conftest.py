@@ -43,12 +43,12 @@ def run_snakemake(workdir: Path, *args: str, config: dict | None = None,
     """
     workdir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-           "--cores", "1", "--resources", "gpu=1"]
+           *args, "--cores", "1", "--resources", "gpu=1"]
     if config is not None:
         cfg = workdir / "config.yaml"
         cfg.write_text(yaml.safe_dump(config))
         cmd += ["--configfile", str(cfg)]
-    return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=timeout,
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})}, cwd=workdir)
 
 
