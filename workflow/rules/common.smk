@@ -83,6 +83,13 @@ def extraction_runtime(wildcards):
     return 10 + int(flops / 1e10 / 60)
 
 
+def hub_download(wildcards):
+    """The download record of a hub-id model (none for local sources)."""
+    if model_plan(wildcards).hub_id:
+        return [f"resources/hub/{wildcards.model}.json"]
+    return []
+
+
 def uses_gpu(wildcards):
     return 0 if PLAN.device == "cpu" else 1
 
@@ -102,6 +109,10 @@ def analysis_inputs(wildcards):
         "kernel_ranks": f"{base}/kernel_effective_ranks.parquet",
         "singular_values": chunk_files("singular_values.npy")(wildcards),
     }
+
+
+def download_targets():
+    return [f"resources/hub/{name}.json" for name, p in PLAN.models.items() if p.hub_id]
 
 
 def all_targets():

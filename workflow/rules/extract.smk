@@ -1,7 +1,29 @@
 # Stage 1: everything that reads the checkpoint. Independent of k and of the heads.
 
 
+rule download_model:
+    output:
+        "resources/hub/{model}.json",
+    log:
+        "logs/{model}/download_model.log",
+    benchmark:
+        f"{R}/benchmarks/download_model.tsv"
+    localrule: True
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=120,
+    params:
+        repo_id=lambda w: model_plan(w).hub_id,
+    script:
+        "../scripts/download_model.py"
+
+
 rule model_info:
+    input:
+        hub_download,
     output:
         f"{R}/model.json",
     log:
@@ -23,6 +45,8 @@ rule model_info:
 
 
 rule extract_layers:
+    input:
+        hub_download,
     output:
         **{
             name: f"{R}/bases/layers{{first}}-{{last}}/{name}.npy"

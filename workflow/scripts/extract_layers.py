@@ -6,13 +6,12 @@ from weight_geometry.rule_script import progress, run_rule
 
 
 def main():
-    import pandas as pd
     import torch
 
     from weight_geometry.checkpoint import open_checkpoint
     from weight_geometry.extraction import extract_layers
     from weight_geometry.kernels import resolve_device
-    from weight_geometry.results_io import save_result
+    from weight_geometry.results_io import BASES_FILES, save_result
 
     torch.set_num_threads(snakemake.threads)
     device = resolve_device(snakemake.params.device)
@@ -22,9 +21,9 @@ def main():
     progress(f"{ckpt.path}: layers {layers.start}-{layers.stop - 1} on {device}")
     result = extract_layers(ckpt, layers, device, fold)
     out = snakemake.output
-    for name in ("vectors", "singular_values", "ffn_input_energy", "ffn_input_norm2"):
+    for name in BASES_FILES:
         save_result(out[name], getattr(result, name))
-    pd.DataFrame(result.weight_ranks).to_parquet(out.weight_ranks, index=False)
+    result.weight_ranks.to_parquet(out.weight_ranks, index=False)
 
 
 run_rule(main, snakemake.log[0], snakemake.output)

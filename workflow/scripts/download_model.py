@@ -1,0 +1,17 @@
+"""Rule download_model: config.json and safetensors weights of a hub id into the HF cache."""
+
+import _library  # noqa: F401  (puts the checkout's src/ on sys.path)
+
+from weight_geometry.hub import download
+from weight_geometry.results_io import write_json
+from weight_geometry.rule_script import progress, run_rule
+
+
+def main():
+    repo_id = snakemake.params.repo_id
+    progress(f"fetching config.json and safetensors weights of {repo_id}")
+    files = download(repo_id)
+    write_json(snakemake.output[0], {"repo_id": repo_id, "files": [str(f) for f in files]})
+
+
+run_rule(main, snakemake.log[0], snakemake.output)
