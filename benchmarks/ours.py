@@ -1,0 +1,287 @@
+"""The library and the workflow on a checkpoint, stage by stage, plus the machine's floors.
+
+Each stage runs in its own process, so its peak RSS (``VmHWM``) is its own:
+
+    python benchmarks/ours.py STAGE CHECKPOINT_DIR --scratch DIR [--device cpu|cuda] --json OUT
+
+Stages:
+- ``imports``: numpy, pandas, torch, the library and what a Snakemake rule script's preamble
+  imports, nothing else: the interpreter's share of an extraction job's RSS.
+- ``read_floor``: every tensor the analysis needs (the seven projections of every layer) read
+  once with ``preadv`` into one reused buffer, page cache warm (a first pass warms it): the
+  time to merely move the bytes. Also W_Q and W_K alone (what the subspaces need).
+- ``matmul``: this device's float32 and float64 GEMM rate at the Gram shape
+  ``(d x d_ff) @ (d_ff x d)``, best of 3 after a warm-up.
+- ``extract``: ``extraction.extract_layers`` over all layers (the workflow's extraction job
+  without Snakemake); its arrays are saved in ``--scratch`` for the next stages.
+- ``subspaces``: per layer ``Checkpoint.read_layer`` (timed as ``read``) and
+  ``kernels.head_subspaces`` of all h heads in float64 (timed as ``compute``), as
+  ``extract_layers`` does them.
+- ``similarity``: ``similarity.similarity_matrix`` of each sampled head's top-k bases, loaded
+  from the saved ``vectors.npy`` (memory-mapped), as the workflow's similarity jobs.
+- ``alignment``: per layer the FFN input Gram ``G`` (``ranks.gram``), the energies
+  ``diag(V G V^T)`` as ``extract_layers`` computes them, then ``alignment.alignment_table``.
+  ``compute`` counts the Gram although the effective rank of the same weight shares it in
+  ``extract_layers``; ``marginal`` is the rest (energies and table).
+- ``ranks``: per layer and weight ``ranks.gram`` of the smaller side, ``eigvalsh``
+  (``singular_values_from_gram``) and ``effective_rank_from_singular_values``.
+
+The workflow itself is run by :func:`run_workflow` (``python -m snakemake`` on the repository's
+Snakefile); :func:`job_table` reads each job's time and ``max_rss`` from the benchmark TSVs
+Snakemake writes under ``results/*/benchmarks`` and ``results/*/k*/benchmarks``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchlib import (
+    REPO,
+    K,
+    cuda_unavailable,
+    gpu_peak_mb,
+    peak_rss_mb,
+    sampled_heads,
+    stopwatch,
+    sync,
+    write_json,
+)
+
+#: Tensor-name suffixes of the seven analysed projections of a Qwen2/Llama layer.
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def _open(checkpoint: Path):
+    from weight_geometry.checkpoint import open_checkpoint
+
+    return open_checkpoint(str(checkpoint))
+
+
+def stage_imports(args) -> dict:
+    import numpy  # noqa: F401
+    import pandas  # noqa: F401
+    import snakemake.iocontainers  # noqa: F401  (what a rule script's preamble imports)
+    import torch  # noqa: F401
+
+    import weight_geometry.alignment  # noqa: F401
+    import weight_geometry.extraction  # noqa: F401
+    import weight_geometry.similarity  # noqa: F401
+
+    return {}
+
+
+def _tensor_ranges(checkpoint: Path) -> dict[str, tuple[int, int]]:
+    """Absolute ``(offset, size)`` of every tensor of a single-file safetensors checkpoint."""
+    path = checkpoint / "model.safetensors"
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+    return {name: (8 + n + meta["data_offsets"][0],
+                   meta["data_offsets"][1] - meta["data_offsets"][0])
+            for name, meta in header.items() if name != "__metadata__"}
+
+
+def stage_read_floor(args) -> dict:
+    ranges = _tensor_ranges(args.checkpoint)
+    n_layers = json.loads((args.checkpoint / "config.json").read_text())["num_hidden_layers"]
+    buffer = memoryview(bytearray(max(size for _, size in ranges.values())))
+    fd = os.open(args.checkpoint / "model.safetensors", os.O_RDONLY)
+
+    def read(suffixes) -> tuple[float, int]:
+        start, total = time.perf_counter(), 0
+        for layer in range(n_layers):
+            for suffix in suffixes:
+                offset, size = ranges[f"model.layers.{layer}.{suffix}.weight"]
+                total += os.preadv(fd, [buffer[:size]], offset)
+        return time.perf_counter() - start, total
+
+    try:
+        read(PROJECTIONS)  # warm the page cache
+        all_s, all_bytes = read(PROJECTIONS)
+        qk_s, qk_bytes = read(PROJECTIONS[:2])
+    finally:
+        os.close(fd)
+    return {"all_s": all_s, "all_bytes": all_bytes, "qk_s": qk_s, "qk_bytes": qk_bytes}
+
+
+def stage_matmul(args) -> dict:
+    import torch
+
+    cfg = json.loads((args.checkpoint / "config.json").read_text())
+    d, d_ff = cfg["hidden_size"], cfg["intermediate_size"]
+    rates = {}
+    for dtype in (torch.float32, torch.float64):
+        a = torch.randn(d_ff, d, dtype=dtype, device=args.device)
+        a.T @ a
+        best = float("inf")
+        for _ in range(3):
+            sync(args.device)
+            start = time.perf_counter()
+            a.T @ a
+            sync(args.device)
+            best = min(best, time.perf_counter() - start)
+        rates[str(dtype).removeprefix("torch.")] = 2 * d_ff * d * d / best / 1e9
+    return {"gflops": rates, "shape": [d, d_ff]}
+
+
+def stage_extract(args) -> dict:
+    import numpy as np
+    import torch
+
+    from weight_geometry.extraction import extract_layers
+
+    times: dict[str, float] = {}
+    with stopwatch(times, "open"):
+        ckpt = _open(args.checkpoint)
+    with stopwatch(times, "s", args.device):
+        result = extract_layers(ckpt, range(ckpt.dims.n_layers), torch.device(args.device))
+    for name in ("vectors", "singular_values", "ffn_input_energy", "ffn_input_norm2"):
+        np.save(args.scratch / f"{name}.npy", getattr(result, name))
+    return times
+
+
+def stage_subspaces(args) -> dict:
+    import torch
+
+    from weight_geometry.kernels import head_subspaces
+
+    ckpt = _open(args.checkpoint)
+    dims, times = ckpt.dims, {"read": 0.0, "compute": 0.0}
+    for layer in range(dims.n_layers):
+        with stopwatch(times, "read"):
+            weights = ckpt.read_layer(layer)
+        with stopwatch(times, "compute", args.device):
+            w_q, w_k = (torch.from_numpy(weights[w]).to(args.device).double()
+                        for w in ("W_Q", "W_K"))
+            head_subspaces(w_q, w_k, dims.n_heads, dims.n_kv_heads, dims.d_head)
+    return times
+
+
+def stage_similarity(args) -> dict:
+    import numpy as np
+
+    from weight_geometry.similarity import similarity_matrix
+
+    times: dict[str, float] = {}
+    with stopwatch(times, "compute"):
+        vectors = np.load(args.scratch / "vectors.npy", mmap_mode="r")
+        for head in sampled_heads(vectors.shape[1]):
+            similarity_matrix(np.asarray(vectors[:, head, :args.k, :]))
+    return times
+
+
+def stage_alignment(args) -> dict:
+    import numpy as np
+    import torch
+
+    from weight_geometry.alignment import alignment_table
+    from weight_geometry.ranks import gram
+
+    ckpt = _open(args.checkpoint)
+    dims, ffn_input = ckpt.dims, ckpt.adapter.ffn_input
+    vectors = np.load(args.scratch / "vectors.npy", mmap_mode="r")
+    energy = np.empty(vectors.shape[:3])
+    norm2 = np.empty(dims.n_layers)
+    times = {"read": 0.0, "compute": 0.0, "marginal": 0.0}
+    for layer in range(dims.n_layers):
+        with stopwatch(times, "read"):
+            w_in = ckpt.read_layer(layer)[ffn_input]
+        with stopwatch(times, "compute", args.device):
+            g = gram(torch.from_numpy(w_in).to(args.device), "in")
+            with stopwatch(times, "marginal", args.device):
+                v = torch.from_numpy(np.array(vectors[layer])).to(args.device).double()
+                energy[layer] = ((v @ g) * v).sum(-1).cpu().numpy()
+                norm2[layer] = float(torch.trace(g))
+    with stopwatch(times, "compute"), stopwatch(times, "marginal"):
+        alignment_table(energy, norm2, args.k, dims.d_model, ffn_input)
+    return times
+
+
+def stage_ranks(args) -> dict:
+    import torch
+
+    from weight_geometry.ranks import (
+        effective_rank_from_singular_values,
+        gram,
+        singular_values_from_gram,
+        smaller_side,
+    )
+
+    ckpt = _open(args.checkpoint)
+    times = {"read": 0.0, "compute": 0.0}
+    for layer in range(ckpt.dims.n_layers):
+        with stopwatch(times, "read"):
+            weights = ckpt.read_layer(layer)
+        with stopwatch(times, "compute", args.device):
+            for array in weights.values():
+                shape = array.shape
+                g = gram(torch.from_numpy(array).to(args.device), smaller_side(shape))
+                effective_rank_from_singular_values(singular_values_from_gram(g), shape)
+    return times
+
+
+STAGES = {name.removeprefix("stage_"): fn for name, fn in globals().items()
+          if name.startswith("stage_")}
+
+
+def run_workflow(workdir: Path, options: list[str], log: Path) -> float:
+    """``python -m snakemake -s REPO/Snakefile -d WORKDIR OPTIONS``; returns its wall time (s),
+    Snakemake's start-up included. Raises with the log's tail if it fails."""
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+           *options]
+    start = time.perf_counter()
+    with open(log, "w") as fh:
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - start
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed; log {log}:\n{log.read_text()[-3000:]}")
+    return wall
+
+
+def job_table(workdir: Path) -> list[dict]:
+    """One row per job benchmark TSV under ``results/*/benchmarks`` and ``results/*/k*/``:
+    ``job`` (``extract_layers000-023``, ``k20/figures``, ...), ``s``, ``max_rss_mb``."""
+    rows = []
+    results = workdir / "results"
+    for tsv in [*sorted(results.glob("*/benchmarks/*.tsv")),
+                *sorted(results.glob("*/k*/benchmarks/*.tsv"))]:
+        with open(tsv) as fh:
+            record = next(csv.DictReader(fh, delimiter="\t"))
+        parts = tsv.relative_to(results).with_suffix("").parts[1:]  # drop the model name
+        rows.append({"job": "/".join(p for p in parts if p != "benchmarks"),
+                     "s": float(record["s"]), "max_rss_mb": float(record["max_rss"])})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("stage", choices=sorted(STAGES))
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--scratch", type=Path, required=True,
+                        help="directory for the arrays the extract stage hands to later stages")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--k", type=int, default=K)
+    parser.add_argument("--json", type=Path, required=True, help="where to write the record")
+    args = parser.parse_args()
+    skip = cuda_unavailable(args.device)
+    if skip:
+        print(skip)
+        return
+    start = time.perf_counter()
+    record = STAGES[args.stage](args)
+    write_json(args.json, {"stage": args.stage, "device": args.device, **record,
+                           "in_process_s": time.perf_counter() - start,
+                           "peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": gpu_peak_mb(args.device)})
+
+
+if __name__ == "__main__":
+    main()
