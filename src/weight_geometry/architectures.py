@@ -26,8 +26,8 @@ import numpy as np
 
 from .errors import UserError
 
+#: Weight types of a gated-FFN layer; a non-gated layer has these less W_gate.
 GATED = ("W_Q", "W_K", "W_V", "W_O", "W_gate", "W_up", "W_down")
-NON_GATED = ("W_Q", "W_K", "W_V", "W_O", "W_up", "W_down")
 
 
 @dataclass(frozen=True)

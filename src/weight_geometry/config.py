@@ -104,6 +104,13 @@ def parse_layers_per_job(value) -> int:
     return n
 
 
+def parse_fold_norms(value) -> bool:
+    """A bool, or what ``--config fold_norms=true`` makes of it."""
+    if value not in (True, False, "True", "False", "true", "false"):
+        raise UserError(f"fold_norms: {value!r} is not allowed (true or false)")
+    return str(value).lower() == "true"
+
+
 def chunks(n_layers: int, per_job: int) -> list[tuple[int, int]]:
     """Inclusive (first, last) layer ranges of the extraction jobs."""
     size = per_job or n_layers
@@ -157,10 +164,7 @@ def build_plan(config: dict, models: dict) -> Plan:
     bottleneck = parse_bottleneck(config.get("bottleneck", "auto"))
     device = parse_device(config.get("device", "auto"))
     per_job = parse_layers_per_job(config.get("layers_per_job", 0))
-    fold_norms = config.get("fold_norms", False)
-    if fold_norms not in (True, False, "True", "False", "true", "false"):
-        raise UserError(f"fold_norms: {fold_norms!r} is not allowed (true or false)")
-    fold_norms = str(fold_norms).lower() == "true"
+    fold_norms = parse_fold_norms(config.get("fold_norms", False))
     if not isinstance(models, dict) or not models:
         raise UserError("models: at least one model is required (name: {source: ...})")
     plans = {}
@@ -192,12 +196,14 @@ def _open_source(source: str, fold_norms: bool) -> _Source:
     """Headers of a local checkpoint (validated), or for a hub id whose weights are not
     downloaded yet, its config.json only (validated by the jobs after the download rule)."""
     hub_id = source if hub.is_hub_id(source) else None
+    local = source
     if hub_id:
         state = hub.resolve(hub_id)
         if not state.complete:
             return _Source(source, state.snapshot, hub_id,
                            hf_architecture(source, state.snapshot)[1])
-    ckpt: Checkpoint = open_checkpoint(source, fold_norms)
+        local = str(state.snapshot)  # resolved once; open_checkpoint needs no second lookup
+    ckpt: Checkpoint = open_checkpoint(local, fold_norms)
     return _Source(source, ckpt.path, hub_id, ckpt.dims)
 
 

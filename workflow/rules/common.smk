@@ -7,6 +7,7 @@ from snakemake.utils import validate
 # The library of this checkout (rule scripts do the same through workflow/scripts/_library.py).
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
+from weight_geometry.architectures import GATED
 from weight_geometry.config import build_plan, user_models
 from weight_geometry.errors import UserError
 from weight_geometry.figures import FIGURES
@@ -65,12 +66,8 @@ def extraction_mem_mb(wildcards):
     d x d Gram matrices, and the job's stored arrays; plus the interpreter and torch."""
     d = model_plan(wildcards).dims
     n_layers = int(wildcards.last) - int(wildcards.first) + 1
-    layer = sum(
-        a * b
-        for a, b in map(
-            d.weight_shape, ("W_Q", "W_K", "W_V", "W_O", "W_gate", "W_up", "W_down")
-        )
-    )  # the gated layout bounds the non-gated one
+    # The gated layout bounds the non-gated one.
+    layer = sum(a * b for a, b in map(d.weight_shape, GATED))
     stored = n_layers * d.n_heads * d.d_head * (d.d_model * 4 + 24)
     return 1500 + (layer * 12 + 2 * d.d_model**2 * 8 + stored) // 2**20
 
