@@ -1,0 +1,166 @@
+"""Effective ranks a user already has, from the earlier notebook's CSV, checked against a model.
+
+The CSV has columns ``layer_idx, weight_type, shape, eff_rank`` (extra columns are ignored),
+``shape`` like ``2048x11008``. Notebooks differ in orientation, so a shape is accepted as
+``rows x cols`` or ``cols x rows`` of the model's ``nn.Linear`` weight (out x in); the table
+returned always states it as ``rows x cols``, as the workflow's ``effective_ranks`` table.
+Every problem raises :class:`UserError` with one line naming the file, the value and what is
+allowed.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .architectures import ModelDims
+from .errors import UserError
+
+#: Columns of the CSV and of the returned table.
+COLUMNS = ("layer_idx", "weight_type", "shape", "eff_rank")
+
+_SHAPE = re.compile(r"\s*\(?\s*(\d+)\s*(?:[xX×]|,)\s*(\d+)\s*\)?\s*")
+_SHOWN = 5  # how many offending items a message lists
+
+
+def _listing(items) -> str:
+    items = list(items)
+    more = f" and {len(items) - _SHOWN} more" if len(items) > _SHOWN else ""
+    return ", ".join(map(str, items[:_SHOWN])) + more
+
+
+def _first(mask: np.ndarray) -> int | None:
+    """Index of the first True in ``mask``, None when there is none."""
+    hits = np.flatnonzero(mask)
+    return int(hits[0]) if hits.size else None
+
+
+def _span(layers: set[int]) -> str:
+    return f"{min(layers)}..{max(layers)}" if layers else "none"
+
+
+def _line(index: int) -> str:
+    """CSV line of a row (line 1 is the header)."""
+    return f"line {index + 2}"
+
+
+def _read(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise UserError(f"user ranks {path}: file not found")
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise UserError(f"user ranks {path}: not a readable CSV ({e})".replace("\n", " ")) from e
+    missing = [c for c in COLUMNS if c not in table.columns]
+    if missing:
+        raise UserError(f"user ranks {path}: missing column(s) {', '.join(missing)}; found"
+                        f" {', '.join(map(str, table.columns))}; needed {', '.join(COLUMNS)}")
+    return table[list(COLUMNS)].apply(lambda col: col.str.strip())
+
+
+def _layers(table: pd.DataFrame, path: Path, n_layers: int) -> np.ndarray:
+    """``layer_idx`` as integers; the set must be exactly 0..L-1."""
+    values = pd.to_numeric(table["layer_idx"], errors="coerce").to_numpy()
+    if (i := _first(~np.isfinite(values) | (values != np.round(values)))) is not None:
+        raise UserError(f"user ranks {path}: layer_idx {table['layer_idx'].iloc[i]!r}"
+                        f" ({_line(i)}) is not an integer layer index 0..{n_layers - 1}")
+    layers = values.astype(np.int64)
+    found, expected = set(layers.tolist()), set(range(n_layers))
+    if found != expected:
+        differences = [f"{label}: [{_listing(sorted(items))}]" for label, items in
+                       (("missing", expected - found), ("not in the model", found - expected))
+                       if items]
+        raise UserError(
+            f"user ranks {path}: the CSV has {len(found)} layers ({_span(found)}),"
+            f" the model has L = {n_layers} (layers 0..{n_layers - 1}); "
+            + ", ".join(differences) + ". Is it another model's CSV?")
+    return layers
+
+
+def _check_weight_types(table: pd.DataFrame, path: Path, weight_types: tuple[str, ...]):
+    if (i := _first(~table["weight_type"].isin(weight_types).to_numpy())) is not None:
+        raise UserError(f"user ranks {path}: unknown weight_type"
+                        f" {table['weight_type'].iloc[i]!r} ({_line(i)}); allowed for this"
+                        f" model: {', '.join(weight_types)}")
+
+
+def _check_complete(layers: np.ndarray, table: pd.DataFrame, path: Path,
+                    weight_types: tuple[str, ...]):
+    """Each (layer, weight type) exactly once."""
+    keys = list(zip(layers.tolist(), table["weight_type"], strict=True))
+    seen: dict[tuple[int, str], int] = {}
+    for i, key in enumerate(keys):
+        if key in seen:
+            raise UserError(f"user ranks {path}: (layer {key[0]}, {key[1]}) appears twice"
+                            f" ({_line(seen[key])} and {_line(i)}); each (layer_idx,"
+                            " weight_type) must appear once")
+        seen[key] = i
+    absent = [f"(layer {layer}, {wt})" for layer in sorted(set(layers.tolist()))
+              for wt in weight_types if (layer, wt) not in seen]
+    if absent:
+        raise UserError(f"user ranks {path}: no row for {_listing(absent)}; every layer needs"
+                        f" one row per weight type ({', '.join(weight_types)})")
+
+
+def _shapes(layers: np.ndarray, table: pd.DataFrame, path: Path,
+            dims: ModelDims) -> list[tuple[int, int]]:
+    """The model's (rows, cols) per row, after checking the CSV's shape (either orientation)."""
+    out = []
+    for i, (layer, wt, text) in enumerate(zip(layers, table["weight_type"], table["shape"],
+                                              strict=True)):
+        expected = dims.weight_shape(wt)
+        match = _SHAPE.fullmatch(text)
+        if match is None:
+            raise UserError(f"user ranks {path}: shape {text!r} of (layer {layer}, {wt})"
+                            f" ({_line(i)}) is not 'rows x cols'; expected"
+                            f" {expected[0]}x{expected[1]}")
+        shape = (int(match[1]), int(match[2]))
+        if shape not in (expected, expected[::-1]):
+            raise UserError(f"user ranks {path}: shape {text} of (layer {layer}, {wt})"
+                            f" ({_line(i)}) does not match the model's {wt}: expected"
+                            f" {expected[0]}x{expected[1]} (or {expected[1]}x{expected[0]})."
+                            " Is it another model's CSV?")
+        out.append(expected)
+    return out
+
+
+def _eff_ranks(layers: np.ndarray, table: pd.DataFrame, path: Path,
+               shapes: list[tuple[int, int]]) -> np.ndarray:
+    """``eff_rank`` as floats in ``(0, min(rows, cols)]``."""
+    values = pd.to_numeric(table["eff_rank"], errors="coerce").to_numpy(dtype=np.float64)
+    limits = np.array([min(s) for s in shapes], dtype=np.float64)
+    bad = ~np.isfinite(values) | (values <= 0) | (values > limits)
+    if (i := _first(bad)) is not None:
+        raise UserError(f"user ranks {path}: eff_rank {table['eff_rank'].iloc[i]!r} of"
+                        f" (layer {layers[i]}, {table['weight_type'].iloc[i]}) ({_line(i)}) is"
+                        f" not a number in (0, min(rows, cols) = {limits[i]:.0f}]")
+    return values
+
+
+def read_user_ranks(path, dims: ModelDims, weight_types: tuple[str, ...]) -> pd.DataFrame:
+    """The CSV at ``path`` as the workflow's effective-ranks table for a model of ``dims``.
+
+    Columns ``layer_idx`` (int64), ``weight_type`` (str), ``shape`` (``"{rows}x{cols}"`` of the
+    model's weight, out x in), ``eff_rank`` (float64); sorted by layer, then in the order of
+    ``weight_types`` (the model's adapter order). Raises :class:`UserError` on a missing or
+    unreadable file, missing columns, a layer set other than 0..L-1, unknown weight types,
+    missing or duplicate (layer, weight type) rows, shapes that differ from the model's (in
+    both orientations), and eff_rank not finite, not positive or above ``min(rows, cols)``.
+    """
+    path = Path(path)
+    table = _read(path)
+    layers = _layers(table, path, dims.n_layers)
+    _check_weight_types(table, path, weight_types)
+    _check_complete(layers, table, path, weight_types)
+    shapes = _shapes(layers, table, path, dims)
+    ranks = pd.DataFrame({
+        "layer_idx": layers,
+        "weight_type": table["weight_type"].to_numpy(),
+        "shape": [f"{rows}x{cols}" for rows, cols in shapes],
+        "eff_rank": _eff_ranks(layers, table, path, shapes),
+    })
+    order = ranks["weight_type"].map({wt: i for i, wt in enumerate(weight_types)})
+    return ranks.iloc[np.lexsort((order.to_numpy(), layers))].reset_index(drop=True)
