@@ -1,0 +1,123 @@
+"""Cross-model comparison on two synthetic models of different depth and width."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from weight_geometry.compare import (
+    COMPARE_FIGURES,
+    compare_summary,
+    compare_table,
+    draw_compare,
+    render_compare,
+)
+from weight_geometry.statistics import alignment_verdict
+
+K = 8
+
+
+def _model(name: str, n_layers: int, d: int, bottleneck: int, seed: int,
+           ffn_input: str = "W_gate") -> tuple[dict, pd.DataFrame]:
+    """A model.json record and a layers table as the workflow writes them."""
+    rng = np.random.default_rng(seed)
+    layers = np.arange(n_layers)
+    to_ref = rng.uniform(0, 0.5, n_layers)
+    to_ref[bottleneck] = 1.0
+    alignment = rng.uniform(0, 3 * K / d, n_layers)
+    record = {"name": name, "n_layers": n_layers, "d_model": d, "d_ff": 4 * d, "n_heads": 4,
+              "n_kv_heads": 2, "d_head": d // 4, "architecture": "llama", "ffn_input": ffn_input}
+    table = pd.DataFrame({
+        "layer": layers, "head": 0, "is_bottleneck": layers == bottleneck,
+        "mean_eff_rank": rng.uniform(10, d, n_layers),
+        "adjacent_similarity": np.append(rng.uniform(0, 0.6, n_layers - 1), np.nan),
+        "bottleneck_similarity": to_ref, "alignment": alignment,
+        "alignment_ratio": alignment / (K / d),
+    })
+    return record, table
+
+
+@pytest.fixture
+def models():
+    return {"small": _model("small", 6, 64, 4, 0), "deep": _model("deep", 10, 128, 7, 1, "W_up")}
+
+
+def test_table_rows_depth_and_chance_ratios(models):
+    table = compare_table(models, K)
+    assert list(table["model"].unique()) == ["small", "deep"]
+    assert len(table) == 16
+    for name, (record, layers) in models.items():
+        rows = table[table["model"] == name].reset_index(drop=True)
+        n, d = record["n_layers"], record["d_model"]
+        assert (rows["n_layers"] == n).all() and (rows["d_model"] == d).all()
+        np.testing.assert_allclose(rows["depth"], np.arange(n) / n)
+        assert rows["depth"].min() == 0 and rows["depth"].max() < 1
+        assert (rows["chance"] == K / d).all()
+        for column in ["adjacent_similarity", "bottleneck_similarity", "alignment",
+                       "alignment_ratio", "mean_eff_rank", "is_bottleneck", "head"]:
+            np.testing.assert_array_equal(rows[column], layers[column])
+        np.testing.assert_allclose(rows["adjacent_ratio"], layers["adjacent_similarity"] * d / K)
+        np.testing.assert_allclose(rows["bottleneck_ratio"],
+                                   layers["bottleneck_similarity"] * d / K)
+        assert (rows["ffn_input"] == record["ffn_input"]).all()
+
+
+def test_table_refuses_a_layers_table_of_another_depth(models):
+    record, layers = models["small"]
+    with pytest.raises(ValueError, match="small: layers table does not hold layers 0..5"):
+        compare_table({"small": (record, layers.iloc[:-1])}, K)
+
+
+def test_summary_against_hand_computation(models):
+    table = compare_table(models, K)
+    summary = compare_summary(table).set_index("model")
+    assert list(summary.index) == ["small", "deep"]
+    for name, (record, layers) in models.items():
+        row = summary.loc[name]
+        d, n = record["d_model"], record["n_layers"]
+        adjacent = layers["adjacent_similarity"].to_numpy()[:-1]  # the last layer has none
+        b = int(np.flatnonzero(layers["is_bottleneck"])[0])
+        others = np.delete(layers["bottleneck_similarity"].to_numpy(), b)
+        assert row["n_layers"] == n and row["d_model"] == d and row["head"] == 0
+        assert row["adjacent_mean"] == pytest.approx(adjacent.mean())
+        assert row["adjacent_ratio"] == pytest.approx(adjacent.mean() / (K / d))
+        assert row["bottleneck_layer"] == b
+        assert row["bottleneck_depth"] == pytest.approx(b / n)
+        assert row["bottleneck_similarity_mean"] == pytest.approx(others.mean())
+        assert row["alignment_mean"] == pytest.approx(layers["alignment"].mean())
+        assert row["alignment_ratio_mean"] == pytest.approx(layers["alignment_ratio"].mean())
+        assert row["mean_eff_rank"] == pytest.approx(layers["mean_eff_rank"].mean())
+        assert row["ffn_input"] == record["ffn_input"]
+
+
+def test_draw_compare_writes_every_figure(tmp_path, models):
+    out = {name: str(tmp_path / "figures" / f"{name}.png") for name in COMPARE_FIGURES}
+    draw_compare(compare_table(models, K), out)
+    for path in out.values():
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_has_summary_numbers_figures_and_findings(models):
+    table = compare_table(models, K)
+    summary = compare_summary(table)
+    text = render_compare(table, summary, K)
+    assert text.startswith(f"# Cross-model comparison (top-{K})")
+    for name in COMPARE_FIGURES:
+        assert f"](figures/{name}.png)" in text
+    for row in summary.itertuples():
+        for value in (row.adjacent_mean, row.adjacent_ratio, row.bottleneck_depth,
+                      row.alignment_ratio_mean, row.mean_eff_rank):
+            assert f"{value:.4f}" in text
+        assert f"{row.model} at layer {row.bottleneck_layer} of {row.n_layers}" in text
+    ranked = summary.sort_values("adjacent_ratio", ascending=False)["model"].tolist()
+    first, second = (f"{m} ({summary.set_index('model').loc[m, 'adjacent_ratio']:.2f}x)"
+                     for m in ranked)
+    assert f"(most redundant depth first): {first}, {second}." in text
+    peak = table.loc[table[table["model"] == "deep"]["adjacent_similarity"].idxmax()]
+    assert (f"deep: layers {peak['layer']}-{peak['layer'] + 1} (depth {peak['depth']:.2f}) at"
+            f" {peak['adjacent_similarity']:.3f}") in text
+    for row in summary.itertuples():
+        verdict = alignment_verdict(row.alignment_ratio_mean, row.ffn_input)
+        assert f"- {row.model}: {verdict}" in text
