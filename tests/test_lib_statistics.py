@@ -101,7 +101,7 @@ def test_correlate_undefined_below_three_points():
         c = correlate(x, y)
         assert c.n == len(x)
         assert not c.defined
-        assert math.isnan(c.pearson) and math.isnan(c.spearman) and math.isnan(c.spearman_p), \
+        assert all(math.isnan(v) for v in (c.pearson, c.spearman, c.spearman_p, c.pearson_p)), \
             "a correlation of < 3 points must be NaN, never +-1"
         assert "undefined" in c.text()
     # Non-finite pairs are dropped before counting.
@@ -120,26 +120,55 @@ def test_correlate_matches_scipy(n):
     assert c.pearson == pytest.approx(stats.pearsonr(x, y)[0], abs=1e-12)
     assert c.spearman == pytest.approx(stats.spearmanr(x, y)[0], abs=1e-12)
     assert 0 < c.spearman_p <= 1
+    assert 0 < c.pearson_p <= 1
+    assert f"p={c.pearson_p:.3g}" in c.text() and f"p={c.spearman_p:.3g}" in c.text()
 
 
-def test_correlate_exact_permutation_p_small_n():
-    # n=4, perfectly monotone: |rho| = 1 is reached by 2 of the 24 permutations, so the
-    # two-sided permutation p tends to 2/24 (with the +1 correction, about 0.083).
-    c = correlate([0, 1, 2, 3], [1.0, 2.0, 5.0, 9.0], n_perm=20000, seed=3)
-    assert c.spearman == pytest.approx(1.0)
-    assert c.spearman_p == pytest.approx(2 / 24, abs=0.01)
+def test_pearson_and_spearman_share_permutations():
+    # Data that are their own ranks: Pearson = Spearman, and with the same permutations the
+    # two p-values must be identical, not merely close.
+    rng = np.random.default_rng(5)
+    x = rng.permutation(15).astype(float) + 1
+    y = rng.permutation(15).astype(float) + 1
+    c = correlate(x, y, n_perm=999, seed=2)
+    assert c.pearson == pytest.approx(c.spearman, abs=1e-12)
+    assert c.pearson_p == c.spearman_p
+
+
+def test_pearson_exact_permutation_p_small_n():
+    # n=4, exactly linear: |r| = 1 only for the identity and the reversal (2 of 24).
+    c = correlate([0, 1, 2, 3], [1.0, 3.0, 5.0, 7.0], n_perm=20000, seed=3)
+    assert c.pearson == pytest.approx(1.0)
+    assert c.pearson_p == pytest.approx(2 / 24, abs=0.01)
+
+
+def test_pearson_p_matches_scipy_permutation_test():
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal(10)
+    y = 0.6 * x + rng.standard_normal(10)
+    n = 20000
+    ref = stats.pearsonr(x, y, method=stats.PermutationMethod(
+        n_resamples=n, rng=np.random.default_rng(1))).pvalue
+    got = correlate(x, y, n_perm=n).pearson_p
+    # Two independent Monte Carlo estimates of the same p: 4 standard errors of their difference.
+    assert abs(got - ref) < 4 * np.sqrt(2 * ref * (1 - ref) / n), (got, ref)
 
 
 def test_permutation_p_roughly_uniform_under_null():
     rng = np.random.default_rng(12345)
-    ps = []
-    for seed in range(200):
-        x, y = rng.standard_normal(12), rng.standard_normal(12)
-        ps.append(correlate(x, y, n_perm=300, seed=seed).spearman_p)
-    ps = np.array(ps)
-    frac = np.mean(ps < 0.05)
-    assert 0.01 <= frac <= 0.12, f"fraction p<0.05 under the null: {frac}"
-    assert 0.35 < np.mean(ps) < 0.65, "null p-values should average about 1/2"
+    n_perm = 300
+    cs = [correlate(rng.standard_normal(12), rng.standard_normal(12), n_perm=n_perm, seed=seed)
+          for seed in range(200)]
+    grid = np.linspace(0.05, 0.95, 19)
+    # Kolmogorov-Smirnov 1% critical value for 200 samples, plus the 1/(1+n_perm) granularity.
+    ks_limit = 1.63 / np.sqrt(len(cs)) + 1 / (1 + n_perm)
+    for name in ("spearman_p", "pearson_p"):
+        ps = np.array([getattr(c, name) for c in cs])
+        frac = np.mean(ps < 0.05)
+        assert 0.01 <= frac <= 0.10, f"{name}: fraction p<0.05 under the null: {frac}"
+        assert 0.35 < np.mean(ps) < 0.65, f"{name}: null p-values should average about 1/2"
+        ecdf = (ps[:, None] <= grid).mean(axis=0)
+        assert np.max(np.abs(ecdf - grid)) < ks_limit, f"{name}: not uniform"
 
 
 def test_permutation_p_small_for_strong_trend():
@@ -149,6 +178,9 @@ def test_permutation_p_small_for_strong_trend():
     assert c.spearman > 0.95
     assert c.spearman_p < 0.005
     assert c.spearman_p >= 1 / 2001, "p-value can't be below 1/(1+n_perm)"
+    # Nearly linear in x: no permutation comes close, p is at its floor 1/(1+n_perm).
+    assert c.pearson > 0.95
+    assert c.pearson_p == pytest.approx(1 / 2001)
 
 
 def test_bottleneck_trends_split_and_undefined_post():

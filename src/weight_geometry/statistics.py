@@ -1,8 +1,9 @@
 """Summary statistics of the experiments: overlap structure, trends, correlations, verdicts.
 
-Correlations with fewer than 3 points are undefined (NaN, flagged), never +-1. Spearman's rho
-comes with a two-sided permutation p-value, ``(1 + #{|rho_perm| >= |rho|}) / (1 + n_perm)``,
-from a fixed seed so reports are reproducible.
+Correlations with fewer than 3 points are undefined (NaN, flagged), never +-1. Pearson's r and
+Spearman's rho each come with a two-sided permutation p-value,
+``(1 + #{|r_perm| >= |r|}) / (1 + n_perm)``, from the same permutations of a fixed seed so
+reports are reproducible.
 """
 
 from __future__ import annotations
@@ -78,12 +79,13 @@ def similarity_by_distance(sims: np.ndarray) -> pd.DataFrame:
 
 @dataclass(frozen=True)
 class Correlation:
-    """Pearson r, Spearman rho and its permutation p-value; NaN when ``n < 3``."""
+    """Pearson r, Spearman rho and their permutation p-values; all NaN when ``n < 3``."""
 
     n: int
     pearson: float
     spearman: float
     spearman_p: float
+    pearson_p: float
 
     @property
     def defined(self) -> bool:
@@ -92,8 +94,8 @@ class Correlation:
     def text(self) -> str:
         if not self.defined:
             return f"undefined (n={self.n} < {MIN_POINTS})"
-        return (f"r={self.pearson:+.3f}, rho={self.spearman:+.3f}"
-                f" (perm. p={self.spearman_p:.3g}, n={self.n})")
+        return (f"r={self.pearson:+.3f} (perm. p={self.pearson_p:.3g}),"
+                f" rho={self.spearman:+.3f} (perm. p={self.spearman_p:.3g}), n={self.n}")
 
 
 def _pearson(x: np.ndarray, y: np.ndarray) -> float:
@@ -102,26 +104,36 @@ def _pearson(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.corrcoef(x, y)[0, 1])
 
 
+def _permutation_p(x: np.ndarray, y: np.ndarray, r: float, perms: np.ndarray) -> float:
+    """Two-sided p of Pearson ``r`` of ``(x, y)`` against ``y`` reordered by each row of
+    ``perms`` ``(n_perm, n)``: ``(1 + #{|r_perm| >= |r|}) / (1 + n_perm)``. Cost O(n_perm n)."""
+    if np.isnan(r):
+        return float("nan")
+    yp = y[perms]
+    yc = yp - yp.mean(1, keepdims=True)
+    xc = x - x.mean()
+    null = (yc @ xc) / (np.linalg.norm(yc, axis=1) * np.linalg.norm(xc))
+    return float((1 + np.sum(np.abs(null) >= abs(r) - 1e-12)) / (1 + len(perms)))
+
+
 def correlate(x, y, n_perm: int = N_PERMUTATIONS, seed: int = 0) -> Correlation:
-    """Pearson and Spearman correlation of finite pairs, permutation p for Spearman."""
+    """Pearson and Spearman correlation of finite pairs, each with a permutation p-value.
+
+    Both p-values use the same ``n_perm`` seeded permutations of the pairing. Spearman's rho is
+    Pearson's r of the (average-tie) ranks.
+    """
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     ok = np.isfinite(x) & np.isfinite(y)
     x, y = x[ok], y[ok]
     if len(x) < MIN_POINTS:
         nan = float("nan")
-        return Correlation(len(x), nan, nan, nan)
+        return Correlation(len(x), nan, nan, nan, nan)
+    perms = np.random.default_rng(seed).permuted(np.tile(np.arange(len(x)), (n_perm, 1)), axis=1)
     rx = pd.Series(x).rank().to_numpy()
     ry = pd.Series(y).rank().to_numpy()
-    rho = _pearson(rx, ry)
-    if np.isnan(rho):
-        p = float("nan")
-    else:
-        perms = np.random.default_rng(seed).permuted(np.tile(ry, (n_perm, 1)), axis=1)
-        pc = perms - perms.mean(1, keepdims=True)
-        xc = rx - rx.mean()
-        null = (pc @ xc) / (np.linalg.norm(pc, axis=1) * np.linalg.norm(xc))
-        p = float((1 + np.sum(np.abs(null) >= abs(rho) - 1e-12)) / (1 + n_perm))
-    return Correlation(len(x), _pearson(x, y), rho, p)
+    r, rho = _pearson(x, y), _pearson(rx, ry)
+    return Correlation(len(x), r, rho, _permutation_p(rx, ry, rho, perms),
+                       _permutation_p(x, y, r, perms))
 
 
 def bottleneck_trends(sims_to_ref: np.ndarray, bottleneck: int) -> tuple[Correlation, Correlation]:
