@@ -1,0 +1,144 @@
+"""Isotropic nulls by Monte Carlo over Haar-random subspaces; ceilings and z-scores."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from weight_geometry.nulls import (
+    alignment_ceiling,
+    alignment_null_std,
+    alignment_z,
+    best_match_null,
+    normalized_alignment,
+    similarity_z,
+)
+from weight_geometry.similarity import null_std
+
+
+def haar_bases(rng: np.random.Generator, shape: tuple[int, ...], k: int, d: int) -> np.ndarray:
+    """``shape + (k, d)`` orthonormal rows spanning independent Haar-random k-subspaces
+    (QR of Gaussian matrices, columns' signs fixed by R's diagonal)."""
+    q, r = np.linalg.qr(rng.standard_normal((*shape, d, k)))
+    q = q * np.sign(np.diagonal(r, axis1=-2, axis2=-1))[..., None, :]
+    return np.swapaxes(q, -1, -2)
+
+
+def _std_tolerance(draws: np.ndarray, n_se: float = 4.0) -> float:
+    """``n_se`` standard errors of the sample std, relative: ``sqrt((kurtosis - 1) / (4 n))``."""
+    c = draws - draws.mean()
+    kurtosis = np.mean(c**4) / np.mean(c**2) ** 2
+    return n_se * np.sqrt((kurtosis - 1) / (4 * len(draws)))
+
+
+def _ffn_spectrum(rng, d_ff: int, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """A ``W_in (d_ff, d)`` with a strongly non-flat spectrum and its singular values."""
+    w = rng.standard_normal((d_ff, d)) * np.geomspace(3.0, 0.1, d)
+    return w, np.linalg.svd(w, compute_uv=False)
+
+
+def test_haar_bases_are_orthonormal():
+    v = haar_bases(np.random.default_rng(0), (5, 2), 3, 9)
+    assert v.shape == (5, 2, 3, 9)
+    np.testing.assert_allclose(v @ np.swapaxes(v, -1, -2), np.broadcast_to(np.eye(3), (5, 2, 3, 3)),
+                               atol=1e-12)
+
+
+@pytest.mark.parametrize("k,d,d_ff", [(3, 12, 20), (1, 6, 4), (5, 16, 40)])
+def test_alignment_null_by_monte_carlo(k, d, d_ff):
+    # d_ff < d (4 < 6): W_in has only d_ff singular values, G has zero eigenvalues.
+    rng = np.random.default_rng(100 * k + d)
+    w, sv = _ffn_spectrum(rng, d_ff, d)
+    n = 20000
+    v = haar_bases(rng, (n,), k, d)
+    draws = np.square(v @ w.T).sum(axis=(1, 2)) / np.square(w).sum()   # ||W V^T||_F^2 / ||W||^2
+    se = draws.std(ddof=1) / np.sqrt(n)
+    assert abs(draws.mean() - k / d) < 4 * se
+    std = alignment_null_std(k, d, sv[None])[0]
+    assert draws.std(ddof=1) == pytest.approx(std, rel=_std_tolerance(draws))
+
+
+def test_alignment_null_depends_on_spectrum():
+    # Same k, d: a steep spectrum spreads the alignment far more than a flat one.
+    k, d = 3, 12
+    steep = np.geomspace(10.0, 0.01, d)
+    mild = np.linspace(1.0, 0.9, d)
+    std = alignment_null_std(k, d, np.stack([steep, mild]))
+    assert std[0] > 5 * std[1]
+    assert std[0] > null_std(k, d) and std[1] < 0.1 * null_std(k, d)
+
+
+def test_alignment_null_reduces_to_similarity_null_for_projector():
+    for k, d in [(1, 2), (3, 10), (20, 2048), (7, 7)]:
+        projector_spectrum = np.r_[np.ones(k), np.zeros(d - k)]
+        assert alignment_null_std(k, d, projector_spectrum[None])[0] == pytest.approx(
+            null_std(k, d), abs=1e-15)
+    # Isotropic W_in: every subspace holds exactly k/d of the energy.
+    assert alignment_null_std(4, 9, np.ones((2, 9))) == pytest.approx([0.0, 0.0])
+
+
+def test_similarity_z_standard_under_null_and_large_when_shared():
+    rng = np.random.default_rng(7)
+    k, d, n = 4, 30, 4000
+    v1, v2 = haar_bases(rng, (n,), k, d), haar_bases(rng, (n,), k, d)
+    z = similarity_z(np.square(v1 @ np.swapaxes(v2, 1, 2)).sum(axis=(1, 2)) / k, k, d)
+    assert abs(z.mean()) < 4 / np.sqrt(n)
+    assert z.std() == pytest.approx(1.0, rel=_std_tolerance(z))
+    # Half of the subspace shared: sim >= 1/2, far above chance 4/30.
+    shared = np.r_[v1[0, :2], np.linalg.qr(rng.standard_normal((d, 2)))[0].T]
+    assert similarity_z(np.square(v1[0] @ shared.T).sum() / k, k, d) > 5
+
+
+def test_alignment_z_shapes_and_planted_coupling():
+    rng = np.random.default_rng(3)
+    k, d, n_layers, n_heads = 2, 10, 3, 5
+    ws, svs = zip(*(_ffn_spectrum(rng, 15, d) for _ in range(n_layers)), strict=True)
+    svs = np.stack(svs)
+    v = haar_bases(rng, (n_layers, n_heads), k, d)
+    align = np.stack([np.square(v[i] @ ws[i].T).sum(axis=(1, 2)) / np.square(ws[i]).sum()
+                      for i in range(n_layers)])                          # (L, h)
+    z = alignment_z(align, k, d, svs)
+    assert z.shape == (n_layers, n_heads)
+    np.testing.assert_allclose(z[1], (align[1] - k / d) / alignment_null_std(k, d, svs)[1])
+    np.testing.assert_allclose(alignment_z(align[:, 0], k, d, svs), z[:, 0])
+    # A subspace inside W_in's top singular directions: strongly coupled.
+    top = np.linalg.svd(ws[0])[2][:k]
+    planted = np.square(top @ ws[0].T).sum() / np.square(ws[0]).sum()
+    assert alignment_z(np.array([planted]), k, d, svs[:1])[0] > 3
+
+
+def test_alignment_ceiling_and_normalization():
+    rng = np.random.default_rng(9)
+    k, d = 3, 12
+    w, sv = _ffn_spectrum(rng, 8, d)                 # d_ff < d: only 8 singular values
+    ceiling = alignment_ceiling(sv[None], k)
+    vt = np.linalg.svd(w)[2]
+    own = np.square(w @ vt[:k].T).sum() / np.square(w).sum()
+    assert ceiling[0] == pytest.approx(own)
+    # Order of the singular values must not matter.
+    assert alignment_ceiling(sv[None, ::-1], k) == pytest.approx(ceiling)
+    # Ky Fan: no k-subspace holds more.
+    v = haar_bases(rng, (2000,), k, d)
+    random_align = np.square(v @ w.T).sum(axis=(1, 2)) / np.square(w).sum()
+    assert random_align.max() < ceiling[0]
+    assert normalized_alignment(np.array([own]), k, d, ceiling)[0] == pytest.approx(1.0)
+    assert normalized_alignment(np.array([k / d]), k, d, ceiling)[0] == pytest.approx(0.0)
+    # Per-layer ceiling broadcasts over heads.
+    per_head = normalized_alignment(np.full((1, 4), own), k, d, ceiling)
+    np.testing.assert_allclose(per_head, np.ones((1, 4)))
+
+
+@pytest.mark.parametrize("k,d,h", [(1, 16, 4), (3, 24, 6)])
+def test_best_match_null_by_monte_carlo(k, d, h):
+    rng = np.random.default_rng(k + d + h)
+    n = 3000
+    va, vb = haar_bases(rng, (n, h), k, d), haar_bases(rng, (n, h), k, d)
+    sims = np.square(np.einsum("nird,njsd->nijrs", va, vb)).sum(axis=(3, 4)) / k
+    draws = sims.max(axis=2).mean(axis=1)
+    mean, std = best_match_null(k, d, h)
+    se = draws.std(ddof=1) / np.sqrt(n)
+    # Two Monte Carlo estimates (4000 model draws, n Haar draws) plus the Beta approximation.
+    assert abs(draws.mean() - mean) < 4 * se * np.sqrt(1 + n / 4000) + 0.02 * std
+    assert draws.std(ddof=1) == pytest.approx(std, rel=_std_tolerance(draws) + 0.05)
+    assert mean > k / d + std, "the max over heads must sit above chance"
+    assert best_match_null(k, d, h) == (mean, std), "seeded: reproducible"
