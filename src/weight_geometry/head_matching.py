@@ -1,0 +1,113 @@
+"""Layer comparisons that do not depend on how heads are numbered.
+
+Head ``i`` of layer ``a`` and head ``i`` of layer ``b`` need not play the same role: the
+numbering of heads is arbitrary per layer. From the cross-head similarity tensor
+``S[a, i, b, j] = sim(V_a,i, V_b,j)`` this module gives, per layer pair:
+
+- same-index: ``mean_i S[a, i, b, i]`` (what per-head similarity matrices average);
+- best match: ``mean_i max_j S[a, i, b, j]`` (each head of ``a`` paired with its most similar
+  head of ``b``; many-to-one, not symmetric in ``a, b``);
+- a structured null: ``mean_i S[a, i, b, pi(i)]`` over random permutations ``pi``, which keeps
+  the distribution of the similarities of this pair of layers and only breaks the numbering.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from .nulls import best_match_null
+from .similarity import null_mean, null_std
+
+N_PERMUTATIONS = 1000
+
+
+def cross_head_similarity(vectors_k: np.ndarray) -> np.ndarray:
+    """``S (L, h, L, h)``, ``S[a, i, b, j] = ||V_a,i V_b,j^T||_F^2 / k``, float64.
+
+    Args:
+        vectors_k: ``(L, h, k, d)`` top-k bases with orthonormal rows.
+    One ``(h k, d) @ (d, L h k)`` product per layer ``a``: cost O(L^2 h^2 k^2 d), working memory
+    O(L h k d) for the float64 copy plus O(h k L h k) per block, never ``(L h k)^2``. ``S`` is
+    symmetrized, ``S[a, i, a, i] = 1`` exactly.
+    """
+    n_layers, n_heads, k, d = vectors_k.shape
+    flat = np.asarray(vectors_k, dtype=np.float64).reshape(n_layers, n_heads * k, d)
+    rows = flat.reshape(-1, d)
+    sims = np.empty((n_layers, n_heads, n_layers, n_heads))
+    for a in range(n_layers):
+        block = (flat[a] @ rows.T).reshape(n_heads, k, n_layers, n_heads, k)
+        sims[a] = np.square(block).sum(axis=(1, 4)) / k
+    sims = (sims + sims.transpose(2, 3, 0, 1)) / 2
+    layer, head = np.indices((n_layers, n_heads))
+    sims[layer, head, layer, head] = 1.0
+    return sims
+
+
+def best_match(sims: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(L, L)`` mean over heads ``i`` of ``max_j S[a, i, b, j]`` and the ``(L, L, h)`` int
+    argmax ``j`` for each ``(a, b, i)``. The diagonal is 1 (each head matches itself)."""
+    best = sims.max(axis=3).mean(axis=1)
+    pairs = sims.argmax(axis=3).transpose(0, 2, 1)
+    return best, pairs
+
+
+def same_index_mean(sims: np.ndarray) -> np.ndarray:
+    """``(L, L)`` mean over heads ``i`` of ``S[a, i, b, i]``."""
+    return np.einsum("aibi->abi", sims).mean(axis=2)
+
+
+def _paired_mean(sims: np.ndarray, perm: np.ndarray) -> np.ndarray:
+    """``(L, L)`` mean over ``i`` of ``S[a, i, b, perm[i]]``."""
+    heads = np.arange(sims.shape[1])
+    return sims[:, heads, :, perm].mean(axis=0)
+
+
+def random_pairing_null(sims: np.ndarray, n_perm: int = N_PERMUTATIONS,
+                        seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std ``(L, L)`` of ``mean_i S[a, i, b, pi(i)]`` over ``n_perm`` seeded uniform
+    permutations ``pi`` of the heads.
+
+    One ``pi`` per draw serves every layer pair (a relabeling of heads): each pair's null
+    distribution is the same as with separate draws, and the tables are reproducible from
+    ``seed``. The expectation is the all-pairs mean ``mean_{i,j} S[a, i, b, j]``. Cost
+    O(n_perm L^2 h), memory O(n_perm L^2).
+    """
+    rng = np.random.default_rng(seed)
+    n_heads = sims.shape[1]
+    draws = np.stack([_paired_mean(sims, rng.permutation(n_heads)) for _ in range(n_perm)])
+    # Shifted by the first draw: identical draws (e.g. one head) give a std of exactly 0.
+    return draws.mean(axis=0), (draws - draws[0]).std(axis=0, ddof=1)
+
+
+def layer_pair_table(sims: np.ndarray, k: int, d: int, n_perm: int = N_PERMUTATIONS,
+                     seed: int = 0) -> pd.DataFrame:
+    """One row per layer pair ``a < b`` of the cross-head similarity ``S (L, h, L, h)``.
+
+    Columns: layer_a, layer_b; same_index, best_match (this module's docstring);
+    random_pairing_mean, random_pairing_std (:func:`random_pairing_null`); isotropic_mean,
+    isotropic_std: null of same_index, a mean of ``h`` independent null similarities
+    (``k/d``, ``null_std / sqrt(h)``); best_match_null_mean, best_match_null_std
+    (:func:`nulls.best_match_null`: the max over ``h`` heads lifts the chance level);
+    z_same_index, z_best_match (against those isotropic nulls); z_same_index_vs_pairing =
+    ``(same_index - random_pairing_mean) / random_pairing_std``, NaN when that std is 0.
+    """
+    n_heads = sims.shape[1]
+    a, b = np.triu_indices(sims.shape[0], k=1)
+    same = same_index_mean(sims)[a, b]
+    best = best_match(sims)[0][a, b]
+    pair_mean, pair_std = (m[a, b] for m in random_pairing_null(sims, n_perm, seed))
+    iso_mean, iso_std = null_mean(k, d), null_std(k, d) / np.sqrt(n_heads)
+    best_mean, best_std = best_match_null(k, d, n_heads, seed=seed)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        vs_pairing = np.where(pair_std > 0, (same - pair_mean) / pair_std, np.nan)
+        return pd.DataFrame({
+            "layer_a": a, "layer_b": b,
+            "same_index": same, "best_match": best,
+            "random_pairing_mean": pair_mean, "random_pairing_std": pair_std,
+            "isotropic_mean": iso_mean, "isotropic_std": iso_std,
+            "best_match_null_mean": best_mean, "best_match_null_std": best_std,
+            "z_same_index": (same - iso_mean) / iso_std,
+            "z_best_match": (best - best_mean) / best_std,
+            "z_same_index_vs_pairing": vs_pairing,
+        })

@@ -1,0 +1,149 @@
+"""Head matching: planted head permutations across layers, nulls of the pairing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_lib_nulls import haar_bases
+
+from weight_geometry.head_matching import (
+    best_match,
+    cross_head_similarity,
+    layer_pair_table,
+    random_pairing_null,
+    same_index_mean,
+)
+from weight_geometry.similarity import null_std, similarity
+
+
+def _orthonormal_rows(m: np.ndarray) -> np.ndarray:
+    q, r = np.linalg.qr(np.swapaxes(m, -1, -2))
+    return np.swapaxes(q * np.sign(np.diagonal(r, axis1=-2, axis2=-1))[..., None, :], -1, -2)
+
+
+def _derangements(rng, n_layers: int, n_heads: int) -> np.ndarray:
+    """``(L, h)`` head labelings such that no head keeps its index between any two layers."""
+    while True:
+        perms = np.stack([rng.permutation(n_heads) for _ in range(n_layers)])
+        a, b = np.triu_indices(n_layers, k=1)
+        if not np.any(perms[a] == perms[b]):
+            return perms
+
+
+def _planted(seed: int, relabel: bool = True, n_layers=4, n_heads=6, k=3, d=40, noise=0.02):
+    """Every layer holds the same ``h`` Haar subspaces, relabeled (or not): head i of layer l is
+    shared subspace ``labels[l, i]``, plus noise. Returns bases ``(L, h, k, d)`` and labels."""
+    rng = np.random.default_rng(seed)
+    shared = haar_bases(rng, (n_heads,), k, d)
+    labels = (_derangements(rng, n_layers, n_heads) if relabel
+              else np.tile(np.arange(n_heads), (n_layers, 1)))
+    bases = shared[labels] + noise * rng.standard_normal((n_layers, n_heads, k, d))
+    return _orthonormal_rows(bases), labels
+
+
+def test_cross_head_similarity_matches_pairwise_reference():
+    rng = np.random.default_rng(0)
+    bases = haar_bases(rng, (3, 4), 2, 10)
+    bases[2, 1] = _orthonormal_rows(bases[0, 3] + 0.1 * rng.standard_normal((2, 10)))
+    sims = cross_head_similarity(bases.astype(np.float32))
+    assert sims.shape == (3, 4, 3, 4) and sims.dtype == np.float64
+    for index in np.ndindex(3, 4, 3, 4):
+        a, i, b, j = index
+        assert sims[index] == pytest.approx(similarity(bases[a, i], bases[b, j]), abs=1e-6)
+    np.testing.assert_array_equal(sims, sims.transpose(2, 3, 0, 1))
+    assert sims[2, 1, 0, 3] > 0.9
+
+
+def test_summaries_match_loops():
+    rng = np.random.default_rng(1)
+    sims = cross_head_similarity(haar_bases(rng, (4, 5), 2, 12))
+    best, pairs = best_match(sims)
+    same = same_index_mean(sims)
+    for a in range(4):
+        for b in range(4):
+            assert same[a, b] == pytest.approx(np.mean([sims[a, i, b, i] for i in range(5)]))
+            assert best[a, b] == pytest.approx(np.mean([max(sims[a, i, b]) for i in range(5)]))
+            assert list(pairs[a, b]) == [int(np.argmax(sims[a, i, b])) for i in range(5)]
+    np.testing.assert_allclose(np.diag(best), 1.0)
+    np.testing.assert_array_equal(pairs[np.arange(4), np.arange(4)], np.tile(np.arange(5), (4, 1)))
+
+
+def test_best_match_recovers_planted_permutation_that_same_index_misses():
+    bases, labels = _planted(seed=2)
+    n_layers, n_heads, k, d = bases.shape
+    sims = cross_head_similarity(bases)
+    best, pairs = best_match(sims)
+    same = same_index_mean(sims)
+    off = ~np.eye(n_layers, dtype=bool)
+    assert best[off].min() > 0.95
+    assert same[off].max() < k / d + 5 * null_std(k, d)
+    for a, b in zip(*np.nonzero(off), strict=True):
+        # Head i of a is shared subspace labels[a, i]; in b that subspace is head j with
+        # labels[b, j] == labels[a, i].
+        planted = np.argsort(labels[b])[labels[a]]
+        np.testing.assert_array_equal(pairs[a, b], planted)
+    table = layer_pair_table(sims, k, d, n_perm=200)
+    assert (table["z_best_match"] > 20).all()
+    assert (table["z_same_index"].abs() < 5).all()
+    # Against the random pairing (which averages in the one true match per head) the same-index
+    # similarity is below the pairing mean.
+    assert (table["same_index"] < table["random_pairing_mean"]).all()
+    assert (table["z_same_index_vs_pairing"] < 0).all()
+
+
+def test_same_index_planted_shared_subspaces_give_large_z():
+    bases, _ = _planted(seed=3, relabel=False)
+    n_layers, n_heads, k, d = bases.shape
+    table = layer_pair_table(cross_head_similarity(bases), k, d, n_perm=200)
+    assert (table["same_index"] > 0.95).all()
+    assert (table["z_same_index"] > 20).all()
+    assert (table["z_same_index_vs_pairing"] > 3).all()
+
+
+def test_z_scores_standard_under_isotropic_null():
+    rng = np.random.default_rng(4)
+    n_layers, n_heads, k, d = 14, 6, 3, 30
+    sims = cross_head_similarity(haar_bases(rng, (n_layers, n_heads), k, d))
+    table = layer_pair_table(sims, k, d, n_perm=300)
+    assert len(table) == n_layers * (n_layers - 1) // 2
+    assert (table["layer_a"] < table["layer_b"]).all()
+    # 91 pairwise-independent z (same_index): mean within ~5 standard errors of 0.
+    for column in ("z_same_index", "z_best_match"):
+        z = table[column]
+        assert abs(z.mean()) < 0.5, column
+        assert 0.7 < z.std() < 1.3, column
+    assert np.allclose(table["isotropic_mean"], k / d)
+    assert np.allclose(table["isotropic_std"], null_std(k, d) / np.sqrt(n_heads))
+
+
+def _hoeffding(c: np.ndarray) -> tuple[float, float]:
+    """Exact mean and std of ``mean_i c[i, pi(i)]`` over uniform permutations (Hoeffding's
+    combinatorial CLT: ``Var sum_i c[i, pi(i)] = sum_ij r_ij^2 / (h - 1)``, ``r`` the doubly
+    centred ``c``)."""
+    h = len(c)
+    r = c - c.mean(0) - c.mean(1)[:, None] + c.mean()
+    return c.mean(), np.sqrt(np.square(r).sum() / (h - 1)) / h
+
+
+def test_random_pairing_null_matches_exact_moments():
+    rng = np.random.default_rng(5)
+    sims = rng.uniform(0, 1, (3, 5, 3, 5)) ** 3       # any tensor: the null is combinatorial
+    n_perm = 20000
+    mean, std = random_pairing_null(sims, n_perm=n_perm, seed=1)
+    for a in range(3):
+        for b in range(3):
+            exact_mean, exact_std = _hoeffding(sims[a, :, b, :])
+            assert mean[a, b] == pytest.approx(exact_mean, abs=4 * exact_std / np.sqrt(n_perm))
+            assert std[a, b] == pytest.approx(exact_std, rel=0.04)
+    again = random_pairing_null(sims, n_perm=n_perm, seed=1)
+    np.testing.assert_array_equal(again[0], mean)
+    assert not np.array_equal(random_pairing_null(sims, n_perm=50, seed=2)[0],
+                              random_pairing_null(sims, n_perm=50, seed=3)[0])
+
+
+def test_single_head_pairing_std_zero_gives_nan_z():
+    bases = haar_bases(np.random.default_rng(6), (3, 1), 2, 8)
+    table = layer_pair_table(cross_head_similarity(bases), 2, 8, n_perm=20)
+    assert (table["random_pairing_std"] == 0).all()
+    assert table["z_same_index_vs_pairing"].isna().all()
+    np.testing.assert_allclose(table["best_match"], table["same_index"])
