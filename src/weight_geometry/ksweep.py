@@ -1,0 +1,112 @@
+"""Sensitivity to k from one extraction: every statistic for k = 1 .. d_head - 1 at once.
+
+The extraction keeps all ``d_head`` right singular vectors per head, so each k is a prefix:
+``sim_k(a, b) = sum_{r<k, s<k} (v_a,r . v_b,s)^2 / k`` is a 2-D prefix sum of the squared cross
+products, and ``align(l, i, k)`` a prefix sum of the per-direction energies.
+
+The top-k subspace is only defined up to the spectral gap at k. Davis-Kahan: a perturbation
+``E`` of the kernel rotates it by ``sin(theta) <= ||E|| / (sigma_k - sigma_{k+1})``, so with a
+relative gap ``g = (sigma_k - sigma_{k+1}) / sigma_k`` a relative perturbation of size about
+``g`` can rotate it completely. :data:`GAP_THRESHOLD` = 1% is a few bf16 rounding steps
+(2^-8 ~ 0.4% relative): below it the subspace is set by rounding and training noise, not by
+the weights' structure.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from .similarity import null_std
+from .statistics import adjacent, distant, off_diagonal
+
+GAP_THRESHOLD = 0.01
+
+
+def relative_gaps(singular_values: np.ndarray) -> np.ndarray:
+    """``(L, h, d_head - 1)``: entry ``k - 1`` is ``(sigma_k - sigma_{k+1}) / sigma_k`` (1-based
+    sigma, descending); 0 where ``sigma_k = 0`` (then ``sigma_{k+1} = 0``: an exact tie)."""
+    s = np.asarray(singular_values, dtype=np.float64)
+    upper, lower = s[..., :-1], s[..., 1:]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(upper > 0, (upper - lower) / upper, 0.0)
+
+
+def ill_defined(singular_values: np.ndarray, k: int,
+                threshold: float = GAP_THRESHOLD) -> pd.DataFrame:
+    """(layer, head, gap) of every (layer, head) whose relative gap at ``k`` is below
+    ``threshold``; empty for ``k >= d_head`` (no ``sigma_{k+1}``: the subspace is the whole
+    row space of ``W_K``)."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    gaps = relative_gaps(singular_values)
+    gaps_k = np.full(gaps.shape[:-1], np.inf) if k > gaps.shape[-1] else gaps[..., k - 1]
+    layer, head = np.nonzero(gaps_k < threshold)
+    return pd.DataFrame({"layer": layer, "head": head, "gap": gaps_k[layer, head]})
+
+
+def similarity_by_k(bases: np.ndarray) -> np.ndarray:
+    """``(d_head, L, L)``: entry ``k - 1`` is the similarity matrix of the top-k prefixes of
+    ``bases`` ``(L, d_head, d)`` (orthonormal rows), for every k.
+
+    Per layer ``a``: ``C = V_a (d_head, d) @ V_b^T`` for all ``b >= a`` at once, squared,
+    prefix-summed over both vector axes, read on the diagonal ``P[k-1, b, k-1] / k``, mirrored
+    to ``b < a``. Cost O(L^2 d_head^2 d / 2); memory O(L d_head d) for the float64 copy plus
+    O(L d_head^2) per block (never ``(L d_head)^2``). Symmetric, diagonal exactly 1, as
+    :func:`similarity.similarity_matrix`.
+    """
+    n_layers, d_head, d = bases.shape
+    flat = np.asarray(bases, dtype=np.float64)
+    sims = np.zeros((d_head, n_layers, n_layers))
+    ks = np.arange(1, d_head + 1)
+    for a in range(n_layers):
+        block = np.square(flat[a] @ flat[a:].reshape(-1, d).T)
+        block = block.reshape(d_head, n_layers - a, d_head)
+        np.cumsum(block, axis=0, out=block)
+        np.cumsum(block, axis=2, out=block)
+        sims[:, a, a:] = np.diagonal(block, axis1=0, axis2=2).T / ks[:, None]
+    sims = np.triu(sims, 1) + np.triu(sims, 1).transpose(0, 2, 1)
+    sims[:, np.arange(n_layers), np.arange(n_layers)] = 1.0
+    return sims
+
+
+def _mean_statistics(sims: np.ndarray) -> dict[str, float]:
+    return {"off_diagonal_mean": off_diagonal(sims).mean(),
+            "adjacent_mean": adjacent(sims).mean(),
+            "distant_mean": distant(sims).mean()}
+
+
+def ksweep_table(vectors: np.ndarray, energy: np.ndarray, norm2: np.ndarray,
+                 singular_values: np.ndarray, heads, d: int,
+                 gap_threshold: float = GAP_THRESHOLD) -> pd.DataFrame:
+    """One row per k = 1 .. d_head - 1 (k = d_head is skipped: heads sharing a KV head coincide).
+
+    Args:
+        vectors: ``(L, h, d_head, d)`` right singular vectors (a memmap is read one head at a
+            time); energy ``(L, h, d_head)``; norm2 ``(L,)``; singular_values ``(L, h, d_head)``.
+        heads: the heads to average over.
+    Columns: k; chance ``k/d``; null_std (of one similarity, :func:`similarity.null_std`);
+    off_diagonal_mean, adjacent_mean, distant_mean (``|i - j| > L // 3``): the mean over
+    ``heads`` of each head's statistic of its same-index ``(L, L)`` matrix; alignment_mean (mean
+    over layers and ``heads``); each of those four divided by chance as ``*_ratio``;
+    n_ill_defined: (layer, head) pairs among ``heads`` with relative gap at k below
+    ``gap_threshold``. Cost O(|heads| L^2 d_head^2 d), memory as :func:`similarity_by_k`.
+    """
+    heads = list(heads)
+    d_head = vectors.shape[2]
+    ks = np.arange(1, d_head)
+    # The statistics are means of matrix entries: the mean of each head's statistic is the
+    # statistic of the head-mean matrix.
+    sims = np.mean([similarity_by_k(vectors[:, head])[:-1] for head in heads], axis=0)
+    table = pd.DataFrame([_mean_statistics(s) for s in sims])
+    align = np.cumsum(energy[:, heads], axis=-1, dtype=np.float64) / norm2[:, None, None]
+    table["alignment_mean"] = align.mean(axis=(0, 1))[:-1]
+    chance = ks / d
+    ratios = table.div(chance, axis=0).add_suffix("_ratio")
+    table = pd.concat([table, ratios], axis=1)
+    table.insert(0, "k", ks)
+    table.insert(1, "chance", chance)
+    table.insert(2, "null_std", [null_std(k, d) for k in ks])
+    gaps = relative_gaps(singular_values)[:, heads]
+    table["n_ill_defined"] = (gaps < gap_threshold).sum(axis=(0, 1))
+    return table

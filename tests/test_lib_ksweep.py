@@ -1,0 +1,139 @@
+"""k-sweep against per-k references; random subspaces track chance, planted structure does not."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_lib_nulls import haar_bases
+
+from weight_geometry.alignment import alignment_table
+from weight_geometry.ksweep import (
+    GAP_THRESHOLD,
+    ill_defined,
+    ksweep_table,
+    relative_gaps,
+    similarity_by_k,
+)
+from weight_geometry.nulls import alignment_null_std
+from weight_geometry.similarity import null_std, similarity_matrix
+from weight_geometry.statistics import overlap_summary
+
+
+def _model(seed: int, n_layers=7, n_heads=3, d_head=6, d=20, d_ff=30, shared=0):
+    """Synthetic stored data: full Haar frames per (layer, head), the first ``shared`` vectors
+    of every head common to all layers; a random ``W_in`` per layer with its energies; evenly
+    spaced kernel singular values."""
+    rng = np.random.default_rng(seed)
+    vectors = haar_bases(rng, (n_layers, n_heads), d_head, d)
+    if shared:
+        common = haar_bases(rng, (), d_head, d)[:shared]
+        rest = rng.standard_normal((n_layers, n_heads, d_head - shared, d))
+        rest -= rest @ common.T @ common                                  # orthogonal to it
+        q = np.linalg.qr(np.swapaxes(rest, -1, -2))[0]
+        vectors = np.concatenate([np.broadcast_to(common, (n_layers, n_heads, shared, d)),
+                                  np.swapaxes(q, -1, -2)], axis=2)
+    w_in = rng.standard_normal((n_layers, d_ff, d)) * np.geomspace(2.0, 0.2, d)
+    energy = np.square(np.einsum("lfd,lhrd->lhrf", w_in, vectors)).sum(-1)
+    norm2 = np.square(w_in).sum(axis=(1, 2))
+    ffn_sv = np.linalg.svd(w_in, compute_uv=False)
+    sv = np.tile(np.linspace(2.0, 0.5, d_head), (n_layers, n_heads, 1))   # gaps well above 1%
+    return vectors.astype(np.float32), energy, norm2, ffn_sv, sv
+
+
+def test_similarity_by_k_matches_similarity_matrix():
+    vectors = _model(0)[0]
+    for head in range(3):
+        by_k = similarity_by_k(vectors[:, head])
+        assert by_k.shape == (6, 7, 7)
+        for k in range(1, 7):
+            np.testing.assert_allclose(by_k[k - 1], similarity_matrix(vectors[:, head, :k]),
+                                       atol=1e-6, err_msg=f"head {head}, k {k}")
+
+
+def test_ksweep_matches_per_k_references():
+    vectors, energy, norm2, ffn_sv, sv = _model(1)
+    heads, d = [0, 2], 20
+    table = ksweep_table(vectors, energy, norm2, sv, heads, d)
+    assert list(table["k"]) == list(range(1, 6))
+    assert list(table.columns) == [
+        "k", "chance", "null_std", "off_diagonal_mean", "adjacent_mean", "distant_mean",
+        "alignment_mean", "off_diagonal_mean_ratio", "adjacent_mean_ratio",
+        "distant_mean_ratio", "alignment_mean_ratio", "n_ill_defined"]
+    for row in table.itertuples():
+        k = row.k
+        summaries = [overlap_summary(similarity_matrix(vectors[:, h, :k])) for h in heads]
+        for stat in ("off_diagonal_mean", "adjacent_mean", "distant_mean"):
+            wanted = np.mean([s[stat] for s in summaries])
+            assert getattr(row, stat) == pytest.approx(wanted, abs=1e-6), (k, stat)
+            assert getattr(row, f"{stat}_ratio") == pytest.approx(wanted * d / k, abs=1e-5)
+        align = alignment_table(energy, norm2, ffn_sv, k, d, "W_gate")
+        wanted = align[align["head"].isin(heads)]["alignment"].mean()
+        assert row.alignment_mean == pytest.approx(wanted, rel=1e-12)
+        assert row.chance == pytest.approx(k / d)
+        assert row.null_std == pytest.approx(null_std(k, d))
+
+
+def test_random_subspaces_track_chance_for_every_k():
+    n_layers, n_heads, d = 12, 4, 24
+    vectors, energy, norm2, ffn_sv, sv = _model(2, n_layers=n_layers, n_heads=n_heads, d=d)
+    heads = list(range(n_heads))
+    table = ksweep_table(vectors, energy, norm2, sv, heads, d)
+    n_pairs = n_layers * (n_layers - 1) // 2
+    for row in table.itertuples():
+        k, chance = row.k, row.chance
+        # Pairwise-independent similarities: the mean of n has std null_std / sqrt(n).
+        for stat, n in (("off_diagonal_mean", n_pairs), ("adjacent_mean", n_layers - 1)):
+            tolerance = 5 * null_std(k, d) / np.sqrt(n * n_heads) / chance
+            assert getattr(row, f"{stat}_ratio") == pytest.approx(1.0, abs=tolerance), (k, stat)
+        spread = alignment_null_std(k, d, ffn_sv).mean() / np.sqrt(n_layers * n_heads)
+        assert row.alignment_mean_ratio == pytest.approx(1.0, abs=5 * spread / chance), k
+
+
+def test_planted_shared_directions_stand_out_at_small_k():
+    d, shared = 24, 2
+    vectors, energy, norm2, ffn_sv, sv = _model(3, d=d, shared=shared)
+    table = ksweep_table(vectors, energy, norm2, sv, [0, 1, 2], d).set_index("k")
+    # Up to k = 2 every layer has the same subspace; beyond, 2 of k directions are shared and
+    # the rest is random in the (d - 2)-dimensional complement.
+    np.testing.assert_allclose(table.loc[[1, 2], "off_diagonal_mean"], 1.0, atol=1e-6)
+    for k in (3, 4, 5):
+        expected = (shared + (k - shared) ** 2 / (d - shared)) / k
+        assert table.loc[k, "off_diagonal_mean"] == pytest.approx(expected, abs=0.05)
+    assert (table["off_diagonal_mean_ratio"] > 2).all()
+    assert table["off_diagonal_mean_ratio"].is_monotonic_decreasing
+
+
+def test_gaps_and_ill_defined():
+    sv = np.array([[[4.0, 3.0, 2.999, 1.0],       # gap at k=2: 0.001/3 < 1%
+                    [2.0, 2.0, 1.0, 0.0]],        # gap at k=1: exact tie; at k=3: 1
+                   [[1.0, 0.5, 0.0, 0.0],         # sigma_3 = 0 = sigma_4: tie, gap 0
+                    [3.0, 2.0, 1.0, 0.5]]])
+    gaps = relative_gaps(sv)
+    assert gaps.shape == (2, 2, 3)
+    np.testing.assert_allclose(gaps[0, 0], [0.25, 0.001 / 3, 1.999 / 2.999])
+    np.testing.assert_allclose(gaps[1, 0], [0.5, 1.0, 0.0])
+    np.testing.assert_allclose(gaps[1, 1], [1 / 3, 0.5, 0.5])
+
+    def flagged(k):
+        return sorted(map(tuple, ill_defined(sv, k)[["layer", "head"]].to_numpy().tolist()))
+
+    assert flagged(1) == [(0, 1)]
+    assert flagged(2) == [(0, 0)]
+    assert flagged(3) == [(1, 0)]
+    assert flagged(4) == [], "k = d_head: no sigma_{k+1}, nothing to flag"
+    assert ill_defined(sv, 2)["gap"].iloc[0] == pytest.approx(0.001 / 3)
+    assert len(ill_defined(sv, 2, threshold=0.6)) == 3
+    with pytest.raises(ValueError):
+        ill_defined(sv, 0)
+    assert GAP_THRESHOLD == 0.01
+
+
+def test_ksweep_counts_ill_defined_among_heads():
+    vectors, energy, norm2, ffn_sv, sv = _model(4, d_head=4)
+    sv[2, 1, 2] = sv[2, 1, 1] * (1 - 1e-4)            # k = 2 ill-defined for (2, 1)
+    sv[5, 0, :2] = 1.5                                # k = 1 tie for (5, 0)
+    table = ksweep_table(vectors, energy, norm2, sv, [1, 2], 20).set_index("k")
+    assert table.loc[2, "n_ill_defined"] == 1
+    assert table.loc[1, "n_ill_defined"] == 0, "head 0 is not among the heads"
+    table = ksweep_table(vectors, energy, norm2, sv, [0], 20).set_index("k")
+    assert list(table["n_ill_defined"]) == [1, 0, 0]
