@@ -27,21 +27,32 @@ def cross_head_similarity(vectors_k: np.ndarray) -> np.ndarray:
 
     Args:
         vectors_k: ``(L, h, k, d)`` top-k bases with orthonormal rows.
-    One ``(h k, d) @ (d, L h k)`` product per layer ``a``: cost O(L^2 h^2 k^2 d), working memory
-    O(L h k d) for the float64 copy plus O(h k L h k) per block, never ``(L h k)^2``. ``S`` is
-    symmetrized, ``S[a, i, a, i] = 1`` exactly.
+    One ``(h k, d) @ (d, (L - a) h k)`` product per layer ``a`` for layers ``b >= a``, mirrored:
+    cost O(L^2 h^2 k^2 d / 2), working memory O(L h k d) for the float64 copy plus O(h k L h k)
+    per block, never ``(L h k)^2``. ``S`` is exactly symmetrized, ``S[a, i, a, i] = 1``.
     """
     n_layers, n_heads, k, d = vectors_k.shape
     flat = np.asarray(vectors_k, dtype=np.float64).reshape(n_layers, n_heads * k, d)
-    rows = flat.reshape(-1, d)
-    sims = np.empty((n_layers, n_heads, n_layers, n_heads))
+    sims = np.zeros((n_layers, n_heads, n_layers, n_heads))
     for a in range(n_layers):
-        block = (flat[a] @ rows.T).reshape(n_heads, k, n_layers, n_heads, k)
-        sims[a] = np.square(block).sum(axis=(1, 4)) / k
-    sims = (sims + sims.transpose(2, 3, 0, 1)) / 2
+        block = flat[a] @ flat[a:].reshape(-1, d).T
+        block = np.square(block).reshape(n_heads, k, n_layers - a, n_heads, k)
+        sims[a, :, a:] = block.sum(axis=(1, 4)) / k
+    return _mirror_upper(sims)
+
+
+def _mirror_upper(sims: np.ndarray) -> np.ndarray:
+    """Full symmetric ``S`` from its layer blocks ``a <= b``; within ``a = b`` the mean of the
+    block and its transpose, with exactly 1 on the diagonal."""
+    n_layers, n_heads = sims.shape[:2]
+    by_layers = sims.transpose(1, 3, 0, 2)                   # (h, h, L, L): [i, j, a, b]
+    upper = np.triu(by_layers, 1)
+    same = by_layers * np.eye(n_layers)
+    full = upper + upper.transpose(1, 0, 3, 2) + (same + same.transpose(1, 0, 2, 3)) / 2
+    full = full.transpose(2, 0, 3, 1).copy()
     layer, head = np.indices((n_layers, n_heads))
-    sims[layer, head, layer, head] = 1.0
-    return sims
+    full[layer, head, layer, head] = 1.0
+    return full
 
 
 def best_match(sims: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
