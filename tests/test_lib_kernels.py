@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from weight_geometry.kernels import head_subspaces
+from weight_geometry.kernels import (
+    CHOLESKY_KAPPA_MAX,
+    factored_subspaces,
+    head_subspaces,
+    query_r_factors,
+)
 
 # (d, h, n_kv, d_head): GQA, MHA, MQA, d_head != d // h (larger and smaller).
 SHAPES = [(48, 4, 2, 8), (64, 8, 8, 8), (40, 6, 1, 6), (32, 4, 2, 12), (60, 3, 3, 7)]
@@ -26,11 +31,8 @@ def _naive(w_q: np.ndarray, w_k: np.ndarray, h: int, n_kv: int, d_head: int):
     return out
 
 
-@pytest.mark.parametrize("d,h,n_kv,d_head", SHAPES)
-def test_head_subspaces_match_full_svd(d, h, n_kv, d_head):
-    rng = np.random.default_rng(1000 + d + h + n_kv + d_head)
-    w_q = rng.standard_normal((h * d_head, d))
-    w_k = rng.standard_normal((n_kv * d_head, d))
+def _check_against_naive(w_q, w_k, h, n_kv, d_head, min_checked_fraction=0.5):
+    d = w_q.shape[1]
     v, s = head_subspaces(torch.from_numpy(w_q), torch.from_numpy(w_k), h, n_kv, d_head)
     v, s = v.numpy(), s.numpy()
     assert v.shape == (h, d_head, d), "V must be (h, d_head, d)"
@@ -51,7 +53,64 @@ def test_head_subspaces_match_full_svd(d, h, n_kv, d_head):
             p_ref = vt_ref[:k].T @ vt_ref[:k]
             assert np.linalg.norm(p_lib - p_ref) < 1e-8, f"head {i} k={k}: projector differs"
             checked += 1
-    assert checked >= h * (d_head - 1) // 2, "too few well-separated k were checked"
+    assert checked >= h * (d_head - 1) * min_checked_fraction, "too few separated k checked"
+
+
+@pytest.mark.parametrize("d,h,n_kv,d_head", SHAPES)
+def test_head_subspaces_match_full_svd(d, h, n_kv, d_head):
+    rng = np.random.default_rng(1000 + d + h + n_kv + d_head)
+    w_q = rng.standard_normal((h * d_head, d))
+    w_k = rng.standard_normal((n_kv * d_head, d))
+    _check_against_naive(w_q, w_k, h, n_kv, d_head)
+
+
+def _with_condition(rng, rows: int, cols: int, kappa: float) -> np.ndarray:
+    """A (rows, cols) matrix with singular values log-spaced from 1 down to 1 / kappa."""
+    u, _ = np.linalg.qr(rng.standard_normal((rows, rows)))
+    v, _ = np.linalg.qr(rng.standard_normal((cols, rows)))
+    return (u * np.logspace(0, -np.log10(kappa), rows)) @ v.T
+
+
+def test_rank_deficient_and_ill_conditioned_query_heads():
+    """Head 0: a zero row and a duplicated row (singular Gram: Cholesky fails); head 1:
+    cond 1e6 (Cholesky succeeds but would lose 1e-4); head 3: cond 1e3 (Cholesky kept).
+    All must match the naive SVD, and the fallback must really be taken."""
+    d, h, n_kv, d_head = 40, 4, 2, 6
+    rng = np.random.default_rng(11)
+    w_q = rng.standard_normal((h * d_head, d))
+    w_q[0] = 0.0
+    w_q[2] = w_q[1]
+    w_q[d_head:2 * d_head] = _with_condition(rng, d_head, d, 1e6)
+    w_q[3 * d_head:] = _with_condition(rng, d_head, d, 1e3)
+    w_k = rng.standard_normal((n_kv * d_head, d))
+    q_t = torch.from_numpy(w_q).reshape(h, d_head, d).transpose(1, 2)
+    cholesky, info = torch.linalg.cholesky_ex(q_t.transpose(1, 2) @ q_t, upper=True)
+    r = query_r_factors(q_t)
+    r_householder = torch.linalg.qr(q_t, mode="r")[1]
+    for i in range(h):                  # R equals Householder's up to the signs of its rows
+        np.testing.assert_allclose(r[i].abs().numpy(), r_householder[i].abs().numpy(),
+                                   atol=1e-12 * float(r_householder[i].abs().max()))
+    kappa = cholesky.diagonal(dim1=1, dim2=2)
+    kappa = kappa.amax(1) / kappa.amin(1)
+    assert info[0] != 0 or not kappa[0] <= CHOLESKY_KAPPA_MAX, "head 0 must fall back"
+    assert info[1] != 0 or not kappa[1] <= CHOLESKY_KAPPA_MAX, "head 1 must fall back"
+    assert info[3] == 0 and kappa[3] <= CHOLESKY_KAPPA_MAX, "head 3 must keep Cholesky"
+    _check_against_naive(w_q, w_k, h, n_kv, d_head, min_checked_fraction=0.25)
+
+
+def test_energies_equal_diag_v_g_vt():
+    """Per-KV-head energies equal the direct diag(V G V^T) with the d x d Gram."""
+    d, h, n_kv, d_head, d_ff = 48, 6, 2, 8, 70
+    rng = np.random.default_rng(5)
+    w_q = torch.from_numpy(rng.standard_normal((h * d_head, d)))
+    w_k = torch.from_numpy(rng.standard_normal((n_kv * d_head, d)))
+    w_in = rng.standard_normal((d_ff, d)) * np.linspace(0.1, 3.0, d)   # anisotropic columns
+    g = torch.from_numpy(w_in.T @ w_in)
+    f = factored_subspaces(w_q, w_k, h, n_kv, d_head)
+    v = f.vectors().numpy()
+    direct = np.einsum("hrd,hrd->hr", v @ w_in.T, v @ w_in.T)     # ||W_in v||^2
+    np.testing.assert_allclose(f.energies(g).numpy(), direct, rtol=1e-10)
+    assert f.singular_values.shape == (h, d_head)
 
 
 def test_gqa_heads_share_row_space_at_full_d_head():

@@ -1,21 +1,108 @@
 """Per-head attention subspaces from the factored kernel, all heads of a layer batched.
 
-For query head ``i`` with key/value head ``j = i // (h // n_kv)`` the attention kernel is
-``A_i = W_Q_i^T W_K_j``, shape ``(d, d)``, rank <= ``d_head`` (the bilinear form
-``x_q^T A_i x_k`` of the score before RoPE and scaling). It is never formed:
+For query head ``i`` with key/value head ``j = i // g`` (``g = h // n_kv`` heads per KV head)
+the attention kernel is ``A_i = W_Q_i^T W_K_j``, shape ``(d, d)``, rank <= ``d_head`` (the
+bilinear form ``x_q^T A_i x_k`` of the score before RoPE and scaling). It is never formed:
 
-    W_Q_i^T = Q_q R_q,  W_K_j^T = Q_k R_k            (thin QR, Q_* is d x d_head)
-    A_i = Q_q (R_q R_k^T) Q_k^T,  R_q R_k^T = U S Vc^T  (SVD of a d_head x d_head core)
+    W_K_j^T = Q_k R_k                  (thin Householder QR, Q_k is d x d_head, once per KV head)
+    W_Q_i^T = Q_q R_q                  (R_q only: upper Cholesky factor of W_Q_i W_Q_i^T)
+    A_i = Q_q (R_q R_k^T) Q_k^T,  R_q R_k^T = U S Vc^T   (SVD of a d_head x d_head core)
     => A_i = (Q_q U) S (Q_k Vc)^T
 
 so the right singular vectors of ``A_i`` are the rows of ``Vc^T Q_k^T`` with singular values
-``S``. Cost per layer: O((h + n_kv) d d_head^2) for the QRs and O(h d_head^3) for the cores,
-versus O(h d^3) for a full SVD of each kernel; memory O(h d d_head).
+``S``. ``Q_q`` is never needed, so ``R_q`` comes from the small Gram ``W_Q_i W_Q_i^T``
+(``d_head x d_head``, one batched GEMM) by Cholesky, in float64 whatever the input dtype. This
+squares the condition number of ``W_Q_i``: ``R_q`` is exact to ``eps64 kappa^2``, harmless below
+``kappa = 1e4`` (2e-8). A head whose Cholesky fails (rank-deficient ``W_Q_i``: a singular Gram)
+or whose ``R_q`` diagonal spans more than :data:`CHOLESKY_KAPPA_MAX` (a lower bound of kappa)
+gets ``R_q`` from a Householder QR instead. Either ``R_q`` equals ``Q^T W_Q_i^T`` up to the
+signs of its rows, which change ``U`` but neither ``S`` nor ``Vc``.
+
+Heads sharing KV head ``j`` are batched against the one ``R_k_j``/``Q_k_j`` (no per-head copies).
+Cost per layer: ``2 h d_head^2 d`` for the query Grams, ``O(n_kv d d_head^2)`` for the key QRs,
+``O(h d_head^3)`` for the Cholesky factors and cores, ``2 h d_head^2 d`` to map ``Vc`` back to
+``R^d``; versus ``O(h d^3)`` for a full SVD of each kernel. Memory O(h d d_head).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+#: Largest ratio of R_q's diagonal entries (a lower bound of cond(W_Q_i)) for Cholesky QR.
+CHOLESKY_KAPPA_MAX = 1e4
+
+
+@dataclass
+class FactoredSubspaces:
+    """Every head's kernel SVD of one layer, factored through its KV head's row space.
+
+    ``q_k``: ``(n_kv, d, d_head)``, orthonormal columns spanning the rows of ``W_K_j``;
+    ``core_vectors``: ``(n_kv, g, d_head, d_head)``, row ``r`` of ``[j, m]`` is query head
+    ``j * g + m``'s r-th right singular vector in the ``q_k[j]`` basis (``Vc^T``);
+    ``singular_values``: ``(h, d_head)``, descending.
+    """
+
+    q_k: torch.Tensor
+    core_vectors: torch.Tensor
+    singular_values: torch.Tensor
+
+    def vectors(self) -> torch.Tensor:
+        """``(h, d_head, d)`` right singular vectors in ``R^d``: ``Vc^T Q_k^T``, cost
+        ``2 h d_head^2 d``."""
+        n_kv, group, d_head, _ = self.core_vectors.shape
+        flat = self.core_vectors.reshape(n_kv, group * d_head, d_head)
+        return (flat @ self.q_k.transpose(1, 2)).reshape(n_kv * group, d_head, -1)
+
+    def energies(self, gram: torch.Tensor) -> torch.Tensor:
+        """``(h, d_head)`` quadratic forms ``v^T G v`` of every right singular vector ``v``.
+
+        ``G`` is a ``(d, d)`` symmetric matrix (the FFN input's Gram ``W_in^T W_in``). Every
+        ``v`` of KV group ``j`` lies in ``span(Q_k_j)``, so ``v^T G v = c^T G_j c`` with
+        ``G_j = Q_k_j^T G Q_k_j`` (``d_head x d_head``) and ``c`` its core vector. Computed in
+        the dtype of ``q_k``; cost ``2 n_kv d^2 d_head + 2 h d_head^3`` instead of
+        ``2 h d_head d^2`` for ``diag(V G V^T)``.
+        """
+        n_kv, group, d_head, _ = self.core_vectors.shape
+        q_k = self.q_k
+        g_kv = q_k.transpose(1, 2) @ (gram.to(q_k.dtype) @ q_k)         # (n_kv, d_head, d_head)
+        flat = self.core_vectors.reshape(n_kv, group * d_head, d_head)
+        return ((flat @ g_kv) * flat).sum(-1).reshape(n_kv * group, d_head)
+
+
+def query_r_factors(q_t: torch.Tensor) -> torch.Tensor:
+    """``R`` of the thin QR of each ``W_Q_i^T`` (``q_t``: ``(h, d, d_head)``), float64.
+
+    Upper Cholesky factor of ``W_Q_i W_Q_i^T`` where it is well conditioned, Householder
+    ``R`` (``mode="r"``) for the other heads (see module docstring). Cost ``2 h d_head^2 d``
+    plus ``h d_head^3 / 3``; memory ``h d_head^2``.
+    """
+    q64 = q_t.to(torch.float64)
+    r, info = torch.linalg.cholesky_ex(q64.transpose(1, 2) @ q64, upper=True)
+    diag = r.diagonal(dim1=1, dim2=2)
+    redo = (info != 0) | ~(diag.amax(1) <= CHOLESKY_KAPPA_MAX * diag.amin(1))
+    if redo.any():
+        r[redo] = torch.linalg.qr(q64[redo], mode="r")[1]
+    return r
+
+
+def factored_subspaces(w_q: torch.Tensor, w_k: torch.Tensor, n_heads: int, n_kv_heads: int,
+                       d_head: int) -> FactoredSubspaces:
+    """Every head's kernel SVD, factored (see module docstring), in ``w_k``'s dtype and device.
+
+    Args:
+        w_q: ``(n_heads * d_head, d)`` query projection (nn.Linear layout).
+        w_k: ``(n_kv_heads * d_head, d)`` key projection.
+    """
+    d, group = w_q.shape[1], n_heads // n_kv_heads
+    q_t = w_q.reshape(n_heads, d_head, d).transpose(1, 2)        # (h, d, d_head) = W_Q_i^T
+    k_t = w_k.reshape(n_kv_heads, d_head, d).transpose(1, 2)     # (n_kv, d, d_head) = W_K_j^T
+    q_k, r_k = torch.linalg.qr(k_t)
+    r_q = query_r_factors(q_t).to(w_k.dtype).reshape(n_kv_heads, group * d_head, d_head)
+    core = (r_q @ r_k.transpose(1, 2)).reshape(n_heads, d_head, d_head)
+    _, s, vc_t = torch.linalg.svd(core)
+    return FactoredSubspaces(q_k, vc_t.reshape(n_kv_heads, group, d_head, d_head), s)
 
 
 def head_subspaces(w_q: torch.Tensor, w_k: torch.Tensor, n_heads: int, n_kv_heads: int,
@@ -28,18 +115,10 @@ def head_subspaces(w_q: torch.Tensor, w_k: torch.Tensor, n_heads: int, n_kv_head
     Returns:
         ``V``: ``(n_heads, d_head, d)``, row ``r`` of ``V[i]`` is the r-th right singular vector
         (orthonormal rows, singular values descending); ``S``: ``(n_heads, d_head)``.
-        Computed in the dtype and on the device of the inputs.
+        Computed in the dtype (the query Grams in float64) and on the device of the inputs.
     """
-    d = w_q.shape[1]
-    q_t = w_q.reshape(n_heads, d_head, d).transpose(1, 2)      # (h, d, d_head) = W_Q_i^T
-    k_t = w_k.reshape(n_kv_heads, d_head, d).transpose(1, 2)   # (n_kv, d, d_head) = W_K_j^T
-    _, r_q = torch.linalg.qr(q_t)                               # Q_q is not needed
-    q_k, r_k = torch.linalg.qr(k_t)
-    kv_of = torch.arange(n_heads, device=w_q.device) // (n_heads // n_kv_heads)
-    core = r_q @ r_k[kv_of].transpose(1, 2)                     # (h, d_head, d_head)
-    _, s, vc_t = torch.linalg.svd(core)
-    v = vc_t @ q_k[kv_of].transpose(1, 2)                       # (h, d_head, d)
-    return v, s
+    f = factored_subspaces(w_q, w_k, n_heads, n_kv_heads, d_head)
+    return f.vectors(), f.singular_values
 
 
 def resolve_device(device: str) -> torch.device:
