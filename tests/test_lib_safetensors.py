@@ -107,3 +107,21 @@ def test_missing_shard_and_empty_dir(tmp_path):
     empty.mkdir()
     with pytest.raises(UserError, match="empty"):
         directory_entries(empty)
+
+
+def test_every_bf16_bit_pattern_and_f64_decode_like_torch(tmp_path):
+    """All 65536 bf16 values (zeros, subnormals, inf, NaNs) decode bit-exactly as torch's
+    bfloat16 -> float32; float64 rounds as torch's cast; reads reuse one buffer safely."""
+    bits = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16)
+    tensors = {"bf16": bits.view(torch.bfloat16).reshape(256, 256),
+               "f64": torch.randn(7, 5, dtype=torch.float64) * 1e3,
+               "f16": torch.randn(3, 4).half()}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    reader = SafetensorsReader(directory_entries(tmp_path))
+    first = {name: reader.read(name) for name in ("bf16", "f64", "f16")}
+    again = reader.read("bf16")
+    for name, t in tensors.items():
+        expected = t.float().numpy()
+        assert first[name].dtype == np.float32 and first[name].shape == expected.shape
+        np.testing.assert_array_equal(first[name].view(np.uint32), expected.view(np.uint32))
+    np.testing.assert_array_equal(again.view(np.uint32), first["bf16"].view(np.uint32))
