@@ -19,12 +19,16 @@ Stages:
   ``extract_layers`` does them.
 - ``similarity``: ``similarity.similarity_matrix`` of each sampled head's top-k bases, loaded
   from the saved ``vectors.npy`` (memory-mapped), as the workflow's similarity jobs.
-- ``alignment``: per layer the FFN input Gram ``G`` (``ranks.gram``), the energies
-  ``diag(V G V^T)`` as ``extract_layers`` computes them, then ``alignment.alignment_table``.
-  ``compute`` counts the Gram although the effective rank of the same weight shares it in
-  ``extract_layers``; ``marginal`` is the rest (energies and table).
-- ``ranks``: per layer and weight ``ranks.gram`` of the smaller side, ``eigvalsh``
-  (``singular_values_from_gram``) and ``effective_rank_from_singular_values``.
+- ``alignment``: per layer the FFN input Gram ``G`` and its eigenvalues
+  (``ranks.weight_spectrum``: W_in's singular values, which the null and the ceiling need),
+  the energies ``diag(V G V^T)`` per KV head (``FactoredSubspaces.energies``, the subspaces
+  themselves computed untimed) as ``extract_layers`` computes them, then
+  ``alignment.alignment_table``. ``compute`` counts the Gram and ``eigvalsh`` although the
+  effective rank of the same weight shares them in ``extract_layers``; ``marginal`` is the
+  rest (energies and table).
+- ``ranks``: per layer and weight ``ranks.weight_spectrum`` of the Gram side
+  ``extract_layers`` uses (float32, float64 where needed) and
+  ``effective_rank_from_singular_values``.
 
 The workflow itself is run by :func:`run_workflow` (``python -m snakemake`` on the repository's
 Snakefile); :func:`job_table` reads each job's time and ``max_rss`` from the benchmark TSVs
@@ -144,7 +148,8 @@ def stage_extract(args) -> dict:
         ckpt = _open(args.checkpoint)
     with stopwatch(times, "s", args.device):
         result = extract_layers(ckpt, range(ckpt.dims.n_layers), torch.device(args.device))
-    for name in ("vectors", "singular_values", "ffn_input_energy", "ffn_input_norm2"):
+    for name in ("vectors", "singular_values", "ffn_input_energy", "ffn_input_norm2",
+                 "ffn_input_singular_values"):
         np.save(args.scratch / f"{name}.npy", getattr(result, name))
     return times
 
@@ -184,25 +189,29 @@ def stage_alignment(args) -> dict:
     import torch
 
     from weight_geometry.alignment import alignment_table
-    from weight_geometry.ranks import gram
+    from weight_geometry.kernels import factored_subspaces
+    from weight_geometry.ranks import weight_spectrum
 
     ckpt = _open(args.checkpoint)
     dims, ffn_input = ckpt.dims, ckpt.adapter.ffn_input
-    vectors = np.load(args.scratch / "vectors.npy", mmap_mode="r")
-    energy = np.empty(vectors.shape[:3])
+    energy = np.empty((dims.n_layers, dims.n_heads, dims.d_head))
     norm2 = np.empty(dims.n_layers)
+    sigma = np.empty((dims.n_layers, dims.d_model))
     times = {"read": 0.0, "compute": 0.0, "marginal": 0.0}
     for layer in range(dims.n_layers):
         with stopwatch(times, "read"):
-            w_in = ckpt.read_layer(layer)[ffn_input]
+            weights = ckpt.read_layer(layer)
+        w_q, w_k, w_in = (torch.from_numpy(weights[w]).to(args.device)
+                          for w in ("W_Q", "W_K", ffn_input))
+        subspaces = factored_subspaces(w_q.double(), w_k.double(), dims.n_heads,
+                                       dims.n_kv_heads, dims.d_head)
         with stopwatch(times, "compute", args.device):
-            g = gram(torch.from_numpy(w_in).to(args.device), "in")
+            sigma[layer], g = weight_spectrum(w_in, "in")
             with stopwatch(times, "marginal", args.device):
-                v = torch.from_numpy(np.array(vectors[layer])).to(args.device).double()
-                energy[layer] = ((v @ g) * v).sum(-1).cpu().numpy()
-                norm2[layer] = float(torch.trace(g))
+                energy[layer] = subspaces.energies(g).cpu().numpy()
+                norm2[layer] = float(torch.trace(g.double()))
     with stopwatch(times, "compute"), stopwatch(times, "marginal"):
-        alignment_table(energy, norm2, args.k, dims.d_model, ffn_input)
+        alignment_table(energy, norm2, sigma, args.k, dims.d_model, ffn_input)
     return times
 
 
@@ -211,21 +220,22 @@ def stage_ranks(args) -> dict:
 
     from weight_geometry.ranks import (
         effective_rank_from_singular_values,
-        gram,
-        singular_values_from_gram,
         smaller_side,
+        weight_spectrum,
     )
 
     ckpt = _open(args.checkpoint)
+    ffn_input = ckpt.adapter.ffn_input
     times = {"read": 0.0, "compute": 0.0}
     for layer in range(ckpt.dims.n_layers):
         with stopwatch(times, "read"):
             weights = ckpt.read_layer(layer)
         with stopwatch(times, "compute", args.device):
-            for array in weights.values():
+            for wt, array in weights.items():
                 shape = array.shape
-                g = gram(torch.from_numpy(array).to(args.device), smaller_side(shape))
-                effective_rank_from_singular_values(singular_values_from_gram(g), shape)
+                side = "in" if wt == ffn_input else smaller_side(shape)
+                sigma, _ = weight_spectrum(torch.from_numpy(array).to(args.device), side)
+                effective_rank_from_singular_values(sigma, shape)
     return times
 
 

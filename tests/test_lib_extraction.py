@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from weight_geometry.checkpoint import open_checkpoint
-from weight_geometry.extraction import extract_layers
+from weight_geometry.extraction import LayerResult, extract_layers, write_layers
 
 D, D_FF, L, H, N_KV, D_HEAD = 32, 48, 2, 4, 2, 16   # d_head != d // h on purpose
 
@@ -38,9 +39,15 @@ def tiny_llama(tmp_path_factory):
     return path, weights
 
 
+#: float32 Gram (ranks module): ||E|| ~ GRAM_NOISE eps32 sigma_max^2, so singular values are
+#: exact to sqrt(4 eps32) sigma_max = 7e-4 sigma_max, traces and energies to ~1e-6 relative.
+SIGMA_ATOL = np.sqrt(4 * np.finfo(np.float32).eps)
+TRACE_RTOL = 1e-6
+
+
 def _eff_rank_reference(w: np.ndarray) -> float:
     s = np.linalg.svd(w, compute_uv=False)
-    s = s[s > s[0] * 1e-6]
+    s = s[s > s[0] * max(w.shape) * np.finfo(np.float32).eps]
     p = s / s.sum()
     return float(np.exp(-np.sum(p * np.log(p))))
 
@@ -65,11 +72,16 @@ def test_extract_layers_matches_naive_svd(tiny_llama):
     assert res.singular_values.shape == (L, H, D_HEAD)
     assert res.ffn_input_energy.shape == (L, H, D_HEAD)
     assert res.ffn_input_norm2.shape == (L,)
+    assert res.ffn_input_singular_values.shape == (L, D)
     group = H // N_KV
     for layer in range(L):
         w_q, w_k = weights["W_Q", layer], weights["W_K", layer]
         gate = weights["W_gate", layer]
-        assert res.ffn_input_norm2[layer] == pytest.approx(np.sum(gate**2), rel=1e-9)
+        assert res.ffn_input_norm2[layer] == pytest.approx(np.sum(gate**2), rel=TRACE_RTOL)
+        s_gate = np.linalg.svd(gate, compute_uv=False)               # (D,): D_FF > D
+        assert res.ffn_input_singular_values.dtype == np.float64
+        np.testing.assert_allclose(res.ffn_input_singular_values[layer], s_gate,
+                                   rtol=1e-5, atol=SIGMA_ATOL * s_gate[0])
         for i in range(H):
             j = i // group
             a = w_q[i * D_HEAD:(i + 1) * D_HEAD].T @ w_k[j * D_HEAD:(j + 1) * D_HEAD]
@@ -109,3 +121,20 @@ def test_extract_layers_weight_ranks(tiny_llama):
     # Sub-range results equal the same layer from a full run.
     full = extract_layers(ckpt, range(L), torch.device("cpu"))
     np.testing.assert_allclose(res.singular_values[0], full.singular_values[1])
+
+
+def test_write_layers_streams_the_same_arrays(tiny_llama, tmp_path):
+    """The .npy files written layer by layer equal the in-memory result, bit for bit."""
+    path, _ = tiny_llama
+    ckpt = open_checkpoint(str(path))
+    names = LayerResult.array_names()
+    paths = {name: tmp_path / "bases" / f"{name}.npy" for name in names}
+    ranks = write_layers(ckpt, range(L), torch.device("cpu"), False, paths)
+    res = extract_layers(ckpt, range(L), torch.device("cpu"))
+    assert set(names) == {"vectors", "singular_values", "ffn_input_energy", "ffn_input_norm2",
+                          "ffn_input_singular_values"}
+    for name in names:
+        stored, expected = np.load(paths[name]), getattr(res, name)
+        assert stored.dtype == expected.dtype and stored.shape == expected.shape, name
+        np.testing.assert_array_equal(stored, expected, err_msg=name)
+    pd.testing.assert_frame_equal(ranks, res.weight_ranks)

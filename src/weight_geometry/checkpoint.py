@@ -8,15 +8,17 @@ Sources:
 - a path to a Hugging Face directory (``config.json`` + ``model.safetensors`` or a sharded index).
 - a hub id (``org/name``) in the local Hugging Face cache (see :mod:`hub` for downloads).
 
-Opening reads headers only (no torch, no tensor data). :meth:`Checkpoint.read_layer` returns
-one layer's weights as float32 in HF ``(out, in)`` orientation, dequantized if needed, each
-stored tensor read once and checked to be finite.
+Opening reads headers only (no torch, no tensor data). :meth:`Checkpoint.iter_layer` yields
+one layer's weights one at a time (:meth:`Checkpoint.read_layer`: all of them in a dict) as
+float32 in HF ``(out, in)`` orientation, dequantized if needed, each stored tensor read once
+and checked to be finite.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +41,9 @@ from .gguf_file import GGUFFile
 from .safetensors_file import DTYPE_NAMES, SafetensorsReader, directory_entries
 
 PYPI_PREFIX = "pypi:"
+#: Norm-gain role folded into each projection's input columns, and into each head's rows.
+_NORMED_INPUT = {"W_Q": "attn", "W_K": "attn", "W_V": "attn", "W_gate": "ffn", "W_up": "ffn"}
+_QK_NORM = {"W_Q": "q", "W_K": "k"}
 
 
 def resolve_source(source: str) -> Path:
@@ -111,46 +116,61 @@ class Checkpoint:
                             f" {tuple(self._shapes[name])}, config implies {tuple(expected)}")
 
     def _read(self, name: str) -> np.ndarray:
+        """One stored tensor, float32; NaN/Inf is a UserError (checked by its min and max:
+        NaN propagates through both, no boolean temporary)."""
         tensor = self._reader.read(name)
-        if not np.isfinite(tensor).all():
+        if tensor.size and not (np.isfinite(tensor.min()) and np.isfinite(tensor.max())):
             raise UserError(f"{self._files[name]}: tensor {name} contains NaN or Inf")
         return tensor
 
-    def read_layer(self, layer: int, fold_norms: bool = False) -> dict[str, np.ndarray]:
-        """Every weight of ``layer``, float32, HF orientation ``(out, in)``.
+    def iter_layer(self, layer: int,
+                   fold_norms: bool = False) -> Iterator[tuple[str, np.ndarray]]:
+        """``(weight type, weight)`` for every weight of ``layer`` in ``weight_types`` order,
+        float32, HF orientation ``(out, in)``, C-contiguous.
 
-        Each stored tensor is read once, also when several weights are cut from it (fused
-        QKV). With ``fold_norms`` the norm gains are folded in (see architectures). Cost: one
-        read of the layer's tensors; memory: one layer.
+        Each stored tensor is read once, also when several weights are cut from it (a fused
+        QKV: their weight types are consecutive), and dropped once the next tensor is read.
+        With ``fold_norms`` the norm gains are folded in (see architectures). Cost: one read of
+        the layer's tensors; memory: one stored tensor and the weight being yielded (the caller
+        decides what it keeps).
         """
-        tensors: dict[str, np.ndarray] = {}
-        weights = {}
+        gains = self._gains(layer) if fold_norms else {}
+        current, tensor = None, None
         for wt, spec in self.adapter.weights.items():
             name = self.adapter.tensor_name(wt, layer)
-            if name not in tensors:
-                tensors[name] = self._read(name)
-            w = spec.extract(tensors[name], self.dims)
-            if self._unpermute_qk and wt in ("W_Q", "W_K"):
-                heads = self.dims.n_heads if wt == "W_Q" else self.dims.n_kv_heads
-                w = undo_gguf_rope_permutation(w, heads)
-            weights[wt] = np.ascontiguousarray(w)
-        del tensors
-        if fold_norms:
-            self._fold_norms(weights, layer)
-        return weights
+            if name != current:
+                tensor = None  # drop the previous stored tensor before reading the next
+                current, tensor = name, self._read(name)
+            yield wt, self._weight(wt, spec.extract(tensor, self.dims), gains)
 
-    def _fold_norms(self, weights: dict[str, np.ndarray], layer: int) -> None:
-        a, dims = self.adapter, self.dims
-        gain = {role: self._read(a.norm_name(role, layer)) + a.norm_offset for role in a.norms}
-        for wt in ("W_Q", "W_K", "W_V"):
-            weights[wt] = weights[wt] * gain["attn"][None, :]
-        for wt in ("W_gate", "W_up"):
-            if wt in weights:
-                weights[wt] = weights[wt] * gain["ffn"][None, :]
-        for role, wt, heads in (("q", "W_Q", dims.n_heads), ("k", "W_K", dims.n_kv_heads)):
-            if role in gain:
-                w = weights[wt].reshape(heads, dims.d_head, -1) * gain[role][None, :, None]
-                weights[wt] = w.reshape(heads * dims.d_head, -1)
+    def read_layer(self, layer: int, fold_norms: bool = False) -> dict[str, np.ndarray]:
+        """Every weight of ``layer`` (see :meth:`iter_layer`) at once. Memory: one layer."""
+        return dict(self.iter_layer(layer, fold_norms))
+
+    def _weight(self, wt: str, w: np.ndarray, gains: dict[str, np.ndarray]) -> np.ndarray:
+        """A weight cut from its tensor in HF layout: RoPE rows restored (GGUF), gains folded.
+        (A method, so that the generator above holds no reference to a yielded weight.)"""
+        if self._unpermute_qk and wt in ("W_Q", "W_K"):
+            heads = self.dims.n_heads if wt == "W_Q" else self.dims.n_kv_heads
+            w = undo_gguf_rope_permutation(w, heads)
+        return np.ascontiguousarray(self._fold(wt, w, gains))
+
+    def _gains(self, layer: int) -> dict[str, np.ndarray]:
+        """The norm gains of ``layer`` by role (``attn``, ``ffn``, ``q``, ``k``)."""
+        a = self.adapter
+        return {role: self._read(a.norm_name(role, layer)) + a.norm_offset for role in a.norms}
+
+    def _fold(self, wt: str, w: np.ndarray, gains: dict[str, np.ndarray]) -> np.ndarray:
+        """``W diag(g)`` for a projection reading a normed stream, ``diag(g_q)`` on each head's
+        rows for a QK-norm gain; ``w`` itself when ``gains`` is empty (no folding)."""
+        if wt in _NORMED_INPUT and gains:
+            w = w * gains[_NORMED_INPUT[wt]][None, :]
+        role = _QK_NORM.get(wt)
+        if role in gains:
+            heads = w.shape[0] // self.dims.d_head
+            w = (w.reshape(heads, self.dims.d_head, -1) * gains[role][None, :, None]
+                 ).reshape(w.shape)
+        return w
 
     def describe(self, fold_norms: bool = False) -> dict:
         """The record written to ``model.json``."""

@@ -1,37 +1,67 @@
 """One pass over a range of layers: every tensor read once, everything k- and head-independent.
 
-Per layer ``l`` the layer's weights are read (each stored tensor once) and produce:
-- ``vectors[l]`` ``(h, d_head, d)``: right singular vectors of each head's kernel
-  (:func:`kernels.head_subspaces`), all ``d_head`` of them;
+Per layer ``l`` the layer's weights are read one at a time (each stored tensor once), used and
+dropped, and produce:
+- ``vectors[l]`` ``(h, d_head, d)`` float32: right singular vectors of each head's kernel
+  (:func:`kernels.factored_subspaces`), all ``d_head`` of them;
 - ``singular_values[l]`` ``(h, d_head)``;
 - ``ffn_input_energy[l]`` ``(h, d_head)``: ``||W_in v||^2`` for each of those vectors, where
   ``W_in`` is the FFN input projection (``W_gate``, or ``W_up`` for a non-gated FFN). As
   ``V_k`` is the first ``k`` rows, ``||W_in V_k^T||_F^2`` is a prefix sum, so the alignment
   of every head at every k follows without re-reading weights. Computed from
-  ``G = W_in^T W_in`` (the Gram matrix that the effective rank needs anyway) as
-  ``diag(V G V^T)``, cost O(h d_head d^2);
+  ``G = W_in^T W_in`` (the Gram matrix that the effective rank needs anyway) once per KV head,
+  ``G_j = Q_k_j^T G Q_k_j``, cost O(n_kv d^2 d_head) (:meth:`FactoredSubspaces.energies`);
 - ``ffn_input_norm2[l]``: ``||W_in||_F^2 = trace(G)``;
+- ``ffn_input_singular_values[l]`` ``(d,)``: singular values of ``W_in``, descending,
+  ``sqrt(eigvalsh(G))`` (the ones its effective rank uses);
 - effective-rank rows (layer_idx, weight_type, shape, eff_rank) for every weight.
-Peak memory: one layer's weights (numpy and device copies) plus one d x d Gram matrix.
+
+Precision: ``G`` is float32 (see :mod:`ranks`), so energies and ``trace(G)`` carry its rounding,
+about ``eps32 ||G||`` per entry: relative errors ~1e-6 for directions of typical energy, and
+``ffn_input_singular_values`` are exact to ``~sqrt(eps32) sigma_max`` absolute (``eps32
+sigma_max^2 / (2 sigma_i)`` for the larger ones). The subspaces are computed in float64.
+
+Peak memory: one weight in float32 on the host and the device, one raw buffer of the largest
+stored tensor, two ``d x d`` float32 Grams and one float64 copy of ``G``; :func:`write_layers`
+appends each layer to the ``.npy`` files, so no layer range is held in memory.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pandas as pd
 import torch
 
 from .checkpoint import Checkpoint
-from .kernels import head_subspaces
-from .ranks import (
-    effective_rank_from_singular_values,
-    gram,
-    singular_values_from_gram,
-    smaller_side,
-)
+from .kernels import FactoredSubspaces, factored_subspaces
+from .ranks import effective_rank_from_singular_values, smaller_side, weight_spectrum
 from .rule_script import progress
+
+RANK_COLUMNS = ["layer_idx", "weight_type", "shape", "eff_rank"]
+
+
+@dataclass
+class LayerResult:
+    """One layer's products (shapes in the module docstring, without the layer axis)."""
+
+    vectors: np.ndarray
+    singular_values: np.ndarray
+    ffn_input_energy: np.ndarray
+    ffn_input_norm2: np.ndarray
+    ffn_input_singular_values: np.ndarray
+    weight_ranks: list[tuple]
+
+    @classmethod
+    def array_names(cls) -> list[str]:
+        """The per-layer arrays, i.e. every field but ``weight_ranks``."""
+        return [f.name for f in dataclasses.fields(cls) if f.name != "weight_ranks"]
 
 
 @dataclass
@@ -42,38 +72,84 @@ class LayerRangeResult:
     singular_values: np.ndarray
     ffn_input_energy: np.ndarray
     ffn_input_norm2: np.ndarray
+    ffn_input_singular_values: np.ndarray
     weight_ranks: pd.DataFrame
+
+
+def extract_layer(ckpt: Checkpoint, layer: int, device: torch.device,
+                  fold_norms: bool = False) -> LayerResult:
+    """All products of one layer; each weight is dropped once its Gram is done (W_Q and W_K
+    once the subspaces are). Cost per weight: its float32 Gram and ``eigvalsh``."""
+    dims, ffn_input = ckpt.dims, ckpt.adapter.ffn_input
+    rows, kernel_inputs = [], {}
+    subspaces: FactoredSubspaces | None = None
+    for wt, array in ckpt.iter_layer(layer, fold_norms):
+        w = torch.from_numpy(array).to(device)
+        shape = tuple(w.shape)
+        sigma, g = weight_spectrum(w, "in" if wt == ffn_input else smaller_side(shape))
+        rows.append((layer, wt, f"{shape[0]}x{shape[1]}",
+                     effective_rank_from_singular_values(sigma, shape)))
+        if wt == ffn_input:
+            ffn_gram, ffn_sigma = g, sigma
+        if wt in ("W_Q", "W_K"):
+            kernel_inputs[wt] = w.double()
+        if len(kernel_inputs) == 2:
+            subspaces = factored_subspaces(kernel_inputs.pop("W_Q"), kernel_inputs.pop("W_K"),
+                                           dims.n_heads, dims.n_kv_heads, dims.d_head)
+        del w, g, array
+    return LayerResult(
+        vectors=subspaces.vectors().float().cpu().numpy(),
+        singular_values=subspaces.singular_values.cpu().numpy(),
+        ffn_input_energy=subspaces.energies(ffn_gram).cpu().numpy(),
+        ffn_input_norm2=np.array(float(torch.diagonal(ffn_gram).double().sum())),
+        ffn_input_singular_values=ffn_sigma,
+        weight_ranks=rows)
+
+
+def iter_layers(ckpt: Checkpoint, layers: range, device: torch.device,
+                fold_norms: bool = False) -> Iterator[LayerResult]:
+    """:func:`extract_layer` for each layer of ``layers`` in order, with a progress line."""
+    for pos, layer in enumerate(layers):
+        yield extract_layer(ckpt, layer, device, fold_norms)
+        progress(f"layer {layer} done ({pos + 1}/{len(layers)})")
+
+
+def _ranks_frame(rows: list[tuple]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=RANK_COLUMNS)
 
 
 def extract_layers(ckpt: Checkpoint, layers: range, device: torch.device,
                    fold_norms: bool = False) -> LayerRangeResult:
-    """Run the single pass over ``layers`` of ``ckpt`` on ``device``."""
-    dims = ckpt.dims
-    n = len(layers)
-    vectors = np.empty((n, dims.n_heads, dims.d_head, dims.d_model), dtype=np.float32)
-    sigmas = np.empty((n, dims.n_heads, dims.d_head))
-    energy = np.empty((n, dims.n_heads, dims.d_head))
-    norm2 = np.empty(n)
-    rows = []
-    ffn_input = ckpt.adapter.ffn_input
-    for pos, layer in enumerate(layers):
-        weights = {}
-        for wt, array in ckpt.read_layer(layer, fold_norms).items():
-            weights[wt] = torch.from_numpy(array).to(device)
-            shape = tuple(weights[wt].shape)
-            g = gram(weights[wt], "in" if wt == ffn_input else smaller_side(shape))
-            rows.append((layer, wt, f"{shape[0]}x{shape[1]}",
-                         effective_rank_from_singular_values(singular_values_from_gram(g), shape)))
-            if wt == ffn_input:
-                ffn_gram = g
-            if wt not in ("W_Q", "W_K"):
-                del weights[wt]  # keep only what the kernels still need
-        v, s = head_subspaces(weights["W_Q"].double(), weights["W_K"].double(), dims.n_heads,
-                              dims.n_kv_heads, dims.d_head)
-        vectors[pos] = v.float().cpu().numpy()
-        sigmas[pos] = s.cpu().numpy()
-        energy[pos] = ((v @ ffn_gram) * v).sum(-1).cpu().numpy()
-        norm2[pos] = float(torch.trace(ffn_gram))
-        progress(f"layer {layer} done ({pos + 1}/{n})")
-    ranks = pd.DataFrame(rows, columns=["layer_idx", "weight_type", "shape", "eff_rank"])
-    return LayerRangeResult(vectors, sigmas, energy, norm2, ranks)
+    """Run the single pass over ``layers`` of ``ckpt`` on ``device``; results in memory."""
+    results = list(iter_layers(ckpt, layers, device, fold_norms))
+    arrays = {name: np.stack([getattr(r, name) for r in results])
+              for name in LayerResult.array_names()}
+    return LayerRangeResult(**arrays,
+                            weight_ranks=_ranks_frame([row for r in results
+                                                       for row in r.weight_ranks]))
+
+
+def write_layers(ckpt: Checkpoint, layers: range, device: torch.device, fold_norms: bool,
+                 paths: Mapping[str, str | Path]) -> pd.DataFrame:
+    """Run the single pass and append each layer's arrays to the ``.npy`` files ``paths``
+    (``{array name: path}``, names of :meth:`LayerResult.array_names`), each of shape
+    ``(len(layers), ...)``. Returns the effective-rank rows. Memory: one layer's results."""
+    files: dict[str, BinaryIO] = {}
+    rows: list[tuple] = []
+    with ExitStack() as stack:
+        for result in iter_layers(ckpt, layers, device, fold_norms):
+            for name, path in paths.items():
+                array = np.asarray(getattr(result, name))
+                if name not in files:
+                    Path(path).parent.mkdir(parents=True, exist_ok=True)
+                    files[name] = stack.enter_context(open(path, "wb"))
+                    _write_npy_header(files[name], (len(layers), *array.shape), array.dtype)
+                files[name].write(array.tobytes())  # C order, whatever the layout
+            rows += result.weight_ranks
+    return _ranks_frame(rows)
+
+
+def _write_npy_header(fh: BinaryIO, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    """The ``.npy`` header of a C-order ``shape`` array of ``dtype``; the data follow."""
+    np.lib.format.write_array_header_1_0(fh, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                              "fortran_order": False, "shape": shape})

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-BASES_FILES = ("vectors", "singular_values", "ffn_input_energy", "ffn_input_norm2")
+BASES_FILES = ("vectors", "singular_values", "ffn_input_energy", "ffn_input_norm2",
+               "ffn_input_singular_values")
 
 
 def chunk_dir_name(first: int, last: int) -> str:

@@ -62,14 +62,15 @@ def similarity_files(heads_of):
 
 
 def extraction_mem_mb(wildcards):
-    """Peak memory of one extraction job: one layer's weights in float32 and float64, two
-    d x d Gram matrices, and the job's stored arrays; plus the interpreter and torch."""
+    """Peak memory of one extraction job, which reads, uses and frees one tensor at a time and
+    appends each layer to its outputs: the largest weight three times at 4 bytes a value (host,
+    device, raw read buffer), six d x d float64-sized matrices (Grams, eigvalsh workspace, the
+    energies' float64 copy, a float64 fallback Gram) and one layer's outputs; plus the
+    interpreter and torch. Independent of the number of layers."""
     d = model_plan(wildcards).dims
-    n_layers = int(wildcards.last) - int(wildcards.first) + 1
-    # The gated layout bounds the non-gated one.
-    layer = sum(a * b for a, b in map(d.weight_shape, GATED))
-    stored = n_layers * d.n_heads * d.d_head * (d.d_model * 4 + 24)
-    return 1500 + (layer * 12 + 2 * d.d_model**2 * 8 + stored) // 2**20
+    largest = max(a * b for a, b in map(d.weight_shape, GATED))
+    layer_out = d.n_heads * d.d_head * (d.d_model * 4 + 24) + d.d_model * 8
+    return 1500 + (largest * 12 + 6 * d.d_model**2 * 8 + layer_out) // 2**20
 
 
 def extraction_runtime(wildcards):

@@ -9,9 +9,9 @@ def main():
     import torch
 
     from weight_geometry.checkpoint import open_checkpoint
-    from weight_geometry.extraction import extract_layers
+    from weight_geometry.extraction import write_layers
     from weight_geometry.kernels import resolve_device
-    from weight_geometry.results_io import BASES_FILES, save_result
+    from weight_geometry.results_io import BASES_FILES
 
     torch.set_num_threads(snakemake.threads)
     device = resolve_device(snakemake.params.device)
@@ -19,11 +19,9 @@ def main():
     ckpt = open_checkpoint(snakemake.params.path, fold)
     layers = range(int(snakemake.wildcards.first), int(snakemake.wildcards.last) + 1)
     progress(f"{ckpt.path}: layers {layers.start}-{layers.stop - 1} on {device}")
-    result = extract_layers(ckpt, layers, device, fold)
     out = snakemake.output
-    for name in BASES_FILES:
-        save_result(out[name], getattr(result, name))
-    result.weight_ranks.to_parquet(out.weight_ranks, index=False)
+    ranks = write_layers(ckpt, layers, device, fold, {name: out[name] for name in BASES_FILES})
+    ranks.to_parquet(out.weight_ranks, index=False)
 
 
 run_rule(main, snakemake.log[0], snakemake.output)
