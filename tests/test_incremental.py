@@ -19,7 +19,8 @@ from conftest import REPO, assert_ok, make_llama_checkpoint, run_snakemake
 pytestmark = pytest.mark.workflow
 
 CHEAP_K_RULES = {"similarity_matrix", "similarity_mean", "bottleneck_similarity",
-                 "ffn_alignment", "layer_table", "report_figures", "report_markdown"}
+                 "ffn_alignment", "match_heads", "layer_table", "report_figures",
+                 "report_markdown"}
 
 
 def planned(proc) -> list[tuple[str, list[str]]]:
@@ -74,7 +75,9 @@ def test_new_k_plans_only_that_k(base, args):
 def test_new_head_plans_no_extraction(base):
     jobs = dry(base, heads=[0, 1, 2])
     rules = {r for r, _ in jobs}
-    assert rules <= CHEAP_K_RULES and "similarity_matrix" in rules
+    # The k-sweep averages over the sampled heads; head matching uses all heads and stays.
+    assert rules <= CHEAP_K_RULES | {"k_sweep"} and "similarity_matrix" in rules
+    assert "match_heads" not in rules
     sims = [o for r, outs in jobs if r == "similarity_matrix" for o in outs]
     assert sims == ["results/tiny/k4/similarity_head2.npy"]
 
@@ -85,13 +88,14 @@ def test_new_bottleneck_plans_only_its_dependants(base):
                      "report_markdown"]
 
 
-def test_second_model_plans_only_that_model(base):
+def test_second_model_plans_only_that_model_and_the_comparison(base):
     workdir, config, root = base
     other = make_llama_checkpoint(root / "ckpt2", seed=1)
     models = {**config["models"], "other": {"source": str(other)}}
     jobs = dry(base, models=models)
-    assert jobs
-    assert all(o.startswith(("results/other/", "logs/other/")) for _, outs in jobs for o in outs)
+    assert jobs and "compare_models" in {r for r, _ in jobs}
+    assert all(o.startswith(("results/other/", "logs/other/", "results/compare/"))
+               for _, outs in jobs for o in outs)
 
 
 def test_edited_script_reruns_rule_and_dependants(tmp_path, base):

@@ -30,7 +30,8 @@ def test_alignment_table_equals_projector_formula(k):
     energy = np.stack([[np.square(gates[ly] @ vectors[ly, i].T).sum(0) for i in range(h)]
                        for ly in range(n_layers)])
     norm2 = np.array([np.square(g).sum() for g in gates])
-    table = alignment_table(energy, norm2, k, d, "W_gate")
+    spectra = np.stack([np.linalg.svd(g, compute_uv=False) for g in gates])
+    table = alignment_table(energy, norm2, spectra, k, d, "W_gate")
     assert len(table) == n_layers * h
     assert list(table[["head", "layer"]].itertuples(index=False, name=None)) == \
         [(i, ly) for i in range(h) for ly in range(n_layers)], "sorted by head then layer"
@@ -43,6 +44,14 @@ def test_alignment_table_equals_projector_formula(k):
         assert row.chance == pytest.approx(k / d)
         assert row.ratio == pytest.approx(ref / (k / d), rel=1e-10)
         assert row.ffn_input == "W_gate"
+        # Ceiling: the energy share of W's own top-k right singular directions, from numpy's
+        # SVD directly; no k-subspace holds more.
+        _, s, vt = np.linalg.svd(w)
+        ceiling = np.linalg.norm(w @ vt[:k].T) ** 2 / np.linalg.norm(w) ** 2
+        assert row.ceiling == pytest.approx(ceiling, rel=1e-10)
+        assert row.alignment <= row.ceiling + 1e-12
+        assert row.normalized == pytest.approx((ref - k / d) / (ceiling - k / d), rel=1e-9)
+        assert row.z == pytest.approx((ref - k / d) / row.null_std, rel=1e-9)
     assert table["alignment"].min() > 0 and table["alignment"].max() < 1
 
 
@@ -53,9 +62,10 @@ def test_alignment_full_space_is_one_and_isotropic_gate_near_chance():
     w = rng.standard_normal((d_ff, d))
     energy = np.square(w @ basis[0, 0].T).sum(0)[None, None]
     norm2 = np.array([np.square(w).sum()])
-    full = alignment_table(energy, norm2, d, d, "W_up")
+    spectrum = np.linalg.svd(w, compute_uv=False)[None]
+    full = alignment_table(energy, norm2, spectrum, d, d, "W_up")
     assert full["alignment"].iloc[0] == pytest.approx(1.0)
     assert full["ratio"].iloc[0] == pytest.approx(1.0)
-    three = alignment_table(energy, norm2, 3, d, "W_up")
+    three = alignment_table(energy, norm2, spectrum, 3, d, "W_up")
     assert three["chance"].iloc[0] == pytest.approx(0.3)
     assert three["alignment"].iloc[0] == pytest.approx(0.3, abs=0.02)

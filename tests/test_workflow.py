@@ -123,7 +123,8 @@ def test_effective_ranks_equal_numpy(tiny_run, modules):
     csv = pd.read_csv(tiny_run / "results/tiny/effective_ranks.csv")
     assert list(csv.columns) == ["layer_idx", "weight_type", "shape", "eff_rank"]
     pq = pd.read_parquet(tiny_run / "results/tiny/effective_ranks.parquet")
-    pd.testing.assert_frame_equal(csv, pq, check_dtype=False)
+    assert (pq["source"] == "computed from the weights").all()
+    pd.testing.assert_frame_equal(csv, pq.drop(columns="source"), check_dtype=False)
     assert len(csv) == 4 * 7
     modules_of = {"W_Q": "self_attn.q_proj", "W_K": "self_attn.k_proj", "W_V": "self_attn.v_proj",
                   "W_O": "self_attn.o_proj", "W_gate": "mlp.gate_proj", "W_up": "mlp.up_proj",
@@ -162,15 +163,18 @@ def test_report_sections_and_figures(tiny_run):
     text = (tiny_run / "results/tiny/k4/report.md").read_text()
     sections = ["## Model configuration", "## Experiment 1", "### Summary statistics",
                 "### Full similarity matrix", "### Phase boundaries",
-                "### Similarity by layer distance", "## Experiment 2", "### Per-layer similarity",
+                "### Similarity by layer distance", "## Head matching", "## Experiment 2",
+                "### Per-layer similarity",
                 "## Experiment 3", "### Per-layer alignment", "## Multi-head robustness",
                 "### Averaged similarity matrix (layer", "### Per-head similarity",
-                "### Per-head FFN-attention alignment", "## Cross-reference",
+                "### Per-head FFN-attention alignment", "## k-sensitivity", "## Cross-reference",
                 "### Correlation between metrics", "## Key findings"]
     positions = [text.index(s) for s in sections]
     assert positions == sorted(positions), "report sections out of order"
     for name in FIGURES:
         assert f"](figures/{name}.png)" in text
+    assert "](../figures/ksweep.png)" in text
+    assert "z vs isotropic null" in text and "Random pairing" in text
     assert "zero-offset slice" in text  # the RoPE caveat
     assert "Bottleneck layer 2: set in the config" in text
     # 2 layers before the bottleneck: a trend from 2 points is undefined, never r = +-1.
@@ -191,3 +195,69 @@ def test_layers_per_job_splits_extraction_with_identical_results(tmp_path, tiny_
     for head in HEADS:
         assert np.array_equal(np.load(r / f"k4/similarity_head{head}.npy"),
                               np.load(ref / f"k4/similarity_head{head}.npy"))
+
+
+def cross_head(layers, config, k: int) -> np.ndarray:
+    """``S[a, i, b, j] = sim(V_a,i, V_b,j)`` from naive d x d SVD bases of every head."""
+    bases = [[naive_basis(layer, config, h, k) for h in HEADS] for layer in layers]
+    n, h = len(bases), len(HEADS)
+    out = np.empty((n, h, n, h))
+    for a, b, i, j in np.ndindex(n, n, h, h):
+        out[a, i, b, j] = np.square(bases[a][i] @ bases[b][j].T).sum() / k
+    return out
+
+
+@pytest.mark.parametrize("k", KS)
+def test_best_match_and_layer_pairs(tiny_run, modules, k):
+    layers, config = modules
+    kdir = tiny_run / f"results/tiny/k{k}"
+    cross = cross_head(layers, config, k)
+    best = np.load(kdir / "best_match.npy")
+    assert np.allclose(best, cross.max(axis=3).mean(axis=1), atol=1e-5)
+    pairs = np.load(kdir / "best_match_pairs.npy")
+    assert pairs.shape == (4, 4, 4)
+    for a, b, i in np.ndindex(4, 4, 4):
+        # The chosen head is a maximiser (ties at float32 precision allowed).
+        assert cross[a, i, b, pairs[a, b, i]] >= cross[a, i, b].max() - 1e-5
+    table = pd.read_parquet(kdir / "layer_pairs.parquet")
+    assert len(table) == 6 and (table["layer_a"] < table["layer_b"]).all()
+    for row in table.itertuples():
+        a, b = row.layer_a, row.layer_b
+        assert row.same_index == pytest.approx(np.diagonal(cross[a, :, b]).mean(), abs=1e-5)
+        assert row.best_match == pytest.approx(best[a, b], abs=1e-6)
+        # Random pairings (seeded, 1000 of them) average to the mean over all head pairs.
+        assert row.random_pairing_mean == pytest.approx(cross[a, :, b].mean(),
+                                                        abs=4 * row.random_pairing_std / 30)
+        assert row.isotropic_mean == pytest.approx(k / 64)
+    layer_table = pd.read_parquet(kdir / "layers.parquet")
+    assert np.allclose(layer_table["adjacent_best_match"][:3], np.diagonal(best, 1))
+
+
+def test_alignment_nulls_against_numpy(tiny_run, modules):
+    layers, _ = modules
+    k, d = 4, 64
+    table = pd.read_parquet(tiny_run / f"results/tiny/k{k}/alignment.parquet")
+    for row in table.itertuples():
+        gate = layers[row.layer].mlp.gate_proj.weight.detach().double().numpy()
+        lam = np.linalg.svd(gate, compute_uv=False) ** 2
+        assert row.ceiling == pytest.approx(lam[:k].sum() / lam.sum(), rel=1e-5)
+        var = 2 * k * (d - k) / (d * (d - 1) * (d + 2)) * (np.sum(lam**2) - lam.sum()**2 / d)
+        assert row.null_std == pytest.approx(np.sqrt(var) / lam.sum(), rel=1e-5)
+        assert row.z == pytest.approx((row.alignment - k / d) / row.null_std, rel=1e-6)
+
+
+def test_ksweep_matches_per_k_outputs(tiny_run):
+    sweep = pd.read_parquet(tiny_run / "results/tiny/ksweep.parquet")
+    assert sweep["k"].tolist() == list(range(1, 24))  # 1 .. d_head - 1
+    assert (tiny_run / "results/tiny/figures/ksweep.png").stat().st_size > 0
+    for k in KS:
+        row = sweep[sweep["k"] == k].iloc[0]
+        kdir = tiny_run / f"results/tiny/k{k}"
+        sims = [np.load(kdir / f"similarity_head{h}.npy") for h in HEADS]
+        off = np.mean([s[~np.eye(4, dtype=bool)].mean() for s in sims])
+        adjacent = np.mean([np.diagonal(s, 1).mean() for s in sims])
+        assert row["off_diagonal_mean"] == pytest.approx(off, rel=1e-6)
+        assert row["adjacent_mean"] == pytest.approx(adjacent, rel=1e-6)
+        align = pd.read_parquet(kdir / "alignment.parquet")["alignment"].mean()
+        assert row["alignment_mean"] == pytest.approx(align, rel=1e-6)
+        assert row["off_diagonal_mean_ratio"] == pytest.approx(off / (k / 64), rel=1e-6)

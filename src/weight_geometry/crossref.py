@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from .nulls import similarity_z
 from .statistics import Correlation, correlate
 
 PAIRS = (
@@ -14,25 +15,41 @@ PAIRS = (
 )
 
 
-def layer_table(weight_ranks: pd.DataFrame, sims: np.ndarray, bottleneck: pd.DataFrame,
-                alignment: pd.DataFrame, head: int) -> pd.DataFrame:
-    """One row per layer: mean effective rank over the seven weights, ``sim[l, l+1]`` (NaN for
-    the last layer), similarity to the bottleneck and alignment of ``head``."""
+def _next_layer(matrix: np.ndarray) -> np.ndarray:
+    """``matrix[l, l+1]`` per layer, NaN for the last one."""
+    return np.append(np.diagonal(matrix, offset=1), np.nan)
+
+
+def layer_table(weight_ranks: pd.DataFrame, sims: np.ndarray, best_match: np.ndarray,
+                bottleneck: pd.DataFrame, alignment: pd.DataFrame, head: int, k: int,
+                d: int) -> pd.DataFrame:
+    """One row per layer ``l`` for ``head``: mean effective rank over the weight types;
+    ``sim[l, l+1]`` and the best-match similarity of layer l to l+1 (all heads; NaN for the
+    last layer); similarity to the bottleneck; alignment, its ratio to chance, null std,
+    z-score and value normalized between chance and ceiling. Similarity z-scores are against
+    the isotropic null of k-subspaces of R^d (:func:`nulls.similarity_z`)."""
     n = len(sims)
-    adj = np.append(np.diagonal(sims, offset=1), np.nan)
     to_ref = bottleneck[bottleneck["head"] == head].set_index("layer")["similarity"]
-    align = alignment[alignment["head"] == head].set_index("layer")
+    align = alignment[alignment["head"] == head].set_index("layer").reindex(np.arange(n))
     mean_rank = weight_ranks.groupby("layer_idx")["eff_rank"].mean()
     layers = np.arange(n)
+    adjacent = _next_layer(sims)
+    to_bottleneck = to_ref.reindex(layers).to_numpy()
     return pd.DataFrame({
         "layer": layers,
         "head": head,
         "is_bottleneck": layers == int(bottleneck["bottleneck_layer"].iloc[0]),
         "mean_eff_rank": mean_rank.reindex(layers).to_numpy(),
-        "adjacent_similarity": adj,
-        "bottleneck_similarity": to_ref.reindex(layers).to_numpy(),
-        "alignment": align["alignment"].reindex(layers).to_numpy(),
-        "alignment_ratio": align["ratio"].reindex(layers).to_numpy(),
+        "adjacent_similarity": adjacent,
+        "adjacent_z": similarity_z(adjacent, k, d),
+        "adjacent_best_match": _next_layer(best_match),
+        "bottleneck_similarity": to_bottleneck,
+        "bottleneck_z": similarity_z(to_bottleneck, k, d),
+        "alignment": align["alignment"].to_numpy(),
+        "alignment_ratio": align["ratio"].to_numpy(),
+        "alignment_null_std": align["null_std"].to_numpy(),
+        "alignment_z": align["z"].to_numpy(),
+        "alignment_normalized": align["normalized"].to_numpy(),
     })
 
 

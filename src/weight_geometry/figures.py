@@ -10,10 +10,19 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .results_io import Analysis  # noqa: E402
+from .ksweep import RATIO_LABELS  # noqa: E402
+from .results_io import Analysis, pair_matrix  # noqa: E402
 
-FIGURES = ("similarity_heatmap", "bottleneck_trace", "alignment", "multihead_summary",
-           "effective_ranks", "kernel_effective_ranks")
+#: Figure name -> the report section (Snakemake report subcategory) it belongs to.
+FIGURES = {
+    "similarity_heatmap": "Experiment 1: subspace overlap",
+    "best_match": "Head matching",
+    "bottleneck_trace": "Experiment 2: bottleneck",
+    "alignment": "Experiment 3: FFN alignment",
+    "multihead_summary": "Multi-head robustness",
+    "effective_ranks": "Effective ranks",
+    "kernel_effective_ranks": "Effective ranks",
+}
 
 
 def _save(fig, path) -> None:
@@ -49,6 +58,13 @@ def draw_all(a: Analysis, out: dict[str, str]) -> None:
     _heatmap(ax, fig, a.similarity[head], f"Attention subspace overlap (head {head}, top-{k})")
     _save(fig, out["similarity_heatmap"])
 
+    fig, axes = plt.subplots(1, 2, figsize=(15, 6.2))
+    _heatmap(axes[0], fig, pair_matrix(a.layer_pairs, "same_index", len(a.best_match)),
+             f"Same-index similarity, mean over all heads (top-{k})")
+    _heatmap(axes[1], fig, a.best_match, f"Best-match similarity (top-{k})")
+    axes[1].set(ylabel="Layer a (each head's best match in layer b)", xlabel="Layer b")
+    _save(fig, out["best_match"])
+
     fig, ax = plt.subplots(figsize=(10, 3.8))
     ax.plot(a.layers["layer"], a.layers["bottleneck_similarity"], marker=".")
     ax.axvline(b, color="r", linestyle="--", alpha=0.5, label=f"bottleneck layer {b}")
@@ -61,6 +77,9 @@ def draw_all(a: Analysis, out: dict[str, str]) -> None:
     fig, ax = plt.subplots(figsize=(10, 3.8))
     ax.plot(a.layers["layer"], a.layers["alignment"], marker=".", label=f"head {head}")
     ax.axhline(chance, color="r", linestyle="--", label=f"chance k/d = {chance:.4f}")
+    ax.fill_between(a.layers["layer"], chance - 2 * a.layers["alignment_null_std"],
+                    chance + 2 * a.layers["alignment_null_std"], color="r", alpha=0.1,
+                    label="isotropic null ± 2 std")
     ax.set(xlabel="Layer", ylabel="Fraction of FFN input energy",
            title=f"FFN-attention alignment ({a.model['ffn_input']}, top-{k})")
     ax.legend()
@@ -91,3 +110,19 @@ def draw_all(a: Analysis, out: dict[str, str]) -> None:
     ax.set(xlabel="Head", ylabel="Layer", title="Effective rank of W_Q_i^T W_K_j per head",
            xticks=np.arange(grid.shape[1]))
     _save(fig, out["kernel_effective_ranks"])
+
+
+def draw_ksweep(table, d_head: int, path) -> None:
+    """Statistics / chance against k (rows of :func:`ksweep.ksweep_table`), and the number of
+    ill-defined (layer, head) subspaces per k."""
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7), sharex=True,
+                                      gridspec_kw={"height_ratios": [3, 1]})
+    for column, label in RATIO_LABELS.items():
+        top.plot(table["k"], table[column], marker=".", label=label)
+    top.axhline(1.0, color="gray", linestyle=":", label="chance (k/d)")
+    top.set(ylabel="statistic / chance", yscale="log",
+            title=f"k-sensitivity (k = 1 .. {d_head - 1}; d_head = {d_head} excluded)")
+    top.legend()
+    bottom.bar(table["k"], table["n_ill_defined"], color="gray")
+    bottom.set(xlabel="k", ylabel="ill-defined\n(layer, head)")
+    _save(fig, path)

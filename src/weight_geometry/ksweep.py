@@ -22,6 +22,12 @@ from .statistics import adjacent, distant, off_diagonal
 
 GAP_THRESHOLD = 0.01
 
+#: The table's statistics divided by chance, with the labels of the report and the figure.
+RATIO_LABELS = {"off_diagonal_mean_ratio": "off-diagonal similarity / chance",
+                "adjacent_mean_ratio": "adjacent-layer similarity / chance",
+                "distant_mean_ratio": "distant-layer similarity / chance",
+                "alignment_mean_ratio": "FFN-attention alignment / chance"}
+
 
 def relative_gaps(singular_values: np.ndarray) -> np.ndarray:
     """``(L, h, d_head - 1)``: entry ``k - 1`` is ``(sigma_k - sigma_{k+1}) / sigma_k`` (1-based

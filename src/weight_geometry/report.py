@@ -10,6 +10,8 @@ import numpy as np
 import pandas as pd
 
 from .crossref import layer_correlations
+from .ksweep import GAP_THRESHOLD, RATIO_LABELS, ill_defined
+from .nulls import similarity_z
 from .results_io import Analysis
 from .similarity import null_mean, null_std
 from .statistics import (
@@ -22,9 +24,10 @@ from .statistics import (
     similarity_by_distance,
 )
 
-#: Relative spectral gap ``(sigma_k - sigma_{k+1}) / sigma_k`` below which the top-k subspace
-#: of a head is flagged as ill-defined.
-GAP_THRESHOLD = 0.01
+#: Ill-defined (layer, head) pairs listed by name in the report (the smallest gaps).
+MAX_LISTED = 20
+#: Values of k shown in the report's k-sweep table (all k are in ksweep.csv).
+KSWEEP_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 def _table(df: pd.DataFrame, floatfmt=".4f", index=False) -> str:
@@ -45,15 +48,6 @@ def _fig(name: str, caption: str) -> str:
     return f"![{caption}](figures/{name}.png)"
 
 
-def spectral_gaps(singular_values: np.ndarray, head: int, k: int) -> np.ndarray | None:
-    """Relative gap at k per layer for ``head``; None when k = d_head (no sigma_{k+1})."""
-    s = singular_values[:, head, :]
-    if k >= s.shape[1]:
-        return None
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return (s[:, k - 1] - s[:, k]) / s[:, k - 1]
-
-
 def per_head_table(a: Analysis, table: pd.DataFrame, column: str) -> pd.DataFrame:
     grid = a.per_head(table, column)
     out = grid.rename(columns=lambda h: f"Head {h}")
@@ -61,92 +55,158 @@ def per_head_table(a: Analysis, table: pd.DataFrame, column: str) -> pd.DataFram
     return out.rename_axis("Layer").reset_index()
 
 
+def _z(value: float, k: int, d: int) -> str:
+    return f"{float(similarity_z(value, k, d)):+.1f}"
+
+
 def render(a: Analysis) -> str:
     """The whole report as markdown."""
-    m, k, head = a.model, a.k, a.primary_head
-    d, n_layers, d_head = m["d_model"], m["n_layers"], m["d_head"]
-    sims = a.similarity[head]
-    chance = null_mean(k, d)
-    b = a.bottleneck_layer
-    to_ref = a.layers["bottleneck_similarity"].to_numpy()
-    align = a.layers["alignment"].to_numpy()
-    s1 = overlap_summary(sims)
-    pre, post = bottleneck_trends(to_ref, b)
-    mean_ratio = align.mean() / chance
-    out: list[str] = []
-    w = out.append
+    sections = [_header, _configuration, _overlap, _head_matching, _bottleneck, _alignment,
+                _multihead, _k_sensitivity, _crossref, _findings]
+    return "\n".join(line for section in sections for line in section(a))
 
-    w(f"# Subspace geometry analysis: {m['name']}\n")
-    w(f"Source: `{m['source']}` ({m['format']}, architecture `{m['architecture']}`); weights"
-      f" stored as {m['storage_dtype']}; analysed as {m['compute_dtype']}.\n")
-    w("Caveats: the kernel `W_Q_i^T W_K_j` is the attention score's bilinear form before RoPE"
-      " and scaling; RoPE makes the true kernel depend on the relative position, and this is"
-      f" its zero-offset slice. Biases: {m.get('biases', 'not used')}; norm gains:"
-      f" {m.get('norm_gains', 'not applied (raw projection weights)')}."
-      + (f" **k = d_head = {d_head}: the subspace is the row space of W_K alone, so heads sharing"
-         " a KV head are identical; use k < d_head to compare heads.**" if k == d_head else "")
-      + "\n")
 
-    w("## Model configuration\n")
-    w(_metric_table([
-        ("Architecture", m["architecture"]), ("Layers (L)", n_layers), ("Hidden size (d)", d),
-        ("FFN intermediate (d_ff)", m["d_ff"]), ("Attention heads (h)", m["n_heads"]),
-        ("Key/value heads (n_kv)", m["n_kv_heads"]), ("Head dim (d_head)", d_head),
-        ("Subspace rank (k)", k), ("Primary head", head), ("Sampled heads", a.heads),
+def _header(a: Analysis):
+    m, k, d_head = a.model, a.k, a.model["d_head"]
+    yield f"# Subspace geometry analysis: {m['name']}\n"
+    yield (f"Source: `{m['source']}` ({m['format']}, architecture `{m['architecture']}`);"
+           f" weights stored as {m['storage_dtype']}; analysed as {m['compute_dtype']}.\n")
+    yield ("Caveats: the kernel `W_Q_i^T W_K_j` is the attention score's bilinear form before"
+           " RoPE and scaling; RoPE makes the true kernel depend on the relative position, and"
+           f" this is its zero-offset slice. Biases: {m.get('biases', 'not used')}; norm gains:"
+           f" {m.get('norm_gains', 'not applied (raw projection weights)')}."
+           + (f" **k = d_head = {d_head}: the subspace is the row space of W_K alone, so heads"
+              " sharing a KV head are identical; use k < d_head to compare heads.**"
+              if k == d_head else "") + "\n")
+    yield ("Nulls: the similarity of one pair of subspaces is shown beside the isotropic null"
+           f" (two Haar-random k-subspaces of R^d: mean k/d = {null_mean(k, m['d_model']):.4f},"
+           f" std {null_std(k, m['d_model']):.4f}) as a z-score `(value - k/d) / std`, averages"
+           " as multiples of chance; alignment beside its own isotropic null (std from the FFN"
+           " input's spectrum). A z-score measures distance from chance, not effect size: with"
+           " d in the hundreds, small similarities can have large z.\n")
+
+
+def _configuration(a: Analysis):
+    m = a.model
+    yield "## Model configuration\n"
+    yield _metric_table([
+        ("Architecture", m["architecture"]), ("Layers (L)", m["n_layers"]),
+        ("Hidden size (d)", m["d_model"]), ("FFN intermediate (d_ff)", m["d_ff"]),
+        ("Attention heads (h)", m["n_heads"]), ("Key/value heads (n_kv)", m["n_kv_heads"]),
+        ("Head dim (d_head)", m["d_head"]), ("Subspace rank (k)", a.k),
+        ("Primary head", a.primary_head), ("Sampled heads", a.heads),
         ("FFN input used for alignment", m["ffn_input"]),
         ("Storage dtype", m["storage_dtype"]),
-    ]) + "\n")
+        ("Effective ranks", a.weight_ranks["source"].iloc[0]),
+    ]) + "\n"
 
-    w("## Experiment 1: subspace overlap across layers\n")
-    w(f"For head {head}, the top-{k} right singular vectors of each layer's attention kernel"
-      " `W_Q_i^T W_K_j` (computed from its factors, never formed), and their pairwise Grassmann"
-      " similarity `||V1 V2^T||_F^2 / k` (mean squared cosine of the principal angles).\n")
-    w("**Interpretation:**\n")
-    w("- Uniformly high similarity: depth is redundant (layers query the same subspace).")
-    w("- Block-diagonal structure: layers cluster into phases with sharp transitions.")
-    w("- Off-diagonal near the isotropic null: each layer queries a different subspace.\n")
-    w(_fig("similarity_heatmap", "Similarity heatmap") + "\n")
-    w("### Summary statistics\n")
+
+def _overlap(a: Analysis):
+    k, head, d = a.k, a.primary_head, a.model["d_model"]
+    sims = a.similarity[head]
+    s1 = overlap_summary(sims)
+    yield "## Experiment 1: subspace overlap across layers\n"
+    yield (f"For head {head}, the top-{k} right singular vectors of each layer's attention"
+           " kernel `W_Q_i^T W_K_j` (computed from its factors, never formed), and their"
+           " pairwise Grassmann similarity `||V1 V2^T||_F^2 / k` (mean squared cosine of the"
+           " principal angles). This same-index matrix compares head"
+           f" {head} of one layer with head {head} of another; head numbers carry no meaning"
+           " across layers, so see also the best-match matrix in the next section.\n")
+    yield "**Interpretation:**\n"
+    yield "- Uniformly high similarity: depth is redundant (layers query the same subspace)."
+    yield "- Block-diagonal structure: layers cluster into phases with sharp transitions."
+    yield "- Off-diagonal near the isotropic null: each layer queries a different subspace.\n"
+    yield _fig("similarity_heatmap", "Similarity heatmap") + "\n"
+    yield "### Summary statistics\n"
     t = s1["distant_threshold"]
-    w(_metric_table([
-        ("Isotropic null mean (k/d)", f"{chance:.4f}"),
-        ("Isotropic null std", f"{null_std(k, d):.4f}"),
-        ("Off-diagonal mean", f"{s1['off_diagonal_mean']:.4f}"),
-        ("Off-diagonal std", f"{s1['off_diagonal_std']:.4f}"),
-        ("Off-diagonal min", f"{s1['off_diagonal_min']:.4f}"),
-        ("Off-diagonal max", f"{s1['off_diagonal_max']:.4f}"),
-        ("Adjacent layer mean", f"{s1['adjacent_mean']:.4f}"),
-        ("Adjacent layer std", f"{s1['adjacent_std']:.4f}"),
-        (f"Distant layer (>{t} apart) mean", f"{s1['distant_mean']:.4f}"),
-        (f"Distant layer (>{t} apart) std", f"{s1['distant_std']:.4f}"),
-        ("Adjacent vs distant gap", f"{s1['adjacent_minus_distant']:+.4f}"),
-    ]) + "\n")
-    gaps = spectral_gaps(a.singular_values, head, k)
-    if gaps is not None:
-        weak = [int(i) for i in np.flatnonzero(gaps < GAP_THRESHOLD)]
-        w(f"Spectral gap at k: relative gap `(sigma_k - sigma_k+1) / sigma_k` of head {head}"
-          f" ranges {np.nanmin(gaps):.4f} to {np.nanmax(gaps):.4f}; layers below"
-          f" {GAP_THRESHOLD} (top-k subspace ill-defined): {weak or 'none'}.\n")
-    w("### Full similarity matrix (layer × layer)\n")
-    w(_matrix(sims) + "\n")
-    w("### Phase boundaries (largest drops in adjacent-layer similarity)\n")
-    w(_table(phase_boundaries(sims).rename(columns={
+    chance = null_mean(k, d)
+    rows = [("Isotropic null mean (k/d)", chance, True),
+            ("Isotropic null std (one pair)", null_std(k, d), False),
+            ("Off-diagonal mean", s1["off_diagonal_mean"], True),
+            ("Off-diagonal std", s1["off_diagonal_std"], False),
+            ("Off-diagonal min", s1["off_diagonal_min"], True),
+            ("Off-diagonal max", s1["off_diagonal_max"], True),
+            ("Adjacent layer mean", s1["adjacent_mean"], True),
+            ("Adjacent layer std", s1["adjacent_std"], False),
+            (f"Distant layer (>{t} apart) mean", s1["distant_mean"], True),
+            (f"Distant layer (>{t} apart) std", s1["distant_std"], False),
+            ("Adjacent vs distant gap", s1["adjacent_minus_distant"], False)]
+    yield _table(pd.DataFrame(
+        [(label, f"{value:.4f}", f"{value / chance:.2f}x" if ratio else "")
+         for label, value, ratio in rows], columns=["Metric", "Value", "× chance"])) + "\n"
+    yield "### Full similarity matrix (layer × layer)\n"
+    off = similarity_z(sims[~np.eye(len(sims), dtype=bool)], k, d)
+    yield (f"z-scores of the off-diagonal entries (each one pair of subspaces) against the"
+           f" isotropic null range {off.min():+.1f} to {off.max():+.1f}; entries with |z| > 3:"
+           f" {int((np.abs(off) > 3).sum()) // 2} of {off.size // 2} layer pairs.\n")
+    yield _matrix(sims) + "\n"
+    yield "### Phase boundaries (largest drops in adjacent-layer similarity)\n"
+    yield _table(phase_boundaries(sims).rename(columns={
         "rank": "Rank", "boundary": "Boundary (layers)", "adjacent_similarity": "Adjacent sim",
-        "change": "Change from prev"})) + "\n")
-    w("### Similarity by layer distance\n")
-    w(_table(similarity_by_distance(sims).rename(columns={
+        "change": "Change from prev"})) + "\n"
+    yield "### Similarity by layer distance\n"
+    by_distance = similarity_by_distance(sims)
+    by_distance["ratio"] = by_distance["mean"] / chance
+    yield _table(by_distance.rename(columns={
         "distance": "Distance", "mean": "Mean similarity", "std": "Std",
-        "n_pairs": "N pairs"})) + "\n")
+        "n_pairs": "N pairs", "ratio": "Mean × chance"})) + "\n"
 
+
+def _head_matching(a: Analysis):
+    k, d, n = a.k, a.model["d_model"], a.model["n_layers"]
+    pairs = a.layer_pairs
+    yield "## Head matching across layers (all heads)\n"
+    yield ("Heads are interchangeable within a layer, so which matrix answers which question"
+           " matters:\n")
+    yield (f"- **Same-index** (Experiment 1, head {a.primary_head}; here averaged over all"
+           f" {a.model['n_heads']} heads): does head i of layer a look where head i of layer b"
+           " looks? Only meaningful if training kept head identities, which nothing enforces.")
+    yield ("- **Best match**: for each head of layer a, its most similar head in layer b,"
+           " averaged over heads (`best_match.npy`, pairs in `best_match_pairs.npy`). Does"
+           " layer b contain, somewhere, the subspaces layer a queries?")
+    yield ("- **Random pairing** (structured null): heads of the two layers paired at random"
+           " (seeded permutations). What any two heads of these layers share; best match far"
+           " above it means specific heads correspond.")
+    yield (f"- **Isotropic null**: random k-subspaces of R^{d}, mean k/d ="
+           f" {null_mean(k, d):.4f} for same-index and random pairing; for the best match, the"
+           " expected maximum over heads of random subspaces (`best_match_null_mean`).\n")
+    yield _fig("best_match", "Same-index and best-match similarity") + "\n"
+    adjacent = pairs["layer_b"] - pairs["layer_a"] == 1
+    distant = pairs["layer_b"] - pairs["layer_a"] > n // 3
+    rows = []
+    for column, label in [("same_index", "Same-index (mean over heads)"),
+                          ("best_match", "Best match"),
+                          ("random_pairing_mean", "Random pairing (structured null)"),
+                          ("best_match_null_mean", "Best match of random subspaces")]:
+        rows.append((label, *(f"{pairs.loc[sel, column].mean():.4f}" if sel.any() else "n/a"
+                              for sel in (pairs.index >= 0, adjacent, distant))))
+    rows.append(("Isotropic null (k/d)", *[f"{null_mean(k, d):.4f}"] * 3))
+    yield _table(pd.DataFrame(rows, columns=["Matrix", "All layer pairs", "Adjacent pairs",
+                                             f"Distant pairs (>{n // 3} apart)"])) + "\n"
+    kept = int((pairs["z_same_index_vs_pairing"] > 3).sum())
+    yield (f"Layer pairs where same-index heads share more than randomly paired heads (by more"
+           f" than 3 std of the random-pairing null): {kept} of {len(pairs)}; where they do,"
+           " head identities persist across those layers. Best match exceeds same-index by"
+           f" {(pairs['best_match'] - pairs['same_index']).mean():+.4f} on average; as a"
+           " maximum over heads it always sits at or above the random pairing, so it is judged"
+           " against the best match of random subspaces (mean z"
+           f" {pairs['z_best_match'].mean():+.1f}) and by how far it exceeds same-index.\n")
+
+
+def _bottleneck(a: Analysis):
+    k, head, d, b = a.k, a.primary_head, a.model["d_model"], a.bottleneck_layer
+    to_ref = a.layers["bottleneck_similarity"].to_numpy()
+    pre, post = bottleneck_trends(to_ref, b)
     before, after = to_ref[:b], to_ref[b + 1:]
-    w(f"## Experiment 2: convergence to layer {b}\n")
-    w(f"Bottleneck layer {b}: {a.bottleneck_choice}. Similarity of each layer's subspace to"
-      f" layer {b}'s (head {head}, top-{k}). If it rises towards layer {b} from both sides, the"
-      " network converges towards that subspace. Trends are correlations with the layer index;"
-      " fewer than 3 points give no trend (reported as undefined).\n")
-    w(_fig("bottleneck_trace", "Similarity to the bottleneck layer") + "\n")
-    w("### Summary\n")
-    w(_metric_table([
+    yield f"## Experiment 2: convergence to layer {b}\n"
+    yield (f"Bottleneck layer {b}: {a.bottleneck_choice}. Similarity of each layer's subspace"
+           f" to layer {b}'s (head {head}, top-{k}). If it rises towards layer {b} from both"
+           " sides, the network converges towards that subspace. Trends are correlations with"
+           " the layer index, Pearson and Spearman each with a permutation p-value; fewer than"
+           " 3 points give no trend (reported as undefined).\n")
+    yield _fig("bottleneck_trace", "Similarity to the bottleneck layer") + "\n"
+    yield "### Summary\n"
+    yield _metric_table([
         (f"Self-similarity (layer {b})", f"{to_ref[b]:.4f}"),
         ("Mean similarity (all layers)", f"{to_ref.mean():.4f}"),
         ("Mean similarity (before bottleneck)",
@@ -154,72 +214,131 @@ def render(a: Analysis) -> str:
         ("Mean similarity (after bottleneck)", f"{after.mean():.4f}" if len(after) else "n/a"),
         ("Pre-bottleneck trend", pre.text()),
         ("Post-bottleneck trend", post.text()),
-    ]) + "\n")
-    w("### Per-layer similarity to the bottleneck\n")
-    w(_table(pd.DataFrame({"Layer": a.layers["layer"], "Similarity": to_ref,
-                           "Note": ["← bottleneck" if i == b else "" for i in range(n_layers)]}))
-      + "\n")
+    ]) + "\n"
+    yield "### Per-layer similarity to the bottleneck\n"
+    yield _table(pd.DataFrame({
+        "Layer": a.layers["layer"], "Similarity": to_ref,
+        "z vs isotropic null": [f"{z:+.1f}" for z in similarity_z(to_ref, k, d)],
+        "Note": ["← bottleneck" if i == b else "" for i in range(len(to_ref))]})) + "\n"
 
-    w("## Experiment 3: FFN-attention alignment\n")
+
+def _alignment(a: Analysis):
+    m, k, d = a.model, a.k, a.model["d_model"]
+    chance = null_mean(k, d)
+    layers = a.layers
+    align = layers["alignment"].to_numpy()
     gated = "" if m["ffn_input"] == "W_gate" else "; this model's FFN is not gated"
-    w(f"Fraction of the FFN input projection's ({m['ffn_input']}{gated}) Frobenius energy inside"
-      " the"
-      f" top-{k} attention subspace, `||W_in V_k^T||_F^2 / ||W_in||_F^2`. Chance level"
-      f" = k/d = {k}/{d} = {chance:.4f}.\n")
-    w("**Interpretation:**\n")
-    w(f"- Near chance ({chance:.4f}): FFN and attention are randomly oriented.")
-    w("- Well below chance: the FFN avoids the attention subspace (clean separation).")
-    w("- Well above chance: FFN and attention are coupled in the same subspace.\n")
-    w(_fig("alignment", "Alignment vs chance") + "\n")
-    w("### Summary\n")
-    w(_metric_table([
+    yield "## Experiment 3: FFN-attention alignment\n"
+    yield (f"Fraction of the FFN input projection's ({m['ffn_input']}{gated}) Frobenius energy"
+           f" inside the top-{k} attention subspace of head {a.primary_head},"
+           f" `||W_in V_k^T||_F^2 / ||W_in||_F^2`. Chance level = k/d = {k}/{d} ="
+           f" {chance:.4f}; its std under the isotropic null depends on how unevenly W_in's"
+           " energy is spread (per layer below). The ceiling is the share of W_in's energy in"
+           " its own top-k right singular directions (no k-subspace holds more); 'normalized'"
+           " places the alignment between chance (0) and that ceiling (1).\n")
+    yield "**Interpretation:**\n"
+    yield f"- Near chance ({chance:.4f}, z near 0): FFN and attention are randomly oriented."
+    yield "- Well below chance: the FFN avoids the attention subspace (clean separation)."
+    yield "- Well above chance: FFN and attention are coupled in the same subspace.\n"
+    yield _fig("alignment", "Alignment vs chance") + "\n"
+    yield "### Summary\n"
+    yield _metric_table([
         ("Chance level (k/d)", f"{chance:.4f}"), ("Mean alignment", f"{align.mean():.4f}"),
-        ("Mean / chance", f"{mean_ratio:.2f}x"), ("Std", f"{align.std():.4f}"),
+        ("Mean / chance", f"{align.mean() / chance:.2f}x"), ("Std", f"{align.std():.4f}"),
+        ("Mean z vs isotropic null", f"{layers['alignment_z'].mean():+.1f}"),
+        ("Mean normalized (0 = chance, 1 = ceiling)",
+         f"{layers['alignment_normalized'].mean():+.4f}"),
         ("Min", f"{align.min():.4f} (layer {int(align.argmin())})"),
         ("Max", f"{align.max():.4f} (layer {int(align.argmax())})"),
-        ("Layers above chance", f"{int((align > chance).sum())}/{n_layers}"),
-        ("Layers at or below chance", f"{int((align <= chance).sum())}/{n_layers}"),
-    ]) + "\n")
-    w("### Per-layer alignment\n")
-    w(_table(pd.DataFrame({"Layer": a.layers["layer"], "Alignment": align,
-                           "vs chance": [f"{r:.2f}x" for r in align / chance]})) + "\n")
+        ("Layers above chance", f"{int((align > chance).sum())}/{len(align)}"),
+        ("Layers at or below chance", f"{int((align <= chance).sum())}/{len(align)}"),
+    ]) + "\n"
+    yield "### Per-layer alignment\n"
+    yield _table(pd.DataFrame({
+        "Layer": layers["layer"], "Alignment": align,
+        "vs chance": [f"{r:.2f}x" for r in align / chance],
+        "Null std": layers["alignment_null_std"],
+        "z": [f"{z:+.1f}" for z in layers["alignment_z"]],
+        "Normalized": layers["alignment_normalized"]})) + "\n"
 
-    w("## Multi-head robustness\n")
-    w(f"The experiments repeated for heads {a.heads} (the notebook's linspace sample unless"
-      " configured otherwise), to check whether the primary head is representative.\n")
-    w(_fig("multihead_summary", "Multi-head summary") + "\n")
-    w("### Averaged similarity matrix statistics\n")
+
+def _multihead(a: Analysis):
+    b = a.bottleneck_layer
+    yield "## Multi-head robustness\n"
+    yield (f"The experiments repeated for heads {a.heads} (the notebook's linspace sample unless"
+           " configured otherwise), to check whether the primary head is representative.\n")
+    yield _fig("multihead_summary", "Multi-head summary") + "\n"
+    yield "### Averaged similarity matrix statistics\n"
     sm = overlap_summary(a.similarity_mean)
-    w(_metric_table([(lbl, f"{sm[key]:.4f}") for lbl, key in [
+    yield _metric_table([(lbl, f"{sm[key]:.4f}") for lbl, key in [
         ("Off-diagonal mean", "off_diagonal_mean"), ("Off-diagonal std", "off_diagonal_std"),
-        ("Adjacent mean", "adjacent_mean"), ("Distant mean", "distant_mean")]]) + "\n")
-    w("### Averaged similarity matrix (layer × layer)\n")
-    w(_matrix(a.similarity_mean) + "\n")
-    w(f"### Per-head similarity to layer {b}\n")
-    w(_table(per_head_table(a, a.bottleneck, "similarity")) + "\n")
-    w("### Per-head FFN-attention alignment\n")
-    w(_table(per_head_table(a, a.alignment, "alignment")) + "\n")
+        ("Adjacent mean", "adjacent_mean"), ("Distant mean", "distant_mean")]]) + "\n"
+    yield "### Averaged similarity matrix (layer × layer)\n"
+    yield _matrix(a.similarity_mean) + "\n"
+    yield f"### Per-head similarity to layer {b}\n"
+    yield _table(per_head_table(a, a.bottleneck, "similarity")) + "\n"
+    yield "### Per-head FFN-attention alignment\n"
+    yield _table(per_head_table(a, a.alignment, "alignment")) + "\n"
 
-    w("## Cross-reference: effective rank vs subspace geometry\n")
-    w("Effective rank `exp(H(sigma / sum sigma))` (Roy & Vetterli 2007) of W_Q, W_K, W_V, W_O,"
-      " W_gate, W_up, W_down, averaged per layer, beside the subspace metrics of head"
-      f" {head}.\n")
-    w(_fig("effective_ranks", "Effective rank by layer") + "\n")
-    w(_fig("kernel_effective_ranks", "Kernel effective rank per layer and head") + "\n")
-    w(_table(a.layers.drop(columns=["head", "is_bottleneck"]).rename(columns={
+
+def _k_sensitivity(a: Analysis):
+    k, d_head = a.k, a.model["d_head"]
+    sweep = a.ksweep
+    yield "## k-sensitivity\n"
+    yield (f"The statistics above at every k from 1 to d_head - 1 = {d_head - 1}, from the same"
+           f" extraction (sampled heads {a.heads}), each divided by chance k/d; all rows are in"
+           " `../ksweep.csv`. k = d_head is left out: there the subspace is the key"
+           " projection's row space, and heads sharing a KV head become identical.\n")
+    yield "![k-sweep](../figures/ksweep.png)\n"
+    shown = sweep[sweep["k"].isin([*KSWEEP_ROWS, k])]
+    yield _table(shown[["k", *RATIO_LABELS, "n_ill_defined"]].rename(columns={
+        **RATIO_LABELS, "n_ill_defined": "Ill-defined (layer, sampled head)"}), ".2f") + "\n"
+    if k == d_head:
+        yield (f"**This report's k = d_head = {d_head}: heads sharing a KV head have identical"
+               " subspaces; choose k < d_head to compare heads.**\n")
+        return
+    weak = ill_defined(a.singular_values, k, GAP_THRESHOLD).sort_values("gap")
+    listed = ", ".join(f"L{r.layer}/H{r.head} ({r.gap:.4f})"
+                       for r in weak.head(MAX_LISTED).itertuples())
+    more = f" and {len(weak) - MAX_LISTED} more" if len(weak) > MAX_LISTED else ""
+    yield (f"Ill-defined subspaces at k = {k}, all heads: (layer, head) pairs whose relative"
+           f" spectral gap `(sigma_k - sigma_k+1) / sigma_k` is below {GAP_THRESHOLD} (their"
+           " top-k subspace can rotate under a perturbation of that relative size):"
+           f" {len(weak)} of {a.singular_values.shape[0] * a.singular_values.shape[1]}"
+           + (f"; smallest gaps first: {listed}{more}" if listed else "") + ".\n")
+
+
+def _crossref(a: Analysis):
+    yield "## Cross-reference: effective rank vs subspace geometry\n"
+    yield ("Effective rank `exp(H(sigma / sum sigma))` (Roy & Vetterli 2007) of W_Q, W_K, W_V,"
+           " W_O, W_gate, W_up, W_down, averaged per layer, beside the subspace metrics of head"
+           f" {a.primary_head} ({a.weight_ranks['source'].iloc[0]}).\n")
+    yield _fig("effective_ranks", "Effective rank by layer") + "\n"
+    yield _fig("kernel_effective_ranks", "Kernel effective rank per layer and head") + "\n"
+    yield _table(a.layers[["layer", "mean_eff_rank", "adjacent_similarity",
+                           "adjacent_best_match", "bottleneck_similarity", "alignment",
+                           "alignment_ratio"]].rename(columns={
         "layer": "Layer", "mean_eff_rank": "Mean eff rank", "adjacent_similarity": "Adj sim",
-        "bottleneck_similarity": "Sim to bottleneck", "alignment": "FFN-attn align",
-        "alignment_ratio": "Align / chance"})) + "\n")
-    w("### Correlation between metrics\n")
+        "adjacent_best_match": "Adj best match", "bottleneck_similarity": "Sim to bottleneck",
+        "alignment": "FFN-attn align", "alignment_ratio": "Align / chance"})) + "\n"
+    yield "### Correlation between metrics\n"
+    yield ("Pearson r and Spearman rho, each with a two-sided permutation p-value (seeded);"
+           " the bottleneck layer's similarity to itself is left out.\n")
     corr = layer_correlations(a.layers)
-    w(_table(pd.DataFrame([(label, c.pearson, c.spearman, c.spearman_p, c.n)
-                           for label, c in corr],
-                          columns=["Pair", "Pearson r", "Spearman rho",
-                                   "Permutation p (rho)", "N"])) + "\n")
+    yield _table(pd.DataFrame([(label, c.pearson, c.pearson_p, c.spearman, c.spearman_p, c.n)
+                               for label, c in corr],
+                              columns=["Pair", "Pearson r", "Permutation p (r)", "Spearman rho",
+                                       "Permutation p (rho)", "N"])) + "\n"
 
-    w("## Key findings\n")
-    w(f"**Experiment 1 (subspace overlap):** {overlap_verdict(s1)}\n")
-    w(f"**Experiment 2 (bottleneck convergence):** {bottleneck_verdict(b, pre, post)}\n")
-    verdict3 = alignment_verdict(mean_ratio, m["ffn_input"])
-    w(f"**Experiment 3 (FFN-attention alignment):** {verdict3}\n")
-    return "\n".join(out)
+
+def _findings(a: Analysis):
+    k, d = a.k, a.model["d_model"]
+    b = a.bottleneck_layer
+    pre, post = bottleneck_trends(a.layers["bottleneck_similarity"].to_numpy(), b)
+    mean_ratio = a.layers["alignment"].mean() / null_mean(k, d)
+    yield "## Key findings\n"
+    yield (f"**Experiment 1 (subspace overlap):**"
+           f" {overlap_verdict(overlap_summary(a.similarity[a.primary_head]))}\n")
+    yield f"**Experiment 2 (bottleneck convergence):** {bottleneck_verdict(b, pre, post)}\n"
+    yield (f"**Experiment 3 (FFN-attention alignment):**"
+           f" {alignment_verdict(mean_ratio, a.model['ffn_input'])}\n")

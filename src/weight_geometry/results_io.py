@@ -8,11 +8,13 @@ and the first k vectors touches only those bytes.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from .architectures import ModelDims
 
 BASES_FILES = ("vectors", "singular_values", "ffn_input_energy", "ffn_input_norm2",
                "ffn_input_singular_values")
@@ -40,6 +42,20 @@ def load_head_bases(vector_paths, head: int, k: int) -> np.ndarray:
 def load_similarities(paths) -> dict[int, np.ndarray]:
     """``{head: (L, L) matrix}`` from ``.../similarity_head{head}.npy`` files."""
     return {int(Path(p).stem.removeprefix("similarity_head")): np.load(p) for p in paths}
+
+
+def pair_matrix(pairs: pd.DataFrame, column: str, n_layers: int) -> np.ndarray:
+    """``(L, L)`` symmetric matrix of ``column`` from a per-layer-pair table (rows a < b), with
+    a diagonal of 1 (a layer's similarity to itself)."""
+    out = np.eye(n_layers)
+    a, b = pairs["layer_a"].to_numpy(), pairs["layer_b"].to_numpy()
+    out[a, b] = out[b, a] = pairs[column].to_numpy()
+    return out
+
+
+def model_dims(record: dict) -> ModelDims:
+    """The dimensions recorded in a ``model.json``."""
+    return ModelDims(**{f.name: record[f.name] for f in fields(ModelDims)})
 
 
 def save_result(path, array: np.ndarray) -> None:
@@ -72,6 +88,9 @@ class Analysis:
     weight_ranks: pd.DataFrame
     kernel_ranks: pd.DataFrame
     singular_values: np.ndarray  # (L, h, d_head)
+    best_match: np.ndarray       # (L, L), all heads
+    layer_pairs: pd.DataFrame    # per layer pair a < b: same-index, best-match, nulls
+    ksweep: pd.DataFrame         # rows by k
 
     @property
     def bottleneck_layer(self) -> int:
@@ -102,4 +121,7 @@ def load_analysis(inputs, k: int, heads: list[int], primary_head: int) -> Analys
         weight_ranks=pd.read_parquet(inputs.weight_ranks),
         kernel_ranks=pd.read_parquet(inputs.kernel_ranks),
         singular_values=load_layers(inputs.singular_values),
+        best_match=np.load(inputs.best_match),
+        layer_pairs=pd.read_parquet(inputs.layer_pairs),
+        ksweep=pd.read_parquet(inputs.ksweep),
     )

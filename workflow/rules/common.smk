@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from weight_geometry.architectures import GATED
 from weight_geometry.config import build_plan, user_models
 from weight_geometry.errors import UserError
+from weight_geometry.compare import COMPARE_FIGURES
 from weight_geometry.figures import FIGURES
 from weight_geometry.results_io import BASES_FILES, chunk_dir_name
 
@@ -25,6 +26,7 @@ validate(config, "../schemas/config.schema.yaml")
 ENV = "../../envs/geometry.yaml"
 R = "results/{model}"
 K = "results/{model}/k{k}"
+C = "results/compare/k{k}"
 
 
 wildcard_constraints:
@@ -106,6 +108,17 @@ def analysis_inputs(wildcards):
         "weight_ranks": f"{base}/effective_ranks.parquet",
         "kernel_ranks": f"{base}/kernel_effective_ranks.parquet",
         "singular_values": chunk_files("singular_values.npy")(wildcards),
+        "best_match": f"{kdir}/best_match.npy",
+        "layer_pairs": f"{kdir}/layer_pairs.parquet",
+        "ksweep": f"{base}/ksweep.parquet",
+    }
+
+
+def compare_inputs(wildcards):
+    """Named inputs of the comparison: every model's record and per-layer table at this k."""
+    return {
+        "models": [f"results/{name}/model.json" for name in PLAN.models],
+        "layers": [f"results/{name}/k{wildcards.k}/layers.parquet" for name in PLAN.models],
     }
 
 
@@ -114,6 +127,9 @@ def download_targets():
 
 
 def all_targets():
-    return [
+    reports = [
         f"results/{name}/k{k}/report.md" for name in PLAN.models for k in PLAN.top_k
     ]
+    if len(PLAN.models) > 1:
+        reports += [f"results/compare/k{k}/report.md" for k in PLAN.top_k]
+    return reports

@@ -68,6 +68,7 @@ rule extract_layers:
         path=lambda w: model_plan(w).path,
         device=PLAN.device,
         fold_norms=PLAN.fold_norms,
+        compute_ranks=lambda w: model_plan(w).user_ranks is None,
     script:
         "../scripts/extract_layers.py"
 
@@ -77,6 +78,7 @@ rule effective_ranks:
         model=f"{R}/model.json",
         weight_ranks=chunk_files("weight_ranks.parquet"),
         singular_values=chunk_files("singular_values.npy"),
+        user_ranks=lambda w: model_plan(w).user_ranks or [],
     output:
         csv=f"{R}/effective_ranks.csv",
         parquet=f"{R}/effective_ranks.parquet",

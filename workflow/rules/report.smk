@@ -10,9 +10,10 @@ rule report_figures:
                 f"{K}/figures/{name}.png",
                 caption=f"../report/{name}.rst",
                 category="{model}",
-                subcategory="k={k}",
+                subcategory=section,
+                labels={"k": "{k}", "figure": name.replace("_", " ")},
             )
-            for name in FIGURES
+            for name, section in FIGURES.items()
         },
     log:
         "logs/{model}/k{k}/figures.log",
@@ -40,7 +41,8 @@ rule report_markdown:
             f"{K}/report.md",
             caption="../report/report.rst",
             category="{model}",
-            subcategory="k={k}",
+            subcategory="Report",
+            labels={"k": "{k}", "file": "report.md"},
         ),
     log:
         "logs/{model}/k{k}/report.log",

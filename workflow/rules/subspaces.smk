@@ -66,6 +66,7 @@ rule ffn_alignment:
         model=f"{R}/model.json",
         energy=chunk_files("ffn_input_energy.npy"),
         norm2=chunk_files("ffn_input_norm2.npy"),
+        ffn_singular_values=chunk_files("ffn_input_singular_values.npy"),
     output:
         f"{K}/alignment.parquet",
     log:
@@ -88,9 +89,17 @@ rule layer_table:
         similarity=similarity_files(lambda p: [p.primary_head]),
         bottleneck=f"{K}/bottleneck.parquet",
         alignment=f"{K}/alignment.parquet",
+        best_match=f"{K}/best_match.npy",
+        model=f"{R}/model.json",
     output:
         parquet=f"{K}/layers.parquet",
-        csv=f"{K}/layers.csv",
+        csv=report(
+            f"{K}/layers.csv",
+            caption="../report/layers.rst",
+            category="{model}",
+            subcategory="Cross-reference",
+            labels={"k": "{k}", "table": "per layer"},
+        ),
     log:
         "logs/{model}/k{k}/layers.log",
     benchmark:
@@ -105,3 +114,71 @@ rule layer_table:
         head=lambda w: model_plan(w).primary_head,
     script:
         "../scripts/layer_table.py"
+
+
+rule match_heads:
+    input:
+        model=f"{R}/model.json",
+        vectors=chunk_files("vectors.npy"),
+    output:
+        best_match=f"{K}/best_match.npy",
+        pairs=f"{K}/best_match_pairs.npy",
+        table=f"{K}/layer_pairs.parquet",
+        csv=report(
+            f"{K}/layer_pairs.csv",
+            caption="../report/layer_pairs.rst",
+            category="{model}",
+            subcategory="Head matching",
+            labels={"k": "{k}", "table": "layer pairs"},
+        ),
+    log:
+        "logs/{model}/k{k}/match_heads.log",
+    benchmark:
+        f"{K}/benchmarks/match_heads.tsv"
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    script:
+        "../scripts/match_heads.py"
+
+
+rule k_sweep:
+    input:
+        model=f"{R}/model.json",
+        vectors=chunk_files("vectors.npy"),
+        singular_values=chunk_files("singular_values.npy"),
+        energy=chunk_files("ffn_input_energy.npy"),
+        norm2=chunk_files("ffn_input_norm2.npy"),
+    output:
+        parquet=f"{R}/ksweep.parquet",
+        csv=report(
+            f"{R}/ksweep.csv",
+            caption="../report/ksweep_table.rst",
+            category="{model}",
+            subcategory="k-sensitivity",
+            labels={"k": "all", "table": "k-sweep"},
+        ),
+        figure=report(
+            f"{R}/figures/ksweep.png",
+            caption="../report/ksweep.rst",
+            category="{model}",
+            subcategory="k-sensitivity",
+            labels={"k": "all", "figure": "k-sweep"},
+        ),
+    log:
+        "logs/{model}/k_sweep.log",
+    benchmark:
+        f"{R}/benchmarks/k_sweep.tsv"
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        heads=lambda w: model_plan(w).heads,
+    script:
+        "../scripts/k_sweep.py"

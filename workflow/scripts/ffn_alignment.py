@@ -1,4 +1,4 @@
-"""Rule alignment: FFN-attention alignment of every head at this k."""
+"""Rule alignment: FFN-attention alignment of every head at this k, with its nulls."""
 
 import _library  # noqa: F401  (puts the checkout's src/ on sys.path)
 
@@ -8,9 +8,10 @@ from weight_geometry.rule_script import run_rule
 
 
 def main():
-    model = read_json(snakemake.input.model)
-    table = alignment_table(load_layers(snakemake.input.energy),
-                            load_layers(snakemake.input.norm2), int(snakemake.wildcards.k),
+    inp = snakemake.input
+    model = read_json(inp.model)
+    table = alignment_table(load_layers(inp.energy), load_layers(inp.norm2),
+                            load_layers(inp.ffn_singular_values), int(snakemake.wildcards.k),
                             model["d_model"], model["ffn_input"])
     table.to_parquet(snakemake.output[0], index=False)
 

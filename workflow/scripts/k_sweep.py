@@ -1,0 +1,27 @@
+"""Rule k_sweep: similarity and alignment statistics for every k below d_head, one extraction."""
+
+import _library  # noqa: F401  (puts the checkout's src/ on sys.path)
+
+from weight_geometry.rule_script import run_rule
+
+
+def main():
+    from weight_geometry.figures import draw_ksweep
+    from weight_geometry.ksweep import GAP_THRESHOLD, ksweep_table
+    from weight_geometry.results_io import load_layers, read_json
+
+    inp, out, heads = snakemake.input, snakemake.output, snakemake.params.heads
+    model = read_json(inp.model)
+
+    def sampled(a):  # only the sampled heads' bytes are read from each memmap
+        return a[:, heads]
+
+    table = ksweep_table(load_layers(inp.vectors, sampled), load_layers(inp.energy, sampled),
+                         load_layers(inp.norm2), load_layers(inp.singular_values, sampled),
+                         range(len(heads)), model["d_model"], GAP_THRESHOLD)
+    table.to_parquet(out.parquet, index=False)
+    table.to_csv(out.csv, index=False)
+    draw_ksweep(table, model["d_head"], out.figure)
+
+
+run_rule(main, snakemake.log[0], snakemake.output)
