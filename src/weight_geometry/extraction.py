@@ -40,7 +40,7 @@ import pandas as pd
 import torch
 
 from .checkpoint import Checkpoint
-from .kernels import FactoredSubspaces, factored_subspaces
+from .kernels import factored_subspaces
 from .ranks import effective_rank_from_singular_values, smaller_side, weight_spectrum
 from .rule_script import progress
 
@@ -82,7 +82,6 @@ def extract_layer(ckpt: Checkpoint, layer: int, device: torch.device,
     once the subspaces are). Cost per weight: its float32 Gram and ``eigvalsh``."""
     dims, ffn_input = ckpt.dims, ckpt.adapter.ffn_input
     rows, kernel_inputs = [], {}
-    subspaces: FactoredSubspaces | None = None
     for wt, array in ckpt.iter_layer(layer, fold_norms):
         w = torch.from_numpy(array).to(device)
         shape = tuple(w.shape)
