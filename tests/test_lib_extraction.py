@@ -138,3 +138,23 @@ def test_write_layers_streams_the_same_arrays(tiny_llama, tmp_path):
         assert stored.dtype == expected.dtype and stored.shape == expected.shape, name
         np.testing.assert_array_equal(stored, expected, err_msg=name)
     pd.testing.assert_frame_equal(ranks, res.weight_ranks)
+
+
+def test_without_ranks_reads_only_what_the_geometry_needs(tiny_llama, tmp_path, monkeypatch):
+    """compute_ranks=False (ranks supplied by the user): the same arrays, no rank rows, and
+    only W_Q, W_K and the FFN input are read."""
+    path, _ = tiny_llama
+    ckpt = open_checkpoint(str(path))
+    names = LayerResult.array_names()
+    full = extract_layers(ckpt, range(L), torch.device("cpu"))
+    read = []
+    original = type(ckpt)._read
+    monkeypatch.setattr(type(ckpt), "_read", lambda self, name: read.append(name)
+                        or original(self, name))
+    paths = {name: tmp_path / f"{name}.npy" for name in names}
+    ranks = write_layers(ckpt, range(L), torch.device("cpu"), False, paths, compute_ranks=False)
+    assert ranks.empty and list(ranks.columns) == ["layer_idx", "weight_type", "shape",
+                                                    "eff_rank"]
+    assert sorted({n.split(".")[-2] for n in read}) == ["gate_proj", "k_proj", "q_proj"]
+    for name in names:
+        np.testing.assert_array_equal(np.load(paths[name]), getattr(full, name), err_msg=name)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,10 +123,11 @@ class Checkpoint:
             raise UserError(f"{self._files[name]}: tensor {name} contains NaN or Inf")
         return tensor
 
-    def iter_layer(self, layer: int,
-                   fold_norms: bool = False) -> Iterator[tuple[str, np.ndarray]]:
-        """``(weight type, weight)`` for every weight of ``layer`` in ``weight_types`` order,
-        float32, HF orientation ``(out, in)``, C-contiguous.
+    def iter_layer(self, layer: int, fold_norms: bool = False,
+                   only: Collection[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+        """``(weight type, weight)`` for every weight of ``layer`` in ``weight_types`` order
+        (those in ``only`` when given; the others are not read), float32, HF orientation
+        ``(out, in)``, C-contiguous.
 
         Each stored tensor is read once, also when several weights are cut from it (a fused
         QKV: their weight types are consecutive), and dropped once the next tensor is read.
@@ -137,6 +138,8 @@ class Checkpoint:
         gains = self._gains(layer) if fold_norms else {}
         current, tensor = None, None
         for wt, spec in self.adapter.weights.items():
+            if only is not None and wt not in only:
+                continue
             name = self.adapter.tensor_name(wt, layer)
             if name != current:
                 tensor = None  # drop the previous stored tensor before reading the next

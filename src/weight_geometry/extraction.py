@@ -14,7 +14,9 @@ dropped, and produce:
 - ``ffn_input_norm2[l]``: ``||W_in||_F^2 = trace(G)``;
 - ``ffn_input_singular_values[l]`` ``(d,)``: singular values of ``W_in``, descending,
   ``sqrt(eigvalsh(G))`` (the ones its effective rank uses);
-- effective-rank rows (layer_idx, weight_type, shape, eff_rank) for every weight.
+- effective-rank rows (layer_idx, weight_type, shape, eff_rank) for every weight; with
+  ``compute_ranks=False`` (the user supplies them) none, and only W_Q, W_K and ``W_in`` are
+  read: the pass then costs the subspaces and one Gram per layer.
 
 Precision: ``G`` is float32 (see :mod:`ranks`), so energies and ``trace(G)`` carry its rounding,
 about ``eps32 ||G||`` per entry: relative errors ~1e-6 for directions of typical energy, and
@@ -77,17 +79,22 @@ class LayerRangeResult:
 
 
 def extract_layer(ckpt: Checkpoint, layer: int, device: torch.device,
-                  fold_norms: bool = False) -> LayerResult:
+                  fold_norms: bool = False, compute_ranks: bool = True) -> LayerResult:
     """All products of one layer; each weight is dropped once its Gram is done (W_Q and W_K
-    once the subspaces are). Cost per weight: its float32 Gram and ``eigvalsh``."""
+    once the subspaces are). Cost per weight: its float32 Gram and ``eigvalsh``; without
+    ``compute_ranks`` only ``W_in``'s."""
     dims, ffn_input = ckpt.dims, ckpt.adapter.ffn_input
     rows, kernel_inputs = [], {}
-    for wt, array in ckpt.iter_layer(layer, fold_norms):
+    needed = None if compute_ranks else ("W_Q", "W_K", ffn_input)
+    for wt, array in ckpt.iter_layer(layer, fold_norms, only=needed):
         w = torch.from_numpy(array).to(device)
         shape = tuple(w.shape)
-        sigma, g = weight_spectrum(w, "in" if wt == ffn_input else smaller_side(shape))
-        rows.append((layer, wt, f"{shape[0]}x{shape[1]}",
-                     effective_rank_from_singular_values(sigma, shape)))
+        g = None
+        if compute_ranks or wt == ffn_input:
+            sigma, g = weight_spectrum(w, "in" if wt == ffn_input else smaller_side(shape))
+        if compute_ranks:
+            rows.append((layer, wt, f"{shape[0]}x{shape[1]}",
+                         effective_rank_from_singular_values(sigma, shape)))
         if wt == ffn_input:
             ffn_gram, ffn_sigma = g, sigma
         if wt in ("W_Q", "W_K"):
@@ -106,10 +113,10 @@ def extract_layer(ckpt: Checkpoint, layer: int, device: torch.device,
 
 
 def iter_layers(ckpt: Checkpoint, layers: range, device: torch.device,
-                fold_norms: bool = False) -> Iterator[LayerResult]:
+                fold_norms: bool = False, compute_ranks: bool = True) -> Iterator[LayerResult]:
     """:func:`extract_layer` for each layer of ``layers`` in order, with a progress line."""
     for pos, layer in enumerate(layers):
-        yield extract_layer(ckpt, layer, device, fold_norms)
+        yield extract_layer(ckpt, layer, device, fold_norms, compute_ranks)
         progress(f"layer {layer} done ({pos + 1}/{len(layers)})")
 
 
@@ -129,14 +136,15 @@ def extract_layers(ckpt: Checkpoint, layers: range, device: torch.device,
 
 
 def write_layers(ckpt: Checkpoint, layers: range, device: torch.device, fold_norms: bool,
-                 paths: Mapping[str, str | Path]) -> pd.DataFrame:
+                 paths: Mapping[str, str | Path], compute_ranks: bool = True) -> pd.DataFrame:
     """Run the single pass and append each layer's arrays to the ``.npy`` files ``paths``
     (``{array name: path}``, names of :meth:`LayerResult.array_names`), each of shape
-    ``(len(layers), ...)``. Returns the effective-rank rows. Memory: one layer's results."""
+    ``(len(layers), ...)``. Returns the effective-rank rows (none without ``compute_ranks``).
+    Memory: one layer's results."""
     files: dict[str, BinaryIO] = {}
     rows: list[tuple] = []
     with ExitStack() as stack:
-        for result in iter_layers(ckpt, layers, device, fold_norms):
+        for result in iter_layers(ckpt, layers, device, fold_norms, compute_ranks):
             for name, path in paths.items():
                 array = np.asarray(getattr(result, name))
                 if name not in files:

@@ -20,7 +20,8 @@ def main():
     layers = range(int(snakemake.wildcards.first), int(snakemake.wildcards.last) + 1)
     progress(f"{ckpt.path}: layers {layers.start}-{layers.stop - 1} on {device}")
     out = snakemake.output
-    ranks = write_layers(ckpt, layers, device, fold, {name: out[name] for name in BASES_FILES})
+    ranks = write_layers(ckpt, layers, device, fold, {name: out[name] for name in BASES_FILES},
+                         snakemake.params.compute_ranks)
     ranks.to_parquet(out.weight_ranks, index=False)
 
 
