@@ -13,8 +13,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from .figures import _save  # importing figures selects the Agg backend
-from .report import _table
+from .figures import save_figure  # importing figures selects the Agg backend
+from .report import markdown_table
 from .statistics import alignment_verdict
 
 
@@ -132,7 +132,7 @@ def _draw(table: pd.DataFrame, name: str, path: str) -> None:
     ax.set(xlabel="Normalized depth (layer / L)", ylabel=spec.ylabel, xlim=(0, 1),
            title=f"{spec.ylabel} vs normalized depth")
     ax.legend()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def draw_compare(table: pd.DataFrame, out: dict[str, str]) -> None:
@@ -189,7 +189,7 @@ def render_compare(table: pd.DataFrame, summary: pd.DataFrame, k: int) -> str:
         " placed at normalized depth `layer / L` so models of different depth share an axis."
         " Similarities are compared to the isotropic null k/d, which depends on the width.\n",
         "## Summary\n",
-        _table(summary[list(_SUMMARY_COLUMNS)].rename(columns=_SUMMARY_COLUMNS)) + "\n",
+        markdown_table(summary[list(_SUMMARY_COLUMNS)].rename(columns=_SUMMARY_COLUMNS)) + "\n",
         "Adjacent sim: mean of `sim[l, l+1]`; Sim to bottleneck (others): mean similarity to the"
         " bottleneck layer over the other layers; means are over layers.\n",
         "## Figures\n",

@@ -25,7 +25,7 @@ FIGURES = {
 }
 
 
-def _save(fig, path) -> None:
+def save_figure(fig, path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -56,14 +56,14 @@ def draw_all(a: Analysis, out: dict[str, str]) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 6.5))
     _heatmap(ax, fig, a.similarity[head], f"Attention subspace overlap (head {head}, top-{k})")
-    _save(fig, out["similarity_heatmap"])
+    save_figure(fig, out["similarity_heatmap"])
 
     fig, axes = plt.subplots(1, 2, figsize=(15, 6.2))
     _heatmap(axes[0], fig, pair_matrix(a.layer_pairs, "same_index", len(a.best_match)),
              f"Same-index similarity, mean over all heads (top-{k})")
     _heatmap(axes[1], fig, a.best_match, f"Best-match similarity (top-{k})")
     axes[1].set(ylabel="Layer a (each head's best match in layer b)", xlabel="Layer b")
-    _save(fig, out["best_match"])
+    save_figure(fig, out["best_match"])
 
     fig, ax = plt.subplots(figsize=(10, 3.8))
     ax.plot(a.layers["layer"], a.layers["bottleneck_similarity"], marker=".")
@@ -72,7 +72,7 @@ def draw_all(a: Analysis, out: dict[str, str]) -> None:
     ax.set(xlabel="Layer", ylabel=f"Similarity to layer {b}",
            title=f"Similarity to the bottleneck (head {head}, top-{k})")
     ax.legend()
-    _save(fig, out["bottleneck_trace"])
+    save_figure(fig, out["bottleneck_trace"])
 
     fig, ax = plt.subplots(figsize=(10, 3.8))
     ax.plot(a.layers["layer"], a.layers["alignment"], marker=".", label=f"head {head}")
@@ -83,7 +83,7 @@ def draw_all(a: Analysis, out: dict[str, str]) -> None:
     ax.set(xlabel="Layer", ylabel="Fraction of FFN input energy",
            title=f"FFN-attention alignment ({a.model['ffn_input']}, top-{k})")
     ax.legend()
-    _save(fig, out["alignment"])
+    save_figure(fig, out["alignment"])
 
     fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
     _heatmap(axes[0], fig, a.similarity_mean, f"Mean overlap over heads {a.heads}")
@@ -92,7 +92,7 @@ def draw_all(a: Analysis, out: dict[str, str]) -> None:
     _band(axes[2], a.per_head(a.alignment, "alignment"), chance=chance)
     axes[2].set(title="FFN-attention alignment (mean ± std)", xlabel="Layer")
     fig.suptitle(f"Multi-head summary (heads {a.heads}, top-{k})")
-    _save(fig, out["multihead_summary"])
+    save_figure(fig, out["multihead_summary"])
 
     fig, ax = plt.subplots(figsize=(10, 4.5))
     for wt, rows in a.weight_ranks.groupby("weight_type", sort=False):
@@ -101,7 +101,7 @@ def draw_all(a: Analysis, out: dict[str, str]) -> None:
     ax.set(xlabel="Layer", ylabel="eff_rank / min(rows, cols)",
            title="Normalized effective rank by layer")
     ax.legend(ncol=4)
-    _save(fig, out["effective_ranks"])
+    save_figure(fig, out["effective_ranks"])
 
     fig, ax = plt.subplots(figsize=(8, 6))
     grid = a.kernel_ranks.pivot(index="layer", columns="head", values="kernel_eff_rank")
@@ -109,7 +109,7 @@ def draw_all(a: Analysis, out: dict[str, str]) -> None:
     fig.colorbar(im, ax=ax, label="Kernel effective rank")
     ax.set(xlabel="Head", ylabel="Layer", title="Effective rank of W_Q_i^T W_K_j per head",
            xticks=np.arange(grid.shape[1]))
-    _save(fig, out["kernel_effective_ranks"])
+    save_figure(fig, out["kernel_effective_ranks"])
 
 
 def draw_ksweep(table, d_head: int, path) -> None:
@@ -125,4 +125,4 @@ def draw_ksweep(table, d_head: int, path) -> None:
     top.legend()
     bottom.bar(table["k"], table["n_ill_defined"], color="gray")
     bottom.set(xlabel="k", ylabel="ill-defined\n(layer, head)")
-    _save(fig, path)
+    save_figure(fig, path)

@@ -30,18 +30,19 @@ MAX_LISTED = 20
 KSWEEP_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
-def _table(df: pd.DataFrame, floatfmt=".4f", index=False) -> str:
+def markdown_table(df: pd.DataFrame, floatfmt=".4f", index=False) -> str:
+    """``df`` as a markdown table, floats as ``floatfmt``, integer columns unformatted."""
     ints = df.select_dtypes("integer").columns  # keep integers unformatted in mixed tables
     return df.astype(dict.fromkeys(ints, object)).to_markdown(index=index, floatfmt=floatfmt)
 
 
 def _metric_table(rows: list[tuple[str, object]]) -> str:
-    return _table(pd.DataFrame(rows, columns=["Metric", "Value"]).astype({"Value": str}))
+    return markdown_table(pd.DataFrame(rows, columns=["Metric", "Value"]).astype({"Value": str}))
 
 
 def _matrix(matrix: np.ndarray) -> str:
     labels = [f"L{i}" for i in range(len(matrix))]
-    return _table(pd.DataFrame(matrix, index=labels, columns=labels), ".3f", index=True)
+    return markdown_table(pd.DataFrame(matrix, index=labels, columns=labels), ".3f", index=True)
 
 
 def _fig(name: str, caption: str) -> str:
@@ -131,7 +132,7 @@ def _overlap(a: Analysis):
             (f"Distant layer (>{t} apart) mean", s1["distant_mean"], True),
             (f"Distant layer (>{t} apart) std", s1["distant_std"], False),
             ("Adjacent vs distant gap", s1["adjacent_minus_distant"], False)]
-    yield _table(pd.DataFrame(
+    yield markdown_table(pd.DataFrame(
         [(label, f"{value:.4f}", f"{value / chance:.2f}x" if ratio else "")
          for label, value, ratio in rows], columns=["Metric", "Value", "× chance"])) + "\n"
     yield "### Full similarity matrix (layer × layer)\n"
@@ -141,13 +142,13 @@ def _overlap(a: Analysis):
            f" {int((np.abs(off) > 3).sum()) // 2} of {off.size // 2} layer pairs.\n")
     yield _matrix(sims) + "\n"
     yield "### Phase boundaries (largest drops in adjacent-layer similarity)\n"
-    yield _table(phase_boundaries(sims).rename(columns={
+    yield markdown_table(phase_boundaries(sims).rename(columns={
         "rank": "Rank", "boundary": "Boundary (layers)", "adjacent_similarity": "Adjacent sim",
         "change": "Change from prev"})) + "\n"
     yield "### Similarity by layer distance\n"
     by_distance = similarity_by_distance(sims)
     by_distance["ratio"] = by_distance["mean"] / chance
-    yield _table(by_distance.rename(columns={
+    yield markdown_table(by_distance.rename(columns={
         "distance": "Distance", "mean": "Mean similarity", "std": "Std",
         "n_pairs": "N pairs", "ratio": "Mean × chance"})) + "\n"
 
@@ -181,7 +182,7 @@ def _head_matching(a: Analysis):
         rows.append((label, *(f"{pairs.loc[sel, column].mean():.4f}" if sel.any() else "n/a"
                               for sel in (pairs.index >= 0, adjacent, distant))))
     rows.append(("Isotropic null (k/d)", *[f"{null_mean(k, d):.4f}"] * 3))
-    yield _table(pd.DataFrame(rows, columns=["Matrix", "All layer pairs", "Adjacent pairs",
+    yield markdown_table(pd.DataFrame(rows, columns=["Matrix", "All layer pairs", "Adjacent pairs",
                                              f"Distant pairs (>{n // 3} apart)"])) + "\n"
     kept = int((pairs["z_same_index_vs_pairing"] > 3).sum())
     yield (f"Layer pairs where same-index heads share more than randomly paired heads (by more"
@@ -216,7 +217,7 @@ def _bottleneck(a: Analysis):
         ("Post-bottleneck trend", post.text()),
     ]) + "\n"
     yield "### Per-layer similarity to the bottleneck\n"
-    yield _table(pd.DataFrame({
+    yield markdown_table(pd.DataFrame({
         "Layer": a.layers["layer"], "Similarity": to_ref,
         "z vs isotropic null": [f"{z:+.1f}" for z in similarity_z(to_ref, k, d)],
         "Note": ["← bottleneck" if i == b else "" for i in range(len(to_ref))]})) + "\n"
@@ -254,7 +255,7 @@ def _alignment(a: Analysis):
         ("Layers at or below chance", f"{int((align <= chance).sum())}/{len(align)}"),
     ]) + "\n"
     yield "### Per-layer alignment\n"
-    yield _table(pd.DataFrame({
+    yield markdown_table(pd.DataFrame({
         "Layer": layers["layer"], "Alignment": align,
         "vs chance": [f"{r:.2f}x" for r in align / chance],
         "Null std": layers["alignment_null_std"],
@@ -276,9 +277,9 @@ def _multihead(a: Analysis):
     yield "### Averaged similarity matrix (layer × layer)\n"
     yield _matrix(a.similarity_mean) + "\n"
     yield f"### Per-head similarity to layer {b}\n"
-    yield _table(per_head_table(a, a.bottleneck, "similarity")) + "\n"
+    yield markdown_table(per_head_table(a, a.bottleneck, "similarity")) + "\n"
     yield "### Per-head FFN-attention alignment\n"
-    yield _table(per_head_table(a, a.alignment, "alignment")) + "\n"
+    yield markdown_table(per_head_table(a, a.alignment, "alignment")) + "\n"
 
 
 def _k_sensitivity(a: Analysis):
@@ -291,7 +292,7 @@ def _k_sensitivity(a: Analysis):
            " projection's row space, and heads sharing a KV head become identical.\n")
     yield "![k-sweep](../figures/ksweep.png)\n"
     shown = sweep[sweep["k"].isin([*KSWEEP_ROWS, k])]
-    yield _table(shown[["k", *RATIO_LABELS, "n_ill_defined"]].rename(columns={
+    yield markdown_table(shown[["k", *RATIO_LABELS, "n_ill_defined"]].rename(columns={
         **RATIO_LABELS, "n_ill_defined": "Ill-defined (layer, sampled head)"}), ".2f") + "\n"
     if k == d_head:
         yield (f"**This report's k = d_head = {d_head}: heads sharing a KV head have identical"
@@ -315,7 +316,7 @@ def _crossref(a: Analysis):
            f" {a.primary_head} ({a.weight_ranks['source'].iloc[0]}).\n")
     yield _fig("effective_ranks", "Effective rank by layer") + "\n"
     yield _fig("kernel_effective_ranks", "Kernel effective rank per layer and head") + "\n"
-    yield _table(a.layers[["layer", "mean_eff_rank", "adjacent_similarity",
+    yield markdown_table(a.layers[["layer", "mean_eff_rank", "adjacent_similarity",
                            "adjacent_best_match", "bottleneck_similarity", "alignment",
                            "alignment_ratio"]].rename(columns={
         "layer": "Layer", "mean_eff_rank": "Mean eff rank", "adjacent_similarity": "Adj sim",
@@ -325,10 +326,10 @@ def _crossref(a: Analysis):
     yield ("Pearson r and Spearman rho, each with a two-sided permutation p-value (seeded);"
            " the bottleneck layer's similarity to itself is left out.\n")
     corr = layer_correlations(a.layers)
-    yield _table(pd.DataFrame([(label, c.pearson, c.pearson_p, c.spearman, c.spearman_p, c.n)
-                               for label, c in corr],
-                              columns=["Pair", "Pearson r", "Permutation p (r)", "Spearman rho",
-                                       "Permutation p (rho)", "N"])) + "\n"
+    rows = [(label, c.pearson, c.pearson_p, c.spearman, c.spearman_p, c.n) for label, c in corr]
+    yield markdown_table(pd.DataFrame(rows, columns=[
+        "Pair", "Pearson r", "Permutation p (r)", "Spearman rho", "Permutation p (rho)",
+        "N"])) + "\n"
 
 
 def _findings(a: Analysis):

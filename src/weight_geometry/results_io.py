@@ -10,11 +10,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from .architectures import ModelDims
+
+if TYPE_CHECKING:  # pandas is imported where tables are read: array-only jobs start faster
+    import pandas as pd
 
 BASES_FILES = ("vectors", "singular_values", "ffn_input_energy", "ffn_input_norm2",
                "ffn_input_singular_values")
@@ -108,6 +111,8 @@ class Analysis:
 
 def load_analysis(inputs, k: int, heads: list[int], primary_head: int) -> Analysis:
     """Load from a Snakemake ``input`` object with the named entries used by the report rule."""
+    import pandas as pd
+
     return Analysis(
         model=read_json(inputs.model),
         k=k,

@@ -24,6 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import REPO, assert_ok, make_llama_checkpoint, run_snakemake  # noqa: E402
 from local_slurm import LocalSlurm, SlurmUnavailable  # noqa: E402
 
+from weight_geometry.results_io import BASES_FILES  # noqa: E402
+
 pytestmark = [pytest.mark.slurm, pytest.mark.workflow]
 
 TIMEOUT_S = 240
@@ -92,7 +94,8 @@ def test_workflow_on_slurm_equals_local_run(cluster, tmp_path):
     ours = sorted(p.relative_to(tmp_path / "slurm") for p in
                   (tmp_path / "slurm/results").rglob("*.npy"))
     theirs = sorted(p.relative_to(local) for p in (local / "results").rglob("*.npy"))
-    assert ours == theirs and len(ours) == 7  # 4 bases arrays, 2 heads, their mean
+    # The bases arrays, 2 heads' similarity matrices, their mean, best match and its pairs.
+    assert ours == theirs and len(ours) == len(BASES_FILES) + 5
     for rel in ours:
         assert np.array_equal(np.load(tmp_path / "slurm" / rel), np.load(local / rel)), rel
     assert (tmp_path / "slurm/results/tiny/k4/report.md").is_file()

@@ -118,7 +118,9 @@ def compare_inputs(wildcards):
     """Named inputs of the comparison: every model's record and per-layer table at this k."""
     return {
         "models": [f"results/{name}/model.json" for name in PLAN.models],
-        "layers": [f"results/{name}/k{wildcards.k}/layers.parquet" for name in PLAN.models],
+        "layers": [
+            f"results/{name}/k{wildcards.k}/layers.parquet" for name in PLAN.models
+        ],
     }
 
 

@@ -5,6 +5,16 @@ rule compare_models:
     input:
         unpack(compare_inputs),
     output:
+        **{
+            name: report(
+                f"{C}/figures/{name}.png",
+                caption="../report/compare_figure.rst",
+                category="Comparison",
+                subcategory="k={k}",
+                labels={"figure": name.replace("_", " ")},
+            )
+            for name in COMPARE_FIGURES
+        },
         table=f"{C}/models.parquet",
         csv=report(
             f"{C}/models.csv",
@@ -20,16 +30,6 @@ rule compare_models:
             subcategory="k={k}",
             labels={"table": "per model"},
         ),
-        **{
-            name: report(
-                f"{C}/figures/{name}.png",
-                caption="../report/compare_figure.rst",
-                category="Comparison",
-                subcategory="k={k}",
-                labels={"figure": name.replace("_", " ")},
-            )
-            for name in COMPARE_FIGURES
-        },
         report=report(
             f"{C}/report.md",
             caption="../report/compare_report.rst",
