@@ -149,3 +149,6 @@ def test_workflow_runs_on_every_architecture(tmp_path):
             assert len(ranks) == 3 * 7
         sims = np.load(r / "k3" / "similarity_head0.npy")
         assert np.allclose(sims, sims.T) and np.allclose(np.diag(sims), 1)
+    # Nine models of different widths side by side.
+    compared = pd.read_csv(workdir / "results/compare/k3/models.csv")
+    assert sorted(set(compared["model"])) == sorted(models)
