@@ -276,9 +276,15 @@ def _multihead(a: Analysis):
         ("Adjacent mean", "adjacent_mean"), ("Distant mean", "distant_mean")]]) + "\n"
     yield "### Averaged similarity matrix (layer × layer)\n"
     yield _matrix(a.similarity_mean) + "\n"
+    k, d = a.k, a.model["d_model"]
     yield f"### Per-head similarity to layer {b}\n"
+    yield (f"Each entry is one pair of subspaces: isotropic null {null_mean(k, d):.4f} ± "
+           f"{null_std(k, d):.4f}, so entries above {null_mean(k, d) + 3 * null_std(k, d):.4f}"
+           " have z > 3.\n")
     yield markdown_table(per_head_table(a, a.bottleneck, "similarity")) + "\n"
     yield "### Per-head FFN-attention alignment\n"
+    yield ("Null per layer: chance k/d with the std in the Experiment 3 table (it depends on"
+           " the layer's FFN input, not on the head).\n")
     yield markdown_table(per_head_table(a, a.alignment, "alignment")) + "\n"
 
 
