@@ -124,5 +124,5 @@ def draw_ksweep(table, d_head: int, path) -> None:
             title=f"k-sensitivity (k = 1 .. {d_head - 1}; d_head = {d_head} excluded)")
     top.legend()
     bottom.bar(table["k"], table["n_ill_defined"], color="gray")
-    bottom.set(xlabel="k", ylabel="ill-defined\n(layer, head)")
+    bottom.set(xlabel="k", ylabel="ill-defined\n(layer, sampled head)")
     save_figure(fig, path)

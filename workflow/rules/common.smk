@@ -75,6 +75,25 @@ def extraction_mem_mb(wildcards):
     return 1500 + (largest * 12 + 6 * d.d_model**2 * 8 + layer_out) // 2**20
 
 
+def match_heads_mem_mb(wildcards):
+    """Top-k vectors of every head in float32 and float64, the (L h)^2 cross-head tensor and
+    its copies; plus the interpreter."""
+    d, k = model_plan(wildcards).dims, int(wildcards.k)
+    vectors = d.n_layers * d.n_heads * k * d.d_model * 12
+    cross = (d.n_layers * d.n_heads) ** 2 * 8 * 4
+    return 1000 + (vectors + cross) // 2**20
+
+
+def k_sweep_mem_mb(wildcards):
+    """All vectors of the sampled heads in float32, one head's in float64, the prefix-sum
+    blocks and the (d_head, L, L) matrices; plus the interpreter."""
+    plan = model_plan(wildcards)
+    d = plan.dims
+    per_head = d.n_layers * d.d_head * d.d_model
+    blocks = 2 * d.d_head * d.n_layers * (d.n_layers + d.d_head) * 8
+    return 1000 + (per_head * (4 * len(plan.heads) + 8) + blocks) // 2**20
+
+
 def extraction_runtime(wildcards):
     """Minutes: generous for CPU SVD-free extraction (~1 s per 1e10 flops) plus start-up."""
     d = model_plan(wildcards).dims

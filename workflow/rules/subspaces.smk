@@ -139,7 +139,7 @@ rule match_heads:
         ENV
     threads: 1
     resources:
-        mem_mb=2000,
+        mem_mb=match_heads_mem_mb,
         runtime=10,
     script:
         "../scripts/match_heads.py"
@@ -176,7 +176,7 @@ rule k_sweep:
         ENV
     threads: 1
     resources:
-        mem_mb=2000,
+        mem_mb=k_sweep_mem_mb,
         runtime=10,
     params:
         heads=lambda w: model_plan(w).heads,
