@@ -56,10 +56,6 @@ def per_head_table(a: Analysis, table: pd.DataFrame, column: str) -> pd.DataFram
     return out.rename_axis("Layer").reset_index()
 
 
-def _z(value: float, k: int, d: int) -> str:
-    return f"{float(similarity_z(value, k, d)):+.1f}"
-
-
 def render(a: Analysis) -> str:
     """The whole report as markdown."""
     sections = [_header, _configuration, _overlap, _head_matching, _bottleneck, _alignment,
