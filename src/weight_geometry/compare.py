@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from .figures import save_figure  # importing figures selects the Agg backend
+from .figures import pyplot, save_figure
 from .report import markdown_table
 from .statistics import alignment_verdict
 
@@ -121,7 +120,7 @@ def compare_summary(table: pd.DataFrame) -> pd.DataFrame:
 
 def _draw(table: pd.DataFrame, name: str, path: str) -> None:
     spec = _FIGURES[name]
-    fig, ax = plt.subplots(figsize=(10, 4.5))
+    fig, ax = pyplot().subplots(figsize=(10, 4.5))
     for model, rows in table.groupby("model", sort=False):
         (line,) = ax.plot(rows["depth"], rows[name], marker=".",
                           label=f"{model} (L={rows['n_layers'].iloc[0]})")

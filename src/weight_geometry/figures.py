@@ -1,17 +1,17 @@
-"""The report's figures, drawn from a loaded :class:`results_io.Analysis` (matplotlib, Agg)."""
+"""The report's figures, drawn from a loaded :class:`results_io.Analysis` (matplotlib, Agg).
+
+matplotlib is imported by :func:`pyplot` when a figure is drawn, not with this module: the
+Snakefile imports the figure names at parse time, on every Snakemake start.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from .ksweep import RATIO_LABELS  # noqa: E402
-from .results_io import Analysis, pair_matrix  # noqa: E402
+from .ksweep import RATIO_LABELS
+from .results_io import Analysis, pair_matrix
 
 #: Figure name -> the report section (Snakemake report subcategory) it belongs to.
 FIGURES = {
@@ -25,11 +25,21 @@ FIGURES = {
 }
 
 
+def pyplot():
+    """``matplotlib.pyplot`` with the non-interactive Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def save_figure(fig, path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    pyplot().close(fig)
 
 
 def _heatmap(ax, fig, matrix, title, label="Similarity"):
@@ -51,6 +61,7 @@ def _band(ax, table, chance=None, bottleneck=None):
 
 def draw_all(a: Analysis, out: dict[str, str]) -> None:
     """Write every figure in :data:`FIGURES` to ``out[name]``."""
+    plt = pyplot()
     k, head, b = a.k, a.primary_head, a.bottleneck_layer
     chance = a.k / a.model["d_model"]
 
@@ -115,7 +126,7 @@ def draw_all(a: Analysis, out: dict[str, str]) -> None:
 def draw_ksweep(table, d_head: int, path) -> None:
     """Statistics / chance against k (rows of :func:`ksweep.ksweep_table`), and the number of
     ill-defined (layer, head) subspaces per k."""
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7), sharex=True,
+    fig, (top, bottom) = pyplot().subplots(2, 1, figsize=(10, 7), sharex=True,
                                       gridspec_kw={"height_ratios": [3, 1]})
     for column, label in RATIO_LABELS.items():
         top.plot(table["k"], table[column], marker=".", label=label)
