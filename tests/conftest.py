@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -50,6 +51,27 @@ def run_snakemake(workdir: Path, *args: str, config: dict | None = None,
         cmd += ["--configfile", str(cfg)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})}, cwd=workdir)
+
+
+def orthonormal_rows(m: np.ndarray) -> np.ndarray:
+    """``(..., k, d)`` -> orthonormal rows spanning the same row spaces: QR of the transpose,
+    columns' signs fixed by R's diagonal (so Gaussian input gives Haar-random subspaces)."""
+    q, r = np.linalg.qr(np.swapaxes(m, -1, -2))
+    return np.swapaxes(q * np.sign(np.diagonal(r, axis1=-2, axis2=-1))[..., None, :], -1, -2)
+
+
+def haar_bases(rng: np.random.Generator, shape: tuple[int, ...], k: int, d: int) -> np.ndarray:
+    """``shape + (k, d)`` orthonormal rows spanning independent Haar-random k-subspaces."""
+    return orthonormal_rows(np.swapaxes(rng.standard_normal((*shape, d, k)), -1, -2))
+
+
+def error_line(proc: subprocess.CompletedProcess) -> str:
+    """The one ``error: ...`` line of a failed run, which must show no traceback."""
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    return lines[0]
 
 
 def assert_ok(proc: subprocess.CompletedProcess) -> None:

@@ -7,17 +7,9 @@ import json
 
 import numpy as np
 import pytest
-from conftest import make_llama_checkpoint, run_snakemake
+from conftest import error_line, make_llama_checkpoint, run_snakemake
 
 pytestmark = pytest.mark.workflow
-
-
-def error_line(proc) -> str:
-    assert proc.returncode != 0, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
-    assert len(lines) == 1, proc.stderr[-3000:]
-    return lines[0]
 
 
 def config_for(source, **extra):

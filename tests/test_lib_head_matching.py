@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_lib_nulls import haar_bases
+from conftest import haar_bases, orthonormal_rows
 
 from weight_geometry.head_matching import (
     best_match,
@@ -14,11 +14,6 @@ from weight_geometry.head_matching import (
     same_index_mean,
 )
 from weight_geometry.similarity import null_std, similarity
-
-
-def _orthonormal_rows(m: np.ndarray) -> np.ndarray:
-    q, r = np.linalg.qr(np.swapaxes(m, -1, -2))
-    return np.swapaxes(q * np.sign(np.diagonal(r, axis1=-2, axis2=-1))[..., None, :], -1, -2)
 
 
 def _derangements(rng, n_layers: int, n_heads: int) -> np.ndarray:
@@ -38,13 +33,13 @@ def _planted(seed: int, relabel: bool = True, n_layers=4, n_heads=6, k=3, d=40, 
     labels = (_derangements(rng, n_layers, n_heads) if relabel
               else np.tile(np.arange(n_heads), (n_layers, 1)))
     bases = shared[labels] + noise * rng.standard_normal((n_layers, n_heads, k, d))
-    return _orthonormal_rows(bases), labels
+    return orthonormal_rows(bases), labels
 
 
 def test_cross_head_similarity_matches_pairwise_reference():
     rng = np.random.default_rng(0)
     bases = haar_bases(rng, (3, 4), 2, 10)
-    bases[2, 1] = _orthonormal_rows(bases[0, 3] + 0.1 * rng.standard_normal((2, 10)))
+    bases[2, 1] = orthonormal_rows(bases[0, 3] + 0.1 * rng.standard_normal((2, 10)))
     sims = cross_head_similarity(bases.astype(np.float32))
     assert sims.shape == (3, 4, 3, 4) and sims.dtype == np.float64
     for index in np.ndindex(3, 4, 3, 4):

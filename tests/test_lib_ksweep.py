@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_lib_nulls import haar_bases
+from conftest import haar_bases
 
 from weight_geometry.alignment import alignment_table
 from weight_geometry.ksweep import (

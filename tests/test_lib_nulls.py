@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import haar_bases
 
 from weight_geometry.nulls import (
     alignment_ceiling,
@@ -14,14 +15,6 @@ from weight_geometry.nulls import (
     similarity_z,
 )
 from weight_geometry.similarity import null_std
-
-
-def haar_bases(rng: np.random.Generator, shape: tuple[int, ...], k: int, d: int) -> np.ndarray:
-    """``shape + (k, d)`` orthonormal rows spanning independent Haar-random k-subspaces
-    (QR of Gaussian matrices, columns' signs fixed by R's diagonal)."""
-    q, r = np.linalg.qr(rng.standard_normal((*shape, d, k)))
-    q = q * np.sign(np.diagonal(r, axis1=-2, axis2=-1))[..., None, :]
-    return np.swapaxes(q, -1, -2)
 
 
 def _std_tolerance(draws: np.ndarray, n_se: float = 4.0) -> float:

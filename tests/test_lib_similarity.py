@@ -4,16 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import haar_bases
 from scipy.linalg import subspace_angles
 
 from weight_geometry.similarity import null_mean, null_std, similarity, similarity_matrix
-
-
-def _haar_basis(rng: np.random.Generator, k: int, d: int) -> np.ndarray:
-    """(k, d) orthonormal rows spanning a Haar-random k-subspace (QR with sign fix)."""
-    q, r = np.linalg.qr(rng.standard_normal((d, k)))
-    q = q * np.sign(np.diag(r))
-    return q.T
 
 
 def _reference(v1: np.ndarray, v2: np.ndarray) -> float:
@@ -25,7 +19,7 @@ def _reference(v1: np.ndarray, v2: np.ndarray) -> float:
 def test_similarity_equals_principal_angles(k, d):
     rng = np.random.default_rng(k * 100 + d)
     for _ in range(5):
-        v1, v2 = _haar_basis(rng, k, d), _haar_basis(rng, k, d)
+        v1, v2 = haar_bases(rng, (), k, d), haar_bases(rng, (), k, d)
         assert similarity(v1, v2) == pytest.approx(_reference(v1, v2), abs=1e-12)
 
 
@@ -44,7 +38,7 @@ def test_similarity_extremes():
 def test_similarity_matrix_matches_pairwise_reference():
     rng = np.random.default_rng(11)
     n, k, d = 6, 4, 12
-    bases = np.stack([_haar_basis(rng, k, d) for _ in range(n)])
+    bases = np.stack([haar_bases(rng, (), k, d) for _ in range(n)])
     # Make two layers nearly share a subspace so values are not all near k/d.
     bases[3] = np.linalg.qr((bases[2] + 0.1 * rng.standard_normal((k, d))).T)[0].T
     sims = similarity_matrix(bases.astype(np.float32))
@@ -75,7 +69,7 @@ def test_null_mean_and_std_by_monte_carlo(k, d):
     n = 4000
     draws = np.empty(n)
     for t in range(n):
-        v1, v2 = _haar_basis(rng, k, d), _haar_basis(rng, k, d)
+        v1, v2 = haar_bases(rng, (), k, d), haar_bases(rng, (), k, d)
         draws[t] = np.square(v1 @ v2.T).sum() / k   # independent of the library
     se = draws.std(ddof=1) / np.sqrt(n)
     assert abs(draws.mean() - null_mean(k, d)) < 3 * se, (draws.mean(), null_mean(k, d))

@@ -9,8 +9,7 @@ import zipfile
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import assert_ok, make_llama_checkpoint, run_snakemake
-from test_bad_input import error_line
+from conftest import assert_ok, error_line, make_llama_checkpoint, run_snakemake
 
 from weight_geometry.compare import COMPARE_FIGURES
 from weight_geometry.figures import FIGURES
