@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from weight_geometry import safetensors_file
 from weight_geometry.errors import UserError
 from weight_geometry.safetensors_file import SafetensorsReader, directory_entries, read_header
+
+#: Chunk size for the chunked-read tests: a few hundred bytes, so tiny tensors span many chunks.
+SMALL_CHUNK = 200
 
 
 def _tensors(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -111,7 +116,7 @@ def test_missing_shard_and_empty_dir(tmp_path):
 
 def test_every_bf16_bit_pattern_and_f64_decode_like_torch(tmp_path):
     """All 65536 bf16 values (zeros, subnormals, inf, NaNs) decode bit-exactly as torch's
-    bfloat16 -> float32; float64 rounds as torch's cast; reads reuse one buffer safely."""
+    bfloat16 -> float32; float64 rounds as torch's cast; a repeated read gives the same bits."""
     bits = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16)
     tensors = {"bf16": bits.view(torch.bfloat16).reshape(256, 256),
                "f64": torch.randn(7, 5, dtype=torch.float64) * 1e3,
@@ -125,3 +130,81 @@ def test_every_bf16_bit_pattern_and_f64_decode_like_torch(tmp_path):
         assert first[name].dtype == np.float32 and first[name].shape == expected.shape
         np.testing.assert_array_equal(first[name].view(np.uint32), expected.view(np.uint32))
     np.testing.assert_array_equal(again.view(np.uint32), first["bf16"].view(np.uint32))
+
+
+def test_chunked_reads_equal_torch(tmp_path, monkeypatch):
+    """Tensors spanning many chunks, not a whole number of them (nor of elements per chunk for
+    bf16/f16/f64), read back bit-exactly as torch's float32 cast; float32 is read whole."""
+    monkeypatch.setattr(safetensors_file, "READ_CHUNK", SMALL_CHUNK)
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(37, 29, generator=g) * 100  # 1073 elements
+    tensors = {"bf16": base.bfloat16(), "f16": base.half(), "f64": base.double() / 3,
+               "f32": base, "vector": base[0].bfloat16(), "one": base[:1, :1].half()}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    reader = SafetensorsReader(directory_entries(tmp_path))
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if name in ("bf16", "f16", "f64", "f32"):
+            assert nbytes > 4 * SMALL_CHUNK and nbytes % SMALL_CHUNK, name
+        got = reader.read(name)
+        expected = t.float().numpy()
+        assert got.dtype == np.float32 and got.shape == expected.shape
+        np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
+    # bf16 is the high half of the float32 bits, whatever the value.
+    bits = (tensors["bf16"].view(torch.int16).numpy().astype(np.uint16).astype(np.uint32) << 16)
+    np.testing.assert_array_equal(reader.read("bf16").view(np.uint32), bits)
+
+
+def test_concurrent_reads_of_one_reader_match_serial(tmp_path, monkeypatch):
+    """8 threads reading different bf16 tensors of one reader, chunk by chunk, get exactly the
+    single-threaded results: reads share no buffer."""
+    monkeypatch.setattr(safetensors_file, "READ_CHUNK", SMALL_CHUNK)
+    g = torch.Generator().manual_seed(6)
+    tensors = {f"t{i}": torch.randn(40 + 3 * i, 33, generator=g).bfloat16() for i in range(6)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    reader = SafetensorsReader(directory_entries(tmp_path))
+    names = sorted(tensors)
+    serial = {name: reader.read(name) for name in names}
+    for name, t in tensors.items():
+        np.testing.assert_array_equal(serial[name], t.float().numpy())
+
+    def read_many(worker: int) -> list[tuple[str, np.ndarray]]:
+        order = names[worker % len(names):] + names[:worker % len(names)]
+        return [(name, reader.read(name)) for _ in range(10) for name in order]
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(read_many, range(8)))
+    assert sum(len(r) for r in results) == 8 * 10 * len(names)
+    for result in results:
+        for name, got in result:
+            np.testing.assert_array_equal(got.view(np.uint32), serial[name].view(np.uint32))
+
+
+@pytest.mark.parametrize("name", ["bf16", "f32"])
+def test_file_truncated_after_header_read_raises_user_error(tmp_path, monkeypatch, name):
+    """A file cut after its header was read (the directory is read once, tensors later): the
+    short read is the one-line 'is truncated' UserError, for chunked and whole reads."""
+    monkeypatch.setattr(safetensors_file, "READ_CHUNK", SMALL_CHUNK)
+    path = tmp_path / "model.safetensors"
+    save_file({"bf16": torch.randn(30, 20).bfloat16(), "f32": torch.randn(30, 20)}, str(path))
+    entries = directory_entries(tmp_path)
+    entry = entries[name]
+    with open(path, "r+b") as fh:
+        fh.truncate(entry.end - 3 * SMALL_CHUNK // 2)
+    with pytest.raises(UserError) as info:
+        SafetensorsReader(entries).read(name)
+    _assert_one_line_naming(info.value, path)
+    assert str(info.value) == f"{path}: tensor {name} is truncated"
+
+
+def test_unknown_dtype_and_size_mismatch_raise_user_error(tmp_path):
+    path = tmp_path / "model.safetensors"
+    save_file({"x": torch.randn(4, 5)}, str(path))
+    entry = directory_entries(tmp_path)["x"]
+    reader = SafetensorsReader({
+        "i8": safetensors_file.TensorEntry(path, "I8", (4, 5), entry.start, entry.start + 20),
+        "short": safetensors_file.TensorEntry(path, "F32", (4, 5), entry.start, entry.end - 4)})
+    with pytest.raises(UserError, match="tensor i8 has dtype I8; readable: F64, F32, F16, BF16"):
+        reader.read("i8")
+    with pytest.raises(UserError, match="tensor short has 76 bytes, not 80"):
+        reader.read("short")

@@ -1,13 +1,14 @@
 """Lazy safetensors reading, single file or sharded (``model.safetensors.index.json``).
 
 The tensor directory comes from each file's JSON header (8-byte length + JSON), so inspecting a
-checkpoint costs a few kilobytes of I/O and no torch import. A tensor is read with one
-``pread`` of its byte range and converted to float32: no memory map, so pages of tensors read
-earlier do not stay mapped into the process (its RSS stays near one tensor, not the file).
-Float32 tensors are read straight into their output array; other dtypes into one raw buffer
-reused across reads (no page faults on a fresh buffer per tensor), then decoded in one pass.
-Stored bytes are little-endian, as the format specifies (and as the host is assumed to be).
-"""
+checkpoint costs a few kilobytes of I/O and no torch import. A tensor is read with ``pread`` of
+its byte range and converted to float32: no memory map, so pages of tensors read earlier do not
+stay mapped into the process (its RSS stays near one tensor, not the file).
+Float32 tensors are read straight into their output array; other dtypes chunk by chunk (at most
+``READ_CHUNK`` bytes) into a small buffer, each chunk decoded straight into its slice of the
+output, so a read holds the float32 output plus one chunk. Reads share no mutable state: one
+reader may be used from several threads at once.
+Stored bytes are little-endian, as the format specifies (and as the host is assumed to be)."""
 
 from __future__ import annotations
 
@@ -28,24 +29,41 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
 
-def _bf16_to_float32(raw: np.ndarray) -> np.ndarray:
-    """bf16 bits are the high 16 bits of the float32 of the same value: write them into the high
-    halves of one zeroed array (little-endian: half 1 of each 32-bit word). One pass, no
-    temporaries; 2x faster than ``(raw.astype(uint32) << 16)``."""
-    out = np.zeros((raw.size, 2), dtype=np.uint16)
-    out[:, 1] = raw.reshape(-1)
-    return out.view(np.float32).reshape(raw.shape)
+#: Most stored bytes read and decoded at a time for dtypes other than float32, hence the
+#: temporary memory of a read beyond its float32 output. 1-4 MiB read bf16 MLP matrices fastest
+#: (the chunk and its output slice stay in cache); 16 MiB was ~20% slower, 32 MiB ~75%.
+READ_CHUNK = 4 << 20
 
 
-def _to_float32(raw: np.ndarray) -> np.ndarray:
-    return raw.astype(np.float32)
+def _decode_bf16(raw: np.ndarray, out: np.ndarray) -> None:
+    """bf16 bits are the high 16 bits of the float32 of the same value: shift them up into
+    ``out`` viewed as uint32. One pass, no temporaries (numpy widens uint16 in small buffers);
+    ~30% faster than zeroing the low uint16 halves of ``out`` and then writing the high ones."""
+    np.left_shift(raw, 16, out=out.view(np.uint32), dtype=np.uint32)
 
 
-#: safetensors dtype code -> (numpy dtype of the stored bytes, how to make float32; None: is).
+def _decode_cast(raw: np.ndarray, out: np.ndarray) -> None:
+    np.copyto(out, raw)
+
+
+#: safetensors dtype code -> (numpy dtype of the stored bytes, how to decode a flat chunk into
+#: its float32 slice of the output; None: stored as float32, read straight into the output).
 _DECODE = {
-    "F64": (np.float64, _to_float32), "F32": (np.float32, None), "F16": (np.float16, _to_float32),
-    "BF16": (np.uint16, _bf16_to_float32),
+    "F64": (np.float64, _decode_cast), "F32": (np.float32, None),
+    "F16": (np.float16, _decode_cast), "BF16": (np.uint16, _decode_bf16),
 }
+
+
+def _pread_into(fd: int, into: memoryview, offset: int) -> int:
+    """Fill ``into`` from ``offset``; returns the bytes read, fewer only at end of file (one
+    ``preadv`` unless the kernel returns less, as Linux does past 2 GiB)."""
+    done = 0
+    while done < len(into):
+        n = os.preadv(fd, [into[done:]], offset + done)
+        if n == 0:
+            break
+        done += n
+    return done
 
 
 @dataclass(frozen=True)
@@ -101,37 +119,45 @@ def directory_entries(directory: Path) -> dict[str, TensorEntry]:
 
 
 class SafetensorsReader:
-    """Read tensors by name from a checkpoint directory, one ``pread`` per tensor."""
+    """Read tensors by name from a checkpoint directory as float32. Holds no buffers: each
+    ``read`` opens the file and uses its own chunk buffer, so one reader is safe to use from
+    several threads at once."""
 
     def __init__(self, entries: dict[str, TensorEntry]):
         self.entries = entries
-        self._raw = bytearray()  # reused for dtypes that need decoding
 
     def read(self, name: str) -> np.ndarray:
-        """One tensor as float32 numpy, shape as on disk. Cost: one read of its bytes and, for
-        other dtypes than float32, one decoding pass; memory: the output plus the raw buffer."""
+        """One tensor as float32 numpy, shape as on disk. Cost: one read of its bytes (one
+        ``preadv`` for float32, one per ``READ_CHUNK`` otherwise) and, for other dtypes than
+        float32, one decoding pass; memory: the output plus, for other dtypes, one chunk of at
+        most ``READ_CHUNK`` bytes. Thread-safe."""
         entry = self.entries[name]
         if entry.dtype not in _DECODE:
             raise UserError(f"{entry.file}: tensor {name} has dtype {entry.dtype}; readable:"
                             f" {', '.join(_DECODE)}")
-        stored, convert = _DECODE[entry.dtype]
-        size = entry.end - entry.start
-        if convert is None:
-            out = np.empty(entry.shape, dtype=np.float32)
-            self._pread(entry, name, memoryview(out).cast("B"))
-            return out
-        if len(self._raw) < size:
-            self._raw = bytearray(size)
-        view = memoryview(self._raw)[:size]
-        self._pread(entry, name, view)
-        return convert(np.frombuffer(view, dtype=stored).reshape(entry.shape))
-
-    @staticmethod
-    def _pread(entry: TensorEntry, name: str, into: memoryview) -> None:
+        stored, decode = _DECODE[entry.dtype]
+        out = np.empty(entry.shape, dtype=np.float32)
+        itemsize = np.dtype(stored).itemsize
+        if entry.end - entry.start != out.size * itemsize:
+            raise UserError(f"{entry.file}: tensor {name} has {entry.end - entry.start} bytes,"
+                            f" not {out.size * itemsize} for shape {list(entry.shape)}"
+                            f" {entry.dtype} (corrupt header)")
         fd = os.open(entry.file, os.O_RDONLY)
         try:
-            n = os.preadv(fd, [into], entry.start)
+            if decode is None:
+                into = memoryview(out).cast("B")
+                if _pread_into(fd, into, entry.start) != len(into):
+                    raise UserError(f"{entry.file}: tensor {name} is truncated")
+                return out
+            flat = out.reshape(-1)
+            per_chunk = max(1, READ_CHUNK // itemsize)
+            chunk = memoryview(bytearray(min(out.size, per_chunk) * itemsize))
+            for first in range(0, out.size, per_chunk):
+                count = min(per_chunk, out.size - first)
+                into = chunk[:count * itemsize]
+                if _pread_into(fd, into, entry.start + first * itemsize) != len(into):
+                    raise UserError(f"{entry.file}: tensor {name} is truncated")
+                decode(np.frombuffer(into, dtype=stored), flat[first:first + count])
+            return out
         finally:
             os.close(fd)
-        if n != len(into):
-            raise UserError(f"{entry.file}: tensor {name} is truncated")
