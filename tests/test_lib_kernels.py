@@ -11,6 +11,7 @@ from weight_geometry.kernels import (
     factored_subspaces,
     head_subspaces,
     query_r_factors,
+    thin_qr,
 )
 
 # (d, h, n_kv, d_head): GQA, MHA, MQA, d_head != d // h (larger and smaller).
@@ -140,3 +141,26 @@ def test_float32_input_stays_float32_and_close():
     ref = _naive(w_q, w_k, h, n_kv, d_head)
     for i in range(h):
         np.testing.assert_allclose(s32[i].numpy(), ref[i][0][:d_head], rtol=1e-4)
+
+
+def test_thin_qr_matches_householder_and_falls_back():
+    """CholeskyQR2 (kappa 1, 1e3) and the Householder fallback (rank-deficient, kappa 1e6):
+    Q orthonormal to 1e-13, Q R = X, and Q, R equal Householder's up to column/row signs."""
+    rng = np.random.default_rng(21)
+    n, m = 60, 8
+    x = np.stack([rng.standard_normal((n, m)), _with_condition(rng, m, n, 1e3).T,
+                  _with_condition(rng, m, n, 1e6).T, rng.standard_normal((n, m))])
+    x[3, :, 5] = x[3, :, 2]                              # rank-deficient: Cholesky fails
+    q, r = thin_qr(torch.from_numpy(x))
+    q_h, r_h = torch.linalg.qr(torch.from_numpy(x))
+    for b in range(len(x)):
+        np.testing.assert_allclose(q[b].T @ q[b], np.eye(m), atol=1e-13)
+        np.testing.assert_allclose(q[b] @ r[b], x[b], atol=1e-13 * np.abs(x[b]).max())
+        if b < 3:   # full rank: the factorization is unique up to signs
+            signs = torch.sign(r[b].diagonal() * r_h[b].diagonal())
+            np.testing.assert_allclose(q[b] * signs, q_h[b], atol=1e-9)
+            np.testing.assert_allclose(r[b] * signs[:, None], r_h[b],
+                                       atol=1e-12 * float(r_h[b].abs().max()))
+    q32, r32 = thin_qr(torch.from_numpy(x[:2]).float())
+    assert q32.dtype == torch.float32 and r32.dtype == torch.float32
+    np.testing.assert_allclose(q32[0].T @ q32[0], np.eye(m), atol=1e-6)
