@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from weight_geometry.checkpoint import open_checkpoint
-from weight_geometry.extraction import LayerResult, extract_layers, write_layers
+from weight_geometry.extraction import (
+    RANK_COLUMNS,
+    LayerResult,
+    extract_layers,
+    in_threads,
+    write_layers,
+)
+from weight_geometry.results_io import write_rows
 
 D, D_FF, L, H, N_KV, D_HEAD = 32, 48, 2, 4, 2, 16   # d_head != d // h on purpose
 
@@ -124,12 +131,15 @@ def test_extract_layers_weight_ranks(tiny_llama):
 
 
 def test_write_layers_streams_the_same_arrays(tiny_llama, tmp_path):
-    """The .npy files written layer by layer equal the in-memory result, bit for bit."""
+    """The .npy files written layer by layer equal the in-memory result, bit for bit; the rank
+    rows written by pyarrow alone read back as the in-memory table."""
     path, _ = tiny_llama
     ckpt = open_checkpoint(str(path))
     names = LayerResult.array_names()
     paths = {name: tmp_path / "bases" / f"{name}.npy" for name in names}
-    ranks = write_layers(ckpt, range(L), torch.device("cpu"), False, paths)
+    rows = write_layers(ckpt, range(L), torch.device("cpu"), False, paths)
+    write_rows(tmp_path / "ranks.parquet", RANK_COLUMNS, rows)
+    ranks = pd.read_parquet(tmp_path / "ranks.parquet")
     res = extract_layers(ckpt, range(L), torch.device("cpu"))
     assert set(names) == {"vectors", "singular_values", "ffn_input_energy", "ffn_input_norm2",
                           "ffn_input_singular_values"}
@@ -152,9 +162,63 @@ def test_without_ranks_reads_only_what_the_geometry_needs(tiny_llama, tmp_path, 
     monkeypatch.setattr(type(ckpt), "_read", lambda self, name: read.append(name)
                         or original(self, name))
     paths = {name: tmp_path / f"{name}.npy" for name in names}
-    ranks = write_layers(ckpt, range(L), torch.device("cpu"), False, paths, compute_ranks=False)
+    rows = write_layers(ckpt, range(L), torch.device("cpu"), False, paths, compute_ranks=False)
+    assert rows == []
+    write_rows(tmp_path / "ranks.parquet", RANK_COLUMNS, rows)
+    ranks = pd.read_parquet(tmp_path / "ranks.parquet")
     assert ranks.empty and list(ranks.columns) == ["layer_idx", "weight_type", "shape",
                                                     "eff_rank"]
     assert sorted({n.split(".")[-2] for n in read}) == ["gate_proj", "k_proj", "q_proj"]
     for name in names:
         np.testing.assert_array_equal(np.load(paths[name]), getattr(full, name), err_msg=name)
+
+
+def test_layers_in_two_threads_equal_one_at_a_time(tiny_llama):
+    """workers=2 (two layers at once, one torch thread each) gives the sequential results, in
+    layer order, up to GEMM rounding, and leaves torch's thread count as it was."""
+    path, _ = tiny_llama
+    ckpt = open_checkpoint(str(path))
+    threads = torch.get_num_threads()
+    one = extract_layers(ckpt, range(L), torch.device("cpu"))
+    two = extract_layers(ckpt, range(L), torch.device("cpu"), workers=2)
+    assert torch.get_num_threads() == threads
+    for name in ("singular_values", "ffn_input_energy", "ffn_input_norm2",
+                 "ffn_input_singular_values"):
+        np.testing.assert_allclose(getattr(two, name), getattr(one, name), rtol=1e-5,
+                                   atol=1e-6, err_msg=name)
+    # Same directions: |<v_two, v_one>| = 1 row by row (signs are free).
+    cosines = np.abs((two.vectors.astype(np.float64) * one.vectors).sum(-1))
+    np.testing.assert_allclose(cosines, 1.0, atol=1e-4)
+    pd.testing.assert_frame_equal(two.weight_ranks[["layer_idx", "weight_type", "shape"]],
+                                  one.weight_ranks[["layer_idx", "weight_type", "shape"]])
+    np.testing.assert_allclose(two.weight_ranks["eff_rank"], one.weight_ranks["eff_rank"],
+                               rtol=1e-6)
+
+
+def test_in_threads_keeps_order_bounds_lookahead_and_raises():
+    """Results come in input order whatever finishes first; no more than workers + 1 items
+    are submitted ahead of the consumer; a worker's exception reaches the consumer."""
+    import threading
+    import time
+
+    started, lock = [], threading.Lock()
+
+    def slow_first(i):
+        with lock:
+            started.append(i)
+        time.sleep(0.05 if i % 3 == 0 else 0.0)
+        return i * i
+
+    seen = []
+    for pos, value in enumerate(in_threads(slow_first, range(12), 2)):
+        assert len(started) <= pos + 3          # consumer at pos: at most workers + 1 ahead
+        seen.append(value)
+    assert seen == [i * i for i in range(12)]
+
+    def fails_at_three(i):
+        if i == 3:
+            raise ValueError("layer 3")
+        return i
+
+    with pytest.raises(ValueError, match="layer 3"):
+        list(in_threads(fails_at_three, range(8), 2))

@@ -10,8 +10,7 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from weight_geometry.architectures import GATED
 from weight_geometry.config import build_plan, user_models
 from weight_geometry.errors import UserError
-from weight_geometry.compare import COMPARE_FIGURES
-from weight_geometry.figures import FIGURES
+from weight_geometry.figure_names import COMPARE_FIGURES, FIGURES
 from weight_geometry.results_io import BASES_FILES, chunk_dir_name
 
 try:
@@ -63,16 +62,18 @@ def similarity_files(heads_of):
     return files
 
 
-def extraction_mem_mb(wildcards):
+def extraction_mem_mb(wildcards, threads):
     """Peak memory of one extraction job, which reads, uses and frees one tensor at a time and
-    appends each layer to its outputs: the largest weight three times at 4 bytes a value (host,
-    device, raw read buffer), six d x d float64-sized matrices (Grams, eigvalsh workspace, the
-    energies' float64 copy, a float64 fallback Gram) and one layer's outputs; plus the
-    interpreter and torch. Independent of the number of layers."""
+    appends each layer to its outputs. Per worker (one per thread on the CPU): the largest
+    weight twice at 4 bytes a value (host and device), the reader's decoding chunk, six d x d
+    float64-sized matrices (Grams, eigvalsh workspace, the energies' float64 copy, a float64
+    fallback Gram) and one layer's outputs; plus the interpreter and torch. Independent of
+    the number of layers."""
     d = model_plan(wildcards).dims
     largest = max(a * b for a, b in map(d.weight_shape, GATED))
     layer_out = d.n_heads * d.d_head * (d.d_model * 4 + 24) + d.d_model * 8
-    return 1500 + (largest * 12 + 6 * d.d_model**2 * 8 + layer_out) // 2**20
+    per_worker = largest * 8 + 2**24 + 6 * d.d_model**2 * 8 + 2 * layer_out
+    return 1500 + threads * per_worker // 2**20
 
 
 def match_heads_mem_mb(wildcards):
@@ -130,6 +131,16 @@ def analysis_inputs(wildcards):
         "best_match": f"{kdir}/best_match.npy",
         "layer_pairs": f"{kdir}/layer_pairs.parquet",
         "ksweep": f"{base}/ksweep.parquet",
+    }
+
+
+def figure_inputs(wildcards):
+    """The figures' inputs: the report's but the k-sweep, which k_sweep draws itself; so the
+    figures (the longest job after extraction) need not wait for it."""
+    return {
+        name: path
+        for name, path in analysis_inputs(wildcards).items()
+        if name != "ksweep"
     }
 
 

@@ -9,20 +9,23 @@ def main():
     import torch
 
     from weight_geometry.checkpoint import open_checkpoint
-    from weight_geometry.extraction import write_layers
+    from weight_geometry.extraction import RANK_COLUMNS, write_layers
     from weight_geometry.kernels import resolve_device
-    from weight_geometry.results_io import BASES_FILES
+    from weight_geometry.results_io import BASES_FILES, write_rows
 
     torch.set_num_threads(snakemake.threads)
     device = resolve_device(snakemake.params.device)
+    # On the CPU each thread extracts its own layer; a GPU runs one layer at a time.
+    workers = snakemake.threads if device.type == "cpu" else 1
     fold = snakemake.params.fold_norms
     ckpt = open_checkpoint(snakemake.params.path, fold)
     layers = range(int(snakemake.wildcards.first), int(snakemake.wildcards.last) + 1)
-    progress(f"{ckpt.path}: layers {layers.start}-{layers.stop - 1} on {device}")
+    progress(f"{ckpt.path}: layers {layers.start}-{layers.stop - 1} on {device}"
+             f" ({workers} at a time)")
     out = snakemake.output
-    ranks = write_layers(ckpt, layers, device, fold, {name: out[name] for name in BASES_FILES},
-                         snakemake.params.compute_ranks)
-    ranks.to_parquet(out.weight_ranks, index=False)
+    rows = write_layers(ckpt, layers, device, fold, {name: out[name] for name in BASES_FILES},
+                        snakemake.params.compute_ranks, workers)
+    write_rows(out.weight_ranks, RANK_COLUMNS, rows)
 
 
 run_rule(main, snakemake.log[0], snakemake.output)
