@@ -12,7 +12,7 @@ import pytest
 from conftest import assert_ok, error_line, make_llama_checkpoint, run_snakemake
 
 from weight_geometry.compare import COMPARE_FIGURES
-from weight_geometry.figures import FIGURES
+from weight_geometry.figure_names import FIGURES
 
 pytestmark = pytest.mark.workflow
 

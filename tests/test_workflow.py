@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from weight_geometry.figures import FIGURES
+from weight_geometry.figure_names import FIGURES
 
 pytestmark = pytest.mark.workflow
 

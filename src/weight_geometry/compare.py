@@ -12,6 +12,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
+from .figure_names import COMPARE_FIGURES
 from .figures import pyplot, save_figure
 from .report import markdown_table
 from .statistics import alignment_verdict
@@ -24,27 +25,24 @@ class _Figure(NamedTuple):
 
 
 #: Figure name (= the plotted column of :func:`compare_table`) -> how it is drawn and described.
-_FIGURES = {
-    "adjacent_similarity": _Figure(
+_FIGURES = dict(zip(COMPARE_FIGURES, (
+    _Figure(
         "Similarity sim[l, l+1]",
         "Similarity of each layer's attention subspace to the next layer's; dotted lines are"
         " each model's isotropic null k/d. High values mean redundant depth.", "chance"),
-    "bottleneck_similarity": _Figure(
+    _Figure(
         "Similarity to the bottleneck layer",
         "Similarity of each layer's subspace to its model's bottleneck layer (1 at the"
         " bottleneck itself); dotted lines are each model's k/d.", "chance"),
-    "alignment_ratio": _Figure(
+    _Figure(
         "FFN-attention alignment / chance",
         "Fraction of the FFN input energy inside the attention subspace, divided by chance"
         " k/d; the grey line is chance (1).", "one"),
-    "mean_eff_rank": _Figure(
+    _Figure(
         "Mean effective rank",
         "Effective rank averaged over the layer's weight types; absolute, so it scales with"
         " the model's width.", None),
-}
-
-#: The figures :func:`draw_compare` writes, one png each.
-COMPARE_FIGURES = tuple(_FIGURES)
+), strict=True))
 
 
 def _model_rows(name: str, model: dict, layers: pd.DataFrame, k: int) -> pd.DataFrame:

@@ -1,7 +1,7 @@
 """The report's figures, drawn from a loaded :class:`results_io.Analysis` (matplotlib, Agg).
 
-matplotlib is imported by :func:`pyplot` when a figure is drawn, not with this module: the
-Snakefile imports the figure names at parse time, on every Snakemake start.
+matplotlib is imported by :func:`pyplot` when a figure is drawn, not with this module. The
+figure names live in :mod:`figure_names`, which the Snakefile imports at parse time.
 """
 
 from __future__ import annotations
@@ -12,17 +12,6 @@ import numpy as np
 
 from .ksweep import RATIO_LABELS
 from .results_io import Analysis, pair_matrix
-
-#: Figure name -> the report section (Snakemake report subcategory) it belongs to.
-FIGURES = {
-    "similarity_heatmap": "Experiment 1: subspace overlap",
-    "best_match": "Head matching",
-    "bottleneck_trace": "Experiment 2: bottleneck",
-    "alignment": "Experiment 3: FFN alignment",
-    "multihead_summary": "Multi-head robustness",
-    "effective_ranks": "Effective ranks",
-    "kernel_effective_ranks": "Effective ranks",
-}
 
 
 def pyplot():
@@ -60,7 +49,7 @@ def _band(ax, table, chance=None, bottleneck=None):
 
 
 def draw_all(a: Analysis, out: dict[str, str]) -> None:
-    """Write every figure in :data:`FIGURES` to ``out[name]``."""
+    """Write every figure of :data:`figure_names.FIGURES` to ``out[name]``."""
     plt = pyplot()
     k, head, b = a.k, a.primary_head, a.bottleneck_layer
     chance = a.k / a.model["d_model"]

@@ -3,7 +3,7 @@
 
 rule report_figures:
     input:
-        unpack(analysis_inputs),
+        unpack(figure_inputs),
     output:
         **{
             name: report(

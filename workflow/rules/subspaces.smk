@@ -172,6 +172,8 @@ rule k_sweep:
         "logs/{model}/k_sweep.log",
     benchmark:
         f"{R}/benchmarks/k_sweep.tsv"
+    # Only the report reads it: yield the cores to the jobs on the way to the figures.
+    priority: -1
     conda:
         ENV
     threads: 1

@@ -2,7 +2,8 @@
 
 import _library  # noqa: F401  (puts the checkout's src/ on sys.path)
 
-from weight_geometry.figures import FIGURES, draw_all
+from weight_geometry.figure_names import FIGURES
+from weight_geometry.figures import draw_all
 from weight_geometry.results_io import load_analysis
 from weight_geometry.rule_script import run_rule
 

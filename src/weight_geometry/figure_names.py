@@ -1,0 +1,22 @@
+"""The figures the workflow writes, by name, and the report section each belongs to.
+
+The Snakefile reads these names at parse time, on every Snakemake start and in every cluster
+job, so this module imports nothing; the drawing modules (:mod:`figures`, :mod:`compare`)
+import pandas and matplotlib, which would add about half a second to each start.
+"""
+
+#: Per (model, k) figure name -> the report section (Snakemake report subcategory).
+FIGURES = {
+    "similarity_heatmap": "Experiment 1: subspace overlap",
+    "best_match": "Head matching",
+    "bottleneck_trace": "Experiment 2: bottleneck",
+    "alignment": "Experiment 3: FFN alignment",
+    "multihead_summary": "Multi-head robustness",
+    "effective_ranks": "Effective ranks",
+    "kernel_effective_ranks": "Effective ranks",
+}
+
+#: The comparison figures (``results/compare/k{k}/figures/{name}.png``); each name is the
+#: column of :func:`compare.compare_table` it plots.
+COMPARE_FIGURES = ("adjacent_similarity", "bottleneck_similarity", "alignment_ratio",
+                   "mean_eff_rank")
