@@ -5,15 +5,17 @@ Each stage runs in its own process, so its peak RSS (``VmHWM``) is its own:
     python benchmarks/ours.py STAGE CHECKPOINT_DIR --scratch DIR [--device cpu|cuda] --json OUT
 
 Stages:
-- ``imports``: numpy, pandas, torch, the library and what a Snakemake rule script's preamble
-  imports, nothing else: the interpreter's share of an extraction job's RSS.
+- ``imports``: numpy, torch, pyarrow, the library and what a Snakemake rule script's preamble
+  imports, nothing else: the interpreter's share of an extraction job's RSS (the job does not
+  import pandas).
 - ``read_floor``: every tensor the analysis needs (the seven projections of every layer) read
   once with ``preadv`` into one reused buffer, page cache warm (a first pass warms it): the
   time to merely move the bytes. Also W_Q and W_K alone (what the subspaces need).
 - ``matmul``: this device's float32 and float64 GEMM rate at the Gram shape
   ``(d x d_ff) @ (d_ff x d)``, best of 3 after a warm-up.
-- ``extract``: ``extraction.extract_layers`` over all layers (the workflow's extraction job
-  without Snakemake); its arrays are saved in ``--scratch`` for the next stages.
+- ``extract``: ``extraction.write_layers`` over all layers with as many layer workers as torch
+  has threads on the CPU (the workflow's extraction job without Snakemake); it streams its
+  arrays into ``--scratch`` for the next stages.
 - ``subspaces``: per layer ``Checkpoint.read_layer`` (timed as ``read``) and
   ``kernels.head_subspaces`` of all h heads in float64 (timed as ``compute``), as
   ``extract_layers`` does them.
@@ -28,7 +30,9 @@ Stages:
   rest (energies and table).
 - ``ranks``: per layer and weight ``ranks.weight_spectrum`` of the Gram side
   ``extract_layers`` uses (float32, float64 where needed) and
-  ``effective_rank_from_singular_values``.
+  ``effective_rank_from_singular_values``; on the CPU the seven weights of a layer go through
+  ``extraction.in_threads`` with as many workers as torch has threads (the extraction job runs
+  whole layers that way; here the read stays apart from the compute).
 
 The workflow itself is run by :func:`run_workflow` (``python -m snakemake`` on the repository's
 Snakefile); :func:`job_table` reads each job's time and ``max_rss`` from the benchmark TSVs
@@ -72,7 +76,7 @@ def _open(checkpoint: Path):
 
 def stage_imports(args) -> dict:
     import numpy  # noqa: F401
-    import pandas  # noqa: F401
+    import pyarrow.parquet  # noqa: F401
     import snakemake.iocontainers  # noqa: F401  (what a rule script's preamble imports)
     import torch  # noqa: F401
 
@@ -138,20 +142,25 @@ def stage_matmul(args) -> dict:
 
 
 def stage_extract(args) -> dict:
-    import numpy as np
     import torch
 
-    from weight_geometry.extraction import extract_layers
+    from weight_geometry.extraction import LayerResult, write_layers
 
     times: dict[str, float] = {}
     with stopwatch(times, "open"):
         ckpt = _open(args.checkpoint)
+    paths = {name: args.scratch / f"{name}.npy" for name in LayerResult.array_names()}
     with stopwatch(times, "s", args.device):
-        result = extract_layers(ckpt, range(ckpt.dims.n_layers), torch.device(args.device))
-    for name in ("vectors", "singular_values", "ffn_input_energy", "ffn_input_norm2",
-                 "ffn_input_singular_values"):
-        np.save(args.scratch / f"{name}.npy", getattr(result, name))
+        write_layers(ckpt, range(ckpt.dims.n_layers), torch.device(args.device), False, paths,
+                     workers=_workers(args.device))
     return times
+
+
+def _workers(device: str) -> int:
+    """Layer workers of the extraction job: one per thread on the CPU, one on a GPU."""
+    import torch
+
+    return torch.get_num_threads() if device == "cpu" else 1
 
 
 def stage_subspaces(args) -> dict:
@@ -218,6 +227,7 @@ def stage_alignment(args) -> dict:
 def stage_ranks(args) -> dict:
     import torch
 
+    from weight_geometry.extraction import in_threads
     from weight_geometry.ranks import (
         effective_rank_from_singular_values,
         smaller_side,
@@ -226,16 +236,19 @@ def stage_ranks(args) -> dict:
 
     ckpt = _open(args.checkpoint)
     ffn_input = ckpt.adapter.ffn_input
+
+    def rank(item) -> float:
+        wt, array = item
+        side = "in" if wt == ffn_input else smaller_side(array.shape)
+        sigma, _ = weight_spectrum(torch.from_numpy(array).to(args.device), side)
+        return effective_rank_from_singular_values(sigma, array.shape)
+
     times = {"read": 0.0, "compute": 0.0}
     for layer in range(ckpt.dims.n_layers):
         with stopwatch(times, "read"):
             weights = ckpt.read_layer(layer)
         with stopwatch(times, "compute", args.device):
-            for wt, array in weights.items():
-                shape = array.shape
-                side = "in" if wt == ffn_input else smaller_side(shape)
-                sigma, _ = weight_spectrum(torch.from_numpy(array).to(args.device), side)
-                effective_rank_from_singular_values(sigma, shape)
+            list(in_threads(rank, weights.items(), _workers(args.device)))
     return times
 
 

@@ -299,12 +299,13 @@ def shape_section(r: dict) -> list[str]:
         stage_row("effective ranks", bs["effective_ranks"], r["ranks"]["compute"],
                   r["ranks"]["peak_rss_mb"],
                   "float32 Gram + `eigvalsh` of the 7 weights per layer, float64 where "
-                  "`rank_error_bound` asks (baseline: `svdvals`)"),
+                  "`rank_error_bound` asks, two weights at a time in threads (baseline: "
+                  "`svdvals`)"),
         stage_row("extraction pass (everything that reads weights)",
                   {"s": dv["baseline_pass"], "peak_rss_mb": b["peak_rss_mb"]},
                   r["extract"]["s"], r["extract"]["peak_rss_mb"],
-                  "`extract_layers` over every layer in one process (baseline: load + "
-                  "extraction + alignment + ranks)"),
+                  "`write_layers` over every layer in one process, two layers at a time in "
+                  "threads (baseline: load + extraction + alignment + ranks)"),
         stage_row("**whole run**", {"s": b["wall_s"], "peak_rss_mb": b["peak_rss_mb"]},
                   r["workflow_s"], dv["max_job"]["max_rss_mb"],
                   "cold `snakemake --cores 2`, start-up, figures and report included; RSS = "
@@ -335,7 +336,8 @@ def shape_section(r: dict) -> list[str]:
         f"({fmt(bs['effective_ranks']['s'] / dv['svd_floor_s'])}x) |",
         f"| one layer's 7 projections in float32 | {dv['layer_fp32_mb']:.0f} MiB (2x = "
         f"{2 * dv['layer_fp32_mb']:.0f} MiB) |",
-        f"| interpreter + numpy, pandas, torch, snakemake and the library imported | "
+        f"| interpreter + numpy, torch, pyarrow, snakemake and the library imported (the "
+        f"extraction job's imports) | "
         f"{r['imports']['peak_rss_mb']:.0f} MiB RSS |",
         "",
         "Workflow jobs (Snakemake benchmark TSVs, s / max_rss MiB; Snakemake samples memory "

@@ -133,7 +133,7 @@ def iter_layers(ckpt: Checkpoint, layers: range, device: torch.device,
     def one(layer: int) -> LayerResult:
         return extract_layer(ckpt, layer, device, fold_norms, compute_ranks)
 
-    results = map(one, layers) if workers <= 1 else in_threads(one, layers, workers)
+    results = in_threads(one, layers, workers)
     for pos, (layer, result) in enumerate(zip(layers, results, strict=True)):
         progress(f"layer {layer} done ({pos + 1}/{len(layers)})")
         yield result
@@ -142,7 +142,10 @@ def iter_layers(ckpt: Checkpoint, layers: range, device: torch.device,
 def in_threads(fn: Callable, items: Iterable, workers: int) -> Iterator:
     """``fn(item)`` for each item, in order, computed by ``workers`` threads that each run torch
     with one thread; at most ``workers + 1`` items submitted ahead of the consumer. torch's
-    thread count is restored afterwards."""
+    thread count is restored afterwards. ``workers <= 1``: ``map`` in the calling thread."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
     threads = torch.get_num_threads()
     pending: deque = deque()
     try:
