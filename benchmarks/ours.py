@@ -157,10 +157,12 @@ def stage_extract(args) -> dict:
 
 
 def _workers(device: str) -> int:
-    """Layer workers of the extraction job: one per thread on the CPU, one on a GPU."""
+    """The extraction job's layer workers, with torch's thread count as the job's threads."""
     import torch
 
-    return torch.get_num_threads() if device == "cpu" else 1
+    from weight_geometry.extraction import layer_workers
+
+    return layer_workers(torch.device(device), torch.get_num_threads())
 
 
 def stage_subspaces(args) -> dict:

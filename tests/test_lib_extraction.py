@@ -13,6 +13,7 @@ from weight_geometry.extraction import (
     LayerResult,
     extract_layers,
     in_threads,
+    layer_workers,
     write_layers,
 )
 from weight_geometry.results_io import write_rows
@@ -222,3 +223,9 @@ def test_in_threads_keeps_order_bounds_lookahead_and_raises():
 
     with pytest.raises(ValueError, match="layer 3"):
         list(in_threads(fails_at_three, range(8), 2))
+
+
+def test_layer_workers_one_per_thread_on_cpu_one_on_gpu():
+    assert layer_workers(torch.device("cpu"), 2) == 2
+    assert layer_workers(torch.device("cpu"), 1) == 1
+    assert layer_workers(torch.device("cuda"), 8) == 1    # a device object needs no GPU

@@ -139,6 +139,12 @@ def iter_layers(ckpt: Checkpoint, layers: range, device: torch.device,
         yield result
 
 
+def layer_workers(device: torch.device, threads: int) -> int:
+    """Layers extracted at once: one per thread on the CPU, one on a GPU (its kernels already
+    use the whole device)."""
+    return threads if device.type == "cpu" else 1
+
+
 def in_threads(fn: Callable, items: Iterable, workers: int) -> Iterator:
     """``fn(item)`` for each item, in order, computed by ``workers`` threads that each run torch
     with one thread; at most ``workers + 1`` items submitted ahead of the consumer. torch's

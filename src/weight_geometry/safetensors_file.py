@@ -54,16 +54,16 @@ _DECODE = {
 }
 
 
-def _pread_into(fd: int, into: memoryview, offset: int) -> int:
-    """Fill ``into`` from ``offset``; returns the bytes read, fewer only at end of file (one
-    ``preadv`` unless the kernel returns less, as Linux does past 2 GiB)."""
+def _pread_exact(fd: int, into: memoryview, offset: int, entry: TensorEntry,
+                 name: str) -> None:
+    """Fill ``into`` from ``offset`` (one ``preadv`` unless the kernel returns less, as Linux
+    does past 2 GiB); a file that ends first is a truncated tensor (one-line UserError)."""
     done = 0
     while done < len(into):
         n = os.preadv(fd, [into[done:]], offset + done)
         if n == 0:
-            break
+            raise UserError(f"{entry.file}: tensor {name} is truncated")
         done += n
-    return done
 
 
 @dataclass(frozen=True)
@@ -145,9 +145,7 @@ class SafetensorsReader:
         fd = os.open(entry.file, os.O_RDONLY)
         try:
             if decode is None:
-                into = memoryview(out).cast("B")
-                if _pread_into(fd, into, entry.start) != len(into):
-                    raise UserError(f"{entry.file}: tensor {name} is truncated")
+                _pread_exact(fd, memoryview(out).cast("B"), entry.start, entry, name)
                 return out
             flat = out.reshape(-1)
             per_chunk = max(1, READ_CHUNK // itemsize)
@@ -155,8 +153,7 @@ class SafetensorsReader:
             for first in range(0, out.size, per_chunk):
                 count = min(per_chunk, out.size - first)
                 into = chunk[:count * itemsize]
-                if _pread_into(fd, into, entry.start + first * itemsize) != len(into):
-                    raise UserError(f"{entry.file}: tensor {name} is truncated")
+                _pread_exact(fd, into, entry.start + first * itemsize, entry, name)
                 decode(np.frombuffer(into, dtype=stored), flat[first:first + count])
             return out
         finally:

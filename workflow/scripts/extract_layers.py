@@ -9,14 +9,13 @@ def main():
     import torch
 
     from weight_geometry.checkpoint import open_checkpoint
-    from weight_geometry.extraction import RANK_COLUMNS, write_layers
+    from weight_geometry.extraction import RANK_COLUMNS, layer_workers, write_layers
     from weight_geometry.kernels import resolve_device
     from weight_geometry.results_io import BASES_FILES, write_rows
 
     torch.set_num_threads(snakemake.threads)
     device = resolve_device(snakemake.params.device)
-    # On the CPU each thread extracts its own layer; a GPU runs one layer at a time.
-    workers = snakemake.threads if device.type == "cpu" else 1
+    workers = layer_workers(device, snakemake.threads)
     fold = snakemake.params.fold_norms
     ckpt = open_checkpoint(snakemake.params.path, fold)
     layers = range(int(snakemake.wildcards.first), int(snakemake.wildcards.last) + 1)
