@@ -53,6 +53,8 @@ from benchlib import (
 from make_checkpoint import SHAPES, Shape
 from ours import job_table, run_workflow
 
+from weight_geometry.ranks import GRAM_PANEL
+
 RESULTS = BENCH / "RESULTS.md"
 #: The generated block of each device in RESULTS.md: a run rewrites only its own device's.
 BEGIN = "<!-- BEGIN GENERATED ({device}) by benchmarks/run_all.py: rewritten by each full run -->"
@@ -326,7 +328,8 @@ def shape_section(r: dict) -> list[str]:
         f"| GEMM rate at the Gram shape ({r['matmul']['shape'][0]} x "
         f"{r['matmul']['shape'][1]}) | float32 {rates['float32']:.0f} GFLOP/s, float64 "
         f"{rates['float64']:.0f} GFLOP/s |",
-        f"| effective ranks, library route (Gram `2 l s^2` + `eigvalsh` `4 s^3/3`) | "
+        f"| effective ranks, library route (upper-triangle Gram `l s (s + {GRAM_PANEL})` + "
+        f"`eigvalsh` `4 s^3/3`) | "
         f"{flops['gram'] / 1e9:.0f} GFLOP = {fmt(dv['gram_floor_s'])} s at the float32 rate; "
         f"measured {fmt(r['ranks']['compute'])} s "
         f"({fmt(r['ranks']['compute'] / dv['gram_floor_s'])}x) |",

@@ -124,17 +124,25 @@ def test_real_smollm2_weights_within_bound():
             assert value == pytest.approx(reference, rel=RTOL[dtype]), (layer, wt)
 
 
-def test_gram_blocks_and_dtypes(monkeypatch):
-    """Blocked accumulation (several blocks, a partial last one) equals numpy's W^T W / W W^T."""
+def test_gram_blocks_panels_and_dtypes(monkeypatch):
+    """Upper-triangle panels (several, a partial last one), mirrored, and blocked accumulation
+    of a cast input (several blocks, a partial last one) equal numpy's W^T W / W W^T, exactly
+    symmetric, for every input/output dtype pair."""
     monkeypatch.setattr(ranks, "GRAM_BLOCK", 7)
-    w = np.random.default_rng(4).standard_normal((50, 20))
-    for side, ref in (("in", w.T @ w), ("out", w @ w.T)):
-        g64 = gram(torch.from_numpy(w), side, torch.float64)
-        assert g64.dtype == torch.float64
-        np.testing.assert_allclose(g64.numpy(), ref, rtol=1e-12, atol=1e-12 * np.abs(ref).max())
-        g32 = gram(torch.from_numpy(w), side)
-        assert g32.dtype == torch.float32
-        np.testing.assert_allclose(g32.numpy(), ref, atol=1e-5 * np.abs(ref).max())
+    monkeypatch.setattr(ranks, "GRAM_PANEL", 6)
+    w64 = np.random.default_rng(4).standard_normal((50, 20))
+    for w in (w64, w64.astype(np.float32)):
+        x = w.astype(np.float64)
+        for side, ref in (("in", x.T @ x), ("out", x @ x.T)):
+            g64 = gram(torch.from_numpy(w), side, torch.float64)
+            assert g64.dtype == torch.float64
+            np.testing.assert_allclose(g64.numpy(), ref, rtol=1e-12,
+                                       atol=1e-12 * np.abs(ref).max())
+            g32 = gram(torch.from_numpy(w), side)
+            assert g32.dtype == torch.float32
+            np.testing.assert_allclose(g32.numpy(), ref, atol=1e-5 * np.abs(ref).max())
+            for g in (g64, g32):
+                assert torch.equal(g, g.T)
 
 
 def test_rank_deficient_excludes_zero_singular_values():

@@ -2,7 +2,8 @@
 
 ``r_eff(W) = exp(H(p))`` with ``p = sigma / sum(sigma)`` over the nonzero singular values of
 ``W``. The singular values come from ``eigvalsh`` of the smaller Gram matrix (``W W^T`` or
-``W^T W``, size ``m = min(rows, cols)``): cost O(rows cols m + m^3), about a third of a full SVD.
+``W^T W``, size ``m = min(rows, cols)``, its upper triangle only): cost about
+``rows cols m + 4 m^3 / 3`` flops against ``4 rows cols m`` for a full SVD's singular values.
 "Nonzero" means ``sigma > sigma_max * max(rows, cols) * eps(float32)``: the weights are stored
 at float32 precision or less, so smaller values are rounding noise.
 
@@ -34,8 +35,11 @@ ZERO_RTOL_EPS = float(np.finfo(np.float32).eps)
 GRAM_NOISE = 4.0
 #: Largest :func:`rank_error_bound` for which the float32 spectrum is kept (see module doc).
 FLOAT32_BOUND_MAX = 1e-3
-#: Rows of ``X`` per block of a float64 Gram ``X^T X`` (16 MiB at 2048 columns).
+#: Rows of ``X`` per block of a Gram ``X^T X`` computed in another dtype than ``X``'s (a
+#: float64 Gram of float32 weights: 16 MiB per block at 2048 columns).
 GRAM_BLOCK = 1024
+#: Columns of ``X`` per panel of the Gram's upper triangle (see :func:`gram`).
+GRAM_PANEL = 256
 
 
 def nonzero_mask(sigma: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -57,19 +61,31 @@ def gram(w, side: str, dtype=None):
     """``W^T W`` (side='in', cols x cols) or ``W W^T`` (side='out', rows x rows) in ``dtype``
     (default float32), on ``w``'s device.
 
-    ``G = X^T X`` with ``X = W`` or ``W^T`` of shape ``(n, m)``, summed over blocks of
-    :data:`GRAM_BLOCK` rows of ``X``, each cast to ``dtype`` (no copy of a float32 ``W`` in
-    float32; a 16 MiB block instead of a float64 copy of ``W`` in float64). Cost ``2 n m^2``;
-    memory one ``m x m`` Gram and one block.
+    ``G = X^T X`` with ``X = W`` or ``W^T`` of shape ``(n, m)``. Only the upper triangle is
+    multiplied, in panels of :data:`GRAM_PANEL` columns: ``G[c:c+p, c:] += X_c^T X[:, c:]``, then
+    mirrored, which is ``n m^2 (1 + p/m)`` flops instead of a full GEMM's ``2 n m^2`` (1.3-1.4x
+    faster on a CPU at 11008 x 2048; BLAS has ``syrk`` but torch does not expose it). ``X`` is
+    read whole when it has ``dtype`` already (no copy of a float32 ``W``); otherwise in blocks
+    of :data:`GRAM_BLOCK` rows, each cast to ``dtype`` (a float64 Gram of float32 weights needs
+    a 16 MiB block, not a float64 copy of ``W``). Memory: one ``m x m`` Gram, one block, one
+    ``p x m`` panel product; the mirror is in place.
     """
     import torch
 
     dtype = dtype or torch.float32
     x = w if side == "in" else w.T
-    g = torch.zeros(x.shape[1], x.shape[1], dtype=dtype, device=w.device)
-    for start in range(0, x.shape[0], GRAM_BLOCK):
-        block = x[start:start + GRAM_BLOCK].to(dtype)
-        g.addmm_(block.T, block)
+    n, m = x.shape
+    rows = n if x.dtype == dtype else GRAM_BLOCK
+    g = torch.zeros(m, m, dtype=dtype, device=w.device)
+    for start in range(0, n, rows):
+        block = x[start:start + rows].to(dtype)
+        for c in range(0, m, GRAM_PANEL):
+            g[c:c + GRAM_PANEL, c:].addmm_(block[:, c:c + GRAM_PANEL].T, block[:, c:])
+    for c in range(0, m, GRAM_PANEL):  # mirror, in place: exactly symmetric
+        end = c + GRAM_PANEL
+        diagonal = g[c:end, c:end]
+        diagonal.copy_(diagonal.triu() + diagonal.triu(1).T)
+        g[end:, c:end] = g[c:end, end:].T
     return g
 
 
@@ -108,8 +124,9 @@ def weight_spectrum(w, side: str):
     the Gram they come from (torch, on ``w``'s device).
 
     Float32 Gram and ``eigvalsh``; redone in float64 when :func:`rank_error_bound` exceeds
-    :data:`FLOAT32_BOUND_MAX` (see module docstring). Cost ``2 n m^2 + 4 m^3 / 3`` flops in
-    float32, plus the same in float64 for a weight that needs it.
+    :data:`FLOAT32_BOUND_MAX` (see module docstring). Cost ``n m^2 (1 + p/m) + 4 m^3 / 3``
+    flops in float32 (``p`` = :data:`GRAM_PANEL`), plus the same in float64 for a weight that
+    needs it.
     """
     import torch
 
