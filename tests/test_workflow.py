@@ -4,6 +4,7 @@ formulas computed here from transformers' own modules (naive d x d SVD, d x d pr
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from weight_geometry.figure_names import FIGURES
+from weight_geometry.results_io import Analysis
 
 pytestmark = pytest.mark.workflow
 
@@ -157,6 +159,14 @@ def test_bottleneck_and_layer_join(tiny_run):
     assert np.allclose(layers["bottleneck_similarity"], sims[2])
     align = pd.read_parquet(kdir / "alignment.parquet")
     assert np.allclose(layers["alignment"], align[align["head"] == 1]["alignment"])
+    # The figures draw these columns from the layer table's sources (Analysis.primary).
+    primary = SimpleNamespace(primary_head=1)
+    for source, column, layer_column in ((table, "similarity", "bottleneck_similarity"),
+                                         (align, "alignment", "alignment"),
+                                         (align, "null_std", "alignment_null_std")):
+        series = Analysis.primary(primary, source, column)
+        assert series.index.tolist() == layers["layer"].tolist()
+        np.testing.assert_array_equal(series.to_numpy(), layers[layer_column].to_numpy())
 
 
 def test_report_sections_and_figures(tiny_run):

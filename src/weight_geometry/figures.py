@@ -65,8 +65,9 @@ def draw_all(a: Analysis, out: dict[str, str]) -> None:
     axes[1].set(ylabel="Layer a (each head's best match in layer b)", xlabel="Layer b")
     save_figure(fig, out["best_match"])
 
+    to_bottleneck = a.primary(a.bottleneck, "similarity")
     fig, ax = plt.subplots(figsize=(10, 3.8))
-    ax.plot(a.layers["layer"], a.layers["bottleneck_similarity"], marker=".")
+    ax.plot(to_bottleneck.index, to_bottleneck, marker=".")
     ax.axvline(b, color="r", linestyle="--", alpha=0.5, label=f"bottleneck layer {b}")
     ax.axhline(chance, color="gray", linestyle=":", label="isotropic null k/d")
     ax.set(xlabel="Layer", ylabel=f"Similarity to layer {b}",
@@ -74,12 +75,12 @@ def draw_all(a: Analysis, out: dict[str, str]) -> None:
     ax.legend()
     save_figure(fig, out["bottleneck_trace"])
 
+    alignment, null_std = (a.primary(a.alignment, c) for c in ("alignment", "null_std"))
     fig, ax = plt.subplots(figsize=(10, 3.8))
-    ax.plot(a.layers["layer"], a.layers["alignment"], marker=".", label=f"head {head}")
+    ax.plot(alignment.index, alignment, marker=".", label=f"head {head}")
     ax.axhline(chance, color="r", linestyle="--", label=f"chance k/d = {chance:.4f}")
-    ax.fill_between(a.layers["layer"], chance - 2 * a.layers["alignment_null_std"],
-                    chance + 2 * a.layers["alignment_null_std"], color="r", alpha=0.1,
-                    label="isotropic null ± 2 std")
+    ax.fill_between(null_std.index, chance - 2 * null_std, chance + 2 * null_std, color="r",
+                    alpha=0.1, label="isotropic null ± 2 std")
     ax.set(xlabel="Layer", ylabel="Fraction of FFN input energy",
            title=f"FFN-attention alignment ({a.model['ffn_input']}, top-{k})")
     ax.legend()

@@ -100,7 +100,7 @@ class Analysis:
     similarity_mean: np.ndarray
     bottleneck: pd.DataFrame
     alignment: pd.DataFrame
-    layers: pd.DataFrame
+    layers: pd.DataFrame | None  # None where not an input (the figures)
     weight_ranks: pd.DataFrame
     kernel_ranks: pd.DataFrame
     singular_values: np.ndarray  # (L, h, d_head)
@@ -121,10 +121,15 @@ class Analysis:
         sub = table[table["head"].isin(self.heads)]
         return sub.pivot(index="layer", columns="head", values=column)
 
+    def primary(self, table: pd.DataFrame, column: str) -> pd.Series:
+        """``column`` of the primary head by layer (the figures' source for what the report
+        reads from the layer table, so they need not wait for it)."""
+        return table[table["head"] == self.primary_head].set_index("layer")[column].sort_index()
+
 
 def load_analysis(inputs, k: int, heads: list[int], primary_head: int) -> Analysis:
     """Load from a Snakemake ``input`` object with the named entries used by the report rule
-    (``ksweep`` optional)."""
+    (``layers`` and ``ksweep`` optional: the figures have neither)."""
     import pandas as pd
 
     return Analysis(
@@ -136,7 +141,7 @@ def load_analysis(inputs, k: int, heads: list[int], primary_head: int) -> Analys
         similarity_mean=np.load(inputs.similarity_mean),
         bottleneck=pd.read_parquet(inputs.bottleneck),
         alignment=pd.read_parquet(inputs.alignment),
-        layers=pd.read_parquet(inputs.layers),
+        layers=pd.read_parquet(inputs.layers) if hasattr(inputs, "layers") else None,
         weight_ranks=pd.read_parquet(inputs.weight_ranks),
         kernel_ranks=pd.read_parquet(inputs.kernel_ranks),
         singular_values=load_layers(inputs.singular_values),

@@ -135,12 +135,13 @@ def analysis_inputs(wildcards):
 
 
 def figure_inputs(wildcards):
-    """The figures' inputs: the report's but the k-sweep, which k_sweep draws itself; so the
-    figures (the longest job after extraction) need not wait for it."""
+    """The figures' inputs: the report's but the k-sweep, which k_sweep draws itself, and the
+    layer table, whose columns the figures read from its sources; so the figures (the longest
+    job after extraction) wait for neither."""
     return {
         name: path
         for name, path in analysis_inputs(wildcards).items()
-        if name != "ksweep"
+        if name not in ("ksweep", "layers")
     }
 
 
