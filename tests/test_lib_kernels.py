@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from weight_geometry import kernels
 from weight_geometry.kernels import (
     CHOLESKY_KAPPA_MAX,
     factored_subspaces,
@@ -99,8 +100,10 @@ def test_rank_deficient_and_ill_conditioned_query_heads():
     _check_against_naive(w_q, w_k, h, n_kv, d_head, min_checked_fraction=0.25)
 
 
-def test_energies_equal_diag_v_g_vt():
+@pytest.mark.parametrize("block", [256, 10])   # one block of G's rows; several, a partial last
+def test_energies_equal_diag_v_g_vt(monkeypatch, block):
     """Per-KV-head energies equal the direct diag(V G V^T) with the d x d Gram."""
+    monkeypatch.setattr(kernels, "ENERGY_BLOCK", block)
     d, h, n_kv, d_head, d_ff = 48, 6, 2, 8, 70
     rng = np.random.default_rng(5)
     w_q = torch.from_numpy(rng.standard_normal((h * d_head, d)))

@@ -33,6 +33,9 @@ import torch
 
 #: Largest ratio of R_q's diagonal entries (a lower bound of cond(W_Q_i)) for Cholesky QR.
 CHOLESKY_KAPPA_MAX = 1e4
+#: Rows of the FFN Gram cast to the subspaces' dtype at a time in :meth:`energies` (4 MiB of
+#: float64 at d = 2048, instead of a float64 copy of the whole Gram).
+ENERGY_BLOCK = 256
 
 
 @dataclass
@@ -49,12 +52,17 @@ class FactoredSubspaces:
     core_vectors: torch.Tensor
     singular_values: torch.Tensor
 
-    def vectors(self) -> torch.Tensor:
-        """``(h, d_head, d)`` right singular vectors in ``R^d``: ``Vc^T Q_k^T``, cost
-        ``2 h d_head^2 d``."""
+    def vectors(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``(h, d_head, d)`` right singular vectors in ``R^d``: ``Vc^T Q_k^T``, computed in
+        ``q_k``'s dtype, returned in ``dtype`` (default the same); cost ``2 h d_head^2 d``.
+        Memory: the result and one KV group's product in ``q_k``'s dtype."""
         n_kv, group, d_head, _ = self.core_vectors.shape
-        flat = self.core_vectors.reshape(n_kv, group * d_head, d_head)
-        return (flat @ self.q_k.transpose(1, 2)).reshape(n_kv * group, d_head, -1)
+        q_k = self.q_k
+        out = torch.empty(n_kv, group * d_head, q_k.shape[1], dtype=dtype or q_k.dtype,
+                          device=q_k.device)
+        for j in range(n_kv):
+            out[j] = self.core_vectors[j].reshape(group * d_head, d_head) @ q_k[j].T
+        return out.reshape(n_kv * group, d_head, -1)
 
     def energies(self, gram: torch.Tensor) -> torch.Tensor:
         """``(h, d_head)`` quadratic forms ``v^T G v`` of every right singular vector ``v``.
@@ -63,11 +71,16 @@ class FactoredSubspaces:
         ``v`` of KV group ``j`` lies in ``span(Q_k_j)``, so ``v^T G v = c^T G_j c`` with
         ``G_j = Q_k_j^T G Q_k_j`` (``d_head x d_head``) and ``c`` its core vector. Computed in
         the dtype of ``q_k``; cost ``2 n_kv d^2 d_head + 2 h d_head^3`` instead of
-        ``2 h d_head d^2`` for ``diag(V G V^T)``.
+        ``2 h d_head d^2`` for ``diag(V G V^T)``. Memory: ``G Q_k`` and :data:`ENERGY_BLOCK`
+        rows of ``G`` in that dtype.
         """
         n_kv, group, d_head, _ = self.core_vectors.shape
-        q_k = self.q_k
-        g_kv = q_k.transpose(1, 2) @ (gram.to(q_k.dtype) @ q_k)         # (n_kv, d_head, d_head)
+        q_k, d = self.q_k, self.q_k.shape[1]
+        g_q = torch.empty_like(q_k)                         # G Q_k_j, (n_kv, d, d_head)
+        for start in range(0, d, ENERGY_BLOCK):
+            rows = gram[start:start + ENERGY_BLOCK].to(q_k.dtype)
+            g_q[:, start:start + ENERGY_BLOCK] = rows @ q_k
+        g_kv = q_k.transpose(1, 2) @ g_q                                 # (n_kv, d_head, d_head)
         flat = self.core_vectors.reshape(n_kv, group * d_head, d_head)
         return ((flat @ g_kv) * flat).sum(-1).reshape(n_kv * group, d_head)
 
