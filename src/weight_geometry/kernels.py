@@ -58,10 +58,12 @@ class FactoredSubspaces:
         Memory: the result and one KV group's product in ``q_k``'s dtype."""
         n_kv, group, d_head, _ = self.core_vectors.shape
         q_k = self.q_k
-        out = torch.empty(n_kv, group * d_head, q_k.shape[1], dtype=dtype or q_k.dtype,
-                          device=q_k.device)
-        for j in range(n_kv):
-            out[j] = self.core_vectors[j].reshape(group * d_head, d_head) @ q_k[j].T
+        flat = self.core_vectors.reshape(n_kv, group * d_head, d_head)
+        if dtype in (None, q_k.dtype):
+            return (flat @ q_k.transpose(1, 2)).reshape(n_kv * group, d_head, -1)
+        out = torch.empty(n_kv, group * d_head, q_k.shape[1], dtype=dtype, device=q_k.device)
+        for j in range(n_kv):  # one group's product at a time in q_k's dtype
+            out[j] = flat[j] @ q_k[j].T
         return out.reshape(n_kv * group, d_head, -1)
 
     def energies(self, gram: torch.Tensor) -> torch.Tensor:
