@@ -102,7 +102,8 @@ def test_rank_deficient_and_ill_conditioned_query_heads():
 
 @pytest.mark.parametrize("block", [256, 10])   # one block of G's rows; several, a partial last
 def test_energies_equal_diag_v_g_vt(monkeypatch, block):
-    """Per-KV-head energies equal the direct diag(V G V^T) with the d x d Gram."""
+    """Per-KV-head energies equal the direct diag(V G V^T) with the d x d Gram, and read only
+    its upper triangle."""
     monkeypatch.setattr(kernels, "ENERGY_BLOCK", block)
     d, h, n_kv, d_head, d_ff = 48, 6, 2, 8, 70
     rng = np.random.default_rng(5)
@@ -114,6 +115,8 @@ def test_energies_equal_diag_v_g_vt(monkeypatch, block):
     v = f.vectors().numpy()
     direct = np.einsum("hrd,hrd->hr", v @ w_in.T, v @ w_in.T)     # ||W_in v||^2
     np.testing.assert_allclose(f.energies(g).numpy(), direct, rtol=1e-10)
+    upper_only = torch.triu(g) + torch.tril(torch.from_numpy(rng.standard_normal((d, d))), -1)
+    np.testing.assert_allclose(f.energies(upper_only).numpy(), direct, rtol=1e-10)
     assert f.singular_values.shape == (h, d_head)
 
 

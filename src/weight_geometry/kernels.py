@@ -33,8 +33,9 @@ import torch
 
 #: Largest ratio of R_q's diagonal entries (a lower bound of cond(W_Q_i)) for Cholesky QR.
 CHOLESKY_KAPPA_MAX = 1e4
-#: Rows of the FFN Gram cast to the subspaces' dtype at a time in :meth:`energies` (4 MiB of
-#: float64 at d = 2048, instead of a float64 copy of the whole Gram).
+#: Rows of the FFN Gram's upper triangle per panel in :meth:`FactoredSubspaces.energies`, each
+#: cast to the subspaces' dtype (at most 4 MiB of float64 at d = 2048, instead of a float64 copy
+#: of the whole Gram).
 ENERGY_BLOCK = 256
 
 
@@ -69,20 +70,26 @@ class FactoredSubspaces:
     def energies(self, gram: torch.Tensor) -> torch.Tensor:
         """``(h, d_head)`` quadratic forms ``v^T G v`` of every right singular vector ``v``.
 
-        ``G`` is a ``(d, d)`` symmetric matrix (the FFN input's Gram ``W_in^T W_in``). Every
-        ``v`` of KV group ``j`` lies in ``span(Q_k_j)``, so ``v^T G v = c^T G_j c`` with
-        ``G_j = Q_k_j^T G Q_k_j`` (``d_head x d_head``) and ``c`` its core vector. Computed in
-        the dtype of ``q_k``; cost ``2 n_kv d^2 d_head + 2 h d_head^3`` instead of
-        ``2 h d_head d^2`` for ``diag(V G V^T)``. Memory: ``G Q_k`` and :data:`ENERGY_BLOCK`
-        rows of ``G`` in that dtype.
+        ``G`` is a ``(d, d)`` symmetric matrix (the FFN input's Gram ``W_in^T W_in``); only its
+        upper triangle is read. Every ``v`` of KV group ``j`` lies in ``span(Q_k_j)``, so
+        ``v^T G v = c^T G_j c`` with ``G_j = Q_k_j^T G Q_k_j`` (``d_head x d_head``) and ``c``
+        its core vector. With ``G = T + T^T``, ``T = triu(G, 1) + diag(G) / 2``, ``G_j = M_j +
+        M_j^T`` where ``M_j = Q_k_j^T (T Q_k_j)``, and ``T Q_k`` is taken by row panels of
+        :data:`ENERGY_BLOCK` rows of ``G``'s upper triangle, each cast to ``q_k``'s dtype.
+        Computed in that dtype; cost ``n_kv d^2 d_head + 2 h d_head^3`` (half of ``G Q_k``)
+        instead of ``2 h d_head d^2`` for ``diag(V G V^T)``. Memory: ``T Q_k`` and one panel.
         """
         n_kv, group, d_head, _ = self.core_vectors.shape
-        q_k, d = self.q_k, self.q_k.shape[1]
-        g_q = torch.empty_like(q_k)                         # G Q_k_j, (n_kv, d, d_head)
-        for start in range(0, d, ENERGY_BLOCK):
-            rows = gram[start:start + ENERGY_BLOCK].to(q_k.dtype)
-            g_q[:, start:start + ENERGY_BLOCK] = rows @ q_k
-        g_kv = q_k.transpose(1, 2) @ g_q                                 # (n_kv, d_head, d_head)
+        q_k, d, dtype = self.q_k, self.q_k.shape[1], self.q_k.dtype
+        q_all = q_k.transpose(0, 1).reshape(d, n_kv * d_head)    # every Q_k_j side by side
+        t_q = torch.empty_like(q_all)                            # T Q_k, (d, n_kv d_head)
+        for c in range(0, d, ENERGY_BLOCK):
+            end = c + ENERGY_BLOCK
+            block = gram[c:end, c:end].to(dtype).triu()
+            block.diagonal().mul_(0.5)
+            t_q[c:end] = block @ q_all[c:end] + gram[c:end, end:].to(dtype) @ q_all[end:]
+        m = q_k.transpose(1, 2) @ t_q.reshape(d, n_kv, d_head).transpose(0, 1)
+        g_kv = m + m.transpose(1, 2)                             # (n_kv, d_head, d_head)
         flat = self.core_vectors.reshape(n_kv, group * d_head, d_head)
         return ((flat @ g_kv) * flat).sum(-1).reshape(n_kv * group, d_head)
 
