@@ -56,7 +56,7 @@ class FactoredSubspaces:
     def vectors(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``(h, d_head, d)`` right singular vectors in ``R^d``: ``Vc^T Q_k^T``, computed in
         ``q_k``'s dtype, returned in ``dtype`` (default the same); cost ``2 h d_head^2 d``.
-        Memory: the result and one KV group's product in ``q_k``'s dtype."""
+        Memory: the result, and when casting one KV group's product in ``q_k``'s dtype."""
         n_kv, group, d_head, _ = self.core_vectors.shape
         q_k = self.q_k
         flat = self.core_vectors.reshape(n_kv, group * d_head, d_head)
