@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 
 from .nulls import similarity_z
+from .results_io import head_rows
 from .statistics import Correlation, correlate
 
 PAIRS = (
@@ -29,8 +30,8 @@ def layer_table(weight_ranks: pd.DataFrame, sims: np.ndarray, best_match: np.nda
     z-score and value normalized between chance and ceiling. Similarity z-scores are against
     the isotropic null of k-subspaces of R^d (:func:`nulls.similarity_z`)."""
     n = len(sims)
-    to_ref = bottleneck[bottleneck["head"] == head].set_index("layer")["similarity"]
-    align = alignment[alignment["head"] == head].set_index("layer").reindex(np.arange(n))
+    to_ref = head_rows(bottleneck, head)["similarity"]
+    align = head_rows(alignment, head).reindex(np.arange(n))
     mean_rank = weight_ranks.groupby("layer_idx")["eff_rank"].mean()
     layers = np.arange(n)
     adjacent = _next_layer(sims)

@@ -124,7 +124,12 @@ class Analysis:
     def primary(self, table: pd.DataFrame, column: str) -> pd.Series:
         """``column`` of the primary head by layer (the figures' source for what the report
         reads from the layer table, so they need not wait for it)."""
-        return table[table["head"] == self.primary_head].set_index("layer")[column].sort_index()
+        return head_rows(table, self.primary_head)[column]
+
+
+def head_rows(table: pd.DataFrame, head: int) -> pd.DataFrame:
+    """The rows of a long ``(head, layer, ...)`` table for ``head``, indexed by layer."""
+    return table[table["head"] == head].set_index("layer").sort_index()
 
 
 def load_analysis(inputs, k: int, heads: list[int], primary_head: int) -> Analysis:
