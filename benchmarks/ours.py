@@ -5,9 +5,10 @@ Each stage runs in its own process, so its peak RSS (``VmHWM``) is its own:
     python benchmarks/ours.py STAGE CHECKPOINT_DIR --scratch DIR [--device cpu|cuda] --json OUT
 
 Stages:
-- ``imports``: numpy, torch, pyarrow, the library and what a Snakemake rule script's preamble
-  imports, nothing else: the interpreter's share of an extraction job's RSS (the job does not
-  import pandas).
+- ``imports``: what the extraction job has imported while it extracts, nothing else: numpy,
+  torch, the library modules of ``extract_layers.py`` and what a Snakemake rule script's
+  preamble imports: the interpreter's share of the job's peak RSS (the job never imports
+  pandas, and pyarrow only after the pass, to write its rank rows).
 - ``read_floor``: every tensor the analysis needs (the seven projections of every layer) read
   once with ``preadv`` into one reused buffer, page cache warm (a first pass warms it): the
   time to merely move the bytes. Also W_Q and W_K alone (what the subspaces need).
@@ -76,13 +77,13 @@ def _open(checkpoint: Path):
 
 def stage_imports(args) -> dict:
     import numpy  # noqa: F401
-    import pyarrow.parquet  # noqa: F401
     import snakemake.iocontainers  # noqa: F401  (what a rule script's preamble imports)
     import torch  # noqa: F401
 
-    import weight_geometry.alignment  # noqa: F401
+    import weight_geometry.checkpoint  # noqa: F401
     import weight_geometry.extraction  # noqa: F401
-    import weight_geometry.similarity  # noqa: F401
+    import weight_geometry.kernels  # noqa: F401
+    import weight_geometry.results_io  # noqa: F401
 
     return {}
 

@@ -339,8 +339,8 @@ def shape_section(r: dict) -> list[str]:
         f"({fmt(bs['effective_ranks']['s'] / dv['svd_floor_s'])}x) |",
         f"| one layer's 7 projections in float32 | {dv['layer_fp32_mb']:.0f} MiB (2x = "
         f"{2 * dv['layer_fp32_mb']:.0f} MiB) |",
-        f"| interpreter + numpy, torch, pyarrow, snakemake and the library imported (the "
-        f"extraction job's imports) | "
+        f"| interpreter + numpy, torch, snakemake and the library imported (what the "
+        f"extraction job holds during its pass; pyarrow comes after it) | "
         f"{r['imports']['peak_rss_mb']:.0f} MiB RSS |",
         "",
         "Workflow jobs (Snakemake benchmark TSVs, s / max_rss MiB; Snakemake samples memory "

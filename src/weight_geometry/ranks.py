@@ -26,8 +26,12 @@ relative of numpy's float64 SVD (measured at most 3.9e-5 on SmolLM2-135M, 1.3e-5
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:  # pandas only where a table is built: the extraction job never imports it
+    import pandas as pd
 
 ZERO_RTOL_EPS = float(np.finfo(np.float32).eps)
 #: ``||E|| / (eps32 sigma_max^2)`` of a float32 Gram: 2-3.3 measured (null spaces of 576 x 1536
@@ -151,6 +155,8 @@ def kernel_rank_table(singular_values: np.ndarray, d_model: int) -> pd.DataFrame
     all of its nonzero ones; the zero-threshold uses the kernel's shape ``(d, d)``. Cost O(L h
     d_head).
     """
+    import pandas as pd
+
     n_layers, n_heads, _ = singular_values.shape
     rows = [(layer, head, effective_rank_from_singular_values(singular_values[layer, head],
                                                               (d_model, d_model)))
