@@ -202,7 +202,7 @@ def stage_alignment(args) -> dict:
 
     from weight_geometry.alignment import alignment_table
     from weight_geometry.kernels import factored_subspaces
-    from weight_geometry.ranks import weight_spectrum
+    from weight_geometry.ranks import frobenius_norm2, weight_spectrum
 
     ckpt = _open(args.checkpoint)
     dims, ffn_input = ckpt.dims, ckpt.adapter.ffn_input
@@ -221,7 +221,7 @@ def stage_alignment(args) -> dict:
             sigma[layer], g = weight_spectrum(w_in, "in")
             with stopwatch(times, "marginal", args.device):
                 energy[layer] = subspaces.energies(g).cpu().numpy()
-                norm2[layer] = float(torch.trace(g.double()))
+                norm2[layer] = frobenius_norm2(g)
     with stopwatch(times, "compute"), stopwatch(times, "marginal"):
         alignment_table(energy, norm2, sigma, args.k, dims.d_model, ffn_input)
     return times

@@ -14,6 +14,7 @@ from weight_geometry.ranks import (
     GRAM_NOISE,
     ZERO_RTOL_EPS,
     effective_rank_from_singular_values,
+    frobenius_norm2,
     gram,
     kernel_rank_table,
     rank_error_bound,
@@ -158,6 +159,16 @@ def test_rank_deficient_excludes_zero_singular_values():
     q2, _ = np.linalg.qr(np.random.default_rng(2).standard_normal((25, 4)))
     flat = 3.0 * q1 @ q2.T
     assert _lib_eff_rank(flat)[0] == pytest.approx(4.0, rel=1e-9)
+
+
+def test_frobenius_norm2_from_either_gram():
+    """trace(W^T W) = trace(W W^T) = ||W||_F^2 (numpy, float64), from float32 and float64 Grams."""
+    w = np.random.default_rng(7).standard_normal((40, 24)) * 3.0
+    expected = float(np.sum(w * w))
+    for dtype, rel in ((torch.float32, 1e-6), (torch.float64, 1e-13)):
+        for side in ("in", "out"):
+            g = gram(torch.from_numpy(w).to(dtype), side, dtype)
+            assert frobenius_norm2(g) == pytest.approx(expected, rel=rel)
 
 
 def test_larger_gram_side_gives_same_rank():

@@ -51,7 +51,12 @@ import torch
 
 from .checkpoint import Checkpoint
 from .kernels import factored_subspaces
-from .ranks import effective_rank_from_singular_values, smaller_side, weight_spectrum
+from .ranks import (
+    effective_rank_from_singular_values,
+    frobenius_norm2,
+    smaller_side,
+    weight_spectrum,
+)
 from .rule_script import progress
 
 if TYPE_CHECKING:  # pandas only for the in-memory API: the extraction job writes with pyarrow
@@ -114,7 +119,7 @@ def extract_layer(ckpt: Checkpoint, layer: int, device: torch.device,
                          effective_rank_from_singular_values(sigma, shape)))
         if wt == ffn_input:
             ffn_gram, ffn_sigma = g, sigma
-            norm2 = np.array(float(torch.diagonal(g).double().sum()))
+            norm2 = np.array(frobenius_norm2(g))
         if wt in ("W_Q", "W_K"):
             kernel_inputs[wt] = w.double()
         if len(kernel_inputs) == 2:

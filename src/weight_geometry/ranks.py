@@ -93,6 +93,14 @@ def gram(w, side: str, dtype=None):
     return g
 
 
+def frobenius_norm2(g) -> float:
+    """``||W||_F^2 = trace(G)`` from a torch Gram matrix of W (either side): its diagonal summed
+    in float64, without a float64 copy of ``G``. Cost O(m)."""
+    import torch
+
+    return float(torch.diagonal(g).to(torch.float64).sum())
+
+
 def singular_values_from_gram(g) -> np.ndarray:
     """Singular values (descending, float64 numpy) of W from a torch Gram matrix of W, by
     ``eigvalsh`` in the Gram's dtype. Cost O(m^3)."""
