@@ -275,3 +275,27 @@ def test_extraction_job_imports_neither_pandas_nor_pyarrow_before_writing():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert run.stdout.strip() == ""
+
+
+def test_write_layers_holds_no_written_layer(tiny_llama, tmp_path, monkeypatch):
+    """With one worker, a layer's result is released once written: when the next layer's
+    extraction starts, nothing (write_layers, iter_layers) still references it, so its arrays
+    do not add to the next layer's peak memory."""
+    import weakref
+
+    from weight_geometry import extraction
+
+    path, _ = tiny_llama
+    ckpt = open_checkpoint(str(path))
+    real, written = extraction.extract_layer, []
+
+    def tracked(*args, **kwargs):
+        assert all(ref() is None for ref in written), "an earlier layer is still held"
+        result = real(*args, **kwargs)
+        written.append(weakref.ref(result))
+        return result
+
+    monkeypatch.setattr(extraction, "extract_layer", tracked)
+    paths = {name: tmp_path / f"{name}.npy" for name in LayerResult.array_names()}
+    write_layers(ckpt, range(L), torch.device("cpu"), False, paths, workers=1)
+    assert len(written) == L

@@ -30,9 +30,11 @@ gains little from a second thread: 2048 x 2048 float32 takes 0.27 s with two thr
 with one, so two one-threaded layers at once finish their eigenvalues in about half the time.
 Measured on 2 cores: 23 % (Qwen2.5-3B shapes) to 36 % (Qwen2.5-0.5B) less time per layer.
 
-Peak memory per worker: one weight in float32 on the host and the device, the reader's
-decoding chunk, two ``d x d`` float32 Grams and one float64 copy of ``G``; :func:`write_layers`
-appends each layer to the ``.npy`` files, so no layer range is held in memory.
+Peak memory per worker: one weight in float32 on the host (and the device), its Gram and
+``eigvalsh``'s copy of it (float32; in float64, plus one :data:`ranks.GRAM_BLOCK`-row float64
+block, for a weight whose bound asks for it): at Qwen2.5-3B shapes about 120 MiB, during an FFN
+weight's spectrum. :func:`write_layers` appends each layer to the ``.npy`` files and releases it
+before the next is extracted, so no layer range is held in memory.
 """
 
 from __future__ import annotations
@@ -146,9 +148,9 @@ def iter_layers(ckpt: Checkpoint, layers: range, device: torch.device,
         return extract_layer(ckpt, layer, device, fold_norms, compute_ranks)
 
     results = in_threads(one, layers, workers)
-    for pos, (layer, result) in enumerate(zip(layers, results, strict=True)):
+    for pos, layer in enumerate(layers):
+        yield next(results)  # unnamed: this frame holds no layer's arrays while suspended
         progress(f"layer {layer} done ({pos + 1}/{len(layers)})")
-        yield result
 
 
 def layer_workers(device: torch.device, threads: int) -> int:
@@ -235,6 +237,7 @@ def write_layers(ckpt: Checkpoint, layers: range, device: torch.device, fold_nor
                     _write_npy_header(files[name], (len(layers), *array.shape), array.dtype)
                 files[name].write(np.ascontiguousarray(array).data)  # C order, no copy
             rows += result.weight_ranks
+            del result, array  # not held while the next layer is extracted
     return rows
 
 
