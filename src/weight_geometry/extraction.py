@@ -229,16 +229,23 @@ def write_layers(ckpt: Checkpoint, layers: range, device: torch.device, fold_nor
     rows: list[tuple] = []
     with ExitStack() as stack:
         for result in iter_layers(ckpt, layers, device, fold_norms, compute_ranks, workers):
-            for name, path in paths.items():
-                array = np.asarray(getattr(result, name))
-                if name not in files:
-                    Path(path).parent.mkdir(parents=True, exist_ok=True)
-                    files[name] = stack.enter_context(open(path, "wb"))
-                    _write_npy_header(files[name], (len(layers), *array.shape), array.dtype)
-                files[name].write(np.ascontiguousarray(array).data)  # C order, no copy
+            _append_arrays(result, paths, files, stack, len(layers))
             rows += result.weight_ranks
-            del result, array  # not held while the next layer is extracted
+            del result  # not held while the next layer is extracted
     return rows
+
+
+def _append_arrays(result: LayerResult, paths: Mapping[str, str | Path],
+                   files: dict[str, BinaryIO], stack: ExitStack, n_layers: int) -> None:
+    """Append ``result``'s arrays to their ``.npy`` files, opening each (header for
+    ``n_layers`` rows, registered on ``stack``) at the first layer."""
+    for name, path in paths.items():
+        array = np.asarray(getattr(result, name))
+        if name not in files:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            files[name] = stack.enter_context(open(path, "wb"))  # noqa: SIM115 (stack closes)
+            _write_npy_header(files[name], (n_layers, *array.shape), array.dtype)
+        files[name].write(np.ascontiguousarray(array).data)  # C order, no copy
 
 
 def _write_npy_header(fh: BinaryIO, shape: tuple[int, ...], dtype: np.dtype) -> None:
