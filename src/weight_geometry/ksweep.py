@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .similarity import null_std
+from .similarity import null_std, squared_cosines
 from .statistics import adjacent, distant, off_diagonal
 
 GAP_THRESHOLD = 0.01
@@ -57,16 +57,17 @@ def similarity_by_k(bases: np.ndarray) -> np.ndarray:
 
     Per layer ``a``: ``C = V_a (d_head, d) @ V_b^T`` for all ``b >= a`` at once, squared,
     prefix-summed over both vector axes, read on the diagonal ``P[k-1, b, k-1] / k``, mirrored
-    to ``b < a``. Cost O(L^2 d_head^2 d / 2); memory O(L d_head d) for the float64 copy plus
-    O(L d_head^2) per block (never ``(L d_head)^2``). Symmetric, diagonal exactly 1, as
-    :func:`similarity.similarity_matrix`.
+    to ``b < a``. Products in float32, squares and sums in float64
+    (:func:`similarity.squared_cosines`: exact to ~1e-7). Cost O(L^2 d_head^2 d / 2); memory
+    O(L d_head d) for the float32 copy plus O(L d_head^2) per block (never ``(L d_head)^2``).
+    Symmetric, diagonal exactly 1, as :func:`similarity.similarity_matrix`.
     """
     n_layers, d_head, d = bases.shape
-    flat = np.asarray(bases, dtype=np.float64)
+    flat = np.asarray(bases, dtype=np.float32)
     sims = np.zeros((d_head, n_layers, n_layers))
     ks = np.arange(1, d_head + 1)
     for a in range(n_layers):
-        block = np.square(flat[a] @ flat[a:].reshape(-1, d).T)
+        block = squared_cosines(flat[a], flat[a:].reshape(-1, d))
         block = block.reshape(d_head, n_layers - a, d_head)
         np.cumsum(block, axis=0, out=block)
         np.cumsum(block, axis=2, out=block)
