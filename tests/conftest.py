@@ -37,14 +37,19 @@ def make_llama_checkpoint(path: Path, seed: int = 0, **overrides) -> Path:
 
 
 def run_snakemake(workdir: Path, *args: str, config: dict | None = None,
-                  timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """``python -m snakemake`` on the repository's Snakefile with ``workdir`` as directory.
+                  timeout: int = 600, env: dict | None = None,
+                  cores: int = 2) -> subprocess.CompletedProcess:
+    """``python -m snakemake`` on the repository's Snakefile with ``workdir`` as directory,
+    ``--cores cores --resources gpu=1``.
 
-    ``config`` is written to ``workdir/config.yaml`` and passed as ``--configfile``.
+    ``config`` is written to ``workdir/config.yaml`` and passed as ``--configfile``. Both cores
+    by default, to keep the suite short; the README's ``--cores 1`` is what
+    ``test_default_model`` runs, and no output depends on the cores (the incremental tests
+    compare ``--cores 1`` runs with ``--cores 2`` ones byte for byte).
     """
     workdir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-           *args, "--cores", "1", "--resources", "gpu=1"]
+           *args, "--cores", str(cores), "--resources", "gpu=1"]
     if config is not None:
         cfg = workdir / "config.yaml"
         cfg.write_text(yaml.safe_dump(config))

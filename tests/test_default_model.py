@@ -16,7 +16,8 @@ pytestmark = pytest.mark.workflow
 
 
 def test_default_model_end_to_end(tmp_path):
-    assert_ok(run_snakemake(tmp_path))  # no --configfile: config/config.yaml as shipped
+    # The README's command: no --configfile (config/config.yaml as shipped), --cores 1.
+    assert_ok(run_snakemake(tmp_path, cores=1))
     r = tmp_path / "results" / "smollm2-135m"
     model = json.loads((r / "model.json").read_text())
     assert (model["n_layers"], model["d_model"], model["d_ff"], model["n_heads"],

@@ -109,7 +109,7 @@ def test_edited_script_reruns_rule_and_dependants(tmp_path, base):
         (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / part)
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "-d", str(run_dir),
-           "--cores", "1", "--configfile", str(run_dir / "config.yaml")]
+           "--cores", "2", "--configfile", str(run_dir / "config.yaml")]
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text(__import__("yaml").safe_dump(config))
     assert_ok(subprocess.run(cmd, capture_output=True, text=True, timeout=600))
