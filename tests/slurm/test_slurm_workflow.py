@@ -88,6 +88,9 @@ def test_workflow_on_slurm_equals_local_run(cluster, tmp_path):
     assert len(extract) == 1 and "gres/gpu=1" in extract[0]["AllocTRES"], rows
     others = [r for r in rows.values() if not r["Comment"].startswith("rule_extract_layers")]
     assert others and all("gres/gpu" not in r["ReqTRES"] for r in others), rows
+    # model_info is a local rule: it ran on the submit host, not as a SLURM job.
+    assert not any(r["Comment"].startswith("rule_model_info") for r in rows.values()), rows
+    assert "localrule model_info" in out, out[-6000:]
 
     local = tmp_path / "local"
     assert_ok(run_snakemake(local, config=config))

@@ -30,6 +30,9 @@ rule model_info:
         "logs/{model}/model_info.log",
     benchmark:
         f"{R}/benchmarks/model_info.tsv"
+    # Reads the checkpoint's header only (under a second): on a cluster it runs on the submit
+    # host instead of taking a SLURM job of its own.
+    localrule: True
     conda:
         ENV
     threads: 1
