@@ -17,9 +17,10 @@ Stages:
 - ``extract``: ``extraction.write_layers`` over all layers with as many layer workers as torch
   has threads on the CPU (the workflow's extraction job without Snakemake); it streams its
   arrays into ``--scratch`` for the next stages.
-- ``subspaces``: per layer ``Checkpoint.read_layer`` (timed as ``read``) and
-  ``kernels.head_subspaces`` of all h heads in float64 (timed as ``compute``), as
-  ``extract_layers`` does them.
+- ``subspaces``: ``Checkpoint.read_layer`` of every layer (timed as ``read``; W_Q and W_K are
+  kept), then ``kernels.head_subspaces`` of all h heads of every layer in float64 (timed as
+  ``compute``), as ``extract_layers`` does them: on the CPU through ``extraction.in_threads``
+  with as many layer workers as torch has threads, each with one thread.
 - ``similarity``: ``similarity.similarity_matrix`` of each sampled head's top-k bases, loaded
   from the saved ``vectors.npy`` (memory-mapped), as the workflow's similarity jobs.
 - ``alignment``: per layer the FFN input Gram ``G`` and its eigenvalues
@@ -169,17 +170,23 @@ def _workers(device: str) -> int:
 def stage_subspaces(args) -> dict:
     import torch
 
+    from weight_geometry.extraction import in_threads
     from weight_geometry.kernels import head_subspaces
 
     ckpt = _open(args.checkpoint)
-    dims, times = ckpt.dims, {"read": 0.0, "compute": 0.0}
-    for layer in range(dims.n_layers):
-        with stopwatch(times, "read"):
+    dims, times, kernel_inputs = ckpt.dims, {}, []
+    with stopwatch(times, "read"):
+        for layer in range(dims.n_layers):
             weights = ckpt.read_layer(layer)
-        with stopwatch(times, "compute", args.device):
-            w_q, w_k = (torch.from_numpy(weights[w]).to(args.device).double()
-                        for w in ("W_Q", "W_K"))
-            head_subspaces(w_q, w_k, dims.n_heads, dims.n_kv_heads, dims.d_head)
+            kernel_inputs.append((weights["W_Q"], weights["W_K"]))
+            del weights  # only W_Q and W_K of each layer are kept for the compute
+
+    def subspaces(pair) -> None:
+        w_q, w_k = (torch.from_numpy(w).to(args.device).double() for w in pair)
+        head_subspaces(w_q, w_k, dims.n_heads, dims.n_kv_heads, dims.d_head)
+
+    with stopwatch(times, "compute", args.device):
+        list(in_threads(subspaces, kernel_inputs, _workers(args.device)))
     return times
 
 
