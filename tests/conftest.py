@@ -36,24 +36,31 @@ def make_llama_checkpoint(path: Path, seed: int = 0, **overrides) -> Path:
     return path
 
 
-def run_snakemake(workdir: Path, *args: str, config: dict | None = None,
-                  timeout: int = 600, env: dict | None = None,
-                  cores: int = 2) -> subprocess.CompletedProcess:
-    """``python -m snakemake`` on the repository's Snakefile with ``workdir`` as directory,
-    ``--cores cores --resources gpu=1``.
+def snakemake_command(workdir: Path, *args: str, config: dict | None = None, cores: int = 2,
+                      snakefile: Path = REPO / "Snakefile") -> list[str]:
+    """``python -m snakemake -s snakefile -d workdir *args --cores cores --resources gpu=1``,
+    with ``config`` (if given) written to ``workdir/config.yaml`` and passed as
+    ``--configfile``. ``workdir`` is created.
 
-    ``config`` is written to ``workdir/config.yaml`` and passed as ``--configfile``. Both cores
-    by default, to keep the suite short; the README's ``--cores 1`` is what
+    Both cores by default, to keep the suite short; the README's ``--cores 1`` is what
     ``test_default_model`` runs, and no output depends on the cores (the incremental tests
     compare ``--cores 1`` runs with ``--cores 2`` ones byte for byte).
     """
     workdir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(snakefile), "-d", str(workdir),
            *args, "--cores", str(cores), "--resources", "gpu=1"]
     if config is not None:
         cfg = workdir / "config.yaml"
         cfg.write_text(yaml.safe_dump(config))
         cmd += ["--configfile", str(cfg)]
+    return cmd
+
+
+def run_snakemake(workdir: Path, *args: str, config: dict | None = None,
+                  timeout: int = 600, env: dict | None = None,
+                  cores: int = 2) -> subprocess.CompletedProcess:
+    """Run :func:`snakemake_command` with ``workdir`` as working directory."""
+    cmd = snakemake_command(workdir, *args, config=config, cores=cores)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})}, cwd=workdir)
 

@@ -9,12 +9,11 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, assert_ok, make_llama_checkpoint, run_snakemake
+from conftest import REPO, assert_ok, make_llama_checkpoint, run_snakemake, snakemake_command
 
 pytestmark = pytest.mark.workflow
 
@@ -107,11 +106,7 @@ def test_edited_script_reruns_rule_and_dependants(tmp_path, base):
     for part in ("Snakefile", "workflow", "src", "config", "profiles", "envs"):
         src = REPO / part
         (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / part)
-    run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "-d", str(run_dir),
-           "--cores", "2", "--configfile", str(run_dir / "config.yaml")]
-    run_dir.mkdir()
-    (run_dir / "config.yaml").write_text(__import__("yaml").safe_dump(config))
+    cmd = snakemake_command(tmp_path / "run", config=config, snakefile=repo / "Snakefile")
     assert_ok(subprocess.run(cmd, capture_output=True, text=True, timeout=600))
     script = repo / "workflow/scripts/ffn_alignment.py"
     script.write_text(script.read_text() + "\n# edited\n")
@@ -131,10 +126,7 @@ def _digests(workdir: Path) -> dict[str, str]:
 def test_interrupted_run_completes_identically(tmp_path, base, sig):
     workdir, config, root = base
     run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    (run_dir / "config.yaml").write_text(__import__("yaml").safe_dump(config))
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(run_dir),
-           "--cores", "1", "--configfile", str(run_dir / "config.yaml")]
+    cmd = snakemake_command(run_dir, config=config, cores=1)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log = run_dir / "logs/tiny/extract_layers000-003.log"
     deadline = time.time() + 120
