@@ -30,6 +30,7 @@ def cross_head_similarity(vectors_k: np.ndarray) -> np.ndarray:
     One ``(h k, d) @ (d, (L - a) h k)`` product per layer ``a`` for layers ``b >= a``, mirrored:
     cost O(L^2 h^2 k^2 d / 2), working memory O(L h k d) plus O(h k L h k) per block, never
     ``(L h k)^2``. ``S`` is exactly symmetrized, ``S[a, i, a, i] = 1``.
+
     Products in float32, squares summed in float64 (:func:`similarity.squared_cosines`): ``S``
     is exact to ~1e-7.
     """
