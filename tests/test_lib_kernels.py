@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from weight_geometry import kernels
+from weight_geometry import kernels, ranks
 from weight_geometry.kernels import (
-    CHOLESKY_KAPPA_MAX,
+    GRAM_KAPPA_MAX,
     factored_subspaces,
     head_subspaces,
     query_r_factors,
@@ -58,8 +58,10 @@ def _check_against_naive(w_q, w_k, h, n_kv, d_head, min_checked_fraction=0.5):
     assert checked >= h * (d_head - 1) * min_checked_fraction, "too few separated k checked"
 
 
+@pytest.mark.parametrize("panel", [kernels.HEAD_GRAM_PANEL, 5])  # one panel; several
 @pytest.mark.parametrize("d,h,n_kv,d_head", SHAPES)
-def test_head_subspaces_match_full_svd(d, h, n_kv, d_head):
+def test_head_subspaces_match_full_svd(monkeypatch, d, h, n_kv, d_head, panel):
+    monkeypatch.setattr(kernels, "HEAD_GRAM_PANEL", panel)
     rng = np.random.default_rng(1000 + d + h + n_kv + d_head)
     w_q = rng.standard_normal((h * d_head, d))
     w_k = rng.standard_normal((n_kv * d_head, d))
@@ -94,9 +96,9 @@ def test_rank_deficient_and_ill_conditioned_query_heads():
                                    atol=1e-12 * float(r_householder[i].abs().max()))
     kappa = cholesky.diagonal(dim1=1, dim2=2)
     kappa = kappa.amax(1) / kappa.amin(1)
-    assert info[0] != 0 or not kappa[0] <= CHOLESKY_KAPPA_MAX, "head 0 must fall back"
-    assert info[1] != 0 or not kappa[1] <= CHOLESKY_KAPPA_MAX, "head 1 must fall back"
-    assert info[3] == 0 and kappa[3] <= CHOLESKY_KAPPA_MAX, "head 3 must keep Cholesky"
+    assert info[0] != 0 or not kappa[0] <= GRAM_KAPPA_MAX, "head 0 must fall back"
+    assert info[1] != 0 or not kappa[1] <= GRAM_KAPPA_MAX, "head 1 must fall back"
+    assert info[3] == 0 and kappa[3] <= GRAM_KAPPA_MAX, "head 3 must keep Cholesky"
     _check_against_naive(w_q, w_k, h, n_kv, d_head, min_checked_fraction=0.25)
 
 
@@ -147,6 +149,76 @@ def test_float32_input_stays_float32_and_close():
     ref = _naive(w_q, w_k, h, n_kv, d_head)
     for i in range(h):
         np.testing.assert_allclose(s32[i].numpy(), ref[i][0][:d_head], rtol=1e-4)
+
+
+def test_core_svd_gram_route_and_svd_fallback(monkeypatch):
+    """Cores of cond 1, 1e3 (eigh of the Gram), 1e6 and a singular one (LAPACK's SVD, only
+    those two): singular values and vectors equal numpy's SVD, the fallback's at a precision
+    the squared condition could not give."""
+    rng = np.random.default_rng(17)
+    n = 12
+    core = np.stack([rng.standard_normal((n, n)), _with_condition(rng, n, n, 1e3),
+                     _with_condition(rng, n, n, 1e6), rng.standard_normal((n, n))])
+    core[3, 4] = core[3, 7]                              # singular
+    svd_batches = []
+    torch_svd = torch.linalg.svd
+
+    def recording_svd(x, *args, **kwargs):
+        svd_batches.append(x.shape[0])
+        return torch_svd(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", recording_svd)
+    s, vc_t = kernels.core_svd(torch.from_numpy(core))
+    assert svd_batches == [2], "only the two ill-conditioned cores take the SVD"
+    for b in range(len(core)):
+        _, s_ref, vt_ref = np.linalg.svd(core[b])
+        np.testing.assert_allclose(s[b], s_ref, rtol=1e-8 if b < 2 else 1e-12,
+                                   atol=1e-14 * s_ref[0])
+        np.testing.assert_allclose(vc_t[b] @ vc_t[b].T, np.eye(n), atol=1e-13)
+        cosines = np.abs(np.sum(vc_t[b].numpy() * vt_ref, axis=1))
+        np.testing.assert_allclose(cosines, 1.0, atol=1e-9 if b < 2 else 1e-12)
+
+
+def test_float32_weights_computed_in_float64(monkeypatch):
+    """float32 W_Q and W_K with dtype=float64 (as extraction runs them: W_Q's Grams cast it
+    by row blocks, several here, and a falling-back head casts its own rows) give the float64
+    result of the same values."""
+    monkeypatch.setattr(ranks, "GRAM_BLOCK", 7)
+    d, h, n_kv, d_head = 40, 4, 2, 6
+    rng = np.random.default_rng(12)
+    w_q = rng.standard_normal((h * d_head, d)).astype(np.float32)
+    w_q[0] = 0.0                                         # head 0 falls back to Householder
+    w_k = rng.standard_normal((n_kv * d_head, d)).astype(np.float32)
+    f32_in = factored_subspaces(torch.from_numpy(w_q), torch.from_numpy(w_k), h, n_kv, d_head,
+                                torch.float64)
+    f64_in = factored_subspaces(torch.from_numpy(w_q).double(), torch.from_numpy(w_k).double(),
+                                h, n_kv, d_head)
+    assert f32_in.q_k.dtype == f32_in.singular_values.dtype == torch.float64
+    np.testing.assert_allclose(f32_in.singular_values, f64_in.singular_values, rtol=1e-12)
+    v32, v64 = f32_in.vectors(), f64_in.vectors()
+    assert v32.dtype == torch.float64
+    np.testing.assert_allclose((v32.transpose(1, 2) @ v32).numpy(),
+                               (v64.transpose(1, 2) @ v64).numpy(), atol=1e-12)
+
+
+def test_float32_vectors_from_float64_factors():
+    """vectors(float32) maps back in float32: within a few float32 ulps of the unit norm of
+    the float64 vectors (a float64 product rounded is within half an ulp per entry), and
+    orthonormal to the same level; this is what extraction stores."""
+    d, h, n_kv, d_head = 512, 4, 2, 64
+    rng = np.random.default_rng(13)
+    cols = np.logspace(-1, 1, d)                         # anisotropic, like trained weights
+    w_q = torch.from_numpy(rng.standard_normal((h * d_head, d)) * cols)
+    w_k = torch.from_numpy(rng.standard_normal((n_kv * d_head, d)) * cols)
+    f = factored_subspaces(w_q, w_k, h, n_kv, d_head)
+    v64, v32 = f.vectors(), f.vectors(torch.float32)
+    assert v32.dtype == torch.float32 and v32.shape == (h, d_head, d)
+    eps32 = float(np.finfo(np.float32).eps)
+    row_error = (v32.double() - v64).norm(dim=-1)
+    assert float(row_error.max()) < 8 * eps32
+    gram = v32.double() @ v32.double().transpose(1, 2)
+    np.testing.assert_allclose(gram.numpy(), np.broadcast_to(np.eye(d_head), gram.shape),
+                               atol=8 * eps32)
 
 
 def test_thin_qr_matches_householder_and_falls_back():

@@ -146,6 +146,19 @@ def test_gram_blocks_panels_and_dtypes(monkeypatch):
                 assert torch.equal(g, g.T)
 
 
+def test_gram_of_a_batch_with_its_own_panel(monkeypatch):
+    """Leading batch axes: one Gram per matrix, equal to numpy's, in blocks of a cast input and
+    panels of the given width (several, a partial last one)."""
+    monkeypatch.setattr(ranks, "GRAM_BLOCK", 7)
+    w = np.random.default_rng(6).standard_normal((2, 3, 30, 11)).astype(np.float32)
+    x = w.astype(np.float64)
+    for side, ref in (("in", x.swapaxes(-1, -2) @ x), ("out", x @ x.swapaxes(-1, -2))):
+        g = gram(torch.from_numpy(w), side, torch.float64, panel=4)
+        assert g.shape == ref.shape and g.dtype == torch.float64
+        np.testing.assert_allclose(g.numpy(), ref, rtol=1e-12, atol=1e-12 * np.abs(ref).max())
+        assert torch.equal(g, g.transpose(-1, -2))
+
+
 def test_rank_deficient_excludes_zero_singular_values():
     w = _matrices()["rank_deficient_tall"]           # rank 5, 40 x 25
     value, _, _ = _lib_eff_rank(w)

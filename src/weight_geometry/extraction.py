@@ -21,7 +21,9 @@ dropped, and produce:
 Precision: ``G`` is float32 (see :mod:`ranks`), so energies and ``trace(G)`` carry its rounding,
 about ``eps32 ||G||`` per entry: relative errors ~1e-6 for directions of typical energy, and
 ``ffn_input_singular_values`` are exact to ``~sqrt(eps32) sigma_max`` absolute (``eps32
-sigma_max^2 / (2 sigma_i)`` for the larger ones). The subspaces are computed in float64.
+sigma_max^2 / (2 sigma_i)`` for the larger ones). The subspaces are computed in float64, and
+their vectors mapped back to ``R^d`` in float32, the dtype they are stored and used in
+(:meth:`kernels.FactoredSubspaces.vectors`).
 
 Both cores busy (:func:`iter_layers` with ``workers > 1``, on the CPU): ``workers`` layers are
 extracted at once, each in its own thread with one BLAS thread. The Grams are GEMMs, which
@@ -123,10 +125,11 @@ def extract_layer(ckpt: Checkpoint, layer: int, device: torch.device,
             ffn_gram, ffn_sigma = g, sigma
             norm2 = np.array(frobenius_norm2(g))
         if wt in ("W_Q", "W_K"):
-            kernel_inputs[wt] = w.double()
+            kernel_inputs[wt] = w
         if len(kernel_inputs) == 2:
             subspaces = factored_subspaces(kernel_inputs.pop("W_Q"), kernel_inputs.pop("W_K"),
-                                           dims.n_heads, dims.n_kv_heads, dims.d_head)
+                                           dims.n_heads, dims.n_kv_heads, dims.d_head,
+                                           torch.float64)
         if subspaces is not None and ffn_gram is not None:  # drop G as soon as it is used
             energy, ffn_gram = subspaces.energies(ffn_gram).cpu().numpy(), None
         del w, g, array

@@ -11,18 +11,22 @@ bilinear form ``x_q^T A_i x_k`` of the score before RoPE and scaling). It is nev
 
 so the right singular vectors of ``A_i`` are the rows of ``Vc^T Q_k^T`` with singular values
 ``S``. ``Q_q`` is never needed, so ``R_q`` comes from the small Gram ``W_Q_i W_Q_i^T``
-(``d_head x d_head``, one batched GEMM) by Cholesky, in float64 whatever the input dtype. This
-squares the condition number of ``W_Q_i``: ``R_q`` is exact to ``eps64 kappa^2``, harmless below
-``kappa = 1e4`` (2e-8). A head whose Cholesky fails (rank-deficient ``W_Q_i``: a singular Gram)
-or whose ``R_q`` diagonal spans more than :data:`CHOLESKY_KAPPA_MAX` (a lower bound of kappa)
-gets ``R_q`` from a Householder QR instead. Either ``R_q`` equals ``Q^T W_Q_i^T`` up to the
-signs of its rows, which change ``U`` but neither ``S`` nor ``Vc``.
+(``d_head x d_head``, its upper triangle in panels, all heads batched) by Cholesky, in float64
+whatever the input dtype. This squares the condition number of ``W_Q_i``: ``R_q`` is exact to
+``eps64 kappa^2``, harmless below ``kappa = 1e4`` (2e-8). A head whose Cholesky fails
+(rank-deficient ``W_Q_i``: a singular Gram) or whose ``R_q`` diagonal spans more than
+:data:`GRAM_KAPPA_MAX` (a lower bound of kappa) gets ``R_q`` from a Householder QR instead.
+Either ``R_q`` equals ``Q^T W_Q_i^T`` up to the signs of its rows, which change ``U`` but
+neither ``S`` nor ``Vc``. The cores' ``S`` and ``Vc`` come from ``eigh`` of their Grams under
+the same bound on their condition, from an SVD above it (:func:`core_svd`); ``U`` is never
+computed.
 
 The key factors come from CholeskyQR2 (:func:`thin_qr`), with the same Householder fallback.
 Heads sharing KV head ``j`` are batched against the one ``R_k_j``/``Q_k_j`` (no per-head copies).
-Cost per layer: ``2 h d_head^2 d`` for the query Grams, ``O(n_kv d d_head^2)`` for the key QRs,
-``O(h d_head^3)`` for the Cholesky factors and cores, ``2 h d_head^2 d`` to map ``Vc`` back to
-``R^d``; versus ``O(h d^3)`` for a full SVD of each kernel. Memory O(h d d_head).
+Cost per layer: ``h d_head d (d_head + p)`` for the query Grams (``p`` =
+:data:`HEAD_GRAM_PANEL`), ``O(n_kv d d_head^2)`` for the key QRs, ``O(h d_head^3)`` for the
+Cholesky factors and cores, ``2 h d_head^2 d`` to map ``Vc`` back to ``R^d``; versus
+``O(h d^3)`` for a full SVD of each kernel. Memory O(h d d_head).
 """
 
 from __future__ import annotations
@@ -31,8 +35,16 @@ from dataclasses import dataclass
 
 import torch
 
-#: Largest ratio of R_q's diagonal entries (a lower bound of cond(W_Q_i)) for Cholesky QR.
-CHOLESKY_KAPPA_MAX = 1e4
+from .ranks import gram
+
+#: Largest condition number for which a factor is taken from a Gram matrix, which squares it
+#: (Cholesky QR of W_Q_i and W_K_j, tested on R's diagonal, a lower bound of kappa; ``eigh`` of
+#: a core's Gram, tested on its exact eigenvalue ratio): errors ``eps64 kappa^2 <= 2e-8``.
+GRAM_KAPPA_MAX = 1e4
+#: Columns per panel of the per-head Grams' upper triangle (:func:`_gram64`): at ``m = d_head =
+#: 128`` it multiplies 62.5 % of a full Gram's flops; 16 query heads of Qwen2.5-3B (d = 2048),
+#: one thread: 54 ms instead of 71 ms for a float64 copy and a batched GEMM (panels of 64: 57).
+HEAD_GRAM_PANEL = 32
 #: Rows of the FFN Gram's upper triangle per panel in :meth:`FactoredSubspaces.energies`, each
 #: cast to the subspaces' dtype (at most 4 MiB of float64 at d = 2048, instead of a float64 copy
 #: of the whole Gram).
@@ -54,18 +66,19 @@ class FactoredSubspaces:
     singular_values: torch.Tensor
 
     def vectors(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``(h, d_head, d)`` right singular vectors in ``R^d``: ``Vc^T Q_k^T``, computed in
-        ``q_k``'s dtype, returned in ``dtype`` (default the same); cost ``2 h d_head^2 d``.
-        Memory: the result, and when casting one KV group's product in ``q_k``'s dtype."""
+        """``(h, d_head, d)`` right singular vectors in ``R^d``: ``Vc^T Q_k^T``, computed and
+        returned in ``dtype`` (default ``q_k``'s); cost ``2 h d_head^2 d``, memory the result.
+
+        In float32 from float64 factors, each entry is a float32 sum of ``d_head`` products:
+        its error is a few float32 ulps of the vector's unit norm, the precision at which the
+        stored vectors are used (their squared cosines are float32 products, summed over
+        ``d``), against half an ulp for a float64 product rounded. On this CPU the float32
+        product takes 33 ms instead of 66 ms at Qwen2.5-3B shapes (one thread).
+        """
         n_kv, group, d_head, _ = self.core_vectors.shape
-        q_k = self.q_k
-        flat = self.core_vectors.reshape(n_kv, group * d_head, d_head)
-        if dtype in (None, q_k.dtype):
-            return (flat @ q_k.transpose(1, 2)).reshape(n_kv * group, d_head, -1)
-        out = torch.empty(n_kv, group * d_head, q_k.shape[1], dtype=dtype, device=q_k.device)
-        for j in range(n_kv):  # one group's product at a time in q_k's dtype
-            out[j] = flat[j] @ q_k[j].T
-        return out.reshape(n_kv * group, d_head, -1)
+        dtype = dtype or self.q_k.dtype
+        flat = self.core_vectors.reshape(n_kv, group * d_head, d_head).to(dtype)
+        return (flat @ self.q_k.to(dtype).transpose(1, 2)).reshape(n_kv * group, d_head, -1)
 
     def energies(self, gram: torch.Tensor) -> torch.Tensor:
         """``(h, d_head)`` quadratic forms ``v^T G v`` of every right singular vector ``v``.
@@ -94,26 +107,34 @@ class FactoredSubspaces:
         return ((flat @ g_kv) * flat).sum(-1).reshape(n_kv * group, d_head)
 
 
-def _cholesky_r(x64: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Upper Cholesky factor of each Gram ``x_b^T x_b`` (``x64``: ``(b, n, m)`` float64) and
+def _gram64(x: torch.Tensor) -> torch.Tensor:
+    """Float64 Gram ``x_b^T x_b`` of each ``(n, m)`` matrix of ``x`` (``(b, n, m)``, any float
+    dtype, cast in row blocks): :func:`ranks.gram`'s upper triangle in panels of
+    :data:`HEAD_GRAM_PANEL` columns, cost ``b n m (m + p)``."""
+    return gram(x, "in", torch.float64, HEAD_GRAM_PANEL)
+
+
+def _cholesky_r(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper Cholesky factor of each float64 Gram ``x_b^T x_b`` (``x``: ``(b, n, m)``) and
     whether it may stand for a QR's ``R``: Cholesky succeeded and the diagonal spans at most
-    :data:`CHOLESKY_KAPPA_MAX`. Cost ``2 b n m^2 + b m^3 / 3``."""
-    r, info = torch.linalg.cholesky_ex(x64.transpose(1, 2) @ x64, upper=True)
+    :data:`GRAM_KAPPA_MAX`. Cost ``b n m (m + p) + b m^3 / 3`` (:func:`_gram64`)."""
+    r, info = torch.linalg.cholesky_ex(_gram64(x), upper=True)
     diag = r.diagonal(dim1=1, dim2=2)
-    return r, (info == 0) & (diag.amax(1) <= CHOLESKY_KAPPA_MAX * diag.amin(1))
+    return r, (info == 0) & (diag.amax(1) <= GRAM_KAPPA_MAX * diag.amin(1))
 
 
 def query_r_factors(q_t: torch.Tensor) -> torch.Tensor:
     """``R`` of the thin QR of each ``W_Q_i^T`` (``q_t``: ``(h, d, d_head)``), float64.
 
     Upper Cholesky factor of ``W_Q_i W_Q_i^T`` where it is well conditioned, Householder
-    ``R`` (``mode="r"``) for the other heads (see module docstring). Cost ``2 h d_head^2 d``
-    plus ``h d_head^3 / 3``; memory ``h d_head^2``.
+    ``R`` (``mode="r"``) for the other heads (see module docstring). Cost ``h d_head d (d_head
+    + p)`` (:func:`_gram64`) plus ``h d_head^3 / 3``; memory ``h d_head^2`` and one row block
+    of ``q_t`` in float64 (no float64 copy of a float32 ``W_Q``, except of the heads that fall
+    back).
     """
-    q64 = q_t.to(torch.float64)
-    r, ok = _cholesky_r(q64)
+    r, ok = _cholesky_r(q_t)
     if not ok.all():
-        r[~ok] = torch.linalg.qr(q64[~ok], mode="r")[1]
+        r[~ok] = torch.linalg.qr(q_t[~ok].to(torch.float64), mode="r")[1]
     return r
 
 
@@ -124,16 +145,17 @@ def thin_qr(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     CholeskyQR2 where :func:`_cholesky_r` accepts the Gram: ``Q1 = x R1^{-1}`` loses
     orthogonality only to ``eps64 kappa^2`` (<= 2e-8 at ``kappa = 1e4``), and a second
     Cholesky QR of the well-conditioned ``Q1`` brings it back to ``eps64``: ``Q = Q1 R2^{-1}``,
-    ``R = R2 R1``. Householder QR for the other matrices. Cost about ``6 b n m^2`` (two Grams,
-    two triangular solves) instead of Householder's ``4 b n m^2`` of slower, BLAS-2-bound
-    work: 8 ms instead of 20 ms for two 2048 x 128 key heads (2 cores).
+    ``R = R2 R1``. Householder QR for the other matrices. Cost about ``2 b n m (m + p) + 2 b n
+    m^2`` (two upper-triangle Grams, :func:`_gram64`; two triangular solves) instead of
+    Householder's ``4 b n m^2`` of slower, BLAS-2-bound work: 8 ms instead of 20 ms for two
+    2048 x 128 key heads (2 cores).
     """
     x64 = x.to(torch.float64)
     r, ok = _cholesky_r(x64)
     q = torch.empty_like(x64)
     if ok.any():
         q1 = torch.linalg.solve_triangular(r[ok], x64[ok], upper=True, left=False)
-        r2 = torch.linalg.cholesky(q1.transpose(1, 2) @ q1, upper=True)
+        r2 = torch.linalg.cholesky(_gram64(q1), upper=True)
         q[ok] = torch.linalg.solve_triangular(r2, q1, upper=True, left=False)
         r[ok] = r2 @ r[ok]
     if not ok.all():
@@ -141,21 +163,47 @@ def thin_qr(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.to(x.dtype), r.to(x.dtype)
 
 
+def core_svd(core: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Singular values ``(b, n)`` (descending) and right singular vectors ``Vc^T`` ``(b, n, n)``
+    (rows) of each ``(n, n)`` core of ``core`` (``(b, n, n)``), without the left ones; computed
+    in float64, returned in ``core``'s dtype.
+
+    From ``eigh`` of the Gram ``C^T C = Vc S^2 Vc^T`` (float64), which squares ``kappa =
+    cond(C)``: ``sigma_i = sqrt(lambda_i)`` is exact to ``eps sigma_1^2 / (2 sigma_i)``, i.e.
+    ``eps kappa^2 / 2 <= 1.1e-8`` relative below ``kappa = ``:data:`GRAM_KAPPA_MAX`; a vector
+    ``v_i`` to ``eps sigma_1^2 / min_j |sigma_i^2 - sigma_j^2|``, at most ``kappa`` times an
+    SVD's ``eps sigma_1 / min_j |sigma_i - sigma_j|``. A core above the bound (``lambda_min <=
+    lambda_max / kappa_max^2``, a singular one included) gets LAPACK's SVD instead. Cost
+    ``2 b n^3`` for the Gram plus ``eigh``'s, about half of an SVD that also computes the left
+    vectors (16 cores of 128 x 128, one thread: 40 ms instead of 68 ms).
+    """
+    c64 = core.to(torch.float64)
+    lam, vectors = torch.linalg.eigh(c64.transpose(1, 2) @ c64)       # ascending
+    s = lam.flip(1).clamp_min(0).sqrt()
+    vc_t = vectors.flip(2).transpose(1, 2)
+    ill = ~(lam[:, 0] > lam[:, -1] / GRAM_KAPPA_MAX**2)
+    if ill.any():
+        _, s[ill], vc_t[ill] = torch.linalg.svd(c64[ill])
+    return s.to(core.dtype), vc_t.to(core.dtype)
+
+
 def factored_subspaces(w_q: torch.Tensor, w_k: torch.Tensor, n_heads: int, n_kv_heads: int,
-                       d_head: int) -> FactoredSubspaces:
-    """Every head's kernel SVD, factored (see module docstring), in ``w_k``'s dtype and device.
+                       d_head: int, dtype: torch.dtype | None = None) -> FactoredSubspaces:
+    """Every head's kernel SVD, factored (see module docstring), in ``dtype`` (default
+    ``w_k``'s) on ``w_k``'s device. ``w_q`` is not copied to ``dtype``: its Grams cast it by
+    row blocks.
 
     Args:
         w_q: ``(n_heads * d_head, d)`` query projection (nn.Linear layout).
         w_k: ``(n_kv_heads * d_head, d)`` key projection.
     """
-    d, group = w_q.shape[1], n_heads // n_kv_heads
+    d, group, dtype = w_q.shape[1], n_heads // n_kv_heads, dtype or w_k.dtype
     q_t = w_q.reshape(n_heads, d_head, d).transpose(1, 2)        # (h, d, d_head) = W_Q_i^T
     k_t = w_k.reshape(n_kv_heads, d_head, d).transpose(1, 2)     # (n_kv, d, d_head) = W_K_j^T
-    q_k, r_k = thin_qr(k_t)
-    r_q = query_r_factors(q_t).to(w_k.dtype).reshape(n_kv_heads, group * d_head, d_head)
+    q_k, r_k = thin_qr(k_t.to(dtype))
+    r_q = query_r_factors(q_t).to(dtype).reshape(n_kv_heads, group * d_head, d_head)
     core = (r_q @ r_k.transpose(1, 2)).reshape(n_heads, d_head, d_head)
-    _, s, vc_t = torch.linalg.svd(core)
+    s, vc_t = core_svd(core)
     return FactoredSubspaces(q_k, vc_t.reshape(n_kv_heads, group, d_head, d_head), s)
 
 

@@ -61,36 +61,41 @@ def effective_rank_from_singular_values(sigma: np.ndarray, shape: tuple[int, int
     return float(np.exp(-(p * np.log(p)).sum()))
 
 
-def gram(w, side: str, dtype=None):
+def gram(w, side: str, dtype=None, panel: int | None = None):
     """``W^T W`` (side='in', cols x cols) or ``W W^T`` (side='out', rows x rows) in ``dtype``
-    (default float32), on ``w``'s device.
+    (default float32), on ``w``'s device; ``w`` may carry leading batch axes (``(..., rows,
+    cols)``: one Gram per matrix).
 
     ``G = X^T X`` with ``X = W`` or ``W^T`` of shape ``(n, m)``. Only the upper triangle is
-    multiplied, in panels of :data:`GRAM_PANEL` columns: ``G[c:c+p, c:] += X_c^T X[:, c:]``, then
-    mirrored, which is ``n m^2 (1 + p/m)`` flops instead of a full GEMM's ``2 n m^2`` (1.3-1.4x
-    faster on a CPU at 11008 x 2048; BLAS has ``syrk`` but torch does not expose it). ``X`` is
-    read whole when it has ``dtype`` already (no copy of a float32 ``W``); otherwise in blocks
-    of :data:`GRAM_BLOCK` rows, each cast to ``dtype`` (a float64 Gram of float32 weights needs
-    a 16 MiB block, not a float64 copy of ``W``). Memory: one ``m x m`` Gram, one block, one
-    ``p x m`` panel product; the mirror is in place.
+    multiplied, in panels of ``p = panel`` (default :data:`GRAM_PANEL`) columns: ``G[c:c+p, c:]
+    += X_c^T X[:, c:]``, then mirrored, which is ``n m^2 (1 + p/m)`` flops instead of a full
+    GEMM's ``2 n m^2`` (1.3-1.4x faster on a CPU at 11008 x 2048; BLAS has ``syrk`` but torch
+    does not expose it). ``X`` is read whole when it has ``dtype`` already (no copy of a float32
+    ``W``); otherwise in blocks of :data:`GRAM_BLOCK` rows, each cast to ``dtype`` (a float64
+    Gram of float32 weights needs a 16 MiB block per matrix at 2048 columns, not a float64 copy
+    of ``W``). Memory: the Grams, one block and one ``p x m`` panel product per matrix; the
+    mirror is in place.
     """
     import torch
 
-    dtype = dtype or torch.float32
-    x = w if side == "in" else w.T
-    n, m = x.shape
+    dtype, panel = dtype or torch.float32, panel or GRAM_PANEL
+    x = w if side == "in" else w.transpose(-1, -2)
+    n, m = x.shape[-2:]
+    batch = x.shape[:-2]
+    x = x.reshape(-1, n, m)                      # a view: (b, n, m), b = 1 for a plain matrix
     rows = n if x.dtype == dtype else GRAM_BLOCK
-    g = torch.zeros(m, m, dtype=dtype, device=w.device)
+    g = torch.zeros(x.shape[0], m, m, dtype=dtype, device=w.device)
     for start in range(0, n, rows):
-        block = x[start:start + rows].to(dtype)
-        for c in range(0, m, GRAM_PANEL):
-            g[c:c + GRAM_PANEL, c:].addmm_(block[:, c:c + GRAM_PANEL].T, block[:, c:])
-    for c in range(0, m, GRAM_PANEL):  # mirror, in place: exactly symmetric
-        end = c + GRAM_PANEL
-        diagonal = g[c:end, c:end]
-        diagonal.copy_(diagonal.triu() + diagonal.triu(1).T)
-        g[end:, c:end] = g[c:end, end:].T
-    return g
+        block = x[:, start:start + rows].to(dtype)
+        for c in range(0, m, panel):
+            g[:, c:c + panel, c:].baddbmm_(block[:, :, c:c + panel].transpose(1, 2),
+                                           block[:, :, c:])
+    for c in range(0, m, panel):  # mirror, in place: exactly symmetric
+        end = c + panel
+        diagonal = g[:, c:end, c:end]
+        diagonal.copy_(diagonal.triu() + diagonal.triu(1).transpose(1, 2))
+        g[:, end:, c:end] = g[:, c:end, end:].transpose(1, 2)
+    return g.reshape(*batch, m, m)
 
 
 def frobenius_norm2(g) -> float:
