@@ -18,9 +18,10 @@ Stages:
   has threads on the CPU (the workflow's extraction job without Snakemake); it streams its
   arrays into ``--scratch`` for the next stages.
 - ``subspaces``: ``Checkpoint.read_layer`` of every layer (timed as ``read``; W_Q and W_K are
-  kept), then ``kernels.head_subspaces`` of all h heads of every layer in float64 (timed as
-  ``compute``), as ``extract_layers`` does them: on the CPU through ``extraction.in_threads``
-  with as many layer workers as torch has threads, each with one thread.
+  kept), then ``kernels.factored_subspaces`` of all h heads of every layer in float64 and
+  their vectors in float32 (timed as ``compute``), as ``extract_layers`` does them: on the CPU
+  through ``extraction.in_threads`` with as many layer workers as torch has threads, each with
+  one thread.
 - ``similarity``: ``similarity.similarity_matrix`` of each sampled head's top-k bases, loaded
   from the saved ``vectors.npy`` (memory-mapped), as the workflow's similarity jobs.
 - ``alignment``: per layer the FFN input Gram ``G`` and its eigenvalues
@@ -171,7 +172,7 @@ def stage_subspaces(args) -> dict:
     import torch
 
     from weight_geometry.extraction import in_threads
-    from weight_geometry.kernels import head_subspaces
+    from weight_geometry.kernels import factored_subspaces
 
     ckpt = _open(args.checkpoint)
     dims, times, kernel_inputs = ckpt.dims, {}, []
@@ -181,9 +182,10 @@ def stage_subspaces(args) -> dict:
             kernel_inputs.append((weights["W_Q"], weights["W_K"]))
             del weights  # only W_Q and W_K of each layer are kept for the compute
 
-    def subspaces(pair) -> None:
-        w_q, w_k = (torch.from_numpy(w).to(args.device).double() for w in pair)
-        head_subspaces(w_q, w_k, dims.n_heads, dims.n_kv_heads, dims.d_head)
+    def subspaces(pair) -> None:  # as extraction.extract_layer: float64, stored in float32
+        w_q, w_k = (torch.from_numpy(w).to(args.device) for w in pair)
+        factored_subspaces(w_q, w_k, dims.n_heads, dims.n_kv_heads, dims.d_head,
+                           torch.float64).vectors(torch.float32)
 
     with stopwatch(times, "compute", args.device):
         list(in_threads(subspaces, kernel_inputs, _workers(args.device)))
@@ -222,8 +224,8 @@ def stage_alignment(args) -> dict:
             weights = ckpt.read_layer(layer)
         w_q, w_k, w_in = (torch.from_numpy(weights[w]).to(args.device)
                           for w in ("W_Q", "W_K", ffn_input))
-        subspaces = factored_subspaces(w_q.double(), w_k.double(), dims.n_heads,
-                                       dims.n_kv_heads, dims.d_head)
+        subspaces = factored_subspaces(w_q, w_k, dims.n_heads, dims.n_kv_heads, dims.d_head,
+                                       torch.float64)
         with stopwatch(times, "compute", args.device):
             sigma[layer], g = weight_spectrum(w_in, "in")
             with stopwatch(times, "marginal", args.device):

@@ -285,7 +285,8 @@ def shape_section(r: dict) -> list[str]:
                   "`from_pretrained`, whole model, fp16)"),
         stage_row("subspace extraction", bs["subspace_extraction"], r["subspaces"]["compute"],
                   r["subspaces"]["peak_rss_mb"],
-                  f"`head_subspaces`, all {s.n_heads} heads, all {s.d_head} directions, "
+                  f"`factored_subspaces` and the float32 vectors, all {s.n_heads} heads, "
+                  f"all {s.d_head} directions, "
                   "two layers at a time in threads as in `extract_layers` "
                   f"(baseline: {len(heads)} heads x L full {s.d_model} x {s.d_model} SVDs); "
                   f"per (layer, head) {fmt(dv['per_head_ratio'])}x"),
