@@ -43,7 +43,8 @@ from .ranks import gram
 GRAM_KAPPA_MAX = 1e4
 #: Columns per panel of the per-head Grams' upper triangle (:func:`_gram64`): at ``m = d_head =
 #: 128`` it multiplies 62.5 % of a full Gram's flops; 16 query heads of Qwen2.5-3B (d = 2048),
-#: one thread: 54 ms instead of 71 ms for a float64 copy and a batched GEMM (panels of 64: 57).
+#: one thread: 58 ms instead of 72-82 ms for a float64 copy and a batched GEMM (panels of 64:
+#: 61 ms, of 16: 63 ms).
 HEAD_GRAM_PANEL = 32
 #: Rows of the FFN Gram's upper triangle per panel in :meth:`FactoredSubspaces.energies`, each
 #: cast to the subspaces' dtype (at most 4 MiB of float64 at d = 2048, instead of a float64 copy
