@@ -185,7 +185,8 @@ class Checkpoint:
             "storage_dtype": self.storage_dtype,
             "compute_dtype": ("float32 weights; float32 Gram matrices for effective ranks and"
                               " FFN energies (float64 where their error bound asks);"
-                              " float64 kernel factorizations"),
+                              " float64 kernel factorizations, their singular vectors"
+                              " stored in float32"),
             "weight_types": list(self.weight_types),
             "ffn_input": self.adapter.ffn_input,
             "norm_gains": ("folded into the projections" if fold_norms
