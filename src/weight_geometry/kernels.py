@@ -149,16 +149,17 @@ def thin_qr(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ``R = R2 R1``. Householder QR for the other matrices. Cost about ``2 b n m (m + p) + 2 b n
     m^2`` (two upper-triangle Grams, :func:`_gram64`; two triangular solves) instead of
     Householder's ``4 b n m^2`` of slower, BLAS-2-bound work: 8 ms instead of 20 ms for two
-    2048 x 128 key heads (2 cores).
+    2048 x 128 key heads on an Intel Xeon (2 cores); on the AMD EPYC of benchmarks/RESULTS.md
+    both take 20 ms (2 threads), 35 and 30 ms (1 thread).
     """
     x64 = x.to(torch.float64)
     r, ok = _cholesky_r(x64)
-    q = torch.empty_like(x64)
-    if ok.any():
-        q1 = torch.linalg.solve_triangular(r[ok], x64[ok], upper=True, left=False)
-        r2 = torch.linalg.cholesky(_gram64(q1), upper=True)
-        q[ok] = torch.linalg.solve_triangular(r2, q1, upper=True, left=False)
-        r[ok] = r2 @ r[ok]
+    # CholeskyQR2 of every matrix, without masked copies; the rejected ones' (possibly NaN)
+    # results are then overwritten by Householder's.
+    q1 = torch.linalg.solve_triangular(r, x64, upper=True, left=False)
+    r2 = torch.linalg.cholesky_ex(_gram64(q1), upper=True)[0]
+    q = torch.linalg.solve_triangular(r2, q1, upper=True, left=False)
+    r = r2 @ r
     if not ok.all():
         q[~ok], r[~ok] = torch.linalg.qr(x64[~ok])
     return q.to(x.dtype), r.to(x.dtype)
