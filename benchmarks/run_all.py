@@ -265,6 +265,7 @@ def stage_row(label: str, baseline: dict, ours_s: float, ours_rss: float, note: 
 def shape_section(r: dict) -> list[str]:
     s, b, dv = r["shape"], r["baseline"], derived(r)
     bs, heads = b["stages"], sampled_heads(s.n_heads)
+    runs = r["subspaces"]["compute_runs"]
     lines = [
         f"### {r['name']}: {r['n_layers']} layers of d={s.d_model}, h={s.n_heads}, "
         f"n_kv={s.n_kv_heads}, d_ff={s.d_ff}, d_head={s.d_head}; k={K}, heads {heads}",
@@ -289,7 +290,8 @@ def shape_section(r: dict) -> list[str]:
                   f"all {s.d_head} directions, "
                   "two layers at a time in threads as in `extract_layers` "
                   f"(baseline: {len(heads)} heads x L full {s.d_model} x {s.d_model} SVDs); "
-                  f"per (layer, head) {fmt(dv['per_head_ratio'])}x"),
+                  f"per (layer, head) {fmt(dv['per_head_ratio'])}x; ours: median of "
+                  f"{len(runs)} passes, {fmt(min(runs))}-{fmt(max(runs))} s"),
         stage_row("similarity", bs["similarity"], r["similarity"]["compute"],
                   r["similarity"]["peak_rss_mb"],
                   f"`similarity_matrix` of the {len(heads)} heads from the stored bases"),
