@@ -50,6 +50,7 @@ import argparse
 import csv
 import json
 import os
+import statistics
 import struct
 import subprocess
 import sys
@@ -197,7 +198,7 @@ def stage_subspaces(args) -> dict:
         with stopwatch(run, "compute", args.device):
             list(in_threads(subspaces, kernel_inputs, _workers(args.device)))
         runs.append(run["compute"])
-    times["compute"], times["compute_runs"] = sorted(runs)[len(runs) // 2], runs
+    times["compute"], times["compute_runs"] = statistics.median(runs), runs
     return times
 
 
