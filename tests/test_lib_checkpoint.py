@@ -50,7 +50,6 @@ def test_open_hf_dir_dims_and_read(tmp_path):
     d = ckpt.dims
     assert (d.n_layers, d.d_model, d.d_ff, d.n_heads, d.n_kv_heads, d.d_head) == \
         (2, 24, 40, 3, 1, 8)
-    assert [d.kv_head(i) for i in range(3)] == [0, 0, 0]
     np.testing.assert_array_equal(ckpt.read_layer(1)["W_K"],
                                   tensors["model.layers.1.self_attn.k_proj.weight"].numpy())
 

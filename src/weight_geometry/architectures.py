@@ -50,10 +50,6 @@ class ModelDims:
             raise UserError(f"n_heads={self.n_heads} is not a multiple of"
                             f" n_kv_heads={self.n_kv_heads}")
 
-    def kv_head(self, head: int) -> int:
-        """Key/value head read by query head ``head`` under grouped-query attention."""
-        return head // (self.n_heads // self.n_kv_heads)
-
     def weight_shape(self, weight_type: str) -> tuple[int, int]:
         """(out, in) shape of a weight type."""
         d, ff = self.d_model, self.d_ff
