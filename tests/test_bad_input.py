@@ -27,6 +27,7 @@ def config_for(source, **extra):
     ({"bottleneck": "middle"}, ["bottleneck", "'middle'", "auto"]),
     ({"device": "tpu"}, ["device", "'tpu'", "auto, cpu, cuda"]),
     ({"layers_per_job": -1}, ["layers_per_job", "-1"]),
+    ({"topk": 20}, ["config", "'topk'", "did you mean 'top_k'?", "fold_norms"]),
 ])
 def test_bad_config_value(tmp_path, tiny_checkpoint, extra, fragments):
     line = error_line(run_snakemake(tmp_path, "-n", config=config_for(tiny_checkpoint, **extra)))
@@ -49,6 +50,12 @@ def test_user_configfile_replaces_default_models(tmp_path, tiny_checkpoint):
     assert proc.returncode == 0, proc.stderr
     assert "results/tiny/" in proc.stdout
     assert "smollm2" not in proc.stdout
+
+
+def test_models_given_as_a_list(tmp_path, tiny_checkpoint):
+    config = {"models": [{"source": str(tiny_checkpoint)}], "device": "cpu"}
+    line = error_line(run_snakemake(tmp_path, "-n", config=config))
+    assert "models: a list is not allowed" in line and "name: {source: ...}" in line, line
 
 
 def test_missing_source(tmp_path):

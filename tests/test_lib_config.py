@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from weight_geometry.config import (
@@ -101,3 +103,15 @@ def test_user_models_replaces_rather_than_merges(tmp_path):
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
     assert user_models(merged, [empty]) == merged
+
+
+def test_config_keys_are_the_schemas():
+    """The library's list of top-level keys (its one-line error for a typo) and the schema's."""
+    import yaml
+
+    from weight_geometry.config import CONFIG_KEYS
+
+    schema = yaml.safe_load((Path(__file__).parents[1] / "workflow/schemas/config.schema.yaml")
+                            .read_text())
+    assert sorted(schema["properties"]) == sorted(CONFIG_KEYS)
+    assert schema["additionalProperties"] is False

@@ -7,6 +7,7 @@ every needed tensor present with the expected shape).
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,6 +24,9 @@ MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 #: ``results/compare/`` holds the cross-model comparison, so no model may be named so.
 RESERVED_NAMES = ("compare",)
 MODEL_KEYS = ("source", "effective_ranks")
+#: The config's top-level keys (workflow/schemas/config.schema.yaml lists the same).
+CONFIG_KEYS = ("models", "top_k", "heads", "primary_head", "bottleneck", "device",
+               "layers_per_job", "fold_norms")
 
 
 def _as_int(key: str, value, allowed: str) -> int:
@@ -131,8 +135,15 @@ def user_models(merged: dict, user_configfiles: list[Path]) -> dict:
     for path in user_configfiles:
         data = yaml.safe_load(Path(path).read_text()) or {}
         if isinstance(data, dict) and data.get("models") is not None:
-            chosen.update(data["models"])
-    return chosen or merged
+            chosen.update(_models_mapping(data["models"], f" (in {path})"))
+    return chosen or _models_mapping(merged, "")
+
+
+def _models_mapping(models, where: str) -> dict:
+    if not isinstance(models, dict):
+        raise UserError(f"models: a {type(models).__name__} is not allowed{where} (a mapping"
+                        " of name: {source: ...})")
+    return models
 
 
 @dataclass(frozen=True)
@@ -162,6 +173,12 @@ class Plan:
 
 def build_plan(config: dict, models: dict) -> Plan:
     """Validate ``config`` (models already chosen by :func:`user_models`) into a :class:`Plan`."""
+    unknown = sorted(set(config) - set(CONFIG_KEYS))
+    if unknown:
+        near = difflib.get_close_matches(unknown[0], CONFIG_KEYS, n=1)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        raise UserError(f"config: key {unknown[0]!r} is not allowed ({hint}allowed:"
+                        f" {', '.join(CONFIG_KEYS)})")
     ks = parse_top_k(config.get("top_k", 20))
     head_spec = parse_heads(config.get("heads", {"sample": 4}))
     primary = _as_int("primary_head", config.get("primary_head", 0), "a head index >= 0")
