@@ -87,6 +87,14 @@ def test_new_bottleneck_plans_only_its_dependants(base):
                      "report_markdown"]
 
 
+@pytest.mark.parametrize(("change", "first"), [({"device": "auto"}, "extract_layers"),
+                                               ({"fold_norms": True}, "model_info")])
+def test_extraction_knob_plans_extraction_and_everything_after(base, change, first):
+    rules = {r for r, _ in dry(base, **change)}
+    after = {"extract_layers", "effective_ranks", "k_sweep"} | CHEAP_K_RULES
+    assert rules == after | {first}
+
+
 def test_second_model_plans_only_that_model_and_the_comparison(base):
     workdir, config, root = base
     other = make_llama_checkpoint(root / "ckpt2", seed=1)
@@ -99,7 +107,8 @@ def test_second_model_plans_only_that_model_and_the_comparison(base):
 
 def test_edited_script_reruns_rule_and_dependants(tmp_path, base):
     """A copy of the workflow whose ffn_alignment script changed: that rule and what reads its
-    output rerun, nothing upstream or beside it."""
+    output rerun, nothing upstream or beside it. An edited library module alone reruns
+    nothing."""
     _, config, root = base
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -108,6 +117,11 @@ def test_edited_script_reruns_rule_and_dependants(tmp_path, base):
         (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / part)
     cmd = snakemake_command(tmp_path / "run", config=config, snakefile=repo / "Snakefile")
     assert_ok(subprocess.run(cmd, capture_output=True, text=True, timeout=600))
+    # An edited library module is not a rerun trigger (the README says so: use --forcerun).
+    module = repo / "src/weight_geometry/alignment.py"
+    module.write_text(module.read_text() + "\n# edited\n")
+    proc = subprocess.run(cmd + ["-n"], capture_output=True, text=True, timeout=300)
+    assert planned(proc) == []
     script = repo / "workflow/scripts/ffn_alignment.py"
     script.write_text(script.read_text() + "\n# edited\n")
     proc = subprocess.run(cmd + ["-n"], capture_output=True, text=True, timeout=300)

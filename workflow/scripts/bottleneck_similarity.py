@@ -1,4 +1,4 @@
-"""Rule bottleneck: similarity of every layer to the bottleneck layer, per head."""
+"""Rule bottleneck_similarity: similarity of every layer to the bottleneck layer, per head."""
 
 import _library  # noqa: F401  (puts the checkout's src/ on sys.path)
 

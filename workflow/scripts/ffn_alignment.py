@@ -1,4 +1,4 @@
-"""Rule alignment: FFN-attention alignment of every head at this k, with its nulls."""
+"""Rule ffn_alignment: FFN-attention alignment of every head at this k, with its nulls."""
 
 import _library  # noqa: F401  (puts the checkout's src/ on sys.path)
 

@@ -1,4 +1,4 @@
-"""Rule layers: the per-layer cross-reference of effective ranks and subspace metrics."""
+"""Rule layer_table: the per-layer cross-reference of effective ranks and subspace metrics."""
 
 import _library  # noqa: F401  (puts the checkout's src/ on sys.path)
 

@@ -1,4 +1,4 @@
-"""Rule figures: the report's figures for one (model, k)."""
+"""Rule report_figures: the report's figures for one (model, k)."""
 
 import _library  # noqa: F401  (puts the checkout's src/ on sys.path)
 

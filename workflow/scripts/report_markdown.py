@@ -1,4 +1,4 @@
-"""Rule report: the markdown report of one (model, k)."""
+"""Rule report_markdown: the markdown report of one (model, k)."""
 
 from pathlib import Path
 

@@ -1,4 +1,4 @@
-"""Rule similarity: L x L Grassmann similarity of one head's top-k subspaces across layers."""
+"""Rule similarity_matrix: L x L Grassmann similarity of one head's top-k subspaces over layers."""
 
 import _library  # noqa: F401  (puts the checkout's src/ on sys.path)
 
