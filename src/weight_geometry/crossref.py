@@ -54,12 +54,14 @@ def layer_table(weight_ranks: pd.DataFrame, sims: np.ndarray, best_match: np.nda
     })
 
 
-def layer_correlations(layers: pd.DataFrame) -> list[tuple[str, Correlation]]:
+def layer_correlations(layers: pd.DataFrame, keep_bottleneck: bool = False
+                       ) -> list[tuple[str, Correlation]]:
     """Pearson/Spearman (with permutation p) for the three metric pairs.
 
-    The bottleneck layer's similarity to itself (1 by definition) is left out, so it cannot
-    drive a correlation.
+    By default the bottleneck layer's similarity to itself (1 by definition) is left out, so it
+    cannot drive a correlation; ``keep_bottleneck`` keeps it, as the notebook does.
     """
     data = layers.copy()
-    data.loc[data["is_bottleneck"], "bottleneck_similarity"] = np.nan
+    if not keep_bottleneck:
+        data.loc[data["is_bottleneck"], "bottleneck_similarity"] = np.nan
     return [(label, correlate(data[a], data[b])) for a, b, label in PAIRS]

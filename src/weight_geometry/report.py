@@ -332,6 +332,12 @@ def _crossref(a: Analysis):
     yield markdown_table(pd.DataFrame(rows, columns=[
         "Pair", "Pearson r", "Permutation p (r)", "Spearman rho", "Permutation p (rho)",
         "N"])) + "\n"
+    kept = [(label[0].lower() + label[1:], c)
+            for label, c in layer_correlations(a.layers, keep_bottleneck=True)
+            if "bottleneck" in label.lower()]
+    yield ("With the bottleneck layer kept, as the notebook computes them: "
+           + " and ".join(f"r = {c.pearson:.4f} for {label}" for label, c in kept)
+           + f" (N = {kept[0][1].n}).\n")
 
 
 def _findings(a: Analysis):
