@@ -55,7 +55,8 @@ def test_user_configfile_replaces_default_models(tmp_path, tiny_checkpoint):
 def test_models_given_as_a_list(tmp_path, tiny_checkpoint):
     config = {"models": [{"source": str(tiny_checkpoint)}], "device": "cpu"}
     line = error_line(run_snakemake(tmp_path, "-n", config=config))
-    assert "models: a list is not allowed" in line and "name: {source: ...}" in line, line
+    assert "models: [{'source'" in line and "is not allowed (in " in line, line
+    assert "name: {source: ...}" in line, line
 
 
 def test_missing_source(tmp_path):

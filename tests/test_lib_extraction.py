@@ -299,3 +299,30 @@ def test_write_layers_holds_no_written_layer(tiny_llama, tmp_path, monkeypatch):
     paths = {name: tmp_path / f"{name}.npy" for name in LayerResult.array_names()}
     write_layers(ckpt, range(L), torch.device("cpu"), False, paths, workers=1)
     assert len(written) == L
+
+
+@pytest.mark.parametrize(("tensor", "rows", "message"), [
+    ("self_attn.q_proj", slice(D_HEAD, 2 * D_HEAD),
+     "layer 1, head 1: the kernel W_Q_i^T W_K_j is zero"),
+    ("self_attn.k_proj", slice(None), "layer 1, head 0: the kernel W_Q_i^T W_K_j is zero"),
+    ("mlp.gate_proj", slice(None), "layer 1: W_gate (model.layers.1.mlp.gate_proj.weight) is"
+                                   " all zeros, so the FFN alignment"),
+])
+def test_zero_weights_stop_with_one_line_instead_of_nan(tiny_llama, tmp_path, tensor, rows,
+                                                         message):
+    from safetensors.torch import load_file, save_file
+
+    from weight_geometry.errors import UserError
+
+    src, _ = tiny_llama
+    tensors = load_file(src / "model.safetensors")
+    tensors[f"model.layers.1.{tensor}.weight"][rows] = 0
+    path = tmp_path / "zeroed"
+    path.mkdir()
+    (path / "config.json").write_text((src / "config.json").read_text())
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    ckpt = open_checkpoint(str(path))
+    extract_layers(ckpt, range(1), torch.device("cpu"))          # layer 0 is untouched
+    with pytest.raises(UserError) as info:
+        extract_layers(ckpt, range(2), torch.device("cpu"))
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)

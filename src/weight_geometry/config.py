@@ -113,7 +113,7 @@ def parse_layers_per_job(value) -> int:
 
 def parse_fold_norms(value) -> bool:
     """A bool, or what ``--config fold_norms=true`` makes of it."""
-    if value not in (True, False, "True", "False", "true", "false"):
+    if not isinstance(value, bool) and value not in ("True", "False", "true", "false"):
         raise UserError(f"fold_norms: {value!r} is not allowed (true or false)")
     return str(value).lower() == "true"
 
@@ -129,20 +129,20 @@ def user_models(merged: dict, user_configfiles: list[Path]) -> dict:
 
     Snakemake deep-merges a user's ``--configfile`` into the shipped config, so its ``models``
     would keep the shipped default next to the user's. If any user config file defines
-    ``models``, exactly those (later files win per name) are analysed.
+    ``models``, exactly those (later files win per name) are analysed, even none.
     """
-    chosen: dict = {}
+    chosen = None
     for path in user_configfiles:
         data = yaml.safe_load(Path(path).read_text()) or {}
         if isinstance(data, dict) and data.get("models") is not None:
-            chosen.update(_models_mapping(data["models"], f" (in {path})"))
-    return chosen or _models_mapping(merged, "")
+            chosen = {**(chosen or {}), **_models_mapping(data["models"], f" (in {path})")}
+    return _models_mapping(merged, "") if chosen is None else chosen
 
 
 def _models_mapping(models, where: str) -> dict:
     if not isinstance(models, dict):
-        raise UserError(f"models: a {type(models).__name__} is not allowed{where} (a mapping"
-                        " of name: {source: ...})")
+        raise UserError(f"models: {models!r:.60} is not allowed{where} (a mapping of"
+                        " name: {source: ...})")
     return models
 
 
@@ -204,7 +204,7 @@ def build_plan(config: dict, models: dict) -> Plan:
 
 
 def _check_model_entry(name, entry) -> None:
-    if not MODEL_NAME.fullmatch(str(name)) or name in RESERVED_NAMES:
+    if not isinstance(name, str) or not MODEL_NAME.fullmatch(name) or name in RESERVED_NAMES:
         raise UserError(f"models: name {name!r} is not allowed (letters, digits, . _ -; not"
                         f" {', '.join(RESERVED_NAMES)})")
     if not isinstance(entry, dict) or not entry.get("source"):
@@ -214,6 +214,11 @@ def _check_model_entry(name, entry) -> None:
     if unknown:
         raise UserError(f"models.{name}: key {unknown[0]!r} is not allowed (allowed:"
                         f" {', '.join(MODEL_KEYS)})")
+    for key in MODEL_KEYS:  # a path or id each; effective_ranks may be absent or null
+        value = entry.get(key)
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise UserError(f"models.{name}.{key}: {value!r} is not allowed (a path or id,"
+                            " as text)")
 
 
 def _user_ranks_path(name: str, path, src: _Source) -> str:

@@ -54,6 +54,7 @@ import numpy as np
 import torch
 
 from .checkpoint import Checkpoint
+from .errors import UserError
 from .kernels import factored_subspaces
 from .ranks import (
     effective_rank_from_singular_values,
@@ -133,13 +134,33 @@ def extract_layer(ckpt: Checkpoint, layer: int, device: torch.device,
         if subspaces is not None and ffn_gram is not None:  # drop G as soon as it is used
             energy, ffn_gram = subspaces.energies(ffn_gram).cpu().numpy(), None
         del w, g, array
+    singular_values = subspaces.singular_values.cpu().numpy()
+    require_defined(ckpt, layer, singular_values, norm2)
     return LayerResult(
         vectors=subspaces.vectors(torch.float32).cpu().numpy(),
-        singular_values=subspaces.singular_values.cpu().numpy(),
+        singular_values=singular_values,
         ffn_input_energy=energy,
         ffn_input_norm2=norm2,
         ffn_input_singular_values=ffn_sigma,
         weight_ranks=rows)
+
+
+def require_defined(ckpt: Checkpoint, layer: int, singular_values: np.ndarray,
+                    norm2: np.ndarray) -> None:
+    """A UserError naming the weight where the geometry is undefined, instead of NaN in every
+    table: a head whose kernel ``W_Q_i^T W_K_j`` is zero (``sigma_1 = 0``, ``(h, d_head)``
+    singular values: no subspace to speak of, e.g. a zero-initialized W_Q), or an all-zero FFN
+    input (``||W_in||_F^2 = 0``: the alignment is 0/0). Cost O(h)."""
+    zero = np.flatnonzero(singular_values[:, 0] == 0)
+    if zero.size:
+        raise UserError(f"layer {layer}, head {zero[0]}: the kernel W_Q_i^T W_K_j is zero"
+                        f" (rows of {ckpt.adapter.tensor_name('W_Q', layer)} or"
+                        f" {ckpt.adapter.tensor_name('W_K', layer)} are all zeros), so its"
+                        " subspaces are undefined")
+    if norm2 == 0:
+        wt = ckpt.adapter.ffn_input
+        raise UserError(f"layer {layer}: {wt} ({ckpt.adapter.tensor_name(wt, layer)}) is all"
+                        " zeros, so the FFN alignment (a share of its energy) is undefined")
 
 
 def iter_layers(ckpt: Checkpoint, layers: range, device: torch.device,
