@@ -64,6 +64,8 @@ def resolve_source(source: str) -> Path:
 
 
 def _gguf_in_distribution(name: str) -> Path:
+    if not name.strip():
+        raise UserError("source 'pypi:': a package name is required (pypi:<package>)")
     try:
         dist = importlib.metadata.distribution(name)
     except importlib.metadata.PackageNotFoundError:
