@@ -58,6 +58,8 @@ def test_truncated_header_raises_user_error(tmp_path, n_bytes):
     with pytest.raises(UserError) as info:
         read_header(cut)
     _assert_one_line_naming(info.value, cut)
+    assert (f"file is {n_bytes} bytes, shorter than the 8-byte header length" if n_bytes < 8
+            else "truncated safetensors file (header says") in str(info.value)
 
 
 def test_garbage_header_raises_user_error(tmp_path):
@@ -66,6 +68,7 @@ def test_garbage_header_raises_user_error(tmp_path):
     with pytest.raises(UserError) as info:
         read_header(bad)
     _assert_one_line_naming(info.value, bad)
+    assert "the safetensors header is not valid JSON" in str(info.value)
 
 
 def _read_all(directory) -> dict[str, np.ndarray]:

@@ -233,35 +233,84 @@ def unsupported(kind: str, name: str, supported) -> UserError:
 
 
 def dims_from_hf_config(config: dict) -> ModelDims:
-    """Dimensions from a Hugging Face ``config.json`` dict (GPT-2 names included)."""
+    """Dimensions from a Hugging Face ``config.json`` dict (GPT-2 names included).
+
+    Each is an integer >= 1; an optional key (``head_dim``, ``num_key_value_heads``,
+    ``n_inner``) that is absent or null takes its default. A missing or bad value is a
+    UserError naming the key (the caller adds the file).
+    """
+
+    def dim(key: str, default: int | None = None) -> int:
+        value = config.get(key)
+        if value is None and default is not None:
+            return default
+        if key not in config:
+            raise UserError(f"no {key} (needed for the model's dimensions)")
+        if type(value) is not int or value < 1:  # not 2.5, "64", true or null
+            raise UserError(f"{key}: {value!r} is not allowed (an integer >= 1)")
+        return value
+
     if config.get("model_type") == "gpt2":
-        d, h = int(config["n_embd"]), int(config["n_head"])
-        return ModelDims(int(config["n_layer"]), d, int(config.get("n_inner") or 4 * d), h, h,
-                         d // h)
-    h = int(config["num_attention_heads"])
-    d = int(config["hidden_size"])
+        d, h = dim("n_embd"), dim("n_head")
+        return ModelDims(dim("n_layer"), d, dim("n_inner", 4 * d), h, h, d // h)
+    d, h = dim("hidden_size"), dim("num_attention_heads")
     return ModelDims(
-        n_layers=int(config["num_hidden_layers"]),
+        n_layers=dim("num_hidden_layers"),
         d_model=d,
-        d_ff=int(config["intermediate_size"]),
+        d_ff=dim("intermediate_size"),
         n_heads=h,
-        n_kv_heads=int(config.get("num_key_value_heads") or h),
-        d_head=int(config.get("head_dim") or d // h),
+        n_kv_heads=dim("num_key_value_heads", h),
+        d_head=dim("head_dim", d // h),
     )
 
 
 def dims_from_gguf_metadata(meta: dict, arch: str) -> ModelDims:
-    """Dimensions from GGUF metadata keys ``{arch}.block_count`` etc."""
-    h = int(meta[f"{arch}.attention.head_count"])
-    d = int(meta[f"{arch}.embedding_length"])
+    """Dimensions from GGUF metadata keys ``{arch}.block_count`` etc.
+
+    A missing or non-integer key is a UserError naming the key (the caller adds the file); so
+    is an odd ``d_head`` for :data:`GGUF_ROPE_PERMUTED` (its RoPE row pairs cannot be undone).
+    """
+    h = _gguf_int(meta, f"{arch}.attention.head_count")
+    d = _gguf_int(meta, f"{arch}.embedding_length")
+    head_dim_key = f"{arch}.attention.key_length"
+    d_head = _gguf_int(meta, head_dim_key, default=0)
+    if not d_head:
+        if d % h:
+            raise UserError(f"{arch}.embedding_length {d} is not a multiple of"
+                            f" {arch}.attention.head_count {h}, and there is no {head_dim_key}")
+        d_head = d // h
+    if arch in GGUF_ROPE_PERMUTED and d_head % 2:
+        how = (f"{head_dim_key} = {d_head}" if meta.get(head_dim_key) else
+               f"{arch}.embedding_length {d} / {arch}.attention.head_count {h} = {d_head}")
+        raise UserError(f"d_head {d_head} is odd ({how}); a {arch} GGUF needs an even d_head"
+                        " (llama.cpp stores W_Q/W_K rows in RoPE pairs)")
     return ModelDims(
-        n_layers=int(meta[f"{arch}.block_count"]),
+        n_layers=_gguf_int(meta, f"{arch}.block_count"),
         d_model=d,
-        d_ff=int(meta[f"{arch}.feed_forward_length"]),
+        d_ff=_gguf_int(meta, f"{arch}.feed_forward_length"),
         n_heads=h,
-        n_kv_heads=int(meta.get(f"{arch}.attention.head_count_kv") or h),
-        d_head=int(meta.get(f"{arch}.attention.key_length") or d // h),
+        n_kv_heads=_gguf_int(meta, f"{arch}.attention.head_count_kv", default=0) or h,
+        d_head=d_head,
     )
+
+
+def _gguf_int(meta: dict, key: str, default: int | None = None) -> int:
+    """Integer metadata value ``>= 1`` (0 also for an optional key: llama.cpp's 'unset').
+
+    :class:`~weight_geometry.gguf_file.GGUFFile` keeps arrays as ``None``.
+    """
+    if key not in meta:
+        if default is None:
+            raise UserError(f"no {key} in the GGUF metadata (needed for the model's"
+                            " dimensions)")
+        return default
+    value = meta[key]
+    if value is None:
+        raise UserError(f"GGUF metadata {key}: an array is not allowed (one integer >= 1;"
+                        " per-layer values are not supported)")
+    if type(value) is not int or value < (0 if default is not None else 1):
+        raise UserError(f"GGUF metadata {key}: {value!r} is not allowed (an integer >= 1)")
+    return value
 
 
 def undo_gguf_rope_permutation(weight, n_heads: int):

@@ -17,7 +17,6 @@ and checked to be finite.
 from __future__ import annotations
 
 import importlib.metadata
-import json
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +37,12 @@ from .architectures import (
 )
 from .errors import UserError
 from .gguf_file import GGUFFile
-from .safetensors_file import DTYPE_NAMES, SafetensorsReader, directory_entries
+from .safetensors_file import (
+    DTYPE_NAMES,
+    SafetensorsReader,
+    directory_entries,
+    read_json_object,
+)
 
 PYPI_PREFIX = "pypi:"
 #: Norm-gain role folded into each projection's input columns, and into each head's rows.
@@ -211,11 +215,21 @@ def _open_gguf(source: str, path: Path) -> Checkpoint:
         raise UserError(f"source '{source}' is a file but not a .gguf file (allowed: .gguf, or"
                         " a Hugging Face directory)")
     gguf = GGUFFile(path)
-    arch = str(gguf.metadata.get("general.architecture", "?"))
+    if "general.architecture" not in gguf.metadata:
+        raise UserError(f"{path}: no general.architecture in the GGUF metadata (supported:"
+                        f" {', '.join(sorted(GGUF_ADAPTERS))})")
+    arch = str(gguf.metadata["general.architecture"])
     if arch not in GGUF_ADAPTERS:
-        raise unsupported("GGUF", arch, GGUF_ADAPTERS)
+        raise UserError(f"{path}: {unsupported('GGUF', arch, GGUF_ADAPTERS)}")
     adapter = GGUF_ADAPTERS[arch]
-    dims = dims_from_gguf_metadata(gguf.metadata, arch)
+    try:
+        dims = dims_from_gguf_metadata(gguf.metadata, arch)
+    except UserError as err:
+        raise UserError(f"{path}: {err}") from None
+    for layer in range(dims.n_layers):  # a type gguf cannot dequantize fails now, not mid-run
+        for wt in adapter.weight_types:
+            if adapter.tensor_name(wt, layer) in gguf.tensors:
+                gguf.check_readable(adapter.tensor_name(wt, layer))
     qtypes = sorted({gguf.tensors[adapter.tensor_name(wt, 0)].type_name
                      for wt in adapter.weight_types
                      if adapter.tensor_name(wt, 0) in gguf.tensors})
@@ -228,19 +242,23 @@ def _open_gguf(source: str, path: Path) -> Checkpoint:
 
 
 def hf_architecture(source: str, path: Path) -> tuple[str, ModelDims]:
-    """Architecture and dimensions from a Hugging Face directory's config.json alone."""
+    """Architecture and dimensions from a Hugging Face directory's config.json alone; a
+    one-line UserError naming the file when it is not a JSON object, has no supported
+    ``model_type`` or a missing or bad dimension."""
     config_path = path / "config.json"
     if not config_path.exists():
         raise UserError(f"source '{source}': directory {path} has no config.json")
-    config = json.loads(config_path.read_text())
-    model_type = str(config.get("model_type", "?"))
+    config = read_json_object(config_path)
+    if "model_type" not in config:
+        raise UserError(f"{config_path}: no model_type (supported:"
+                        f" {', '.join(sorted(HF_ADAPTERS))})")
+    model_type = str(config["model_type"])
     if model_type not in HF_ADAPTERS:
-        raise unsupported("Hugging Face", model_type, HF_ADAPTERS)
+        raise UserError(f"{config_path}: {unsupported('Hugging Face', model_type, HF_ADAPTERS)}")
     try:
         return model_type, dims_from_hf_config(config)
-    except KeyError as err:
-        raise UserError(f"{config_path}: no {err.args[0]} (needed for the model's"
-                        " dimensions)") from None
+    except UserError as err:
+        raise UserError(f"{config_path}: {err}") from None
 
 
 def _open_hf_dir(source: str, path: Path) -> Checkpoint:

@@ -12,6 +12,8 @@ the Hugging Face ``(out, in)`` order, i.e. the reversed list.
 
 from __future__ import annotations
 
+import functools
+import math
 import mmap
 import os
 import struct
@@ -26,6 +28,7 @@ _SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f"
                    10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
 _DEFAULT_ALIGNMENT = 32
+_MAX_DIMS = 4  # GGML_MAX_DIMS
 
 
 @dataclass(frozen=True)
@@ -85,8 +88,13 @@ class GGUFFile:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        with open(self.path, "rb") as fh:
-            mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            with open(self.path, "rb") as fh:
+                if os.fstat(fh.fileno()).st_size == 0:  # mmap refuses an empty file
+                    raise UserError(f"{self.path}: empty file (0 bytes), not a GGUF file")
+                mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        except OSError as err:
+            raise UserError(f"{self.path}: cannot read the file ({err.strerror})") from None
         view = memoryview(mapped)
         try:
             self._parse(_Cursor(view, self.path), len(mapped))
@@ -109,12 +117,23 @@ class GGUFFile:
         raw_infos = []
         for _ in range(n_tensors):
             name = cur.string()
-            ne = [cur.unpack("<Q") for _ in range(cur.unpack("<I"))]
+            n_dims = cur.unpack("<I")
+            if n_dims > _MAX_DIMS:
+                raise UserError(f"{self.path}: tensor {name} has {n_dims} dimensions (allowed:"
+                                f" at most {_MAX_DIMS})")
+            ne = [cur.unpack("<Q") for _ in range(n_dims)]
             raw_infos.append((name, ne, cur.unpack("<I"), cur.unpack("<Q")))
-        align = int(self.metadata.get("general.alignment", _DEFAULT_ALIGNMENT))
+        align = self.metadata.get("general.alignment", _DEFAULT_ALIGNMENT)
+        if type(align) is not int or align < 1 or align & (align - 1):
+            raise UserError(f"{self.path}: GGUF metadata general.alignment: {align!r} is not"
+                            " allowed (a power of two, e.g. 32)")
         data_start = -(-cur.pos // align) * align
         self.tensors: dict[str, GGUFTensorInfo] = {}
         for name, ne, ggml_type, rel in raw_infos:
+            if name in self.tensors:
+                raise UserError(f"{self.path}: tensor {name} appears twice in the tensor"
+                                " directory")
+            self._check_type(name, ne, ggml_type)
             info = GGUFTensorInfo(name, tuple(reversed(ne)), ggml_type, data_start + rel,
                                   _tensor_nbytes(ne, ggml_type))
             if info.offset + info.nbytes > file_size:
@@ -122,10 +141,38 @@ class GGUFFile:
                                 " (truncated download?)")
             self.tensors[name] = info
 
+    def _check_type(self, name: str, ne: list[int], ggml_type: int) -> None:
+        """The type id is a ggml type the installed ``gguf`` knows, and the row length (``ne[0]``)
+        a whole number of its blocks."""
+        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        try:
+            qtype = GGMLQuantizationType(ggml_type)
+        except ValueError:
+            qtype = None
+        if qtype not in GGML_QUANT_SIZES:
+            raise UserError(f"{self.path}: tensor {name} has ggml type id {ggml_type}, not a"
+                            f" known GGML quantization type (known ids:"
+                            f" {_id_ranges(int(t) for t in GGML_QUANT_SIZES)})")
+        block = GGML_QUANT_SIZES[qtype][0]
+        if ne and ne[0] % block:
+            raise UserError(f"{self.path}: tensor {name} has rows of {ne[0]} values, not a"
+                            f" multiple of the {qtype.name} block size {block}")
+
+    def check_readable(self, name: str) -> None:
+        """UserError unless the installed ``gguf`` can dequantize tensor ``name``'s type."""
+        info = self.tensors[name]
+        if not _dequantizable(info.ggml_type):
+            supported = ", ".join(t.name for t in _known_types() if _dequantizable(int(t)))
+            raise UserError(f"{self.path}: tensor {name} is stored as {info.type_name}, which"
+                            f" the installed gguf package cannot dequantize (supported:"
+                            f" {supported})")
+
     def read(self, name: str) -> np.ndarray:
         """Dequantize one tensor to a float32 array of HF shape. Cost: one pass over its bytes."""
         from gguf.quants import dequantize
 
+        self.check_readable(name)
         info = self.tensors[name]
         with open(self.path, "rb") as fh:
             raw = np.frombuffer(os.pread(fh.fileno(), info.nbytes, info.offset), dtype=np.uint8)
@@ -135,7 +182,39 @@ class GGUFFile:
 
 
 def _tensor_nbytes(ne: list[int], ggml_type: int) -> int:
+    """Bytes of a tensor of a validated type (Python integers: no overflow on bad headers)."""
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
     block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
-    return int(np.prod(ne)) // block * type_size
+    return math.prod(ne) // block * type_size
+
+
+def _known_types():
+    from gguf.constants import GGML_QUANT_SIZES
+
+    return sorted(GGML_QUANT_SIZES, key=int)
+
+
+@functools.cache
+def _dequantizable(ggml_type: int) -> bool:
+    """Whether ``gguf.quants.dequantize`` handles the type (tried on one block of zeros)."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    qtype = GGMLQuantizationType(ggml_type)
+    try:
+        dequantize(np.zeros((1, GGML_QUANT_SIZES[qtype][1]), dtype=np.uint8), qtype)
+    except NotImplementedError:
+        return False
+    return True
+
+
+def _id_ranges(ids) -> str:
+    """``0-3, 6-30, 34`` from integers."""
+    ids, runs = sorted(ids), []
+    for i in ids:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)

@@ -7,12 +7,11 @@ login node and read offline on compute nodes.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
-from .safetensors_file import INDEX_NAME, SINGLE_NAME
+from .safetensors_file import INDEX_NAME, SINGLE_NAME, shard_names
 
 
 def is_hub_id(source: str) -> bool:
@@ -25,6 +24,10 @@ def offline() -> bool:
     from huggingface_hub import constants
 
     return bool(constants.HF_HUB_OFFLINE)
+
+
+_NOT_CACHED = ("the local Hugging Face cache (HF_HOME) and HF_HUB_OFFLINE is set; download it"
+               " first (`snakemake download` on a machine with internet)")
 
 
 @dataclass(frozen=True)
@@ -50,8 +53,7 @@ def cache_state(repo_id: str) -> HubState | None:
     snapshot = config.parent
     index = snapshot / INDEX_NAME
     if index.exists():
-        shards = set(json.loads(index.read_text())["weight_map"].values())
-        complete = all((snapshot / s).exists() for s in shards)
+        complete = all((snapshot / s).exists() for s in shard_names(index))
     else:
         complete = (snapshot / SINGLE_NAME).exists()
     return HubState(snapshot, complete)
@@ -59,40 +61,55 @@ def cache_state(repo_id: str) -> HubState | None:
 
 def resolve(repo_id: str) -> HubState:
     """Cached state of ``repo_id``; when it is not cached and we are online, fetch its
-    config.json (a few kB) so the run can be planned. Offline and uncached: one-line error."""
+    config.json (a few kB) so the run can be planned. Offline, a model not in the cache or
+    without all its weights there (nothing could download them) is a one-line error."""
     state = cache_state(repo_id)
-    if state is not None:
+    if state is not None and (state.complete or not offline()):
         return state
     if offline():
-        raise UserError(f"source '{repo_id}' is a hub id that is not in the local Hugging Face"
-                        " cache (HF_HOME) and HF_HUB_OFFLINE is set; download it first (`snakemake"
-                        " download` on a machine with internet)")
+        what = ("is a hub id that is not in" if state is None else
+                f"has its config.json but not all its safetensors weights in {state.snapshot} of")
+        raise UserError(f"source '{repo_id}' {what} {_NOT_CACHED}")
     from huggingface_hub import hf_hub_download
 
     try:
         config = Path(hf_hub_download(repo_id, "config.json"))
     except Exception as err:  # network, auth, unknown repo: all end the same way for the user
-        raise UserError(f"source '{repo_id}': cannot fetch config.json from the Hugging Face hub"
-                        f" ({err.__class__.__name__}); check the id, your network, or set"
-                        " HF_HUB_OFFLINE=1 and use a cached model") from None
+        raise _cannot_fetch(repo_id, "config.json", err) from None
     return HubState(config.parent, False)
+
+
+def _cannot_fetch(repo_id: str, name: str, err: Exception) -> UserError:
+    """One line for any huggingface_hub failure: offline, that ``name`` is not cached; online,
+    the error's class and first sentence (their messages span several lines)."""
+    if offline():
+        return UserError(f"source '{repo_id}': {name} is not in {_NOT_CACHED}")
+    first = str(err).strip().split("\n")[0].split(". ")[0].rstrip(".")
+    return UserError(f"source '{repo_id}': cannot fetch {name} from the Hugging Face hub"
+                     f" ({err.__class__.__name__}: {first:.200}); check the id, your network"
+                     " and token, or set HF_HUB_OFFLINE=1 and use a cached model")
 
 
 def download(repo_id: str) -> list[Path]:
     """Fetch config.json and the safetensors weights of ``repo_id`` into the cache (no-op for
-    files already there); returns the local files. Offline, only the cache is used."""
+    files already there); returns the local files. Offline, only the cache is used. A file
+    that cannot be fetched (network, auth, unknown repo, not cached offline) is a one-line
+    UserError."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
     local = offline()
 
-    def fetch(name: str) -> Path:
-        return Path(hf_hub_download(repo_id, name, local_files_only=local))
+    def fetch(name: str, optional: bool = False) -> Path | None:
+        try:
+            return Path(hf_hub_download(repo_id, name, local_files_only=local))
+        except Exception as err:
+            if optional and isinstance(err, EntryNotFoundError):
+                return None
+            raise _cannot_fetch(repo_id, name, err) from None
 
     files = [fetch("config.json")]
-    try:
-        index = fetch(INDEX_NAME)
-    except EntryNotFoundError:
+    index = fetch(INDEX_NAME, optional=True)
+    if index is None:
         return [*files, fetch(SINGLE_NAME)]
-    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    return [*files, index, *(fetch(s) for s in shards)]
+    return [*files, index, *(fetch(s) for s in shard_names(index))]

@@ -77,21 +77,66 @@ class TensorEntry:
     end: int = 0
 
 
+def _show(value) -> str:
+    """``value`` as JSON, cut to 80 characters (for an error message)."""
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _parse_json_object(raw: bytes, path: Path, what: str) -> dict:
+    """``raw`` (``what`` of ``path``: the file, or a part of it) parsed as a JSON object; a
+    one-line UserError naming ``path`` when it is not JSON, or JSON but not an object."""
+    try:
+        value = json.loads(raw)
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise UserError(f"{path}: {what} is not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: {what} is {_show(value)}, not a JSON object ({{...}})")
+    return value
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file holding an object (config.json, an index); one-line UserError otherwise,
+    also when it cannot be read (a directory, no permission)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise UserError(f"{path}: cannot be read ({err.strerror})") from None
+    return _parse_json_object(raw, path, "the file")
+
+
+def _is_sizes(value, length: int | None = None) -> bool:
+    """A JSON list of integers >= 0 (of ``length`` items when given)."""
+    return (isinstance(value, list) and length in (None, len(value))
+            and all(type(v) is int and v >= 0 for v in value))
+
+
 def read_header(path: Path) -> dict[str, TensorEntry]:
-    """Parse one safetensors header. Raises UserError on a truncated or corrupt file."""
+    """Parse one safetensors header: 8-byte length, then a JSON object mapping each tensor name
+    to its dtype, shape and data_offsets [start, end] (bytes after the header). Raises a
+    one-line UserError on an unreadable, truncated or corrupt file."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as fh:
+            if size < 8:
+                raise UserError(f"{path}: file is {size} bytes, shorter than the 8-byte header"
+                                " length (truncated, or not a safetensors file)")
             (n,) = struct.unpack("<Q", fh.read(8))
             if n > size - 8:
                 raise UserError(f"{path}: truncated safetensors file (header says {n} bytes)")
-            header = json.loads(fh.read(n))
-    except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: corrupt safetensors header ({err.__class__.__name__})") from err
+            header = _parse_json_object(fh.read(n), path, "the safetensors header")
+    except OSError as err:
+        raise UserError(f"{path}: cannot be read ({err.strerror})") from None
     entries = {}
     for name, meta in header.items():
         if name == "__metadata__":
             continue
+        if not (isinstance(meta, dict) and isinstance(meta.get("dtype"), str)
+                and _is_sizes(meta.get("shape")) and _is_sizes(meta.get("data_offsets"), 2)
+                and meta["data_offsets"][0] <= meta["data_offsets"][1]):
+            raise UserError(f"{path}: corrupt safetensors header: tensor {name} is"
+                            f" {_show(meta)} (allowed: {{\"dtype\": ..., \"shape\": [...],"
+                            f" \"data_offsets\": [start, end]}})")
         start, end = meta["data_offsets"]
         if 8 + n + end > size:
             raise UserError(f"{path}: tensor {name} extends past the end of the file (truncated?)")
@@ -100,13 +145,26 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
     return entries
 
 
+def shard_names(index: Path) -> list[str]:
+    """The shard files named by a sharded checkpoint's index (its ``weight_map`` values),
+    sorted; one-line UserError when the index is not a JSON object with a ``weight_map``
+    object of file names."""
+    content = read_json_object(index)
+    weight_map = content.get("weight_map")
+    if not (isinstance(weight_map, dict) and weight_map
+            and all(isinstance(f, str) and f for f in weight_map.values())):
+        shown = _show(weight_map) if "weight_map" in content else "missing"
+        raise UserError(f"{index}: weight_map is {shown} (allowed: an object mapping tensor"
+                        " names to shard file names)")
+    return sorted(set(weight_map.values()))
+
+
 def directory_entries(directory: Path) -> dict[str, TensorEntry]:
     """All tensors of a HF checkpoint directory, single-file or sharded."""
     index = directory / INDEX_NAME
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
         entries: dict[str, TensorEntry] = {}
-        for shard in sorted(set(weight_map.values())):
+        for shard in shard_names(index):
             shard_path = directory / shard
             if not shard_path.exists():
                 raise UserError(f"{index}: shard {shard} is missing")

@@ -1,0 +1,204 @@
+"""Malformed Hugging Face files (config.json, safetensors headers, the shard index) and hub
+caches without the weights: one-line UserErrors naming the file and the value, never a
+traceback; offline, a hub id whose weights are not cached stops the dry run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import TINY_LLAMA, error_line, run_snakemake
+
+from weight_geometry import hub
+from weight_geometry.architectures import dims_from_hf_config
+from weight_geometry.checkpoint import open_checkpoint
+from weight_geometry.errors import UserError
+
+CONFIG = {**TINY_LLAMA, "model_type": "llama"}
+DROP = object()  # a config key to remove
+REPO_ID = "org/tiny"
+COMMIT = "a" * 40
+
+
+def _config_text(**changes) -> str:
+    config = {**CONFIG, **changes}
+    return json.dumps({k: v for k, v in config.items() if v is not DROP})
+
+
+def _assert_one_line(err: UserError, path: Path, *fragments: str) -> None:
+    msg = str(err)
+    assert "\n" not in msg, msg
+    for part in (str(path), *fragments):
+        assert part in msg, f"{part!r} not in {msg!r}"
+
+
+@pytest.mark.parametrize(("text", "fragments"), [
+    ("{not json", ["not valid JSON"]),
+    ("[1, 2]", ["[1, 2]", "not a JSON object"]),
+    ('"abc"', ['"abc"', "not a JSON object"]),
+    (_config_text(hidden_size="abc"), ["hidden_size: 'abc' is not allowed", "integer >= 1"]),
+    (_config_text(hidden_size=None), ["hidden_size: None is not allowed"]),
+    (_config_text(num_attention_heads=0, head_dim=DROP), ["num_attention_heads: 0"]),
+    (_config_text(num_hidden_layers=2.5), ["num_hidden_layers: 2.5", "integer >= 1"]),
+    (_config_text(num_hidden_layers=True), ["num_hidden_layers: True"]),
+    (_config_text(num_key_value_heads=0), ["num_key_value_heads: 0"]),
+    (_config_text(intermediate_size=DROP), ["no intermediate_size"]),
+    (_config_text(model_type=DROP), ["no model_type", "supported:", "llama"]),
+    (_config_text(model_type="mamba"), ["'mamba' is not supported", "llama"]),
+])
+def test_bad_config_json(tmp_path, text, fragments):
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(UserError) as info:
+        open_checkpoint(str(tmp_path))
+    _assert_one_line(info.value, tmp_path / "config.json", *fragments)
+
+
+def test_optional_dims_may_be_null():
+    """head_dim, num_key_value_heads (and GPT-2's n_inner) null: the defaults, as HF has it."""
+    dims = dims_from_hf_config({**CONFIG, "head_dim": None, "num_key_value_heads": None})
+    assert (dims.n_heads, dims.n_kv_heads, dims.d_head) == (4, 4, 16)
+    gpt2 = dims_from_hf_config({"model_type": "gpt2", "n_embd": 32, "n_head": 4, "n_layer": 2,
+                                "n_inner": None})
+    assert (gpt2.d_ff, gpt2.d_head) == (128, 8)
+
+
+def _header(obj) -> bytes:
+    raw = json.dumps(obj).encode()
+    return len(raw).to_bytes(8, "little") + raw
+
+
+@pytest.mark.parametrize(("content", "fragments"), [
+    (b"", ["file is 0 bytes, shorter than the 8-byte header length"]),
+    (b"abcd", ["file is 4 bytes, shorter than the 8-byte header length"]),
+    ((5).to_bytes(8, "little") + b"{nope", ["safetensors header is not valid JSON"]),
+    (_header([1, 2]), ["safetensors header is [1, 2], not a JSON object"]),
+    (_header({"x": {"dtype": "F32", "shape": [1]}}),
+     ["tensor x is", '"shape": [1]', "data_offsets"]),
+    (_header({"x": 5}), ["tensor x is 5", "data_offsets"]),
+    (_header({"x": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}}) + bytes(4),
+     ['"data_offsets": [4, 0]']),
+    (_header({"x": {"dtype": "F32", "shape": "ab", "data_offsets": [0, 4]}}) + bytes(4),
+     ['"shape": "ab"']),
+    (None, ["cannot be read (Is a directory)"]),  # model.safetensors is a directory
+])
+def test_bad_safetensors_file(tmp_path, content, fragments):
+    (tmp_path / "config.json").write_text(_config_text())
+    weights = tmp_path / "model.safetensors"
+    if content is None:
+        weights.mkdir()
+    else:
+        weights.write_bytes(content)
+    with pytest.raises(UserError) as info:
+        open_checkpoint(str(tmp_path))
+    _assert_one_line(info.value, weights, *fragments)
+
+
+BAD_INDEXES = [
+    ("{nope", ["not valid JSON"]),
+    ("[]", ["the file is [], not a JSON object"]),
+    ("{}", ["weight_map is missing", "shard file names"]),
+    ('{"weight_map": []}', ["weight_map is []"]),
+    ('{"weight_map": {"x": 3}}', ['weight_map is {"x": 3}']),
+    (None, ["cannot be read (Is a directory)"]),  # the index is a directory
+]
+
+
+def _write_index(directory: Path, text: str | None) -> Path:
+    index = directory / "model.safetensors.index.json"
+    if text is None:
+        index.mkdir(parents=True)
+    else:
+        index.parent.mkdir(parents=True, exist_ok=True)
+        index.write_text(text)
+    return index
+
+
+@pytest.mark.parametrize(("text", "fragments"), BAD_INDEXES)
+def test_bad_index(tmp_path, text, fragments):
+    (tmp_path / "config.json").write_text(_config_text())
+    index = _write_index(tmp_path, text)
+    with pytest.raises(UserError) as info:
+        open_checkpoint(str(tmp_path))
+    _assert_one_line(info.value, index, *fragments)
+
+
+def _hub_cache(hf_home: Path) -> Path:
+    """An HF cache (``HF_HOME``) holding config.json of REPO_ID (refs/main -> COMMIT) and no
+    weights; returns the snapshot directory."""
+    repo = hf_home / "hub" / f"models--{REPO_ID.replace('/', '--')}"
+    snapshot = repo / "snapshots" / COMMIT
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    (snapshot / "config.json").write_text(_config_text())
+    return snapshot
+
+
+def _use_hub_cache(hf_home: Path, monkeypatch, offline: bool) -> Path:
+    """:func:`_hub_cache`, used by huggingface_hub in this process (online or not)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hf_home / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+    return _hub_cache(hf_home)
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_offline_cache_without_weights(tmp_path, monkeypatch, sharded):
+    """Offline, config.json cached without (all) the weights: planning stops, and so would the
+    download job."""
+    snapshot = _use_hub_cache(tmp_path, monkeypatch, offline=True)
+    if sharded:
+        _write_index(snapshot, json.dumps({"weight_map": {"x": "model-00001.safetensors"}}))
+    with pytest.raises(UserError) as info:
+        hub.resolve(REPO_ID)
+    _assert_one_line(info.value, snapshot, f"'{REPO_ID}'", "not all its safetensors weights",
+                     "HF_HUB_OFFLINE is set", "snakemake download")
+    with pytest.raises(UserError) as info:
+        hub.download(REPO_ID)
+    missing = "model-00001.safetensors" if sharded else "model.safetensors"
+    _assert_one_line(info.value, Path(REPO_ID), f"{missing} is not in the local Hugging Face"
+                     " cache", "HF_HUB_OFFLINE is set")
+
+
+@pytest.mark.parametrize(("text", "fragments"), BAD_INDEXES)
+def test_bad_index_in_hub_cache(tmp_path, monkeypatch, text, fragments):
+    snapshot = _use_hub_cache(tmp_path, monkeypatch, offline=False)
+    index = _write_index(snapshot, text)
+    with pytest.raises(UserError) as info:
+        hub.cache_state(REPO_ID)
+    _assert_one_line(info.value, index, *fragments)
+
+
+def test_download_hub_error_is_one_line(tmp_path, monkeypatch):
+    """Online, any huggingface_hub error (here: the network is down) is one line naming the
+    repo, the file and the error's first sentence, not its multi-line text."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    _use_hub_cache(tmp_path, monkeypatch, offline=False)
+
+    def unreachable(repo_id, filename, **kwargs):
+        raise LocalEntryNotFoundError("An error happened while trying to locate the file on"
+                                      " the Hub. Please check your connection.\nMore lines.")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
+    with pytest.raises(UserError) as info:
+        hub.download(REPO_ID)
+    _assert_one_line(info.value, Path(REPO_ID), "cannot fetch config.json",
+                     "(LocalEntryNotFoundError: An error happened while trying to locate the"
+                     " file on the Hub)")
+
+
+@pytest.mark.workflow
+def test_dry_run_offline_hub_id_without_weights(tmp_path):
+    """The dry run used to succeed here and the download job to fail with pages of
+    huggingface_hub tracebacks; now planning stops with the one line."""
+    _hub_cache(tmp_path / "hf")
+    config = {"models": {"tiny": {"source": REPO_ID}}, "device": "cpu", "top_k": 4}
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    line = error_line(run_snakemake(tmp_path / "run", "-n", config=config, env=env))
+    for part in ["models.tiny.source", f"'{REPO_ID}'", "not all its safetensors weights",
+                 "HF_HUB_OFFLINE is set"]:
+        assert part in line, line
