@@ -1,11 +1,11 @@
 """The workflow through the shipped profiles/slurm on a real single-node SLURM.
 
-Only the profile's partition placeholder is replaced, and the first status check is moved from
-the profile's 20 s to 5 s on the command line: the plugin's polling is most of a run's time
-(after a check that finds no job finished it waits 10 s longer each time). Asserts that jobs
-went through sbatch (accounted by slurmdbd), that the GPU rule was given the node's GPU GRES,
-that the outputs equal a local run's, and that a job failing under SLURM ends Snakemake
-non-zero with the rule's log.
+Only the profile's partition placeholder is replaced. Asserts that jobs went through sbatch
+(accounted by slurmdbd), that the GPU rule was given the node's GPU GRES, that the outputs equal
+a local run's, that a job failing under SLURM ends Snakemake non-zero with the rule's log, and
+that the harness (local_slurm.py) stops the daemons it started. Most of a run's time is the
+plugin's polling (the profile's first status check after 20 s, then 10 s longer each time no
+job finished).
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from weight_geometry.results_io import BASES_FILES  # noqa: E402
 pytestmark = [pytest.mark.slurm, pytest.mark.workflow]
 
 TIMEOUT_S = 240
-INIT_SECONDS = 5
 SUBMITTED = re.compile(r"has been submitted with SLURM jobid (\d+)")
 
 
@@ -61,9 +60,7 @@ def run_on_slurm(cluster: LocalSlurm, workdir: Path, config: dict):
     profile = shipped_profile(cluster, workdir.parent / f"{workdir.name}-profile")
     cmd = ["timeout", "-k", "10", str(TIMEOUT_S), sys.executable, "-m", "snakemake",
            "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--profile", str(profile),
-           "--configfile", str(workdir / "config.yaml"),
-           # The jobs here last seconds: poll sacct first after 5 s instead of the profile's 20.
-           "--slurm-init-seconds-before-status-checks", str(INIT_SECONDS)]
+           "--configfile", str(workdir / "config.yaml")]
     start = time.monotonic()
     proc = subprocess.run(cmd, cwd=workdir, env=cluster.subprocess_env(), capture_output=True,
                           text=True, timeout=TIMEOUT_S + 30)
@@ -126,3 +123,39 @@ def test_failing_job_on_slurm_exits_with_its_log(cluster, tmp_path):
     assert "contains NaN or Inf" in out, out[-6000:]
     assert not list((tmp_path / "slurm").glob("results/bad/bases/*/*.npy"))
     print(f"failing SLURM run: {elapsed:.0f} s")
+
+
+def test_cluster_is_stopped_cleanly(tmp_path: Path) -> None:
+    """A second, short-lived cluster (next to the module's one) leaves nothing running."""
+    workdir = tmp_path / "c"
+    try:
+        with LocalSlurm(workdir) as c:
+            pids = c.pids
+            assert sorted(pids) == ["mariadbd", "munged", "slurmctld", "slurmd", "slurmdbd"]
+            assert c.run(["sinfo", "-h", "-o", "%T"]).stdout.strip() == "idle"
+    except SlurmUnavailable as exc:
+        pytest.skip(f"local SLURM unavailable: {exc.reason}")
+    assert c.pids == {}
+    alive = {name: pid for name, pid in pids.items() if _running(pid)}
+    assert not alive, alive
+    mentioning = [pid for pid, cmd in _cmdlines().items() if str(workdir) in cmd]
+    assert not mentioning, mentioning
+
+
+def _running(pid: int) -> bool:
+    """True if ``pid`` exists and is not a zombie."""
+    try:
+        return not Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].startswith("Z")
+    except (OSError, IndexError):
+        return False
+
+
+def _cmdlines() -> dict[int, str]:
+    out = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                out[int(proc.name)] = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+    return out
