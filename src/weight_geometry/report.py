@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .crossref import layer_correlations
+from .crossref import PAIRS, layer_correlations
 from .ksweep import GAP_THRESHOLD, RATIO_LABELS, ill_defined
 from .nulls import similarity_z
 from .results_io import Analysis
@@ -332,12 +332,12 @@ def _crossref(a: Analysis):
     yield markdown_table(pd.DataFrame(rows, columns=[
         "Pair", "Pearson r", "Permutation p (r)", "Spearman rho", "Permutation p (rho)",
         "N"])) + "\n"
-    kept = [(label[0].lower() + label[1:], c)
-            for label, c in layer_correlations(a.layers, keep_bottleneck=True)
-            if "bottleneck" in label.lower()]
+    kept = [f"r = {c.pearson:.4f} (N = {c.n}) for {label[0].lower() + label[1:]}"
+            for (x, y, _), (label, c) in zip(
+                PAIRS, layer_correlations(a.layers, keep_bottleneck=True), strict=True)
+            if "bottleneck_similarity" in (x, y)]
     yield ("With the bottleneck layer kept, as the notebook computes them: "
-           + " and ".join(f"r = {c.pearson:.4f} for {label}" for label, c in kept)
-           + f" (N = {kept[0][1].n}).\n")
+           + " and ".join(kept) + ".\n")
 
 
 def _findings(a: Analysis):
