@@ -202,3 +202,27 @@ def test_dry_run_offline_hub_id_without_weights(tmp_path):
     for part in ["models.tiny.source", f"'{REPO_ID}'", "not all its safetensors weights",
                  "HF_HUB_OFFLINE is set"]:
         assert part in line, line
+
+
+@pytest.mark.workflow
+@pytest.mark.parametrize("dtype", ["int8", "int64"])
+def test_dry_run_stops_at_an_undecodable_dtype(tmp_path, tiny_checkpoint, dtype):
+    """An integer-typed projection (e.g. a quantized checkpoint's packed weights) used to pass
+    planning and stop the extraction job; now the dry run names the tensor and the dtypes read."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    tensors = load_file(ckpt / "model.safetensors")
+    name = "model.layers.2.self_attn.q_proj.weight"
+    tensors[name] = tensors[name].to(getattr(torch, dtype))
+    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+    config = {"models": {"tiny": {"source": str(ckpt)}}, "device": "cpu", "top_k": 4}
+    line = error_line(run_snakemake(tmp_path / "run", "-n", config=config))
+    code = {"int8": "I8", "int64": "I64"}[dtype]
+    for part in [str(ckpt / "model.safetensors"), f"tensor {name} has dtype {code}",
+                 "readable: F64, F32, F16, BF16"]:
+        assert part in line, line

@@ -103,7 +103,8 @@ class Checkpoint:
         return self.adapter.weight_types
 
     def validate(self, fold_norms: bool = False) -> None:
-        """Check that every needed tensor exists with the shape the config implies."""
+        """Check that every needed tensor exists with the shape the config implies and a
+        readable type (headers only)."""
         for layer in range(self.dims.n_layers):
             for wt, spec in self.adapter.weights.items():
                 self._check(self.adapter.tensor_name(wt, layer), spec.raw_shape(self.dims, wt),
@@ -115,11 +116,14 @@ class Checkpoint:
                                 f"{role} norm of layer {layer}")
 
     def _check(self, name: str, expected: tuple[int, ...], what: str) -> None:
+        """The tensor exists, has the expected shape and a type the reader decodes (a bad
+        file fails at planning, not in the middle of a run)."""
         if name not in self._shapes:
             raise UserError(f"{self.path}: checkpoint has no tensor {name} ({what})")
         if tuple(self._shapes[name]) != tuple(expected):
             raise UserError(f"{self._files[name]}: tensor {name} has shape"
                             f" {tuple(self._shapes[name])}, config implies {tuple(expected)}")
+        self._reader.check_readable(name)
 
     def _read(self, name: str) -> np.ndarray:
         """One stored tensor, float32; NaN/Inf is a UserError (checked by its min and max:
@@ -226,10 +230,6 @@ def _open_gguf(source: str, path: Path) -> Checkpoint:
         dims = dims_from_gguf_metadata(gguf.metadata, arch)
     except UserError as err:
         raise UserError(f"{path}: {err}") from None
-    for layer in range(dims.n_layers):  # a type gguf cannot dequantize fails now, not mid-run
-        for wt in adapter.weight_types:
-            if adapter.tensor_name(wt, layer) in gguf.tensors:
-                gguf.check_readable(adapter.tensor_name(wt, layer))
     qtypes = sorted({gguf.tensors[adapter.tensor_name(wt, 0)].type_name
                      for wt in adapter.weight_types
                      if adapter.tensor_name(wt, 0) in gguf.tensors})

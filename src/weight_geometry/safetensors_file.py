@@ -184,22 +184,30 @@ class SafetensorsReader:
     def __init__(self, entries: dict[str, TensorEntry]):
         self.entries = entries
 
+    def check_readable(self, name: str) -> None:
+        """UserError unless tensor ``name`` has a dtype this reader decodes (floating point:
+        :data:`DTYPE_NAMES` less float8) and a byte range that fits its shape. Header only."""
+        entry = self.entries[name]
+        if entry.dtype not in _DECODE:
+            raise UserError(f"{entry.file}: tensor {name} has dtype {entry.dtype}; readable:"
+                            f" {', '.join(_DECODE)}")
+        itemsize = np.dtype(_DECODE[entry.dtype][0]).itemsize
+        size = int(np.prod(entry.shape, dtype=np.int64)) * itemsize
+        if entry.end - entry.start != size:
+            raise UserError(f"{entry.file}: tensor {name} has {entry.end - entry.start} bytes,"
+                            f" not {size} for shape {list(entry.shape)} {entry.dtype}"
+                            " (corrupt header)")
+
     def read(self, name: str) -> np.ndarray:
         """One tensor as float32 numpy, shape as on disk. Cost: one read of its bytes (one
         ``preadv`` for float32, one per ``READ_CHUNK`` otherwise) and, for other dtypes than
         float32, one decoding pass; memory: the output plus, for other dtypes, one chunk of at
         most ``READ_CHUNK`` bytes. Thread-safe."""
+        self.check_readable(name)
         entry = self.entries[name]
-        if entry.dtype not in _DECODE:
-            raise UserError(f"{entry.file}: tensor {name} has dtype {entry.dtype}; readable:"
-                            f" {', '.join(_DECODE)}")
         stored, decode = _DECODE[entry.dtype]
         out = np.empty(entry.shape, dtype=np.float32)
         itemsize = np.dtype(stored).itemsize
-        if entry.end - entry.start != out.size * itemsize:
-            raise UserError(f"{entry.file}: tensor {name} has {entry.end - entry.start} bytes,"
-                            f" not {out.size * itemsize} for shape {list(entry.shape)}"
-                            f" {entry.dtype} (corrupt header)")
         fd = os.open(entry.file, os.O_RDONLY)
         try:
             if decode is None:
