@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 
@@ -115,6 +117,23 @@ def test_missing_and_unreadable_files(tmp_path):
     (tmp_path / "header.csv").write_text("layer_idx,weight_type,shape,eff_rank\n")
     with pytest.raises(UserError, match=r"the CSV has 0 layers \(none\), the model has L = 3"):
         read_user_ranks(tmp_path / "header.csv", DIMS, GATED)
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda line: line + ",9", "line 2 has 5 fields, the header has 4"),      # every row
+    (lambda line: line.rsplit(",", 1)[0], "line 2 has 3 fields, the header has 4"),
+])
+def test_ragged_rows_are_refused_before_pandas_shifts_them(tmp_path, edit, message):
+    """pandas reads rows one field longer than the header with their first field as the index,
+    so every value moved one column left and the message named the wrong column."""
+    path = _write(tmp_path, _workflow_table(DIMS))
+    header, *rows = Path(path).read_text().splitlines()
+    Path(path).write_text("\n".join([header, *map(edit, rows)]) + "\n")
+    with pytest.raises(UserError) as info:
+        read_user_ranks(path, DIMS, GATED)
+    assert str(info.value) == (f"user ranks {path}: {message} (layer_idx, weight_type, shape,"
+                               " eff_rank); every line needs one value per column (a comma"
+                               " inside a value must be quoted)")
 
 
 def test_csv_of_another_model_is_refused(tmp_path):

@@ -10,6 +10,7 @@ allowed.
 
 from __future__ import annotations
 
+import csv
 import re
 from pathlib import Path
 
@@ -47,12 +48,29 @@ def _line(index: int) -> str:
     return f"line {index + 2}"
 
 
+def _require_rectangular(path: Path) -> None:
+    """Every non-blank line has as many fields as the header. Otherwise pandas would take the
+    first column of rows one field longer for their index and shift every value one column
+    to the left (or fill a short row with empty values)."""
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        lines = csv.reader(fh)
+        header = next(lines, None)
+        for row in lines:
+            if row and len(row) != len(header):
+                raise UserError(f"user ranks {path}: line {lines.line_num} has {len(row)}"
+                                f" fields, the header has {len(header)}"
+                                f" ({', '.join(header)}); every line needs one value per"
+                                " column (a comma inside a value must be quoted)")
+
+
 def _read(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise UserError(f"user ranks {path}: file not found")
     try:
+        _require_rectangular(path)
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+    except (OSError, UnicodeDecodeError, csv.Error, pd.errors.ParserError,
+            pd.errors.EmptyDataError) as e:
         raise UserError(f"user ranks {path}: not a readable CSV ({e})".replace("\n", " ")) from e
     missing = [c for c in COLUMNS if c not in table.columns]
     if missing:
