@@ -175,9 +175,11 @@ def test_download_hub_error_is_one_line(tmp_path, monkeypatch):
     """Online, any huggingface_hub error (here: the network is down) is one line naming the
     repo, the file and the error's first sentence, not its multi-line text."""
     import huggingface_hub
+    from huggingface_hub import constants
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     _use_hub_cache(tmp_path, monkeypatch, offline=False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # resolves, refuses
 
     def unreachable(repo_id, filename, **kwargs):
         raise LocalEntryNotFoundError("An error happened while trying to locate the file on"
@@ -189,6 +191,52 @@ def test_download_hub_error_is_one_line(tmp_path, monkeypatch):
     _assert_one_line(info.value, Path(REPO_ID), "cannot fetch config.json",
                      "(LocalEntryNotFoundError: An error happened while trying to locate the"
                      " file on the Hub)")
+
+
+NO_PROXY_ENV = {f"{name}_proxy": "" for name in ("http", "https", "all")}
+NO_PROXY_ENV |= {key.upper(): "" for key in NO_PROXY_ENV}
+
+
+@pytest.mark.parametrize("fetch", [hub.resolve, hub.download])
+def test_unresolvable_hub_host_fails_at_once(tmp_path, monkeypatch, fetch):
+    """No DNS for the hub's host: one line naming it, without calling huggingface_hub (whose
+    five retries printed "Retrying in ..." for about 25 s first)."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    for key, value in NO_PROXY_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")  # RFC 6761: never resolves
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", pytest.fail)
+    with pytest.raises(UserError) as info:
+        fetch(REPO_ID)
+    _assert_one_line(info.value, Path(REPO_ID), "cannot fetch config.json",
+                     "the hub's host hub.invalid does not resolve", "HF_HUB_OFFLINE=1")
+
+
+def test_behind_a_proxy_the_host_is_not_resolved_here(monkeypatch):
+    """A proxy resolves the hub's host itself: no local lookup, huggingface_hub is called."""
+    import socket
+
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")
+    monkeypatch.setattr(socket, "getaddrinfo", pytest.fail)
+    hub.require_resolvable_endpoint(REPO_ID, "config.json")
+
+
+@pytest.mark.workflow
+def test_dry_run_with_unresolvable_hub_stops_without_retries(tmp_path):
+    config = {"models": {"tiny": {"source": REPO_ID}}, "device": "cpu", "top_k": 4}
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0",
+           "HF_ENDPOINT": "https://hub.invalid", **NO_PROXY_ENV}
+    proc = run_snakemake(tmp_path / "run", "-n", config=config, env=env)
+    line = error_line(proc)
+    assert "the hub's host hub.invalid does not resolve" in line, line
+    assert "Retrying" not in proc.stdout + proc.stderr
 
 
 @pytest.mark.workflow

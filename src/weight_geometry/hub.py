@@ -7,6 +7,7 @@ login node and read offline on compute nodes.
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,11 +73,34 @@ def resolve(repo_id: str) -> HubState:
         raise UserError(f"source '{repo_id}' {what} {_NOT_CACHED}")
     from huggingface_hub import hf_hub_download
 
+    require_resolvable_endpoint(repo_id, "config.json")
     try:
         config = Path(hf_hub_download(repo_id, "config.json"))
     except Exception as err:  # network, auth, unknown repo: all end the same way for the user
         raise _cannot_fetch(repo_id, "config.json", err) from None
     return HubState(config.parent, False)
+
+
+def require_resolvable_endpoint(repo_id: str, name: str) -> None:
+    """A one-line UserError at once when the hub's host (``HF_ENDPOINT``) has no address (no
+    network or no DNS), instead of after huggingface_hub's five retries: about 25 s of
+    "Retrying in ..." lines. Skipped when a proxy is configured (the proxy resolves the host,
+    the machine itself may not). Cost: one DNS lookup."""
+    from urllib.parse import urlsplit
+    from urllib.request import getproxies
+
+    from huggingface_hub import constants
+
+    host = urlsplit(constants.ENDPOINT).hostname
+    proxies = getproxies()
+    if host is None or "https" in proxies or "all" in proxies:
+        return
+    try:
+        socket.getaddrinfo(host, None)
+    except (socket.gaierror, UnicodeError) as err:
+        raise UserError(f"source '{repo_id}': cannot fetch {name}: the hub's host {host} does"
+                        f" not resolve ({err}); check your network (or HF_ENDPOINT), or set"
+                        " HF_HUB_OFFLINE=1 and use a cached model") from None
 
 
 def _cannot_fetch(repo_id: str, name: str, err: Exception) -> UserError:
@@ -99,6 +123,8 @@ def download(repo_id: str) -> list[Path]:
     from huggingface_hub.errors import EntryNotFoundError
 
     local = offline()
+    if not local:
+        require_resolvable_endpoint(repo_id, "config.json")
 
     def fetch(name: str, optional: bool = False) -> Path | None:
         try:
