@@ -20,6 +20,7 @@ import importlib.metadata
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -82,6 +83,16 @@ def _gguf_in_distribution(name: str) -> Path:
     return Path(files[0])
 
 
+class TensorReader(Protocol):
+    """A format's reader (:class:`GGUFFile`, :class:`SafetensorsReader`), by tensor name."""
+
+    def check_readable(self, name: str) -> None:
+        """UserError unless ``name``'s stored type can be decoded (headers only)."""
+
+    def read(self, name: str) -> np.ndarray:
+        """The tensor as float32 in HF ``(out, in)`` orientation."""
+
+
 @dataclass
 class Checkpoint:
     """A checkpoint opened lazily: dimensions, tensor directory and a one-layer reader."""
@@ -95,7 +106,7 @@ class Checkpoint:
     storage_dtype: str
     _shapes: dict[str, tuple[int, ...]] = field(repr=False)
     _files: dict[str, Path] = field(repr=False)
-    _reader: object = field(repr=False)
+    _reader: TensorReader = field(repr=False)
     _unpermute_qk: bool = False
 
     @property
