@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import DEVICES
 
 from weight_geometry.checkpoint import open_checkpoint
 from weight_geometry.extraction import (
@@ -76,10 +77,11 @@ def test_checkpoint_dims_and_reads(tiny_llama):
         np.testing.assert_array_equal(got, w.astype(np.float32), err_msg=f"{wt} layer {layer}")
 
 
-def test_extract_layers_matches_naive_svd(tiny_llama):
+@pytest.mark.parametrize("device", DEVICES)
+def test_extract_layers_matches_naive_svd(tiny_llama, device):
     path, weights = tiny_llama
     ckpt = open_checkpoint(str(path))
-    res = extract_layers(ckpt, range(L), torch.device("cpu"))
+    res = extract_layers(ckpt, range(L), torch.device(device))
     assert res.vectors.shape == (L, H, D_HEAD, D)
     assert res.singular_values.shape == (L, H, D_HEAD)
     assert res.ffn_input_energy.shape == (L, H, D_HEAD)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import DEVICES
 
 from weight_geometry import kernels, ranks
 from weight_geometry.kernels import (
@@ -33,10 +34,11 @@ def _naive(w_q: np.ndarray, w_k: np.ndarray, h: int, n_kv: int, d_head: int):
     return out
 
 
-def _check_against_naive(w_q, w_k, h, n_kv, d_head, min_checked_fraction=0.5):
+def _check_against_naive(w_q, w_k, h, n_kv, d_head, min_checked_fraction=0.5, device="cpu"):
     d = w_q.shape[1]
-    v, s = head_subspaces(torch.from_numpy(w_q), torch.from_numpy(w_k), h, n_kv, d_head)
-    v, s = v.numpy(), s.numpy()
+    v, s = head_subspaces(torch.from_numpy(w_q).to(device), torch.from_numpy(w_k).to(device),
+                          h, n_kv, d_head)
+    v, s = v.cpu().numpy(), s.cpu().numpy()
     assert v.shape == (h, d_head, d), "V must be (h, d_head, d)"
     assert s.shape == (h, d_head), "S must be (h, d_head)"
     checked = 0
@@ -60,12 +62,13 @@ def _check_against_naive(w_q, w_k, h, n_kv, d_head, min_checked_fraction=0.5):
 
 @pytest.mark.parametrize("panel", [kernels.HEAD_GRAM_PANEL, 5])  # one panel; several
 @pytest.mark.parametrize("d,h,n_kv,d_head", SHAPES)
-def test_head_subspaces_match_full_svd(monkeypatch, d, h, n_kv, d_head, panel):
+@pytest.mark.parametrize("device", DEVICES)
+def test_head_subspaces_match_full_svd(monkeypatch, d, h, n_kv, d_head, panel, device):
     monkeypatch.setattr(kernels, "HEAD_GRAM_PANEL", panel)
     rng = np.random.default_rng(1000 + d + h + n_kv + d_head)
     w_q = rng.standard_normal((h * d_head, d))
     w_k = rng.standard_normal((n_kv * d_head, d))
-    _check_against_naive(w_q, w_k, h, n_kv, d_head)
+    _check_against_naive(w_q, w_k, h, n_kv, d_head, device=device)
 
 
 def _with_condition(rng, rows: int, cols: int, kappa: float) -> np.ndarray:
@@ -75,7 +78,8 @@ def _with_condition(rng, rows: int, cols: int, kappa: float) -> np.ndarray:
     return (u * np.logspace(0, -np.log10(kappa), rows)) @ v.T
 
 
-def test_rank_deficient_and_ill_conditioned_query_heads():
+@pytest.mark.parametrize("device", DEVICES)
+def test_rank_deficient_and_ill_conditioned_query_heads(device):
     """Head 0: a zero row and a duplicated row (singular Gram: Cholesky fails); head 1:
     cond 1e6 (Cholesky succeeds but would lose 1e-4); head 3: cond 1e3 (Cholesky kept).
     All must match the naive SVD, and the fallback must really be taken."""
@@ -89,7 +93,7 @@ def test_rank_deficient_and_ill_conditioned_query_heads():
     w_k = rng.standard_normal((n_kv * d_head, d))
     q_t = torch.from_numpy(w_q).reshape(h, d_head, d).transpose(1, 2)
     cholesky, info = torch.linalg.cholesky_ex(q_t.transpose(1, 2) @ q_t, upper=True)
-    r = query_r_factors(q_t)
+    r = query_r_factors(q_t.to(device)).cpu()
     r_householder = torch.linalg.qr(q_t, mode="r")[1]
     for i in range(h):                  # R equals Householder's up to the signs of its rows
         np.testing.assert_allclose(r[i].abs().numpy(), r_householder[i].abs().numpy(),
@@ -99,26 +103,28 @@ def test_rank_deficient_and_ill_conditioned_query_heads():
     assert info[0] != 0 or not kappa[0] <= GRAM_KAPPA_MAX, "head 0 must fall back"
     assert info[1] != 0 or not kappa[1] <= GRAM_KAPPA_MAX, "head 1 must fall back"
     assert info[3] == 0 and kappa[3] <= GRAM_KAPPA_MAX, "head 3 must keep Cholesky"
-    _check_against_naive(w_q, w_k, h, n_kv, d_head, min_checked_fraction=0.25)
+    _check_against_naive(w_q, w_k, h, n_kv, d_head, min_checked_fraction=0.25, device=device)
 
 
 @pytest.mark.parametrize("block", [256, 10])   # one block of G's rows; several, a partial last
-def test_energies_equal_diag_v_g_vt(monkeypatch, block):
+@pytest.mark.parametrize("device", DEVICES)
+def test_energies_equal_diag_v_g_vt(monkeypatch, block, device):
     """Per-KV-head energies equal the direct diag(V G V^T) with the d x d Gram, and read only
     its upper triangle."""
     monkeypatch.setattr(kernels, "ENERGY_BLOCK", block)
     d, h, n_kv, d_head, d_ff = 48, 6, 2, 8, 70
     rng = np.random.default_rng(5)
-    w_q = torch.from_numpy(rng.standard_normal((h * d_head, d)))
-    w_k = torch.from_numpy(rng.standard_normal((n_kv * d_head, d)))
+    w_q = torch.from_numpy(rng.standard_normal((h * d_head, d))).to(device)
+    w_k = torch.from_numpy(rng.standard_normal((n_kv * d_head, d))).to(device)
     w_in = rng.standard_normal((d_ff, d)) * np.linspace(0.1, 3.0, d)   # anisotropic columns
-    g = torch.from_numpy(w_in.T @ w_in)
+    g = torch.from_numpy(w_in.T @ w_in).to(device)
     f = factored_subspaces(w_q, w_k, h, n_kv, d_head)
-    v = f.vectors().numpy()
+    v = f.vectors().cpu().numpy()
     direct = np.einsum("hrd,hrd->hr", v @ w_in.T, v @ w_in.T)     # ||W_in v||^2
-    np.testing.assert_allclose(f.energies(g).numpy(), direct, rtol=1e-10)
-    upper_only = torch.triu(g) + torch.tril(torch.from_numpy(rng.standard_normal((d, d))), -1)
-    np.testing.assert_allclose(f.energies(upper_only).numpy(), direct, rtol=1e-10)
+    np.testing.assert_allclose(f.energies(g).cpu().numpy(), direct, rtol=1e-10)
+    lower = torch.tril(torch.from_numpy(rng.standard_normal((d, d))), -1).to(device)
+    upper_only = torch.triu(g) + lower
+    np.testing.assert_allclose(f.energies(upper_only).cpu().numpy(), direct, rtol=1e-10)
     assert f.singular_values.shape == (h, d_head)
 
 
@@ -151,7 +157,8 @@ def test_float32_input_stays_float32_and_close():
         np.testing.assert_allclose(s32[i].numpy(), ref[i][0][:d_head], rtol=1e-4)
 
 
-def test_core_svd_gram_route_and_svd_fallback(monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_core_svd_gram_route_and_svd_fallback(monkeypatch, device):
     """Cores of cond 1, 1e3 (eigh of the Gram), 1e6 and a singular one (LAPACK's SVD, only
     those two): singular values and vectors equal numpy's SVD, the fallback's at a precision
     the squared condition could not give."""
@@ -168,7 +175,7 @@ def test_core_svd_gram_route_and_svd_fallback(monkeypatch):
         return torch_svd(x, *args, **kwargs)
 
     monkeypatch.setattr(torch.linalg, "svd", recording_svd)
-    s, vc_t = kernels.core_svd(torch.from_numpy(core))
+    s, vc_t = (t.cpu() for t in kernels.core_svd(torch.from_numpy(core).to(device)))
     assert svd_batches == [2], "only the two ill-conditioned cores take the SVD"
     for b in range(len(core)):
         _, s_ref, vt_ref = np.linalg.svd(core[b])
@@ -221,7 +228,8 @@ def test_float32_vectors_from_float64_factors():
                                atol=8 * eps32)
 
 
-def test_thin_qr_matches_householder_and_falls_back():
+@pytest.mark.parametrize("device", DEVICES)
+def test_thin_qr_matches_householder_and_falls_back(device):
     """CholeskyQR2 (kappa 1, 1e3) and the Householder fallback (rank-deficient, kappa 1e6):
     Q orthonormal to 1e-13, Q R = X, and Q, R equal Householder's up to column/row signs."""
     rng = np.random.default_rng(21)
@@ -229,7 +237,7 @@ def test_thin_qr_matches_householder_and_falls_back():
     x = np.stack([rng.standard_normal((n, m)), _with_condition(rng, m, n, 1e3).T,
                   _with_condition(rng, m, n, 1e6).T, rng.standard_normal((n, m))])
     x[3, :, 5] = x[3, :, 2]                              # rank-deficient: Cholesky fails
-    q, r = thin_qr(torch.from_numpy(x))
+    q, r = (t.cpu() for t in thin_qr(torch.from_numpy(x).to(device)))
     q_h, r_h = torch.linalg.qr(torch.from_numpy(x))
     for b in range(len(x)):
         np.testing.assert_allclose(q[b].T @ q[b], np.eye(m), atol=1e-13)
@@ -239,6 +247,6 @@ def test_thin_qr_matches_householder_and_falls_back():
             np.testing.assert_allclose(q[b] * signs, q_h[b], atol=1e-9)
             np.testing.assert_allclose(r[b] * signs[:, None], r_h[b],
                                        atol=1e-12 * float(r_h[b].abs().max()))
-    q32, r32 = thin_qr(torch.from_numpy(x[:2]).float())
+    q32, r32 = (t.cpu() for t in thin_qr(torch.from_numpy(x[:2]).float().to(device)))
     assert q32.dtype == torch.float32 and r32.dtype == torch.float32
     np.testing.assert_allclose(q32[0].T @ q32[0], np.eye(m), atol=1e-6)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import DEVICES
 
 from weight_geometry import ranks
 from weight_geometry.checkpoint import resolve_source
@@ -34,10 +35,10 @@ def _reference_eff_rank(w: np.ndarray) -> float:
     return float(np.exp(-np.sum(p * np.log(p))))
 
 
-def _lib_eff_rank(w: np.ndarray, side: str | None = None):
-    """(r_eff, singular values, dtype of the route taken) from the library."""
+def _lib_eff_rank(w: np.ndarray, side: str | None = None, device: str = "cpu"):
+    """(r_eff, singular values, dtype of the route taken) from the library on ``device``."""
     side = side or smaller_side(w.shape)
-    sigma, g = weight_spectrum(torch.from_numpy(w), side)
+    sigma, g = weight_spectrum(torch.from_numpy(w).to(device), side)
     return effective_rank_from_singular_values(sigma, w.shape), sigma, g.dtype
 
 
@@ -61,9 +62,10 @@ def _matrices():
 
 
 @pytest.mark.parametrize("name", list(_matrices()))
-def test_effective_rank_matches_numpy_svd(name):
+@pytest.mark.parametrize("device", DEVICES)
+def test_effective_rank_matches_numpy_svd(name, device):
     w = _matrices()[name]
-    value, sigma, dtype = _lib_eff_rank(w)
+    value, sigma, dtype = _lib_eff_rank(w, device=device)
     if name.startswith(("rank_deficient", "square_decay")):
         # Zero (or below-noise) singular values: float32 noise would count; float64 needed.
         assert dtype == torch.float64, name
@@ -82,11 +84,12 @@ def _realistic(rng, rows: int, cols: int, rank: int = 32) -> np.ndarray:
 
 
 @pytest.mark.parametrize("shape", [(1536, 576), (576, 1536), (1024, 768), (2816, 512)])
-def test_float32_route_on_realistic_shapes(shape):
+@pytest.mark.parametrize("device", DEVICES)
+def test_float32_route_on_realistic_shapes(shape, device):
     """Full-rank weights of real shapes stay on the float32 route, within 1e-4 of numpy's
     float64 SVD, and the error bound that admits them really bounds the error (10x margin)."""
     w = _realistic(np.random.default_rng(shape[0] + shape[1]), *shape)
-    value, sigma, dtype = _lib_eff_rank(w)
+    value, sigma, dtype = _lib_eff_rank(w, device=device)
     assert dtype == torch.float32, "a full-rank weight should not need float64"
     reference = _reference_eff_rank(w)
     error = abs(value - reference) / reference
@@ -94,7 +97,8 @@ def test_float32_route_on_realistic_shapes(shape):
     assert rank_error_bound(sigma, shape) >= 10 * error
 
 
-def test_rank_deficient_square_falls_back_to_float64():
+@pytest.mark.parametrize("device", DEVICES)
+def test_rank_deficient_square_falls_back_to_float64(device):
     """A rank-896 1024 x 1024 weight: float32 noise would put 128 values above the zero
     threshold and move r_eff by more than 1e-4; the library must detect that."""
     rng = np.random.default_rng(8)
@@ -104,7 +108,7 @@ def test_rank_deficient_square_falls_back_to_float64():
     reference = _reference_eff_rank(w)
     assert abs(effective_rank_from_singular_values(sigma32, w.shape) - reference) > \
         1e-4 * reference, "float32 alone must be off here, or this test proves nothing"
-    value, _, dtype = _lib_eff_rank(w)
+    value, _, dtype = _lib_eff_rank(w, device=device)
     assert dtype == torch.float64
     assert value == pytest.approx(reference, rel=RTOL[torch.float64])
 

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import NEEDS_CUDA, assert_ok, run_snakemake
 
 from weight_geometry.figure_names import FIGURES
 from weight_geometry.results_io import Analysis
@@ -193,8 +194,6 @@ def test_report_sections_and_figures(tiny_run):
 
 def test_layers_per_job_splits_extraction_with_identical_results(tmp_path, tiny_run,
                                                                   tiny_checkpoint):
-    from conftest import assert_ok, run_snakemake
-
     assert_ok(run_snakemake(tmp_path, config={
         "models": {"tiny": {"source": str(tiny_checkpoint)}}, "top_k": 4, "heads": "all",
         "primary_head": 1, "bottleneck": 2, "device": "cpu", "layers_per_job": 3}))
@@ -271,3 +270,29 @@ def test_ksweep_matches_per_k_outputs(tiny_run):
         align = pd.read_parquet(kdir / "alignment.parquet")["alignment"].mean()
         assert row["alignment_mean"] == pytest.approx(align, rel=1e-6)
         assert row["off_diagonal_mean_ratio"] == pytest.approx(off / (k / 64), rel=1e-6)
+
+
+@NEEDS_CUDA
+def test_device_cuda_gives_the_cpu_runs_numbers(tmp_path, tiny_run, tiny_checkpoint):
+    """``device: cuda``: the extraction job runs on the GPU (cuBLAS, cuSOLVER) and every
+    output agrees with the CPU run's: the same top-k subspaces (singular vectors up to their
+    signs), singular values, energies, similarity matrices, effective ranks and layer tables,
+    within the float32 precision they are stored and computed in."""
+    assert_ok(run_snakemake(tmp_path, config={
+        "models": {"tiny": {"source": str(tiny_checkpoint)}}, "top_k": 4, "heads": "all",
+        "primary_head": 1, "bottleneck": 2, "device": "cuda"}))
+    r, ref = tmp_path / "results/tiny", tiny_run / "results/tiny"
+    bases = "bases/layers000-003"
+    for name in ("singular_values", "ffn_input_energy", "ffn_input_norm2"):
+        np.testing.assert_allclose(np.load(r / f"{bases}/{name}.npy"),
+                                   np.load(ref / f"{bases}/{name}.npy"), rtol=1e-5, err_msg=name)
+    gpu, cpu = (np.load(p / f"{bases}/vectors.npy")[..., :4, :].astype(np.float64)
+                for p in (r, ref))
+    overlap = np.square(gpu @ np.swapaxes(cpu, -1, -2)).sum(axis=(-1, -2))  # k for equal spans
+    np.testing.assert_allclose(overlap, 4.0, rtol=1e-5)
+    for head in HEADS:
+        np.testing.assert_allclose(np.load(r / f"k4/similarity_head{head}.npy"),
+                                   np.load(ref / f"k4/similarity_head{head}.npy"), atol=1e-5)
+    for name in ["effective_ranks.csv", "k4/layers.csv"]:
+        pd.testing.assert_frame_equal(pd.read_csv(r / name), pd.read_csv(ref / name),
+                                      check_exact=False, rtol=1e-4, atol=1e-6)
