@@ -4,6 +4,7 @@ formulas computed here from transformers' own modules (naive d x d SVD, d x d pr
 from __future__ import annotations
 
 import json
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -190,6 +191,24 @@ def test_report_sections_and_figures(tiny_run):
     assert "Bottleneck layer 2: set in the config" in text
     # 2 layers before the bottleneck: a trend from 2 points is undefined, never r = +-1.
     assert "undefined (n=2 < 3)" in text
+    # z-scores at their precision (one decimal, signed), not padded to 4 decimals by tabulate.
+    for heading, column in (("### Per-layer similarity", "z vs isotropic null"),
+                            ("### Per-layer alignment", "z")):
+        z = _table_column(text, heading, column)
+        assert len(z) == 4 and all(re.fullmatch(r"[+-]\d+\.\d", v) for v in z), (heading, z)
+
+
+def _table_column(text: str, heading: str, column: str) -> list[str]:
+    """The cells of ``column`` in the first markdown table after ``heading``."""
+    lines = text[text.index(heading):].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    header, body = rows[0], rows[2:]
+    return [row[header.index(column)] for row in body]
 
 
 def test_layers_per_job_splits_extraction_with_identical_results(tmp_path, tiny_run,

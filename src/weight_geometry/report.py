@@ -26,14 +26,20 @@ from .statistics import (
 
 #: Ill-defined (layer, head) pairs listed by name in the report (the smallest gaps).
 MAX_LISTED = 20
+#: z-scores in tables: one decimal and a sign (their precision; 4 decimals would suggest more).
+Z_FORMAT = "+.1f"
 #: Values of k shown in the report's k-sweep table (all k are in ksweep.csv).
 KSWEEP_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
-def markdown_table(df: pd.DataFrame, floatfmt=".4f", index=False) -> str:
-    """``df`` as a markdown table, floats as ``floatfmt``, integer columns unformatted."""
+def markdown_table(df: pd.DataFrame, floatfmt=".4f", index=False,
+                   formats: dict[str, str] | None = None) -> str:
+    """``df`` as a markdown table, floats as ``floatfmt`` or, by column name, as ``formats``
+    (e.g. ``{"z": "+.1f"}``), integer columns unformatted."""
     ints = df.select_dtypes("integer").columns  # keep integers unformatted in mixed tables
-    return df.astype(dict.fromkeys(ints, object)).to_markdown(index=index, floatfmt=floatfmt)
+    columns = ([df.index.name] if index else []) + list(df.columns)
+    per_column = [(formats or {}).get(c, floatfmt) for c in columns]
+    return df.astype(dict.fromkeys(ints, object)).to_markdown(index=index, floatfmt=per_column)
 
 
 def _metric_table(rows: list[tuple[str, object]]) -> str:
@@ -215,8 +221,9 @@ def _bottleneck(a: Analysis):
     yield "### Per-layer similarity to the bottleneck\n"
     yield markdown_table(pd.DataFrame({
         "Layer": a.layers["layer"], "Similarity": to_ref,
-        "z vs isotropic null": [f"{z:+.1f}" for z in similarity_z(to_ref, k, d)],
-        "Note": ["← bottleneck" if i == b else "" for i in range(len(to_ref))]})) + "\n"
+        "z vs isotropic null": similarity_z(to_ref, k, d),
+        "Note": ["← bottleneck" if i == b else "" for i in range(len(to_ref))]}),
+        formats={"z vs isotropic null": Z_FORMAT}) + "\n"
 
 
 def _alignment(a: Analysis):
@@ -255,8 +262,8 @@ def _alignment(a: Analysis):
         "Layer": layers["layer"], "Alignment": align,
         "vs chance": [f"{r:.2f}x" for r in align / chance],
         "Null std": layers["alignment_null_std"],
-        "z": [f"{z:+.1f}" for z in layers["alignment_z"]],
-        "Normalized": layers["alignment_normalized"]})) + "\n"
+        "z": layers["alignment_z"],
+        "Normalized": layers["alignment_normalized"]}), formats={"z": Z_FORMAT}) + "\n"
 
 
 def _multihead(a: Analysis):
