@@ -196,6 +196,9 @@ def test_report_sections_and_figures(tiny_run):
                             ("### Per-layer alignment", "z")):
         z = _table_column(text, heading, column)
         assert len(z) == 4 and all(re.fullmatch(r"[+-]\d+\.\d", v) for v in z), (heading, z)
+    # The last layer has no next layer: its adjacent similarity is n/a, never "nan".
+    assert _table_column(text, "## Cross-reference", "Adj sim")[-1] == "n/a"
+    assert not re.search(r"\bnan\b", text, re.IGNORECASE)
 
 
 def _table_column(text: str, heading: str, column: str) -> list[str]:

@@ -35,11 +35,12 @@ KSWEEP_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 def markdown_table(df: pd.DataFrame, floatfmt=".4f", index=False,
                    formats: dict[str, str] | None = None) -> str:
     """``df`` as a markdown table, floats as ``floatfmt`` or, by column name, as ``formats``
-    (e.g. ``{"z": "+.1f"}``), integer columns unformatted."""
-    ints = df.select_dtypes("integer").columns  # keep integers unformatted in mixed tables
+    (e.g. ``{"z": "+.1f"}``), integers unformatted, missing values (NaN: e.g. the last layer's
+    similarity to a next layer) as ``n/a``."""
     columns = ([df.index.name] if index else []) + list(df.columns)
     per_column = [(formats or {}).get(c, floatfmt) for c in columns]
-    return df.astype(dict.fromkeys(ints, object)).to_markdown(index=index, floatfmt=per_column)
+    cells = df.astype(object).where(df.notna(), None)  # per-value types: ints stay unformatted
+    return cells.to_markdown(index=index, floatfmt=per_column, missingval="n/a")
 
 
 def _metric_table(rows: list[tuple[str, object]]) -> str:
