@@ -197,35 +197,92 @@ NO_PROXY_ENV = {f"{name}_proxy": "" for name in ("http", "https", "all")}
 NO_PROXY_ENV |= {key.upper(): "" for key in NO_PROXY_ENV}
 
 
-@pytest.mark.parametrize("fetch", [hub.resolve, hub.download])
-def test_unresolvable_hub_host_fails_at_once(tmp_path, monkeypatch, fetch):
-    """No DNS for the hub's host: one line naming it, without calling huggingface_hub (whose
-    five retries printed "Retrying in ..." for about 25 s first)."""
-    import huggingface_hub
-    from huggingface_hub import constants
-
-    for key, value in NO_PROXY_ENV.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")  # RFC 6761: never resolves
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", pytest.fail)
-    with pytest.raises(UserError) as info:
-        fetch(REPO_ID)
-    _assert_one_line(info.value, Path(REPO_ID), "cannot fetch config.json",
-                     "the hub's host hub.invalid does not resolve", "HF_HUB_OFFLINE=1")
-
-
-def test_behind_a_proxy_the_host_is_not_resolved_here(monkeypatch):
-    """A proxy resolves the hub's host itself: no local lookup, huggingface_hub is called."""
+def _no_dns(monkeypatch, tmp_path, endpoint: str = "https://hub.example") -> None:
+    """Online (HF_HUB_OFFLINE unset), no proxy, the cache in ``tmp_path/hf``, and no address
+    for any host (a ``getaddrinfo`` that fails as a machine without DNS does)."""
     import socket
 
     from huggingface_hub import constants
 
-    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
-    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")
-    monkeypatch.setattr(socket, "getaddrinfo", pytest.fail)
-    hub.require_resolvable_endpoint(REPO_ID, "config.json")
+    def no_address(host, *args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    for key, value in NO_PROXY_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(socket, "getaddrinfo", no_address)
+
+
+@pytest.mark.parametrize("fetch", [hub.resolve, hub.download])
+def test_unresolvable_hub_host_fails_at_once(tmp_path, monkeypatch, fetch):
+    """No DNS for the hub's host, nothing cached: one line naming the host, without calling
+    huggingface_hub (whose five retries printed "Retrying in ..." for about 25 s first)."""
+    import huggingface_hub
+
+    _no_dns(monkeypatch, tmp_path)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", pytest.fail)
+    with pytest.raises(UserError) as info:
+        fetch(REPO_ID)
+    _assert_one_line(info.value, Path(REPO_ID), "cannot fetch config.json",
+                     "the hub's host hub.example does not resolve", "HF_HUB_OFFLINE=1")
+
+
+def test_unresolvable_hub_host_with_weights_missing_from_the_cache(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    _no_dns(monkeypatch, tmp_path)
+    _hub_cache(tmp_path / "hf")                  # config.json, no weights
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", pytest.fail)
+    assert not hub.resolve(REPO_ID).complete    # planning needs only the cached config.json
+    with pytest.raises(UserError) as info:
+        hub.download(REPO_ID)
+    _assert_one_line(info.value, Path(REPO_ID), "cannot fetch its safetensors weights",
+                     "does not resolve")
+
+
+def test_unresolvable_hub_host_with_everything_cached_uses_the_cache(tmp_path, monkeypatch):
+    """A compute node with a filled HF_HOME, no DNS and HF_HUB_OFFLINE unset: the download
+    rule reads the cache without asking the hub (as HF_HUB_OFFLINE=1 would), no error."""
+    import huggingface_hub
+
+    _no_dns(monkeypatch, tmp_path)
+    snapshot = _hub_cache(tmp_path / "hf")
+    (snapshot / "model.safetensors").write_bytes(b"")
+    calls = []
+
+    def from_cache(repo_id, filename, local_files_only=False, **kwargs):
+        calls.append((filename, local_files_only))
+        if filename == "model.safetensors.index.json":
+            from huggingface_hub.errors import EntryNotFoundError
+            raise EntryNotFoundError("not in this repo")
+        return str(snapshot / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", from_cache)
+    files = hub.download(REPO_ID)
+    assert [f.name for f in files] == ["config.json", "model.safetensors"]
+    assert calls and all(local for _, local in calls), calls
+
+
+@pytest.mark.parametrize(("endpoint", "proxy", "no_proxy", "looked_up"), [
+    ("https://hub.example", "HTTPS_PROXY", "", False),
+    ("http://mirror.example", "HTTP_PROXY", "", False),    # the endpoint's own scheme counts
+    ("https://hub.example", "ALL_PROXY", "", False),
+    ("http://mirror.example", "HTTPS_PROXY", "", True),    # a proxy for another scheme
+    ("https://hub.example", "HTTPS_PROXY", "hub.example", True),  # bypassed by no_proxy
+])
+def test_a_proxy_that_serves_the_endpoint_skips_the_lookup(tmp_path, monkeypatch, endpoint,
+                                                           proxy, no_proxy, looked_up):
+    """A proxy resolves the hub's host itself, so without local DNS the check must not refuse
+    it; where the proxy is not used for the endpoint, the host is looked up here."""
+    _no_dns(monkeypatch, tmp_path, endpoint)
+    for key in (proxy, proxy.lower()):  # urllib lets an empty lower-case one cancel it
+        monkeypatch.setenv(key, "http://proxy.example:3128")
+    for key in ("NO_PROXY", "no_proxy"):
+        monkeypatch.setenv(key, no_proxy)
+    reason = hub.unresolvable_endpoint()
+    assert (reason is not None) == looked_up, reason
 
 
 @pytest.mark.workflow

@@ -73,7 +73,8 @@ def resolve(repo_id: str) -> HubState:
         raise UserError(f"source '{repo_id}' {what} {_NOT_CACHED}")
     from huggingface_hub import hf_hub_download
 
-    require_resolvable_endpoint(repo_id, "config.json")
+    if (reason := unresolvable_endpoint()) is not None:
+        raise _unreachable(repo_id, "config.json", reason)
     try:
         config = Path(hf_hub_download(repo_id, "config.json"))
     except Exception as err:  # network, auth, unknown repo: all end the same way for the user
@@ -81,26 +82,31 @@ def resolve(repo_id: str) -> HubState:
     return HubState(config.parent, False)
 
 
-def require_resolvable_endpoint(repo_id: str, name: str) -> None:
-    """A one-line UserError at once when the hub's host (``HF_ENDPOINT``) has no address (no
-    network or no DNS), instead of after huggingface_hub's five retries: about 25 s of
-    "Retrying in ..." lines. Skipped when a proxy is configured (the proxy resolves the host,
-    the machine itself may not). Cost: one DNS lookup."""
+def unresolvable_endpoint() -> str | None:
+    """Why the hub cannot be reached, when its host (``HF_ENDPOINT``) has no address here (no
+    network or no DNS) and no proxy resolves it for us; None when it resolves or a proxy
+    serves it (the endpoint's scheme or ``all`` in ``getproxies()``, the host not in
+    ``no_proxy``). Lets a caller fail at once instead of after huggingface_hub's five retries
+    (about 25 s of "Retrying in ..." lines). Cost: one DNS lookup."""
     from urllib.parse import urlsplit
-    from urllib.request import getproxies
+    from urllib.request import getproxies, proxy_bypass
 
     from huggingface_hub import constants
 
-    host = urlsplit(constants.ENDPOINT).hostname
-    proxies = getproxies()
-    if host is None or "https" in proxies or "all" in proxies:
-        return
+    url = urlsplit(constants.ENDPOINT)
+    host, proxies = url.hostname, getproxies()
+    if host is None or ((url.scheme in proxies or "all" in proxies) and not proxy_bypass(host)):
+        return None
     try:
         socket.getaddrinfo(host, None)
     except (socket.gaierror, UnicodeError) as err:
-        raise UserError(f"source '{repo_id}': cannot fetch {name}: the hub's host {host} does"
-                        f" not resolve ({err}); check your network (or HF_ENDPOINT), or set"
-                        " HF_HUB_OFFLINE=1 and use a cached model") from None
+        return f"the hub's host {host} does not resolve ({err})"
+    return None
+
+
+def _unreachable(repo_id: str, what: str, reason: str) -> UserError:
+    return UserError(f"source '{repo_id}': cannot fetch {what}: {reason}; check your network (or"
+                     " HF_ENDPOINT), or set HF_HUB_OFFLINE=1 and use a cached model")
 
 
 def _cannot_fetch(repo_id: str, name: str, err: Exception) -> UserError:
@@ -116,15 +122,19 @@ def _cannot_fetch(repo_id: str, name: str, err: Exception) -> UserError:
 
 def download(repo_id: str) -> list[Path]:
     """Fetch config.json and the safetensors weights of ``repo_id`` into the cache (no-op for
-    files already there); returns the local files. Offline, only the cache is used. A file
-    that cannot be fetched (network, auth, unknown repo, not cached offline) is a one-line
-    UserError."""
+    files already there); returns the local files. Offline, or online when the hub's host does
+    not resolve but every file is cached, only the cache is used. A file that cannot be
+    fetched (network, auth, unknown repo, not cached offline) is a one-line UserError."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
     local = offline()
-    if not local:
-        require_resolvable_endpoint(repo_id, "config.json")
+    if not local and (reason := unresolvable_endpoint()) is not None:
+        state = cache_state(repo_id)
+        if state is None or not state.complete:
+            raise _unreachable(repo_id, "config.json" if state is None else
+                               "its safetensors weights", reason)
+        local = True  # everything is cached and nothing can be checked against the hub
 
     def fetch(name: str, optional: bool = False) -> Path | None:
         try:
