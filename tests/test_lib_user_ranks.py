@@ -136,6 +136,14 @@ def test_ragged_rows_are_refused_before_pandas_shifts_them(tmp_path, edit, messa
                                " inside a value must be quoted)")
 
 
+def test_blank_and_space_only_lines_are_skipped_as_pandas_does(tmp_path):
+    expected = _workflow_table(DIMS)
+    path = _write(tmp_path, expected)
+    header, *rows = Path(path).read_text().splitlines()
+    Path(path).write_text("\n".join([header, rows[0], "", "   ", *rows[1:], "  "]) + "\n")
+    pd.testing.assert_frame_equal(read_user_ranks(path, DIMS, GATED), expected)
+
+
 def test_csv_of_another_model_is_refused(tmp_path):
     deeper = ModelDims(n_layers=5, d_model=64, d_ff=96, n_heads=4, n_kv_heads=2, d_head=24)
     with pytest.raises(UserError, match=r"the CSV has 5 layers \(0\.\.4\), the model has L = 3"

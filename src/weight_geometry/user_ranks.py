@@ -49,14 +49,15 @@ def _line(index: int) -> str:
 
 
 def _require_rectangular(path: Path) -> None:
-    """Every non-blank line has as many fields as the header. Otherwise pandas would take the
-    first column of rows one field longer for their index and shift every value one column
-    to the left (or fill a short row with empty values)."""
+    """Every line that is not blank (or spaces only, which pandas skips) has as many fields
+    as the header. Otherwise pandas would take the first column of rows one field longer for
+    their index and shift every value one column to the left (or fill a short row with empty
+    values)."""
     with open(path, newline="", encoding="utf-8-sig") as fh:
         lines = csv.reader(fh)
         header = next(lines, None)
         for row in lines:
-            if row and len(row) != len(header):
+            if any(field.strip() for field in row) and len(row) != len(header):
                 raise UserError(f"user ranks {path}: line {lines.line_num} has {len(row)}"
                                 f" fields, the header has {len(header)}"
                                 f" ({', '.join(header)}); every line needs one value per"
