@@ -13,6 +13,7 @@ Stored bytes are little-endian, as the format specifies (and as the host is assu
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -192,7 +193,7 @@ class SafetensorsReader:
             raise UserError(f"{entry.file}: tensor {name} has dtype {entry.dtype}; readable:"
                             f" {', '.join(_DECODE)}")
         itemsize = np.dtype(_DECODE[entry.dtype][0]).itemsize
-        size = int(np.prod(entry.shape, dtype=np.int64)) * itemsize
+        size = math.prod(entry.shape) * itemsize
         if entry.end - entry.start != size:
             raise UserError(f"{entry.file}: tensor {name} has {entry.end - entry.start} bytes,"
                             f" not {size} for shape {list(entry.shape)} {entry.dtype}"
