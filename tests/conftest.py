@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,21 +20,14 @@ TINY_LLAMA = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=24, vocab_size=128)
 
 
-def cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 #: Where the library's numerical tests run: the CPU, and CUDA on a machine with a GPU (CI has
 #: none: those cases are skipped there; on a GPU node they check ``device: cuda``).
-NEEDS_CUDA = pytest.mark.skipif(not cuda_available(), reason="no CUDA device")
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 DEVICES = ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)]
 
 
 def make_llama_checkpoint(path: Path, seed: int = 0, **overrides) -> Path:
     """Save a randomly initialised Llama built by transformers to ``path``."""
-    import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(seed)
