@@ -101,14 +101,16 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return make_llama_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-llama")
 
 
+def tiny_run_config(checkpoint: Path, **changes) -> dict:
+    """The config of :func:`tiny_run`, with ``changes`` (a rerun that must give its numbers)."""
+    return {"models": {"tiny": {"source": str(checkpoint)}}, "top_k": [4, 10], "heads": "all",
+            "primary_head": 1, "bottleneck": 2, "device": "cpu", **changes}
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, tiny_checkpoint) -> Path:
     """One complete workflow run on the tiny checkpoint: two k values, all heads, primary 1."""
     workdir = tmp_path_factory.mktemp("run")
-    proc = run_snakemake(workdir, config={
-        "models": {"tiny": {"source": str(tiny_checkpoint)}},
-        "top_k": [4, 10], "heads": "all", "primary_head": 1, "bottleneck": 2,
-        "device": "cpu",
-    })
+    proc = run_snakemake(workdir, config=tiny_run_config(tiny_checkpoint))
     assert_ok(proc)
     return workdir

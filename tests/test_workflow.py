@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import NEEDS_CUDA, assert_ok, run_snakemake
+from conftest import NEEDS_CUDA, assert_ok, run_snakemake, tiny_run_config
 
 from weight_geometry.figure_names import FIGURES
 from weight_geometry.results_io import Analysis
@@ -216,9 +216,8 @@ def _table_column(text: str, heading: str, column: str) -> list[str]:
 
 def test_layers_per_job_splits_extraction_with_identical_results(tmp_path, tiny_run,
                                                                   tiny_checkpoint):
-    assert_ok(run_snakemake(tmp_path, config={
-        "models": {"tiny": {"source": str(tiny_checkpoint)}}, "top_k": 4, "heads": "all",
-        "primary_head": 1, "bottleneck": 2, "device": "cpu", "layers_per_job": 3}))
+    assert_ok(run_snakemake(tmp_path, config=tiny_run_config(tiny_checkpoint, top_k=4,
+                                                             layers_per_job=3)))
     r, ref = tmp_path / "results/tiny", tiny_run / "results/tiny"
     assert sorted(p.name for p in (r / "bases").iterdir()) == ["layers000-002", "layers003-003"]
     for name in ["effective_ranks.csv", "k4/layers.csv"]:
@@ -300,9 +299,8 @@ def test_device_cuda_gives_the_cpu_runs_numbers(tmp_path, tiny_run, tiny_checkpo
     output agrees with the CPU run's: the same top-k subspaces (singular vectors up to their
     signs), singular values, energies, similarity matrices, effective ranks and layer tables,
     within the float32 precision they are stored and computed in."""
-    assert_ok(run_snakemake(tmp_path, config={
-        "models": {"tiny": {"source": str(tiny_checkpoint)}}, "top_k": 4, "heads": "all",
-        "primary_head": 1, "bottleneck": 2, "device": "cuda"}))
+    assert_ok(run_snakemake(tmp_path, config=tiny_run_config(tiny_checkpoint, top_k=4,
+                                                             device="cuda")))
     r, ref = tmp_path / "results/tiny", tiny_run / "results/tiny"
     bases = "bases/layers000-003"
     for name in ("singular_values", "ffn_input_energy", "ffn_input_norm2"):
