@@ -20,6 +20,8 @@ pytestmark = pytest.mark.workflow
 
 KS = (4, 10)
 HEADS = (0, 1, 2, 3)
+#: Every (head, layer) of the tiny model (4 heads, 4 layers), sorted.
+ALL_HEAD_LAYERS = [(head, layer) for head in range(4) for layer in range(4)]
 
 
 @pytest.fixture(scope="module")
@@ -30,15 +32,20 @@ def modules(tiny_checkpoint):
     return model.model.layers, model.config
 
 
-def naive_basis(layer, config, head: int, k: int) -> np.ndarray:
-    """Top-k right singular vectors of the explicitly formed d x d kernel."""
+def naive_kernel(layer, config, head: int) -> np.ndarray:
+    """The d x d kernel W_Q_i^T W_K_j, formed explicitly in float64 (j as transformers'
+    ``repeat_kv`` pairs them: tests/test_architectures.py checks it)."""
     dh = config.head_dim
     group = config.num_attention_heads // config.num_key_value_heads
     wq = layer.self_attn.q_proj.weight.detach().double().numpy()[head * dh:(head + 1) * dh]
     kv = head // group
     wk = layer.self_attn.k_proj.weight.detach().double().numpy()[kv * dh:(kv + 1) * dh]
-    _, _, vt = np.linalg.svd(wq.T @ wk)
-    return vt[:k]
+    return wq.T @ wk
+
+
+def naive_basis(layer, config, head: int, k: int) -> np.ndarray:
+    """Top-k right singular vectors of the explicitly formed d x d kernel."""
+    return np.linalg.svd(naive_kernel(layer, config, head))[2][:k]
 
 
 def reference_eff_rank(w: np.ndarray) -> float:
@@ -112,6 +119,7 @@ def test_alignment_equals_projector_formula(tiny_run, modules, k):
     layers, config = modules
     table = pd.read_parquet(tiny_run / f"results/tiny/k{k}/alignment.parquet")
     assert {"head", "layer", "alignment", "chance"} <= set(table.columns)
+    assert sorted(table[["head", "layer"]].itertuples(index=False, name=None)) == ALL_HEAD_LAYERS
     assert table["alignment"].between(0, 1).all()
     assert np.allclose(table["chance"], k / 64)
     for row in table.itertuples():
@@ -123,7 +131,7 @@ def test_alignment_equals_projector_formula(tiny_run, modules, k):
 
 
 def test_effective_ranks_equal_numpy(tiny_run, modules):
-    layers, _ = modules
+    layers, config = modules
     csv = pd.read_csv(tiny_run / "results/tiny/effective_ranks.csv")
     assert list(csv.columns) == ["layer_idx", "weight_type", "shape", "eff_rank"]
     pq = pd.read_parquet(tiny_run / "results/tiny/effective_ranks.parquet")
@@ -139,7 +147,10 @@ def test_effective_ranks_equal_numpy(tiny_run, modules):
         assert row.shape == f"{w.shape[0]}x{w.shape[1]}"
         assert row.eff_rank == pytest.approx(reference_eff_rank(w), rel=1e-6)
     kernel = pd.read_parquet(tiny_run / "results/tiny/kernel_effective_ranks.parquet")
-    assert len(kernel) == 16 and kernel["kernel_eff_rank"].between(1, 24).all()
+    assert sorted(kernel[["head", "layer"]].itertuples(index=False, name=None)) == ALL_HEAD_LAYERS
+    for row in kernel.itertuples():
+        a = naive_kernel(layers[row.layer], config, row.head)
+        assert row.kernel_eff_rank == pytest.approx(reference_eff_rank(a), rel=1e-6)
 
 
 def test_bottleneck_and_layer_join(tiny_run):
@@ -267,6 +278,7 @@ def test_alignment_nulls_against_numpy(tiny_run, modules):
     layers, _ = modules
     k, d = 4, 64
     table = pd.read_parquet(tiny_run / f"results/tiny/k{k}/alignment.parquet")
+    assert sorted(table[["head", "layer"]].itertuples(index=False, name=None)) == ALL_HEAD_LAYERS
     for row in table.itertuples():
         gate = layers[row.layer].mlp.gate_proj.weight.detach().double().numpy()
         lam = np.linalg.svd(gate, compute_uv=False) ** 2
@@ -313,6 +325,6 @@ def test_device_cuda_gives_the_cpu_runs_numbers(tmp_path, tiny_run, tiny_checkpo
     for head in HEADS:
         np.testing.assert_allclose(np.load(r / f"k4/similarity_head{head}.npy"),
                                    np.load(ref / f"k4/similarity_head{head}.npy"), atol=1e-5)
-    for name in ["effective_ranks.csv", "k4/layers.csv"]:
+    for name in ["effective_ranks.csv", "k4/layers.csv"]:  # each within 1e-4 of the truth
         pd.testing.assert_frame_equal(pd.read_csv(r / name), pd.read_csv(ref / name),
-                                      check_exact=False, rtol=1e-4, atol=1e-6)
+                                      check_exact=False, rtol=2e-4, atol=1e-6)
