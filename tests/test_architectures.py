@@ -1,6 +1,7 @@
 """Every supported architecture, built by transformers' own config class: the adapter's weights
-reproduce what the transformers modules compute (q/k/v projections per head before RoPE, FFN
-input), norm folding matches the module's gains, and the whole workflow runs on each."""
+reproduce what the transformers modules compute (q/k/v projections before RoPE, FFN input);
+each head's kernel pairs it with the key head transformers' ``repeat_kv`` gives it; folded
+norms reproduce the normed stream of a forward pass; and the whole workflow runs on each."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import pytest
 import torch
 import transformers as T
 from conftest import assert_ok, run_snakemake
+from transformers.models.llama.modeling_llama import repeat_kv
 
 from weight_geometry.checkpoint import open_checkpoint
+from weight_geometry.kernels import head_subspaces
 
 COMMON = dict(hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
               vocab_size=64)
@@ -43,6 +46,14 @@ def build(arch: str, path):
     return model
 
 
+def decoder_layer(model, arch: str, layer: int) -> torch.nn.Module:
+    if arch == "gpt2":
+        return model.transformer.h[layer]
+    if arch == "gpt_neox":
+        return model.gpt_neox.layers[layer]
+    return model.model.layers[layer]
+
+
 def module_projections(model, arch: str, layer: int, x: torch.Tensor) -> dict[str, np.ndarray]:
     """Per-weight outputs ``x W^T`` as the transformers modules compute them, biases removed,
     split the way each attention's forward splits them (``(n, heads * d_head)``)."""
@@ -51,17 +62,15 @@ def module_projections(model, arch: str, layer: int, x: torch.Tensor) -> dict[st
         return out - module.bias if getattr(module, "bias", None) is not None else out
 
     cfg = model.config
+    blk = decoder_layer(model, arch, layer)
     if arch == "gpt2":
-        blk = model.transformer.h[layer]
         q, k, v = lin(blk.attn.c_attn).split(cfg.n_embd, dim=-1)
         return {"W_Q": q, "W_K": k, "W_V": v, "W_up": lin(blk.mlp.c_fc)}
     if arch == "gpt_neox":
-        blk = model.gpt_neox.layers[layer]
         h = cfg.num_attention_heads
         qkv = lin(blk.attention.query_key_value).view(len(x), h, -1)
         q, k, v = (t.reshape(len(x), -1) for t in qkv.chunk(3, dim=-1))
         return {"W_Q": q, "W_K": k, "W_V": v, "W_up": lin(blk.mlp.dense_h_to_4h)}
-    blk = model.model.layers[layer]
     if arch == "phi3":
         qkv = lin(blk.self_attn.qkv_proj)
         nq = cfg.num_attention_heads * blk.self_attn.head_dim
@@ -94,36 +103,97 @@ def test_adapter_reproduces_transformers_modules(tmp_path, arch):
         assert set(ours) == set(ckpt.weight_types)
         for wt, w in ours.items():
             assert w.shape == dims.weight_shape(wt), (arch, wt)
-    # Per-head rows: head i of W_Q and its KV head are the module's (.., heads, d_head) views.
-    q = x.numpy() @ ours["W_Q"].T
-    with torch.no_grad():
-        ref_q = module_projections(model, arch, 2, x)["W_Q"].view(7, dims.n_heads, dims.d_head)
-    np.testing.assert_allclose(q.reshape(7, dims.n_heads, dims.d_head), ref_q.numpy(), atol=1e-5)
     assert ckpt.adapter.ffn_input == ("W_up" if arch in ("gpt2", "gpt_neox") else "W_gate")
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "gemma", "gpt2"])
-def test_fold_norms_uses_module_gains(tmp_path, arch):
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_head_kernels_pair_heads_as_transformers_does(tmp_path, arch):
+    """Each head's subspaces and singular values are those of its kernel as transformers
+    computes it: the pre-RoPE scores ``q_i . k`` of basis inputs (``x = I``), where query head
+    i meets the key head that transformers' own ``repeat_kv`` gives it (GQA, MQA, MHA)."""
+    model = build(arch, tmp_path / arch)
+    ckpt = open_checkpoint(str(tmp_path / arch))
+    h, n_kv, dh, d = (ckpt.dims.n_heads, ckpt.dims.n_kv_heads, ckpt.dims.d_head,
+                      ckpt.dims.d_model)
+    with torch.no_grad():
+        proj = module_projections(model, arch, 1, torch.eye(d))
+    q = proj["W_Q"].view(d, h, dh).transpose(0, 1)                        # (h, d, d_head)
+    k = repeat_kv(proj["W_K"].view(1, d, n_kv, dh).transpose(1, 2), h // n_kv)[0]
+    scores = (q.double() @ k.double().transpose(1, 2)).numpy()           # (h, d, d): A_i
+    ours = ckpt.read_layer(1)
+    v, s = head_subspaces(torch.from_numpy(ours["W_Q"]).double(),
+                          torch.from_numpy(ours["W_K"]).double(), h, n_kv, dh)
+    for i in range(h):
+        _, s_ref, vt_ref = np.linalg.svd(scores[i])
+        np.testing.assert_allclose(s[i], s_ref[:dh], rtol=1e-5, err_msg=f"{arch} head {i}")
+        overlap = np.square(v[i].numpy() @ vt_ref[:dh].T).sum()   # d_head for the same span
+        assert overlap == pytest.approx(dh, rel=1e-6), (arch, i)
+
+
+#: The projections a normed stream enters, under the decoder layer: attention's, the FFN's.
+NORMED_INPUTS = {"gpt2": ("attn.c_attn", "mlp.c_fc"),
+                 "gpt_neox": ("attention.query_key_value", "mlp.dense_h_to_4h"),
+                 "phi3": ("self_attn.qkv_proj", "mlp.gate_up_proj")}
+NORMED_INPUTS_DEFAULT = ("self_attn.q_proj", "mlp.gate_proj")
+
+
+def normed_stream(model, arch: str, layer: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """From a forward pass of the model, for the attention and FFN inputs of ``layer``:
+    ``(x_hat, z)``, where ``z`` is what the projection received less its norm's bias, and
+    ``x_hat`` the norm's input normalized without its gain. The norm is found by value: the
+    one of the layer's norm modules whose output the projection received."""
+    blk = decoder_layer(model, arch, layer)
+    norms = {name: m for name, m in blk.named_modules() if "Norm" in type(m).__name__}
+    seen, received, hooks = {}, {}, []
+    for name, m in norms.items():
+        hooks.append(m.register_forward_hook(
+            lambda _m, inp, out, name=name: seen.__setitem__(name, (inp[0], out))))
+    for role, path in zip(("attn", "ffn"), NORMED_INPUTS.get(arch, NORMED_INPUTS_DEFAULT),
+                          strict=True):
+        hooks.append(blk.get_submodule(path).register_forward_pre_hook(
+            lambda _m, inp, role=role: received.__setitem__(role, inp[0])))
+    model.eval()
+    with torch.no_grad():
+        model(torch.randint(0, 64, (1, 7)))
+    for hook in hooks:
+        hook.remove()
+    out = {}
+    for role, z in received.items():
+        feeding = [n for n, (_, y) in seen.items() if y.shape == z.shape and torch.allclose(y, z)]
+        assert len(feeding) == 1, (arch, role, feeding)
+        norm, x = norms[feeding[0]], seen[feeding[0]][0].double()
+        eps = norm.eps if hasattr(norm, "eps") else norm.variance_epsilon
+        if isinstance(norm, torch.nn.LayerNorm):
+            x = x - x.mean(-1, keepdim=True)
+        x_hat = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        bias = None if getattr(norm, "bias", None) is None else norm.bias.detach()
+        out[role] = (x_hat[0], (z - bias if bias is not None else z)[0].double())
+    return out
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_fold_norms_reproduces_the_normed_stream(tmp_path, arch):
+    """With fold_norms, every projection reading a normed stream maps the normalized stream
+    (without gain) to what the unfolded projection computes from the norm module's output in
+    a forward pass of the model: ``W diag(g) x_hat = W z``, QK-norm gains on each head's rows
+    (Qwen3); W_O and W_down are left as they are."""
     model = build(arch, tmp_path / arch)
     raw = open_checkpoint(str(tmp_path / arch)).read_layer(1)
     folded = open_checkpoint(str(tmp_path / arch), fold_norms=True).read_layer(1, True)
-    if arch == "gpt2":
-        blk = model.transformer.h[1]
-        g_attn, g_ffn = blk.ln_1.weight, blk.ln_2.weight
-    else:
-        blk = model.model.layers[1]
-        g_attn, g_ffn = blk.input_layernorm.weight, blk.post_attention_layernorm.weight
-        if arch == "gemma":  # Gemma's RMSNorm multiplies by (1 + weight)
-            g_attn, g_ffn = 1 + g_attn, 1 + g_ffn
-    g_attn, g_ffn = g_attn.detach().numpy(), g_ffn.detach().numpy()
-    expected_q = raw["W_Q"] * g_attn
-    if arch == "qwen3":  # q_norm gains scale each head's rows
-        gq = blk.self_attn.q_norm.weight.detach().numpy()
-        expected_q = (expected_q.reshape(4, 16, 48) * gq[None, :, None]).reshape(64, 48)
-    np.testing.assert_allclose(folded["W_Q"], expected_q, rtol=1e-6, atol=1e-7)
-    ffn_in = "W_up" if arch == "gpt2" else "W_gate"
-    np.testing.assert_allclose(folded[ffn_in], raw[ffn_in] * g_ffn, rtol=1e-6, atol=1e-7)
-    np.testing.assert_array_equal(folded["W_O"], raw["W_O"])
+    stream = normed_stream(model, arch, 1)
+    ffn_in = ("W_gate", "W_up") if "W_gate" in raw else ("W_up",)
+    for wt, role in [("W_Q", "attn"), ("W_K", "attn"), ("W_V", "attn")] + [
+            (wt, "ffn") for wt in ffn_in]:
+        x_hat, z = stream[role]
+        expected = z @ torch.from_numpy(raw[wt]).double().T
+        if arch == "qwen3" and wt in ("W_Q", "W_K"):   # q_norm/k_norm gains, per head's rows
+            qk_norm = decoder_layer(model, arch, 1).self_attn.get_submodule(
+                "q_norm" if wt == "W_Q" else "k_norm")
+            expected = (expected.view(7, -1, 16) * qk_norm.weight.detach().double()).view(7, -1)
+        got = x_hat @ torch.from_numpy(folded[wt]).double().T
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5, err_msg=f"{arch} {wt}")
+    for wt in ("W_O", "W_down"):
+        np.testing.assert_array_equal(folded[wt], raw[wt])
 
 
 @pytest.mark.workflow
