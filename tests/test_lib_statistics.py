@@ -10,11 +10,15 @@ import pytest
 from scipy import stats
 
 from weight_geometry.statistics import (
+    Correlation,
+    alignment_verdict,
     bottleneck_table,
     bottleneck_trends,
+    bottleneck_verdict,
     choose_bottleneck,
     correlate,
     overlap_summary,
+    overlap_verdict,
     phase_boundaries,
     similarity_by_distance,
 )
@@ -205,14 +209,47 @@ def test_choose_bottleneck_hand_made_table():
         # Other weight types must be ignored even when their rank is tiny.
         (0, "W_gate"): ("48x32", 1.0), (1, "W_V"): ("16x32", 1.0),
     })
+    # Raw (unnormalized) means would pick layer 1 ((16+14)/2=15 < (28+4)/2=16): the
+    # normalization flips the answer.
     assert choose_bottleneck(t) == 2
-    # Raw (unnormalized) means would pick layer 1 ((16+14)/2=15 < (28+4)/2=16): check that
-    # normalization matters with a table where it flips the answer.
-    t2 = _ranks_table({
-        (0, "W_Q"): ("64x32", 20.0), (0, "W_K"): ("16x32", 2.0),    # .3125, .125 -> .21875
-        (1, "W_Q"): ("64x32", 8.0), (1, "W_K"): ("16x32", 15.0),    # .25, .9375 -> .59375
-    })
-    assert choose_bottleneck(t2) == 0
+
+
+# The verdicts' thresholds, from the notebook and SCIENCE.md, on each side of each boundary.
+@pytest.mark.parametrize("gap,mean,phrase", [
+    (0.051, 0.9, "phase structure"),             # adjacent - distant > 0.05 comes first
+    (0.05, 0.71, "High uniform similarity across layers (mean 0.710)"),
+    (0.05, 0.7, "Moderate similarity (off-diagonal mean 0.700)"),
+    (-0.2, 0.1, "Moderate similarity (off-diagonal mean 0.100)"),
+])
+def test_overlap_verdict_thresholds(gap, mean, phrase):
+    summary = {"adjacent_minus_distant": gap, "off_diagonal_mean": mean,
+               "adjacent_mean": 0.5 + gap, "distant_mean": 0.5}
+    assert phrase in overlap_verdict(summary)
+
+
+def _r(pearson: float, n: int = 10) -> Correlation:
+    return Correlation(n, pearson, pearson, 0.01, 0.01)
+
+
+@pytest.mark.parametrize("pre,post,phrase", [
+    (_r(0.31), _r(-0.31), "Layer 7 is a convergence point"),
+    (_r(0.31), _r(-0.3), "Partial convergence: similarity rises towards layer 7"),
+    (_r(0.31), _r(float("nan"), n=2), "(the post-bottleneck trend is undefined)"),
+    (_r(0.3), _r(-0.9), "No clear convergence towards layer 7"),
+    (_r(float("nan"), n=2), _r(-0.9), "Undetermined: too few layers before layer 7"),
+])
+def test_bottleneck_verdict_thresholds(pre, post, phrase):
+    assert phrase in bottleneck_verdict(7, pre, post)
+
+
+@pytest.mark.parametrize("ratio,phrase", [
+    (1.51, "The FFN input (W_up) is coupled with attention (1.51x chance)"),
+    (1.5, "FFN alignment is near chance (1.50x)"),
+    (0.7, "FFN alignment is near chance (0.70x)"),
+    (0.69, "The FFN input (W_up) avoids the attention subspace (0.69x chance)"),
+])
+def test_alignment_verdict_thresholds(ratio, phrase):
+    assert phrase in alignment_verdict(ratio, "W_up")
 
 
 def test_bottleneck_table():
