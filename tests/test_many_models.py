@@ -83,7 +83,8 @@ def test_csv_of_another_model_is_refused(two_models, tmp_path):
     _, config, ranks, _ = two_models
     csv = notebook_csv(ranks[ranks["layer_idx"] < 4], tmp_path / "other.csv")
     models = {"six": {**config["models"]["six"], "effective_ranks": str(csv)}}
-    line = error_line(run_snakemake(tmp_path / "w", "-n", config={**config, "models": models}))
+    # A real run, not a dry one: no results/ then means that no job started.
+    line = error_line(run_snakemake(tmp_path / "w", config={**config, "models": models}))
     assert "models.six.effective_ranks" in line and "other.csv" in line
     assert not (tmp_path / "w" / "results").exists()
 
