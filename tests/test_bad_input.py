@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from conftest import error_line, make_llama_checkpoint, run_snakemake
 
 pytestmark = pytest.mark.workflow
@@ -122,3 +123,17 @@ def test_nan_tensor_fails_its_job_with_one_line(tmp_path):
     assert "logs/tiny/extract_layers000-003.log" in out
     assert not list((tmp_path / "run").glob("results/tiny/bases/*/*.npy"))
     assert not list((tmp_path / "run").glob("results/tiny/k*/report.md"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_device_cuda_without_a_gpu_fails_its_job_with_one_line(tmp_path, tiny_checkpoint):
+    """``device: cuda`` is a valid value that only the extraction job, on its node, can test:
+    without a GPU it fails with one line in the console and leaves no outputs."""
+    proc = run_snakemake(tmp_path, config=config_for(tiny_checkpoint, device="cuda"))
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert ("error: device: 'cuda' was requested but torch.cuda.is_available() is False"
+            " (allowed here: auto, cpu)") in out
+    assert "Traceback" not in out
+    assert "logs/tiny/extract_layers000-003.log" in out
+    assert not list(tmp_path.glob("results/tiny/bases/*/*.npy"))

@@ -8,6 +8,7 @@ import torch
 from conftest import DEVICES
 
 from weight_geometry import kernels, ranks
+from weight_geometry.errors import UserError
 from weight_geometry.kernels import (
     GRAM_KAPPA_MAX,
     factored_subspaces,
@@ -287,3 +288,44 @@ def test_thin_qr_matches_householder_and_falls_back(monkeypatch, device):
     q32, r32 = (t.cpu() for t in thin_qr(torch.from_numpy(x[:2]).float().to(device)))
     assert q32.dtype == torch.float32 and r32.dtype == torch.float32
     np.testing.assert_allclose(q32[0].T @ q32[0], np.eye(m), atol=1e-6)
+
+
+def test_resolve_device_without_a_usable_gpu(monkeypatch, capsys):
+    """``cpu`` asks nothing of CUDA; ``cuda`` without a usable GPU is one line naming why;
+    ``auto`` falls back to the CPU, saying why when a GPU is there but unusable."""
+    monkeypatch.setattr(kernels, "cuda_problem", lambda: "the GPU is unusable (busy)")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert kernels.resolve_device("cpu") == torch.device("cpu")
+    assert capsys.readouterr().out == ""
+    assert kernels.resolve_device("auto") == torch.device("cpu")
+    assert "device: auto: the GPU is unusable (busy); using the CPU" in capsys.readouterr().out
+    with pytest.raises(UserError, match=r"^device: 'cuda' was requested but the GPU is unusable"
+                                        r" \(busy\) \(allowed here: auto, cpu\)$"):
+        kernels.resolve_device("cuda")
+    monkeypatch.setattr(kernels, "cuda_problem", lambda: None)
+    assert kernels.resolve_device("auto") == kernels.resolve_device("cuda") == torch.device(
+        "cuda")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_problem_without_a_gpu():
+    assert kernels.cuda_problem() == "torch.cuda.is_available() is False"
+
+
+def test_pin_float32_matmul(monkeypatch):
+    """Full float32 products whatever was set before; CUDA refuses the TF32 override."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        kernels.pin_float32_matmul(torch.device("cpu"))
+        assert torch.get_float32_matmul_precision() == "highest"
+        assert torch.backends.cuda.matmul.allow_tf32 is False
+        monkeypatch.setenv(kernels.TF32_OVERRIDE_ENV, "1")
+        kernels.pin_float32_matmul(torch.device("cpu"))        # no cuBLAS on the CPU
+        with pytest.raises(UserError, match=r"^TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 makes"):
+            kernels.pin_float32_matmul(torch.device("cuda"))
+        monkeypatch.setenv(kernels.TF32_OVERRIDE_ENV, "0")
+        kernels.pin_float32_matmul(torch.device("cuda"))
+    finally:
+        torch.set_float32_matmul_precision(previous)

@@ -55,7 +55,7 @@ import torch
 
 from .checkpoint import Checkpoint
 from .errors import UserError
-from .kernels import factored_subspaces
+from .kernels import factored_subspaces, pin_float32_matmul
 from .ranks import (
     effective_rank_from_singular_values,
     frobenius_norm2,
@@ -167,7 +167,10 @@ def iter_layers(ckpt: Checkpoint, layers: range, device: torch.device,
                 fold_norms: bool = False, compute_ranks: bool = True,
                 workers: int = 1) -> Iterator[LayerResult]:
     """:func:`extract_layer` for each layer of ``layers`` in order, with a progress line;
-    ``workers > 1`` (CPU) extracts that many layers at once (see module docstring)."""
+    ``workers > 1`` (CPU) extracts that many layers at once (see module docstring). Float32
+    products run at full precision (:func:`kernels.pin_float32_matmul`)."""
+    pin_float32_matmul(device)
+
     def one(layer: int) -> LayerResult:
         return extract_layer(ckpt, layer, device, fold_norms, compute_ranks)
 

@@ -226,12 +226,53 @@ def head_subspaces(w_q: torch.Tensor, w_k: torch.Tensor, n_heads: int, n_kv_head
 
 
 def resolve_device(device: str) -> torch.device:
-    """``auto`` -> CUDA when available else CPU; ``cuda`` without a GPU is a user error."""
+    """``auto`` -> CUDA when a GPU is there and usable, else CPU; ``cuda`` without a usable GPU
+    is a user error. Usable: a one-element tensor can be made on it (``is_available()`` is
+    also True for a GPU that a driver mismatch or an exclusive-process job makes unusable)."""
+    from .errors import UserError
+    from .rule_script import progress
+
+    if device == "cpu":
+        return torch.device("cpu")
+    problem = cuda_problem()
+    if problem is None:
+        return torch.device("cuda")
+    if device == "cuda":
+        raise UserError(f"device: 'cuda' was requested but {problem} (allowed here: auto, cpu)")
+    if torch.cuda.is_available():   # a GPU is there but fails: say why the CPU runs instead
+        progress(f"device: auto: {problem}; using the CPU")
+    return torch.device("cpu")
+
+
+def cuda_problem() -> str | None:
+    """Why CUDA cannot be used here (one line), or None when a tensor can be made on it."""
+    if not torch.cuda.is_available():
+        return "torch.cuda.is_available() is False"
+    try:
+        torch.zeros(1, device="cuda")
+    except RuntimeError as exc:
+        return f"the GPU is unusable ({str(exc).strip().splitlines()[0]})"
+    return None
+
+
+#: Set in the environment, it makes every float32 cuBLAS GEMM use TF32 whatever torch's flags.
+TF32_OVERRIDE_ENV = "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE"
+
+
+def pin_float32_matmul(device: torch.device) -> None:
+    """Full float32 precision for every float32 matrix product, process-wide: TF32 (a 10-bit
+    mantissa, ``2^-11`` relative) off for cuBLAS and
+    ``torch.set_float32_matmul_precision("highest")`` (the defaults, which a site hook or a
+    library may have changed). The float32 Grams' error bounds (:mod:`ranks`) and the stored
+    vectors' few-ulp error assume float32 rounding. On CUDA, :data:`TF32_OVERRIDE_ENV` set to
+    1 forces TF32 past both flags: a user error."""
+    import os
+
     from .errors import UserError
 
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("device: 'cuda' was requested but torch.cuda.is_available() is False"
-                        " (allowed here: auto, cpu)")
-    return torch.device(device)
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    if device.type == "cuda" and os.environ.get(TF32_OVERRIDE_ENV, "0") not in ("", "0"):
+        raise UserError(f"{TF32_OVERRIDE_ENV}={os.environ[TF32_OVERRIDE_ENV]} makes float32"
+                        " GEMMs TF32 (a 10-bit mantissa), which the effective ranks' float32"
+                        " error bound does not allow: unset it, or set it to 0")
