@@ -314,9 +314,9 @@ def test_cuda_problem_without_a_gpu():
 
 def test_pin_float32_matmul(monkeypatch):
     """Full float32 products whatever was set before; CUDA refuses the TF32 override."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    previous = torch.get_float32_matmul_precision()
-    try:
+    previous = torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32
+    try:   # torch's flags are set and restored by hand (cuBLASModule defeats monkeypatch)
+        torch.backends.cuda.matmul.allow_tf32 = True
         torch.set_float32_matmul_precision("medium")
         kernels.pin_float32_matmul(torch.device("cpu"))
         assert torch.get_float32_matmul_precision() == "highest"
@@ -328,4 +328,5 @@ def test_pin_float32_matmul(monkeypatch):
         monkeypatch.setenv(kernels.TF32_OVERRIDE_ENV, "0")
         kernels.pin_float32_matmul(torch.device("cuda"))
     finally:
-        torch.set_float32_matmul_precision(previous)
+        torch.set_float32_matmul_precision(previous[0])
+        torch.backends.cuda.matmul.allow_tf32 = previous[1]
