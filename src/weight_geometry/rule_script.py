@@ -2,37 +2,70 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
-from collections.abc import Callable
-from contextlib import redirect_stderr, redirect_stdout
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
+from typing import TextIO
 
 from .errors import UserError
 
 
 def run_rule(body: Callable[[], None], log_path: str | Path, outputs: list[str]) -> None:
-    """Run a rule body with stdout/stderr going to the rule's log file.
+    """Run a rule body with everything it prints going to the rule's log file: Python's
+    ``sys.stdout``/``sys.stderr`` and file descriptors 1 and 2 (what native libraries write).
 
     A :class:`UserError` becomes one line, ``error: <message>``, written to the log and to the
-    real stderr (so it shows in Snakemake's console), any partial outputs are removed, and the
-    process exits with status 1. Other exceptions keep their traceback in the log.
+    real stderr (so it shows in Snakemake's console). Any other exception writes its traceback
+    to the log and one line naming it and the log to the real stderr. Either way any partial
+    outputs are removed and the process exits with status 1.
     """
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    real_stderr = sys.stderr
     start = time.perf_counter()
-    with open(log_path, "w") as log, redirect_stdout(log), redirect_stderr(log):
+    with open(log_path, "w") as log, _fds_to(log) as real_stderr, redirect_stdout(log), \
+            redirect_stderr(log):
         try:
             body()
         except UserError as err:
             line = f"error: {err}"
-            print(line, file=log, flush=True)
-            print(line, file=real_stderr, flush=True)
-            for out in outputs:
-                Path(out).unlink(missing_ok=True)
-            sys.exit(1)
+            print(line, flush=True)
+            _fail(line, real_stderr, outputs)
+        except Exception as exc:   # a bug, not bad input: its traceback goes to the log
+            traceback.print_exc()
+            _fail(f"error: unexpected {type(exc).__name__}: {exc} (traceback in {log_path})",
+                  real_stderr, outputs)
         print(f"done in {time.perf_counter() - start:.2f} s", flush=True)
+
+
+def _fail(line: str, real_stderr: TextIO, outputs: list[str]) -> None:
+    print(line, file=real_stderr, flush=True)
+    for out in outputs:
+        Path(out).unlink(missing_ok=True)
+    sys.exit(1)
+
+
+@contextmanager
+def _fds_to(log: TextIO) -> Iterator[TextIO]:
+    """File descriptors 1 and 2 point at ``log`` (sharing its file offset) for the block;
+    yields a text stream on the original stderr. Restored afterwards."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    real_stderr = os.fdopen(os.dup(saved[1]), "w")
+    try:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        yield real_stderr
+    finally:
+        log.flush()
+        for fd, copy in zip((1, 2), saved, strict=True):
+            os.dup2(copy, fd)
+            os.close(copy)
+        real_stderr.close()
 
 
 def progress(message: str) -> None:
