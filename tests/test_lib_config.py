@@ -7,10 +7,17 @@ from pathlib import Path
 import pytest
 
 from weight_geometry.config import (
+    CONFIG_KEYS,
+    DEFAULTS,
+    _check_model_entry,
     build_plan,
     chunks,
+    parse_bottleneck,
     parse_device,
+    parse_fold_norms,
     parse_heads,
+    parse_layers_per_job,
+    parse_primary_head,
     parse_top_k,
     select_heads,
     user_models,
@@ -106,16 +113,51 @@ def test_user_models_replaces_rather_than_merges(tmp_path):
     assert user_models(merged, [empty]) == merged
 
 
-def test_config_keys_are_the_schemas():
-    """The library's list of top-level keys (its one-line error for a typo) and the schema's."""
+def _schema() -> dict:
     import yaml
 
-    from weight_geometry.config import CONFIG_KEYS
+    return yaml.safe_load((Path(__file__).parents[1] / "workflow/schemas/config.schema.yaml")
+                          .read_text())
 
-    schema = yaml.safe_load((Path(__file__).parents[1] / "workflow/schemas/config.schema.yaml")
-                            .read_text())
+
+def test_config_keys_and_defaults_are_the_schemas():
+    """The library's top-level keys (its one-line error for a typo) and defaults, and the
+    schema's."""
+    schema = _schema()
     assert sorted(schema["properties"]) == sorted(CONFIG_KEYS)
     assert schema["additionalProperties"] is False
+    assert {key: prop["default"] for key, prop in schema["properties"].items()
+            if "default" in prop} == DEFAULTS
+
+
+PARSERS = {"top_k": parse_top_k, "heads": parse_heads, "primary_head": parse_primary_head,
+           "bottleneck": parse_bottleneck, "device": parse_device,
+           "layers_per_job": parse_layers_per_job, "fold_norms": parse_fold_norms}
+
+
+@pytest.mark.parametrize("key,value", [
+    ("top_k", 4), ("top_k", "4"), ("top_k", [4, "10"]), ("top_k", "[4,10]"),
+    ("heads", 3), ("heads", "3"), ("heads", [0, 2]), ("heads", "all"), ("heads", {"sample": 2}),
+    ("heads", {"sample": "2"}), ("primary_head", 1), ("primary_head", "1"),
+    ("bottleneck", "auto"), ("bottleneck", 2), ("bottleneck", "2"), ("device", "cpu"),
+    ("layers_per_job", 0), ("layers_per_job", "8"), ("fold_norms", True),
+    ("fold_norms", "false"),
+])
+def test_what_the_library_accepts_the_schema_accepts(key, value):
+    """The schema runs after the library's checks (as documentation, filling defaults): a
+    value that the library accepts must pass it too, or the run would stop with a
+    multi-line jsonschema error instead of planning."""
+    import jsonschema
+
+    PARSERS[key](value)
+    jsonschema.validate({"models": {"m": {"source": "/m"}}, key: value}, _schema())
+
+
+def test_effective_ranks_null_passes_the_schema():
+    import jsonschema
+
+    _check_model_entry("m", {"source": "/m", "effective_ranks": None})
+    jsonschema.validate({"models": {"m": {"source": "/m", "effective_ranks": None}}}, _schema())
 
 
 @pytest.mark.parametrize(("config", "fragments"), [

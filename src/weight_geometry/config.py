@@ -27,6 +27,9 @@ MODEL_KEYS = ("source", "effective_ranks")
 #: The config's top-level keys (workflow/schemas/config.schema.yaml lists the same).
 CONFIG_KEYS = ("models", "top_k", "heads", "primary_head", "bottleneck", "device",
                "layers_per_job", "fold_norms")
+#: The value of each optional key when the config leaves it out (the schema's defaults).
+DEFAULTS = {"top_k": 20, "heads": {"sample": 4}, "primary_head": 0, "bottleneck": "auto",
+            "device": "auto", "layers_per_job": 0, "fold_norms": False}
 
 
 def _as_int(key: str, value, allowed: str) -> int:
@@ -86,6 +89,10 @@ def select_heads(spec: tuple[str, object], n_heads: int) -> list[int]:
     if kind == "sample":
         return sorted({int(i) for i in np.linspace(0, n_heads - 1, min(arg, n_heads), dtype=int)})
     return list(arg)
+
+
+def parse_primary_head(value) -> int:
+    return _as_int("primary_head", value, "a head index >= 0")
 
 
 def parse_bottleneck(value) -> int | str:
@@ -179,13 +186,14 @@ def build_plan(config: dict, models: dict) -> Plan:
         hint = f"did you mean {near[0]!r}? " if near else ""
         raise UserError(f"config: key {unknown[0]!r} is not allowed ({hint}allowed:"
                         f" {', '.join(CONFIG_KEYS)})")
-    ks = parse_top_k(config.get("top_k", 20))
-    head_spec = parse_heads(config.get("heads", {"sample": 4}))
-    primary = _as_int("primary_head", config.get("primary_head", 0), "a head index >= 0")
-    bottleneck = parse_bottleneck(config.get("bottleneck", "auto"))
-    device = parse_device(config.get("device", "auto"))
-    per_job = parse_layers_per_job(config.get("layers_per_job", 0))
-    fold_norms = parse_fold_norms(config.get("fold_norms", False))
+    config = {**DEFAULTS, **config}
+    ks = parse_top_k(config["top_k"])
+    head_spec = parse_heads(config["heads"])
+    primary = parse_primary_head(config["primary_head"])
+    bottleneck = parse_bottleneck(config["bottleneck"])
+    device = parse_device(config["device"])
+    per_job = parse_layers_per_job(config["layers_per_job"])
+    fold_norms = parse_fold_norms(config["fold_norms"])
     if not isinstance(models, dict) or not models:
         raise UserError("models: at least one model is required (name: {source: ...})")
     plans = {}
