@@ -137,3 +137,14 @@ def test_device_cuda_without_a_gpu_fails_its_job_with_one_line(tmp_path, tiny_ch
     assert "Traceback" not in out
     assert "logs/tiny/extract_layers000-003.log" in out
     assert not list(tmp_path.glob("results/tiny/bases/*/*.npy"))
+
+
+def test_model_name_with_a_dot_matches_only_itself(tmp_path, tiny_checkpoint):
+    """Model names may hold '.', which the model wildcard's pattern must take literally:
+    ``tiny.1``'s rules must not claim ``results/tinyx1/`` (a KeyError traceback before)."""
+    config = {"models": {"tiny.1": {"source": str(tiny_checkpoint)}}, "device": "cpu"}
+    proc = run_snakemake(tmp_path, "-n", "results/tinyx1/model.json", config=config)
+    assert proc.returncode != 0 and "Traceback" not in proc.stdout + proc.stderr
+    assert "No rule to produce results/tinyx1/model.json" in proc.stdout + proc.stderr
+    proc = run_snakemake(tmp_path, "-n", "results/tiny.1/model.json", config=config)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

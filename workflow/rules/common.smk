@@ -1,4 +1,5 @@
 # Helpers, config validation, wildcard constraints and target lists (no defs elsewhere).
+import re
 import sys
 from pathlib import Path
 
@@ -29,7 +30,7 @@ C = "results/compare/k{k}"
 
 
 wildcard_constraints:
-    model="|".join(PLAN.models) or "no-model",
+    model="|".join(map(re.escape, PLAN.models)) or "no-model",
     k=r"\d+",
     head=r"\d+",
     first=r"\d{3}",
