@@ -99,7 +99,7 @@ def test_snakemake_report(two_models, name):
         names = zipfile.ZipFile(path).namelist()
         for expected in [*(f"{f}.png" for f in FIGURES), *(f"{f}.png" for f in COMPARE_FIGURES),
                          "ksweep.png", "layer_pairs.csv", "ksweep.csv", "models.csv",
-                         "report.md"]:
+                         "effective_ranks.csv", "report.md"]:
             assert any(n.endswith("/" + expected) for n in names), expected
     else:
         html = path.read_text(errors="replace")

@@ -83,7 +83,13 @@ rule effective_ranks:
         singular_values=chunk_files("singular_values.npy"),
         user_ranks=lambda w: model_plan(w).user_ranks or [],
     output:
-        csv=f"{R}/effective_ranks.csv",
+        csv=report(
+            f"{R}/effective_ranks.csv",
+            caption="../report/effective_ranks_table.rst",
+            category="{model}",
+            subcategory="Effective ranks",
+            labels={"table": "effective ranks"},
+        ),
         parquet=f"{R}/effective_ranks.parquet",
         kernel=f"{R}/kernel_effective_ranks.parquet",
     log:
