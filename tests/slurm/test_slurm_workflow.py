@@ -3,12 +3,9 @@
 Only the profile's partition placeholder is replaced. Asserts that jobs went through sbatch
 (accounted by slurmdbd), that the GPU rule was given the node's GPU GRES, that the outputs equal
 a local run's, that a job failing under SLURM ends Snakemake non-zero with the rule's log, and
-that the harness (local_slurm.py) stops the daemons it started.
-
-The runs override one setting of the profile on the command line: its first status check
-after 20 s, which the plugin also waits after each check that saw a job finish (and 10 s
-longer after each that saw none). Meant for a real cluster's queue, it made these runs of a
-tiny model mostly waiting (155 s instead of 87 s for the whole workflow here).
+that the harness (local_slurm.py) stops the daemons it started. Most of a run's time is the
+plugin's polling (the profile's first status check after 20 s, then 10 s longer each time no
+job finished).
 """
 
 from __future__ import annotations
@@ -35,9 +32,6 @@ from weight_geometry.results_io import BASES_FILES  # noqa: E402
 pytestmark = [pytest.mark.slurm, pytest.mark.workflow]
 
 TIMEOUT_S = 240
-#: Seconds before the plugin's first status check, and its interval after a check that saw a
-#: job finish (the profile's 20 s is meant for a real cluster's queue).
-STATUS_CHECK_S = 2
 SUBMITTED = re.compile(r"has been submitted with SLURM jobid (\d+)")
 
 
@@ -66,8 +60,7 @@ def run_on_slurm(cluster: LocalSlurm, workdir: Path, config: dict):
     profile = shipped_profile(cluster, workdir.parent / f"{workdir.name}-profile")
     cmd = ["timeout", "-k", "10", str(TIMEOUT_S), sys.executable, "-m", "snakemake",
            "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--profile", str(profile),
-           "--configfile", str(workdir / "config.yaml"),
-           "--slurm-init-seconds-before-status-checks", str(STATUS_CHECK_S)]
+           "--configfile", str(workdir / "config.yaml")]
     start = time.monotonic()
     proc = subprocess.run(cmd, cwd=workdir, env=cluster.subprocess_env(), capture_output=True,
                           text=True, timeout=TIMEOUT_S + 30)
