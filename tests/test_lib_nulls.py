@@ -135,3 +135,20 @@ def test_best_match_null_by_monte_carlo(k, d, h):
     assert draws.std(ddof=1) == pytest.approx(std, rel=_std_tolerance(draws) + 0.05)
     assert mean > k / d + std, "the max over heads must sit above chance"
     assert best_match_null(k, d, h) == (mean, std), "seeded: reproducible"
+
+
+def test_alignment_null_std_of_a_flat_spectrum_is_zero():
+    """A flat W_in spectrum (W_in^T W_in = c I) gives every k-subspace the same alignment:
+    std exactly 0, not NaN from a rounding-negative variance."""
+    for value in (1.1, 0.3, 7.0):
+        std = alignment_null_std(4, 9, np.full((1, 9), value))
+        assert std.tolist() == [0.0]
+
+
+def test_best_match_null_of_one_head_is_the_similarity_null():
+    """With h = 1 the max over candidates is the one similarity: the Beta has the null's mean
+    and std (exact at k = 1, where sim = cos^2 ~ Beta(1/2, (d-1)/2))."""
+    n = 40000
+    mean, std = best_match_null(1, 16, 1, n_samples=n)
+    assert abs(mean - 1 / 16) < 4 * null_std(1, 16) / np.sqrt(n)
+    assert std == pytest.approx(null_std(1, 16), rel=0.02)   # std's MC error ~1.2 %

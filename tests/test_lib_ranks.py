@@ -216,3 +216,47 @@ def test_kernel_rank_table_known_values():
     assert len(table) == 4
     for row in table.itertuples():
         assert row.kernel_eff_rank == pytest.approx(expected[(row.layer, row.head)])
+
+
+def test_zero_threshold_uses_the_larger_dimension_and_the_largest_value():
+    """``sigma > sigma_max max(rows, cols) eps32``: 3e-6 is noise for a 10 x 100 weight
+    (threshold 1.2e-5), not for 10 x 10 (1.2e-6); the largest value need not come first."""
+    assert effective_rank_from_singular_values(np.array([1.0, 3e-6]), (10, 100)) == 1.0
+    assert effective_rank_from_singular_values(np.array([1.0, 3e-6]), (10, 10)) > 1.0
+    assert effective_rank_from_singular_values(np.array([0.0, 2.0, 2.0]), (3, 3)) == \
+        pytest.approx(2.0, rel=1e-15)
+    # A kernel is d x d: at d = 576 a third value of 5e-6 is below 576 eps32 = 6.9e-5.
+    table = kernel_rank_table(np.array([[[1.0, 1.0, 5e-6]]]), d_model=576)
+    assert table["kernel_eff_rank"].iloc[0] == pytest.approx(2.0, rel=1e-15)
+
+
+def _bound_by_hand(sigma: np.ndarray) -> float:
+    """The docstring's first-order bound for a spectrum far from the zero threshold:
+    ``sum_i |log p_i + H| ds_i / S``, ``ds_i = sqrt(s_i^2 + e) - sqrt(s_i^2 - e)``,
+    ``e = GRAM_NOISE eps32 s_max^2``."""
+    total = sigma.sum()
+    p = sigma / total
+    entropy = -(p * np.log(p)).sum()
+    e = GRAM_NOISE * ZERO_RTOL_EPS * sigma.max() ** 2
+    ds = np.sqrt(sigma**2 + e) - np.sqrt(sigma**2 - e)
+    return float((np.abs(np.log(p) + entropy) * ds).sum() / total)
+
+
+def test_rank_error_bound_value_and_worst_case():
+    """The bound equals its formula, and is about twice the change under the worst-case signs
+    of the Gram noise it assumes (every sigma_i^2 moved by e, with the sign of the rank's
+    derivative, or against it)."""
+    sigma = np.array([3.0, 2.0, 1.0, 0.5])
+    bound = rank_error_bound(sigma, (4, 6))
+    assert bound == pytest.approx(_bound_by_hand(sigma), rel=1e-12)
+    r = effective_rank_from_singular_values(sigma, (4, 6))
+    e = GRAM_NOISE * ZERO_RTOL_EPS * 9.0
+    p = sigma / sigma.sum()
+    sign = np.sign(-(np.log(p) - np.log(r)))   # d r_eff / d sigma_i has this sign
+    for direction in (1, -1):
+        moved = np.sqrt(sigma**2 + direction * sign * e)
+        change = abs(effective_rank_from_singular_values(moved, (4, 6)) / r - 1)
+        # ds_i spans both signs of the noise, so one sign moves r_eff by about half of it.
+        assert 0.4 * bound <= change <= 0.6 * bound
+    # Exact zeros may cross the threshold: counted with p_i >= ds_i / S, finite and positive.
+    assert 0 < rank_error_bound(np.array([1.0, 1.0, 0.0, 0.0]), (4, 4)) < np.inf
