@@ -59,6 +59,10 @@ def test_cross_head_similarity_float32_products_keep_float64_accuracy_at_real_si
                           for a, i, b, j in np.ndindex(3, 3, 3, 3)]).reshape(sims.shape)
     np.testing.assert_allclose(sims, reference, rtol=0, atol=1e-6)
     assert null_std(32, 576) > 1e3 * np.abs(sims - reference).max()
+    # Exactly symmetric, and exactly 1 for a head with itself, whatever the rounding.
+    np.testing.assert_array_equal(sims, sims.transpose(2, 3, 0, 1))
+    for a, i in np.ndindex(3, 3):
+        assert sims[a, i, a, i] == 1.0
 
 
 def test_summaries_match_loops():

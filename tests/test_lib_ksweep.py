@@ -123,6 +123,8 @@ def test_gaps_and_ill_defined():
     assert flagged(4) == [], "k = d_head: no sigma_{k+1}, nothing to flag"
     assert ill_defined(sv, 2)["gap"].iloc[0] == pytest.approx(0.001 / 3)
     assert len(ill_defined(sv, 2, threshold=0.6)) == 3
+    # "Below" the threshold: a gap equal to it is not flagged.
+    assert ill_defined(np.array([[[1.0, 0.75]]]), 1, threshold=0.25).empty
     with pytest.raises(ValueError):
         ill_defined(sv, 0)
     assert GAP_THRESHOLD == 0.01
@@ -137,3 +139,6 @@ def test_ksweep_counts_ill_defined_among_heads():
     assert table.loc[1, "n_ill_defined"] == 0, "head 0 is not among the heads"
     table = ksweep_table(vectors, energy, norm2, sv, [0], 20).set_index("k")
     assert list(table["n_ill_defined"]) == [1, 0, 0]
+    # The caller's threshold is the one applied: at 1.01 every gap (all <= 1) is below it.
+    table = ksweep_table(vectors, energy, norm2, sv, [0, 1], 20, gap_threshold=1.01)
+    assert list(table["n_ill_defined"]) == [7 * 2] * 3          # 7 layers, 2 heads

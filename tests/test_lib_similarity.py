@@ -67,7 +67,7 @@ def test_similarity_matrix_matches_pairwise_reference():
     # Make two layers nearly share a subspace so values are not all near k/d.
     bases[3] = np.linalg.qr((bases[2] + 0.1 * rng.standard_normal((k, d))).T)[0].T
     sims = similarity_matrix(bases.astype(np.float32))
-    assert sims.shape == (n, n)
+    assert sims.shape == (n, n) and sims.dtype == np.float64   # float64 sums of the products
     np.testing.assert_array_equal(sims, sims.T)
     np.testing.assert_array_equal(np.diag(sims), np.ones(n))
     assert np.all((sims >= 0) & (sims <= 1 + 1e-12))

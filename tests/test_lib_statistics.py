@@ -75,6 +75,18 @@ def test_phase_boundaries_match_notebook_loop(n):
     assert all(np.diff(got["change"]) >= 0), "most negative first"
 
 
+def test_phase_boundaries_ties_in_layer_order():
+    """Tied steps (20 drops of 0.5 here, more than a non-stable sort keeps in order) come in
+    layer order, as the notebook's sorted() gives them."""
+    n = 42
+    s = np.eye(n)
+    for i in range(n - 1):
+        s[i, i + 1] = s[i + 1, i] = 0.9 if i % 2 == 0 else 0.4
+    got = phase_boundaries(s)
+    assert list(got["boundary"]) == [f"{t + 1}→{t + 2}" for t in range(0, 20, 2)]
+    np.testing.assert_allclose(got["change"], -0.5)
+
+
 def test_phase_boundary_at_planted_drop():
     n = 12
     s = np.full((n, n), 0.2)
@@ -212,6 +224,12 @@ def test_choose_bottleneck_hand_made_table():
     # Raw (unnormalized) means would pick layer 1 ((16+14)/2=15 < (28+4)/2=16): the
     # normalization flips the answer.
     assert choose_bottleneck(t) == 2
+    # By min(rows, cols), not max: W_K 8x32 (/8 or /32) against W_Q 64x32 (/32 or /64).
+    t = _ranks_table({
+        (0, "W_Q"): ("64x32", 28.0), (0, "W_K"): ("8x32", 1.0),     # /min .5;    /max .234
+        (1, "W_Q"): ("64x32", 4.0), (1, "W_K"): ("8x32", 7.5),      # /min .53125; /max .148
+    })
+    assert choose_bottleneck(t) == 0
 
 
 # The verdicts' thresholds, from the notebook and SCIENCE.md, on each side of each boundary.

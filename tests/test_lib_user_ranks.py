@@ -46,6 +46,28 @@ def test_shuffled_transposed_csv_with_extra_column_gives_workflow_table(tmp_path
     pd.testing.assert_frame_equal(got, expected)
 
 
+def test_rank_at_its_maximum_and_tuple_shapes_are_accepted(tmp_path):
+    """``eff_rank = min(rows, cols)`` (a flat spectrum) is allowed, and shapes may be written
+    as tuples, ``(48, 64)``, as Python prints ``w.shape``."""
+    expected = _workflow_table(DIMS)
+    expected.loc[1, "eff_rank"] = 48.0                                  # W_K is 48 x 64
+    user = expected.copy()
+    user["shape"] = user["shape"].str.replace("x", ", ").map(lambda s: f"({s})")
+    got = read_user_ranks(_write(tmp_path, user), DIMS, GATED)
+    pd.testing.assert_frame_equal(got, expected)
+
+
+def test_listing_names_five_items_and_counts_the_rest(tmp_path):
+    """A message lists at most five offending items, then says how many more."""
+    big = ModelDims(n_layers=12, d_model=64, d_ff=96, n_heads=4, n_kv_heads=2, d_head=24)
+    table = _workflow_table(big)
+    for kept, listing in ((7, "missing: [7, 8, 9, 10, 11]. "),
+                          (6, "missing: [6, 7, 8, 9, 10 and 1 more]. ")):
+        with pytest.raises(UserError) as info:
+            read_user_ranks(_write(tmp_path, table[table["layer_idx"] < kept]), big, GATED)
+        assert listing in str(info.value), str(info.value)
+
+
 def test_non_gated_model_round_trips_and_refuses_w_gate(tmp_path):
     expected = _workflow_table(DIMS, NON_GATED)
     got = read_user_ranks(_write(tmp_path, expected), DIMS, NON_GATED)
