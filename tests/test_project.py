@@ -3,6 +3,7 @@ a config that matches its schema, and rules that declare what the conventions as
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 import sys
@@ -89,3 +90,22 @@ def test_shipped_config_matches_schema():
     for key, prop in schema["properties"].items():
         if "default" in prop:
             assert config[key] == prop["default"], key
+
+
+def test_rule_scripts_import_only_the_glue_at_top():
+    """Every rule script hands its whole work, imports included, to run_rule: its top level
+    imports only ``_library`` and ``run_rule``/``progress``, so that any failure, an import
+    error too, reaches the rule's log."""
+    scripts = sorted((REPO / "workflow/scripts").glob("*.py"))
+    assert len(scripts) > 10
+    for path in scripts:
+        if path.name == "_library.py":
+            continue
+        tree = ast.parse(path.read_text())
+        top = [node for node in tree.body if isinstance(node, ast.Import | ast.ImportFrom)]
+        names = [ast.unparse(node) for node in top]
+        assert names[0] == "import _library", (path.name, names)
+        assert all(n.startswith("from weight_geometry.rule_script import") for n in names[1:]), (
+            path.name, names)
+        calls = [ast.unparse(node) for node in tree.body if isinstance(node, ast.Expr)]
+        assert calls[-1:] == ["run_rule(main, snakemake.log[0], snakemake.output)"], path.name

@@ -1,4 +1,8 @@
-"""Glue between a Snakemake ``script:`` and the library: logging and one-line errors."""
+"""Glue between a Snakemake ``script:`` and the library: logging and one-line errors.
+
+A rule script imports only this module at its top and everything else inside the body it
+hands to :func:`run_rule`, so that an import failure (e.g. a package missing from a conda env)
+lands in the rule's log like any other."""
 
 from __future__ import annotations
 

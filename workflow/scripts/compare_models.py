@@ -1,13 +1,13 @@
 """Rule compare_models: every configured model side by side on normalized depth, at this k."""
 
-from pathlib import Path
-
 import _library  # noqa: F401  (puts the checkout's src/ on sys.path)
 
 from weight_geometry.rule_script import run_rule
 
 
 def main():
+    from pathlib import Path
+
     import pandas as pd
 
     from weight_geometry.compare import (

@@ -2,12 +2,13 @@
 
 import _library  # noqa: F401  (puts the checkout's src/ on sys.path)
 
-from weight_geometry.hub import download
-from weight_geometry.results_io import write_json
 from weight_geometry.rule_script import progress, run_rule
 
 
 def main():
+    from weight_geometry.hub import download
+    from weight_geometry.results_io import write_json
+
     repo_id = snakemake.params.repo_id
     progress(f"fetching config.json and safetensors weights of {repo_id}")
     files = download(repo_id)

@@ -2,12 +2,13 @@
 
 import _library  # noqa: F401  (puts the checkout's src/ on sys.path)
 
-from weight_geometry.alignment import alignment_table
-from weight_geometry.results_io import load_layers, read_json
 from weight_geometry.rule_script import run_rule
 
 
 def main():
+    from weight_geometry.alignment import alignment_table
+    from weight_geometry.results_io import load_layers, read_json
+
     inp = snakemake.input
     model = read_json(inp.model)
     table = alignment_table(load_layers(inp.energy), load_layers(inp.norm2),

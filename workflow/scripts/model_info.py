@@ -2,12 +2,13 @@
 
 import _library  # noqa: F401  (puts the checkout's src/ on sys.path)
 
-from weight_geometry.checkpoint import open_checkpoint
-from weight_geometry.results_io import write_json
 from weight_geometry.rule_script import run_rule
 
 
 def main():
+    from weight_geometry.checkpoint import open_checkpoint
+    from weight_geometry.results_io import write_json
+
     fold = snakemake.params.fold_norms
     ckpt = open_checkpoint(snakemake.params.path, fold)
     record = {**ckpt.describe(fold), "source": snakemake.params.source}

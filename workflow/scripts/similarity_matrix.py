@@ -2,12 +2,13 @@
 
 import _library  # noqa: F401  (puts the checkout's src/ on sys.path)
 
-from weight_geometry.results_io import load_head_bases, save_result
 from weight_geometry.rule_script import run_rule
-from weight_geometry.similarity import similarity_matrix
 
 
 def main():
+    from weight_geometry.results_io import load_head_bases, save_result
+    from weight_geometry.similarity import similarity_matrix
+
     w = snakemake.wildcards
     bases = load_head_bases(snakemake.input.vectors, int(w.head), int(w.k))
     save_result(snakemake.output[0], similarity_matrix(bases))
