@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -312,8 +314,9 @@ def test_cuda_problem_without_a_gpu():
     assert kernels.cuda_problem() == "torch.cuda.is_available() is False"
 
 
-def test_pin_float32_matmul(monkeypatch):
-    """Full float32 products whatever was set before; CUDA refuses the TF32 override."""
+def test_pin_float32_matmul(monkeypatch, capsys):
+    """Full float32 products whatever was set before; on CUDA the TF32 override (=1, the one
+    value torch honours) is removed from the environment, with a line saying so."""
     previous = torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32
     try:   # torch's flags are set and restored by hand (cuBLASModule defeats monkeypatch)
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -323,10 +326,13 @@ def test_pin_float32_matmul(monkeypatch):
         assert torch.backends.cuda.matmul.allow_tf32 is False
         monkeypatch.setenv(kernels.TF32_OVERRIDE_ENV, "1")
         kernels.pin_float32_matmul(torch.device("cpu"))        # no cuBLAS on the CPU
-        with pytest.raises(UserError, match=r"^TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 makes"):
-            kernels.pin_float32_matmul(torch.device("cuda"))
-        monkeypatch.setenv(kernels.TF32_OVERRIDE_ENV, "0")
+        assert os.environ[kernels.TF32_OVERRIDE_ENV] == "1" and capsys.readouterr().out == ""
         kernels.pin_float32_matmul(torch.device("cuda"))
+        assert kernels.TF32_OVERRIDE_ENV not in os.environ
+        assert "unset TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 in this job" in capsys.readouterr().out
+        monkeypatch.setenv(kernels.TF32_OVERRIDE_ENV, "true")   # torch ignores it: so do we
+        kernels.pin_float32_matmul(torch.device("cuda"))
+        assert os.environ[kernels.TF32_OVERRIDE_ENV] == "true"
     finally:
         torch.set_float32_matmul_precision(previous[0])
         torch.backends.cuda.matmul.allow_tf32 = previous[1]

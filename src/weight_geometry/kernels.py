@@ -250,29 +250,35 @@ def cuda_problem() -> str | None:
         return "torch.cuda.is_available() is False"
     try:
         torch.zeros(1, device="cuda")
-    except RuntimeError as exc:
+        torch.cuda.synchronize()
+    except Exception as exc:   # RuntimeError, torch.cuda.DeferredCudaCallError, ...
         return f"the GPU is unusable ({str(exc).strip().splitlines()[0]})"
     return None
 
 
-#: Set in the environment, it makes every float32 cuBLAS GEMM use TF32 whatever torch's flags.
+#: Set to 1 in the environment (NVIDIA's PyTorch containers do), it makes every float32 cuBLAS
+#: GEMM use TF32 whatever torch's flags; torch reads it at the process's first such GEMM.
 TF32_OVERRIDE_ENV = "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE"
 
 
 def pin_float32_matmul(device: torch.device) -> None:
-    """Full float32 precision for every float32 matrix product, process-wide: TF32 (a 10-bit
-    mantissa, ``2^-11`` relative) off for cuBLAS and
-    ``torch.set_float32_matmul_precision("highest")`` (the defaults, which a site hook or a
-    library may have changed). The float32 Grams' error bounds (:mod:`ranks`) and the stored
-    vectors' few-ulp error assume float32 rounding. On CUDA, :data:`TF32_OVERRIDE_ENV` set to
-    1 forces TF32 past both flags: a user error."""
+    """Full float32 precision for every float32 matrix product: TF32 (a 10-bit mantissa,
+    ``2^-11`` relative) off for cuBLAS and ``torch.set_float32_matmul_precision("highest")``
+    (torch's defaults, which a site hook or a library may have changed). Process-wide, and not
+    undone: a notebook that wants TF32 back sets it again. The float32 Grams' error bounds
+    (:mod:`ranks`) and the stored vectors' few-ulp error assume float32 rounding.
+
+    On CUDA, :data:`TF32_OVERRIDE_ENV` ``=1`` would force TF32 past both flags: it is removed
+    from this process's environment, with a progress line. That takes effect only if no
+    float32 GEMM ran on the GPU before (true of the extraction job, which calls this first).
+    """
     import os
 
-    from .errors import UserError
+    from .rule_script import progress
 
     torch.set_float32_matmul_precision("highest")
     torch.backends.cuda.matmul.allow_tf32 = False
-    if device.type == "cuda" and os.environ.get(TF32_OVERRIDE_ENV, "0") not in ("", "0"):
-        raise UserError(f"{TF32_OVERRIDE_ENV}={os.environ[TF32_OVERRIDE_ENV]} makes float32"
-                        " GEMMs TF32 (a 10-bit mantissa), which the effective ranks' float32"
-                        " error bound does not allow: unset it, or set it to 0")
+    if device.type == "cuda" and os.environ.get(TF32_OVERRIDE_ENV) == "1":
+        del os.environ[TF32_OVERRIDE_ENV]
+        progress(f"unset {TF32_OVERRIDE_ENV}=1 in this job: it would force TF32 (a 10-bit"
+                 " mantissa) on float32 GEMMs, beyond the effective ranks' float32 error bound")

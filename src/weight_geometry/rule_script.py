@@ -11,7 +11,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from contextlib import contextmanager, redirect_stderr, redirect_stdout, suppress
 from pathlib import Path
 from typing import TextIO
 
@@ -30,8 +30,8 @@ def run_rule(body: Callable[[], None], log_path: str | Path, outputs: list[str])
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with open(log_path, "w") as log, _fds_to(log) as real_stderr, redirect_stdout(log), \
-            redirect_stderr(log):
+    with open(log_path, "w", buffering=1) as log, _fds_to(log) as real_stderr, \
+            redirect_stdout(log), redirect_stderr(log):
         try:
             body()
         except UserError as err:
@@ -55,9 +55,10 @@ def _fail(line: str, real_stderr: TextIO, outputs: list[str]) -> None:
 @contextmanager
 def _fds_to(log: TextIO) -> Iterator[TextIO]:
     """File descriptors 1 and 2 point at ``log`` (sharing its file offset) for the block;
-    yields a text stream on the original stderr. Restored afterwards."""
-    sys.stdout.flush()
-    sys.stderr.flush()
+    yields a text stream on the original stderr. Everything buffered for them (Python's
+    streams, C's stdio) is flushed into the log before they are restored, even if a flush
+    fails."""
+    _flush_all()
     saved = [os.dup(1), os.dup(2)]
     real_stderr = os.fdopen(os.dup(saved[1]), "w")
     try:
@@ -65,11 +66,26 @@ def _fds_to(log: TextIO) -> Iterator[TextIO]:
         os.dup2(log.fileno(), 2)
         yield real_stderr
     finally:
-        log.flush()
-        for fd, copy in zip((1, 2), saved, strict=True):
-            os.dup2(copy, fd)
-            os.close(copy)
-        real_stderr.close()
+        try:
+            log.flush()
+            _flush_all()
+        finally:
+            for fd, copy in zip((1, 2), saved, strict=True):
+                os.dup2(copy, fd)
+                os.close(copy)
+            real_stderr.close()
+
+
+def _flush_all() -> None:
+    """Flush Python's original stdout/stderr and every C stdio stream (``fflush(NULL)``,
+    where the C library can be loaded)."""
+    for stream in (sys.__stdout__, sys.__stderr__, sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()
+    import ctypes
+
+    with suppress(OSError, AttributeError):   # no C library by that name (Windows)
+        ctypes.CDLL(None).fflush(None)
 
 
 def progress(message: str) -> None:
