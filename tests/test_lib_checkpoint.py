@@ -113,3 +113,72 @@ def test_bad_sources(tmp_path):
     with pytest.raises(UserError) as info:
         open_checkpoint(str(txt))
     _one_line(info.value, "weights.bin")
+
+
+def _write_with_norms(path, model_type: str, qk_norm: bool):
+    """A 2-layer checkpoint (square W_Q: 3 heads x 8 = d = 24) with random norm gains, distinct
+    per layer; returns its tensors."""
+    cfg = {**CONFIG, "model_type": model_type, "head_dim": 8}
+
+    def add_norms(t):
+        g = torch.Generator().manual_seed(7)
+        for layer in range(cfg["num_hidden_layers"]):
+            p = f"model.layers.{layer}."
+            t[p + "input_layernorm.weight"] = torch.rand(24, generator=g) + 0.5
+            t[p + "post_attention_layernorm.weight"] = torch.rand(24, generator=g) + 0.5
+            if qk_norm:
+                t[p + "self_attn.q_norm.weight"] = torch.rand(8, generator=g) + 0.5
+                t[p + "self_attn.k_norm.weight"] = torch.rand(8, generator=g) + 0.5
+
+    return {n: t.numpy() for n, t in _write(path, cfg, tweak=add_norms).items()}
+
+
+@pytest.mark.parametrize("model_type,qk_norm,offset", [("qwen3", True, 0.0),
+                                                       ("gemma", False, 1.0)])
+def test_fold_norms_scales_columns_and_head_rows(tmp_path, model_type, qk_norm, offset):
+    """W diag(g_attn) for Q/K/V, W diag(g_ffn) for gate/up, each head's rows times the QK-norm
+    gain (qwen3), gains + 1 for gemma; W_O, W_down as stored. Built element by element."""
+    t = _write_with_norms(tmp_path / "m", model_type, qk_norm)
+    ckpt = open_checkpoint(str(tmp_path / "m"), fold_norms=True)
+    for layer in range(2):
+        p = f"model.layers.{layer}."
+        attn = t[p + "input_layernorm.weight"] + offset
+        ffn = t[p + "post_attention_layernorm.weight"] + offset
+        rows = {"W_Q": np.ones(24), "W_K": np.ones(8)}
+        if qk_norm:   # row r of W_Q/W_K is dimension r % d_head of its head
+            rows = {"W_Q": np.tile(t[p + "self_attn.q_norm.weight"], 3),
+                    "W_K": t[p + "self_attn.k_norm.weight"]}
+        cols = {"W_Q": attn, "W_K": attn, "W_V": attn, "W_gate": ffn, "W_up": ffn}
+        got = ckpt.read_layer(layer, fold_norms=True)
+        raw = ckpt.read_layer(layer)
+        for wt, suffix in SUFFIX.items():
+            w = t[f"{p}{suffix}.weight"]
+            expected = w.copy()
+            for r in range(w.shape[0]):
+                for c in range(w.shape[1]):
+                    expected[r, c] = (w[r, c] * rows.get(wt, np.ones(w.shape[0]))[r]
+                                      * cols.get(wt, np.ones(w.shape[1]))[c])
+            np.testing.assert_allclose(got[wt], expected, rtol=1e-6, atol=0,
+                                       err_msg=f"{wt} layer {layer}")
+            np.testing.assert_array_equal(raw[wt], w)
+
+
+def test_inf_weight_is_user_error(tmp_path):
+    def poison(t):
+        t["model.layers.0.self_attn.o_proj.weight"][2, 1] = float("inf")
+
+    _write(tmp_path / "m", tweak=poison)
+    with pytest.raises(UserError) as info:
+        open_checkpoint(str(tmp_path / "m")).read_layer(0)
+    _one_line(info.value, "model.layers.0.self_attn.o_proj.weight", "NaN or Inf")
+
+
+def test_undecodable_dtype_fails_at_open(tmp_path):
+    """An integer tensor of the right shape: open (headers only) already stops."""
+    def to_int(t):
+        t["model.layers.1.mlp.gate_proj.weight"] = torch.zeros(40, 24, dtype=torch.int8)
+
+    _write(tmp_path / "m", tweak=to_int)
+    with pytest.raises(UserError) as info:
+        open_checkpoint(str(tmp_path / "m"))
+    _one_line(info.value, "model.layers.1.mlp.gate_proj.weight", "dtype I8")

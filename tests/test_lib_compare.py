@@ -121,3 +121,29 @@ def test_report_has_summary_numbers_figures_and_findings(models):
     for row in summary.itertuples():
         verdict = alignment_verdict(row.alignment_ratio_mean, row.ffn_input)
         assert f"- {row.model}: {verdict}" in text
+
+
+def test_findings_rank_alignment_by_ratio_and_give_bottleneck_depth():
+    # Raw alignment and alignment / chance rank these two models in opposite orders.
+    wide_record, wide = _model("wide", 6, 256, 4, 2)
+    narrow_record, narrow = _model("narrow", 5, 64, 1, 3)
+    wide["alignment"], narrow["alignment"] = 0.1, 0.2
+    wide["alignment_ratio"], narrow["alignment_ratio"] = 0.1 / (K / 256), 0.2 / (K / 64)
+    table = compare_table({"narrow": (narrow_record, narrow), "wide": (wide_record, wide)}, K)
+    text = render_compare(table, compare_summary(table), K)
+    assert ("- Ranked by mean FFN-attention alignment / chance: wide (3.20x),"
+            " narrow (1.60x).") in text
+    assert "wide at layer 4 of 6 (depth 0.67)" in text             # depth = layer / L
+    assert "narrow at layer 1 of 5 (depth 0.20)" in text
+
+
+def test_summary_table_has_similarity_to_bottleneck_of_other_layers(models):
+    table = compare_table(models, K)
+    text = render_compare(table, compare_summary(table), K)
+    lines = text[text.index("## Summary"):].splitlines()
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines
+            if line.startswith("|")]
+    column = rows[0].index("Sim to bottleneck (others)")
+    for (_, layers), row in zip(models.values(), rows[2:], strict=True):
+        others = layers.loc[~layers["is_bottleneck"], "bottleneck_similarity"].mean()
+        assert row[column] == f"{others:.4f}"

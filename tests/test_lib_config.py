@@ -195,3 +195,38 @@ def test_user_file_with_no_models_or_not_a_mapping(tmp_path):
         assert str(info.value).startswith(f"models: {shown} is not allowed (in {bad})")
     with pytest.raises(UserError, match="models: 'x' is not allowed"):
         user_models("x", [])                      # --config models=x
+
+
+def _plan_error(checkpoint, **config) -> str:
+    with pytest.raises(UserError) as info:
+        build_plan(config, {"t": {"source": str(checkpoint)}})
+    msg = str(info.value)
+    assert "\n" not in msg, msg
+    return msg
+
+
+def test_build_plan_model_bounds(tiny_checkpoint):
+    """conftest's TINY_LLAMA: L = 4, h = 4, d_head = 24 (explicit head_dim): the largest
+    allowed values plan, one past them stop with the key and the model's bound."""
+    plan = build_plan({"top_k": 24, "heads": [3], "primary_head": 3, "bottleneck": 3},
+                      {"t": {"source": str(tiny_checkpoint)}}).models["t"]
+    assert (plan.heads, plan.primary_head, plan.bottleneck) == ([3], 3, 3)
+    assert plan.chunks == [(0, 3)]
+    assert "top_k: 25" in _plan_error(tiny_checkpoint, top_k=[4, 25])
+    assert "d_head = 24" in _plan_error(tiny_checkpoint, top_k=25)
+    assert "heads: head 4" in _plan_error(tiny_checkpoint, heads=[0, 4])
+    assert "primary_head: head 4" in _plan_error(tiny_checkpoint, primary_head=4)
+    assert "bottleneck: 4" in _plan_error(tiny_checkpoint, bottleneck=4)
+    with pytest.raises(UserError, match="bottleneck: -1 is not allowed"):
+        parse_bottleneck(-1)
+    assert parse_bottleneck(0) == 0
+
+
+def test_build_plan_needs_two_layers(tmp_path):
+    from conftest import make_llama_checkpoint
+
+    one = make_llama_checkpoint(tmp_path / "one", num_hidden_layers=1)
+    assert "models.t: 1 layer(s)" in _plan_error(one)
+    two = make_llama_checkpoint(tmp_path / "two", num_hidden_layers=2)
+    plan = build_plan({"layers_per_job": 1}, {"t": {"source": str(two)}})
+    assert plan.models["t"].chunks == [(0, 0), (1, 1)]

@@ -229,3 +229,54 @@ def test_truncated_gguf_raises_user_error(tiny_gguf, tmp_path):
             GGUFFile(cut)
         msg = str(info.value)
         assert "\n" not in msg and str(cut) in msg, msg
+
+
+def test_version_2_header_opens(tiny_gguf, tmp_path):
+    """GGUF v2 has v3's layout: a file whose version field says 2 reads the same."""
+    import struct
+
+    path, _ = tiny_gguf
+    data = bytearray(path.read_bytes())
+    assert struct.unpack_from("<I", data, 4)[0] == 3
+    struct.pack_into("<I", data, 4, 2)
+    v2 = tmp_path / "v2.gguf"
+    v2.write_bytes(bytes(data))
+    ours = GGUFFile(v2)
+    np.testing.assert_array_equal(ours.read("blk.1.attn_v.weight"),
+                                  GGUFFile(path).read("blk.1.attn_v.weight"))
+
+
+def test_four_dim_and_vector_tensors_match_gguf_reader(tmp_path):
+    """GGML_MAX_DIMS = 4 dimensions are allowed; shapes are ne reversed (numpy order)."""
+    from gguf import GGUFReader, GGUFWriter
+
+    rng = np.random.default_rng(3)
+    arrays = {"four": rng.standard_normal((2, 3, 4, 5)).astype(np.float32),
+              "vec": rng.standard_normal(7).astype(np.float32),
+              "mat": rng.standard_normal((3, 8)).astype(np.float16)}
+    path = tmp_path / "dims.gguf"
+    writer = GGUFWriter(str(path), "llama")
+    for name, a in arrays.items():
+        writer.add_tensor(name, a)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    ours = GGUFFile(path)
+    ref = {t.name: t for t in GGUFReader(str(path)).tensors}
+    for name, a in arrays.items():
+        assert ours.tensors[name].shape == a.shape
+        assert ours.tensors[name].shape == tuple(int(n) for n in reversed(ref[name].shape))
+        np.testing.assert_array_equal(ours.read(name), a.astype(np.float32))
+
+
+def test_gguf_key_length_sets_d_head():
+    """An explicit attention.key_length wins over embedding_length / head_count."""
+    from weight_geometry.architectures import dims_from_gguf_metadata
+
+    meta = {"llama.block_count": 2, "llama.embedding_length": 64,
+            "llama.feed_forward_length": 96, "llama.attention.head_count": 4,
+            "llama.attention.head_count_kv": 2, "llama.attention.key_length": 10}
+    assert dims_from_gguf_metadata(meta, "llama").d_head == 10          # not 64 // 4 = 16
+    del meta["llama.attention.key_length"]
+    assert dims_from_gguf_metadata(meta, "llama").d_head == 16

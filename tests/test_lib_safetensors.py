@@ -211,3 +211,35 @@ def test_unknown_dtype_and_size_mismatch_raise_user_error(tmp_path):
         reader.read("i8")
     with pytest.raises(UserError, match="tensor short has 76 bytes, not 80"):
         reader.read("short")
+
+
+def test_byte_range_longer_than_shape_raises_user_error(tmp_path):
+    path = tmp_path / "model.safetensors"
+    save_file({"x": torch.randn(4, 5), "y": torch.randn(2)}, str(path))
+    entry = directory_entries(tmp_path)["x"]
+    reader = SafetensorsReader({
+        "long": safetensors_file.TensorEntry(path, "F32", (4, 5), entry.start, entry.end + 4)})
+    with pytest.raises(UserError, match="tensor long has 84 bytes, not 80"):
+        reader.read("long")
+
+
+def test_header_offsets_against_hand_built_file(tmp_path):
+    """A file written byte by byte: offsets are after the 8-byte length and the header; a
+    file one byte short of the last tensor's end is truncated."""
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    b = np.array([1.5, -2.0], dtype=np.float64)
+    header = json.dumps({"a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]},
+                         "b": {"dtype": "F64", "shape": [2], "data_offsets": [24, 40]}}).encode()
+    data = len(header).to_bytes(8, "little") + header + a.tobytes() + b.tobytes()
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(data)
+    entries = read_header(path)
+    start = 8 + len(header)
+    assert (entries["a"].start, entries["a"].end) == (start, start + 24)
+    assert (entries["b"].start, entries["b"].end) == (start + 24, start + 40)
+    reader = SafetensorsReader(entries)
+    np.testing.assert_array_equal(reader.read("a"), a)
+    np.testing.assert_array_equal(reader.read("b"), b.astype(np.float32))
+    path.write_bytes(data[:-1])
+    with pytest.raises(UserError, match="tensor b extends past the end of the file"):
+        read_header(path)

@@ -130,7 +130,8 @@ def test_correlate_matches_scipy(n):
     rng = np.random.default_rng(n)
     x = rng.standard_normal(n)
     y = 0.5 * x + rng.standard_normal(n)
-    y[0] = y[1]                                       # a tie for Spearman
+    y[0] = y[1]                                       # ties for Spearman, in y and in x
+    x[-1] = x[-2]
     c = correlate(x, y, n_perm=500)
     assert c.n == n and c.defined
     assert c.pearson == pytest.approx(stats.pearsonr(x, y)[0], abs=1e-12)
