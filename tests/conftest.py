@@ -71,6 +71,19 @@ def run_snakemake(workdir: Path, *args: str, config: dict | None = None,
                           env={**os.environ, **(env or {})}, cwd=workdir)
 
 
+def markdown_table(text: str, heading: str) -> list[dict[str, str]]:
+    """The rows of the first markdown table after ``heading`` in ``text``, as column -> cell."""
+    lines = text[text.index(heading):].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    header, body = rows[0], rows[2:]
+    return [dict(zip(header, row, strict=True)) for row in body]
+
+
 def orthonormal_rows(m: np.ndarray) -> np.ndarray:
     """``(..., k, d)`` -> orthonormal rows spanning the same row spaces: QR of the transpose,
     columns' signs fixed by R's diagonal (so Gaussian input gives Haar-random subspaces)."""

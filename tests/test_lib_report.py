@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import markdown_table
 
 from weight_geometry.report import per_head_table, render
 from weight_geometry.results_io import Analysis
@@ -83,21 +84,8 @@ def text() -> str:
     return render(_analysis())
 
 
-def _table(text: str, heading: str) -> list[dict[str, str]]:
-    """The rows of the first markdown table after ``heading``, as column -> cell."""
-    lines = text[text.index(heading):].splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
-    rows = []
-    for line in lines[start:]:
-        if not line.startswith("|"):
-            break
-        rows.append([cell.strip() for cell in line.strip("|").split("|")])
-    header, body = rows[0], rows[2:]
-    return [dict(zip(header, row, strict=True)) for row in body]
-
-
 def _metrics(text: str, heading: str) -> dict[str, str]:
-    return {row["Metric"]: row["Value"] for row in _table(text, heading)}
+    return {row["Metric"]: row["Value"] for row in markdown_table(text, heading)}
 
 
 def test_off_diagonal_z_count_is_per_layer_pair(text):
@@ -110,7 +98,7 @@ def test_off_diagonal_z_count_is_per_layer_pair(text):
 
 def test_similarity_by_distance_ratio_is_mean_over_chance(text):
     sims = _similarity()
-    rows = _table(text, "### Similarity by layer distance")
+    rows = markdown_table(text, "### Similarity by layer distance")
     assert [int(r["Distance"]) for r in rows] == [1, 2, 3, 5]     # DISTANCES < L and L // 2
     for row in rows:
         dist = int(row["Distance"])
@@ -120,7 +108,7 @@ def test_similarity_by_distance_ratio_is_mean_over_chance(text):
 
 
 def test_head_matching_distant_pairs_are_more_than_a_third_apart(text):
-    rows = {r["Matrix"]: r for r in _table(text, "## Head matching")}
+    rows = {r["Matrix"]: r for r in markdown_table(text, "## Head matching")}
     best = {(a, b): 0.1 * (b - a) + 0.01 * a for a in range(L) for b in range(a + 1, L)}
     distant = [v for (a, b), v in best.items() if b - a > L // 3]       # 3, 4, 5 apart
     adjacent = [v for (a, b), v in best.items() if b - a == 1]
@@ -157,7 +145,7 @@ def test_per_head_table_mean_and_population_std():
 
 
 def test_k_sweep_rows_include_the_report_k(text):
-    rows = _table(text, "## k-sensitivity")
+    rows = markdown_table(text, "## k-sensitivity")
     assert [int(r["k"]) for r in rows] == [1, 2, 3, 4]     # KSWEEP_ROWS below d_head, and k=3
 
 
@@ -171,6 +159,6 @@ def test_ill_defined_subspaces_listed_smallest_gap_first(text):
 
 
 def test_missing_values_and_z_scores_formatted(text):
-    assert _table(text, "## Cross-reference")[-1]["Adj sim"] == "n/a"
-    z = [r["z"] for r in _table(text, "### Per-layer alignment")]
+    assert markdown_table(text, "## Cross-reference")[-1]["Adj sim"] == "n/a"
+    z = [r["z"] for r in markdown_table(text, "### Per-layer alignment")]
     assert z == [f"{(a - CHANCE) / 0.02:+.1f}" for a in ALIGN]

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import NEEDS_CUDA, assert_ok, run_snakemake, tiny_run_config
+from conftest import NEEDS_CUDA, assert_ok, markdown_table, run_snakemake, tiny_run_config
 
 from weight_geometry.figure_names import FIGURES
 from weight_geometry.results_io import Analysis
@@ -214,15 +214,7 @@ def test_report_sections_and_figures(tiny_run):
 
 def _table_column(text: str, heading: str, column: str) -> list[str]:
     """The cells of ``column`` in the first markdown table after ``heading``."""
-    lines = text[text.index(heading):].splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
-    rows = []
-    for line in lines[start:]:
-        if not line.startswith("|"):
-            break
-        rows.append([cell.strip() for cell in line.strip("|").split("|")])
-    header, body = rows[0], rows[2:]
-    return [row[header.index(column)] for row in body]
+    return [row[column] for row in markdown_table(text, heading)]
 
 
 def test_layers_per_job_splits_extraction_with_identical_results(tmp_path, tiny_run,
