@@ -24,6 +24,14 @@ TINY_LLAMA = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4,
 #: none: those cases are skipped there; on a GPU node they check ``device: cuda``).
 NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 DEVICES = ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)]
+#: For what only a machine without a GPU shows (``device: cuda`` failing there).
+NEEDS_NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(),
+                                   reason="needs a machine without a GPU")
+
+
+def config_schema() -> dict:
+    """workflow/schemas/config.schema.yaml, parsed."""
+    return yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
 
 
 def make_llama_checkpoint(path: Path, seed: int = 0, **overrides) -> Path:

@@ -7,8 +7,7 @@ import json
 
 import numpy as np
 import pytest
-import torch
-from conftest import error_line, make_llama_checkpoint, run_snakemake
+from conftest import NEEDS_NO_CUDA, error_line, make_llama_checkpoint, run_snakemake
 
 pytestmark = pytest.mark.workflow
 
@@ -125,7 +124,7 @@ def test_nan_tensor_fails_its_job_with_one_line(tmp_path):
     assert not list((tmp_path / "run").glob("results/tiny/k*/report.md"))
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+@NEEDS_NO_CUDA
 def test_device_cuda_without_a_gpu_fails_its_job_with_one_line(tmp_path, tiny_checkpoint):
     """``device: cuda`` is a valid value that only the extraction job, on its node, can test:
     without a GPU it fails with one line in the console and leaves no outputs."""

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+from conftest import config_schema
 
 from weight_geometry.config import (
     CONFIG_KEYS,
@@ -113,17 +112,10 @@ def test_user_models_replaces_rather_than_merges(tmp_path):
     assert user_models(merged, [empty]) == merged
 
 
-def _schema() -> dict:
-    import yaml
-
-    return yaml.safe_load((Path(__file__).parents[1] / "workflow/schemas/config.schema.yaml")
-                          .read_text())
-
-
 def test_config_keys_and_defaults_are_the_schemas():
     """The library's top-level keys (its one-line error for a typo) and defaults, and the
     schema's."""
-    schema = _schema()
+    schema = config_schema()
     assert sorted(schema["properties"]) == sorted(CONFIG_KEYS)
     assert schema["additionalProperties"] is False
     assert {key: prop["default"] for key, prop in schema["properties"].items()
@@ -150,14 +142,15 @@ def test_what_the_library_accepts_the_schema_accepts(key, value):
     import jsonschema
 
     PARSERS[key](value)
-    jsonschema.validate({"models": {"m": {"source": "/m"}}, key: value}, _schema())
+    jsonschema.validate({"models": {"m": {"source": "/m"}}, key: value}, config_schema())
 
 
-def test_effective_ranks_null_passes_the_schema():
+def test_effective_ranks_null_passes_theconfig_schema():
     import jsonschema
 
-    _check_model_entry("m", {"source": "/m", "effective_ranks": None})
-    jsonschema.validate({"models": {"m": {"source": "/m", "effective_ranks": None}}}, _schema())
+    entry = {"source": "/m", "effective_ranks": None}
+    _check_model_entry("m", entry)
+    jsonschema.validate({"models": {"m": entry}}, config_schema())
 
 
 @pytest.mark.parametrize(("config", "fragments"), [

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICES
+from conftest import DEVICES, NEEDS_NO_CUDA
 
 from weight_geometry import kernels, ranks
 from weight_geometry.errors import UserError
@@ -77,16 +77,17 @@ def test_head_subspaces_match_full_svd(monkeypatch, d, h, n_kv, d_head, panel, d
     _check_against_naive(w_q, w_k, h, n_kv, d_head, device=device)
 
 
-def _record_qr(monkeypatch) -> list[np.ndarray]:
-    """Every input of ``torch.linalg.qr`` (the Householder fallback) from now on, as numpy."""
+def _record_inputs(monkeypatch, name: str) -> list[np.ndarray]:
+    """Every input of ``torch.linalg.<name>`` (a fallback: ``qr``, ``svd``) from now on, as
+    numpy."""
     inputs = []
-    torch_qr = torch.linalg.qr
+    original = getattr(torch.linalg, name)
 
-    def recording_qr(x, *args, **kwargs):
+    def recording(x, *args, **kwargs):
         inputs.append(x.cpu().numpy())
-        return torch_qr(x, *args, **kwargs)
+        return original(x, *args, **kwargs)
 
-    monkeypatch.setattr(torch.linalg, "qr", recording_qr)
+    monkeypatch.setattr(torch.linalg, name, recording)
     return inputs
 
 
@@ -116,7 +117,7 @@ def test_rank_deficient_and_ill_conditioned_query_heads(monkeypatch, device):
     cholesky, info = (t.cpu() for t in torch.linalg.cholesky_ex(
         on_device.transpose(1, 2) @ on_device, upper=True))
     r_householder = torch.linalg.qr(q_t, mode="r")[1]
-    householder_inputs = _record_qr(monkeypatch)
+    householder_inputs = _record_inputs(monkeypatch, "qr")
     r = query_r_factors(on_device).cpu()
     assert len(householder_inputs) == 1, "one Householder QR, of the rejected heads"
     np.testing.assert_array_equal(householder_inputs[0], q_t[[0, 1]].numpy(),
@@ -200,16 +201,9 @@ def test_core_svd_gram_route_and_svd_fallback(monkeypatch, device):
     core = np.stack([rng.standard_normal((n, n)), _with_condition(rng, n, n, 1e3),
                      _with_condition(rng, n, n, 1e6), rng.standard_normal((n, n))])
     core[3, 4] = core[3, 7]                              # singular
-    svd_batches = []
-    torch_svd = torch.linalg.svd
-
-    def recording_svd(x, *args, **kwargs):
-        svd_batches.append(x.shape[0])
-        return torch_svd(x, *args, **kwargs)
-
-    monkeypatch.setattr(torch.linalg, "svd", recording_svd)
+    svd_inputs = _record_inputs(monkeypatch, "svd")
     s, vc_t = (t.cpu() for t in kernels.core_svd(torch.from_numpy(core).to(device)))
-    assert svd_batches == [2], "only the two ill-conditioned cores take the SVD"
+    assert [len(x) for x in svd_inputs] == [2], "only the two ill-conditioned cores take the SVD"
     for b in range(len(core)):
         _, s_ref, vt_ref = np.linalg.svd(core[b])
         np.testing.assert_allclose(s[b], s_ref, rtol=1e-8 if b < 2 else 1e-12,
@@ -274,7 +268,7 @@ def test_thin_qr_matches_householder_and_falls_back(monkeypatch, device):
                   _with_condition(rng, m, n, 1e6).T, rng.standard_normal((n, m))])
     x[3, :, 5] = x[3, :, 2]                              # rank-deficient: Cholesky fails
     q_h, r_h = torch.linalg.qr(torch.from_numpy(x))
-    householder_inputs = _record_qr(monkeypatch)
+    householder_inputs = _record_inputs(monkeypatch, "qr")
     q, r = (t.cpu() for t in thin_qr(torch.from_numpy(x).to(device)))
     assert len(householder_inputs) == 1, "one Householder QR, of the rejected matrices"
     np.testing.assert_array_equal(householder_inputs[0], x[[2, 3]],
@@ -309,7 +303,7 @@ def test_resolve_device_without_a_usable_gpu(monkeypatch, capsys):
         "cuda")
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+@NEEDS_NO_CUDA
 def test_cuda_problem_without_a_gpu():
     assert kernels.cuda_problem() == "torch.cuda.is_available() is False"
 

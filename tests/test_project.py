@@ -12,7 +12,7 @@ import tomllib
 import jsonschema
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, config_schema
 from packaging.requirements import Requirement
 
 SMK = [str(REPO / "Snakefile"), *map(str, sorted((REPO / "workflow/rules").glob("*.smk")))]
@@ -84,7 +84,7 @@ def test_conda_pins_are_what_the_tests_run_with(package):
 
 
 def test_shipped_config_matches_schema():
-    schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
+    schema = config_schema()
     config = yaml.safe_load((REPO / "config/config.yaml").read_text())
     jsonschema.validate(config, schema)
     for key, prop in schema["properties"].items():
