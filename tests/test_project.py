@@ -12,7 +12,7 @@ import tomllib
 import jsonschema
 import pytest
 import yaml
-from conftest import REPO, config_schema
+from conftest import REPO, config_schema, markdown_table
 from packaging.requirements import Requirement
 
 SMK = [str(REPO / "Snakefile"), *map(str, sorted((REPO / "workflow/rules").glob("*.smk")))]
@@ -90,6 +90,20 @@ def test_shipped_config_matches_schema():
     for key, prop in schema["properties"].items():
         if "default" in prop:
             assert config[key] == prop["default"], key
+
+
+def test_readme_config_table_lists_the_schema_keys_with_their_defaults():
+    rows = markdown_table((REPO / "README.md").read_text(), "## Configuration")
+    documented = {row["key"].strip("`"): row["default"] for row in rows}
+    schema = config_schema()
+    per_model = schema["properties"]["models"]["additionalProperties"]["properties"]
+    assert set(documented) == {*schema["properties"], *(f"models.*.{k}" for k in per_model)}
+    shipped = yaml.safe_load((REPO / "config/config.yaml").read_text())
+    for key, prop in schema["properties"].items():
+        default = prop.get("default", shipped.get(key))
+        assert yaml.safe_load(documented[key].strip("`")) == default, key
+    assert documented["models.*.source"] == "required"
+    assert documented["models.*.effective_ranks"] == "none"
 
 
 def test_rule_scripts_import_only_the_glue_at_top():
