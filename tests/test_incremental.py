@@ -87,6 +87,17 @@ def test_new_bottleneck_plans_only_its_dependants(base):
                      "report_markdown"]
 
 
+def test_new_primary_head_plans_its_matrix_and_the_primary_head_tables(base):
+    jobs = dry(base, primary_head=2)   # the sample is heads 0 and 1: head 2 has no matrix yet
+    assert sorted(r for r, _ in jobs) == ["bottleneck_similarity", "layer_table",
+                                          "report_figures", "report_markdown",
+                                          "similarity_matrix"]
+    assert [o for r, outs in jobs if r == "similarity_matrix" for o in outs] == [
+        "results/tiny/k4/similarity_head2.npy"]
+    # a primary head that is already sampled has its matrix
+    assert "similarity_matrix" not in {r for r, _ in dry(base, primary_head=1)}
+
+
 @pytest.mark.parametrize(("change", "first"), [({"device": "auto"}, "extract_layers"),
                                                ({"fold_norms": True}, "model_info")])
 def test_extraction_knob_plans_extraction_and_everything_after(base, change, first):
