@@ -93,7 +93,7 @@ def test_best_match_recovers_planted_permutation_that_same_index_misses():
         # labels[b, j] == labels[a, i].
         planted = np.argsort(labels[b])[labels[a]]
         np.testing.assert_array_equal(pairs[a, b], planted)
-    table = layer_pair_table(sims, k, d, n_perm=200)
+    table = layer_pair_table(sims, k, d, n_heads, k, n_perm=200)
     assert (table["z_best_match"] > 20).all()
     assert (table["z_same_index"].abs() < 5).all()
     # Against the random pairing (which averages in the one true match per head) the same-index
@@ -105,17 +105,18 @@ def test_best_match_recovers_planted_permutation_that_same_index_misses():
 def test_same_index_planted_shared_subspaces_give_large_z():
     bases, _ = _planted(seed=3, relabel=False)
     n_layers, n_heads, k, d = bases.shape
-    table = layer_pair_table(cross_head_similarity(bases), k, d, n_perm=200)
+    table = layer_pair_table(cross_head_similarity(bases), k, d, n_heads, k, n_perm=200)
     assert (table["same_index"] > 0.95).all()
     assert (table["z_same_index"] > 20).all()
     assert (table["z_same_index_vs_pairing"] > 3).all()
 
 
 def test_z_scores_standard_under_isotropic_null():
+    """Independent Haar heads (multi-head attention: one KV head per head) are the null."""
     rng = np.random.default_rng(4)
     n_layers, n_heads, k, d = 14, 6, 3, 30
     sims = cross_head_similarity(haar_bases(rng, (n_layers, n_heads), k, d))
-    table = layer_pair_table(sims, k, d, n_perm=300)
+    table = layer_pair_table(sims, k, d, n_heads, k, n_perm=300)
     assert len(table) == n_layers * (n_layers - 1) // 2
     assert (table["layer_a"] < table["layer_b"]).all()
     # 91 pairwise-independent z (same_index): mean within ~5 standard errors of 0.
@@ -124,7 +125,31 @@ def test_z_scores_standard_under_isotropic_null():
         assert abs(z.mean()) < 0.5, column
         assert 0.7 < z.std() < 1.3, column
     assert np.allclose(table["isotropic_mean"], k / d)
-    assert np.allclose(table["isotropic_std"], null_std(k, d) / np.sqrt(n_heads))
+    # the simulated null against the exact std of a mean of h independent similarities
+    assert table["isotropic_std"][0] == pytest.approx(null_std(k, d) / np.sqrt(n_heads),
+                                                      rel=0.1)
+
+
+@pytest.mark.parametrize("n_kv", [1, 2, 8])
+def test_z_scores_standard_for_random_weights_with_shared_kv_heads(n_kv):
+    """Kernel subspaces of Gaussian W_Q, W_K through the library, with 8 query heads on n_kv KV
+    heads: heads sharing a KV head are correlated, and the nulls must say so (a null of
+    independent heads gives best-match z around -3 at n_kv = 1, a same-index z std of 1.9)."""
+    import torch
+
+    from weight_geometry.kernels import head_subspaces
+
+    n_layers, n_heads, d_head, d, k = 40, 8, 16, 128, 8
+    torch.manual_seed(n_kv)
+    w_q = torch.randn(n_layers * n_heads * d_head, d, dtype=torch.float64)
+    w_k = torch.randn(n_layers * n_kv * d_head, d, dtype=torch.float64)
+    vectors = head_subspaces(w_q, w_k, n_layers * n_heads, n_layers * n_kv, d_head)[0]
+    bases = vectors.numpy().reshape(n_layers, n_heads, d_head, d)[:, :, :k]
+    table = layer_pair_table(cross_head_similarity(bases), k, d, n_kv, d_head, n_perm=20)
+    for column in ("z_same_index", "z_best_match"):
+        z = table[column]
+        assert abs(z.mean()) < 0.4, column
+        assert 0.75 < z.std() < 1.25, column
 
 
 def _hoeffding(c: np.ndarray) -> tuple[float, float]:
@@ -154,7 +179,7 @@ def test_random_pairing_null_matches_exact_moments():
 
 def test_single_head_pairing_std_zero_gives_nan_z():
     bases = haar_bases(np.random.default_rng(6), (3, 1), 2, 8)
-    table = layer_pair_table(cross_head_similarity(bases), 2, 8, n_perm=20)
+    table = layer_pair_table(cross_head_similarity(bases), 2, 8, 1, 2, n_perm=20)
     assert (table["random_pairing_std"] == 0).all()
     assert table["z_same_index_vs_pairing"].isna().all()
     np.testing.assert_allclose(table["best_match"], table["same_index"])

@@ -10,8 +10,9 @@ from weight_geometry.nulls import (
     alignment_ceiling,
     alignment_null_std,
     alignment_z,
-    best_match_null,
+    bartlett_r,
     normalized_alignment,
+    random_weight_bases,
     similarity_z,
 )
 from weight_geometry.similarity import null_std
@@ -121,22 +122,6 @@ def test_alignment_ceiling_and_normalization():
     np.testing.assert_allclose(per_head, np.ones((1, 4)))
 
 
-@pytest.mark.parametrize("k,d,h", [(1, 16, 4), (3, 24, 6)])
-def test_best_match_null_by_monte_carlo(k, d, h):
-    rng = np.random.default_rng(k + d + h)
-    n = 3000
-    va, vb = haar_bases(rng, (n, h), k, d), haar_bases(rng, (n, h), k, d)
-    sims = np.square(np.einsum("nird,njsd->nijrs", va, vb)).sum(axis=(3, 4)) / k
-    draws = sims.max(axis=2).mean(axis=1)
-    mean, std = best_match_null(k, d, h)
-    se = draws.std(ddof=1) / np.sqrt(n)
-    # Two Monte Carlo estimates (4000 model draws, n Haar draws) plus the Beta approximation.
-    assert abs(draws.mean() - mean) < 4 * se * np.sqrt(1 + n / 4000) + 0.02 * std
-    assert draws.std(ddof=1) == pytest.approx(std, rel=_std_tolerance(draws) + 0.05)
-    assert mean > k / d + std, "the max over heads must sit above chance"
-    assert best_match_null(k, d, h) == (mean, std), "seeded: reproducible"
-
-
 def test_alignment_null_std_of_a_flat_spectrum_is_zero():
     """A flat W_in spectrum (W_in^T W_in = c I) gives every k-subspace the same alignment:
     std exactly 0, not NaN from a rounding-negative variance."""
@@ -145,10 +130,71 @@ def test_alignment_null_std_of_a_flat_spectrum_is_zero():
         assert std.tolist() == [0.0]
 
 
-def test_best_match_null_of_one_head_is_the_similarity_null():
-    """With h = 1 the max over candidates is the one similarity: the Beta has the null's mean
-    and std (exact at k = 1, where sim = cos^2 ~ Beta(1/2, (d-1)/2))."""
-    n = 40000
-    mean, std = best_match_null(1, 16, 1, n_samples=n)
-    assert abs(mean - 1 / 16) < 4 * null_std(1, 16) / np.sqrt(n)
-    assert std == pytest.approx(null_std(1, 16), rel=0.02)   # std's MC error ~0.7 %
+def test_bartlett_r_is_distributed_as_the_r_of_a_gaussian_qr():
+    """Entry by entry, its mean and std against the R (diagonal made positive) of numpy's QR
+    of standard Gaussian n x m matrices, an independent draw of the same law."""
+    n, m, draws = 7, 4, 20000
+    rng = np.random.default_rng(0)
+    r = bartlett_r(rng, n, m, (draws,))
+    ref = np.linalg.qr(rng.standard_normal((draws, n, m)))[1]
+    ref = ref * np.sign(np.diagonal(ref, axis1=1, axis2=2))[:, :, None]
+    assert np.all(np.tril(r, -1) == 0) and np.all(np.diagonal(r, axis1=1, axis2=2) > 0)
+    upper = np.triu(np.ones((m, m), dtype=bool))
+    se = ref.std(0)[upper] / np.sqrt(draws)
+    np.testing.assert_array_less(np.abs(r.mean(0) - ref.mean(0))[upper], 5 * np.sqrt(2) * se)
+    np.testing.assert_allclose(r.std(0)[upper], ref.std(0)[upper], rtol=0.04)
+    # exactly: E[R_rr^2] = n - r (chi-square), E[R^T R] = n I (Wishart)
+    np.testing.assert_allclose(np.mean(np.diagonal(r, axis1=1, axis2=2) ** 2, 0),
+                               n - np.arange(m), rtol=0.03)
+
+
+def _gaussian_weight_bases(rng, n_layers, n_heads, n_kv, d_head, d, k):
+    """The reference: W_Q and W_K drawn whole, through the library's kernel subspaces. The
+    layers go as one model of ``n_layers h`` heads and ``n_layers n_kv`` KV heads (head ``l h +
+    i`` pairs with KV head ``l n_kv + i // g``, as in layer ``l``)."""
+    import torch
+
+    from weight_geometry.kernels import head_subspaces
+
+    w_q = torch.from_numpy(rng.standard_normal((n_layers * n_heads * d_head, d)))
+    w_k = torch.from_numpy(rng.standard_normal((n_layers * n_kv * d_head, d)))
+    vectors = head_subspaces(w_q, w_k, n_layers * n_heads, n_layers * n_kv, d_head)[0]
+    return vectors.numpy().reshape(n_layers, n_heads, d_head, d)[:, :, :k]
+
+
+def _pair_statistics(bases: np.ndarray) -> dict[str, np.ndarray]:
+    """Independent draws of the statistics the head-matching nulls rest on: per disjoint layer
+    pair (0, 1), (2, 3), ..., same-index and best match (:mod:`head_matching`'s definitions);
+    per layer, the similarity of heads 0 and 1 and of heads 0 and h - 1."""
+    k = bases.shape[2]
+    a, b = bases[0::2], bases[1::2]
+    cross = np.square(np.einsum("pikd,pjld->pijkl", a, b)).sum(axis=(3, 4)) / k
+    within = [np.square(np.einsum("pkd,pld->pkl", bases[:, 0], bases[:, j])).sum(axis=(1, 2)) / k
+              for j in (1, -1)]
+    return {"same_index": np.einsum("pii->pi", cross).mean(1),
+            "best_match": cross.max(axis=2).mean(1),
+            "heads_0_1": within[0], "heads_0_last": within[1]}
+
+
+@pytest.mark.parametrize("n_kv", [1, 2, 4])
+def test_random_weight_bases_match_drawn_gaussian_weights(n_kv):
+    """Orthonormal rows; one KV head's query heads inside one d_head-dimensional space; and
+    the similarities that the head-matching nulls use have the law of the subspaces of drawn
+    Gaussian W_Q and W_K (the library's kernels): within a layer (heads 0 and 1 share a KV
+    head unless n_kv = h) and across layers (same-index, best match), mean and std over 4000
+    independent layers (2000 layer pairs) of each."""
+    n_layers, n_heads, d_head, d, k = 4000, 4, 6, 40, 3
+    fast = random_weight_bases(np.random.default_rng(1), n_layers, n_heads, n_kv, d_head, d, k)
+    assert fast.shape == (n_layers, n_heads, k, d) and fast.dtype == np.float32
+    np.testing.assert_allclose(fast @ np.swapaxes(fast, -1, -2),
+                               np.broadcast_to(np.eye(k), (n_layers, n_heads, k, k)), atol=1e-6)
+    group = n_heads // n_kv
+    if group > 1:   # g k = 6 directions of one KV head span only its d_head = 6 dimensions
+        assert np.linalg.matrix_rank(fast[0, :group].reshape(group * k, d), tol=1e-4) == d_head
+    ref = _pair_statistics(_gaussian_weight_bases(np.random.default_rng(2), n_layers, n_heads,
+                                                  n_kv, d_head, d, k))
+    for name, x in _pair_statistics(fast).items():
+        y = ref[name]
+        se = np.hypot(x.std(), y.std()) / np.sqrt(len(x))
+        assert abs(x.mean() - y.mean()) < 5 * se, name
+        assert x.std() == pytest.approx(y.std(), rel=np.sqrt(2) * _std_tolerance(y)), name

@@ -1,7 +1,10 @@
 """Isotropic nulls and z-scores for similarity, alignment and best-match statistics.
 
 Under the isotropic null a head's top-k subspace is a Haar-random k-subspace of R^d, drawn
-independently for every (layer, head).
+independently for every layer: what the kernel of isotropic random weights (Gaussian W_Q and
+W_K) gives. Within a layer, heads that share a KV head share its row space
+(:func:`random_weight_bases`), so statistics over several heads of one layer (the head-matching
+nulls of :mod:`head_matching`) are simulated from such weights, not from independent heads.
 
 Similarity (mean and std in :mod:`similarity`): ``E[sim] = k/d``,
 ``Var[sim] = 2 (d-k)^2 / (d^2 (d-1)(d+2))``.
@@ -79,22 +82,40 @@ def normalized_alignment(align, k: int, d: int, ceiling) -> np.ndarray:
         return (np.asarray(align, dtype=float) - chance) / (_along_layers(ceiling, align) - chance)
 
 
-def best_match_null(k: int, d: int, h: int, n_samples: int = 4000,
-                    seed: int = 0) -> tuple[float, float]:
-    """Mean and std of ``mean_i max_j sim(V_a,i, V_b,j)`` over ``h x h`` head pairs under the
-    isotropic null, by seeded Monte Carlo.
+def bartlett_r(rng: np.random.Generator, n: int, m: int, size: tuple[int, ...]) -> np.ndarray:
+    """``size + (m, m)`` upper-triangular matrices distributed as the ``R`` (positive diagonal)
+    of the thin QR of an ``n x m`` standard Gaussian matrix (Bartlett's decomposition):
+    ``R_rr = sqrt(chi2(n - r))``, ``R_rc ~ N(0, 1)`` above the diagonal, all independent, and
+    independent of the ``Q``. Cost O(m^2) each, instead of ``2 n m^2`` for a QR."""
+    r = np.triu(rng.standard_normal((*size, m, m)), 1)
+    diag = np.arange(m)
+    r[..., diag, diag] = np.sqrt(rng.chisquare(n - diag, size=(*size, m)))
+    return r
 
-    Each ``sim`` is drawn from the Beta distribution with the null's mean and variance (exact
-    for ``k = 1``, where ``sim = cos^2`` is ``Beta(1/2, (d-1)/2)``), independently for all
-    ``h^2`` pairs (their correlations are O(1/d)). The max over ``h`` candidates lifts the mean
-    above ``k/d``: a best match must be compared with this, not with ``k/d``.
-    Cost O(n_samples h^2). Returns ``(nan, nan)`` when ``k = d`` (no randomness).
+
+def random_weight_bases(rng: np.random.Generator, n_layers: int, n_heads: int,
+                        n_kv_heads: int, d_head: int, d: int, k: int) -> np.ndarray:
+    """``(n_layers, h, k, d)`` float32: the top-k right singular vectors of every head's kernel
+    ``W_Q_i^T W_K_j`` for isotropic random weights, W_Q ``(h d_head, d)`` and W_K ``(n_kv d_head,
+    d)`` with independent standard Gaussian entries in every layer.
+
+    With ``W_K_j^T = Q_j R_j`` and ``W_Q_i^T = Q'_i B_i`` (thin QRs) the kernel is ``Q'_i (B_i
+    R_j^T) Q_j^T``, so its right singular vectors are ``Q_j`` times the eigenvectors of ``(B_i
+    R_j^T)^T (B_i R_j^T)``, a ``d_head x d_head`` problem (as :mod:`kernels` factors it).
+    ``Q'_i`` never matters and ``B_i`` is drawn directly (:func:`bartlett_r`); ``Q_j, R_j`` come
+    from the QR of a drawn Gaussian ``W_K_j^T``. Each head's subspace is then Haar-random (the
+    isotropic null of one similarity), but the ``h / n_kv`` heads of one KV head all lie in its
+    ``d_head``-dimensional row space and share ``R_j``: their subspaces are correlated, which
+    widens the null of a mean over heads and lowers that of a max over heads (grouped-query
+    attention; independent heads when ``n_kv = h``). Cost per layer ``O(n_kv d d_head^2 + h
+    d_head^3 + h k d_head d)``, one layer at a time; memory the result.
     """
-    mean, std = null_mean(k, d), null_std(k, d)
-    if std == 0:
-        return float("nan"), float("nan")
-    concentration = mean * (1 - mean) / std**2 - 1
-    draws = np.random.default_rng(seed).beta(mean * concentration, (1 - mean) * concentration,
-                                             size=(n_samples, h, h))
-    stat = draws.max(axis=2).mean(axis=1)
-    return float(stat.mean()), float(stat.std(ddof=1))
+    group = n_heads // n_kv_heads
+    bases = np.empty((n_layers, n_kv_heads, group, k, d), dtype=np.float32)
+    for layer in range(n_layers):
+        q, r = np.linalg.qr(rng.standard_normal((n_kv_heads, d, d_head)))
+        core = bartlett_r(rng, d, d_head, (n_kv_heads, group)) @ np.swapaxes(r, 1, 2)[:, None]
+        _, vectors = np.linalg.eigh(np.swapaxes(core, -1, -2) @ core)       # ascending
+        top = np.swapaxes(vectors[..., ::-1][..., :k], -1, -2)               # (n_kv, g, k, d_head)
+        bases[layer] = top.astype(np.float32) @ np.swapaxes(q, 1, 2)[:, None].astype(np.float32)
+    return bases.reshape(n_layers, n_heads, k, d)

@@ -171,9 +171,12 @@ def _head_matching(a: Analysis):
     yield ("- **Random pairing** (structured null): heads of the two layers paired at random"
            " (seeded permutations). What any two heads of these layers share; best match far"
            " above it means specific heads correspond.")
-    yield (f"- **Isotropic null**: random k-subspaces of R^{d}, mean k/d ="
+    yield (f"- **Isotropic null**: the same statistics for isotropic random weights of this"
+           f" architecture (Gaussian W_Q and W_K, simulated), whose heads' subspaces are random"
+           f" k-subspaces of R^{d} but share their KV head's row space"
+           f" ({a.model['n_heads']} heads on {a.model['n_kv_heads']} KV heads): mean k/d ="
            f" {null_mean(k, d):.4f} for same-index and random pairing; for the best match, the"
-           " expected maximum over heads of random subspaces (`best_match_null_mean`).\n")
+           " expected maximum over heads (`best_match_null_mean`).\n")
     yield _fig("best_match", "Same-index and best-match similarity") + "\n"
     adjacent = pairs["layer_b"] - pairs["layer_a"] == 1
     distant = pairs["layer_b"] - pairs["layer_a"] > n // 3
@@ -181,7 +184,7 @@ def _head_matching(a: Analysis):
     for column, label in [("same_index", "Same-index (mean over heads)"),
                           ("best_match", "Best match"),
                           ("random_pairing_mean", "Random pairing (structured null)"),
-                          ("best_match_null_mean", "Best match of random subspaces")]:
+                          ("best_match_null_mean", "Best match of isotropic random weights")]:
         rows.append((label, *(f"{pairs.loc[sel, column].mean():.4f}" if sel.any() else "n/a"
                               for sel in (pairs.index >= 0, adjacent, distant))))
     rows.append(("Isotropic null (k/d)", *[f"{null_mean(k, d):.4f}"] * 3))

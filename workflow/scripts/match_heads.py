@@ -14,7 +14,8 @@ def main():
     matrix, pairs = best_match(cross)
     save_result(out.best_match, matrix)
     save_result(out.pairs, pairs)
-    table = layer_pair_table(cross, k, read_json(snakemake.input.model)["d_model"])
+    model = read_json(snakemake.input.model)
+    table = layer_pair_table(cross, k, model["d_model"], model["n_kv_heads"], model["d_head"])
     table.to_parquet(out.table, index=False)
     table.to_csv(out.csv, index=False)
 
