@@ -147,3 +147,21 @@ def test_model_name_with_a_dot_matches_only_itself(tmp_path, tiny_checkpoint):
     assert "No rule to produce results/tinyx1/model.json" in proc.stdout + proc.stderr
     proc = run_snakemake(tmp_path, "-n", "results/tiny.1/model.json", config=config)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("target", [
+    "results/tiny/k25/report.md",              # k > d_head = 24 (k = 4 is planned)
+    "results/tiny/k0/report.md",
+    "results/tiny/k4/similarity_head9.npy",     # h = 4
+    "results/tiny/k4/similarity_head3.npy",     # a real head, but not in the plan's sample
+    "results/tiny/bases/layers002-009/vectors.npy",
+])
+def test_target_outside_the_plan_has_no_rule(tmp_path, tiny_checkpoint, target):
+    """A k, head or layer range that the config does not ask for was never checked: asking
+    for it by name plans nothing (it used to run jobs that failed with tracebacks, leaving
+    complete-looking tables for k = 25 behind)."""
+    config = config_for(tiny_checkpoint, top_k=4, heads=[0, 1])
+    proc = run_snakemake(tmp_path, target, config=config)
+    assert proc.returncode != 0 and "Traceback" not in proc.stdout + proc.stderr
+    assert f"No rule to produce {target}" in proc.stdout + proc.stderr
+    assert not (tmp_path / "results").exists()

@@ -29,12 +29,19 @@ K = "results/{model}/k{k}"
 C = "results/compare/k{k}"
 
 
+def one_of(values, width=0):
+    """A wildcard constraint matching exactly these values (zero-padded to ``width``): a target
+    outside the plan (a k, head or layer range that the config does not ask for, and so was
+    never checked) has no rule, instead of a job that fails or writes nonsense."""
+    return "|".join(sorted({f"{v:0{width}d}" for v in values})) or "none"
+
+
 wildcard_constraints:
     model="|".join(map(re.escape, PLAN.models)) or "no-model",
-    k=r"\d+",
-    head=r"\d+",
-    first=r"\d{3}",
-    last=r"\d{3}",
+    k=one_of(PLAN.top_k),
+    head=one_of(h for m in PLAN.models.values() for h in m.similarity_heads),
+    first=one_of((a for m in PLAN.models.values() for a, _ in m.chunks), 3),
+    last=one_of((b for m in PLAN.models.values() for _, b in m.chunks), 3),
 
 
 def model_plan(wildcards):
