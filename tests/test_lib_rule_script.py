@@ -27,13 +27,17 @@ def body():
         raise UserError("top_k: 0 is not allowed (1 <= k <= d_head = 64)")
     if kind == "bug":
         raise ValueError("boom")
+    if kind == "disk":
+        raise OSError(28, "No space left on device")
+    if kind == "readonly":
+        raise PermissionError(13, "Permission denied", "/results/x.npy")
 
 run_rule(body, log, [out])
 print("after run_rule")
 """
 
 
-@pytest.mark.parametrize("kind", ["ok", "user", "bug"])
+@pytest.mark.parametrize("kind", ["ok", "user", "bug", "disk", "readonly"])
 def test_run_rule_sends_everything_to_the_log(tmp_path, kind):
     log, out = tmp_path / "logs" / "rule.log", tmp_path / "out.npy"
     # Without PYTHONUNBUFFERED, C's stdout is buffered as it is in a Snakemake job.
@@ -52,9 +56,14 @@ def test_run_rule_sends_everything_to_the_log(tmp_path, kind):
         assert proc.stdout == "after run_rule\n"          # fds 1 and 2 restored afterwards
         return
     assert proc.returncode == 1 and not out.exists() and "after run_rule" not in proc.stdout
-    if kind == "user":
-        line = "error: top_k: 0 is not allowed (1 <= k <= d_head = 64)"
+    one_line = {"user": "error: top_k: 0 is not allowed (1 <= k <= d_head = 64)",
+                # the machine's state, not a bug: no traceback, on the console nor in the log
+                "disk": "error: No space left on device",
+                "readonly": "error: Permission denied: /results/x.npy"}
+    if kind in one_line:
+        line = one_line[kind]
         assert proc.stderr == line + "\n" and line in text.splitlines()
+        assert "Traceback" not in text
     else:
         assert proc.stderr == f"error: unexpected ValueError: boom (traceback in {log})\n"
         assert "Traceback (most recent call last)" in text and "in body\nValueError: boom" in text

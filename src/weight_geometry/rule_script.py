@@ -6,6 +6,7 @@ lands in the rule's log like any other."""
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import time
@@ -17,15 +18,20 @@ from typing import TextIO
 
 from .errors import UserError
 
+#: OS errors that are the machine's state, not a bug (a full disk or quota, a read-only or
+#: forbidden path): one line, like a :class:`UserError`, without a traceback.
+MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
 
 def run_rule(body: Callable[[], None], log_path: str | Path, outputs: list[str]) -> None:
     """Run a rule body with everything it prints going to the rule's log file: Python's
     ``sys.stdout``/``sys.stderr`` and file descriptors 1 and 2 (what native libraries write).
 
     A :class:`UserError` becomes one line, ``error: <message>``, written to the log and to the
-    real stderr (so it shows in Snakemake's console). Any other exception writes its traceback
-    to the log and one line naming it and the log to the real stderr. Either way any partial
-    outputs are removed and the process exits with status 1.
+    real stderr (so it shows in Snakemake's console); so does an ``OSError`` of
+    :data:`MACHINE_ERRNOS` (``error: <strerror>: <file>``). Any other exception writes its
+    traceback to the log and one line naming it and the log to the real stderr. Either way
+    any partial outputs are removed and the process exits with status 1.
     """
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -34,18 +40,31 @@ def run_rule(body: Callable[[], None], log_path: str | Path, outputs: list[str])
             redirect_stdout(log), redirect_stderr(log):
         try:
             body()
-        except UserError as err:
-            line = f"error: {err}"
-            print(line, flush=True)
-            _fail(line, real_stderr, outputs)
-        except Exception as exc:   # a bug, not bad input: its traceback goes to the log
-            traceback.print_exc()
-            _fail(f"error: unexpected {type(exc).__name__}: {exc} (traceback in {log_path})",
-                  real_stderr, outputs)
+        except Exception as exc:
+            if not _not_a_bug(exc):   # its traceback goes to the log
+                traceback.print_exc()
+                _fail(f"error: unexpected {type(exc).__name__}: {exc} (traceback in {log_path})",
+                      real_stderr, outputs)
+            _fail(_one_line(exc), real_stderr, outputs, to_log=True)
         print(f"done in {time.perf_counter() - start:.2f} s", flush=True)
 
 
-def _fail(line: str, real_stderr: TextIO, outputs: list[str]) -> None:
+def _not_a_bug(exc: Exception) -> bool:
+    """Bad input (:class:`UserError`) or the machine's state (:data:`MACHINE_ERRNOS`)."""
+    return isinstance(exc, UserError) or (isinstance(exc, OSError)
+                                          and exc.errno in MACHINE_ERRNOS)
+
+
+def _one_line(exc: Exception) -> str:
+    """``error: <message>``; for an OSError its strerror and the file, if it names one."""
+    if isinstance(exc, OSError):
+        return f"error: {exc.strerror}" + (f": {exc.filename}" if exc.filename else "")
+    return f"error: {exc}"
+
+
+def _fail(line: str, real_stderr: TextIO, outputs: list[str], to_log: bool = False) -> None:
+    if to_log:
+        print(line, flush=True)
     print(line, file=real_stderr, flush=True)
     for out in outputs:
         Path(out).unlink(missing_ok=True)
