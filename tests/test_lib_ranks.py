@@ -75,6 +75,25 @@ def test_effective_rank_matches_numpy_svd(name, device):
     np.testing.assert_allclose(sigma, s_ref, atol=_sigma_atol(dtype, s_ref[0]))
 
 
+@pytest.mark.parametrize("scale", [1e25, 1e-25, 1e-18])
+@pytest.mark.parametrize("device", DEVICES)
+def test_weights_beyond_the_float32_gram_range_take_float64(scale, device):
+    """Finite float32 weights whose float32 Gram overflows (1e25: eigvalsh failed on inf) or
+    underflows (1e-25: every eigenvalue 0, so r_eff 0): the same r_eff as the unscaled weight,
+    singular values scaled by the same factor."""
+    w = _matrices()["tall"]
+    value, sigma, dtype = _lib_eff_rank(w, device=device)
+    scaled, sigma_scaled, dtype_scaled = _lib_eff_rank((w * scale).astype(np.float32),
+                                                       device=device)
+    assert dtype == torch.float32 and dtype_scaled == torch.float64
+    assert scaled == pytest.approx(value, rel=RTOL[torch.float32])
+    np.testing.assert_allclose(sigma_scaled / scale, sigma, rtol=1e-5)
+
+
+def test_an_all_zero_weight_has_rank_zero():
+    assert _lib_eff_rank(np.zeros((6, 4), dtype=np.float32))[0] == 0.0
+
+
 def _realistic(rng, rows: int, cols: int, rank: int = 32) -> np.ndarray:
     """Gaussian bulk plus a decaying low-rank spike (as benchmarks/make_checkpoint.py), bf16."""
     spike = (rng.standard_normal((rows, rank)) * np.logspace(0, -1, rank)) @ \

@@ -39,6 +39,11 @@ ZERO_RTOL_EPS = float(np.finfo(np.float32).eps)
 GRAM_NOISE = 4.0
 #: Largest :func:`rank_error_bound` for which the float32 spectrum is kept (see module doc).
 FLOAT32_BOUND_MAX = 1e-3
+#: Largest and smallest diagonal of a float32 Gram (``||column||^2``) whose spectrum is kept:
+#: outside, the float32 products overflow or fall to denormals (weights beyond about 1e17 or
+#: below 1e-16 in magnitude, e.g. a corrupt or rescaled file) and the Gram is redone in float64,
+#: which holds the square of any float32 value.
+FLOAT32_GRAM_RANGE = (1e-30, 1e30)
 #: Rows of ``X`` per block of a Gram ``X^T X`` computed in another dtype than ``X``'s (a
 #: float64 Gram of float32 weights: 16 MiB per block at 2048 columns).
 GRAM_BLOCK = 1024
@@ -140,17 +145,19 @@ def weight_spectrum(w, side: str):
     """Singular values of ``W`` (descending, float64 numpy, length of the ``side`` Gram) and
     the Gram they come from (torch, on ``w``'s device).
 
-    Float32 Gram and ``eigvalsh``; redone in float64 when :func:`rank_error_bound` exceeds
-    :data:`FLOAT32_BOUND_MAX` (see module docstring). Cost ``n m^2 (1 + p/m) + 4 m^3 / 3``
+    Float32 Gram and ``eigvalsh``; redone in float64 when its diagonal leaves
+    :data:`FLOAT32_GRAM_RANGE` (an all-zero weight included) or :func:`rank_error_bound`
+    exceeds :data:`FLOAT32_BOUND_MAX` (see module docstring). Cost ``n m^2 (1 + p/m) + 4 m^3 / 3``
     flops in float32 (``p`` = :data:`GRAM_PANEL`), plus the same in float64 for a weight that
     needs it.
     """
     import torch
 
-    g = gram(w, side)
-    sigma = singular_values_from_gram(g)
-    shape = tuple(w.shape)
-    if rank_error_bound(sigma, shape) > FLOAT32_BOUND_MAX:
+    g, sigma = gram(w, side), None
+    low, high = FLOAT32_GRAM_RANGE
+    if low <= float(torch.diagonal(g).max()) <= high:   # False for NaN: a non-finite Gram
+        sigma = singular_values_from_gram(g)
+    if sigma is None or rank_error_bound(sigma, tuple(w.shape)) > FLOAT32_BOUND_MAX:
         g = gram(w, side, torch.float64)
         sigma = singular_values_from_gram(g)
     return sigma, g
