@@ -162,3 +162,10 @@ def test_missing_values_and_z_scores_formatted(text):
     assert markdown_table(text, "## Cross-reference")[-1]["Adj sim"] == "n/a"
     z = [r["z"] for r in markdown_table(text, "### Per-layer alignment")]
     assert z == [f"{(a - CHANCE) / 0.02:+.1f}" for a in ALIGN]
+
+
+def test_phase_boundaries_list_drops_only(text):
+    """Adjacent similarity 0.9, 0.9, 0.9, 0.125, 0.125: one drop; the steps of 0 are none."""
+    rows = markdown_table(text, "### Phase boundaries")
+    assert [(row["Boundary (layers)"], row["Change from prev"]) for row in rows] == \
+        [("3→4", "-0.7750")]

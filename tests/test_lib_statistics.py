@@ -65,9 +65,9 @@ def test_phase_boundaries_match_notebook_loop(n):
     s = _random_sims(n, 100 + n)
     adj = [s[i, i + 1] for i in range(n - 1)]
     diffs = [adj[t + 1] - adj[t] for t in range(len(adj) - 1)]
-    order = sorted(range(len(diffs)), key=lambda t: diffs[t])[:10]
+    order = [t for t in sorted(range(len(diffs)), key=lambda t: diffs[t])[:10] if diffs[t] < 0]
     got = phase_boundaries(s)
-    assert len(got) == min(10, n - 2)
+    assert len(got) == min(10, sum(step < 0 for step in diffs))
     assert list(got["rank"]) == list(range(len(got)))
     assert list(got["boundary"]) == [f"{t + 1}→{t + 2}" for t in order]
     np.testing.assert_allclose(got["adjacent_similarity"], [adj[t + 1] for t in order])
@@ -85,6 +85,17 @@ def test_phase_boundaries_ties_in_layer_order():
     got = phase_boundaries(s)
     assert list(got["boundary"]) == [f"{t + 1}→{t + 2}" for t in range(0, 20, 2)]
     np.testing.assert_allclose(got["change"], -0.5)
+
+
+def test_phase_boundaries_are_drops_only():
+    """A rise between adjacent pairs is no boundary: with 3 drops among 8 steps, 3 rows."""
+    adj = [0.5, 0.6, 0.4, 0.7, 0.8, 0.3, 0.9, 0.95, 0.85, 0.99]
+    s = np.eye(len(adj) + 1)
+    for i, value in enumerate(adj):
+        s[i, i + 1] = s[i + 1, i] = value
+    got = phase_boundaries(s)
+    assert list(got["boundary"]) == ["5→6", "2→3", "8→9"]
+    assert (got["change"] < 0).all()
 
 
 def test_phase_boundary_at_planted_drop():
@@ -253,12 +264,23 @@ def _r(pearson: float, n: int = 10) -> Correlation:
 @pytest.mark.parametrize("pre,post,phrase", [
     (_r(0.31), _r(-0.31), "Layer 7 is a convergence point"),
     (_r(0.31), _r(-0.3), "Partial convergence: similarity rises towards layer 7"),
-    (_r(0.31), _r(float("nan"), n=2), "(the post-bottleneck trend is undefined)"),
+    (_r(0.31), _r(float("nan"), n=2), "from early layers; too few layers follow it for a"
+                                      " late trend (pre"),
     (_r(0.3), _r(-0.9), "No clear convergence towards layer 7"),
     (_r(float("nan"), n=2), _r(-0.9), "Undetermined: too few layers before layer 7"),
 ])
 def test_bottleneck_verdict_thresholds(pre, post, phrase):
-    assert phrase in bottleneck_verdict(7, pre, post)
+    verdict = bottleneck_verdict(7, pre, post)
+    assert phrase in verdict
+    # an undefined trend is not called absent
+    assert ("not from late layers" in verdict) == (post.defined and "Partial" in verdict)
+
+
+def test_bottleneck_verdict_speaks_of_low_rank_only_for_a_rank_chosen_layer():
+    pre, post = _r(0.1), _r(-0.9)
+    assert "its low rank may be a local anomaly" in bottleneck_verdict(7, pre, post)
+    configured = bottleneck_verdict(7, pre, post, chosen_by_rank=False)
+    assert "rank" not in configured and configured.startswith("No clear convergence")
 
 
 @pytest.mark.parametrize("ratio,phrase", [

@@ -15,6 +15,7 @@ from .nulls import similarity_z
 from .results_io import Analysis
 from .similarity import null_mean, null_std
 from .statistics import (
+    AUTO_BOTTLENECK,
     alignment_verdict,
     bottleneck_trends,
     bottleneck_verdict,
@@ -145,9 +146,11 @@ def _overlap(a: Analysis):
            f" {int((np.abs(off) > 3).sum()) // 2} of {off.size // 2} layer pairs.\n")
     yield _matrix(sims) + "\n"
     yield "### Phase boundaries (largest drops in adjacent-layer similarity)\n"
-    yield markdown_table(phase_boundaries(sims).rename(columns={
+    boundaries = phase_boundaries(sims)
+    yield (markdown_table(boundaries.rename(columns={
         "rank": "Rank", "boundary": "Boundary (layers)", "adjacent_similarity": "Adjacent sim",
-        "change": "Change from prev"})) + "\n"
+        "change": "Change from prev"})) if len(boundaries) else
+        "None: adjacent-layer similarity never drops from one layer pair to the next.") + "\n"
     yield "### Similarity by layer distance\n"
     by_distance = similarity_by_distance(sims)
     by_distance["ratio"] = by_distance["mean"] / chance
@@ -359,6 +362,8 @@ def _findings(a: Analysis):
     yield "## Key findings\n"
     yield (f"**Experiment 1 (subspace overlap):**"
            f" {overlap_verdict(overlap_summary(a.similarity[a.primary_head]))}\n")
-    yield f"**Experiment 2 (bottleneck convergence):** {bottleneck_verdict(b, pre, post)}\n"
+    chosen_by_rank = a.bottleneck_choice == AUTO_BOTTLENECK
+    yield (f"**Experiment 2 (bottleneck convergence):**"
+           f" {bottleneck_verdict(b, pre, post, chosen_by_rank)}\n")
     yield (f"**Experiment 3 (FFN-attention alignment):**"
            f" {alignment_verdict(mean_ratio, a.model['ffn_input'])}\n")

@@ -50,7 +50,8 @@ def overlap_summary(sims: np.ndarray) -> dict[str, float]:
 
 
 def phase_boundaries(sims: np.ndarray, n: int = 10) -> pd.DataFrame:
-    """The ``n`` most negative steps of the adjacent-similarity sequence.
+    """The ``n`` most negative steps of the adjacent-similarity sequence (fewer if fewer steps
+    are negative).
 
     Step ``t`` goes from pair (t, t+1) to pair (t+1, t+2); a large drop marks a boundary
     between layers t+1 and t+2.
@@ -58,6 +59,7 @@ def phase_boundaries(sims: np.ndarray, n: int = 10) -> pd.DataFrame:
     adj = adjacent(sims)
     steps = np.diff(adj)
     order = np.argsort(steps, kind="stable")[:n]
+    order = order[steps[order] < 0]      # a rise is no boundary (the notebook listed rises too)
     return pd.DataFrame({
         "rank": np.arange(len(order)),
         "boundary": [f"{t + 1}→{t + 2}" for t in order],
@@ -155,13 +157,16 @@ def choose_bottleneck(weight_ranks: pd.DataFrame) -> int:
     return int(normalized.idxmin())
 
 
+#: ``bottleneck_choice`` of a bottleneck chosen by :func:`choose_bottleneck`.
+AUTO_BOTTLENECK = "auto: lowest mean normalized effective rank of W_Q and W_K"
+
+
 def bottleneck_table(sims_by_head: dict[int, np.ndarray], weight_ranks: pd.DataFrame,
                      choice: int | str) -> pd.DataFrame:
     """Long table (head, layer, similarity) of ``sims[b, l]`` for each head, with the bottleneck
     layer ``b`` and how it was chosen (configured, or ``auto`` by :func:`choose_bottleneck`)."""
     if choice == "auto":
-        layer = choose_bottleneck(weight_ranks)
-        how = "auto: lowest mean normalized effective rank of W_Q and W_K"
+        layer, how = choose_bottleneck(weight_ranks), AUTO_BOTTLENECK
     else:
         layer, how = int(choice), "set in the config"
     frames = [pd.DataFrame({"head": head, "layer": np.arange(len(s)), "similarity": s[layer]})
@@ -186,8 +191,10 @@ def overlap_verdict(summary: dict[str, float]) -> str:
             " also target distinct directions.")
 
 
-def bottleneck_verdict(bottleneck: int, pre: Correlation, post: Correlation) -> str:
-    """Experiment 2 verdict: convergence if pre r > 0.3 and post r < -0.3; partial if pre only."""
+def bottleneck_verdict(bottleneck: int, pre: Correlation, post: Correlation,
+                       chosen_by_rank: bool = True) -> str:
+    """Experiment 2 verdict: convergence if pre r > 0.3 and post r < -0.3; partial if pre only
+    (or if pre and the post trend is undefined, which the verdict then says)."""
     trends = f"pre {pre.text()}; post {post.text()}"
     if not pre.defined:
         return (f"Undetermined: too few layers before layer {bottleneck} for a trend ({trends}).")
@@ -195,11 +202,13 @@ def bottleneck_verdict(bottleneck: int, pre: Correlation, post: Correlation) -> 
         return (f"Layer {bottleneck} is a convergence point: similarity rises towards it from"
                 f" both sides ({trends}).")
     if pre.pearson > 0.3:
-        note = "" if post.defined else " (the post-bottleneck trend is undefined)"
+        late = " but not from late layers" if post.defined else \
+            "; too few layers follow it for a late trend"
         return (f"Partial convergence: similarity rises towards layer {bottleneck} from early"
-                f" layers but not from late layers{note} ({trends}).")
-    return (f"No clear convergence towards layer {bottleneck} ({trends}); its low rank may be a"
-            " local anomaly rather than a convergence point.")
+                f" layers{late} ({trends}).")
+    anomaly = ("; its low rank may be a local anomaly rather than a convergence point"
+               if chosen_by_rank else "")
+    return f"No clear convergence towards layer {bottleneck} ({trends}){anomaly}."
 
 
 def alignment_verdict(mean_ratio: float, ffn_input: str) -> str:
