@@ -218,7 +218,7 @@ def _bottleneck(a: Analysis):
     yield "### Summary\n"
     yield _metric_table([
         (f"Self-similarity (layer {b})", f"{to_ref[b]:.4f}"),
-        ("Mean similarity (all layers)", f"{to_ref.mean():.4f}"),
+        ("Mean similarity (all layers, the bottleneck's 1 included)", f"{to_ref.mean():.4f}"),
         ("Mean similarity (before bottleneck)",
          f"{before.mean():.4f}" if len(before) else "n/a"),
         ("Mean similarity (after bottleneck)", f"{after.mean():.4f}" if len(after) else "n/a"),
