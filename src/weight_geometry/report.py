@@ -329,8 +329,10 @@ def _crossref(a: Analysis):
     yield "## Cross-reference: effective rank vs subspace geometry\n"
     yield ("Effective rank `exp(H(sigma / sum sigma))` (Roy & Vetterli 2007) of W_Q, W_K, W_V,"
            " W_O, W_gate, W_up, W_down, averaged per layer, beside the subspace metrics of head"
-           f" {a.primary_head} ({a.weight_ranks['source'].iloc[0]}).\n")
-    yield _fig("effective_ranks", "Effective rank by layer") + "\n"
+           f" {a.primary_head} ({a.weight_ranks['source'].iloc[0]}). Not WeightWatcher's"
+           " \"entropy\", a different quantity.\n")
+    yield _fig("effective_ranks", "Effective rank by layer, normalized: eff_rank / min(rows,"
+               " cols)") + "\n"
     yield _fig("kernel_effective_ranks", "Kernel effective rank per layer and head") + "\n"
     yield markdown_table(a.layers[["layer", "mean_eff_rank", "adjacent_similarity",
                            "adjacent_best_match", "bottleneck_similarity", "alignment",
