@@ -18,13 +18,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .nulls import random_weight_bases
+from .nulls import NULL_LAYERS, random_weight_bases
 from .similarity import null_mean, squared_cosines
 
 N_PERMUTATIONS = 1000
-#: Layers of isotropic random weights whose ``N (N - 1) / 2 = 496`` layer pairs give the
-#: isotropic nulls of same-index and best match (:func:`isotropic_weight_null`).
-NULL_LAYERS = 32
 
 
 def cross_head_similarity(vectors_k: np.ndarray) -> np.ndarray:

@@ -30,6 +30,10 @@ import numpy as np
 
 from .similarity import null_mean, null_std
 
+#: Layers of isotropic random weights whose ``N (N - 1) / 2 = 496`` layer pairs give the
+#: isotropic nulls of same-index and best match (:func:`head_matching.isotropic_weight_null`).
+NULL_LAYERS = 32
+
 
 def _along_layers(per_layer, like: np.ndarray) -> np.ndarray:
     """``per_layer`` (leading axes of ``like``) with trailing unit axes to broadcast."""

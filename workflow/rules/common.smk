@@ -12,6 +12,7 @@ from weight_geometry.architectures import GATED
 from weight_geometry.config import build_plan, user_models
 from weight_geometry.errors import UserError
 from weight_geometry.figure_names import COMPARE_FIGURES, FIGURES
+from weight_geometry.nulls import NULL_LAYERS
 from weight_geometry.results_io import BASES_FILES, chunk_dir_name
 
 try:
@@ -85,12 +86,16 @@ def extraction_mem_mb(wildcards, threads):
 
 
 def match_heads_mem_mb(wildcards):
-    """Top-k vectors of every head in float32 and float64, the (L h)^2 cross-head tensor and
-    its copies; plus the interpreter."""
+    """For the model's layers, then as many random ones for the null (the larger count): the
+    top-k vectors of every head in float32 and float64, one layer's block of squared cosines
+    against all (float32 and float64), the (L h)^2 cross-head tensor and its copies; plus the
+    interpreter."""
     d, k = model_plan(wildcards).dims, int(wildcards.k)
-    vectors = d.n_layers * d.n_heads * k * d.d_model * 12
-    cross = (d.n_layers * d.n_heads) ** 2 * 8 * 4
-    return 1000 + (vectors + cross) // 2**20
+    rows = max(d.n_layers, NULL_LAYERS) * d.n_heads
+    vectors = rows * k * d.d_model * 12
+    block = d.n_heads * k * rows * k * 12
+    cross = rows**2 * 8 * 4
+    return 1000 + (vectors + block + cross) // 2**20
 
 
 def k_sweep_mem_mb(wildcards):
