@@ -107,6 +107,29 @@ def test_adapter_reproduces_transformers_modules(tmp_path, arch):
 
 
 @pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_base_model_checkpoint_reads_as_its_causal_lm(tmp_path, arch):
+    """A checkpoint saved from the base model (``GPT2Model``, ``LlamaModel``, ...; as the
+    official GPT-2 file) has no ``transformer.``/``model.`` prefix: its weights, norm gains
+    included, are those of the ForCausalLM model with the same state."""
+    causal = build(arch, tmp_path / "causal")
+    base = causal.base_model                                    # GPT2Model, LlamaModel, ...
+    assert "LMHead" not in type(base).__name__ and "ForCausalLM" not in type(base).__name__
+    base.save_pretrained(tmp_path / "base")
+    prefixed = open_checkpoint(str(tmp_path / "causal")).adapter.tensor_name("W_Q", 0)
+    assert prefixed not in base.state_dict()                    # model.layers.0.self_attn...
+    assert prefixed.partition(".")[2] in base.state_dict()      # layers.0.self_attn...
+    for fold in (False, True):
+        ours = open_checkpoint(str(tmp_path / "base"), fold_norms=fold)
+        ref = open_checkpoint(str(tmp_path / "causal"), fold_norms=fold)
+        assert ours.dims == ref.dims
+        for layer in range(ref.dims.n_layers):
+            got, expected = ours.read_layer(layer, fold), ref.read_layer(layer, fold)
+            assert got.keys() == expected.keys()
+            for wt, w in expected.items():
+                np.testing.assert_array_equal(got[wt], w, err_msg=f"{arch} {wt} {layer}")
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
 def test_head_kernels_pair_heads_as_transformers_does(tmp_path, arch):
     """Each head's subspaces and singular values are those of its kernel as transformers
     computes it: the pre-RoPE scores ``q_i . k`` of basis inputs (``x = I``), where query head

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import TINY_LLAMA, error_line, run_snakemake
+from conftest import TINY_LLAMA, assert_ok, error_line, run_snakemake
 
 from weight_geometry import hub
 from weight_geometry.architectures import dims_from_hf_config
@@ -331,3 +331,33 @@ def test_dry_run_stops_at_an_undecodable_dtype(tmp_path, tiny_checkpoint, dtype)
     for part in [str(ckpt / "model.safetensors"), f"tensor {name} has dtype {code}",
                  "readable: F64, F32, F16, BF16"]:
         assert part in line, line
+
+
+@pytest.mark.workflow
+def test_dry_run_stops_at_layers_past_num_hidden_layers(tmp_path, tiny_checkpoint):
+    """config.json says 2 layers, the weights hold 4: this used to plan (and report) 2."""
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    (ckpt / "config.json").write_text(_config_text(num_hidden_layers=2))
+    config = {"models": {"tiny": {"source": str(ckpt)}}, "device": "cpu", "top_k": 4}
+    line = error_line(run_snakemake(tmp_path / "run", "-n", config=config))
+    assert line == (f"error: models.tiny.source: {ckpt / 'model.safetensors'}: tensor"
+                    " model.layers.2.self_attn.q_proj.weight is of layer 2, but config.json"
+                    " num_hidden_layers = 2 (allowed: weights of layers 0..1; the layer count"
+                    " must cover every layer stored)")
+    assert not (tmp_path / "run" / "results").exists()
+
+
+@pytest.mark.workflow
+def test_zero_threads_for_the_extraction_run_it_with_one(tmp_path, tiny_checkpoint):
+    """``--set-threads extract_layers=0`` used to stop the job with torch's "set_num_threads
+    expects a positive integer"; it runs with one thread."""
+    config = {"models": {"tiny": {"source": str(tiny_checkpoint)}}, "device": "cpu",
+              "top_k": 4}
+    workdir = tmp_path / "run"
+    assert_ok(run_snakemake(workdir, "--until", "extract_layers", "--set-threads",
+                            "extract_layers=0", config=config))
+    assert (workdir / "results/tiny/bases/layers000-003/weight_ranks.parquet").exists()
+    assert "(1 at a time)" in (workdir / "logs/tiny/extract_layers000-003.log").read_text()

@@ -113,6 +113,9 @@ def test_bad_sources(tmp_path):
     with pytest.raises(UserError) as info:
         open_checkpoint(str(txt))
     _one_line(info.value, "weights.bin")
+    with pytest.raises(UserError) as info:
+        open_checkpoint("~no-such-user-xyz/model")
+    _one_line(info.value, "source '~no-such-user-xyz/model'", "existing user")
 
 
 def _write_with_norms(path, model_type: str, qk_norm: bool):
@@ -182,3 +185,28 @@ def test_undecodable_dtype_fails_at_open(tmp_path):
     with pytest.raises(UserError) as info:
         open_checkpoint(str(tmp_path / "m"))
     _one_line(info.value, "model.layers.1.mlp.gate_proj.weight", "dtype I8")
+
+
+def test_tensors_of_a_layer_past_the_layer_count(tmp_path):
+    """config.json says 2 layers, the file holds 3: refused (it used to plan a complete report
+    of 2 layers), naming the first weight of the extra layer and the key."""
+    tensors = _write(tmp_path / "m", {**CONFIG, "num_hidden_layers": 3})
+    (tmp_path / "m" / "config.json").write_text(json.dumps(CONFIG))
+    assert "model.layers.2.self_attn.q_proj.weight" in tensors
+    with pytest.raises(UserError) as info:
+        open_checkpoint(str(tmp_path / "m"))
+    _one_line(info.value, str(tmp_path / "m" / "model.safetensors"),
+              "tensor model.layers.2.self_attn.q_proj.weight is of layer 2",
+              "config.json num_hidden_layers = 2", "layers 0..1")
+
+
+def test_other_tensors_past_the_layer_count_are_not_weights(tmp_path):
+    """Only the adapter's per-layer weight names count: a norm or bias of layer 2, or an
+    unrelated name with a layer number, does not stop a 2-layer model."""
+    def add(t):
+        t["model.layers.2.input_layernorm.weight"] = torch.ones(24)
+        t["model.layers.2.self_attn.q_proj.bias"] = torch.ones(24)
+        t["model.layers.2.self_attn.q_proj.weight.extra"] = torch.ones(24)
+
+    _write(tmp_path / "m", tweak=add)
+    assert open_checkpoint(str(tmp_path / "m")).dims.n_layers == 2

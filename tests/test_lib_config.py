@@ -162,6 +162,15 @@ def test_effective_ranks_null_passes_theconfig_schema():
     ({"models": {"a": {"source": "/m", "effective_ranks": ""}}},
      ["models.a.effective_ranks", "''"]),
     ({"models": {"a": {"source": "pypi:"}}}, ["models.a.source", "pypi:", "package name"]),
+    ({"models": {"a": {"source": "~no-such-user-xyz/m"}}},
+     ["models.a.source", "'~no-such-user-xyz/m'", "~no-such-user-xyz has no home directory",
+      "existing user"]),
+    ({"models": {"a": {"sourc": "/m"}}},
+     ["models.a: key 'sourc' is not allowed", "did you mean 'source'?", "source, effective_ranks"]),
+    ({"models": {"a": {"source": "/m", "effective_rank": "r.csv"}}},
+     ["models.a: key 'effective_rank'", "did you mean 'effective_ranks'?"]),
+    ({"models": {"a": "/m"}}, ["models.a: '/m' is not allowed", "a mapping", "source"]),
+    ({"models": {"a": None}}, ["models.a: None is not allowed", "a mapping"]),
 ])
 def test_build_plan_rejects_with_one_line(config, fragments):
     with pytest.raises(UserError) as info:
@@ -188,6 +197,15 @@ def test_user_file_with_no_models_or_not_a_mapping(tmp_path):
         assert str(info.value).startswith(f"models: {shown} is not allowed (in {bad})")
     with pytest.raises(UserError, match="models: 'x' is not allowed"):
         user_models("x", [])                      # --config models=x
+
+
+def test_effective_ranks_under_an_unknown_home_is_one_line(tiny_checkpoint):
+    with pytest.raises(UserError) as info:
+        build_plan({}, {"t": {"source": str(tiny_checkpoint),
+                              "effective_ranks": "~no-such-user-xyz/r.csv"}})
+    assert str(info.value) == ("models.t.effective_ranks: user ranks '~no-such-user-xyz/r.csv':"
+                               " ~no-such-user-xyz has no home directory here (allowed: a path,"
+                               " ~/... or ~user/... of an existing user)")
 
 
 def _plan_error(checkpoint, **config) -> str:

@@ -117,6 +117,38 @@ def test_missing_shard_and_empty_dir(tmp_path):
         directory_entries(empty)
 
 
+def _write_sharded(directory, shards: dict[str, dict[str, torch.Tensor]],
+                   weight_map: dict[str, str]) -> None:
+    directory.mkdir()
+    for shard, tensors in shards.items():
+        save_file(tensors, str(directory / shard))
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+@pytest.mark.parametrize("owner", ["a.safetensors", "b.safetensors"])
+def test_a_tensor_in_two_shards_is_read_from_the_one_the_weight_map_names(tmp_path, owner):
+    """Both shards hold tensor x (different values); the weight_map's choice is read, whichever
+    shard sorts last."""
+    shards = {"a.safetensors": {"x": torch.ones(2, 3), "y": torch.zeros(2)},
+              "b.safetensors": {"x": torch.full((2, 3), 7.0), "z": torch.zeros(2)}}
+    _write_sharded(tmp_path / "m", shards,
+                   {"x": owner, "y": "a.safetensors", "z": "b.safetensors"})
+    entries = directory_entries(tmp_path / "m")
+    assert entries["x"].file.name == owner
+    np.testing.assert_array_equal(SafetensorsReader(entries).read("x"), shards[owner]["x"])
+
+
+def test_a_shard_without_a_tensor_the_weight_map_puts_in_it(tmp_path):
+    _write_sharded(tmp_path / "m", {"a.safetensors": {"y": torch.zeros(2)},
+                                    "b.safetensors": {"x": torch.ones(2)}},
+                   {"x": "a.safetensors", "y": "a.safetensors"})
+    with pytest.raises(UserError) as info:
+        directory_entries(tmp_path / "m")
+    _assert_one_line_naming(info.value, tmp_path / "m" / "model.safetensors.index.json")
+    assert "weight_map puts tensor x in a.safetensors, which has no such tensor" in str(
+        info.value)
+
+
 def test_every_bf16_bit_pattern_and_f64_decode_like_torch(tmp_path):
     """All 65536 bf16 values (zeros, subnormals, inf, NaNs) decode bit-exactly as torch's
     bfloat16 -> float32; float64 rounds as torch's cast; a repeated read gives the same bits."""

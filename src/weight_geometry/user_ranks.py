@@ -148,14 +148,15 @@ def _shapes(layers: np.ndarray, table: pd.DataFrame, path: Path,
 
 def _eff_ranks(layers: np.ndarray, table: pd.DataFrame, path: Path,
                shapes: list[tuple[int, int]]) -> np.ndarray:
-    """``eff_rank`` as floats in ``(0, min(rows, cols)]``."""
+    """``eff_rank`` as floats in ``[0, min(rows, cols)]`` (0: an all-zero weight, as the
+    workflow's own table states it)."""
     values = pd.to_numeric(table["eff_rank"], errors="coerce").to_numpy(dtype=np.float64)
     limits = np.array([min(s) for s in shapes], dtype=np.float64)
-    bad = ~np.isfinite(values) | (values <= 0) | (values > limits)
+    bad = ~np.isfinite(values) | (values < 0) | (values > limits)
     if (i := _first(bad)) is not None:
         raise UserError(f"user ranks {path}: eff_rank {table['eff_rank'].iloc[i]!r} of"
                         f" (layer {layers[i]}, {table['weight_type'].iloc[i]}) ({_line(i)}) is"
-                        f" not a number in (0, min(rows, cols) = {limits[i]:.0f}]")
+                        f" not a number in [0, min(rows, cols) = {limits[i]:.0f}]")
     return values
 
 
@@ -167,7 +168,7 @@ def read_user_ranks(path, dims: ModelDims, weight_types: tuple[str, ...]) -> pd.
     ``weight_types`` (the model's adapter order). Raises :class:`UserError` on a missing or
     unreadable file, missing columns, a layer set other than 0..L-1, unknown weight types,
     missing or duplicate (layer, weight type) rows, shapes that differ from the model's (in
-    both orientations), and eff_rank not finite, not positive or above ``min(rows, cols)``.
+    both orientations), and eff_rank not finite, negative or above ``min(rows, cols)``.
     """
     path = Path(path)
     table = _read(path)

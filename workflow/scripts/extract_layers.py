@@ -13,9 +13,10 @@ def main():
     from weight_geometry.kernels import resolve_device
     from weight_geometry.results_io import BASES_FILES, write_rows
 
-    torch.set_num_threads(snakemake.threads)
+    threads = max(snakemake.threads, 1)  # --set-threads extract_layers=0 gives 0
+    torch.set_num_threads(threads)
     device = resolve_device(snakemake.params.device)
-    workers = layer_workers(device, snakemake.threads)
+    workers = layer_workers(device, threads)
     fold = snakemake.params.fold_norms
     ckpt = open_checkpoint(snakemake.params.path, fold)
     layers = range(int(snakemake.wildcards.first), int(snakemake.wildcards.last) + 1)
