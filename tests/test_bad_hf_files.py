@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import TINY_LLAMA, assert_ok, error_line, run_snakemake
+from conftest import TINY_LLAMA, error_line, run_snakemake
 
 from weight_geometry import hub
 from weight_geometry.architectures import dims_from_hf_config
@@ -348,16 +348,3 @@ def test_dry_run_stops_at_layers_past_num_hidden_layers(tmp_path, tiny_checkpoin
                     " num_hidden_layers = 2 (allowed: weights of layers 0..1; the layer count"
                     " must cover every layer stored)")
     assert not (tmp_path / "run" / "results").exists()
-
-
-@pytest.mark.workflow
-def test_zero_threads_for_the_extraction_run_it_with_one(tmp_path, tiny_checkpoint):
-    """``--set-threads extract_layers=0`` used to stop the job with torch's "set_num_threads
-    expects a positive integer"; it runs with one thread."""
-    config = {"models": {"tiny": {"source": str(tiny_checkpoint)}}, "device": "cpu",
-              "top_k": 4}
-    workdir = tmp_path / "run"
-    assert_ok(run_snakemake(workdir, "--until", "extract_layers", "--set-threads",
-                            "extract_layers=0", config=config))
-    assert (workdir / "results/tiny/bases/layers000-003/weight_ranks.parquet").exists()
-    assert "(1 at a time)" in (workdir / "logs/tiny/extract_layers000-003.log").read_text()

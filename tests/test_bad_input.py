@@ -7,7 +7,13 @@ import json
 
 import numpy as np
 import pytest
-from conftest import NEEDS_NO_CUDA, error_line, make_llama_checkpoint, run_snakemake
+from conftest import (
+    NEEDS_NO_CUDA,
+    assert_ok,
+    error_line,
+    make_llama_checkpoint,
+    run_snakemake,
+)
 
 pytestmark = pytest.mark.workflow
 
@@ -165,3 +171,14 @@ def test_target_outside_the_plan_has_no_rule(tmp_path, tiny_checkpoint, target):
     assert proc.returncode != 0 and "Traceback" not in proc.stdout + proc.stderr
     assert f"No rule to produce {target}" in proc.stdout + proc.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_zero_threads_for_the_extraction_run_it_with_one(tmp_path, tiny_checkpoint):
+    """``--set-threads extract_layers=0`` used to stop the job with torch's "set_num_threads
+    expects a positive integer"; it runs with one thread."""
+    config = config_for(tiny_checkpoint, top_k=4)
+    workdir = tmp_path / "run"
+    assert_ok(run_snakemake(workdir, "--until", "extract_layers", "--set-threads",
+                            "extract_layers=0", config=config))
+    assert (workdir / "results/tiny/bases/layers000-003/weight_ranks.parquet").exists()
+    assert "(1 at a time)" in (workdir / "logs/tiny/extract_layers000-003.log").read_text()
