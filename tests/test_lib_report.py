@@ -170,3 +170,14 @@ def test_phase_boundaries_list_drops_only(text):
     rows = markdown_table(text, "### Phase boundaries")
     assert [(row["Boundary (layers)"], row["Change from prev"]) for row in rows] == \
         [("3→4", "-0.7750")]
+
+
+@pytest.mark.parametrize(("architecture", "says", "not_says"), [
+    ("llama", "zero-offset slice", "absolute embeddings"),
+    ("gpt2", "learned absolute embeddings", "RoPE"),
+])
+def test_position_caveat_follows_the_architecture(architecture, says, not_says):
+    a = _analysis()
+    a.model["architecture"] = architecture
+    caveat = next(line for line in render(a).splitlines() if line.startswith("Caveats:"))
+    assert says in caveat and not_says not in caveat

@@ -185,6 +185,10 @@ _LLAMA = _split("self_attn.", "mlp.")
 _LLAMA_NORMS = {"attn": "input_layernorm.weight", "ffn": "post_attention_layernorm.weight"}
 _QK_NORMS = {"q": "self_attn.q_norm.weight", "k": "self_attn.k_norm.weight"}
 
+#: Architectures whose positions enter as learned absolute embeddings added to the residual
+#: stream: no rotation acts inside their attention score (every other one here uses RoPE).
+ABSOLUTE_POSITIONS = frozenset({"gpt2"})
+
 #: Hugging Face ``config.model_type`` -> adapter.
 HF_ADAPTERS: dict[str, Adapter] = {
     "llama": Adapter("llama", "model.layers.{layer}.", _LLAMA, norms=_LLAMA_NORMS),

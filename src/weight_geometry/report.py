@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from .architectures import ABSOLUTE_POSITIONS
 from .crossref import PAIRS, layer_correlations
 from .ksweep import GAP_THRESHOLD, RATIO_LABELS, ill_defined
 from .nulls import similarity_z
@@ -76,9 +77,12 @@ def _header(a: Analysis):
     yield f"# Subspace geometry analysis: {m['name']}\n"
     yield (f"Source: `{m['source']}` ({m['format']}, architecture `{m['architecture']}`);"
            f" weights stored as {m['storage_dtype']}; analysed as {m['compute_dtype']}.\n")
-    yield ("Caveats: the kernel `W_Q_i^T W_K_j` is the attention score's bilinear form before"
-           " RoPE and scaling; RoPE makes the true kernel depend on the relative position, and"
-           f" this is its zero-offset slice. Biases: {m.get('biases', 'not used')}; norm gains:"
+    positions = ("before scaling; positions enter as learned absolute embeddings in the"
+                 " residual stream, not inside the score" if m["architecture"] in
+                 ABSOLUTE_POSITIONS else "before RoPE and scaling; RoPE makes the true kernel"
+                 " depend on the relative position, and this is its zero-offset slice")
+    yield ("Caveats: the kernel `W_Q_i^T W_K_j` is the attention score's bilinear form"
+           f" {positions}. Biases: {m.get('biases', 'not used')}; norm gains:"
            f" {m.get('norm_gains', 'not applied (raw projection weights)')}."
            + (f" **k = d_head = {d_head}: the subspace is the row space of W_K alone, so heads"
               " sharing a KV head are identical; use k < d_head to compare heads.**"
