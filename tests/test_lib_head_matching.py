@@ -9,6 +9,7 @@ from conftest import haar_bases, orthonormal_rows
 from weight_geometry.head_matching import (
     best_match,
     cross_head_similarity,
+    isotropic_weight_null,
     layer_pair_table,
     random_pairing_null,
     same_index_mean,
@@ -125,9 +126,12 @@ def test_z_scores_standard_under_isotropic_null():
         assert abs(z.mean()) < 0.5, column
         assert 0.7 < z.std() < 1.3, column
     assert np.allclose(table["isotropic_mean"], k / d)
-    # the simulated null against the exact std of a mean of h independent similarities
-    assert table["isotropic_std"][0] == pytest.approx(null_std(k, d) / np.sqrt(n_heads),
-                                                      rel=0.1)
+    # the simulated null (64 layers here: 2016 pairs) against the exact std of a mean of h
+    # independent similarities
+    null = isotropic_weight_null(n_heads, n_heads, k, d, k, n_layers=64)
+    assert null["isotropic_std"] == pytest.approx(null_std(k, d) / np.sqrt(n_heads), rel=0.1)
+    assert table["isotropic_std"][0] == isotropic_weight_null(n_heads, n_heads, k, d, k)[
+        "isotropic_std"]
 
 
 @pytest.mark.parametrize("n_kv", [1, 2, 8])

@@ -103,13 +103,13 @@ def isotropic_weight_null(n_heads: int, n_kv_heads: int, d_head: int, d: int, k:
     Over the ``n_layers (n_layers - 1) / 2`` layer pairs of ``n_layers`` layers of isotropic
     random weights (:func:`nulls.random_weight_bases`), the statistics computed as for the data
     (:func:`cross_head_similarity`). Pairs that share a layer are not independent, but the
-    layers are exchangeable, so the pairs' mean and std estimate the null's without bias
-    (std to about 3-5 % at 32 layers). Same-index's null mean is exactly ``k/d`` (each head's
-    subspace is Haar-random, independently across layers); its std exceeds the ``null_std /
-    sqrt(h)`` of independent heads when KV heads are shared, and best match's mean falls below
-    theirs. Cost that of :func:`cross_head_similarity` on ``n_layers`` layers plus
-    :func:`nulls.random_weight_bases`: about 1 s on 2 CPU cores for Qwen2.5-0.5B's shape at k
-    = 20.
+    layers are exchangeable, so the pairs' mean and std estimate the null's without bias (their
+    precision: :data:`nulls.NULL_LAYERS`). Same-index's null mean is exactly ``k/d`` (each
+    head's subspace is Haar-random, independently across layers); its std exceeds the
+    ``null_std / sqrt(h)`` of independent heads when KV heads are shared, and best match's mean
+    falls below theirs. Cost that of :func:`cross_head_similarity` on ``n_layers`` layers plus
+    :func:`nulls.random_weight_bases`: 0.6-0.9 s on one core of the AMD EPYC of
+    benchmarks/RESULTS.md for SmolLM2-135M's shape at k = 20-32.
     """
     rng = np.random.default_rng(seed)
     bases = random_weight_bases(rng, n_layers, n_heads, n_kv_heads, d_head, d, k)
