@@ -59,6 +59,20 @@ def test_user_configfile_replaces_default_models(tmp_path, tiny_checkpoint):
     assert "smollm2" not in proc.stdout
 
 
+def test_command_line_models_join_a_configfiles_models(tmp_path, tiny_checkpoint):
+    """``--configfile`` with models and ``--config models=...`` beside it: the command line's
+    model is checked and planned too (it was silently dropped)."""
+    bad = run_snakemake(tmp_path, "-n", "--config", "models={other: {source: /nope}}",
+                        config=config_for(tiny_checkpoint))
+    line = error_line(bad)
+    assert "models.other.source" in line and "/nope" in line, line
+    proc = run_snakemake(tmp_path, "-n", "--config",
+                         f"models={{other: {{source: {tiny_checkpoint}}}}}",
+                         config=config_for(tiny_checkpoint))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "results/tiny/" in proc.stdout and "results/other/" in proc.stdout
+
+
 def test_models_given_as_a_list(tmp_path, tiny_checkpoint):
     config = {"models": [{"source": str(tiny_checkpoint)}], "device": "cpu"}
     line = error_line(run_snakemake(tmp_path, "-n", config=config))

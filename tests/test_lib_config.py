@@ -110,6 +110,12 @@ def test_user_models_replaces_rather_than_merges(tmp_path):
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
     assert user_models(merged, [empty]) == merged
+    # --config models go on top of the files' models, per name and key (not dropped)
+    extra = {"b": {"effective_ranks": "r.csv"}, "c": {"source": "/y"}}
+    assert user_models(merged, [later], extra) == {
+        "mine": {"source": "/data/m2"}, "b": {"source": "/x", "effective_ranks": "r.csv"},
+        "c": {"source": "/y"}}
+    assert user_models(merged, [other], extra) == merged    # the config has merged them
 
 
 def test_config_keys_and_defaults_are_the_schemas():

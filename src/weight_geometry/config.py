@@ -131,19 +131,26 @@ def chunks(n_layers: int, per_job: int) -> list[tuple[int, int]]:
     return [(a, min(a + size, n_layers) - 1) for a in range(0, n_layers, size)]
 
 
-def user_models(merged: dict, user_configfiles: list[Path]) -> dict:
+def user_models(merged: dict, user_configfiles: list[Path], command_line=None) -> dict:
     """The models to analyse.
 
     Snakemake deep-merges a user's ``--configfile`` into the shipped config, so its ``models``
     would keep the shipped default next to the user's. If any user config file defines
-    ``models``, exactly those (later files win per name) are analysed, even none.
+    ``models``, exactly those (later files win per name) are analysed, even none; then the
+    ``models`` of ``--config`` (``command_line``) are merged into them, per name and key, as
+    Snakemake merges them into the config (they were dropped before).
     """
     chosen = None
     for path in user_configfiles:
         data = yaml.safe_load(Path(path).read_text()) or {}
         if isinstance(data, dict) and data.get("models") is not None:
             chosen = {**(chosen or {}), **_models_mapping(data["models"], f" (in {path})")}
-    return _models_mapping(merged, "") if chosen is None else chosen
+    if chosen is None:
+        return _models_mapping(merged, "")
+    for name, entry in _models_mapping(command_line or {}, " (in --config)").items():
+        both = isinstance(entry, dict) and isinstance(chosen.get(name), dict)
+        chosen[name] = {**chosen[name], **entry} if both else entry
+    return chosen
 
 
 def _models_mapping(models, where: str) -> dict:

@@ -16,7 +16,11 @@ from weight_geometry.nulls import NULL_LAYERS
 from weight_geometry.results_io import BASES_FILES, chunk_dir_name
 
 try:
-    MODELS = user_models(config.get("models") or {}, workflow.overwrite_configfiles)
+    MODELS = user_models(
+        config.get("models") or {},
+        workflow.overwrite_configfiles,
+        workflow.config_settings.config.get("models"),
+    )
     PLAN = build_plan(config, MODELS)
 except UserError as err:
     sys.stderr.write(f"error: {err}\n")
