@@ -1,4 +1,5 @@
-"""Isotropic nulls by Monte Carlo over Haar-random subspaces; ceilings and z-scores."""
+"""Isotropic nulls by Monte Carlo over Haar-random subspaces and random weights; ceilings and
+z-scores."""
 
 from __future__ import annotations
 

@@ -203,7 +203,7 @@ def _head_matching(a: Analysis):
            " head identities persist across those layers. Best match exceeds same-index by"
            f" {(pairs['best_match'] - pairs['same_index']).mean():+.4f} on average; as a"
            " maximum over heads it always sits at or above the random pairing, so it is judged"
-           " against the best match of random subspaces (mean z"
+           " against the best match of isotropic random weights (mean z"
            f" {pairs['z_best_match'].mean():+.1f}) and by how far it exceeds same-index.\n")
 
 
