@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 
 import numpy as np
 
@@ -148,12 +149,18 @@ class Adapter:
     def norm_name(self, role: str, layer: int) -> str:
         return self.layer_prefix.format(layer=layer) + self.norms[role]
 
-    def layer_of(self, name: str) -> int | None:
-        """The layer of ``name`` when it is one of this layout's per-layer weight tensors (as
-        :meth:`tensor_name` builds them), else None."""
+    @cached_property
+    def _weight_name(self) -> re.Pattern:
+        """Any per-layer weight tensor's name (as :meth:`tensor_name` builds them), the layer
+        captured; compiled once per adapter."""
         head, _, tail = self.layer_prefix.partition("{layer}")
         tensors = "|".join(re.escape(spec.tensor) for spec in self.weights.values())
-        match = re.fullmatch(rf"{re.escape(head)}(\d+){re.escape(tail)}(?:{tensors})", name)
+        return re.compile(rf"{re.escape(head)}(\d+){re.escape(tail)}(?:{tensors})")
+
+    def layer_of(self, name: str) -> int | None:
+        """The layer of ``name`` when it is one of this layout's per-layer weight tensors, else
+        None."""
+        match = self._weight_name.fullmatch(name)
         return int(match[1]) if match else None
 
     def without_model_prefix(self) -> Adapter:

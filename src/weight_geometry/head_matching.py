@@ -95,6 +95,13 @@ def random_pairing_null(sims: np.ndarray, n_perm: int = N_PERMUTATIONS,
     return draws.mean(axis=0), (draws - draws[0]).std(axis=0, ddof=1)
 
 
+def pair_statistics(sims: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Per layer pair ``a < b`` of ``S (L, h, L, h)``: ``a``, ``b``, same-index and best match,
+    each ``(L (L - 1) / 2,)``. Cost O(L^2 h^2)."""
+    a, b = np.triu_indices(sims.shape[0], k=1)
+    return a, b, same_index_mean(sims)[a, b], best_match(sims)[0][a, b]
+
+
 def isotropic_weight_null(n_heads: int, n_kv_heads: int, d_head: int, d: int, k: int,
                           n_layers: int = NULL_LAYERS, seed: int = 0) -> dict[str, float]:
     """Null mean and std of same-index and best match (``isotropic_mean, isotropic_std,
@@ -113,9 +120,7 @@ def isotropic_weight_null(n_heads: int, n_kv_heads: int, d_head: int, d: int, k:
     """
     rng = np.random.default_rng(seed)
     bases = random_weight_bases(rng, n_layers, n_heads, n_kv_heads, d_head, d, k)
-    sims = cross_head_similarity(bases)
-    a, b = np.triu_indices(n_layers, k=1)
-    same, best = same_index_mean(sims)[a, b], best_match(sims)[0][a, b]
+    _, _, same, best = pair_statistics(cross_head_similarity(bases))
     return {"isotropic_mean": null_mean(k, d), "isotropic_std": float(same.std(ddof=1)),
             "best_match_null_mean": float(best.mean()),
             "best_match_null_std": float(best.std(ddof=1))}
@@ -134,9 +139,7 @@ def layer_pair_table(sims: np.ndarray, k: int, d: int, n_kv_heads: int, d_head: 
     ``(same_index - random_pairing_mean) / random_pairing_std``, NaN when that std is 0.
     """
     n_heads = sims.shape[1]
-    a, b = np.triu_indices(sims.shape[0], k=1)
-    same = same_index_mean(sims)[a, b]
-    best = best_match(sims)[0][a, b]
+    a, b, same, best = pair_statistics(sims)
     pair_mean, pair_std = (m[a, b] for m in random_pairing_null(sims, n_perm, seed))
     null = isotropic_weight_null(n_heads, n_kv_heads, d_head, d, k, seed=seed)
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -41,7 +41,7 @@ def run_rule(body: Callable[[], None], log_path: str | Path, outputs: list[str])
         try:
             body()
         except Exception as exc:
-            if not _not_a_bug(exc):   # its traceback goes to the log
+            if _is_bug(exc):   # its traceback goes to the log
                 traceback.print_exc()
                 _fail(f"error: unexpected {type(exc).__name__}: {exc} (traceback in {log_path})",
                       real_stderr, outputs)
@@ -49,10 +49,10 @@ def run_rule(body: Callable[[], None], log_path: str | Path, outputs: list[str])
         print(f"done in {time.perf_counter() - start:.2f} s", flush=True)
 
 
-def _not_a_bug(exc: Exception) -> bool:
-    """Bad input (:class:`UserError`) or the machine's state (:data:`MACHINE_ERRNOS`)."""
-    return isinstance(exc, UserError) or (isinstance(exc, OSError)
-                                          and exc.errno in MACHINE_ERRNOS)
+def _is_bug(exc: Exception) -> bool:
+    """Neither bad input (:class:`UserError`) nor the machine's state (:data:`MACHINE_ERRNOS`)."""
+    machine = isinstance(exc, OSError) and exc.errno in MACHINE_ERRNOS
+    return not (isinstance(exc, UserError) or machine)
 
 
 def _one_line(exc: Exception) -> str:
