@@ -106,3 +106,21 @@ def test_snakemake_report(two_models, name):
         for text in ("four", "six", "Comparison", "Head matching", "k-sensitivity"):
             assert text in html, text
 
+
+
+def test_head_of_another_model_has_no_rule(tmp_path):
+    """Heads are planned per model: a head that only the larger model has (7 of 8), asked of
+    the smaller one by name, plans nothing (a union of the models' heads used to run a job
+    for it that failed with a traceback); the larger model plans it."""
+    config = {"models": {
+        "four": {"source": str(make_llama_checkpoint(tmp_path / "four"))},
+        "eight": {"source": str(make_llama_checkpoint(
+            tmp_path / "eight", num_attention_heads=8, head_dim=16))}},
+        "top_k": 4, "device": "cpu"}
+    refused = "results/four/k4/similarity_head7.npy"
+    proc = run_snakemake(tmp_path / "run", "-n", refused, config=config)
+    assert proc.returncode != 0 and f"No rule to produce {refused}" in proc.stdout + proc.stderr
+    planned = run_snakemake(tmp_path / "run", "-n", refused.replace("four", "eight"),
+                            config=config)
+    assert_ok(planned)
+    assert "similarity_matrix" in planned.stdout

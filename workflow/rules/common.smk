@@ -41,10 +41,22 @@ def one_of(values, width=0):
     return "|".join(sorted({f"{v:0{width}d}" for v in values})) or "none"
 
 
+def planned_heads():
+    """The head wildcard's constraint: a head with a similarity matrix in this model's plan,
+    told apart per model and k by a fixed-width look-behind at the output path before the
+    head (``/{model}/k{k}/similarity_head``). A union over the models would let a head of
+    model A that model B lacks run a job for B that fails."""
+    return "|".join(
+        f"(?<=/{re.escape(name)}/k{k}/similarity_head)(?:{one_of(plan.similarity_heads)})"
+        for name, plan in PLAN.models.items()
+        for k in PLAN.top_k
+    ) or "none"
+
+
 wildcard_constraints:
     model="|".join(map(re.escape, PLAN.models)) or "no-model",
     k=one_of(PLAN.top_k),
-    head=one_of(h for m in PLAN.models.values() for h in m.similarity_heads),
+    head=planned_heads(),
     first=one_of((a for m in PLAN.models.values() for a, _ in m.chunks), 3),
     last=one_of((b for m in PLAN.models.values() for _, b in m.chunks), 3),
 
