@@ -46,11 +46,14 @@ def planned_heads():
     told apart per model and k by a fixed-width look-behind at the output path before the
     head (``/{model}/k{k}/similarity_head``). A union over the models would let a head of
     model A that model B lacks run a job for B that fails."""
-    return "|".join(
-        f"(?<=/{re.escape(name)}/k{k}/similarity_head)(?:{one_of(plan.similarity_heads)})"
-        for name, plan in PLAN.models.items()
-        for k in PLAN.top_k
-    ) or "none"
+    return (
+        "|".join(
+            f"(?<=/{re.escape(name)}/k{k}/similarity_head)(?:{one_of(plan.similarity_heads)})"
+            for name, plan in PLAN.models.items()
+            for k in PLAN.top_k
+        )
+        or "none"
+    )
 
 
 wildcard_constraints:
