@@ -191,6 +191,24 @@ def test_float32_input_stays_float32_and_close():
         np.testing.assert_allclose(s32[i].numpy(), ref[i][0][:d_head], rtol=1e-4)
 
 
+def test_half_precision_input_is_computed_in_float32():
+    """bf16 and fp16 weights (as checkpoints store them) give their exact values' subspaces
+    in float32: a kernel computed in bf16 was about 1 % off."""
+    d, h, n_kv, d_head = 48, 4, 2, 8
+    rng = np.random.default_rng(5)
+    for half in (torch.bfloat16, torch.float16):
+        w_q = torch.from_numpy(rng.standard_normal((h * d_head, d))).to(half)
+        w_k = torch.from_numpy(rng.standard_normal((n_kv * d_head, d))).to(half)
+        v, s = head_subspaces(w_q, w_k, h, n_kv, d_head)
+        assert v.dtype == torch.float32 and s.dtype == torch.float32
+        ref = _naive(w_q.double().numpy(), w_k.double().numpy(), h, n_kv, d_head)
+        for i in range(h):
+            np.testing.assert_allclose(s[i].numpy(), ref[i][0][:d_head], rtol=1e-4)
+            top = v[i, :4].double().numpy()      # a top-4 subspace (random spectra: gapped)
+            ref_top = ref[i][1][:4]
+            assert np.linalg.norm(top.T @ top - ref_top.T @ ref_top) < 1e-4
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_core_svd_gram_route_and_svd_fallback(monkeypatch, device):
     """Cores of cond 1, 1e3 (eigh of the Gram), 1e6 and a singular one (LAPACK's SVD, only

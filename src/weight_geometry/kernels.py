@@ -192,14 +192,15 @@ def core_svd(core: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def factored_subspaces(w_q: torch.Tensor, w_k: torch.Tensor, n_heads: int, n_kv_heads: int,
                        d_head: int, dtype: torch.dtype | None = None) -> FactoredSubspaces:
     """Every head's kernel SVD, factored (see module docstring), in ``dtype`` (default
-    ``w_k``'s) on ``w_k``'s device. ``w_q`` is not copied to ``dtype``: its Grams cast it by
-    row blocks.
+    ``w_k``'s, at least float32: a bf16 core and its vectors would be off by about 1 %) on
+    ``w_k``'s device. ``w_q`` is not copied to ``dtype``: its Grams cast it by row blocks.
 
     Args:
         w_q: ``(n_heads * d_head, d)`` query projection (nn.Linear layout).
         w_k: ``(n_kv_heads * d_head, d)`` key projection.
     """
-    d, group, dtype = w_q.shape[1], n_heads // n_kv_heads, dtype or w_k.dtype
+    d, group = w_q.shape[1], n_heads // n_kv_heads
+    dtype = dtype or torch.promote_types(w_k.dtype, torch.float32)
     q_t = w_q.reshape(n_heads, d_head, d).transpose(1, 2)        # (h, d, d_head) = W_Q_i^T
     k_t = w_k.reshape(n_kv_heads, d_head, d).transpose(1, 2)     # (n_kv, d, d_head) = W_K_j^T
     q_k, r_k = thin_qr(k_t.to(dtype))
@@ -219,7 +220,8 @@ def head_subspaces(w_q: torch.Tensor, w_k: torch.Tensor, n_heads: int, n_kv_head
     Returns:
         ``V``: ``(n_heads, d_head, d)``, row ``r`` of ``V[i]`` is the r-th right singular vector
         (orthonormal rows, singular values descending); ``S``: ``(n_heads, d_head)``.
-        Computed in the dtype (the query Grams in float64) and on the device of the inputs.
+        Computed in the dtype of ``w_k``, at least float32 (the query Grams in float64), and
+        on the device of the inputs.
     """
     f = factored_subspaces(w_q, w_k, n_heads, n_kv_heads, d_head)
     return f.vectors(), f.singular_values
