@@ -306,9 +306,11 @@ def test_thin_qr_matches_householder_and_falls_back(monkeypatch, device):
 
 def test_resolve_device_without_a_usable_gpu(monkeypatch, capsys):
     """``cpu`` asks nothing of CUDA; ``cuda`` without a usable GPU is one line naming why;
-    ``auto`` falls back to the CPU, saying why when a GPU is there but unusable."""
+    ``auto`` falls back to the CPU, saying why only when a GPU is there but unusable."""
+    monkeypatch.setattr(kernels, "cuda_problem", lambda: kernels.NO_CUDA)
+    assert kernels.resolve_device("auto") == torch.device("cpu")
+    assert capsys.readouterr().out == ""
     monkeypatch.setattr(kernels, "cuda_problem", lambda: "the GPU is unusable (busy)")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert kernels.resolve_device("cpu") == torch.device("cpu")
     assert capsys.readouterr().out == ""
     assert kernels.resolve_device("auto") == torch.device("cpu")

@@ -241,15 +241,19 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cuda")
     if device == "cuda":
         raise UserError(f"device: 'cuda' was requested but {problem} (allowed here: auto, cpu)")
-    if torch.cuda.is_available():   # a GPU is there but fails: say why the CPU runs instead
+    if problem != NO_CUDA:   # a GPU is there but fails: say why the CPU runs instead
         progress(f"device: auto: {problem}; using the CPU")
     return torch.device("cpu")
+
+
+#: :func:`cuda_problem` on a machine (or a torch build) without CUDA.
+NO_CUDA = "torch.cuda.is_available() is False"
 
 
 def cuda_problem() -> str | None:
     """Why CUDA cannot be used here (one line), or None when a tensor can be made on it."""
     if not torch.cuda.is_available():
-        return "torch.cuda.is_available() is False"
+        return NO_CUDA
     try:
         torch.zeros(1, device="cuda")
         torch.cuda.synchronize()
