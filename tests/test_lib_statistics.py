@@ -276,6 +276,18 @@ def test_bottleneck_verdict_thresholds(pre, post, phrase):
     assert ("not from late layers" in verdict) == (post.defined and "Partial" in verdict)
 
 
+def test_bottleneck_verdict_flags_a_trend_that_could_be_chance():
+    """A verdict resting on a trend with permutation p > 0.05 says so and names it; trends
+    it does not rest on (the post trend of a partial verdict) are not named."""
+    strong, weak = _r(0.9), Correlation(4, 0.8, 0.8, 0.2, 0.21)
+    assert "Caveat" not in bottleneck_verdict(7, strong, _r(-0.9))
+    assert "Caveat: pre p=0.21 > 0.05" in bottleneck_verdict(7, weak, _r(-0.9))
+    both = bottleneck_verdict(7, weak, Correlation(4, -0.8, -0.8, 0.2, 0.3))
+    assert both.startswith("Layer 7 is a convergence point") and "pre p=0.21 and post p=0.3" in both
+    partial = bottleneck_verdict(7, strong, Correlation(4, 0.1, 0.1, 0.9, 0.9))
+    assert partial.startswith("Partial") and "Caveat" not in partial
+
+
 def test_bottleneck_verdict_speaks_of_low_rank_only_for_a_rank_chosen_layer():
     pre, post = _r(0.1), _r(-0.9)
     assert "its low rank may be a local anomaly" in bottleneck_verdict(7, pre, post)

@@ -191,21 +191,38 @@ def overlap_verdict(summary: dict[str, float]) -> str:
             " also target distinct directions.")
 
 
+#: Permutation p-value above which a trend that a verdict rests on is called possibly chance.
+SIGNIFICANCE = 0.05
+
+
+def _chance_caveat(**trends: Correlation) -> str:
+    """The verdict's caveat for the trends it rests on whose Pearson permutation p-value is
+    above :data:`SIGNIFICANCE` (the notebook's rule reads r alone; few layers give large r
+    by chance)."""
+    weak = [f"{name} p={c.pearson_p:.3g}" for name, c in trends.items()
+            if c.pearson_p > SIGNIFICANCE]
+    if not weak:
+        return ""
+    return (f" Caveat: {' and '.join(weak)} > {SIGNIFICANCE}: the trend it rests on could be"
+            f" chance.")
+
+
 def bottleneck_verdict(bottleneck: int, pre: Correlation, post: Correlation,
                        chosen_by_rank: bool = True) -> str:
     """Experiment 2 verdict: convergence if pre r > 0.3 and post r < -0.3; partial if pre only
-    (or if pre and the post trend is undefined, which the verdict then says)."""
+    (or if pre and the post trend is undefined, which the verdict then says); either with a
+    caveat where a trend it rests on has a permutation p-value above :data:`SIGNIFICANCE`."""
     trends = f"pre {pre.text()}; post {post.text()}"
     if not pre.defined:
         return (f"Undetermined: too few layers before layer {bottleneck} for a trend ({trends}).")
     if pre.pearson > 0.3 and post.defined and post.pearson < -0.3:
         return (f"Layer {bottleneck} is a convergence point: similarity rises towards it from"
-                f" both sides ({trends}).")
+                f" both sides ({trends}).{_chance_caveat(pre=pre, post=post)}")
     if pre.pearson > 0.3:
         late = " but not from late layers" if post.defined else \
             "; too few layers follow it for a late trend"
         return (f"Partial convergence: similarity rises towards layer {bottleneck} from early"
-                f" layers{late} ({trends}).")
+                f" layers{late} ({trends}).{_chance_caveat(pre=pre)}")
     anomaly = ("; its low rank may be a local anomaly rather than a convergence point"
                if chosen_by_rank else "")
     return f"No clear convergence towards layer {bottleneck} ({trends}){anomaly}."
