@@ -23,9 +23,11 @@ REQUIRED = ("block_count", "embedding_length", "feed_forward_length", "attention
 
 def write_gguf(path: Path, arch: str = "llama", *, d: int = 16, h: int = 2, n_kv: int = 2,
                d_ff: int = 8, n_layers: int = 2, drop: tuple[str, ...] = (),
-               meta: dict | None = None, dtypes: dict | None = None) -> Path:
+               meta: dict | None = None, extra: dict | None = None,
+               dtypes: dict | None = None) -> Path:
     """A complete tiny decoder GGUF. ``drop``: metadata keys (without ``{arch}.``) left out;
     ``meta``: key -> ``(GGUFWriter method name, value)`` written instead of the default uint32;
+    ``extra``: more metadata, full key -> ``(GGUFWriter method name, value)``;
     ``dtypes``: tensor name -> numpy dtype (float32 otherwise)."""
     from gguf import GGUFWriter
 
@@ -39,6 +41,8 @@ def write_gguf(path: Path, arch: str = "llama", *, d: int = 16, h: int = 2, n_kv
             continue
         method, value = meta.get(key, ("add_uint32", value))
         getattr(writer, method)(f"{arch}.{key}", value)
+    for key, (method, value) in (extra or {}).items():
+        getattr(writer, method)(key, value)
     q, kv = h * d_head, n_kv * d_head
     shapes = {"attn_q": (q, d), "attn_k": (kv, d), "attn_v": (kv, d), "attn_output": (d, q),
               "ffn_gate": (d_ff, d), "ffn_up": (d_ff, d), "ffn_down": (d, d_ff)}
@@ -65,10 +69,10 @@ def patch_tensor_type(path: Path, name: str, type_id: int) -> None:
     path.write_bytes(bytes(data))
 
 
-def user_error(path: Path) -> str:
+def user_error(path: Path, fold_norms: bool = False) -> str:
     """The UserError message of opening ``path``: one line naming the file."""
     with pytest.raises(UserError) as info:
-        open_checkpoint(str(path))
+        open_checkpoint(str(path), fold_norms)
     msg = str(info.value)
     assert "\n" not in msg and str(path) in msg, msg
     return msg
@@ -164,6 +168,61 @@ def test_odd_d_head_without_rope_permutation_is_fine(tmp_path):
     ckpt = open_checkpoint(str(write_gguf(tmp_path / "x.gguf", "qwen2", d=44, h=4, n_kv=4)))
     assert ckpt.dims.d_head == 11
     assert ckpt.read_layer(0)["W_K"].shape == (44, 44)
+
+
+@pytest.mark.parametrize(("shape", "expected"), [
+    ({"h": 4, "n_kv": 3}, "llama.attention.head_count=4 is not a multiple of"
+                          " llama.attention.head_count_kv=3 (allowed:"
+                          " llama.attention.head_count_kv a divisor of 4)"),
+    ({"d": 18, "h": 4}, "llama.embedding_length=18 is not divisible by"
+                        " llama.attention.head_count=4 and the GGUF metadata has no"
+                        " llama.attention.key_length (allowed: llama.embedding_length a multiple"
+                        " of llama.attention.head_count, or a llama.attention.key_length)"),
+])
+def test_head_counts_are_named_by_their_metadata_keys(tmp_path, shape, expected):
+    """Not by the library's own names (n_heads, n_kv_heads), which no GGUF file has."""
+    path = write_gguf(tmp_path / "x.gguf", **shape)
+    assert user_error(path) == f"{path}: {expected}"
+
+
+def test_fold_norms_without_norm_tensors(tmp_path):
+    """write_gguf stores no norm gains: fine as is, refused under fold_norms, which names the
+    way out."""
+    path = write_gguf(tmp_path / "x.gguf")
+    open_checkpoint(str(path))
+    assert user_error(path, fold_norms=True) == (
+        f"{path}: checkpoint has no tensor blk.0.attn_norm.weight (attn norm gain of layer 0),"
+        " which fold_norms: true folds into the projections (allowed: a checkpoint with its"
+        " norm gains, or fold_norms: false to analyse the raw weights)")
+
+
+SPLIT = {"split.count": ("add_uint16", 3), "split.tensors.count": ("add_int32", 14)}
+
+
+@pytest.mark.parametrize("shard", [0, 1])
+def test_split_gguf(tmp_path, shard):
+    """One shard of a split GGUF holds some of the tensors (and from the second on, no
+    general.architecture): it was reported as a missing tensor or architecture."""
+    path = write_gguf(tmp_path / f"m-0000{shard + 1}-of-00003.gguf",
+                      extra={"split.no": ("add_uint16", shard), **SPLIT})
+    if shard:   # llama-gguf-split writes the model's metadata into the first shard only
+        path.write_bytes(path.read_bytes().replace(b"general.architecture",
+                                                   b"general.architecturX"))
+    assert user_error(path) == (
+        f"{path}: shard {shard + 1} of a split GGUF (GGUF metadata split.count = 3) is not"
+        " supported (allowed: one .gguf file; merge the shards with llama.cpp's"
+        " `llama-gguf-split --merge FIRST-SHARD.gguf MERGED.gguf`, or use the model's"
+        " safetensors checkpoint)")
+
+
+def test_mixture_of_experts_gguf(tmp_path):
+    """Mixtral's GGUF says general.architecture = llama; its FFNs are experts
+    (blk.N.ffn_gate_exps.weight), which was reported as a missing blk.0.ffn_gate.weight."""
+    path = write_gguf(tmp_path / "x.gguf", extra={"llama.expert_count": ("add_uint32", 8),
+                                                  "llama.expert_used_count": ("add_uint32", 2)})
+    assert user_error(path) == (
+        f"{path}: a mixture-of-experts model (GGUF metadata llama.expert_count = 8) is not"
+        " supported (allowed: dense decoders, one FFN per layer)")
 
 
 def test_workflow_dry_run_odd_d_head(tmp_path):

@@ -43,6 +43,12 @@ def _assert_one_line(err: UserError, path: Path, *fragments: str) -> None:
     (_config_text(num_hidden_layers=2.5), ["num_hidden_layers: 2.5", "integer >= 1"]),
     (_config_text(num_hidden_layers=True), ["num_hidden_layers: True"]),
     (_config_text(num_key_value_heads=0), ["num_key_value_heads: 0"]),
+    (_config_text(num_key_value_heads=3),
+     ["num_attention_heads=4 is not a multiple of num_key_value_heads=3",
+      "allowed: num_key_value_heads a divisor of 4"]),
+    (_config_text(hidden_size=100, num_attention_heads=3, num_key_value_heads=1, head_dim=DROP),
+     ["hidden_size=100 is not divisible by num_attention_heads=3 and the config has no head_dim",
+      "allowed: hidden_size a multiple of num_attention_heads, or a head_dim"]),
     (_config_text(intermediate_size=DROP), ["no intermediate_size"]),
     (_config_text(model_type=DROP), ["no model_type", "supported:", "llama"]),
     (_config_text(model_type="mamba"), ["'mamba' is not supported", "llama"]),
@@ -61,6 +67,15 @@ def test_optional_dims_may_be_null():
     gpt2 = dims_from_hf_config({"model_type": "gpt2", "n_embd": 32, "n_head": 4, "n_layer": 2,
                                 "n_inner": None})
     assert (gpt2.d_ff, gpt2.d_head) == (128, 8)
+
+
+def test_gpt2_width_not_divisible_by_heads():
+    """GPT-2 has no head_dim: n_embd must split evenly over n_head (d_head was 33, and the
+    checkpoint's shapes then contradicted it)."""
+    with pytest.raises(UserError) as info:
+        dims_from_hf_config({"model_type": "gpt2", "n_embd": 100, "n_head": 3, "n_layer": 2})
+    assert str(info.value) == ("n_embd=100 is not divisible by n_head=3 (allowed: n_embd a"
+                               " multiple of n_head)")
 
 
 def _header(obj) -> bytes:
@@ -155,6 +170,7 @@ def test_offline_cache_without_weights(tmp_path, monkeypatch, sharded):
         hub.resolve(REPO_ID)
     _assert_one_line(info.value, snapshot, f"'{REPO_ID}'", "not all its safetensors weights",
                      "HF_HUB_OFFLINE is set", "snakemake download")
+    assert "local path" not in str(info.value)     # a cached hub id is no path typo
     with pytest.raises(UserError) as info:
         hub.download(REPO_ID)
     missing = "model-00001.safetensors" if sharded else "model.safetensors"
@@ -283,6 +299,22 @@ def test_a_proxy_that_serves_the_endpoint_skips_the_lookup(tmp_path, monkeypatch
         monkeypatch.setenv(key, no_proxy)
     reason = hub.unresolvable_endpoint()
     assert (reason is not None) == looked_up, reason
+
+
+@pytest.mark.parametrize("online", [False, True])
+def test_path_typo_that_looks_like_a_hub_id(tmp_path, monkeypatch, online):
+    """``rb/llama`` (meant: a local directory) is no path here, so it is tried as a hub id;
+    when that fails, the one line also says that no such local path exists, resolved against
+    the working directory (it used to name the hub alone)."""
+    if online:
+        _no_dns(monkeypatch, tmp_path)
+    else:
+        _use_hub_cache(tmp_path / "hf", monkeypatch, offline=True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError) as info:
+        open_checkpoint("rb/llama")
+    _assert_one_line(info.value, Path("rb/llama"), "source 'rb/llama'",
+                     f"; no local path {tmp_path / 'rb' / 'llama'} exists either")
 
 
 @pytest.mark.workflow

@@ -85,6 +85,19 @@ def test_missing_source(tmp_path):
     assert "models.tiny.source" in line and "nope" in line and "does not exist" in line
 
 
+@pytest.mark.parametrize(("source", "fragment"), [
+    ("ckpt/x", "; no local path {} exists either"),            # taken for a hub id
+    ("ckpt/x/m.gguf", "does not exist (resolved: {}); allowed:"),
+])
+def test_relative_source_is_shown_resolved_against_the_workdir(tmp_path, source, fragment):
+    """A relative source is relative to the working directory (-d): a missing one is shown
+    there, also when, looking like org/name, it was tried as a hub id."""
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    line = error_line(run_snakemake(tmp_path / "run", "-n", config=config_for(source), env=env))
+    assert f"error: models.tiny.source: source '{source}' " in line, line
+    assert fragment.format(tmp_path / "run" / source) in line, line
+
+
 def test_hub_id_not_cached_offline(tmp_path):
     env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
     proc = run_snakemake(tmp_path, "-n", config=config_for("Qwen/Qwen2.5-3B"), env=env)

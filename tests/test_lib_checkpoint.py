@@ -118,6 +118,21 @@ def test_bad_sources(tmp_path):
     _one_line(info.value, "source '~no-such-user-xyz/model'", "existing user")
 
 
+def test_missing_relative_source_is_shown_resolved(tmp_path, monkeypatch):
+    """A relative path (or ~) is shown as written and as resolved against the working directory
+    (Snakemake's -d); an absolute one only as written."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for source, resolved in [("ckpt/x/m.gguf", tmp_path / "ckpt/x/m.gguf"),
+                             ("~/m.gguf", tmp_path / "home/m.gguf")]:
+        with pytest.raises(UserError) as info:
+            open_checkpoint(source)
+        _one_line(info.value, f"source '{source}' does not exist (resolved: {resolved}); allowed:")
+    with pytest.raises(UserError) as info:
+        open_checkpoint(str(tmp_path / "nope"))
+    _one_line(info.value, f"source '{tmp_path / 'nope'}' does not exist; allowed:")
+
+
 def _write_with_norms(path, model_type: str, qk_norm: bool):
     """A 2-layer checkpoint (square W_Q: 3 heads x 8 = d = 24) with random norm gains, distinct
     per layer; returns its tensors."""

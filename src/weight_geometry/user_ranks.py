@@ -65,6 +65,9 @@ def _require_rectangular(path: Path) -> None:
 
 
 def _read(path: Path) -> pd.DataFrame:
+    if path.is_dir():
+        raise UserError(f"user ranks {path}: is a directory (allowed: a CSV file with columns"
+                        f" {', '.join(COLUMNS)})")
     if not path.is_file():
         raise UserError(f"user ranks {path}: file not found")
     try:
