@@ -67,12 +67,21 @@ def test_layer_table_follows_its_docstring():
     alignment.insert(3, "ratio", alignment["alignment"] / chance)
     alignment = alignment.sample(frac=1, random_state=3).reset_index(drop=True)
 
-    table = layer_table(ranks, sims, best, bottleneck, alignment, head, k, d)
+    # Spectra (n, 4 heads, d_head = 5), descending; head 2's gap at k = 3 set per layer.
+    spectra = np.sort(rng.uniform(1, 2, size=(n, 4, 5)), axis=-1)[..., ::-1].copy()
+    gap = rng.uniform(0, 0.3, size=n)
+    spectra[:, head, k] = spectra[:, head, k - 1] * (1 - gap)
+    spectra[:, head, k + 1:] = np.minimum(spectra[:, head, k + 1:], spectra[:, head, [k]])
+
+    table = layer_table(ranks, sims, best, bottleneck, alignment, spectra, head, k, d)
 
     layers = np.arange(n)
     assert list(table["layer"]) == list(layers)
     assert set(table["head"]) == {head}
     assert list(table["is_bottleneck"]) == [layer == b for layer in layers]
+    np.testing.assert_allclose(table["relative_gap"], gap)
+    at_d_head = layer_table(ranks, sims, best, bottleneck, alignment, spectra, head, 5, d)
+    assert at_d_head["relative_gap"].isna().all()             # no sigma_k+1 at k = d_head
     np.testing.assert_allclose(table["mean_eff_rank"], (12.0 + layers) / 3)
     adjacent = np.array([sims[layer, layer + 1] for layer in range(n - 1)] + [np.nan])
     np.testing.assert_allclose(table["adjacent_similarity"], adjacent)

@@ -51,6 +51,7 @@ def _analysis() -> Analysis:
                               "alignment": np.concatenate([ALIGN, np.full(L, 0.2)])})
     layers = pd.DataFrame({
         "layer": layer, "head": 0, "is_bottleneck": layer == B,
+        "relative_gap": [0.25, (4 - WEAK[1, 0]) / 4, 0.25, 0.25, 0.25, 0.25],
         "mean_eff_rank": [10.0, 12.0, 9.0, 14.0, 11.0, 13.0],
         "adjacent_similarity": np.append(np.diagonal(sims, 1), np.nan),
         "adjacent_best_match": [0.9, 0.8, 0.7, 0.6, 0.5, np.nan],
@@ -157,6 +158,11 @@ def test_ill_defined_subspaces_listed_smallest_gap_first(text):
                        for (ly, h), g in sorted(gaps.items(), key=lambda item: item[1]))
     assert listed == "L0/H1 (0.0001), L1/H0 (0.0025), L4/H1 (0.0050)"
     assert f": 3 of {L * len(HEADS)}; smallest gaps first: {listed}." in text
+
+
+def test_cross_reference_shows_the_primary_heads_gap_at_k(text):
+    rows = markdown_table(text, "## Cross-reference")
+    assert [r["Gap at k"] for r in rows] == ["0.2500", "0.0025", *["0.2500"] * 4]
 
 
 def test_missing_values_and_z_scores_formatted(text):

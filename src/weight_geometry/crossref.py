@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from .ksweep import gaps_at
 from .nulls import similarity_z
 from .results_io import head_rows
 from .statistics import Correlation, correlate
@@ -22,13 +23,16 @@ def _next_layer(matrix: np.ndarray) -> np.ndarray:
 
 
 def layer_table(weight_ranks: pd.DataFrame, sims: np.ndarray, best_match: np.ndarray,
-                bottleneck: pd.DataFrame, alignment: pd.DataFrame, head: int, k: int,
-                d: int) -> pd.DataFrame:
-    """One row per layer ``l`` for ``head``: mean effective rank over the weight types;
-    ``sim[l, l+1]`` and the best-match similarity of layer l to l+1 (all heads; NaN for the
-    last layer); similarity to the bottleneck; alignment, its ratio to chance, null std,
-    z-score and value normalized between chance and ceiling. Similarity z-scores are against
-    the isotropic null of k-subspaces of R^d (:func:`nulls.similarity_z`)."""
+                bottleneck: pd.DataFrame, alignment: pd.DataFrame,
+                singular_values: np.ndarray, head: int, k: int, d: int) -> pd.DataFrame:
+    """One row per layer ``l`` for ``head``: the relative spectral gap at ``k`` of the head's
+    kernel, ``(sigma_k - sigma_k+1) / sigma_k`` from ``singular_values (L, h, d_head)`` (below
+    :data:`ksweep.GAP_THRESHOLD` the top-k subspace is ill-defined; NaN at ``k = d_head``);
+    mean effective rank over the weight types; ``sim[l, l+1]`` and the best-match similarity
+    of layer l to l+1 (all heads; NaN for the last layer); similarity to the bottleneck;
+    alignment, its ratio to chance, null std, z-score and value normalized between chance and
+    ceiling. Similarity z-scores are against the isotropic null of k-subspaces of R^d
+    (:func:`nulls.similarity_z`)."""
     n = len(sims)
     to_ref = head_rows(bottleneck, head)["similarity"]
     align = head_rows(alignment, head).reindex(np.arange(n))
@@ -40,6 +44,7 @@ def layer_table(weight_ranks: pd.DataFrame, sims: np.ndarray, best_match: np.nda
         "layer": layers,
         "head": head,
         "is_bottleneck": layers == int(bottleneck["bottleneck_layer"].iloc[0]),
+        "relative_gap": gaps_at(singular_values, k)[:, head],
         "mean_eff_rank": mean_rank.reindex(layers).to_numpy(),
         "adjacent_similarity": adjacent,
         "adjacent_z": similarity_z(adjacent, k, d),

@@ -38,15 +38,20 @@ def relative_gaps(singular_values: np.ndarray) -> np.ndarray:
         return np.where(upper > 0, (upper - lower) / upper, 0.0)
 
 
-def ill_defined(singular_values: np.ndarray, k: int,
-                threshold: float = GAP_THRESHOLD) -> pd.DataFrame:
-    """(layer, head, gap) of every (layer, head) whose relative gap at ``k`` is below
-    ``threshold``; empty for ``k >= d_head`` (no ``sigma_{k+1}``: the subspace is the whole
-    row space of ``W_K``)."""
+def gaps_at(singular_values: np.ndarray, k: int) -> np.ndarray:
+    """``(L, h)`` relative gap at ``k`` of each (layer, head) (:func:`relative_gaps`); NaN for
+    ``k >= d_head`` (no ``sigma_{k+1}``: the subspace is the whole row space of ``W_K``)."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     gaps = relative_gaps(singular_values)
-    gaps_k = np.full(gaps.shape[:-1], np.inf) if k > gaps.shape[-1] else gaps[..., k - 1]
+    return np.full(gaps.shape[:-1], np.nan) if k > gaps.shape[-1] else gaps[..., k - 1]
+
+
+def ill_defined(singular_values: np.ndarray, k: int,
+                threshold: float = GAP_THRESHOLD) -> pd.DataFrame:
+    """(layer, head, gap) of every (layer, head) whose relative gap at ``k`` is below
+    ``threshold``; empty for ``k >= d_head`` (see :func:`gaps_at`)."""
+    gaps_k = gaps_at(singular_values, k)
     layer, head = np.nonzero(gaps_k < threshold)
     return pd.DataFrame({"layer": layer, "head": head, "gap": gaps_k[layer, head]})
 

@@ -334,14 +334,17 @@ def _crossref(a: Analysis):
     yield ("Effective rank `exp(H(sigma / sum sigma))` (Roy & Vetterli 2007) of W_Q, W_K, W_V,"
            " W_O, W_gate, W_up, W_down, averaged per layer, beside the subspace metrics of head"
            f" {a.primary_head} ({a.weight_ranks['source'].iloc[0]}). Not WeightWatcher's"
-           " \"entropy\", a different quantity.\n")
+           " \"entropy\", a different quantity. Gap at k: the relative spectral gap"
+           " `(sigma_k - sigma_k+1) / sigma_k` of that head's kernel; below"
+           f" {GAP_THRESHOLD} its top-k subspace is ill-defined.\n")
     yield _fig("effective_ranks", "Effective rank by layer, normalized: eff_rank / min(rows,"
                " cols)") + "\n"
     yield _fig("kernel_effective_ranks", "Kernel effective rank per layer and head") + "\n"
-    yield markdown_table(a.layers[["layer", "mean_eff_rank", "adjacent_similarity",
-                           "adjacent_best_match", "bottleneck_similarity", "alignment",
-                           "alignment_ratio"]].rename(columns={
-        "layer": "Layer", "mean_eff_rank": "Mean eff rank", "adjacent_similarity": "Adj sim",
+    columns = ["layer", "mean_eff_rank", "relative_gap", "adjacent_similarity",
+               "adjacent_best_match", "bottleneck_similarity", "alignment", "alignment_ratio"]
+    yield markdown_table(a.layers[columns].rename(columns={
+        "layer": "Layer", "mean_eff_rank": "Mean eff rank", "relative_gap": "Gap at k",
+        "adjacent_similarity": "Adj sim",
         "adjacent_best_match": "Adj best match", "bottleneck_similarity": "Sim to bottleneck",
         "alignment": "FFN-attn align", "alignment_ratio": "Align / chance"})) + "\n"
     yield "### Correlation between metrics\n"

@@ -90,6 +90,7 @@ rule layer_table:
         bottleneck=f"{K}/bottleneck.parquet",
         alignment=f"{K}/alignment.parquet",
         best_match=f"{K}/best_match.npy",
+        singular_values=chunk_files("singular_values.npy"),
         model=f"{R}/model.json",
     output:
         parquet=f"{K}/layers.parquet",

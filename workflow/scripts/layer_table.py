@@ -10,12 +10,13 @@ def main():
     import pandas as pd
 
     from weight_geometry.crossref import layer_table
-    from weight_geometry.results_io import read_json
+    from weight_geometry.results_io import load_layers, read_json
 
     inp = snakemake.input
     table = layer_table(pd.read_parquet(inp.weight_ranks), np.load(inp.similarity[0]),
                         np.load(inp.best_match), pd.read_parquet(inp.bottleneck),
-                        pd.read_parquet(inp.alignment), snakemake.params.head,
+                        pd.read_parquet(inp.alignment), load_layers(inp.singular_values),
+                        snakemake.params.head,
                         int(snakemake.wildcards.k), read_json(inp.model)["d_model"])
     table.to_parquet(snakemake.output.parquet, index=False)
     table.to_csv(snakemake.output.csv, index=False)
