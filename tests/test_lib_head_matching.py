@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import haar_bases, orthonormal_rows
 
@@ -11,6 +12,7 @@ from weight_geometry.head_matching import (
     cross_head_similarity,
     isotropic_weight_null,
     layer_pair_table,
+    match_heads,
     random_pairing_null,
     same_index_mean,
 )
@@ -94,7 +96,7 @@ def test_best_match_recovers_planted_permutation_that_same_index_misses():
         # labels[b, j] == labels[a, i].
         planted = np.argsort(labels[b])[labels[a]]
         np.testing.assert_array_equal(pairs[a, b], planted)
-    table = layer_pair_table(sims, k, d, n_heads, k, n_perm=200)
+    table = layer_pair_table(sims, best, k, d, n_heads, k, n_perm=200)
     assert (table["z_best_match"] > 20).all()
     assert (table["z_same_index"].abs() < 5).all()
     # Against the random pairing (which averages in the one true match per head) the same-index
@@ -106,7 +108,7 @@ def test_best_match_recovers_planted_permutation_that_same_index_misses():
 def test_same_index_planted_shared_subspaces_give_large_z():
     bases, _ = _planted(seed=3, relabel=False)
     n_layers, n_heads, k, d = bases.shape
-    table = layer_pair_table(cross_head_similarity(bases), k, d, n_heads, k, n_perm=200)
+    _, _, table = match_heads(bases, k, d, n_heads, k, n_perm=200)
     assert (table["same_index"] > 0.95).all()
     assert (table["z_same_index"] > 20).all()
     assert (table["z_same_index_vs_pairing"] > 3).all()
@@ -116,8 +118,8 @@ def test_z_scores_standard_under_isotropic_null():
     """Independent Haar heads (multi-head attention: one KV head per head) are the null."""
     rng = np.random.default_rng(4)
     n_layers, n_heads, k, d = 14, 6, 3, 30
-    sims = cross_head_similarity(haar_bases(rng, (n_layers, n_heads), k, d))
-    table = layer_pair_table(sims, k, d, n_heads, k, n_perm=300)
+    _, _, table = match_heads(haar_bases(rng, (n_layers, n_heads), k, d), k, d, n_heads, k,
+                              n_perm=300)
     assert len(table) == n_layers * (n_layers - 1) // 2
     assert (table["layer_a"] < table["layer_b"]).all()
     # 91 pairwise-independent z (same_index): mean within ~5 standard errors of 0.
@@ -149,7 +151,7 @@ def test_z_scores_standard_for_random_weights_with_shared_kv_heads(n_kv):
     w_k = torch.randn(n_layers * n_kv * d_head, d, dtype=torch.float64)
     vectors = head_subspaces(w_q, w_k, n_layers * n_heads, n_layers * n_kv, d_head)[0]
     bases = vectors.numpy().reshape(n_layers, n_heads, d_head, d)[:, :, :k]
-    table = layer_pair_table(cross_head_similarity(bases), k, d, n_kv, d_head, n_perm=20)
+    _, _, table = match_heads(bases, k, d, n_kv, d_head, n_perm=20)
     for column in ("z_same_index", "z_best_match"):
         z = table[column]
         assert abs(z.mean()) < 0.4, column
@@ -183,7 +185,24 @@ def test_random_pairing_null_matches_exact_moments():
 
 def test_single_head_pairing_std_zero_gives_nan_z():
     bases = haar_bases(np.random.default_rng(6), (3, 1), 2, 8)
-    table = layer_pair_table(cross_head_similarity(bases), 2, 8, 1, 2, n_perm=20)
+    _, _, table = match_heads(bases, 2, 8, 1, 2, n_perm=20)
     assert (table["random_pairing_std"] == 0).all()
     assert table["z_same_index_vs_pairing"].isna().all()
     np.testing.assert_allclose(table["best_match"], table["same_index"])
+
+
+def test_match_heads_is_its_parts_computed_once():
+    """What the match_heads rule writes: best match and pairs of the cross-head similarity,
+    and the per-pair table whose same-index and best-match columns are those matrices' upper
+    triangles."""
+    bases, _ = _planted(seed=8)
+    n_layers, n_heads, k, d = bases.shape
+    best, pairs, table = match_heads(bases, k, d, n_heads, k, n_perm=50, seed=3)
+    sims = cross_head_similarity(bases)
+    np.testing.assert_array_equal(best, best_match(sims)[0])
+    np.testing.assert_array_equal(pairs, best_match(sims)[1])
+    pd.testing.assert_frame_equal(table, layer_pair_table(sims, best, k, d, n_heads, k,
+                                                          n_perm=50, seed=3))
+    a, b = np.triu_indices(n_layers, 1)
+    np.testing.assert_array_equal(table["best_match"], best[a, b])
+    np.testing.assert_array_equal(table["same_index"], same_index_mean(sims)[a, b])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import haar_bases
+from scipy.linalg import subspace_angles
 
 from weight_geometry.alignment import alignment_table
 from weight_geometry.ksweep import (
@@ -15,7 +16,7 @@ from weight_geometry.ksweep import (
     similarity_by_k,
 )
 from weight_geometry.nulls import alignment_null_std
-from weight_geometry.similarity import null_std, similarity_matrix
+from weight_geometry.similarity import null_std, similarity
 from weight_geometry.statistics import overlap_summary
 
 
@@ -40,20 +41,34 @@ def _model(seed: int, n_layers=7, n_heads=3, d_head=6, d=20, d_ff=30, shared=0):
     return vectors.astype(np.float32), energy, norm2, ffn_sv, sv
 
 
-def test_similarity_by_k_matches_similarity_matrix():
+def _matrix(bases: np.ndarray) -> np.ndarray:
+    """``(L, L)`` similarity of ``(L, k, d)`` bases pair by pair in float64 (independent of the
+    blocked float32 routine), diagonal 1."""
+    n = len(bases)
+    b64 = bases.astype(np.float64)
+    return np.array([[similarity(b64[i], b64[j]) if i != j else 1.0 for j in range(n)]
+                     for i in range(n)])
+
+
+def test_similarity_by_k_matches_principal_angles():
     vectors = _model(0)[0]
     for head in range(3):
-        by_k = similarity_by_k(vectors[:, head])
-        assert by_k.shape == (6, 7, 7)
+        by_k = similarity_by_k(vectors[:, head])          # a non-contiguous view of one head
+        assert by_k.shape == (6, 7, 7) and by_k.dtype == np.float64
+        np.testing.assert_array_equal(by_k, by_k.transpose(0, 2, 1))
+        np.testing.assert_array_equal(np.diagonal(by_k, axis1=1, axis2=2), 1.0)
         for k in range(1, 7):
-            np.testing.assert_allclose(by_k[k - 1], similarity_matrix(vectors[:, head, :k]),
-                                       atol=1e-6, err_msg=f"head {head}, k {k}")
+            for a, b in zip(*np.triu_indices(7, 1), strict=True):
+                angles = subspace_angles(vectors[a, head, :k].T.astype(np.float64),
+                                         vectors[b, head, :k].T.astype(np.float64))
+                assert by_k[k - 1, a, b] == pytest.approx(np.mean(np.cos(angles) ** 2),
+                                                          abs=1e-6), (head, k, a, b)
 
 
 def test_ksweep_matches_per_k_references():
     vectors, energy, norm2, ffn_sv, sv = _model(1)
     heads, d = [0, 2], 20
-    table = ksweep_table(vectors, energy, norm2, sv, heads, d)
+    table = ksweep_table(vectors[:, heads], energy[:, heads], norm2, sv[:, heads], d)
     assert list(table["k"]) == list(range(1, 6))
     assert list(table.columns) == [
         "k", "chance", "null_std", "off_diagonal_mean", "adjacent_mean", "distant_mean",
@@ -61,7 +76,7 @@ def test_ksweep_matches_per_k_references():
         "distant_mean_ratio", "alignment_mean_ratio", "n_ill_defined"]
     for row in table.itertuples():
         k = row.k
-        summaries = [overlap_summary(similarity_matrix(vectors[:, h, :k])) for h in heads]
+        summaries = [overlap_summary(_matrix(vectors[:, h, :k])) for h in heads]
         for stat in ("off_diagonal_mean", "adjacent_mean", "distant_mean"):
             wanted = np.mean([s[stat] for s in summaries])
             assert getattr(row, stat) == pytest.approx(wanted, abs=1e-6), (k, stat)
@@ -76,8 +91,7 @@ def test_ksweep_matches_per_k_references():
 def test_random_subspaces_track_chance_for_every_k():
     n_layers, n_heads, d = 12, 4, 24
     vectors, energy, norm2, ffn_sv, sv = _model(2, n_layers=n_layers, n_heads=n_heads, d=d)
-    heads = list(range(n_heads))
-    table = ksweep_table(vectors, energy, norm2, sv, heads, d)
+    table = ksweep_table(vectors, energy, norm2, sv, d)
     n_pairs = n_layers * (n_layers - 1) // 2
     for row in table.itertuples():
         k, chance = row.k, row.chance
@@ -92,7 +106,7 @@ def test_random_subspaces_track_chance_for_every_k():
 def test_planted_shared_directions_stand_out_at_small_k():
     d, shared = 24, 2
     vectors, energy, norm2, ffn_sv, sv = _model(3, d=d, shared=shared)
-    table = ksweep_table(vectors, energy, norm2, sv, [0, 1, 2], d).set_index("k")
+    table = ksweep_table(vectors, energy, norm2, sv, d).set_index("k")
     # Up to k = 2 every layer has the same subspace; beyond, 2 of k directions are shared and
     # the rest is random in the (d - 2)-dimensional complement.
     np.testing.assert_allclose(table.loc[[1, 2], "off_diagonal_mean"], 1.0, atol=1e-6)
@@ -122,9 +136,10 @@ def test_gaps_and_ill_defined():
     assert flagged(3) == [(1, 0)]
     assert flagged(4) == [], "k = d_head: no sigma_{k+1}, nothing to flag"
     assert ill_defined(sv, 2)["gap"].iloc[0] == pytest.approx(0.001 / 3)
-    assert len(ill_defined(sv, 2, threshold=0.6)) == 3
-    # "Below" the threshold: a gap equal to it is not flagged.
-    assert ill_defined(np.array([[[1.0, 0.75]]]), 1, threshold=0.25).empty
+    # "Below" the threshold: a gap equal to it (1 / 100 = 0.01 exactly in float64) is not
+    # flagged, one just below is.
+    assert ill_defined(np.array([[[100.0, 99.0]]]), 1).empty
+    assert len(ill_defined(np.array([[[100.0, 99.0001]]]), 1)) == 1
     with pytest.raises(ValueError):
         ill_defined(sv, 0)
     assert GAP_THRESHOLD == 0.01
@@ -134,11 +149,11 @@ def test_ksweep_counts_ill_defined_among_heads():
     vectors, energy, norm2, ffn_sv, sv = _model(4, d_head=4)
     sv[2, 1, 2] = sv[2, 1, 1] * (1 - 1e-4)            # k = 2 ill-defined for (2, 1)
     sv[5, 0, :2] = 1.5                                # k = 1 tie for (5, 0)
-    table = ksweep_table(vectors, energy, norm2, sv, [1, 2], 20).set_index("k")
-    assert table.loc[2, "n_ill_defined"] == 1
-    assert table.loc[1, "n_ill_defined"] == 0, "head 0 is not among the heads"
-    table = ksweep_table(vectors, energy, norm2, sv, [0], 20).set_index("k")
-    assert list(table["n_ill_defined"]) == [1, 0, 0]
-    # The caller's threshold is the one applied: at 1.01 every gap (all <= 1) is below it.
-    table = ksweep_table(vectors, energy, norm2, sv, [0, 1], 20, gap_threshold=1.01)
-    assert list(table["n_ill_defined"]) == [7 * 2] * 3          # 7 layers, 2 heads
+    def table(heads):
+        return ksweep_table(vectors[:, heads], energy[:, heads], norm2, sv[:, heads],
+                            20).set_index("k")
+
+    assert table([1, 2]).loc[2, "n_ill_defined"] == 1
+    assert table([1, 2]).loc[1, "n_ill_defined"] == 0, "head 0 is not among the heads"
+    assert list(table([0])["n_ill_defined"]) == [1, 0, 0]
+    assert list(table([0, 1, 2])["n_ill_defined"]) == [1, 1, 0]

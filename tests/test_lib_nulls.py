@@ -12,6 +12,7 @@ from weight_geometry.nulls import (
     alignment_null_std,
     alignment_z,
     bartlett_r,
+    chance_z,
     normalized_alignment,
     random_weight_bases,
     similarity_z,
@@ -96,6 +97,7 @@ def test_alignment_z_shapes_and_planted_coupling():
     assert z.shape == (n_layers, n_heads)
     np.testing.assert_allclose(z[1], (align[1] - k / d) / alignment_null_std(k, d, svs)[1])
     np.testing.assert_allclose(alignment_z(align[:, 0], k, d, svs), z[:, 0])
+    np.testing.assert_array_equal(chance_z(align, k, d, alignment_null_std(k, d, svs)[:, None]), z)
     # A subspace inside W_in's top singular directions: strongly coupled.
     top = np.linalg.svd(ws[0])[2][:k]
     planted = np.square(top @ ws[0].T).sum() / np.square(ws[0]).sum()

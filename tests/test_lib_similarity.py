@@ -8,6 +8,7 @@ from conftest import haar_bases, orthonormal_rows
 from scipy.linalg import subspace_angles
 
 from weight_geometry.similarity import (
+    cross_head_similarity,
     null_mean,
     null_std,
     similarity,
@@ -77,6 +78,40 @@ def test_similarity_matrix_matches_pairwise_reference():
                 ref = _reference(bases[i], bases[j])
                 assert sims[i, j] == pytest.approx(ref, abs=1e-6), (i, j)
     assert sims[2, 3] > 0.9
+
+
+@pytest.mark.parametrize("prefixes", [False, True])
+def test_cross_head_similarity_matches_principal_angles(prefixes):
+    """The one blocked layer-pair routine behind every similarity matrix: each (layer, head)
+    pair, and with ``prefixes`` each top-k' prefix, against scipy's principal angles; exactly
+    symmetric, exactly 1 for a head with itself."""
+    rng = np.random.default_rng(12)
+    n, h, k, d = 4, 3, 5, 16
+    bases = haar_bases(rng, (n, h), k, d)
+    bases[2, 1] = orthonormal_rows(bases[0, 2] + 0.05 * rng.standard_normal((k, d)))
+    sims = cross_head_similarity(bases.astype(np.float32), prefixes=prefixes)
+    by_k = sims if prefixes else sims[None]
+    assert by_k.shape == ((k if prefixes else 1), n, h, n, h) and sims.dtype == np.float64
+    np.testing.assert_array_equal(by_k, by_k.transpose(0, 3, 4, 1, 2))
+    for kk, s in zip(range(1, k + 1) if prefixes else [k], by_k, strict=True):
+        for a, i, b, j in np.ndindex(n, h, n, h):
+            if (a, i) == (b, j):
+                assert s[a, i, b, j] == 1.0
+            else:
+                reference = _reference(bases[a, i, :kk], bases[b, j, :kk])
+                assert s[a, i, b, j] == pytest.approx(reference, abs=1e-6), (kk, a, i, b, j)
+    assert by_k[-1, 2, 1, 0, 2] > 0.9
+
+
+def test_one_head_of_several_is_that_heads_matrix():
+    """A strided view of one head (as the k-sweep passes) gives the same matrix as that head's
+    entries of the all-heads tensor (to float32 GEMM rounding: the blocks differ in shape)."""
+    rng = np.random.default_rng(13)
+    bases = haar_bases(rng, (5, 3), 4, 20).astype(np.float32)
+    all_heads = cross_head_similarity(bases)
+    np.testing.assert_allclose(similarity_matrix(bases[:, 1]), all_heads[:, 1, :, 1], atol=1e-7)
+    by_k = cross_head_similarity(bases[:, 1:2], prefixes=True)
+    np.testing.assert_allclose(by_k[-1], all_heads[:, 1:2, :, 1:2], atol=1e-7)
 
 
 def test_null_values_closed_form_small_case():

@@ -15,6 +15,7 @@ import pandas as pd
 from .figure_names import COMPARE_FIGURES
 from .figures import pyplot, save_figure
 from .report import markdown_table
+from .similarity import null_mean
 from .statistics import alignment_verdict
 
 
@@ -50,7 +51,7 @@ def _model_rows(name: str, model: dict, layers: pd.DataFrame, k: int) -> pd.Data
     n_layers, d = model["n_layers"], model["d_model"]
     if not np.array_equal(layers["layer"].to_numpy(), np.arange(n_layers)):
         raise ValueError(f"{name}: layers table does not hold layers 0..{n_layers - 1}")
-    chance = k / d
+    chance = null_mean(k, d)
     return pd.DataFrame({
         "model": name,
         "layer": layers["layer"].to_numpy(),

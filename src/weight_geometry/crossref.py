@@ -22,6 +22,12 @@ def _next_layer(matrix: np.ndarray) -> np.ndarray:
     return np.append(np.diagonal(matrix, offset=1), np.nan)
 
 
+def bottleneck_layer(bottleneck: pd.DataFrame) -> int:
+    """The bottleneck layer recorded in a :func:`statistics.bottleneck_table` (read as
+    :attr:`results_io.Analysis.bottleneck_layer` reads it)."""
+    return int(bottleneck["bottleneck_layer"].iloc[0])
+
+
 def layer_table(weight_ranks: pd.DataFrame, sims: np.ndarray, best_match: np.ndarray,
                 bottleneck: pd.DataFrame, alignment: pd.DataFrame,
                 singular_values: np.ndarray, head: int, k: int, d: int) -> pd.DataFrame:
@@ -43,7 +49,7 @@ def layer_table(weight_ranks: pd.DataFrame, sims: np.ndarray, best_match: np.nda
     return pd.DataFrame({
         "layer": layers,
         "head": head,
-        "is_bottleneck": layers == int(bottleneck["bottleneck_layer"].iloc[0]),
+        "is_bottleneck": layers == bottleneck_layer(bottleneck),
         "relative_gap": gaps_at(singular_values, k)[:, head],
         "mean_eff_rank": mean_rank.reindex(layers).to_numpy(),
         "adjacent_similarity": adjacent,
@@ -64,7 +70,8 @@ def layer_correlations(layers: pd.DataFrame, keep_bottleneck: bool = False
     """Pearson/Spearman (with permutation p) for the three metric pairs.
 
     By default the bottleneck layer's similarity to itself (1 by definition) is left out, so it
-    cannot drive a correlation; ``keep_bottleneck`` keeps it, as the notebook does.
+    cannot drive a correlation; ``keep_bottleneck`` keeps it, as the notebook does. Cost three
+    :func:`statistics.correlate`: O(n_perm L) each, for ``L`` layers.
     """
     data = layers.copy()
     if not keep_bottleneck:

@@ -2,7 +2,8 @@
 
 Head ``i`` of layer ``a`` and head ``i`` of layer ``b`` need not play the same role: the
 numbering of heads is arbitrary per layer. From the cross-head similarity tensor
-``S[a, i, b, j] = sim(V_a,i, V_b,j)`` this module gives, per layer pair:
+``S[a, i, b, j] = sim(V_a,i, V_b,j)`` (:func:`similarity.cross_head_similarity`) this module
+gives, per layer pair:
 
 - same-index: ``mean_i S[a, i, b, i]`` (what per-head similarity matrices average);
 - best match: ``mean_i max_j S[a, i, b, j]`` (each head of ``a`` paired with its most similar
@@ -19,56 +20,23 @@ import numpy as np
 import pandas as pd
 
 from .nulls import NULL_LAYERS, random_weight_bases
-from .similarity import null_mean, squared_cosines
+from .similarity import cross_head_similarity, null_mean
 
-N_PERMUTATIONS = 1000
-
-
-def cross_head_similarity(vectors_k: np.ndarray) -> np.ndarray:
-    """``S (L, h, L, h)``, ``S[a, i, b, j] = ||V_a,i V_b,j^T||_F^2 / k``, float64.
-
-    Args:
-        vectors_k: ``(L, h, k, d)`` top-k bases with orthonormal rows.
-    One ``(h k, d) @ (d, (L - a) h k)`` product per layer ``a`` for layers ``b >= a``, mirrored:
-    cost O(L^2 h^2 k^2 d / 2), working memory O(L h k d) plus O(h k L h k) per block, never
-    ``(L h k)^2``. ``S`` is exactly symmetrized, ``S[a, i, a, i] = 1``.
-
-    Products in float32, squares summed in float64 (:func:`similarity.squared_cosines`): ``S``
-    is exact to ~1e-7.
-    """
-    n_layers, n_heads, k, d = vectors_k.shape
-    flat = np.asarray(vectors_k, dtype=np.float32).reshape(n_layers, n_heads * k, d)
-    sims = np.zeros((n_layers, n_heads, n_layers, n_heads))
-    for a in range(n_layers):
-        block = squared_cosines(flat[a], flat[a:].reshape(-1, d))
-        sims[a, :, a:] = block.reshape(n_heads, k, n_layers - a, n_heads, k).sum(axis=(1, 4)) / k
-    return _mirror_upper(sims)
-
-
-def _mirror_upper(sims: np.ndarray) -> np.ndarray:
-    """Full symmetric ``S`` from its layer blocks ``a <= b``; within ``a = b`` the mean of the
-    block and its transpose, with exactly 1 on the diagonal."""
-    n_layers, n_heads = sims.shape[:2]
-    by_layers = sims.transpose(1, 3, 0, 2)                   # (h, h, L, L): [i, j, a, b]
-    upper = np.triu(by_layers, 1)
-    same = by_layers * np.eye(n_layers)
-    full = upper + upper.transpose(1, 0, 3, 2) + (same + same.transpose(1, 0, 2, 3)) / 2
-    full = full.transpose(2, 0, 3, 1).copy()
-    layer, head = np.indices((n_layers, n_heads))
-    full[layer, head, layer, head] = 1.0
-    return full
+#: Random pairings of the structured null (:func:`random_pairing_null`).
+PAIRING_PERMUTATIONS = 1000
 
 
 def best_match(sims: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(L, L)`` mean over heads ``i`` of ``max_j S[a, i, b, j]`` and the ``(L, L, h)`` int
-    argmax ``j`` for each ``(a, b, i)``. The diagonal is 1 (each head matches itself)."""
-    best = sims.max(axis=3).mean(axis=1)
-    pairs = sims.argmax(axis=3).transpose(0, 2, 1)
-    return best, pairs
+    argmax ``j`` for each ``(a, b, i)``. The diagonal is 1 (each head matches itself). Cost
+    O(L^2 h^2): one pass for the argmax, the maxima read at it."""
+    argmax = sims.argmax(axis=3)                                       # (L, h, L): [a, i, b]
+    best = np.take_along_axis(sims, argmax[..., None], axis=3)[..., 0].mean(axis=1)
+    return best, argmax.transpose(0, 2, 1)
 
 
 def same_index_mean(sims: np.ndarray) -> np.ndarray:
-    """``(L, L)`` mean over heads ``i`` of ``S[a, i, b, i]``."""
+    """``(L, L)`` mean over heads ``i`` of ``S[a, i, b, i]``. Cost O(L^2 h)."""
     return np.einsum("aibi->abi", sims).mean(axis=2)
 
 
@@ -78,7 +46,7 @@ def _paired_mean(sims: np.ndarray, perm: np.ndarray) -> np.ndarray:
     return sims[:, heads, :, perm].mean(axis=0)
 
 
-def random_pairing_null(sims: np.ndarray, n_perm: int = N_PERMUTATIONS,
+def random_pairing_null(sims: np.ndarray, n_perm: int = PAIRING_PERMUTATIONS,
                         seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Mean and std ``(L, L)`` of ``mean_i S[a, i, b, pi(i)]`` over ``n_perm`` seeded uniform
     permutations ``pi`` of the heads.
@@ -95,11 +63,12 @@ def random_pairing_null(sims: np.ndarray, n_perm: int = N_PERMUTATIONS,
     return draws.mean(axis=0), (draws - draws[0]).std(axis=0, ddof=1)
 
 
-def pair_statistics(sims: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Per layer pair ``a < b`` of ``S (L, h, L, h)``: ``a``, ``b``, same-index and best match,
-    each ``(L (L - 1) / 2,)``. Cost O(L^2 h^2)."""
+def pair_statistics(sims: np.ndarray, best: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Per layer pair ``a < b`` of ``S (L, h, L, h)``: ``a``, ``b``, same-index and best match
+    (``best``: :func:`best_match`'s ``(L, L)`` matrix of ``S``), each ``(L (L - 1) / 2,)``.
+    Cost O(L^2 h)."""
     a, b = np.triu_indices(sims.shape[0], k=1)
-    return a, b, same_index_mean(sims)[a, b], best_match(sims)[0][a, b]
+    return a, b, same_index_mean(sims)[a, b], best[a, b]
 
 
 def isotropic_weight_null(n_heads: int, n_kv_heads: int, d_head: int, d: int, k: int,
@@ -120,16 +89,19 @@ def isotropic_weight_null(n_heads: int, n_kv_heads: int, d_head: int, d: int, k:
     """
     rng = np.random.default_rng(seed)
     bases = random_weight_bases(rng, n_layers, n_heads, n_kv_heads, d_head, d, k)
-    _, _, same, best = pair_statistics(cross_head_similarity(bases))
+    sims = cross_head_similarity(bases)
+    _, _, same, best = pair_statistics(sims, best_match(sims)[0])
     return {"isotropic_mean": null_mean(k, d), "isotropic_std": float(same.std(ddof=1)),
             "best_match_null_mean": float(best.mean()),
             "best_match_null_std": float(best.std(ddof=1))}
 
 
-def layer_pair_table(sims: np.ndarray, k: int, d: int, n_kv_heads: int, d_head: int,
-                     n_perm: int = N_PERMUTATIONS, seed: int = 0) -> pd.DataFrame:
+def layer_pair_table(sims: np.ndarray, best_matrix: np.ndarray, k: int, d: int, n_kv_heads: int,
+                     d_head: int, n_perm: int = PAIRING_PERMUTATIONS,
+                     seed: int = 0) -> pd.DataFrame:
     """One row per layer pair ``a < b`` of the cross-head similarity ``S (L, h, L, h)`` of a
-    model with ``n_kv_heads`` KV heads of size ``d_head``.
+    model with ``n_kv_heads`` KV heads of size ``d_head``; ``best_matrix`` is :func:`best_match`'s
+    ``(L, L)`` matrix of ``S`` (:func:`match_heads` computes both once).
 
     Columns: layer_a, layer_b; same_index, best_match (this module's docstring);
     random_pairing_mean, random_pairing_std (:func:`random_pairing_null`); isotropic_mean,
@@ -139,7 +111,7 @@ def layer_pair_table(sims: np.ndarray, k: int, d: int, n_kv_heads: int, d_head: 
     ``(same_index - random_pairing_mean) / random_pairing_std``, NaN when that std is 0.
     """
     n_heads = sims.shape[1]
-    a, b, same, best = pair_statistics(sims)
+    a, b, same, best = pair_statistics(sims, best_matrix)
     pair_mean, pair_std = (m[a, b] for m in random_pairing_null(sims, n_perm, seed))
     null = isotropic_weight_null(n_heads, n_kv_heads, d_head, d, k, seed=seed)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -153,3 +125,15 @@ def layer_pair_table(sims: np.ndarray, k: int, d: int, n_kv_heads: int, d_head: 
             "z_best_match": (best - null["best_match_null_mean"]) / null["best_match_null_std"],
             "z_same_index_vs_pairing": vs_pairing,
         })
+
+
+def match_heads(vectors_k: np.ndarray, k: int, d: int, n_kv_heads: int, d_head: int,
+                n_perm: int = PAIRING_PERMUTATIONS,
+                seed: int = 0) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """Everything the match_heads rule writes, each computed once from the ``(L, h, k, d)``
+    top-k bases of all heads: the ``(L, L)`` best-match matrix and ``(L, L, h)`` pairs
+    (:func:`best_match`), and :func:`layer_pair_table`. Cost that of
+    :func:`similarity.cross_head_similarity` plus :func:`isotropic_weight_null`."""
+    sims = cross_head_similarity(vectors_k)
+    best, pairs = best_match(sims)
+    return best, pairs, layer_pair_table(sims, best, k, d, n_kv_heads, d_head, n_perm, seed)

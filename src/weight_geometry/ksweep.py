@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .similarity import null_std, squared_cosines
+from .similarity import cross_head_similarity, null_mean, null_std
 from .statistics import adjacent, distant, off_diagonal
 
 GAP_THRESHOLD = 0.01
@@ -47,39 +47,25 @@ def gaps_at(singular_values: np.ndarray, k: int) -> np.ndarray:
     return np.full(gaps.shape[:-1], np.nan) if k > gaps.shape[-1] else gaps[..., k - 1]
 
 
-def ill_defined(singular_values: np.ndarray, k: int,
-                threshold: float = GAP_THRESHOLD) -> pd.DataFrame:
+def ill_defined(singular_values: np.ndarray, k: int) -> pd.DataFrame:
     """(layer, head, gap) of every (layer, head) whose relative gap at ``k`` is below
-    ``threshold``; empty for ``k >= d_head`` (see :func:`gaps_at`)."""
+    :data:`GAP_THRESHOLD`; empty for ``k >= d_head`` (see :func:`gaps_at`)."""
     gaps_k = gaps_at(singular_values, k)
-    layer, head = np.nonzero(gaps_k < threshold)
+    layer, head = np.nonzero(gaps_k < GAP_THRESHOLD)
     return pd.DataFrame({"layer": layer, "head": head, "gap": gaps_k[layer, head]})
 
 
 def similarity_by_k(bases: np.ndarray) -> np.ndarray:
     """``(d_head, L, L)``: entry ``k - 1`` is the similarity matrix of the top-k prefixes of
-    ``bases`` ``(L, d_head, d)`` (orthonormal rows), for every k.
-
-    Per layer ``a``: ``C = V_a (d_head, d) @ V_b^T`` for all ``b >= a`` at once, squared,
-    prefix-summed over both vector axes, read on the diagonal ``P[k-1, b, k-1] / k``, mirrored
-    to ``b < a``. Products in float32, squares and sums in float64
-    (:func:`similarity.squared_cosines`: exact to ~1e-7). Cost O(L^2 d_head^2 d / 2); memory
-    O(L d_head d) for the float32 copy plus O(L d_head^2) per block (never ``(L d_head)^2``).
-    Symmetric, diagonal exactly 1, as :func:`similarity.similarity_matrix`.
+    ``bases`` ``(L, d_head, d)`` (orthonormal rows), for every k: the prefix sums of
+    :func:`similarity.cross_head_similarity` for one head (exact to ~1e-7). Cost
+    O(L^2 d_head^2 d / 2); memory O(L d_head d) for the float32 copy plus O(L d_head^2) per
+    block (never ``(L d_head)^2``). Symmetric, diagonal exactly 1, as
+    :func:`similarity.similarity_matrix`.
     """
-    n_layers, d_head, d = bases.shape
-    flat = np.asarray(bases, dtype=np.float32)
-    sims = np.zeros((d_head, n_layers, n_layers))
-    ks = np.arange(1, d_head + 1)
-    for a in range(n_layers):
-        block = squared_cosines(flat[a], flat[a:].reshape(-1, d))
-        block = block.reshape(d_head, n_layers - a, d_head)
-        np.cumsum(block, axis=0, out=block)
-        np.cumsum(block, axis=2, out=block)
-        sims[:, a, a:] = np.diagonal(block, axis1=0, axis2=2).T / ks[:, None]
-    sims = np.triu(sims, 1) + np.triu(sims, 1).transpose(0, 2, 1)
-    sims[:, np.arange(n_layers), np.arange(n_layers)] = 1.0
-    return sims
+    n_layers, d_head = bases.shape[:2]
+    sims = cross_head_similarity(bases[:, None], prefixes=True)
+    return sims.reshape(d_head, n_layers, n_layers)
 
 
 def _mean_statistics(sims: np.ndarray) -> dict[str, float]:
@@ -89,36 +75,34 @@ def _mean_statistics(sims: np.ndarray) -> dict[str, float]:
 
 
 def ksweep_table(vectors: np.ndarray, energy: np.ndarray, norm2: np.ndarray,
-                 singular_values: np.ndarray, heads, d: int,
-                 gap_threshold: float = GAP_THRESHOLD) -> pd.DataFrame:
-    """One row per k = 1 .. d_head - 1 (k = d_head is skipped: heads sharing a KV head coincide).
+                 singular_values: np.ndarray, d: int) -> pd.DataFrame:
+    """One row per k = 1 .. d_head - 1 (k = d_head is skipped: heads sharing a KV head coincide),
+    averaged over the ``h`` heads given (the caller selects them, e.g. the sampled heads).
 
     Args:
-        vectors: ``(L, h, d_head, d)`` right singular vectors (a memmap is read one head at a
-            time); energy ``(L, h, d_head)``; norm2 ``(L,)``; singular_values ``(L, h, d_head)``.
-        heads: the heads to average over.
+        vectors: ``(L, h, d_head, d)`` right singular vectors, an in-memory array (its
+            float32 copy is made one head at a time: :func:`similarity_by_k`);
+            energy ``(L, h, d_head)``; norm2 ``(L,)``; singular_values ``(L, h, d_head)``.
     Columns: k; chance ``k/d``; null_std (of one similarity, :func:`similarity.null_std`);
-    off_diagonal_mean, adjacent_mean, distant_mean (``|i - j| > L // 3``): the mean over
-    ``heads`` of each head's statistic of its same-index ``(L, L)`` matrix; alignment_mean (mean
-    over layers and ``heads``); each of those four divided by chance as ``*_ratio``;
-    n_ill_defined: (layer, head) pairs among ``heads`` with relative gap at k below
-    ``gap_threshold``. Cost O(|heads| L^2 d_head^2 d), memory as :func:`similarity_by_k`.
+    off_diagonal_mean, adjacent_mean, distant_mean (:func:`statistics.distant`): the mean over
+    the heads of each head's statistic of its same-index ``(L, L)`` matrix; alignment_mean
+    (mean over layers and heads); each of those four divided by chance as ``*_ratio``;
+    n_ill_defined: (layer, head) pairs with relative gap at k below :data:`GAP_THRESHOLD`.
+    Cost O(h L^2 d_head^2 d / 2), memory as :func:`similarity_by_k` plus ``(d_head, L, L)``.
     """
-    heads = list(heads)
-    d_head = vectors.shape[2]
+    n_heads, d_head = vectors.shape[1:3]
     ks = np.arange(1, d_head)
     # The statistics are means of matrix entries: the mean of each head's statistic is the
     # statistic of the head-mean matrix.
-    sims = np.mean([similarity_by_k(vectors[:, head])[:-1] for head in heads], axis=0)
+    sims = np.mean([similarity_by_k(vectors[:, head])[:-1] for head in range(n_heads)], axis=0)
     table = pd.DataFrame([_mean_statistics(s) for s in sims])
-    align = np.cumsum(energy[:, heads], axis=-1, dtype=np.float64) / norm2[:, None, None]
+    align = np.cumsum(energy, axis=-1, dtype=np.float64) / norm2[:, None, None]
     table["alignment_mean"] = align.mean(axis=(0, 1))[:-1]
-    chance = ks / d
+    chance = null_mean(ks, d)
     ratios = table.div(chance, axis=0).add_suffix("_ratio")
     table = pd.concat([table, ratios], axis=1)
     table.insert(0, "k", ks)
     table.insert(1, "chance", chance)
     table.insert(2, "null_std", [null_std(k, d) for k in ks])
-    gaps = relative_gaps(singular_values)[:, heads]
-    table["n_ill_defined"] = (gaps < gap_threshold).sum(axis=(0, 1))
+    table["n_ill_defined"] = (relative_gaps(singular_values) < GAP_THRESHOLD).sum(axis=(0, 1))
     return table

@@ -44,10 +44,16 @@ def _along_layers(per_layer, like: np.ndarray) -> np.ndarray:
     return per_layer.reshape(per_layer.shape + (1,) * (np.ndim(like) - per_layer.ndim))
 
 
+def chance_z(value, k: int, d: int, std) -> np.ndarray:
+    """``(value - k/d) / std`` (:func:`similarity.null_mean`), elementwise, ``std``
+    broadcast; ``inf``/NaN where ``std`` is 0."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (np.asarray(value, dtype=float) - null_mean(k, d)) / std
+
+
 def similarity_z(sim, k: int, d: int):
     """``(sim - k/d) / null_std(k, d)``, elementwise; ``inf``/NaN when ``k = d`` (std 0)."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return (np.asarray(sim, dtype=float) - null_mean(k, d)) / null_std(k, d)
+    return chance_z(sim, k, d, null_std(k, d))
 
 
 def alignment_null_std(k: int, d: int, ffn_singular_values: np.ndarray) -> np.ndarray:
@@ -65,10 +71,10 @@ def alignment_null_std(k: int, d: int, ffn_singular_values: np.ndarray) -> np.nd
 
 
 def alignment_z(align, k: int, d: int, ffn_singular_values: np.ndarray) -> np.ndarray:
-    """``(align - k/d) / alignment_null_std`` for ``align`` of shape ``(L,)`` or ``(L, h)``."""
-    std = _along_layers(alignment_null_std(k, d, ffn_singular_values), align)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return (np.asarray(align, dtype=float) - k / d) / std
+    """``(align - k/d) / alignment_null_std`` for ``align`` of shape ``(L,)`` or ``(L, h)``
+    (with the std already at hand: :func:`chance_z`)."""
+    return chance_z(align, k, d, _along_layers(alignment_null_std(k, d, ffn_singular_values),
+                                               align))
 
 
 def alignment_ceiling(ffn_singular_values: np.ndarray, k: int) -> np.ndarray:
@@ -84,7 +90,7 @@ def normalized_alignment(align, k: int, d: int, ceiling) -> np.ndarray:
 
     ``ceiling`` is per layer ``(L,)`` (broadcast over heads) or already shaped like ``align``.
     """
-    chance = k / d
+    chance = null_mean(k, d)
     with np.errstate(divide="ignore", invalid="ignore"):
         return (np.asarray(align, dtype=float) - chance) / (_along_layers(ceiling, align) - chance)
 

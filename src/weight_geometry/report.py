@@ -17,9 +17,12 @@ from .results_io import Analysis
 from .similarity import null_mean, null_std
 from .statistics import (
     AUTO_BOTTLENECK,
+    Correlation,
     alignment_verdict,
     bottleneck_trends,
     bottleneck_verdict,
+    distant_threshold,
+    off_diagonal,
     overlap_summary,
     overlap_verdict,
     phase_boundaries,
@@ -66,10 +69,18 @@ def per_head_table(a: Analysis, table: pd.DataFrame, column: str) -> pd.DataFram
 
 
 def render(a: Analysis) -> str:
-    """The whole report as markdown."""
-    sections = [_header, _configuration, _overlap, _head_matching, _bottleneck, _alignment,
-                _multihead, _k_sensitivity, _crossref, _findings]
-    return "\n".join(line for section in sections for line in section(a))
+    """The whole report as markdown.
+
+    What two sections show is computed once, here: Experiment 1's summary of the primary
+    head's matrix and Experiment 2's trends (2 x 10^4 permutations), in their sections and in
+    the key findings.
+    """
+    summary = overlap_summary(a.similarity[a.primary_head])
+    trends = bottleneck_trends(a.layers["bottleneck_similarity"].to_numpy(), a.bottleneck_layer)
+    sections = [_header(a), _configuration(a), _overlap(a, summary), _head_matching(a),
+                _bottleneck(a, trends), _alignment(a), _multihead(a), _k_sensitivity(a),
+                _crossref(a), _findings(a, summary, trends)]
+    return "\n".join(line for section in sections for line in section)
 
 
 def _header(a: Analysis):
@@ -110,10 +121,10 @@ def _configuration(a: Analysis):
     ]) + "\n"
 
 
-def _overlap(a: Analysis):
+def _overlap(a: Analysis, s1: dict[str, float]):
+    """Experiment 1; ``s1`` is :func:`statistics.overlap_summary` of the primary head."""
     k, head, d = a.k, a.primary_head, a.model["d_model"]
     sims = a.similarity[head]
-    s1 = overlap_summary(sims)
     yield "## Experiment 1: subspace overlap across layers\n"
     yield (f"For head {head}, the top-{k} right singular vectors of each layer's attention"
            " kernel `W_Q_i^T W_K_j` (computed from its factors, never formed), and their"
@@ -144,7 +155,7 @@ def _overlap(a: Analysis):
         [(label, f"{value:.4f}", f"{value / chance:.2f}x" if ratio else "")
          for label, value, ratio in rows], columns=["Metric", "Value", "× chance"])) + "\n"
     yield "### Full similarity matrix (layer × layer)\n"
-    off = similarity_z(sims[~np.eye(len(sims), dtype=bool)], k, d)
+    off = similarity_z(off_diagonal(sims), k, d)
     yield (f"z-scores of the off-diagonal entries (each one pair of subspaces) against the"
            f" isotropic null range {off.min():+.1f} to {off.max():+.1f}; entries with |z| > 3:"
            f" {int((np.abs(off) > 3).sum()) // 2} of {off.size // 2} layer pairs.\n")
@@ -164,7 +175,8 @@ def _overlap(a: Analysis):
 
 
 def _head_matching(a: Analysis):
-    k, d, n = a.k, a.model["d_model"], a.model["n_layers"]
+    k, d = a.k, a.model["d_model"]
+    far = distant_threshold(a.model["n_layers"])
     pairs = a.layer_pairs
     yield "## Head matching across layers (all heads)\n"
     yield ("Heads are interchangeable within a layer, so which matrix answers which question"
@@ -186,7 +198,7 @@ def _head_matching(a: Analysis):
            " expected maximum over heads (`best_match_null_mean`).\n")
     yield _fig("best_match", "Same-index and best-match similarity") + "\n"
     adjacent = pairs["layer_b"] - pairs["layer_a"] == 1
-    distant = pairs["layer_b"] - pairs["layer_a"] > n // 3
+    distant = pairs["layer_b"] - pairs["layer_a"] > far
     rows = []
     for column, label in [("same_index", "Same-index (mean over heads)"),
                           ("best_match", "Best match"),
@@ -196,7 +208,7 @@ def _head_matching(a: Analysis):
                               for sel in (pairs.index >= 0, adjacent, distant))))
     rows.append(("Isotropic null (k/d)", *[f"{null_mean(k, d):.4f}"] * 3))
     yield markdown_table(pd.DataFrame(rows, columns=["Matrix", "All layer pairs", "Adjacent pairs",
-                                             f"Distant pairs (>{n // 3} apart)"])) + "\n"
+                                             f"Distant pairs (>{far} apart)"])) + "\n"
     kept = int((pairs["z_same_index_vs_pairing"] > 3).sum())
     yield (f"Layer pairs where same-index heads share more than randomly paired heads (by more"
            f" than 3 std of the random-pairing null): {kept} of {len(pairs)}; where they do,"
@@ -207,10 +219,11 @@ def _head_matching(a: Analysis):
            f" {pairs['z_best_match'].mean():+.1f}) and by how far it exceeds same-index.\n")
 
 
-def _bottleneck(a: Analysis):
+def _bottleneck(a: Analysis, trends: tuple[Correlation, Correlation]):
+    """Experiment 2; ``trends`` are :func:`statistics.bottleneck_trends` of the layer table."""
     k, head, d, b = a.k, a.primary_head, a.model["d_model"], a.bottleneck_layer
     to_ref = a.layers["bottleneck_similarity"].to_numpy()
-    pre, post = bottleneck_trends(to_ref, b)
+    pre, post = trends
     before, after = to_ref[:b], to_ref[b + 1:]
     yield f"## Experiment 2: convergence to layer {b}\n"
     yield (f"Bottleneck layer {b}: {a.bottleneck_choice}. Similarity of each layer's subspace"
@@ -318,7 +331,7 @@ def _k_sensitivity(a: Analysis):
         yield (f"**This report's k = d_head = {d_head}: heads sharing a KV head have identical"
                " subspaces; choose k < d_head to compare heads.**\n")
         return
-    weak = ill_defined(a.singular_values, k, GAP_THRESHOLD).sort_values("gap")
+    weak = ill_defined(a.singular_values, k).sort_values("gap")
     listed = ", ".join(f"L{r.layer}/H{r.head} ({r.gap:.4f})"
                        for r in weak.head(MAX_LISTED).itertuples())
     more = f" and {len(weak) - MAX_LISTED} more" if len(weak) > MAX_LISTED else ""
@@ -363,14 +376,14 @@ def _crossref(a: Analysis):
            + " and ".join(kept) + ".\n")
 
 
-def _findings(a: Analysis):
+def _findings(a: Analysis, s1: dict[str, float], trends: tuple[Correlation, Correlation]):
+    """The verdicts, from the statistics of :func:`_overlap` and :func:`_bottleneck`."""
     k, d = a.k, a.model["d_model"]
     b = a.bottleneck_layer
-    pre, post = bottleneck_trends(a.layers["bottleneck_similarity"].to_numpy(), b)
+    pre, post = trends
     mean_ratio = a.layers["alignment"].mean() / null_mean(k, d)
     yield "## Key findings\n"
-    yield (f"**Experiment 1 (subspace overlap):**"
-           f" {overlap_verdict(overlap_summary(a.similarity[a.primary_head]))}\n")
+    yield f"**Experiment 1 (subspace overlap):** {overlap_verdict(s1)}\n"
     chosen_by_rank = a.bottleneck_choice == AUTO_BOTTLENECK
     yield (f"**Experiment 2 (bottleneck convergence):**"
            f" {bottleneck_verdict(b, pre, post, chosen_by_rank)}\n")

@@ -14,11 +14,13 @@ import numpy as np
 import pandas as pd
 
 MIN_POINTS = 3
-N_PERMUTATIONS = 10_000
+#: Permutations behind each correlation's p-values (:func:`correlate`).
+CORRELATION_PERMUTATIONS = 10_000
 DISTANCES = (1, 2, 3, 5, 10, 15, 20)
 
 
 def off_diagonal(sims: np.ndarray) -> np.ndarray:
+    """The ``L (L - 1)`` entries ``sims[i, j]``, ``i != j`` (both triangles), row by row."""
     return sims[~np.eye(len(sims), dtype=bool)]
 
 
@@ -27,15 +29,20 @@ def adjacent(sims: np.ndarray) -> np.ndarray:
     return np.diagonal(sims, offset=1).copy()
 
 
+def distant_threshold(n_layers: int) -> int:
+    """Layers more than ``L // 3`` apart are distant (the notebook's rule)."""
+    return n_layers // 3
+
+
 def distant(sims: np.ndarray) -> np.ndarray:
-    """Entries with ``|i - j| > L // 3`` (both triangles, as the notebook)."""
+    """Entries with ``|i - j| >`` :func:`distant_threshold` (both triangles, as the notebook)."""
     n = len(sims)
     i, j = np.indices((n, n))
-    return sims[np.abs(i - j) > n // 3]
+    return sims[np.abs(i - j) > distant_threshold(n)]
 
 
 def overlap_summary(sims: np.ndarray) -> dict[str, float]:
-    """Experiment 1 statistics of an ``(L, L)`` similarity matrix."""
+    """Experiment 1 statistics of an ``(L, L)`` similarity matrix. Cost O(L^2)."""
     off, adj, far = off_diagonal(sims), adjacent(sims), distant(sims)
     nan = float("nan")
     return {
@@ -45,7 +52,7 @@ def overlap_summary(sims: np.ndarray) -> dict[str, float]:
         "distant_mean": far.mean() if far.size else nan,
         "distant_std": far.std() if far.size else nan,
         "adjacent_minus_distant": adj.mean() - far.mean() if far.size else nan,
-        "distant_threshold": len(sims) // 3,
+        "distant_threshold": distant_threshold(len(sims)),
     }
 
 
@@ -118,11 +125,12 @@ def _permutation_p(x: np.ndarray, y: np.ndarray, r: float, perms: np.ndarray) ->
     return float((1 + np.sum(np.abs(null) >= abs(r) - 1e-12)) / (1 + len(perms)))
 
 
-def correlate(x, y, n_perm: int = N_PERMUTATIONS, seed: int = 0) -> Correlation:
+def correlate(x, y, n_perm: int = CORRELATION_PERMUTATIONS, seed: int = 0) -> Correlation:
     """Pearson and Spearman correlation of finite pairs, each with a permutation p-value.
 
     Both p-values use the same ``n_perm`` seeded permutations of the pairing. Spearman's rho is
-    Pearson's r of the (average-tie) ranks.
+    Pearson's r of the (average-tie) ranks. Cost O(n_perm n) time and memory for ``n`` finite
+    pairs.
     """
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     ok = np.isfinite(x) & np.isfinite(y)

@@ -7,7 +7,7 @@ from weight_geometry.rule_script import run_rule
 
 def main():
     from weight_geometry.figures import draw_ksweep
-    from weight_geometry.ksweep import GAP_THRESHOLD, ksweep_table
+    from weight_geometry.ksweep import ksweep_table
     from weight_geometry.results_io import load_layers, read_json
 
     inp, out, heads = snakemake.input, snakemake.output, snakemake.params.heads
@@ -18,7 +18,7 @@ def main():
 
     table = ksweep_table(load_layers(inp.vectors, sampled), load_layers(inp.energy, sampled),
                          load_layers(inp.norm2), load_layers(inp.singular_values, sampled),
-                         range(len(heads)), model["d_model"], GAP_THRESHOLD)
+                         model["d_model"])
     table.to_parquet(out.parquet, index=False)
     table.to_csv(out.csv, index=False)
     draw_ksweep(table, model["d_head"], out.figure)
