@@ -10,6 +10,7 @@ from scipy.linalg import subspace_angles
 from weight_geometry.alignment import alignment_table
 from weight_geometry.ksweep import (
     GAP_THRESHOLD,
+    gaps_at,
     ill_defined,
     ksweep_table,
     relative_gaps,
@@ -149,6 +150,9 @@ def test_ksweep_counts_ill_defined_among_heads():
     vectors, energy, norm2, ffn_sv, sv = _model(4, d_head=4)
     sv[2, 1, 2] = sv[2, 1, 1] * (1 - 1e-4)            # k = 2 ill-defined for (2, 1)
     sv[5, 0, :2] = 1.5                                # k = 1 tie for (5, 0)
+    sv[1, 2] = [100.0, 99.0, 50.0, 25.0]              # k = 1 gap exactly 0.01: not below it
+    assert gaps_at(sv, 1)[1, 2] == GAP_THRESHOLD
+
     def table(heads):
         return ksweep_table(vectors[:, heads], energy[:, heads], norm2, sv[:, heads],
                             20).set_index("k")
@@ -157,3 +161,5 @@ def test_ksweep_counts_ill_defined_among_heads():
     assert table([1, 2]).loc[1, "n_ill_defined"] == 0, "head 0 is not among the heads"
     assert list(table([0])["n_ill_defined"]) == [1, 0, 0]
     assert list(table([0, 1, 2])["n_ill_defined"]) == [1, 1, 0]
+    # The same rule as ill_defined, which the report lists.
+    assert list(table([0, 1, 2])["n_ill_defined"]) == [len(ill_defined(sv, k)) for k in (1, 2, 3)]

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import markdown_table
+from scipy import stats
 
 from weight_geometry.report import per_head_table, render
 from weight_geometry.results_io import Analysis
@@ -125,6 +126,12 @@ def test_bottleneck_summary_means_exclude_the_bottleneck(text):
     assert got["Mean similarity (after bottleneck)"] == f"{np.mean(TO_REF[B + 1:]):.4f}"
     all_layers = got["Mean similarity (all layers, the bottleneck's 1 included)"]
     assert all_layers == f"{np.mean(TO_REF):.4f}"
+    # The trends against the layer index, before (2 layers: undefined) and after the bottleneck.
+    assert got["Pre-bottleneck trend"] == f"undefined (n={B} < 3)"
+    after = TO_REF[B + 1:]
+    r = stats.pearsonr(np.arange(len(after)), after)[0]
+    assert got["Post-bottleneck trend"].startswith(f"r={r:+.3f} (perm. p=")
+    assert f"n={len(after)}" in got["Post-bottleneck trend"]
 
 
 def test_alignment_summary_counts_chance_as_not_above(text):

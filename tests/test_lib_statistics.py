@@ -182,6 +182,19 @@ def test_pearson_p_matches_scipy_permutation_test():
     assert abs(got - ref) < 4 * np.sqrt(2 * ref * (1 - ref) / n), (got, ref)
 
 
+def test_spearman_p_matches_exact_permutation_test():
+    """Spearman's p permutes ranks, not values: with an outlier the two differ (exact p 0.536
+    from ranks, about 0.60 from raw values); scipy enumerates all 8! pairings."""
+    x = np.arange(8.0)
+    y = np.array([0.1, 0.3, 0.2, 0.5, 0.4, 0.7, 0.6, -5.0])
+    exact = stats.permutation_test(
+        (x,), lambda a: stats.spearmanr(a, y).statistic, permutation_type="pairings",
+        n_resamples=np.inf).pvalue
+    n = 20000
+    got = correlate(x, y, n_perm=n, seed=4).spearman_p
+    assert abs(got - exact) < 4 * np.sqrt(exact * (1 - exact) / n), (got, exact)
+
+
 def test_permutation_p_roughly_uniform_under_null():
     rng = np.random.default_rng(12345)
     n_perm = 300
@@ -217,6 +230,18 @@ def test_bottleneck_trends_split_and_undefined_post():
     assert pre.n == 4 and post.n == 2
     assert pre.pearson == pytest.approx(stats.pearsonr(np.arange(4), sims[:4])[0])
     assert math.isnan(post.pearson), "2 points after the bottleneck: undefined, not -1"
+
+
+def test_bottleneck_trends_after_the_bottleneck():
+    """The post trend runs over the layers after the bottleneck, in layer order (a falling
+    similarity is a negative r: the verdict's convergence needs it)."""
+    sims = np.array([0.1, 0.3, 0.2, 0.5, 1.0, 0.6, 0.2, 0.4, 0.1, 0.15])
+    _, post = bottleneck_trends(sims, 4)
+    after = sims[5:]
+    assert post.n == 5
+    assert post.pearson == pytest.approx(stats.pearsonr(np.arange(5), after)[0], abs=1e-12)
+    assert post.spearman == pytest.approx(stats.spearmanr(np.arange(5), after)[0], abs=1e-12)
+    assert post.pearson < -0.3
 
 
 def _ranks_table(values: dict[tuple[int, str], tuple[str, float]]) -> pd.DataFrame:
