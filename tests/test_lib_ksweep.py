@@ -141,7 +141,7 @@ def test_gaps_and_ill_defined():
     # flagged, one just below is.
     assert ill_defined(np.array([[[100.0, 99.0]]]), 1).empty
     assert len(ill_defined(np.array([[[100.0, 99.0001]]]), 1)) == 1
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="k must be >= 1"):
         ill_defined(sv, 0)
     assert GAP_THRESHOLD == 0.01
 
