@@ -252,7 +252,7 @@ def stage_ranks(args) -> dict:
     from weight_geometry.extraction import in_threads
     from weight_geometry.ranks import (
         effective_rank_from_singular_values,
-        smaller_side,
+        gram_side,
         weight_spectrum,
     )
 
@@ -261,7 +261,7 @@ def stage_ranks(args) -> dict:
 
     def rank(item) -> float:
         wt, array = item
-        side = "in" if wt == ffn_input else smaller_side(array.shape)
+        side = gram_side(wt, ffn_input, array.shape)
         sigma, _ = weight_spectrum(torch.from_numpy(array).to(args.device), side)
         return effective_rank_from_singular_values(sigma, array.shape)
 

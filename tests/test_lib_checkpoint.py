@@ -54,6 +54,17 @@ def test_open_hf_dir_dims_and_read(tmp_path):
                                   tensors["model.layers.1.self_attn.k_proj.weight"].numpy())
 
 
+def test_describe_records_the_configured_source(tmp_path):
+    """A job opens the path its source resolved to at planning; model.json records the source
+    as configured (a hub id, pypi:...) when it is given, else what was opened."""
+    _write(tmp_path / "m")
+    path = str(tmp_path / "m")
+    record = open_checkpoint(path, configured_source="acme/tiny").describe()
+    assert (record["source"], record["path"]) == ("acme/tiny", path)
+    assert list(record)[:2] == ["source", "path"]
+    assert open_checkpoint(path).describe()["source"] == path
+
+
 def test_explicit_head_dim_wins(tmp_path):
     cfg = {**CONFIG, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 10}
     _write(tmp_path / "m", cfg)

@@ -1,27 +1,39 @@
-"""extract_layers on a real tiny Llama checkpoint written by transformers."""
+"""The extraction pass (write_layers, as the extract_layers job runs it) on a real tiny Llama
+checkpoint written by transformers, its files read back with results_io's loaders."""
 
 from __future__ import annotations
 
 import platform
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import DEVICES
+from conftest import DEVICES, NEEDS_NO_CUDA
 
+from weight_geometry import extraction
 from weight_geometry.checkpoint import open_checkpoint
+from weight_geometry.errors import UserError
 from weight_geometry.extraction import (
-    RANK_COLUMNS,
     LayerResult,
-    extract_layers,
+    extract_layer,
     in_threads,
     layer_workers,
+    run_extraction_job,
     write_layers,
 )
-from weight_geometry.results_io import write_rows
+from weight_geometry.kernels import resolve_device
+from weight_geometry.ranks import RANK_COLUMNS
+from weight_geometry.results_io import (
+    BASES_FILES,
+    chunk_dir_name,
+    load_layers,
+    load_rank_tables,
+    write_rows,
+)
 
 D, D_FF, L, H, N_KV, D_HEAD = 32, 48, 2, 4, 2, 16   # d_head != d // h on purpose
 
@@ -65,6 +77,24 @@ def _eff_rank_reference(w: np.ndarray) -> float:
     return float(np.exp(-np.sum(p * np.log(p))))
 
 
+def _bases_paths(directory) -> dict:
+    return {name: directory / f"{name}.npy" for name in BASES_FILES}
+
+
+def _extract(ckpt, layers: range, root, device: str = "cpu", workers: int = 1,
+             compute_ranks: bool = True) -> SimpleNamespace:
+    """What the extract_layers job writes for ``layers`` (:func:`write_layers` into
+    ``root/layers{first}-{last}/``, the rank rows through ``write_rows``), read back as the later
+    jobs read it: the arrays by ``load_layers``, the rank table by ``load_rank_tables``."""
+    directory = root / chunk_dir_name(layers.start, layers.stop - 1)
+    paths = _bases_paths(directory)
+    rows = write_layers(ckpt, layers, torch.device(device), False, paths, compute_ranks,
+                        workers)
+    write_rows(directory / "weight_ranks.parquet", RANK_COLUMNS, rows)
+    return SimpleNamespace(**{name: load_layers([path]) for name, path in paths.items()},
+                           weight_ranks=load_rank_tables([directory / "weight_ranks.parquet"]))
+
+
 def test_checkpoint_dims_and_reads(tiny_llama):
     path, weights = tiny_llama
     ckpt = open_checkpoint(str(path))
@@ -78,10 +108,10 @@ def test_checkpoint_dims_and_reads(tiny_llama):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_extract_layers_matches_naive_svd(tiny_llama, device):
+def test_extraction_matches_naive_svd(tiny_llama, tmp_path, device):
     path, weights = tiny_llama
     ckpt = open_checkpoint(str(path))
-    res = extract_layers(ckpt, range(L), torch.device(device))
+    res = _extract(ckpt, range(L), tmp_path, device)
     assert res.vectors.shape == (L, H, D_HEAD, D)
     assert res.singular_values.shape == (L, H, D_HEAD)
     assert res.ffn_input_energy.shape == (L, H, D_HEAD)
@@ -115,10 +145,10 @@ def test_extract_layers_matches_naive_svd(tiny_llama, device):
                                                                                 rel=1e-5)
 
 
-def test_extract_layers_weight_ranks(tiny_llama):
+def test_extraction_weight_ranks(tiny_llama, tmp_path):
     path, weights = tiny_llama
     ckpt = open_checkpoint(str(path))
-    res = extract_layers(ckpt, range(1, 2), torch.device("cpu"))    # a sub-range
+    res = _extract(ckpt, range(1, 2), tmp_path)    # a sub-range
     ranks = res.weight_ranks
     assert list(ranks.columns) == ["layer_idx", "weight_type", "shape", "eff_rank"]
     assert len(ranks) == 7
@@ -133,28 +163,28 @@ def test_extract_layers_weight_ranks(tiny_llama):
         ref = _eff_rank_reference(weights[row.weight_type, 1])
         assert row.eff_rank == pytest.approx(ref, rel=1e-5), row.weight_type
     # Sub-range results equal the same layer from a full run.
-    full = extract_layers(ckpt, range(L), torch.device("cpu"))
+    full = _extract(ckpt, range(L), tmp_path)
     np.testing.assert_allclose(res.singular_values[0], full.singular_values[1])
 
 
 def test_write_layers_streams_the_same_arrays(tiny_llama, tmp_path):
-    """The .npy files written layer by layer equal the in-memory result, bit for bit; the rank
-    rows written by pyarrow alone read back as the in-memory table."""
+    """The .npy files written layer by layer equal the layers' results (extract_layer) stacked,
+    bit for bit; the rank rows written by pyarrow alone read back as a table of those rows."""
     path, _ = tiny_llama
     ckpt = open_checkpoint(str(path))
     names = LayerResult.array_names()
-    paths = {name: tmp_path / "bases" / f"{name}.npy" for name in names}
-    rows = write_layers(ckpt, range(L), torch.device("cpu"), False, paths)
-    write_rows(tmp_path / "ranks.parquet", RANK_COLUMNS, rows)
-    ranks = pd.read_parquet(tmp_path / "ranks.parquet")
-    res = extract_layers(ckpt, range(L), torch.device("cpu"))
-    assert set(names) == {"vectors", "singular_values", "ffn_input_energy", "ffn_input_norm2",
-                          "ffn_input_singular_values"}
+    assert set(names) == set(BASES_FILES) == {"vectors", "singular_values", "ffn_input_energy",
+                                              "ffn_input_norm2", "ffn_input_singular_values"}
+    res = _extract(ckpt, range(L), tmp_path)
+    layers = [extract_layer(ckpt, layer, torch.device("cpu")) for layer in range(L)]
     for name in names:
-        stored, expected = np.load(paths[name]), getattr(res, name)
+        stored = getattr(res, name)
+        expected = np.stack([getattr(layer, name) for layer in layers])
         assert stored.dtype == expected.dtype and stored.shape == expected.shape, name
         np.testing.assert_array_equal(stored, expected, err_msg=name)
-    pd.testing.assert_frame_equal(ranks, res.weight_ranks)
+    rows = [row for layer in layers for row in layer.weight_ranks]
+    pd.testing.assert_frame_equal(res.weight_ranks,
+                                  pd.DataFrame(rows, columns=list(RANK_COLUMNS)))
 
 
 def test_without_ranks_reads_only_what_the_geometry_needs(tiny_llama, tmp_path, monkeypatch):
@@ -163,7 +193,7 @@ def test_without_ranks_reads_only_what_the_geometry_needs(tiny_llama, tmp_path, 
     path, _ = tiny_llama
     ckpt = open_checkpoint(str(path))
     names = LayerResult.array_names()
-    full = extract_layers(ckpt, range(L), torch.device("cpu"))
+    full = _extract(ckpt, range(L), tmp_path / "full")
     read = []
     original = type(ckpt)._read
     monkeypatch.setattr(type(ckpt), "_read", lambda self, name: read.append(name)
@@ -180,14 +210,14 @@ def test_without_ranks_reads_only_what_the_geometry_needs(tiny_llama, tmp_path, 
         np.testing.assert_array_equal(np.load(paths[name]), getattr(full, name), err_msg=name)
 
 
-def test_layers_in_two_threads_equal_one_at_a_time(tiny_llama):
+def test_layers_in_two_threads_equal_one_at_a_time(tiny_llama, tmp_path):
     """workers=2 (two layers at once, one torch thread each) gives the sequential results, in
     layer order, up to GEMM rounding, and leaves torch's thread count as it was."""
     path, _ = tiny_llama
     ckpt = open_checkpoint(str(path))
     threads = torch.get_num_threads()
-    one = extract_layers(ckpt, range(L), torch.device("cpu"))
-    two = extract_layers(ckpt, range(L), torch.device("cpu"), workers=2)
+    one = _extract(ckpt, range(L), tmp_path / "one")
+    two = _extract(ckpt, range(L), tmp_path / "two", workers=2)
     assert torch.get_num_threads() == threads
     for name in ("singular_values", "ffn_input_energy", "ffn_input_norm2",
                  "ffn_input_singular_values"):
@@ -235,6 +265,63 @@ def test_layer_workers_one_per_thread_on_cpu_one_on_gpu():
     assert layer_workers(torch.device("cpu"), 2) == 2
     assert layer_workers(torch.device("cpu"), 1) == 1
     assert layer_workers(torch.device("cuda"), 8) == 1    # a device object needs no GPU
+
+
+@pytest.fixture
+def torch_threads():
+    """torch's thread count, restored after the test (run_extraction_job sets it)."""
+    threads = torch.get_num_threads()
+    yield threads
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(("device", "threads", "torch_threads_set", "workers"), [
+    ("cpu", 2, 2, 2),       # one layer per thread on the CPU
+    ("cpu", 1, 1, 1),
+    ("cpu", 0, 1, 1),       # --set-threads extract_layers=0 gives 0 threads: clamped to 1
+    ("auto", 2, 2, None),   # auto resolved here: the CPU (2 workers) or a GPU (1)
+])
+def test_run_extraction_job_applies_the_job_policy(tiny_llama, tmp_path, monkeypatch, capsys,
+                                                   torch_threads, device, threads,
+                                                   torch_threads_set, workers):
+    """run_extraction_job sets torch's threads, resolves the device, picks the workers, says so
+    in one progress line and runs write_layers with them, returning its rank rows."""
+    path, _ = tiny_llama
+    ckpt = open_checkpoint(str(path))
+    resolved = resolve_device(device)
+    workers = workers or layer_workers(resolved, threads)
+    calls, real = [], extraction.write_layers
+    monkeypatch.setattr(extraction, "write_layers",
+                        lambda *args: calls.append(args) or real(*args))
+    paths = _bases_paths(tmp_path)
+    rows = run_extraction_job(ckpt, range(1, L), device, threads, False, paths)
+    assert torch.get_num_threads() == torch_threads_set
+    [(_, layers, used, fold, given, compute_ranks, used_workers)] = calls
+    assert (layers, used, fold, given, compute_ranks, used_workers) == (
+        range(1, L), resolved, False, paths, True, workers)
+    first, *others = capsys.readouterr().out.splitlines()    # then write_layers' own lines
+    assert first.endswith(f"] {ckpt.path}: layers 1-{L - 1} on {resolved} ({workers} at a time)")
+    assert [line.split("] ")[1] for line in others] == [f"layer {layer} done ({layer}/{L - 1})"
+                                                         for layer in range(1, L)]
+    shapes = {wt: "x".join(map(str, ckpt.dims.weight_shape(wt))) for wt in NAMES}
+    assert [row[:3] for row in rows] == [(1, wt, shapes[wt]) for wt in NAMES]
+    assert load_layers([paths["vectors"]]).shape == (L - 1, H, D_HEAD, D)
+
+
+def test_run_extraction_job_passes_compute_ranks(tiny_llama, tmp_path, torch_threads):
+    path, _ = tiny_llama
+    ckpt = open_checkpoint(str(path))
+    assert run_extraction_job(ckpt, range(1), "cpu", 1, False, _bases_paths(tmp_path),
+                              compute_ranks=False) == []
+
+
+@NEEDS_NO_CUDA
+def test_run_extraction_job_without_a_gpu_refuses_cuda(tiny_llama, tmp_path, torch_threads):
+    path, _ = tiny_llama
+    ckpt = open_checkpoint(str(path))
+    with pytest.raises(UserError, match="device: 'cuda' was requested"):
+        run_extraction_job(ckpt, range(1), "cuda", 1, False, _bases_paths(tmp_path))
+    assert not (tmp_path / "vectors.npy").exists()
 
 
 _FREE_16_MIB = """
@@ -285,8 +372,6 @@ def test_write_layers_holds_no_written_layer(tiny_llama, tmp_path, monkeypatch):
     do not add to the next layer's peak memory."""
     import weakref
 
-    from weight_geometry import extraction
-
     path, _ = tiny_llama
     ckpt = open_checkpoint(str(path))
     real, written = extraction.extract_layer, []
@@ -314,8 +399,6 @@ def test_zero_weights_stop_with_one_line_instead_of_nan(tiny_llama, tmp_path, te
                                                          message):
     from safetensors.torch import load_file, save_file
 
-    from weight_geometry.errors import UserError
-
     src, _ = tiny_llama
     tensors = load_file(src / "model.safetensors")
     tensors[f"model.layers.1.{tensor}.weight"][rows] = 0
@@ -324,7 +407,7 @@ def test_zero_weights_stop_with_one_line_instead_of_nan(tiny_llama, tmp_path, te
     (path / "config.json").write_text((src / "config.json").read_text())
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     ckpt = open_checkpoint(str(path))
-    extract_layers(ckpt, range(1), torch.device("cpu"))          # layer 0 is untouched
+    _extract(ckpt, range(1), tmp_path / "out")          # layer 0 is untouched
     with pytest.raises(UserError) as info:
-        extract_layers(ckpt, range(2), torch.device("cpu"))
+        _extract(ckpt, range(2), tmp_path / "out")
     assert str(info.value).startswith(message) and "\n" not in str(info.value)

@@ -13,12 +13,17 @@ from weight_geometry.checkpoint import resolve_source
 from weight_geometry.errors import UserError
 from weight_geometry.ranks import (
     GRAM_NOISE,
+    RANK_COLUMNS,
     ZERO_RTOL_EPS,
     effective_rank_from_singular_values,
     frobenius_norm2,
     gram,
+    gram_side,
     kernel_rank_table,
+    normalized_eff_rank,
+    parse_shape,
     rank_error_bound,
+    shape_text,
     smaller_side,
     weight_spectrum,
 )
@@ -280,3 +285,50 @@ def test_rank_error_bound_value_and_worst_case():
         assert change == pytest.approx(0.5 * bound, rel=1e-3)
     # Exact zeros may cross the threshold: counted with p_i >= ds_i / S, finite and positive.
     assert 0 < rank_error_bound(np.array([1.0, 1.0, 0.0, 0.0]), (4, 4)) < np.inf
+
+
+def test_gram_side_is_in_for_the_ffn_input_else_the_smaller_side():
+    """W^T W (d x d) for the FFN input whatever its shape; the smaller side for the rest."""
+    assert gram_side("W_gate", "W_gate", (1536, 576)) == "in"
+    assert gram_side("W_up", "W_up", (576, 1536)) == "in"       # the larger side: still 'in'
+    assert gram_side("W_up", "W_gate", (1536, 576)) == "in"     # 576 x 576
+    assert gram_side("W_down", "W_gate", (576, 1536)) == "out"  # 576 x 576
+    assert gram_side("W_Q", "W_gate", (576, 576)) == "in"       # square: either, 'in'
+    for wt, shape in (("W_K", (192, 576)), ("W_O", (576, 192))):
+        side = gram_side(wt, "W_up", shape)
+        w = torch.zeros(shape)
+        assert gram(w, side).shape == (min(shape),) * 2, wt
+
+
+@pytest.mark.parametrize(("text", "shape"), [
+    ("1536x576", (1536, 576)), ("576X192", (576, 192)), ("2048×11008", (2048, 11008)),
+    ("(2048, 11008)", (2048, 11008)), ("  64 x 32 ", (64, 32)), ("7,3", (7, 3)),
+])
+def test_parse_shape_reads_the_tables_and_the_notebooks_forms(text, shape):
+    assert parse_shape(text) == shape
+
+
+@pytest.mark.parametrize("text", ["1536", "1536x", "x576", "1536x576x2", "a x b", "1.5x2",
+                                  "-1x2", ""])
+def test_parse_shape_refuses_anything_else(text):
+    with pytest.raises(ValueError, match="is not 'rows x cols'"):
+        parse_shape(text)
+
+
+def test_shape_text_round_trips_through_parse_shape():
+    assert shape_text((1536, 576)) == "1536x576"
+    assert shape_text(np.zeros((3, 5)).shape) == "3x5"
+    for shape in ((1, 1), (576, 1536), (151936, 896)):
+        assert parse_shape(shape_text(shape)) == shape
+
+
+def test_normalized_eff_rank_divides_by_the_smaller_side():
+    import pandas as pd
+
+    table = pd.DataFrame({"layer_idx": [0, 0, 1], "weight_type": ["W_Q", "W_K", "W_down"],
+                          "shape": ["576x576", "192x576", "576x1536"],
+                          "eff_rank": [288.0, 48.0, 0.0]}, index=[4, 7, 9])
+    got = normalized_eff_rank(table)
+    pd.testing.assert_series_equal(
+        got, pd.Series([0.5, 0.25, 0.0], index=[4, 7, 9], name="normalized_eff_rank"))
+    assert list(RANK_COLUMNS) == ["layer_idx", "weight_type", "shape", "eff_rank"]

@@ -5,12 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from weight_geometry.ranks import RANK_COLUMNS
 from weight_geometry.results_io import (
     chunk_dir_name,
     head_rows,
     load_head_bases,
     load_layers,
+    load_rank_tables,
     pair_matrix,
+    write_rows,
 )
 
 # Layer ranges of one extraction, first layers past 9 so that unpadded names sort wrongly
@@ -94,3 +97,19 @@ def test_head_rows_selects_one_head_indexed_by_sorted_layer():
     assert list(rows.index) == list(range(n))
     assert list(rows["value"]) == [10 + layer for layer in range(n)]
     assert set(rows["head"]) == {1}
+
+
+def test_load_rank_tables_concatenates_chunks_in_layer_order(tmp_path):
+    """The extraction's rank rows of each range (written by write_rows, one range empty as with
+    a user CSV's chunk) read back as one table in layer order, on a fresh index."""
+    rows = [(layer, wt, "4x3", float(layer + i)) for layer in range(N_LAYERS)
+            for i, wt in enumerate(("W_Q", "W_K"))]
+    paths = []
+    for first, last in RANGES:
+        path = tmp_path / "bases" / chunk_dir_name(first, last) / "weight_ranks.parquet"
+        write_rows(path, RANK_COLUMNS, [r for r in rows if first <= r[0] <= last])
+        paths.append(str(path))
+    empty = tmp_path / "bases" / chunk_dir_name(18, 18) / "weight_ranks.parquet"
+    write_rows(empty, RANK_COLUMNS, [])
+    table = load_rank_tables([str(empty), *paths[::-1]])
+    pd.testing.assert_frame_equal(table, pd.DataFrame(rows, columns=list(RANK_COLUMNS)))

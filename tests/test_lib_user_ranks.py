@@ -9,7 +9,14 @@ import pytest
 
 from weight_geometry.architectures import GATED, ModelDims
 from weight_geometry.errors import UserError
-from weight_geometry.user_ranks import read_user_ranks
+from weight_geometry.ranks import RANK_COLUMNS
+from weight_geometry.results_io import chunk_dir_name, write_rows
+from weight_geometry.user_ranks import (
+    COMPUTED_SOURCE,
+    read_user_ranks,
+    weight_rank_table,
+    write_effective_ranks,
+)
 
 DIMS = ModelDims(n_layers=3, d_model=64, d_ff=96, n_heads=4, n_kv_heads=2, d_head=24)
 NON_GATED = tuple(wt for wt in GATED if wt != "W_gate")
@@ -190,3 +197,55 @@ def test_csv_of_another_model_is_refused(tmp_path):
     with pytest.raises(UserError, match=r"shape 128x128 of \(layer 0, W_Q\) .*expected 96x64"
                                         r" \(or 64x96\). Is it another model"):
         read_user_ranks(_write(tmp_path, _workflow_table(wider)), DIMS, GATED)
+
+
+def _write_chunks(tmp_path, table: pd.DataFrame, ranges) -> list[str]:
+    """``table``'s rows of each layer range as the extraction writes them (write_rows into
+    ``bases/layers{first}-{last}/weight_ranks.parquet``), paths listed last range first."""
+    paths = []
+    for first, last in ranges:
+        path = tmp_path / "bases" / chunk_dir_name(first, last) / "weight_ranks.parquet"
+        part = table[table["layer_idx"].between(first, last)]
+        write_rows(path, RANK_COLUMNS, list(part.itertuples(index=False, name=None)))
+        paths.append(str(path))
+    return paths[::-1]
+
+
+def test_computed_ranks_are_the_chunks_in_layer_order(tmp_path):
+    """Without a user CSV: the layer ranges' tables one after another in layer order (whatever
+    order the paths come in), source "computed from the weights"."""
+    expected = _workflow_table(DIMS)
+    chunks = _write_chunks(tmp_path, expected, [(0, 0), (1, 2)])
+    got = weight_rank_table(None, chunks, DIMS, GATED)
+    assert list(got.columns) == [*RANK_COLUMNS, "source"]
+    assert (got["source"] == COMPUTED_SOURCE).all()
+    pd.testing.assert_frame_equal(got.drop(columns="source"), expected)
+
+
+def test_a_user_csv_replaces_the_chunks(tmp_path):
+    """With a user CSV: its validated table (read_user_ranks), source naming it; the chunks
+    (the extraction's empty tables then) are not read."""
+    user = _workflow_table(DIMS).sample(frac=1, random_state=2)
+    path = _write(tmp_path, user)
+    missing = [str(tmp_path / "no" / "weight_ranks.parquet")]
+    got = weight_rank_table(path, missing, DIMS, GATED)
+    assert (got["source"] == f"user CSV {path}").all()
+    pd.testing.assert_frame_equal(got.drop(columns="source"),
+                                  read_user_ranks(path, DIMS, GATED))
+    with pytest.raises(UserError, match="no row for"):     # and it is validated
+        weight_rank_table(_write(tmp_path, user.iloc[1:]), missing, DIMS, GATED)
+
+
+@pytest.mark.parametrize("user", [False, True])
+def test_write_effective_ranks_csv_is_the_notebooks_format(tmp_path, user):
+    """The CSV has the notebook's four columns and no index; the parquet adds source."""
+    expected = _workflow_table(DIMS)
+    chunks = _write_chunks(tmp_path, expected, [(0, 2)])
+    user_csv = _write(tmp_path, expected) if user else None
+    csv, parquet = tmp_path / "effective_ranks.csv", tmp_path / "effective_ranks.parquet"
+    write_effective_ranks(user_csv, chunks, DIMS, GATED, csv, parquet)
+    assert csv.read_text().splitlines()[0] == "layer_idx,weight_type,shape,eff_rank"
+    pd.testing.assert_frame_equal(pd.read_csv(csv), expected)
+    table = pd.read_parquet(parquet)
+    pd.testing.assert_frame_equal(table, weight_rank_table(user_csv, chunks, DIMS, GATED))
+    assert table["source"].iloc[0] == (f"user CSV {user_csv}" if user else COMPUTED_SOURCE)

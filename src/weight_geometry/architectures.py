@@ -128,7 +128,6 @@ class Adapter:
     W_Q, W_K, W_V), ``ffn`` (input of the FFN projections), ``q``/``k`` (QK-norm gains).
     """
 
-    architecture: str
     layer_prefix: str
     weights: dict[str, WeightSpec]
     ffn_input: str = "W_gate"
@@ -194,17 +193,15 @@ ABSOLUTE_POSITIONS = frozenset({"gpt2"})
 
 #: Hugging Face ``config.model_type`` -> adapter.
 HF_ADAPTERS: dict[str, Adapter] = {
-    "llama": Adapter("llama", "model.layers.{layer}.", _LLAMA, norms=_LLAMA_NORMS),
-    "mistral": Adapter("mistral", "model.layers.{layer}.", _LLAMA, norms=_LLAMA_NORMS),
-    "qwen2": Adapter("qwen2", "model.layers.{layer}.", _LLAMA, norms=_LLAMA_NORMS),
-    "qwen3": Adapter("qwen3", "model.layers.{layer}.", _LLAMA,
-                     norms={**_LLAMA_NORMS, **_QK_NORMS}),
-    "gemma": Adapter("gemma", "model.layers.{layer}.", _LLAMA, norms=_LLAMA_NORMS,
-                     norm_offset=1.0),
-    "gemma2": Adapter("gemma2", "model.layers.{layer}.", _LLAMA, norm_offset=1.0,
+    "llama": Adapter("model.layers.{layer}.", _LLAMA, norms=_LLAMA_NORMS),
+    "mistral": Adapter("model.layers.{layer}.", _LLAMA, norms=_LLAMA_NORMS),
+    "qwen2": Adapter("model.layers.{layer}.", _LLAMA, norms=_LLAMA_NORMS),
+    "qwen3": Adapter("model.layers.{layer}.", _LLAMA, norms={**_LLAMA_NORMS, **_QK_NORMS}),
+    "gemma": Adapter("model.layers.{layer}.", _LLAMA, norms=_LLAMA_NORMS, norm_offset=1.0),
+    "gemma2": Adapter("model.layers.{layer}.", _LLAMA, norm_offset=1.0,
                       norms={"attn": "input_layernorm.weight",
                              "ffn": "pre_feedforward_layernorm.weight"}),
-    "phi3": Adapter("phi3", "model.layers.{layer}.", {
+    "phi3": Adapter("model.layers.{layer}.", {
         "W_Q": WeightSpec("self_attn.qkv_proj.weight", RowBlock(0, _qkv_blocks)),
         "W_K": WeightSpec("self_attn.qkv_proj.weight", RowBlock(1, _qkv_blocks)),
         "W_V": WeightSpec("self_attn.qkv_proj.weight", RowBlock(2, _qkv_blocks)),
@@ -213,7 +210,7 @@ HF_ADAPTERS: dict[str, Adapter] = {
         "W_up": WeightSpec("mlp.gate_up_proj.weight", RowBlock(1, _gate_up_blocks)),
         "W_down": WeightSpec("mlp.down_proj.weight"),
     }, norms=_LLAMA_NORMS),
-    "gpt2": Adapter("gpt2", "transformer.h.{layer}.", {
+    "gpt2": Adapter("transformer.h.{layer}.", {
         "W_Q": WeightSpec("attn.c_attn.weight", RowBlock(0, _qkv_blocks), transposed=True),
         "W_K": WeightSpec("attn.c_attn.weight", RowBlock(1, _qkv_blocks), transposed=True),
         "W_V": WeightSpec("attn.c_attn.weight", RowBlock(2, _qkv_blocks), transposed=True),
@@ -221,7 +218,7 @@ HF_ADAPTERS: dict[str, Adapter] = {
         "W_up": WeightSpec("mlp.c_fc.weight", transposed=True),
         "W_down": WeightSpec("mlp.c_proj.weight", transposed=True),
     }, ffn_input="W_up", norms={"attn": "ln_1.weight", "ffn": "ln_2.weight"}),
-    "gpt_neox": Adapter("gpt_neox", "gpt_neox.layers.{layer}.", {
+    "gpt_neox": Adapter("gpt_neox.layers.{layer}.", {
         "W_Q": WeightSpec("attention.query_key_value.weight", HeadInterleaved(0)),
         "W_K": WeightSpec("attention.query_key_value.weight", HeadInterleaved(1)),
         "W_V": WeightSpec("attention.query_key_value.weight", HeadInterleaved(2)),
@@ -240,10 +237,10 @@ _GGUF_NORMS = {"attn": "attn_norm.weight", "ffn": "ffn_norm.weight"}
 #: GGUF ``general.architecture`` -> adapter. llama.cpp permutes the rows of W_Q/W_K of the
 #: ``llama`` family for its RoPE layout; :data:`GGUF_ROPE_PERMUTED` lists those.
 GGUF_ADAPTERS: dict[str, Adapter] = {
-    "llama": Adapter("llama", "blk.{layer}.", _GGUF, norms=_GGUF_NORMS),
-    "mistral": Adapter("mistral", "blk.{layer}.", _GGUF, norms=_GGUF_NORMS),
-    "qwen2": Adapter("qwen2", "blk.{layer}.", _GGUF, norms=_GGUF_NORMS),
-    "qwen3": Adapter("qwen3", "blk.{layer}.", _GGUF, norms={
+    "llama": Adapter("blk.{layer}.", _GGUF, norms=_GGUF_NORMS),
+    "mistral": Adapter("blk.{layer}.", _GGUF, norms=_GGUF_NORMS),
+    "qwen2": Adapter("blk.{layer}.", _GGUF, norms=_GGUF_NORMS),
+    "qwen3": Adapter("blk.{layer}.", _GGUF, norms={
         **_GGUF_NORMS, "q": "attn_q_norm.weight", "k": "attn_k_norm.weight"}),
 }
 GGUF_ROPE_PERMUTED = {"llama", "mistral"}

@@ -121,8 +121,8 @@ class TensorReader(Protocol):
 class Checkpoint:
     """A checkpoint opened lazily: dimensions, tensor directory and a one-layer reader."""
 
-    source: str
-    path: Path
+    source: str  # as configured (see open_checkpoint)
+    path: Path   # what it resolved to
     format: str
     architecture: str
     dims: ModelDims
@@ -192,7 +192,7 @@ class Checkpoint:
         ``(out, in)``, C-contiguous.
 
         Each stored tensor is read once, also when several weights are cut from it (a fused
-        QKV: their weight types are consecutive), and dropped once the next tensor is read.
+        QKV: their weight types are consecutive), and dropped before the next one is read.
         With ``fold_norms`` the norm gains are folded in (see architectures). Cost: one read of
         the layer's tensors; memory: one stored tensor and the weight being yielded (the caller
         decides what it keeps).
@@ -258,11 +258,19 @@ class Checkpoint:
         }
 
 
-def open_checkpoint(source: str, fold_norms: bool = False) -> Checkpoint:
-    """Open ``source`` (see module doc) reading headers only; validates tensor names/shapes."""
+def open_checkpoint(source: str, fold_norms: bool = False,
+                    configured_source: str | None = None) -> Checkpoint:
+    """Open ``source`` (see module doc) reading headers only; validates tensor names/shapes.
+
+    ``configured_source``: the config's ``source`` when ``source`` is the path it was resolved
+    to (what the jobs get: ``pypi:`` and hub-id sources are resolved once, at planning); it is
+    :attr:`Checkpoint.source`, as :meth:`Checkpoint.describe` records it. Default: ``source``.
+    """
     path = resolve_source(source)
     ckpt = _open_gguf(source, path) if path.is_file() else _open_hf_dir(source, path)
     ckpt.validate(fold_norms)
+    if configured_source is not None:
+        ckpt.source = configured_source
     return ckpt
 
 

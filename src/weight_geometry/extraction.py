@@ -48,31 +48,25 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import BinaryIO
 
 import numpy as np
 import torch
 
 from .checkpoint import Checkpoint
 from .errors import UserError
-from .kernels import factored_subspaces, pin_float32_matmul
+from .kernels import factored_subspaces, pin_float32_matmul, resolve_device
 from .ranks import (
     effective_rank_from_singular_values,
     frobenius_norm2,
-    smaller_side,
+    gram_side,
+    shape_text,
     weight_spectrum,
 )
 from .rule_script import progress
 
-if TYPE_CHECKING:  # pandas only for the in-memory API: the extraction job writes with pyarrow
-    import pandas as pd
-
 #: Bytes from which :func:`write_layers` has glibc map each allocation (:func:`unmap_large_frees`).
 MMAP_THRESHOLD = 4 << 20
-
-#: The effective-rank rows: column -> pyarrow type (see :func:`results_io.write_rows`).
-RANK_COLUMNS = {"layer_idx": "int64", "weight_type": "string", "shape": "string",
-                "eff_rank": "float64"}
 
 
 @dataclass
@@ -92,18 +86,6 @@ class LayerResult:
         return [f.name for f in dataclasses.fields(cls) if f.name != "weight_ranks"]
 
 
-@dataclass
-class LayerRangeResult:
-    """Arrays stacked over the layers of one extraction job (first axis = layer)."""
-
-    vectors: np.ndarray
-    singular_values: np.ndarray
-    ffn_input_energy: np.ndarray
-    ffn_input_norm2: np.ndarray
-    ffn_input_singular_values: np.ndarray
-    weight_ranks: pd.DataFrame
-
-
 def extract_layer(ckpt: Checkpoint, layer: int, device: torch.device,
                   fold_norms: bool = False, compute_ranks: bool = True) -> LayerResult:
     """All products of one layer; each weight is dropped once its Gram is done (W_Q and W_K
@@ -118,9 +100,9 @@ def extract_layer(ckpt: Checkpoint, layer: int, device: torch.device,
         shape = tuple(w.shape)
         g = None
         if compute_ranks or wt == ffn_input:
-            sigma, g = weight_spectrum(w, "in" if wt == ffn_input else smaller_side(shape))
+            sigma, g = weight_spectrum(w, gram_side(wt, ffn_input, shape))
         if compute_ranks:
-            rows.append((layer, wt, f"{shape[0]}x{shape[1]}",
+            rows.append((layer, wt, shape_text(shape),
                          effective_rank_from_singular_values(sigma, shape)))
         if wt == ffn_input:
             ffn_gram, ffn_sigma = g, sigma
@@ -210,19 +192,6 @@ def in_threads(fn: Callable, items: Iterable, workers: int) -> Iterator:
         torch.set_num_threads(threads)
 
 
-def extract_layers(ckpt: Checkpoint, layers: range, device: torch.device,
-                   fold_norms: bool = False, workers: int = 1) -> LayerRangeResult:
-    """Run the single pass over ``layers`` of ``ckpt`` on ``device``; results in memory."""
-    import pandas as pd
-
-    results = list(iter_layers(ckpt, layers, device, fold_norms, workers=workers))
-    arrays = {name: np.stack([getattr(r, name) for r in results])
-              for name in LayerResult.array_names()}
-    rows = [row for r in results for row in r.weight_ranks]
-    return LayerRangeResult(**arrays,
-                            weight_ranks=pd.DataFrame(rows, columns=list(RANK_COLUMNS)))
-
-
 def unmap_large_frees(threshold: int = MMAP_THRESHOLD) -> bool:
     """Have glibc serve every allocation of at least ``threshold`` bytes by ``mmap``, so that a
     freed weight, Gram or result goes back to the system at once. Process-wide.
@@ -248,7 +217,7 @@ def write_layers(ckpt: Checkpoint, layers: range, device: torch.device, fold_nor
                  workers: int = 1) -> list[tuple]:
     """Run the single pass and append each layer's arrays to the ``.npy`` files ``paths``
     (``{array name: path}``, names of :meth:`LayerResult.array_names`), each of shape
-    ``(len(layers), ...)``. Returns the effective-rank rows (:data:`RANK_COLUMNS`; none
+    ``(len(layers), ...)``. Returns the effective-rank rows (:data:`ranks.RANK_COLUMNS`; none
     without ``compute_ranks``). Memory: ``workers`` layers' working sets and results; blocks
     of 4 MiB and more are returned to the system when freed (:func:`unmap_large_frees`)."""
     unmap_large_frees()
@@ -260,6 +229,26 @@ def write_layers(ckpt: Checkpoint, layers: range, device: torch.device, fold_nor
             rows += result.weight_ranks
             del result  # not held while the next layer is extracted
     return rows
+
+
+def run_extraction_job(ckpt: Checkpoint, layers: range, device: str, threads: int,
+                       fold_norms: bool, paths: Mapping[str, str | Path],
+                       compute_ranks: bool = True) -> list[tuple]:
+    """The extraction job (rule ``extract_layers``): :func:`write_layers` over ``layers`` of
+    ``ckpt`` with the job's policy. torch runs ``threads`` threads, at least 1 (Snakemake's
+    ``--set-threads extract_layers=0`` gives 0), set process-wide; the config's ``device``
+    (``auto``, ``cpu``, ``cuda``) is resolved on this machine (:func:`kernels.resolve_device`:
+    a UserError for ``cuda`` without a usable GPU); :func:`layer_workers` layers are extracted
+    at once; a progress line names the checkpoint, the layers, the device and the workers.
+    Returns the effective-rank rows (:data:`ranks.RANK_COLUMNS`; none without
+    ``compute_ranks``), which the job writes after the pass."""
+    threads = max(threads, 1)
+    torch.set_num_threads(threads)
+    resolved = resolve_device(device)
+    workers = layer_workers(resolved, threads)
+    progress(f"{ckpt.path}: layers {layers.start}-{layers.stop - 1} on {resolved}"
+             f" ({workers} at a time)")
+    return write_layers(ckpt, layers, resolved, fold_norms, paths, compute_ranks, workers)
 
 
 def _append_arrays(result: LayerResult, paths: Mapping[str, str | Path],

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .ksweep import RATIO_LABELS
+from .ranks import normalized_eff_rank
 from .results_io import Analysis, pair_matrix
 
 
@@ -97,8 +98,7 @@ def draw_all(a: Analysis, out: dict[str, str]) -> None:
 
     fig, ax = plt.subplots(figsize=(10, 4.5))
     for wt, rows in a.weight_ranks.groupby("weight_type", sort=False):
-        min_dim = rows["shape"].str.split("x").apply(lambda s: min(map(int, s)))
-        ax.plot(rows["layer_idx"], rows["eff_rank"] / min_dim, marker=".", label=wt)
+        ax.plot(rows["layer_idx"], normalized_eff_rank(rows), marker=".", label=wt)
     ax.set(xlabel="Layer", ylabel="eff_rank / min(rows, cols)",
            title="Normalized effective rank by layer")
     ax.legend(ncol=4)

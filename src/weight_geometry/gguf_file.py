@@ -33,9 +33,9 @@ _MAX_DIMS = 4  # GGML_MAX_DIMS
 
 @dataclass(frozen=True)
 class GGUFTensorInfo:
-    """Directory entry of one tensor: HF-order shape, ggml type id, byte range in the file."""
+    """Directory entry of one tensor (the directory is keyed by its name): HF-order shape,
+    ggml type id, byte range in the file."""
 
-    name: str
     shape: tuple[int, ...]
     ggml_type: int
     offset: int
@@ -134,7 +134,7 @@ class GGUFFile:
                 raise UserError(f"{self.path}: tensor {name} appears twice in the tensor"
                                 " directory")
             self._check_type(name, ne, ggml_type)
-            info = GGUFTensorInfo(name, tuple(reversed(ne)), ggml_type, data_start + rel,
+            info = GGUFTensorInfo(tuple(reversed(ne)), ggml_type, data_start + rel,
                                   _tensor_nbytes(ne, ggml_type))
             if info.offset + info.nbytes > file_size:
                 raise UserError(f"{self.path}: tensor {name} extends past the end of the file"

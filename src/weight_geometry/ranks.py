@@ -26,6 +26,7 @@ relative of numpy's float64 SVD (measured at most 3.9e-5 on SmolLM2-135M, 1.3e-5
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -49,6 +50,16 @@ FLOAT32_GRAM_RANGE = (1e-30, 1e30)
 GRAM_BLOCK = 1024
 #: Columns of ``X`` per panel of the Gram's upper triangle (see :func:`gram`).
 GRAM_PANEL = 256
+
+#: The effective-rank table, one row per weight (the extraction's ``weight_ranks.parquet``,
+#: ``effective_ranks.csv``, the user's CSV): column -> pyarrow type
+#: (:func:`results_io.write_rows`). ``shape`` is :func:`shape_text` of ``(rows, cols)``.
+RANK_COLUMNS = {"layer_idx": "int64", "weight_type": "string", "shape": "string",
+                "eff_rank": "float64"}
+
+#: A weight shape as text: ``2048x11008``; also ``2048 X 11008``, ``2048×11008``, ``(2048,
+#: 11008)``, ``2048, 11008`` (what notebooks write), with spaces around the parts.
+_SHAPE_TEXT = re.compile(r"\s*\(?\s*(\d+)\s*(?:[xX×]|,)\s*(\d+)\s*\)?\s*")
 
 
 def nonzero_mask(sigma: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -166,6 +177,41 @@ def weight_spectrum(w, side: str):
 def smaller_side(shape: tuple[int, int]) -> str:
     """The Gram side of size ``min(rows, cols)``."""
     return "in" if shape[1] <= shape[0] else "out"
+
+
+def gram_side(weight_type: str, ffn_input: str, shape: tuple[int, int]) -> str:
+    """The side of a weight's Gram for its spectrum (:func:`weight_spectrum`): ``"in"``
+    (``W^T W``, ``cols x cols`` = ``d x d``) for the FFN input projection ``ffn_input``, whose
+    Gram also gives the FFN energies of vectors of ``R^d``
+    (:meth:`kernels.FactoredSubspaces.energies`) and ``||W_in||_F^2``; the smaller side
+    (:func:`smaller_side`) for every other weight. Either side gives the same singular values
+    (the larger one pads them with zeros)."""
+    return "in" if weight_type == ffn_input else smaller_side(shape)
+
+
+def shape_text(shape: tuple[int, int]) -> str:
+    """A weight's ``(rows, cols)`` as the tables write it: ``"2048x11008"``."""
+    rows, cols = shape
+    return f"{rows}x{cols}"
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    """``(rows, cols)`` from a shape's text: :func:`shape_text`'s ``"2048x11008"``, or a
+    notebook's ``"2048 X 11008"``, ``"2048×11008"``, ``"(2048, 11008)"`` (spaces allowed around
+    the parts). A ValueError naming the text otherwise."""
+    match = _SHAPE_TEXT.fullmatch(text)
+    if match is None:
+        raise ValueError(f"shape {text!r} is not 'rows x cols'")
+    return int(match[1]), int(match[2])
+
+
+def normalized_eff_rank(table: pd.DataFrame) -> pd.Series:
+    """``eff_rank / min(rows, cols)`` of each row of an effective-rank table
+    (:data:`RANK_COLUMNS`, ``shape`` read by :func:`parse_shape`), on the table's index: 1 for
+    a weight whose nonzero singular values are all equal and as many as its smaller side, 0 for
+    an all-zero weight. Cost O(rows of the table)."""
+    smaller = table["shape"].map(lambda text: min(parse_shape(text)))
+    return (table["eff_rank"] / smaller).rename("normalized_eff_rank")
 
 
 def kernel_rank_table(singular_values: np.ndarray, d_model: int) -> pd.DataFrame:

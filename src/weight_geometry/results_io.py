@@ -37,6 +37,15 @@ def load_layers(paths, select=lambda a: a) -> np.ndarray:
                            for p in _sorted_by_first_layer(paths)])
 
 
+def load_rank_tables(paths) -> pd.DataFrame:
+    """The ``weight_ranks.parquet`` tables of layer ranges (:data:`ranks.RANK_COLUMNS`), one
+    after another in layer order, on a fresh index."""
+    import pandas as pd
+
+    return pd.concat([pd.read_parquet(p) for p in _sorted_by_first_layer(paths)],
+                     ignore_index=True)
+
+
 def load_head_bases(vector_paths, head: int, k: int) -> np.ndarray:
     """``(L, k, d)`` top-k right singular vectors of one head across all layers."""
     return load_layers(vector_paths, lambda a: a[:, head, :k, :])

@@ -74,8 +74,8 @@ class TensorEntry:
     file: Path
     dtype: str
     shape: tuple[int, ...]
-    start: int = 0
-    end: int = 0
+    start: int
+    end: int
 
 
 def _show(value) -> str:

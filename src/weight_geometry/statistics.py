@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from .ranks import normalized_eff_rank
+
 MIN_POINTS = 3
 #: Permutations behind each correlation's p-values (:func:`correlate`).
 CORRELATION_PERMUTATIONS = 10_000
@@ -157,12 +159,10 @@ def bottleneck_trends(sims_to_ref: np.ndarray, bottleneck: int) -> tuple[Correla
 def choose_bottleneck(weight_ranks: pd.DataFrame) -> int:
     """Layer whose W_Q and W_K have the lowest mean normalized effective rank.
 
-    Normalized effective rank = ``eff_rank / min(rows, cols)`` (``shape`` like ``576x192``).
+    Normalized effective rank = ``eff_rank / min(rows, cols)`` (:func:`ranks.normalized_eff_rank`).
     """
     qk = weight_ranks[weight_ranks["weight_type"].isin(["W_Q", "W_K"])]
-    min_dim = qk["shape"].str.split("x").apply(lambda s: min(int(s[0]), int(s[1])))
-    normalized = (qk["eff_rank"] / min_dim).groupby(qk["layer_idx"]).mean()
-    return int(normalized.idxmin())
+    return int(normalized_eff_rank(qk).groupby(qk["layer_idx"]).mean().idxmin())
 
 
 #: ``bottleneck_choice`` of a bottleneck chosen by :func:`choose_bottleneck`.

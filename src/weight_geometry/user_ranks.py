@@ -5,13 +5,13 @@ The CSV has columns ``layer_idx, weight_type, shape, eff_rank`` (extra columns a
 ``rows x cols`` or ``cols x rows`` of the model's ``nn.Linear`` weight (out x in); the table
 returned always states it as ``rows x cols``, as the workflow's ``effective_ranks`` table.
 Every problem raises :class:`UserError` with one line naming the file, the value and what is
-allowed.
+allowed. :func:`weight_rank_table` gives a model's effective-rank table: this CSV when the user
+has one, else the extraction's.
 """
 
 from __future__ import annotations
 
 import csv
-import re
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +19,12 @@ import pandas as pd
 
 from .architectures import ModelDims
 from .errors import UserError
+from .ranks import RANK_COLUMNS, parse_shape, shape_text
+from .results_io import load_rank_tables
 
-#: Columns of the CSV and of the returned table.
-COLUMNS = ("layer_idx", "weight_type", "shape", "eff_rank")
+#: ``source`` of effective ranks that the extraction computed (:func:`weight_rank_table`).
+COMPUTED_SOURCE = "computed from the weights"
 
-_SHAPE = re.compile(r"\s*\(?\s*(\d+)\s*(?:[xX×]|,)\s*(\d+)\s*\)?\s*")
 _SHOWN = 5  # how many offending items a message lists
 
 
@@ -67,7 +68,7 @@ def _require_rectangular(path: Path) -> None:
 def _read(path: Path) -> pd.DataFrame:
     if path.is_dir():
         raise UserError(f"user ranks {path}: is a directory (allowed: a CSV file with columns"
-                        f" {', '.join(COLUMNS)})")
+                        f" {', '.join(RANK_COLUMNS)})")
     if not path.is_file():
         raise UserError(f"user ranks {path}: file not found")
     try:
@@ -76,11 +77,11 @@ def _read(path: Path) -> pd.DataFrame:
     except (OSError, UnicodeDecodeError, csv.Error, pd.errors.ParserError,
             pd.errors.EmptyDataError) as e:
         raise UserError(f"user ranks {path}: not a readable CSV ({e})".replace("\n", " ")) from e
-    missing = [c for c in COLUMNS if c not in table.columns]
+    missing = [c for c in RANK_COLUMNS if c not in table.columns]
     if missing:
         raise UserError(f"user ranks {path}: missing column(s) {', '.join(missing)}; found"
-                        f" {', '.join(map(str, table.columns))}; needed {', '.join(COLUMNS)}")
-    return table[list(COLUMNS)].apply(lambda col: col.str.strip())
+                        f" {', '.join(map(str, table.columns))}; needed {', '.join(RANK_COLUMNS)}")
+    return table[list(RANK_COLUMNS)].apply(lambda col: col.str.strip())
 
 
 def _layers(table: pd.DataFrame, path: Path, n_layers: int) -> np.ndarray:
@@ -134,16 +135,16 @@ def _shapes(layers: np.ndarray, table: pd.DataFrame, path: Path,
     for i, (layer, wt, text) in enumerate(zip(layers, table["weight_type"], table["shape"],
                                               strict=True)):
         expected = dims.weight_shape(wt)
-        match = _SHAPE.fullmatch(text)
-        if match is None:
+        try:
+            shape = parse_shape(text)
+        except ValueError:
             raise UserError(f"user ranks {path}: shape {text!r} of (layer {layer}, {wt})"
                             f" ({_line(i)}) is not 'rows x cols'; expected"
-                            f" {expected[0]}x{expected[1]}")
-        shape = (int(match[1]), int(match[2]))
+                            f" {shape_text(expected)}") from None
         if shape not in (expected, expected[::-1]):
             raise UserError(f"user ranks {path}: shape {text} of (layer {layer}, {wt})"
                             f" ({_line(i)}) does not match the model's {wt}: expected"
-                            f" {expected[0]}x{expected[1]} (or {expected[1]}x{expected[0]})."
+                            f" {shape_text(expected)} (or {shape_text(expected[::-1])})."
                             " Is it another model's CSV?")
         out.append(expected)
     return out
@@ -182,8 +183,33 @@ def read_user_ranks(path, dims: ModelDims, weight_types: tuple[str, ...]) -> pd.
     ranks = pd.DataFrame({
         "layer_idx": layers,
         "weight_type": table["weight_type"].to_numpy(),
-        "shape": [f"{rows}x{cols}" for rows, cols in shapes],
+        "shape": [shape_text(shape) for shape in shapes],
         "eff_rank": _eff_ranks(layers, table, path, shapes),
     })
     order = ranks["weight_type"].map({wt: i for i, wt in enumerate(weight_types)})
     return ranks.iloc[np.lexsort((order.to_numpy(), layers))].reset_index(drop=True)
+
+
+def weight_rank_table(user_csv, chunk_paths, dims: ModelDims,
+                      weight_types: tuple[str, ...]) -> pd.DataFrame:
+    """A model's effective-rank table (:data:`ranks.RANK_COLUMNS`) and where it comes from, in
+    a ``source`` column: the user's CSV ``user_csv`` when given (:func:`read_user_ranks`;
+    ``source`` = ``"user CSV <user_csv>"``; ``chunk_paths`` are not read), else the
+    extraction's ``weight_ranks.parquet`` of each layer range, ``chunk_paths``, in layer order
+    (:func:`results_io.load_rank_tables`; ``source`` = :data:`COMPUTED_SOURCE`)."""
+    if user_csv:
+        ranks = read_user_ranks(user_csv, dims, weight_types)
+        ranks["source"] = f"user CSV {user_csv}"
+    else:
+        ranks = load_rank_tables(chunk_paths)
+        ranks["source"] = COMPUTED_SOURCE
+    return ranks
+
+
+def write_effective_ranks(user_csv, chunk_paths, dims: ModelDims, weight_types: tuple[str, ...],
+                          csv_path, parquet_path) -> None:
+    """:func:`weight_rank_table` written twice: to ``csv_path`` in the earlier notebook's format
+    (its four columns, no ``source``, no index) and to ``parquet_path`` with ``source``."""
+    ranks = weight_rank_table(user_csv, chunk_paths, dims, weight_types)
+    ranks.drop(columns="source").to_csv(csv_path, index=False)
+    ranks.to_parquet(parquet_path, index=False)

@@ -93,38 +93,57 @@ def similarity_files(heads_of):
 def extraction_mem_mb(wildcards, threads):
     """Peak memory of one extraction job, which reads, uses and frees one tensor at a time and
     appends each layer to its outputs. Per worker (one per thread on the CPU): the largest
-    weight twice at 4 bytes a value (host and device), the reader's decoding chunk, six d x d
-    float64-sized matrices (Grams, eigvalsh workspace, the energies' float64 copy, a float64
-    fallback Gram) and one layer's outputs; plus the interpreter and torch. Independent of
-    the number of layers."""
+    weight twice at 4 bytes a value (host and device), the reader's decoding chunk, five d x d
+    float64-sized matrices and two layers' outputs (finished layers wait to be written in
+    order); plus the interpreter and torch. The five bound what one step holds at once: a
+    weight's float32 Gram and eigvalsh's copy of it, the float64 Gram and its copy of a weight
+    whose error bound asks for them, and the subspaces' float64 factors (three n_kv d_head x d
+    matrices during the key QR; Q_k and the energies' T Q_k after it, which read the FFN
+    Gram in ENERGY_BLOCK-row panels, without a float64 copy of it). Independent of the number
+    of layers."""
     d = model_plan(wildcards).dims
     largest = max(a * b for a, b in map(d.weight_shape, GATED))
     layer_out = d.n_heads * d.d_head * (d.d_model * 4 + 24) + d.d_model * 8
-    per_worker = largest * 8 + 2**24 + 6 * d.d_model**2 * 8 + 2 * layer_out
+    per_worker = largest * 8 + 2**24 + 5 * d.d_model**2 * 8 + 2 * layer_out
     return 1500 + threads * per_worker // 2**20
 
 
 def match_heads_mem_mb(wildcards):
-    """For the model's layers, then as many random ones for the null (the larger count): the
-    top-k vectors of every head in float32 and float64, one layer's block of squared cosines
-    against all (float32 and float64), the (L h)^2 cross-head tensor and its copies; plus the
-    interpreter."""
+    """For the model's layers, then as many random ones for the null (rows: the larger count
+    times h): the top-k vectors of every head in float32, the model's and the null's (the
+    model's are held until the job ends); the blocks of squared cosines of two consecutive
+    layers against all (each float64, and one float32 product: a block is replaced only once
+    the next is computed); the (L h)^2 float64 cross-head tensor, the null's and the copies
+    the mirroring makes; the random-pairing null's (L, L) draws three times (the draws, their
+    shift and np.std's deviations); plus the interpreter. Not counted: the pages of the
+    memory-mapped bases, which RSS includes while they are mapped (the kernel may map a file
+    in large blocks, beyond the top-k rows read) but which are the file's page cache, freed
+    under memory pressure."""
+    from weight_geometry.head_matching import PAIRING_PERMUTATIONS
+
     d, k = model_plan(wildcards).dims, int(wildcards.k)
     rows = max(d.n_layers, NULL_LAYERS) * d.n_heads
-    vectors = rows * k * d.d_model * 12
-    block = d.n_heads * k * rows * k * 12
+    vectors = rows * k * d.d_model * 4 * 2
+    block = d.n_heads * k * rows * k * (8 + 8 + 4)
     cross = rows**2 * 8 * 4
-    return 1000 + (vectors + block + cross) // 2**20
+    pairing = 3 * PAIRING_PERMUTATIONS * d.n_layers**2 * 8
+    return 1000 + (vectors + block + cross + pairing) // 2**20
 
 
 def k_sweep_mem_mb(wildcards):
-    """All vectors of the sampled heads in float32, one head's in float64, the prefix-sum
-    blocks and the (d_head, L, L) matrices; plus the interpreter."""
+    """The vectors of the sampled heads in float32 twice (the chunks' copies and their
+    concatenation, while loading) and one head's contiguous float32 copy; the blocks of
+    squared cosines of two consecutive layers against all (float64, and one float32
+    product); the (d_head, L, L) float64 prefix similarities of every sampled head, stacked
+    once more for their mean, and two of the head being mirrored; plus the interpreter. Not
+    counted: the pages of the memory-mapped chunks (see match_heads_mem_mb)."""
     plan = model_plan(wildcards)
     d = plan.dims
     per_head = d.n_layers * d.d_head * d.d_model
-    blocks = 2 * d.d_head * d.n_layers * (d.n_layers + d.d_head) * 8
-    return 1000 + (per_head * (4 * len(plan.heads) + 8) + blocks) // 2**20
+    vectors = per_head * 4 * (2 * len(plan.heads) + 1)
+    blocks = d.d_head**2 * d.n_layers * (8 + 8 + 4)
+    matrices = (2 * len(plan.heads) + 2) * d.d_head * d.n_layers**2 * 8
+    return 1000 + (vectors + blocks + matrices) // 2**20
 
 
 def extraction_runtime(wildcards):

@@ -9,10 +9,10 @@ def main():
     from weight_geometry.checkpoint import open_checkpoint
     from weight_geometry.results_io import write_json
 
-    fold = snakemake.params.fold_norms
-    ckpt = open_checkpoint(snakemake.params.path, fold)
-    record = {**ckpt.describe(fold), "source": snakemake.params.source}
-    write_json(snakemake.output[0], {"name": snakemake.wildcards.model, **record})
+    params = snakemake.params
+    ckpt = open_checkpoint(params.path, params.fold_norms, configured_source=params.source)
+    write_json(snakemake.output[0], {"name": snakemake.wildcards.model,
+                                     **ckpt.describe(params.fold_norms)})
 
 
 run_rule(main, snakemake.log[0], snakemake.output)
