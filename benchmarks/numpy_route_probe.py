@@ -52,12 +52,12 @@ def _solve_right(r: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 def _numpy_layer(ckpt, layer: int) -> None:
     """One layer of the numpy route (see module docstring)."""
-    from weight_geometry.ranks import smaller_side  # numpy only: torch is imported lazily there
+    from weight_geometry.ranks import gram_side  # numpy only: torch is imported lazily there
 
     dims = ckpt.dims
     kernel_inputs, ffn_gram = {}, None
     for wt, w in ckpt.iter_layer(layer):
-        side = "in" if wt == ckpt.adapter.ffn_input else smaller_side(w.shape)
+        side = gram_side(wt, ckpt.adapter.ffn_input, w.shape)
         x = w if side == "in" else w.T
         gram = x.T @ x
         np.linalg.eigvalsh(gram)

@@ -42,26 +42,33 @@ def cross_head_similarity(bases: np.ndarray, prefixes: bool = False) -> np.ndarr
     summed over both vector axes, or with ``prefixes`` prefix-summed over both and read where
     the two prefix lengths are equal (``P[k'-1, k'-1] / k'``); the other triangle is the
     mirror (:func:`_mirror_upper`). Cost O(L^2 h^2 k^2 d / 2); memory O(L h k d) for the
-    contiguous float32 copy plus O(h k L h k) per block, never ``(L h k)^2``, and the result
+    contiguous float32 copy plus one block of O(h k L h k) at a time (12 bytes an entry while
+    :func:`squared_cosines` holds its float32 product), never ``(L h k)^2``, and the result
     (``k`` times larger with ``prefixes``). ``S`` is exactly symmetric (``S[a, i, b, j] =
     S[b, j, a, i]``), and exactly 1 for a head with itself.
     """
     n_layers, n_heads, k, d = bases.shape
     flat = np.ascontiguousarray(bases, dtype=np.float32).reshape(n_layers, n_heads * k, d)
-    ks = np.arange(1, k + 1)
     upper = np.zeros((k if prefixes else 1, n_layers, n_heads, n_layers, n_heads))
     for a in range(n_layers):
         block = squared_cosines(flat[a], flat[a:].reshape(-1, d))
-        block = block.reshape(n_heads, k, n_layers - a, n_heads, k)
-        if prefixes:
-            np.cumsum(block, axis=1, out=block)
-            np.cumsum(block, axis=4, out=block)
-            prefix = np.diagonal(block, axis1=1, axis2=4)             # (h, L - a, h, k)
-            upper[:, a, :, a:] = np.moveaxis(prefix, -1, 0) / ks[:, None, None, None]
-        else:
-            upper[0, a, :, a:] = block.sum(axis=(1, 4)) / k
+        upper[:, a, :, a:] = _block_similarities(block, n_heads, k, prefixes)
+        del block   # before the next block is made: one block at a time
     full = _mirror_upper(upper)
     return full if prefixes else full[0]
+
+
+def _block_similarities(block: np.ndarray, n_heads: int, k: int, prefixes: bool) -> np.ndarray:
+    """``(1, h, M, h)`` similarities from a ``(h k, M h k)`` block of squared cosines against
+    ``M`` layers; with ``prefixes``, ``(k, h, M, h)``, one per prefix length (the block is
+    prefix-summed in place)."""
+    block = block.reshape(n_heads, k, -1, n_heads, k)
+    if not prefixes:
+        return block.sum(axis=(1, 4))[None] / k
+    np.cumsum(block, axis=1, out=block)
+    np.cumsum(block, axis=4, out=block)
+    prefix = np.diagonal(block, axis1=1, axis2=4)                      # (h, M, h, k)
+    return np.moveaxis(prefix, -1, 0) / np.arange(1, k + 1)[:, None, None, None]
 
 
 def _mirror_upper(upper: np.ndarray) -> np.ndarray:

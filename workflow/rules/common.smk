@@ -111,9 +111,8 @@ def extraction_mem_mb(wildcards, threads):
 def match_heads_mem_mb(wildcards):
     """For the model's layers, then as many random ones for the null (rows: the larger count
     times h): the top-k vectors of every head in float32, the model's and the null's (the
-    model's are held until the job ends); the blocks of squared cosines of two consecutive
-    layers against all (each float64, and one float32 product: a block is replaced only once
-    the next is computed); the (L h)^2 float64 cross-head tensor, the null's and the copies
+    model's are held until the job ends); one layer's block of squared cosines against all
+    (float64, and the float32 product it is squared from); the (L h)^2 float64 cross-head tensor, the null's and the copies
     the mirroring makes; the random-pairing null's (L, L) draws three times (the draws, their
     shift and np.std's deviations); plus the interpreter. Not counted: the pages of the
     memory-mapped bases, which RSS includes while they are mapped (the kernel may map a file
@@ -124,7 +123,7 @@ def match_heads_mem_mb(wildcards):
     d, k = model_plan(wildcards).dims, int(wildcards.k)
     rows = max(d.n_layers, NULL_LAYERS) * d.n_heads
     vectors = rows * k * d.d_model * 4 * 2
-    block = d.n_heads * k * rows * k * (8 + 8 + 4)
+    block = d.n_heads * k * rows * k * (8 + 4)
     cross = rows**2 * 8 * 4
     pairing = 3 * PAIRING_PERMUTATIONS * d.n_layers**2 * 8
     return 1000 + (vectors + block + cross + pairing) // 2**20
@@ -132,18 +131,17 @@ def match_heads_mem_mb(wildcards):
 
 def k_sweep_mem_mb(wildcards):
     """The vectors of the sampled heads in float32 twice (the chunks' copies and their
-    concatenation, while loading) and one head's contiguous float32 copy; the blocks of
-    squared cosines of two consecutive layers against all (float64, and one float32
-    product); the (d_head, L, L) float64 prefix similarities of every sampled head, stacked
+    concatenation, while loading) and one head's contiguous float32 copy; one layer's block
+    of squared cosines against all (float64, and the float32 product it is squared from); the (d_head, L, L) float64 prefix similarities of every sampled head, stacked
     once more for their mean, and two of the head being mirrored; plus the interpreter. Not
     counted: the pages of the memory-mapped chunks (see match_heads_mem_mb)."""
     plan = model_plan(wildcards)
     d = plan.dims
     per_head = d.n_layers * d.d_head * d.d_model
     vectors = per_head * 4 * (2 * len(plan.heads) + 1)
-    blocks = d.d_head**2 * d.n_layers * (8 + 8 + 4)
+    block = d.d_head**2 * d.n_layers * (8 + 4)
     matrices = (2 * len(plan.heads) + 2) * d.d_head * d.n_layers**2 * 8
-    return 1000 + (vectors + blocks + matrices) // 2**20
+    return 1000 + (vectors + block + matrices) // 2**20
 
 
 def extraction_runtime(wildcards):
