@@ -104,6 +104,83 @@ def haar_bases(rng: np.random.Generator, shape: tuple[int, ...], k: int, d: int)
     return orthonormal_rows(np.swapaxes(rng.standard_normal((*shape, d, k)), -1, -2))
 
 
+def naive_kernel(w_q: np.ndarray, w_k: np.ndarray, head: int, d_head: int) -> np.ndarray:
+    """The reference kernel ``A_i = W_Q_i^T W_K_j`` of query head ``i = head``, ``(d, d)``,
+    formed explicitly in float64 (docs/SCIENCE.md): ``W_Q_i`` is rows ``[i d_head, (i + 1)
+    d_head)`` of ``w_q`` (``(h d_head, d)``, nn.Linear layout), ``W_K_j`` the same rows of KV head
+    ``j = i // (h // n_kv)`` of ``w_k`` (``(n_kv d_head, d)``); ``h`` and ``n_kv`` are read off
+    the shapes. A ``w_k`` with a row block per query head (``repeat_kv``'s output) pairs head
+    ``i`` with block ``i``."""
+    w_q, w_k = np.asarray(w_q, dtype=np.float64), np.asarray(w_k, dtype=np.float64)
+    (h, rest_q), (n_kv, rest_k) = divmod(len(w_q), d_head), divmod(len(w_k), d_head)
+    assert rest_q == rest_k == 0 and h % n_kv == 0, (w_q.shape, w_k.shape, d_head)
+    group = h // n_kv
+    kv = head // group
+    return w_q[head * d_head:(head + 1) * d_head].T @ w_k[kv * d_head:(kv + 1) * d_head]
+
+
+def naive_kernel_svd(w_q: np.ndarray, w_k: np.ndarray, head: int,
+                     d_head: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(s, vt)``: all ``d`` singular values (descending) and right singular vectors (rows)
+    of :func:`naive_kernel`, by numpy's full ``d x d`` SVD in float64: the O(d^3) reference
+    the library's factored route (docs/SCIENCE.md) must reproduce."""
+    _, s, vt = np.linalg.svd(naive_kernel(w_q, w_k, head, d_head))
+    return s, vt
+
+
+def reference_eff_rank(w: np.ndarray) -> float:
+    """Roy & Vetterli's effective rank by numpy's float64 SVD: ``exp(-sum p log p)``, ``p =
+    sigma / sum(sigma)`` over the nonzero ``sigma``, i.e. ``sigma > sigma_max max(rows, cols)
+    eps32`` (the ranks module's documented threshold)."""
+    s = np.linalg.svd(np.asarray(w, dtype=np.float64), compute_uv=False)
+    s = s[s > s.max() * max(w.shape) * np.finfo(np.float32).eps]
+    p = s / s.sum()
+    return float(np.exp(-np.sum(p * np.log(p))))
+
+
+def gaussian_kernel_bases(rng: np.random.Generator, n_layers: int, n_heads: int, n_kv: int,
+                          d_head: int, d: int, k: int) -> np.ndarray:
+    """``(n_layers, n_heads, k, d)``: the top-k kernel subspaces of Gaussian ``W_Q``, ``W_K``
+    (float64, drawn whole from ``rng``) through the library's ``kernels.head_subspaces``. The
+    layers go as one model of ``n_layers h`` heads and ``n_layers n_kv`` KV heads (head ``l h +
+    i`` pairs with KV head ``l n_kv + i // (h // n_kv)``, as in layer ``l``)."""
+    from weight_geometry.kernels import head_subspaces
+
+    w_q = torch.from_numpy(rng.standard_normal((n_layers * n_heads * d_head, d)))
+    w_k = torch.from_numpy(rng.standard_normal((n_layers * n_kv * d_head, d)))
+    vectors = head_subspaces(w_q, w_k, n_layers * n_heads, n_layers * n_kv, d_head)[0]
+    return vectors.numpy().reshape(n_layers, n_heads, d_head, d)[:, :, :k]
+
+
+def assert_one_line(err: BaseException, *fragments: object) -> str:
+    """The message of ``err`` (a UserError), which must be one line holding every fragment
+    (``str()`` of each: a path names the file); returned for further checks."""
+    msg = str(err)
+    assert "\n" not in msg, f"not one line: {msg!r}"
+    for fragment in map(str, fragments):
+        assert fragment in msg, f"{fragment!r} not in {msg!r}"
+    return msg
+
+
+def hub_cache(hf_home: Path, repo_id: str, files: dict[str, str | bytes],
+              commit: str = "0" * 40) -> Path:
+    """A Hugging Face cache under ``hf_home`` (what ``HF_HOME`` names) holding ``files`` (name ->
+    text or bytes) of ``repo_id`` at ``commit``, which ``refs/main`` points to:
+    ``hub/models--org--name/{refs/main, snapshots/<commit>/<files>}``. Returns the snapshot
+    directory."""
+    repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for name, content in files.items():
+        if isinstance(content, bytes):
+            (snapshot / name).write_bytes(content)
+        else:
+            (snapshot / name).write_text(content)
+    return snapshot
+
+
 def error_line(proc: subprocess.CompletedProcess) -> str:
     """The one ``error: ...`` line of a failed run, which must show no traceback."""
     assert proc.returncode != 0, proc.stdout + proc.stderr

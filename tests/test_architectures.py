@@ -1,7 +1,8 @@
 """Every supported architecture, built by transformers' own config class: the adapter's weights
-reproduce what the transformers modules compute (q/k/v projections before RoPE, FFN input);
-each head's kernel pairs it with the key head transformers' ``repeat_kv`` gives it; folded
-norms reproduce the normed stream of a forward pass; and the whole workflow runs on each."""
+reproduce what the transformers modules compute (q/k/v projections before RoPE, FFN input,
+attention and FFN outputs); each head's kernel pairs it with the key head transformers'
+``repeat_kv`` gives it; folded norms reproduce the normed stream of a forward pass; and the
+whole workflow runs on each."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 import transformers as T
-from conftest import assert_ok, run_snakemake
+from conftest import assert_ok, naive_kernel_svd, run_snakemake
 from transformers.models.llama.modeling_llama import repeat_kv
 
 from weight_geometry.checkpoint import open_checkpoint
@@ -54,12 +55,19 @@ def decoder_layer(model, arch: str, layer: int) -> torch.nn.Module:
     return model.model.layers[layer]
 
 
+def linear_output(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x W^T`` as a transformers projection module (``nn.Linear``, GPT-2's ``Conv1D``)
+    computes it, its bias removed."""
+    out = module(x)
+    return out - module.bias if getattr(module, "bias", None) is not None else out
+
+
 def module_projections(model, arch: str, layer: int, x: torch.Tensor) -> dict[str, np.ndarray]:
-    """Per-weight outputs ``x W^T`` as the transformers modules compute them, biases removed,
-    split the way each attention's forward splits them (``(n, heads * d_head)``)."""
+    """Per-weight outputs ``x W^T`` of the projections reading the residual stream ``x``
+    (``(n, d)``) as the transformers modules compute them, biases removed, split the way each
+    attention's forward splits them (``(n, heads * d_head)``)."""
     def lin(module, inp=x):
-        out = module(inp)
-        return out - module.bias if getattr(module, "bias", None) is not None else out
+        return linear_output(module, inp)
 
     cfg = model.config
     blk = decoder_layer(model, arch, layer)
@@ -83,6 +91,23 @@ def module_projections(model, arch: str, layer: int, x: torch.Tensor) -> dict[st
             "W_gate": lin(blk.mlp.gate_proj), "W_up": lin(blk.mlp.up_proj)}
 
 
+#: The projections writing to the residual stream, under the decoder layer: W_O, W_down.
+OUTPUT_PROJECTIONS = {"gpt2": ("attn.c_proj", "mlp.c_proj"),
+                      "gpt_neox": ("attention.dense", "mlp.dense_4h_to_h")}
+OUTPUT_PROJECTIONS_DEFAULT = ("self_attn.o_proj", "mlp.down_proj")
+
+
+def output_projections(model, arch: str, layer: int, heads_out: torch.Tensor,
+                       ffn_hidden: torch.Tensor) -> dict[str, np.ndarray]:
+    """``z W^T`` of W_O (``z = heads_out``, the heads' concatenated outputs, ``(n, heads *
+    d_head)``) and W_down (``z = ffn_hidden``, ``(n, d_ff)``) as the transformers modules
+    compute them, biases removed."""
+    blk = decoder_layer(model, arch, layer)
+    w_o, w_down = OUTPUT_PROJECTIONS.get(arch, OUTPUT_PROJECTIONS_DEFAULT)
+    return {"W_O": linear_output(blk.get_submodule(w_o), heads_out),
+            "W_down": linear_output(blk.get_submodule(w_down), ffn_hidden)}
+
+
 @pytest.mark.parametrize("arch", sorted(CONFIGS))
 def test_adapter_reproduces_transformers_modules(tmp_path, arch):
     model = build(arch, tmp_path / arch)
@@ -92,15 +117,18 @@ def test_adapter_reproduces_transformers_modules(tmp_path, arch):
     dims = ckpt.dims
     assert dims.n_layers == 3 and dims.d_model == 48
     assert dims.d_head == (getattr(cfg, "head_dim", None) or 48 // 4)
-    x = torch.randn(7, 48)
+    inputs = {"W_O": torch.randn(7, dims.n_heads * dims.d_head),
+              "W_down": torch.randn(7, dims.d_ff)}
+    x = torch.randn(7, 48)                                  # the residual stream: the rest
     for layer in range(3):
         ours = ckpt.read_layer(layer)
         with torch.no_grad():
-            ref = module_projections(model, arch, layer, x)
+            ref = {**module_projections(model, arch, layer, x),
+                   **output_projections(model, arch, layer, inputs["W_O"], inputs["W_down"])}
+        assert set(ref) == set(ours) == set(ckpt.weight_types), arch     # every weight compared
         for wt, out in ref.items():
-            got = x.numpy() @ ours[wt].T
+            got = inputs.get(wt, x).numpy() @ ours[wt].T
             np.testing.assert_allclose(got, out.numpy(), atol=1e-5, err_msg=f"{arch} {wt}")
-        assert set(ours) == set(ckpt.weight_types)
         for wt, w in ours.items():
             assert w.shape == dims.weight_shape(wt), (arch, wt)
     assert ckpt.adapter.ffn_input == ("W_up" if arch in ("gpt2", "gpt_neox") else "W_gate")
@@ -142,12 +170,14 @@ def test_head_kernels_pair_heads_as_transformers_does(tmp_path, arch):
         proj = module_projections(model, arch, 1, torch.eye(d))
     q = proj["W_Q"].view(d, h, dh).transpose(0, 1)                        # (h, d, d_head)
     k = repeat_kv(proj["W_K"].view(1, d, n_kv, dh).transpose(1, 2), h // n_kv)[0]
-    scores = (q.double() @ k.double().transpose(1, 2)).numpy()           # (h, d, d): A_i
+    # As (h d_head, d) row blocks, one key block per query head: head i's kernel is
+    # q_i k_i^T, the scores A_i of the naive reference.
+    q_rows, k_rows = (t.transpose(1, 2).reshape(h * dh, d).double().numpy() for t in (q, k))
     ours = ckpt.read_layer(1)
     v, s = head_subspaces(torch.from_numpy(ours["W_Q"]).double(),
                           torch.from_numpy(ours["W_K"]).double(), h, n_kv, dh)
     for i in range(h):
-        _, s_ref, vt_ref = np.linalg.svd(scores[i])
+        s_ref, vt_ref = naive_kernel_svd(q_rows, k_rows, i, dh)
         np.testing.assert_allclose(s[i], s_ref[:dh], rtol=1e-5, err_msg=f"{arch} head {i}")
         overlap = np.square(v[i].numpy() @ vt_ref[:dh].T).sum()   # d_head for the same span
         assert overlap == pytest.approx(dh, rel=1e-6), (arch, i)

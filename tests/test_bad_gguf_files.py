@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import error_line, run_snakemake
+from conftest import assert_one_line, error_line, run_snakemake
 
 from weight_geometry.checkpoint import open_checkpoint
 from weight_geometry.errors import UserError
@@ -73,9 +73,7 @@ def user_error(path: Path, fold_norms: bool = False) -> str:
     """The UserError message of opening ``path``: one line naming the file."""
     with pytest.raises(UserError) as info:
         open_checkpoint(str(path), fold_norms)
-    msg = str(info.value)
-    assert "\n" not in msg and str(path) in msg, msg
-    return msg
+    return assert_one_line(info.value, path)
 
 
 def test_tiny_base_file_opens(tmp_path):

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import TINY_LLAMA, error_line, run_snakemake
+from conftest import TINY_LLAMA, assert_one_line, error_line, hub_cache, run_snakemake
 
 from weight_geometry import hub
 from weight_geometry.architectures import dims_from_hf_config
@@ -24,13 +24,6 @@ COMMIT = "a" * 40
 def _config_text(**changes) -> str:
     config = {**CONFIG, **changes}
     return json.dumps({k: v for k, v in config.items() if v is not DROP})
-
-
-def _assert_one_line(err: UserError, path: Path, *fragments: str) -> None:
-    msg = str(err)
-    assert "\n" not in msg, msg
-    for part in (str(path), *fragments):
-        assert part in msg, f"{part!r} not in {msg!r}"
 
 
 @pytest.mark.parametrize(("text", "fragments"), [
@@ -57,7 +50,7 @@ def test_bad_config_json(tmp_path, text, fragments):
     (tmp_path / "config.json").write_text(text)
     with pytest.raises(UserError) as info:
         open_checkpoint(str(tmp_path))
-    _assert_one_line(info.value, tmp_path / "config.json", *fragments)
+    assert_one_line(info.value, tmp_path / "config.json", *fragments)
 
 
 def test_optional_dims_may_be_null():
@@ -106,7 +99,7 @@ def test_bad_safetensors_file(tmp_path, content, fragments):
         weights.write_bytes(content)
     with pytest.raises(UserError) as info:
         open_checkpoint(str(tmp_path))
-    _assert_one_line(info.value, weights, *fragments)
+    assert_one_line(info.value, weights, *fragments)
 
 
 BAD_INDEXES = [
@@ -135,19 +128,13 @@ def test_bad_index(tmp_path, text, fragments):
     index = _write_index(tmp_path, text)
     with pytest.raises(UserError) as info:
         open_checkpoint(str(tmp_path))
-    _assert_one_line(info.value, index, *fragments)
+    assert_one_line(info.value, index, *fragments)
 
 
 def _hub_cache(hf_home: Path) -> Path:
     """An HF cache (``HF_HOME``) holding config.json of REPO_ID (refs/main -> COMMIT) and no
     weights; returns the snapshot directory."""
-    repo = hf_home / "hub" / f"models--{REPO_ID.replace('/', '--')}"
-    snapshot = repo / "snapshots" / COMMIT
-    snapshot.mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(COMMIT)
-    (snapshot / "config.json").write_text(_config_text())
-    return snapshot
+    return hub_cache(hf_home, REPO_ID, {"config.json": _config_text()}, COMMIT)
 
 
 def _use_hub_cache(hf_home: Path, monkeypatch, offline: bool) -> Path:
@@ -168,13 +155,13 @@ def test_offline_cache_without_weights(tmp_path, monkeypatch, sharded):
         _write_index(snapshot, json.dumps({"weight_map": {"x": "model-00001.safetensors"}}))
     with pytest.raises(UserError) as info:
         hub.resolve(REPO_ID)
-    _assert_one_line(info.value, snapshot, f"'{REPO_ID}'", "not all its safetensors weights",
+    assert_one_line(info.value, snapshot, f"'{REPO_ID}'", "not all its safetensors weights",
                      "HF_HUB_OFFLINE is set", "snakemake download")
     assert "local path" not in str(info.value)     # a cached hub id is no path typo
     with pytest.raises(UserError) as info:
         hub.download(REPO_ID)
     missing = "model-00001.safetensors" if sharded else "model.safetensors"
-    _assert_one_line(info.value, Path(REPO_ID), f"{missing} is not in the local Hugging Face"
+    assert_one_line(info.value, Path(REPO_ID), f"{missing} is not in the local Hugging Face"
                      " cache", "HF_HUB_OFFLINE is set")
 
 
@@ -184,7 +171,7 @@ def test_bad_index_in_hub_cache(tmp_path, monkeypatch, text, fragments):
     index = _write_index(snapshot, text)
     with pytest.raises(UserError) as info:
         hub.cache_state(REPO_ID)
-    _assert_one_line(info.value, index, *fragments)
+    assert_one_line(info.value, index, *fragments)
 
 
 def test_download_hub_error_is_one_line(tmp_path, monkeypatch):
@@ -204,7 +191,7 @@ def test_download_hub_error_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
     with pytest.raises(UserError) as info:
         hub.download(REPO_ID)
-    _assert_one_line(info.value, Path(REPO_ID), "cannot fetch config.json",
+    assert_one_line(info.value, Path(REPO_ID), "cannot fetch config.json",
                      "(LocalEntryNotFoundError: An error happened while trying to locate the"
                      " file on the Hub)")
 
@@ -241,7 +228,7 @@ def test_unresolvable_hub_host_fails_at_once(tmp_path, monkeypatch, fetch):
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", pytest.fail)
     with pytest.raises(UserError) as info:
         fetch(REPO_ID)
-    _assert_one_line(info.value, Path(REPO_ID), "cannot fetch config.json",
+    assert_one_line(info.value, Path(REPO_ID), "cannot fetch config.json",
                      "the hub's host hub.example does not resolve", "HF_HUB_OFFLINE=1")
 
 
@@ -254,7 +241,7 @@ def test_unresolvable_hub_host_with_weights_missing_from_the_cache(tmp_path, mon
     assert not hub.resolve(REPO_ID).complete    # planning needs only the cached config.json
     with pytest.raises(UserError) as info:
         hub.download(REPO_ID)
-    _assert_one_line(info.value, Path(REPO_ID), "cannot fetch its safetensors weights",
+    assert_one_line(info.value, Path(REPO_ID), "cannot fetch its safetensors weights",
                      "does not resolve")
 
 
@@ -313,7 +300,7 @@ def test_path_typo_that_looks_like_a_hub_id(tmp_path, monkeypatch, online):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError) as info:
         open_checkpoint("rb/llama")
-    _assert_one_line(info.value, Path("rb/llama"), "source 'rb/llama'",
+    assert_one_line(info.value, Path("rb/llama"), "source 'rb/llama'",
                      f"; no local path {tmp_path / 'rb' / 'llama'} exists either")
 
 

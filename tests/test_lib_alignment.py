@@ -4,22 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
+from conftest import gaussian_kernel_bases
 
 from weight_geometry.alignment import alignment_table
-from weight_geometry.kernels import head_subspaces
 
 
 def _setup(seed=5, n_layers=3, d=24, h=4, n_kv=2, d_head=6, d_ff=40):
     rng = np.random.default_rng(seed)
-    vectors, gates = [], []
-    for _ in range(n_layers):
-        w_q = torch.from_numpy(rng.standard_normal((h * d_head, d)))
-        w_k = torch.from_numpy(rng.standard_normal((n_kv * d_head, d)))
-        vectors.append(head_subspaces(w_q, w_k, h, n_kv, d_head)[0].numpy())
-        # Anisotropic gate so the alignment is far from chance for some heads.
-        gates.append(rng.standard_normal((d_ff, d)) * np.linspace(3, 0.1, d))
-    return np.stack(vectors), np.stack(gates)
+    vectors = gaussian_kernel_bases(rng, n_layers, h, n_kv, d_head, d, d_head)
+    # Anisotropic gates so the alignment is far from chance for some heads.
+    gates = rng.standard_normal((n_layers, d_ff, d)) * np.linspace(3, 0.1, d)
+    return vectors, gates
 
 
 @pytest.mark.parametrize("k", [1, 3, 6])

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import assert_one_line
 from safetensors.torch import save_file
 
 from weight_geometry.checkpoint import open_checkpoint
@@ -71,13 +72,6 @@ def test_explicit_head_dim_wins(tmp_path):
     assert open_checkpoint(str(tmp_path / "m")).dims.d_head == 10     # not 24 // 4 = 6
 
 
-def _one_line(err: UserError, *parts: str) -> None:
-    msg = str(err)
-    assert "\n" not in msg, msg
-    for part in parts:
-        assert part in msg, f"{part!r} not in {msg!r}"
-
-
 def test_nan_weight_is_user_error(tmp_path):
     def poison(t):
         t["model.layers.1.mlp.up_proj.weight"][3, 4] = float("nan")
@@ -87,7 +81,7 @@ def test_nan_weight_is_user_error(tmp_path):
     ckpt.read_layer(0)["W_up"]
     with pytest.raises(UserError) as info:
         ckpt.read_layer(1)["W_up"]
-    _one_line(info.value, "model.layers.1.mlp.up_proj.weight", "model.safetensors")
+    assert_one_line(info.value, "model.layers.1.mlp.up_proj.weight", "model.safetensors")
 
 
 def test_wrong_shape_and_missing_tensor(tmp_path):
@@ -97,7 +91,7 @@ def test_wrong_shape_and_missing_tensor(tmp_path):
     _write(tmp_path / "a", tweak=reshape)
     with pytest.raises(UserError) as info:
         open_checkpoint(str(tmp_path / "a"))
-    _one_line(info.value, "model.layers.0.self_attn.k_proj.weight", "(16, 24)", "(8, 24)")
+    assert_one_line(info.value, "model.layers.0.self_attn.k_proj.weight", "(16, 24)", "(8, 24)")
 
     def drop(t):
         del t["model.layers.1.mlp.down_proj.weight"]
@@ -105,28 +99,28 @@ def test_wrong_shape_and_missing_tensor(tmp_path):
     _write(tmp_path / "b", tweak=drop)
     with pytest.raises(UserError) as info:
         open_checkpoint(str(tmp_path / "b"))
-    _one_line(info.value, "model.layers.1.mlp.down_proj.weight")
+    assert_one_line(info.value, "model.layers.1.mlp.down_proj.weight")
 
 
 def test_bad_sources(tmp_path):
     with pytest.raises(UserError) as info:
         open_checkpoint(str(tmp_path / "nope"))
-    _one_line(info.value, "nope")
+    assert_one_line(info.value, "nope")
     _write(tmp_path / "mamba", {**CONFIG, "model_type": "mamba"})
     with pytest.raises(UserError) as info:
         open_checkpoint(str(tmp_path / "mamba"))
-    _one_line(info.value, "mamba", "llama")
+    assert_one_line(info.value, "mamba", "llama")
     with pytest.raises(UserError) as info:
         open_checkpoint("pypi:surely-not-an-installed-package-xyz")
-    _one_line(info.value, "surely-not-an-installed-package-xyz")
+    assert_one_line(info.value, "surely-not-an-installed-package-xyz")
     txt = tmp_path / "weights.bin"
     txt.write_bytes(b"0" * 64)
     with pytest.raises(UserError) as info:
         open_checkpoint(str(txt))
-    _one_line(info.value, "weights.bin")
+    assert_one_line(info.value, "weights.bin")
     with pytest.raises(UserError) as info:
         open_checkpoint("~no-such-user-xyz/model")
-    _one_line(info.value, "source '~no-such-user-xyz/model'", "existing user")
+    assert_one_line(info.value, "source '~no-such-user-xyz/model'", "existing user")
 
 
 def test_missing_relative_source_is_shown_resolved(tmp_path, monkeypatch):
@@ -138,10 +132,11 @@ def test_missing_relative_source_is_shown_resolved(tmp_path, monkeypatch):
                              ("~/m.gguf", tmp_path / "home/m.gguf")]:
         with pytest.raises(UserError) as info:
             open_checkpoint(source)
-        _one_line(info.value, f"source '{source}' does not exist (resolved: {resolved}); allowed:")
+        assert_one_line(info.value,
+                        f"source '{source}' does not exist (resolved: {resolved}); allowed:")
     with pytest.raises(UserError) as info:
         open_checkpoint(str(tmp_path / "nope"))
-    _one_line(info.value, f"source '{tmp_path / 'nope'}' does not exist; allowed:")
+    assert_one_line(info.value, f"source '{tmp_path / 'nope'}' does not exist; allowed:")
 
 
 def _write_with_norms(path, model_type: str, qk_norm: bool):
@@ -199,7 +194,7 @@ def test_inf_weight_is_user_error(tmp_path):
     _write(tmp_path / "m", tweak=poison)
     with pytest.raises(UserError) as info:
         open_checkpoint(str(tmp_path / "m")).read_layer(0)
-    _one_line(info.value, "model.layers.0.self_attn.o_proj.weight", "NaN or Inf")
+    assert_one_line(info.value, "model.layers.0.self_attn.o_proj.weight", "NaN or Inf")
 
 
 def test_undecodable_dtype_fails_at_open(tmp_path):
@@ -210,7 +205,7 @@ def test_undecodable_dtype_fails_at_open(tmp_path):
     _write(tmp_path / "m", tweak=to_int)
     with pytest.raises(UserError) as info:
         open_checkpoint(str(tmp_path / "m"))
-    _one_line(info.value, "model.layers.1.mlp.gate_proj.weight", "dtype I8")
+    assert_one_line(info.value, "model.layers.1.mlp.gate_proj.weight", "dtype I8")
 
 
 def test_tensors_of_a_layer_past_the_layer_count(tmp_path):
@@ -221,7 +216,7 @@ def test_tensors_of_a_layer_past_the_layer_count(tmp_path):
     assert "model.layers.2.self_attn.q_proj.weight" in tensors
     with pytest.raises(UserError) as info:
         open_checkpoint(str(tmp_path / "m"))
-    _one_line(info.value, str(tmp_path / "m" / "model.safetensors"),
+    assert_one_line(info.value, str(tmp_path / "m" / "model.safetensors"),
               "tensor model.layers.2.self_attn.q_proj.weight is of layer 2",
               "config.json num_hidden_layers = 2", "layers 0..1")
 

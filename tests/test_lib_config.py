@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import config_schema
+from conftest import assert_one_line, config_schema
 
 from weight_geometry.config import (
     CONFIG_KEYS,
@@ -39,10 +39,8 @@ def test_parse_top_k_accepts(value, expected):
 def test_parse_top_k_rejects(value, shown):
     with pytest.raises(UserError) as info:
         parse_top_k(value)
-    msg = str(info.value)
-    assert "\n" not in msg
+    msg = assert_one_line(info.value, shown)              # shows the value
     assert msg.startswith("top_k"), f"message must name the key: {msg}"
-    assert shown in msg, f"message must show the value {shown!r}: {msg}"
 
 
 @pytest.mark.parametrize("value,expected", [
@@ -58,8 +56,8 @@ def test_parse_heads_accepts(value, expected):
 def test_parse_heads_rejects(value):
     with pytest.raises(UserError) as info:
         parse_heads(value)
-    msg = str(info.value)
-    assert msg.startswith("heads") and "\n" not in msg, msg
+    msg = assert_one_line(info.value)
+    assert msg.startswith("heads"), msg
 
 
 def test_select_heads():
@@ -181,10 +179,7 @@ def test_effective_ranks_null_passes_theconfig_schema():
 def test_build_plan_rejects_with_one_line(config, fragments):
     with pytest.raises(UserError) as info:
         build_plan(config, config.get("models", {"a": {"source": "/m"}}))
-    msg = str(info.value)
-    assert "\n" not in msg
-    for fragment in fragments:
-        assert fragment in msg, msg
+    assert_one_line(info.value, *fragments)
 
 
 def test_user_file_with_no_models_or_not_a_mapping(tmp_path):
@@ -217,9 +212,7 @@ def test_effective_ranks_under_an_unknown_home_is_one_line(tiny_checkpoint):
 def _plan_error(checkpoint, **config) -> str:
     with pytest.raises(UserError) as info:
         build_plan(config, {"t": {"source": str(checkpoint)}})
-    msg = str(info.value)
-    assert "\n" not in msg, msg
-    return msg
+    return assert_one_line(info.value)
 
 
 def test_build_plan_model_bounds(tiny_checkpoint):

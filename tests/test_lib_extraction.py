@@ -12,7 +12,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import DEVICES, NEEDS_NO_CUDA
+from conftest import (
+    DEVICES,
+    NEEDS_NO_CUDA,
+    assert_one_line,
+    naive_kernel_svd,
+    reference_eff_rank,
+)
 
 from weight_geometry import extraction
 from weight_geometry.checkpoint import open_checkpoint
@@ -70,13 +76,6 @@ SIGMA_ATOL = np.sqrt(4 * np.finfo(np.float32).eps)
 TRACE_RTOL = 1e-6
 
 
-def _eff_rank_reference(w: np.ndarray) -> float:
-    s = np.linalg.svd(w, compute_uv=False)
-    s = s[s > s[0] * max(w.shape) * np.finfo(np.float32).eps]
-    p = s / s.sum()
-    return float(np.exp(-np.sum(p * np.log(p))))
-
-
 def _bases_paths(directory) -> dict:
     return {name: directory / f"{name}.npy" for name in BASES_FILES}
 
@@ -117,7 +116,6 @@ def test_extraction_matches_naive_svd(tiny_llama, tmp_path, device):
     assert res.ffn_input_energy.shape == (L, H, D_HEAD)
     assert res.ffn_input_norm2.shape == (L,)
     assert res.ffn_input_singular_values.shape == (L, D)
-    group = H // N_KV
     for layer in range(L):
         w_q, w_k = weights["W_Q", layer], weights["W_K", layer]
         gate = weights["W_gate", layer]
@@ -127,9 +125,7 @@ def test_extraction_matches_naive_svd(tiny_llama, tmp_path, device):
         np.testing.assert_allclose(res.ffn_input_singular_values[layer], s_gate,
                                    rtol=1e-5, atol=SIGMA_ATOL * s_gate[0])
         for i in range(H):
-            j = i // group
-            a = w_q[i * D_HEAD:(i + 1) * D_HEAD].T @ w_k[j * D_HEAD:(j + 1) * D_HEAD]
-            _, s_ref, vt_ref = np.linalg.svd(a)
+            s_ref, vt_ref = naive_kernel_svd(w_q, w_k, i, D_HEAD)
             np.testing.assert_allclose(res.singular_values[layer, i], s_ref[:D_HEAD],
                                        rtol=1e-8, atol=1e-10 * s_ref[0])
             v = res.vectors[layer, i].astype(np.float64)
@@ -160,7 +156,7 @@ def test_extraction_weight_ranks(tiny_llama, tmp_path):
                        "W_down": f"{D}x{D_FF}"}
     for row in ranks.itertuples():
         assert row.shape == expected_shapes[row.weight_type], row.weight_type
-        ref = _eff_rank_reference(weights[row.weight_type, 1])
+        ref = reference_eff_rank(weights[row.weight_type, 1])
         assert row.eff_rank == pytest.approx(ref, rel=1e-5), row.weight_type
     # Sub-range results equal the same layer from a full run.
     full = _extract(ckpt, range(L), tmp_path)
@@ -410,4 +406,4 @@ def test_zero_weights_stop_with_one_line_instead_of_nan(tiny_llama, tmp_path, te
     _extract(ckpt, range(1), tmp_path / "out")          # layer 0 is untouched
     with pytest.raises(UserError) as info:
         _extract(ckpt, range(2), tmp_path / "out")
-    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+    assert assert_one_line(info.value).startswith(message)

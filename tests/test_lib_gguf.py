@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import assert_one_line
 
 from weight_geometry.architectures import undo_gguf_rope_permutation
 from weight_geometry.checkpoint import open_checkpoint
@@ -227,8 +228,7 @@ def test_truncated_gguf_raises_user_error(tiny_gguf, tmp_path):
         cut.write_bytes(data[:keep])
         with pytest.raises(UserError) as info:
             GGUFFile(cut)
-        msg = str(info.value)
-        assert "\n" not in msg and str(cut) in msg, msg
+        assert_one_line(info.value, cut)
 
 
 def test_version_2_header_opens(tiny_gguf, tmp_path):

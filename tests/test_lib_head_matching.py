@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import haar_bases, orthonormal_rows
+from conftest import gaussian_kernel_bases, haar_bases, orthonormal_rows
 
 from weight_geometry.head_matching import (
     best_match,
@@ -141,16 +141,9 @@ def test_z_scores_standard_for_random_weights_with_shared_kv_heads(n_kv):
     """Kernel subspaces of Gaussian W_Q, W_K through the library, with 8 query heads on n_kv KV
     heads: heads sharing a KV head are correlated, and the nulls must say so (a null of
     independent heads gives best-match z around -3 at n_kv = 1, a same-index z std of 1.9)."""
-    import torch
-
-    from weight_geometry.kernels import head_subspaces
-
     n_layers, n_heads, d_head, d, k = 40, 8, 16, 128, 8
-    torch.manual_seed(n_kv)
-    w_q = torch.randn(n_layers * n_heads * d_head, d, dtype=torch.float64)
-    w_k = torch.randn(n_layers * n_kv * d_head, d, dtype=torch.float64)
-    vectors = head_subspaces(w_q, w_k, n_layers * n_heads, n_layers * n_kv, d_head)[0]
-    bases = vectors.numpy().reshape(n_layers, n_heads, d_head, d)[:, :, :k]
+    bases = gaussian_kernel_bases(np.random.default_rng(n_kv), n_layers, n_heads, n_kv, d_head,
+                                  d, k)
     _, _, table = match_heads(bases, k, d, n_kv, d_head, n_perm=20)
     for column in ("z_same_index", "z_best_match"):
         z = table[column]

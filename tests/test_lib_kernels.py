@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICES, NEEDS_NO_CUDA
+from conftest import DEVICES, NEEDS_NO_CUDA, naive_kernel_svd
 
 from weight_geometry import kernels, ranks
 from weight_geometry.errors import UserError
@@ -26,20 +26,6 @@ SHAPES = [(48, 4, 2, 8), (64, 8, 8, 8), (40, 6, 1, 6), (32, 4, 2, 12), (60, 3, 3
           (160, 4, 2, 64)]
 
 
-def _naive(w_q: np.ndarray, w_k: np.ndarray, h: int, n_kv: int, d_head: int):
-    """Full SVD of A_i = W_Q_i^T W_K_{i // (h // n_kv)} formed explicitly in float64."""
-    group = h // n_kv
-    out = []
-    for i in range(h):
-        j = i // group
-        q_i = w_q[i * d_head:(i + 1) * d_head]          # (d_head, d)
-        k_j = w_k[j * d_head:(j + 1) * d_head]          # (d_head, d)
-        a = q_i.T @ k_j                                  # (d, d)
-        _, s, vt = np.linalg.svd(a)
-        out.append((s, vt))
-    return out
-
-
 def _check_against_naive(w_q, w_k, h, n_kv, d_head, min_checked_fraction=0.5, device="cpu"):
     d = w_q.shape[1]
     v, s = head_subspaces(torch.from_numpy(w_q).to(device), torch.from_numpy(w_k).to(device),
@@ -48,7 +34,8 @@ def _check_against_naive(w_q, w_k, h, n_kv, d_head, min_checked_fraction=0.5, de
     assert v.shape == (h, d_head, d), "V must be (h, d_head, d)"
     assert s.shape == (h, d_head), "S must be (h, d_head)"
     checked = 0
-    for i, (s_ref, vt_ref) in enumerate(_naive(w_q, w_k, h, n_kv, d_head)):
+    for i in range(h):
+        s_ref, vt_ref = naive_kernel_svd(w_q, w_k, i, d_head)
         # Singular values: the d_head nonzero ones, descending; the rest of A_i's are ~0.
         np.testing.assert_allclose(s[i], s_ref[:d_head], rtol=1e-9, atol=1e-9 * s_ref[0])
         assert np.all(s_ref[d_head:] < 1e-9 * s_ref[0]), "kernel rank must be <= d_head"
@@ -186,9 +173,9 @@ def test_float32_input_stays_float32_and_close():
     v32, s32 = head_subspaces(torch.from_numpy(w_q).float(), torch.from_numpy(w_k).float(),
                               h, n_kv, d_head)
     assert v32.dtype == torch.float32 and s32.dtype == torch.float32
-    ref = _naive(w_q, w_k, h, n_kv, d_head)
     for i in range(h):
-        np.testing.assert_allclose(s32[i].numpy(), ref[i][0][:d_head], rtol=1e-4)
+        s_ref, _ = naive_kernel_svd(w_q, w_k, i, d_head)
+        np.testing.assert_allclose(s32[i].numpy(), s_ref[:d_head], rtol=1e-4)
 
 
 def test_half_precision_input_is_computed_in_float32():
@@ -201,11 +188,12 @@ def test_half_precision_input_is_computed_in_float32():
         w_k = torch.from_numpy(rng.standard_normal((n_kv * d_head, d))).to(half)
         v, s = head_subspaces(w_q, w_k, h, n_kv, d_head)
         assert v.dtype == torch.float32 and s.dtype == torch.float32
-        ref = _naive(w_q.double().numpy(), w_k.double().numpy(), h, n_kv, d_head)
         for i in range(h):
-            np.testing.assert_allclose(s[i].numpy(), ref[i][0][:d_head], rtol=1e-4)
+            s_ref, vt_ref = naive_kernel_svd(w_q.double().numpy(), w_k.double().numpy(), i,
+                                             d_head)
+            np.testing.assert_allclose(s[i].numpy(), s_ref[:d_head], rtol=1e-4)
             top = v[i, :4].double().numpy()      # a top-4 subspace (random spectra: gapped)
-            ref_top = ref[i][1][:4]
+            ref_top = vt_ref[:4]
             assert np.linalg.norm(top.T @ top - ref_top.T @ ref_top) < 1e-4
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import haar_bases
+from conftest import gaussian_kernel_bases, haar_bases
 
 from weight_geometry.nulls import (
     alignment_ceiling,
@@ -151,20 +151,6 @@ def test_bartlett_r_is_distributed_as_the_r_of_a_gaussian_qr():
                                n - np.arange(m), rtol=0.03)
 
 
-def _gaussian_weight_bases(rng, n_layers, n_heads, n_kv, d_head, d, k):
-    """The reference: W_Q and W_K drawn whole, through the library's kernel subspaces. The
-    layers go as one model of ``n_layers h`` heads and ``n_layers n_kv`` KV heads (head ``l h +
-    i`` pairs with KV head ``l n_kv + i // g``, as in layer ``l``)."""
-    import torch
-
-    from weight_geometry.kernels import head_subspaces
-
-    w_q = torch.from_numpy(rng.standard_normal((n_layers * n_heads * d_head, d)))
-    w_k = torch.from_numpy(rng.standard_normal((n_layers * n_kv * d_head, d)))
-    vectors = head_subspaces(w_q, w_k, n_layers * n_heads, n_layers * n_kv, d_head)[0]
-    return vectors.numpy().reshape(n_layers, n_heads, d_head, d)[:, :, :k]
-
-
 def _pair_statistics(bases: np.ndarray) -> dict[str, np.ndarray]:
     """Independent draws of the statistics the head-matching nulls rest on: per disjoint layer
     pair (0, 1), (2, 3), ..., same-index and best match (:mod:`head_matching`'s definitions);
@@ -194,8 +180,8 @@ def test_random_weight_bases_match_drawn_gaussian_weights(n_kv):
     group = n_heads // n_kv
     if group > 1:   # g k = 6 directions of one KV head span only its d_head = 6 dimensions
         assert np.linalg.matrix_rank(fast[0, :group].reshape(group * k, d), tol=1e-4) == d_head
-    ref = _pair_statistics(_gaussian_weight_bases(np.random.default_rng(2), n_layers, n_heads,
-                                                  n_kv, d_head, d, k))
+    ref = _pair_statistics(gaussian_kernel_bases(np.random.default_rng(2), n_layers, n_heads,
+                                                n_kv, d_head, d, k))
     for name, x in _pair_statistics(fast).items():
         y = ref[name]
         se = np.hypot(x.std(), y.std()) / np.sqrt(len(x))

@@ -74,11 +74,13 @@ def test_load_head_bases_takes_one_head_and_its_first_k_vectors(tmp_path):
 
 
 def test_pair_matrix_is_symmetric_with_unit_diagonal():
+    """The figures' heatmap of the same-index similarity (symmetric by definition, unlike the
+    best match: figures.py passes ``same_index``) from the layer-pair table's rows a < b."""
     n = 5
     rows = [(a, b, 0.1 * a + 0.01 * b, -1.0) for a in range(n) for b in range(a + 1, n)]
-    pairs = pd.DataFrame(rows, columns=["layer_a", "layer_b", "best_match", "other"])
+    pairs = pd.DataFrame(rows, columns=["layer_a", "layer_b", "same_index", "best_match"])
     pairs = pairs.sample(frac=1, random_state=4).reset_index(drop=True)
-    out = pair_matrix(pairs, "best_match", n)
+    out = pair_matrix(pairs, "same_index", n)
     assert out.shape == (n, n)
     for a in range(n):
         assert out[a, a] == 1.0

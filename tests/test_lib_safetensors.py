@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
+from conftest import assert_one_line
 from safetensors.torch import save_file
 
 from weight_geometry import safetensors_file
@@ -28,12 +29,6 @@ def _tensors(seed: int = 0) -> dict[str, torch.Tensor]:
     }
 
 
-def _assert_one_line_naming(err: UserError, path) -> None:
-    msg = str(err)
-    assert "\n" not in msg, "UserError must be one line"
-    assert str(path) in msg, f"UserError must name the file: {msg}"
-
-
 @pytest.mark.parametrize("keep", [0.5, 0.9, 0.99])
 def test_truncated_data_raises_user_error(tmp_path, keep):
     full = tmp_path / "full.safetensors"
@@ -43,10 +38,10 @@ def test_truncated_data_raises_user_error(tmp_path, keep):
     cut.write_bytes(data[:int(len(data) * keep)])
     with pytest.raises(UserError) as info:
         read_header(cut)
-    _assert_one_line_naming(info.value, cut)
+    assert_one_line(info.value, cut)
     with pytest.raises(UserError) as info:
         directory_entries(tmp_path)
-    _assert_one_line_naming(info.value, cut)
+    assert_one_line(info.value, cut)
 
 
 @pytest.mark.parametrize("n_bytes", [0, 5, 8, 20])
@@ -57,7 +52,7 @@ def test_truncated_header_raises_user_error(tmp_path, n_bytes):
     cut.write_bytes(full.read_bytes()[:n_bytes])
     with pytest.raises(UserError) as info:
         read_header(cut)
-    _assert_one_line_naming(info.value, cut)
+    assert_one_line(info.value, cut)
     assert (f"file is {n_bytes} bytes, shorter than the 8-byte header length" if n_bytes < 8
             else "truncated safetensors file (header says") in str(info.value)
 
@@ -67,7 +62,7 @@ def test_garbage_header_raises_user_error(tmp_path):
     bad.write_bytes((12).to_bytes(8, "little") + b"not json!!!!" + b"\0" * 16)
     with pytest.raises(UserError) as info:
         read_header(bad)
-    _assert_one_line_naming(info.value, bad)
+    assert_one_line(info.value, bad)
     assert "the safetensors header is not valid JSON" in str(info.value)
 
 
@@ -144,7 +139,7 @@ def test_a_shard_without_a_tensor_the_weight_map_puts_in_it(tmp_path):
                    {"x": "a.safetensors", "y": "a.safetensors"})
     with pytest.raises(UserError) as info:
         directory_entries(tmp_path / "m")
-    _assert_one_line_naming(info.value, tmp_path / "m" / "model.safetensors.index.json")
+    assert_one_line(info.value, tmp_path / "m" / "model.safetensors.index.json")
     assert "weight_map puts tensor x in a.safetensors, which has no such tensor" in str(
         info.value)
 
@@ -228,7 +223,7 @@ def test_file_truncated_after_header_read_raises_user_error(tmp_path, monkeypatc
         fh.truncate(entry.end - 3 * SMALL_CHUNK // 2)
     with pytest.raises(UserError) as info:
         SafetensorsReader(entries).read(name)
-    _assert_one_line_naming(info.value, path)
+    assert_one_line(info.value, path)
     assert str(info.value) == f"{path}: tensor {name} is truncated"
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import assert_one_line
 
 from weight_geometry.architectures import GATED, ModelDims
 from weight_geometry.errors import UserError
@@ -139,8 +140,7 @@ def test_each_problem_is_one_line_naming_file_and_value(tmp_path, case):
     path = _write(tmp_path, edit(_workflow_table(DIMS)))
     with pytest.raises(UserError, match=message) as info:
         read_user_ranks(path, DIMS, GATED)
-    assert str(info.value).startswith(f"user ranks {path}: ")
-    assert "\n" not in str(info.value)
+    assert assert_one_line(info.value).startswith(f"user ranks {path}: ")
 
 
 def test_missing_and_unreadable_files(tmp_path):
@@ -149,7 +149,7 @@ def test_missing_and_unreadable_files(tmp_path):
     (tmp_path / "empty.csv").write_text("")
     with pytest.raises(UserError, match=r"empty\.csv: not a readable CSV") as info:
         read_user_ranks(tmp_path / "empty.csv", DIMS, GATED)
-    assert "\n" not in str(info.value)
+    assert_one_line(info.value)
     (tmp_path / "header.csv").write_text("layer_idx,weight_type,shape,eff_rank\n")
     with pytest.raises(UserError, match=r"the CSV has 0 layers \(none\), the model has L = 3"):
         read_user_ranks(tmp_path / "header.csv", DIMS, GATED)

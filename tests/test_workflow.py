@@ -11,7 +11,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import NEEDS_CUDA, assert_ok, markdown_table, run_snakemake, tiny_run_config
+from conftest import (
+    NEEDS_CUDA,
+    assert_ok,
+    markdown_table,
+    naive_kernel,
+    naive_kernel_svd,
+    reference_eff_rank,
+    run_snakemake,
+    tiny_run_config,
+)
 
 from weight_geometry.figure_names import FIGURES
 from weight_geometry.results_io import Analysis
@@ -32,27 +41,18 @@ def modules(tiny_checkpoint):
     return model.model.layers, model.config
 
 
-def naive_kernel(layer, config, head: int) -> np.ndarray:
-    """The d x d kernel W_Q_i^T W_K_j, formed explicitly in float64 (j as transformers'
-    ``repeat_kv`` pairs them: tests/test_architectures.py checks it)."""
-    dh = config.head_dim
-    group = config.num_attention_heads // config.num_key_value_heads
-    wq = layer.self_attn.q_proj.weight.detach().double().numpy()[head * dh:(head + 1) * dh]
-    kv = head // group
-    wk = layer.self_attn.k_proj.weight.detach().double().numpy()[kv * dh:(kv + 1) * dh]
-    return wq.T @ wk
+def qk_weights(layer) -> tuple[np.ndarray, np.ndarray]:
+    """``(W_Q, W_K)`` of a transformers decoder layer, float64: the inputs of the naive kernel
+    (conftest's :func:`naive_kernel` pairs the heads as transformers' ``repeat_kv`` does:
+    tests/test_architectures.py checks it)."""
+    att = layer.self_attn
+    return (att.q_proj.weight.detach().double().numpy(),
+            att.k_proj.weight.detach().double().numpy())
 
 
 def naive_basis(layer, config, head: int, k: int) -> np.ndarray:
     """Top-k right singular vectors of the explicitly formed d x d kernel."""
-    return np.linalg.svd(naive_kernel(layer, config, head))[2][:k]
-
-
-def reference_eff_rank(w: np.ndarray) -> float:
-    s = np.linalg.svd(w.astype(np.float64), compute_uv=False)
-    s = s[s > s.max() * max(w.shape) * np.finfo(np.float32).eps]
-    p = s / s.sum()
-    return float(np.exp(-np.sum(p * np.log(p))))
+    return naive_kernel_svd(*qk_weights(layer), head, config.head_dim)[1][:k]
 
 
 def test_output_layout(tiny_run):
@@ -149,7 +149,7 @@ def test_effective_ranks_equal_numpy(tiny_run, modules):
     kernel = pd.read_parquet(tiny_run / "results/tiny/kernel_effective_ranks.parquet")
     assert sorted(kernel[["head", "layer"]].itertuples(index=False, name=None)) == ALL_HEAD_LAYERS
     for row in kernel.itertuples():
-        a = naive_kernel(layers[row.layer], config, row.head)
+        a = naive_kernel(*qk_weights(layers[row.layer]), row.head, config.head_dim)
         assert row.kernel_eff_rank == pytest.approx(reference_eff_rank(a), rel=1e-6)
 
 
