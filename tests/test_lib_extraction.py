@@ -22,6 +22,7 @@ from conftest import (
 
 from weight_geometry import extraction
 from weight_geometry.checkpoint import open_checkpoint
+from weight_geometry.device import resolve_device
 from weight_geometry.errors import UserError
 from weight_geometry.extraction import (
     LayerResult,
@@ -31,7 +32,6 @@ from weight_geometry.extraction import (
     run_extraction_job,
     write_layers,
 )
-from weight_geometry.kernels import resolve_device
 from weight_geometry.ranks import RANK_COLUMNS
 from weight_geometry.results_io import (
     BASES_FILES,

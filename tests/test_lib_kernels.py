@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICES, NEEDS_NO_CUDA, naive_kernel_svd
+from conftest import DEVICES, naive_kernel_svd
 
 from weight_geometry import kernels, ranks
-from weight_geometry.errors import UserError
 from weight_geometry.kernels import (
     GRAM_KAPPA_MAX,
     factored_subspaces,
@@ -290,51 +287,3 @@ def test_thin_qr_matches_householder_and_falls_back(monkeypatch, device):
     q32, r32 = (t.cpu() for t in thin_qr(torch.from_numpy(x[:2]).float().to(device)))
     assert q32.dtype == torch.float32 and r32.dtype == torch.float32
     np.testing.assert_allclose(q32[0].T @ q32[0], np.eye(m), atol=1e-6)
-
-
-def test_resolve_device_without_a_usable_gpu(monkeypatch, capsys):
-    """``cpu`` asks nothing of CUDA; ``cuda`` without a usable GPU is one line naming why;
-    ``auto`` falls back to the CPU, saying why only when a GPU is there but unusable."""
-    monkeypatch.setattr(kernels, "cuda_problem", lambda: kernels.NO_CUDA)
-    assert kernels.resolve_device("auto") == torch.device("cpu")
-    assert capsys.readouterr().out == ""
-    monkeypatch.setattr(kernels, "cuda_problem", lambda: "the GPU is unusable (busy)")
-    assert kernels.resolve_device("cpu") == torch.device("cpu")
-    assert capsys.readouterr().out == ""
-    assert kernels.resolve_device("auto") == torch.device("cpu")
-    assert "device: auto: the GPU is unusable (busy); using the CPU" in capsys.readouterr().out
-    with pytest.raises(UserError, match=r"^device: 'cuda' was requested but the GPU is unusable"
-                                        r" \(busy\) \(allowed here: auto, cpu\)$"):
-        kernels.resolve_device("cuda")
-    monkeypatch.setattr(kernels, "cuda_problem", lambda: None)
-    assert kernels.resolve_device("auto") == kernels.resolve_device("cuda") == torch.device(
-        "cuda")
-
-
-@NEEDS_NO_CUDA
-def test_cuda_problem_without_a_gpu():
-    assert kernels.cuda_problem() == "torch.cuda.is_available() is False"
-
-
-def test_pin_float32_matmul(monkeypatch, capsys):
-    """Full float32 products whatever was set before; on CUDA the TF32 override (=1, the one
-    value torch honours) is removed from the environment, with a line saying so."""
-    previous = torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32
-    try:   # torch's flags are set and restored by hand (cuBLASModule defeats monkeypatch)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.set_float32_matmul_precision("medium")
-        kernels.pin_float32_matmul(torch.device("cpu"))
-        assert torch.get_float32_matmul_precision() == "highest"
-        assert torch.backends.cuda.matmul.allow_tf32 is False
-        monkeypatch.setenv(kernels.TF32_OVERRIDE_ENV, "1")
-        kernels.pin_float32_matmul(torch.device("cpu"))        # no cuBLAS on the CPU
-        assert os.environ[kernels.TF32_OVERRIDE_ENV] == "1" and capsys.readouterr().out == ""
-        kernels.pin_float32_matmul(torch.device("cuda"))
-        assert kernels.TF32_OVERRIDE_ENV not in os.environ
-        assert "unset TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 in this job" in capsys.readouterr().out
-        monkeypatch.setenv(kernels.TF32_OVERRIDE_ENV, "true")   # torch ignores it: so do we
-        kernels.pin_float32_matmul(torch.device("cuda"))
-        assert os.environ[kernels.TF32_OVERRIDE_ENV] == "true"
-    finally:
-        torch.set_float32_matmul_precision(previous[0])
-        torch.backends.cuda.matmul.allow_tf32 = previous[1]

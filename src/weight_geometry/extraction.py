@@ -54,8 +54,9 @@ import numpy as np
 import torch
 
 from .checkpoint import Checkpoint
+from .device import pin_float32_matmul, resolve_device
 from .errors import UserError
-from .kernels import factored_subspaces, pin_float32_matmul, resolve_device
+from .kernels import factored_subspaces
 from .ranks import (
     effective_rank_from_singular_values,
     frobenius_norm2,
@@ -150,7 +151,7 @@ def iter_layers(ckpt: Checkpoint, layers: range, device: torch.device,
                 workers: int = 1) -> Iterator[LayerResult]:
     """:func:`extract_layer` for each layer of ``layers`` in order, with a progress line;
     ``workers > 1`` (CPU) extracts that many layers at once (see module docstring). Float32
-    products run at full precision (:func:`kernels.pin_float32_matmul`)."""
+    products run at full precision (:func:`device.pin_float32_matmul`)."""
     pin_float32_matmul(device)
 
     def one(layer: int) -> LayerResult:
@@ -237,7 +238,7 @@ def run_extraction_job(ckpt: Checkpoint, layers: range, device: str, threads: in
     """The extraction job (rule ``extract_layers``): :func:`write_layers` over ``layers`` of
     ``ckpt`` with the job's policy. torch runs ``threads`` threads, at least 1 (Snakemake's
     ``--set-threads extract_layers=0`` gives 0), set process-wide; the config's ``device``
-    (``auto``, ``cpu``, ``cuda``) is resolved on this machine (:func:`kernels.resolve_device`:
+    (``auto``, ``cpu``, ``cuda``) is resolved on this machine (:func:`device.resolve_device`:
     a UserError for ``cuda`` without a usable GPU); :func:`layer_workers` layers are extracted
     at once; a progress line names the checkpoint, the layers, the device and the workers.
     Returns the effective-rank rows (:data:`ranks.RANK_COLUMNS`; none without
