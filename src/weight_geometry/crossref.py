@@ -7,7 +7,7 @@ import pandas as pd
 
 from .ksweep import gaps_at
 from .nulls import similarity_z
-from .results_io import head_rows
+from .results_io import bottleneck_layer, head_rows
 from .statistics import Correlation, correlate
 
 PAIRS = (
@@ -20,12 +20,6 @@ PAIRS = (
 def _next_layer(matrix: np.ndarray) -> np.ndarray:
     """``matrix[l, l+1]`` per layer, NaN for the last one."""
     return np.append(np.diagonal(matrix, offset=1), np.nan)
-
-
-def bottleneck_layer(bottleneck: pd.DataFrame) -> int:
-    """The bottleneck layer recorded in a :func:`statistics.bottleneck_table` (read as
-    :attr:`results_io.Analysis.bottleneck_layer` reads it)."""
-    return int(bottleneck["bottleneck_layer"].iloc[0])
 
 
 def layer_table(weight_ranks: pd.DataFrame, sims: np.ndarray, best_match: np.ndarray,

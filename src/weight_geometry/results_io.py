@@ -119,7 +119,7 @@ class Analysis:
 
     @property
     def bottleneck_layer(self) -> int:
-        return int(self.bottleneck["bottleneck_layer"].iloc[0])
+        return bottleneck_layer(self.bottleneck)
 
     @property
     def bottleneck_choice(self) -> str:
@@ -134,6 +134,12 @@ class Analysis:
         """``column`` of the primary head by layer (the figures' source for what the report
         reads from the layer table, so they need not wait for it)."""
         return head_rows(table, self.primary_head)[column]
+
+
+def bottleneck_layer(bottleneck: pd.DataFrame) -> int:
+    """The bottleneck layer recorded in a bottleneck table (:func:`statistics.bottleneck_table`:
+    the same in every row)."""
+    return int(bottleneck["bottleneck_layer"].iloc[0])
 
 
 def head_rows(table: pd.DataFrame, head: int) -> pd.DataFrame:
