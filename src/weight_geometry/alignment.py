@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .nulls import alignment_ceiling, alignment_null_std, chance_z, normalized_alignment
+from .nulls import alignment_ceiling, alignment_null_std, alignment_z, normalized_alignment
 from .similarity import null_mean
 
 
@@ -35,7 +35,7 @@ def alignment_table(energy: np.ndarray, norm2: np.ndarray, ffn_singular_values: 
     # Per-layer quantities broadcast to (L, h), flattened like ``values``.
     std = np.broadcast_to(alignment_null_std(k, d, ffn_singular_values)[:, None], values.shape)
     top = np.broadcast_to(alignment_ceiling(ffn_singular_values, k)[:, None], values.shape)
-    z = chance_z(values, k, d, std)
+    z = alignment_z(values, k, d, ffn_singular_values)
     return pd.DataFrame({
         "head": np.tile(np.arange(n_heads), n_layers),
         "layer": np.repeat(np.arange(n_layers), n_heads),

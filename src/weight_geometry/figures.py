@@ -13,6 +13,7 @@ import numpy as np
 from .ksweep import RATIO_LABELS
 from .ranks import normalized_eff_rank
 from .results_io import Analysis, pair_matrix
+from .similarity import null_mean
 
 
 def pyplot():
@@ -53,7 +54,7 @@ def draw_all(a: Analysis, out: dict[str, str]) -> None:
     """Write every figure of :data:`figure_names.FIGURES` to ``out[name]``."""
     plt = pyplot()
     k, head, b = a.k, a.primary_head, a.bottleneck_layer
-    chance = a.k / a.model["d_model"]
+    chance = null_mean(a.k, a.model["d_model"])
 
     fig, ax = plt.subplots(figsize=(8, 6.5))
     _heatmap(ax, fig, a.similarity[head], f"Attention subspace overlap (head {head}, top-{k})")

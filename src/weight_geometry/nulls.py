@@ -71,8 +71,7 @@ def alignment_null_std(k: int, d: int, ffn_singular_values: np.ndarray) -> np.nd
 
 
 def alignment_z(align, k: int, d: int, ffn_singular_values: np.ndarray) -> np.ndarray:
-    """``(align - k/d) / alignment_null_std`` for ``align`` of shape ``(L,)`` or ``(L, h)``
-    (with the std already at hand: :func:`chance_z`)."""
+    """``(align - k/d) / alignment_null_std`` for ``align`` of shape ``(L,)`` or ``(L, h)``."""
     return chance_z(align, k, d, _along_layers(alignment_null_std(k, d, ffn_singular_values),
                                                align))
 
