@@ -13,7 +13,7 @@ from weight_geometry.compare import (
     draw_compare,
     render_compare,
 )
-from weight_geometry.statistics import alignment_verdict
+from weight_geometry.verdicts import alignment_verdict
 
 K = 8
 

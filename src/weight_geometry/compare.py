@@ -16,7 +16,7 @@ from .figure_names import COMPARE_FIGURES
 from .figures import pyplot, save_figure
 from .report import markdown_table
 from .similarity import null_mean
-from .statistics import alignment_verdict
+from .verdicts import alignment_verdict
 
 
 class _Figure(NamedTuple):

@@ -18,16 +18,14 @@ from .similarity import null_mean, null_std
 from .statistics import (
     AUTO_BOTTLENECK,
     Correlation,
-    alignment_verdict,
     bottleneck_trends,
-    bottleneck_verdict,
     distant_threshold,
     off_diagonal,
     overlap_summary,
-    overlap_verdict,
     phase_boundaries,
     similarity_by_distance,
 )
+from .verdicts import alignment_verdict, bottleneck_verdict, overlap_verdict
 
 #: Ill-defined (layer, head) pairs listed by name in the report (the smallest gaps).
 MAX_LISTED = 20
