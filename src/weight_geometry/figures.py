@@ -29,6 +29,9 @@ def pyplot():
 def save_figure(fig, path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
+    # tight_layout leaves a placeholder layout engine, for which savefig draws the whole figure
+    # once more before drawing it for the file; without an engine it draws it once.
+    fig.set_layout_engine(None)
     fig.savefig(path, dpi=110)
     pyplot().close(fig)
 
