@@ -24,10 +24,13 @@ def test_save_figure_draws_once_and_writes_the_plain_savefig_pixels(tmp_path, mo
     reference.savefig(tmp_path / "reference.png", dpi=110)
     pyplot().close(reference)
 
-    draws = []
-    draw = Figure.draw
-    monkeypatch.setattr(Figure, "draw", lambda fig, renderer: (draws.append(fig),
-                                                               draw(fig, renderer))[1])
+    draws, draw = [], Figure.draw
+
+    def counted_draw(fig, renderer):
+        draws.append(fig)
+        return draw(fig, renderer)
+
+    monkeypatch.setattr(Figure, "draw", counted_draw)
     save_figure(_figure(), tmp_path / "new" / "ours.png")
     assert len(draws) == 1
     ours, expected = imread(tmp_path / "new" / "ours.png"), imread(tmp_path / "reference.png")

@@ -5,7 +5,10 @@ Pure text from numbers: no arrays, cost O(1)."""
 
 from __future__ import annotations
 
-from .statistics import Correlation
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: the verdicts need neither numpy nor pandas
+    from .statistics import Correlation
 
 
 def overlap_verdict(summary: dict[str, float]) -> str:
