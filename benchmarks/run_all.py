@@ -72,6 +72,8 @@ MIB = 2**20
 #: badly when they share them).
 FOREIGN_LIMIT = 0.25
 RETRIES = 2
+#: The heavy packages the workflow's jobs import, whose cached bytecode the Machine line checks.
+BYTECODE_PACKAGES = ("torch", "pandas", "snakemake", "sqlalchemy")
 
 
 # --- measuring ---------------------------------------------------------------------------------
@@ -95,14 +97,13 @@ def wait_for_quiet(max_wait: float, loadavg: bool = False) -> dict:
 
 
 def missing_bytecode() -> list[str]:
-    """The heavy packages every job imports whose ``__init__`` has no cached ``.pyc``.
+    """The ``BYTECODE_PACKAGES`` whose ``__init__`` has no cached ``.pyc``.
 
     Pip compiles what it installs, so they normally exist; without them (installed with
     ``--no-compile``, or the caches deleted) and with ``PYTHONDONTWRITEBYTECODE`` set, every
     process compiles them again: measured here, ``import torch`` 3.3 s instead of 1.3 s and
     ``import pandas`` 1.4 s instead of 0.35 s, in each of the workflow's jobs."""
-    specs = {name: importlib.util.find_spec(name)
-             for name in ("torch", "pandas", "snakemake", "sqlalchemy")}
+    specs = {name: importlib.util.find_spec(name) for name in BYTECODE_PACKAGES}
     return [name for name, spec in specs.items() if spec and spec.origin
             and not Path(importlib.util.cache_from_source(spec.origin)).exists()]
 
@@ -450,7 +451,8 @@ def render(device: str, info: dict, load: dict, shapes: list[dict], embedded: di
         f"{info['transformers']}, snakemake {info['snakemake']}; "
         + (f"**no cached bytecode** for {', '.join(info['missing_bytecode'])} (every process "
            "compiles them again, see `missing_bytecode`)." if info["missing_bytecode"] else
-           "bytecode caches present for torch, pandas, snakemake and sqlalchemy."),
+           f"bytecode caches present for {', '.join(BYTECODE_PACKAGES[:-1])} and "
+           f"{BYTECODE_PACKAGES[-1]}."),
         "",
         f"Load average before measuring: {', '.join(f'{x:.2f}' for x in load['final'])} "
         f"(at start {', '.join(f'{x:.2f}' for x in load['initial'])}; waited "
@@ -545,7 +547,8 @@ def main() -> None:
         if info["missing_bytecode"]:
             print(f"warning: no cached bytecode for {', '.join(info['missing_bytecode'])}: "
                   "every job compiles them again and start-up times will read seconds too "
-                  "high; `python -m compileall -q` their site-packages first", flush=True)
+                  "high; compile them first (README, Limits: `python -m compileall`)",
+                  flush=True)
         start = time.perf_counter()
         load = wait_for_quiet(args.max_wait, loadavg=True)
         shapes = [bench_shape(name, SHAPES[name], n, tmp, args.device, args.max_wait)
