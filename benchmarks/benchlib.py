@@ -119,15 +119,17 @@ def foreign_cores(before: tuple[float, float, float], after: tuple[float, float,
 def rank_flops(shape: tuple[int, int]) -> dict[str, float]:
     """FLOPs of all singular values of one ``m x n`` weight (``s = min``, ``l = max``).
 
-    - ``gram``: the library's route, the upper triangle of ``W^T W`` in panels of ``p`` =
-      ``ranks.GRAM_PANEL`` columns (``l s (s + p)``; torch has no symmetric rank-k update) plus
-      ``eigvalsh`` (tridiagonal reduction ``4 s^3 / 3``; the implicit QR sweeps on the
-      tridiagonal are ``O(s^2)``).
+    - ``products``: the upper triangle of the Gram ``W^T W`` in panels of ``p`` =
+      ``ranks.GRAM_PANEL`` columns, ``l s (s + p)`` (torch has no symmetric rank-k update);
+    - ``eigvalsh``: the tridiagonal reduction of that Gram, ``4 s^3 / 3`` (the implicit QR
+      sweeps on the tridiagonal are ``O(s^2)``);
+    - ``gram``: the library's route, ``products + eigvalsh``;
     - ``svd``: Golub-Kahan bidiagonalization for singular values only, ``4 l s^2 - 4 s^3 / 3``
       (Golub & Van Loan, 4th ed., Fig. 8.6.1): what ``torch.linalg.svdvals`` does.
     """
     from weight_geometry.ranks import GRAM_PANEL
 
     s, l_ = min(shape), max(shape)
-    return {"gram": l_ * s * (s + min(GRAM_PANEL, s)) + 4 * s**3 / 3,
+    products, eigvalsh = l_ * s * (s + min(GRAM_PANEL, s)), 4 * s**3 / 3
+    return {"gram": products + eigvalsh, "products": products, "eigvalsh": eigvalsh,
             "svd": 4 * l_ * s**2 - 4 * s**3 / 3}

@@ -13,7 +13,9 @@ Stages:
   once with ``preadv`` into one reused buffer, page cache warm (a first pass warms it): the
   time to merely move the bytes. Also W_Q and W_K alone (what the subspaces need).
 - ``matmul``: this device's float32 and float64 GEMM rate at the Gram shape
-  ``(d x d_ff) @ (d_ff x d)``, best of 3 after a warm-up.
+  ``(d x d_ff) @ (d_ff x d)``, best of 3 after a warm-up; and its float32 ``eigvalsh`` rate at
+  ``d x d`` (``4 d^3 / 3`` flops each), run as the extraction runs it: as many matrices at
+  once as it has layer workers, each worker with one thread on the CPU.
 - ``extract``: ``extraction.write_layers`` over all layers with as many layer workers as torch
   has threads on the CPU (the workflow's extraction job without Snakemake); it streams its
   arrays into ``--scratch`` for the next stages.
@@ -146,7 +148,30 @@ def stage_matmul(args) -> dict:
             sync(args.device)
             best = min(best, time.perf_counter() - start)
         rates[str(dtype).removeprefix("torch.")] = 2 * d_ff * d * d / best / 1e9
-    return {"gflops": rates, "shape": [d, d_ff]}
+    return {"gflops": rates, "shape": [d, d_ff], "eigvalsh_gflops": _eigvalsh_rate(d, args)}
+
+
+def _eigvalsh_rate(d: int, args) -> float:
+    """GFLOP/s of float32 ``eigvalsh`` of ``d x d`` Grams, ``workers`` of them at once through
+    ``extraction.in_threads`` (best of 3 after a warm-up)."""
+    import torch
+
+    from weight_geometry.extraction import in_threads
+
+    a = torch.randn(4 * d, d, device=args.device)
+    gram, workers = a.T @ a, _workers(args.device)
+
+    def one(_) -> None:
+        torch.linalg.eigvalsh(gram)
+        sync(args.device)
+
+    list(in_threads(one, range(workers), workers))
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        list(in_threads(one, range(workers), workers))
+        best = min(best, time.perf_counter() - start)
+    return workers * 4 * d**3 / 3 / best / 1e9
 
 
 def stage_extract(args) -> dict:
