@@ -28,12 +28,18 @@ N_HEAD_SAMPLE = 4
 K = 20
 
 
+def status_mb(field: str) -> float:
+    """A ``kB`` field of this process's ``/proc/self/status`` (``VmHWM``, ``RssAnon``...), in
+    MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field} (the benchmark needs Linux)")
+
+
 def peak_rss_mb() -> float:
     """High-water mark of this process's resident set (``VmHWM``), in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("/proc/self/status has no VmHWM (the benchmark needs Linux)")
+    return status_mb("VmHWM")
 
 
 def cuda_unavailable(device: str) -> str | None:

@@ -8,7 +8,9 @@ Stages:
 - ``imports``: what the extraction job has imported while it extracts, nothing else: numpy,
   torch, the library modules of ``extract_layers.py`` and what a Snakemake rule script's
   preamble imports: the interpreter's share of the job's peak RSS (the job never imports
-  pandas, and pyarrow only after the pass, to write its rank rows).
+  pandas, and pyarrow only after the pass, to write its rank rows), and its anonymous and
+  file-backed parts (``RssAnon``, ``RssFile``: the latter, pages of the shared libraries mapped
+  in, grows with how much of them the page cache holds).
 - ``read_floor``: every tensor the analysis needs (the seven projections of every layer) read
   once with ``preadv`` into one reused buffer, page cache warm (a first pass warms it): the
   time to merely move the bytes. Also W_Q and W_K alone (what the subspaces need).
@@ -66,6 +68,7 @@ from benchlib import (
     gpu_peak_mb,
     peak_rss_mb,
     sampled_heads,
+    status_mb,
     stopwatch,
     sync,
     write_json,
@@ -94,7 +97,7 @@ def stage_imports(args) -> dict:
     import weight_geometry.kernels  # noqa: F401
     import weight_geometry.results_io  # noqa: F401
 
-    return {}
+    return {"rss_anon_mb": status_mb("RssAnon"), "rss_file_mb": status_mb("RssFile")}
 
 
 def _tensor_ranges(checkpoint: Path) -> dict[str, tuple[int, int]]:

@@ -377,7 +377,9 @@ def shape_section(r: dict) -> list[str]:
         f"{2 * dv['layer_fp32_mb']:.0f} MiB) |",
         f"| interpreter + numpy, torch, snakemake and the library imported (what the "
         f"extraction job holds during its pass; pyarrow comes after it) | "
-        f"{r['imports']['peak_rss_mb']:.0f} MiB RSS |",
+        f"{r['imports']['peak_rss_mb']:.0f} MiB RSS ({r['imports']['rss_anon_mb']:.0f} "
+        f"anonymous, {r['imports']['rss_file_mb']:.0f} file-backed: the mapped pages of the "
+        f"shared libraries, which vary with the page cache's state) |",
         "",
         "Workflow jobs (Snakemake benchmark TSVs, s / max_rss MiB; Snakemake samples memory "
         "periodically, so a job shorter than its first sample shows a few MiB): "
