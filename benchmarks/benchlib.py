@@ -15,7 +15,7 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -71,6 +71,20 @@ def stopwatch(times: dict, key: str, device="cpu") -> Iterator[None]:
     finally:
         sync(device)
         times[key] = times.get(key, 0.0) + time.perf_counter() - start
+
+
+def best_seconds(fn: Callable[[], object], device="cpu", runs: int = 3) -> float:
+    """Shortest wall time of ``runs`` calls of ``fn()`` (GPU work included) after one untimed
+    warm-up call."""
+    fn()
+    best = float("inf")
+    for _ in range(runs):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def gpu_peak_mb(device) -> float | None:

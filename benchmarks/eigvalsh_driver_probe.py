@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import ctypes
 import importlib.metadata
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+from benchlib import best_seconds
 
 SIZES = (896, 2048)
 ROW_MAJOR = 101
@@ -62,10 +62,14 @@ def _lapacke(lib: ctypes.CDLL, name: str, int_type) -> Callable[[np.ndarray], np
     return eigenvalues
 
 
-def routes() -> dict[str, Callable | dict[type, Callable]]:
-    """Name -> ``f(float32 or float64 array) -> eigenvalues``, each on one thread."""
+def routes() -> dict[str, dict[type, Callable[[np.ndarray], np.ndarray]]]:
+    """Name -> dtype -> ``f(array of that dtype) -> eigenvalues``, each on one thread."""
     torch.set_num_threads(1)
-    out = {"torch eigvalsh (MKL syevd)": lambda a: torch.linalg.eigvalsh(torch.from_numpy(a))}
+
+    def torch_route(a: np.ndarray) -> np.ndarray:
+        return torch.linalg.eigvalsh(torch.from_numpy(a)).numpy()
+
+    out = {"torch eigvalsh (MKL syevd)": {np.float32: torch_route, np.float64: torch_route}}
     openblas = _library("numpy", "libscipy_openblas64_")
     if openblas is not None:
         openblas.scipy_openblas_set_num_threads64_(1)
@@ -81,16 +85,6 @@ def routes() -> dict[str, Callable | dict[type, Callable]]:
                 dt: _lapacke(mkl, f"LAPACKE_{p}{driver}", ctypes.c_int)
                 for dt, p in ((np.float32, "s"), (np.float64, "d"))}
     return out
-
-
-def best_ms(fn, a: np.ndarray) -> float:
-    fn(a)
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        fn(a)
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
 
 
 def main() -> None:
@@ -110,11 +104,10 @@ def main() -> None:
         cells, diff = [], 0.0
         for s, g in grams.items():
             for dt in (np.float32, np.float64):
-                fn = fns if callable(fns) else fns[dt]
-                a = g.astype(dt)
-                cells.append(f"{best_ms(fn, a):.0f}")
+                fn, a = fns[dt], g.astype(dt)
+                cells.append(f"{best_seconds(lambda fn=fn, a=a: fn(a)) * 1e3:.0f}")
                 ref = reference[s, dt]
-                got = np.sort(np.asarray(fn(a)))
+                got = np.sort(fn(a))
                 diff = max(diff, float(np.abs(got - ref).max() / ref.max()))
         print(f"| {name} | " + " | ".join(cells) + f" | {diff:.1e} |", flush=True)
 

@@ -10,7 +10,7 @@ Stages:
   preamble imports: the interpreter's share of the job's peak RSS (the job never imports
   pandas, and pyarrow only after the pass, to write its rank rows), and its anonymous and
   file-backed parts (``RssAnon``, ``RssFile``: the latter, pages of the shared libraries mapped
-  in, grows with how much of them the page cache holds).
+  in, varies with the page cache's state; benchmarks/RESULTS.md, Drift).
 - ``read_floor``: every tensor the analysis needs (the seven projections of every layer) read
   once with ``preadv`` into one reused buffer, page cache warm (a first pass warms it): the
   time to merely move the bytes. Also W_Q and W_K alone (what the subspaces need).
@@ -64,6 +64,7 @@ from pathlib import Path
 from benchlib import (
     REPO,
     K,
+    best_seconds,
     cuda_unavailable,
     gpu_peak_mb,
     peak_rss_mb,
@@ -142,14 +143,7 @@ def stage_matmul(args) -> dict:
     rates = {}
     for dtype in (torch.float32, torch.float64):
         a = torch.randn(d_ff, d, dtype=dtype, device=args.device)
-        a.T @ a
-        best = float("inf")
-        for _ in range(3):
-            sync(args.device)
-            start = time.perf_counter()
-            a.T @ a
-            sync(args.device)
-            best = min(best, time.perf_counter() - start)
+        best = best_seconds(lambda a=a: a.T @ a, args.device)
         rates[str(dtype).removeprefix("torch.")] = 2 * d_ff * d * d / best / 1e9
     return {"gflops": rates, "shape": [d, d_ff], "eigvalsh_gflops": _eigvalsh_rate(d, args)}
 
@@ -168,12 +162,7 @@ def _eigvalsh_rate(d: int, args) -> float:
         torch.linalg.eigvalsh(gram)
         sync(args.device)
 
-    list(in_threads(one, range(workers), workers))
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        list(in_threads(one, range(workers), workers))
-        best = min(best, time.perf_counter() - start)
+    best = best_seconds(lambda: list(in_threads(one, range(workers), workers)), args.device)
     return workers * 4 * d**3 / 3 / best / 1e9
 
 
