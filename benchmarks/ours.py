@@ -256,7 +256,7 @@ def stage_alignment(args) -> dict:
         with stopwatch(times, "compute", args.device):
             sigma[layer], g = weight_spectrum(w_in, "in")
             with stopwatch(times, "marginal", args.device):
-                energy[layer] = subspaces.energies(g).cpu().numpy()
+                energy[layer] = subspaces.energies(g)[0].cpu().numpy()
                 norm2[layer] = frobenius_norm2(g)
     with stopwatch(times, "compute"), stopwatch(times, "marginal"):
         alignment_table(energy, norm2, sigma, args.k, dims.d_model, ffn_input)

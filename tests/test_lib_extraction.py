@@ -22,7 +22,7 @@ from conftest import (
 
 from weight_geometry import extraction
 from weight_geometry.checkpoint import open_checkpoint
-from weight_geometry.device import resolve_device
+from weight_geometry.device import release_gpu, resolve_device
 from weight_geometry.errors import UserError
 from weight_geometry.extraction import (
     LayerResult,
@@ -170,6 +170,7 @@ def test_write_layers_streams_the_same_arrays(tiny_llama, tmp_path):
     ckpt = open_checkpoint(str(path))
     names = LayerResult.array_names()
     assert set(names) == set(BASES_FILES) == {"vectors", "singular_values", "ffn_input_energy",
+                                              "ffn_input_rowspace_eigenvalues",
                                               "ffn_input_norm2", "ffn_input_singular_values"}
     res = _extract(ckpt, range(L), tmp_path)
     layers = [extract_layer(ckpt, layer, torch.device("cpu")) for layer in range(L)]
@@ -215,8 +216,8 @@ def test_layers_in_two_threads_equal_one_at_a_time(tiny_llama, tmp_path):
     one = _extract(ckpt, range(L), tmp_path / "one")
     two = _extract(ckpt, range(L), tmp_path / "two", workers=2)
     assert torch.get_num_threads() == threads
-    for name in ("singular_values", "ffn_input_energy", "ffn_input_norm2",
-                 "ffn_input_singular_values"):
+    for name in ("singular_values", "ffn_input_energy", "ffn_input_rowspace_eigenvalues",
+                 "ffn_input_norm2", "ffn_input_singular_values"):
         np.testing.assert_allclose(getattr(two, name), getattr(one, name), rtol=1e-5,
                                    atol=1e-6, err_msg=name)
     # Same directions: |<v_two, v_one>| = 1 row by row (signs are free).
@@ -265,10 +266,13 @@ def test_layer_workers_one_per_thread_on_cpu_one_on_gpu():
 
 @pytest.fixture
 def torch_threads():
-    """torch's thread count, restored after the test (run_extraction_job sets it)."""
+    """torch's thread count, restored after the test (run_extraction_job sets it); on a GPU
+    machine the GPU that the test's process claimed is given back (or the Snakemake runs of
+    later tests would wait for it)."""
     threads = torch.get_num_threads()
     yield threads
     torch.set_num_threads(threads)
+    release_gpu()
 
 
 @pytest.mark.parametrize(("device", "threads", "torch_threads_set", "workers"), [
@@ -285,6 +289,7 @@ def test_run_extraction_job_applies_the_job_policy(tiny_llama, tmp_path, monkeyp
     path, _ = tiny_llama
     ckpt = open_checkpoint(str(path))
     resolved = resolve_device(device)
+    capsys.readouterr()   # on a GPU, the line naming the GPU claimed (kept by the job below)
     workers = workers or layer_workers(resolved, threads)
     calls, real = [], extraction.write_layers
     monkeypatch.setattr(extraction, "write_layers",

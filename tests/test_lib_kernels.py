@@ -139,10 +139,20 @@ def test_energies_equal_diag_v_g_vt(monkeypatch, block, device):
     f = factored_subspaces(w_q, w_k, h, n_kv, d_head)
     v = f.vectors().cpu().numpy()
     direct = np.einsum("hrd,hrd->hr", v @ w_in.T, v @ w_in.T)     # ||W_in v||^2
-    np.testing.assert_allclose(f.energies(g).cpu().numpy(), direct, rtol=1e-10)
+    energy, rowspace = f.energies(g)
+    np.testing.assert_allclose(energy.cpu().numpy(), direct, rtol=1e-10)
+    # The row-space spectrum: eigenvalues of Q_j G Q_j^T with Q_j an orthonormal basis of
+    # W_K_j's row space from numpy's QR, descending.
+    w_k_np = w_k.cpu().numpy()
+    for j in range(n_kv):
+        q = np.linalg.qr(w_k_np[j * d_head:(j + 1) * d_head].T)[0]
+        expected = np.linalg.eigvalsh(q.T @ (w_in.T @ w_in) @ q)[::-1]
+        np.testing.assert_allclose(rowspace[j].cpu().numpy(), expected, rtol=1e-9)
     lower = torch.tril(torch.from_numpy(rng.standard_normal((d, d))), -1).to(device)
     upper_only = torch.triu(g) + lower
-    np.testing.assert_allclose(f.energies(upper_only).cpu().numpy(), direct, rtol=1e-10)
+    energy_upper, rowspace_upper = f.energies(upper_only)
+    np.testing.assert_allclose(energy_upper.cpu().numpy(), direct, rtol=1e-10)
+    np.testing.assert_allclose(rowspace_upper.cpu().numpy(), rowspace.cpu().numpy(), rtol=1e-10)
     assert f.singular_values.shape == (h, d_head)
 
 

@@ -11,6 +11,9 @@ dropped, and produce:
   of every head at every k follows without re-reading weights. Computed from
   ``G = W_in^T W_in`` (the Gram matrix that the effective rank needs anyway) once per KV head,
   ``G_j = Q_k_j^T G Q_k_j``, cost O(n_kv d^2 d_head) (:meth:`FactoredSubspaces.energies`);
+- ``ffn_input_rowspace_eigenvalues[l]`` ``(n_kv, d_head)``: eigenvalues of ``G_j``, descending
+  (the spectrum of ``G`` inside KV head ``j``'s row space: the conditional null of the
+  alignment, :mod:`rowspace_nulls`);
 - ``ffn_input_norm2[l]``: ``||W_in||_F^2 = trace(G)``;
 - ``ffn_input_singular_values[l]`` ``(d,)``: singular values of ``W_in``, descending,
   ``sqrt(eigvalsh(G))`` (the ones its effective rank uses);
@@ -77,6 +80,7 @@ class LayerResult:
     vectors: np.ndarray
     singular_values: np.ndarray
     ffn_input_energy: np.ndarray
+    ffn_input_rowspace_eigenvalues: np.ndarray
     ffn_input_norm2: np.ndarray
     ffn_input_singular_values: np.ndarray
     weight_ranks: list[tuple]
@@ -94,7 +98,7 @@ def extract_layer(ckpt: Checkpoint, layer: int, device: torch.device,
     ``compute_ranks`` only ``W_in``'s."""
     dims, ffn_input = ckpt.dims, ckpt.adapter.ffn_input
     rows, kernel_inputs = [], {}
-    subspaces = ffn_gram = energy = None
+    subspaces = ffn_gram = energy = rowspace = None
     needed = None if compute_ranks else ("W_Q", "W_K", ffn_input)
     for wt, array in ckpt.iter_layer(layer, fold_norms, only=needed):
         w = torch.from_numpy(array).to(device)
@@ -115,7 +119,8 @@ def extract_layer(ckpt: Checkpoint, layer: int, device: torch.device,
                                            dims.n_heads, dims.n_kv_heads, dims.d_head,
                                            torch.float64)
         if subspaces is not None and ffn_gram is not None:  # drop G as soon as it is used
-            energy, ffn_gram = subspaces.energies(ffn_gram).cpu().numpy(), None
+            energy, rowspace = (x.cpu().numpy() for x in subspaces.energies(ffn_gram))
+            ffn_gram = None
         del w, g, array
     singular_values = subspaces.singular_values.cpu().numpy()
     require_defined(ckpt, layer, singular_values, norm2)
@@ -123,6 +128,7 @@ def extract_layer(ckpt: Checkpoint, layer: int, device: torch.device,
         vectors=subspaces.vectors(torch.float32).cpu().numpy(),
         singular_values=singular_values,
         ffn_input_energy=energy,
+        ffn_input_rowspace_eigenvalues=rowspace,
         ffn_input_norm2=norm2,
         ffn_input_singular_values=ffn_sigma,
         weight_ranks=rows)
@@ -239,8 +245,11 @@ def run_extraction_job(ckpt: Checkpoint, layers: range, device: str, threads: in
     ``ckpt`` with the job's policy. torch runs ``threads`` threads, at least 1 (Snakemake's
     ``--set-threads extract_layers=0`` gives 0), set process-wide; the config's ``device``
     (``auto``, ``cpu``, ``cuda``) is resolved on this machine (:func:`device.resolve_device`:
-    a UserError for ``cuda`` without a usable GPU); :func:`layer_workers` layers are extracted
-    at once; a progress line names the checkpoint, the layers, the device and the workers.
+    a UserError for ``cuda`` without a usable GPU; on CUDA the GPU this job claims, among
+    those it sees, for its lifetime, with a line naming it); :func:`layer_workers` layers are
+    extracted at once; a progress line names the checkpoint, the layers, the device
+    (``cuda:i``) and the workers. The log (``logs/{model}/extract_layers*.log``) is the
+    record of the device each layer range ran on.
     Returns the effective-rank rows (:data:`ranks.RANK_COLUMNS`; none without
     ``compute_ranks``), which the job writes after the pass."""
     threads = max(threads, 1)

@@ -81,8 +81,12 @@ class FactoredSubspaces:
         flat = self.core_vectors.reshape(n_kv, group * d_head, d_head).to(dtype)
         return (flat @ self.q_k.to(dtype).transpose(1, 2)).reshape(n_kv * group, d_head, -1)
 
-    def energies(self, gram: torch.Tensor) -> torch.Tensor:
-        """``(h, d_head)`` quadratic forms ``v^T G v`` of every right singular vector ``v``.
+    def energies(self, gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(h, d_head)`` quadratic forms ``v^T G v`` of every right singular vector ``v``, and
+        ``(n_kv, d_head)`` eigenvalues of each ``G_j`` (descending): the spectrum of ``G``
+        restricted to KV head ``j``'s row space, which the row-space-conditional null of the
+        alignment needs (:mod:`rowspace_nulls`; ``eigvalsh`` of ``n_kv`` ``d_head x d_head``
+        matrices, ``O(n_kv d_head^3)`` more).
 
         ``G`` is a ``(d, d)`` symmetric matrix (the FFN input's Gram ``W_in^T W_in``); only its
         upper triangle is read. Every ``v`` of KV group ``j`` lies in ``span(Q_k_j)``, so
@@ -105,7 +109,8 @@ class FactoredSubspaces:
         m = q_k.transpose(1, 2) @ t_q.reshape(d, n_kv, d_head).transpose(0, 1)
         g_kv = m + m.transpose(1, 2)                             # (n_kv, d_head, d_head)
         flat = self.core_vectors.reshape(n_kv, group * d_head, d_head)
-        return ((flat @ g_kv) * flat).sum(-1).reshape(n_kv * group, d_head)
+        energy = ((flat @ g_kv) * flat).sum(-1).reshape(n_kv * group, d_head)
+        return energy, torch.linalg.eigvalsh(g_kv).flip(-1)
 
 
 def _gram64(x: torch.Tensor) -> torch.Tensor:

@@ -19,8 +19,8 @@ from .architectures import ModelDims
 if TYPE_CHECKING:  # pandas is imported where tables are read: array-only jobs start faster
     import pandas as pd
 
-BASES_FILES = ("vectors", "singular_values", "ffn_input_energy", "ffn_input_norm2",
-               "ffn_input_singular_values")
+BASES_FILES = ("vectors", "singular_values", "ffn_input_energy",
+               "ffn_input_rowspace_eigenvalues", "ffn_input_norm2", "ffn_input_singular_values")
 
 
 def chunk_dir_name(first: int, last: int) -> str:
