@@ -46,6 +46,7 @@ from .safetensors_file import (
     SafetensorsReader,
     directory_entries,
     read_json_object,
+    refuse_broken_symlink,
 )
 
 PYPI_PREFIX = "pypi:"
@@ -67,6 +68,7 @@ def resolve_source(source: str) -> Path:
                             " download` where the hub is reachable)")
         return state.snapshot
     path = expand_home(source, "source")
+    refuse_broken_symlink(path)
     if path.exists():
         return path
     raise UserError(f"source '{source}' does not exist{_resolved_note(source, path)}; allowed: a"
@@ -333,6 +335,7 @@ def hf_architecture(source: str, path: Path) -> tuple[str, ModelDims]:
     one-line UserError naming the file when it is not a JSON object, has no supported
     ``model_type`` or a missing or bad dimension."""
     config_path = path / "config.json"
+    refuse_broken_symlink(config_path)
     if not config_path.exists():
         raise UserError(f"source '{source}': directory {path} has no config.json")
     config = read_json_object(config_path)

@@ -29,6 +29,18 @@ _SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f"
 _STRING, _ARRAY = 8, 9
 _DEFAULT_ALIGNMENT = 32
 _MAX_DIMS = 4  # GGML_MAX_DIMS
+#: Least bytes of a string (its length) and of an array (element type and count) in an array.
+_MIN_ITEM_BYTES = {_STRING: 8, _ARRAY: 12}
+#: What a header may claim, refused before anything of that size is copied or looped over (a
+#: crafted header could ask for tens of GiB). Far above real files: keys and tensor names are
+#: tens of bytes; the longest strings are chat templates and, rarely, an embedded
+#: tokenizer.json of a few MB; the longest arrays vocabularies and merges of a few hundred
+#: thousand items; the most tensors a few thousand.
+MAX_KEY_BYTES = 1 << 16
+MAX_STRING_BYTES = 1 << 26
+MAX_ARRAY_ITEMS = 1 << 24
+MAX_ENTRIES = 1 << 20  # metadata entries, and tensors
+_CRAFTED = "; a crafted or corrupt file?"
 
 
 @dataclass(frozen=True)
@@ -52,33 +64,49 @@ class _Cursor:
     def __init__(self, buf: memoryview, path: Path):
         self.buf, self.pos, self.path = buf, 0, path
 
-    def unpack(self, fmt: str):
-        size = struct.calcsize(fmt)
+    def need(self, size: int) -> None:
+        """A UserError unless ``size`` more bytes follow (a truncated header)."""
         if self.pos + size > len(self.buf):
             raise UserError(f"{self.path}: truncated GGUF header (needs {self.pos + size} bytes,"
                             f" file has {len(self.buf)})")
+
+    def unpack(self, fmt: str):
+        size = struct.calcsize(fmt)
+        self.need(size)
         (value,) = struct.unpack_from(fmt, self.buf, self.pos)
         self.pos += size
         return value
 
-    def string(self) -> str:
+    def string(self, what: str, limit: int) -> str:
+        """A length-prefixed string of at most ``limit`` bytes (``what`` names it in errors),
+        refused before it is copied."""
         n = self.unpack("<Q")
+        if n > limit:
+            raise UserError(f"{self.path}: {what}: a string of {n} bytes (allowed: at most"
+                            f" {limit}{_CRAFTED})")
+        self.need(n)
         raw = bytes(self.buf[self.pos:self.pos + n])
         self.pos += n
         return raw.decode("utf-8", errors="replace")
 
-    def value(self, vtype: int):
+    def value(self, vtype: int, key: str):
         if vtype in _SCALAR_FORMATS:
             return self.unpack(_SCALAR_FORMATS[vtype])
         if vtype == _STRING:
-            return self.string()
+            return self.string(f"GGUF metadata {key}", MAX_STRING_BYTES)
         if vtype == _ARRAY:
             etype, count = self.unpack("<I"), self.unpack("<Q")
+            if count > MAX_ARRAY_ITEMS:
+                raise UserError(f"{self.path}: GGUF metadata {key}: an array of {count} items"
+                                f" (allowed: at most {MAX_ARRAY_ITEMS}{_CRAFTED})")
             if etype in _SCALAR_FORMATS:  # fixed size: skip in one step
-                self.pos += count * struct.calcsize(_SCALAR_FORMATS[etype])
+                size = count * struct.calcsize(_SCALAR_FORMATS[etype])
+                self.need(size)
+                self.pos += size
             else:
+                self.need(count * _MIN_ITEM_BYTES.get(etype, 0))  # before looping over them
                 for _ in range(count):
-                    self.value(etype)
+                    self.value(etype, key)
             return None  # arrays (vocabularies, merges) are not needed here
         raise UserError(f"{self.path}: unknown GGUF metadata type {vtype}")
 
@@ -110,13 +138,17 @@ class GGUFFile:
         if version < 2:
             raise UserError(f"{self.path}: GGUF version {version} is not supported (need >= 2)")
         n_tensors, n_kv = cur.unpack("<Q"), cur.unpack("<Q")
+        for count, what in ((n_tensors, "tensors"), (n_kv, "metadata entries")):
+            if count > MAX_ENTRIES:
+                raise UserError(f"{self.path}: GGUF header: {count} {what} (allowed: at most"
+                                f" {MAX_ENTRIES}{_CRAFTED})")
         self.metadata: dict[str, object] = {}
-        for _ in range(n_kv):
-            key = cur.string()
-            self.metadata[key] = cur.value(cur.unpack("<I"))
+        for i in range(n_kv):
+            key = cur.string(f"GGUF metadata key {i + 1}", MAX_KEY_BYTES)
+            self.metadata[key] = cur.value(cur.unpack("<I"), key)
         raw_infos = []
-        for _ in range(n_tensors):
-            name = cur.string()
+        for i in range(n_tensors):
+            name = cur.string(f"GGUF tensor name {i + 1}", MAX_KEY_BYTES)
             n_dims = cur.unpack("<I")
             if n_dims > _MAX_DIMS:
                 raise UserError(f"{self.path}: tensor {name} has {n_dims} dimensions (allowed:"

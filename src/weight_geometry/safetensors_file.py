@@ -12,6 +12,7 @@ Stored bytes are little-endian, as the format specifies (and as the host is assu
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -28,6 +29,11 @@ DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bf
                "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+#: Longest safetensors header read: the format's own limit (the ``safetensors`` package refuses
+#: longer ones), checked before anything of the length a header claims is read.
+MAX_HEADER_BYTES = 100_000_000
+#: Largest JSON file (config.json, a shard index) read whole; real ones are a few MB at most.
+MAX_JSON_BYTES = 100_000_000
 
 
 #: Most stored bytes read and decoded at a time for dtypes other than float32, hence the
@@ -100,7 +106,12 @@ def read_json_object(path: Path) -> dict:
     """A JSON file holding an object (config.json, an index); one-line UserError otherwise,
     also when it cannot be read (a directory, no permission)."""
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size > MAX_JSON_BYTES:
+                raise UserError(f"{path}: {size} bytes (allowed: at most {MAX_JSON_BYTES} for a"
+                                " JSON file; a crafted or corrupt file?)")
+            raw = fh.read()
     except OSError as err:
         raise UserError(f"{path}: cannot be read ({err.strerror})") from None
     return _parse_json_object(raw, path, "the file")
@@ -123,6 +134,10 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
                 raise UserError(f"{path}: file is {size} bytes, shorter than the 8-byte header"
                                 " length (truncated, or not a safetensors file)")
             (n,) = struct.unpack("<Q", fh.read(8))
+            if n > MAX_HEADER_BYTES:
+                raise UserError(f"{path}: the safetensors header is {n} bytes long (allowed: at"
+                                f" most {MAX_HEADER_BYTES}, the format's own limit; a crafted or"
+                                " corrupt file?)")
             if n > size - 8:
                 raise UserError(f"{path}: truncated safetensors file (header says {n} bytes)")
             header = _parse_json_object(fh.read(n), path, "the safetensors header")
@@ -148,7 +163,8 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
 
 def read_weight_map(index: Path) -> dict[str, str]:
     """A sharded checkpoint's index's ``weight_map``: tensor name -> shard file name; one-line
-    UserError when the index is not a JSON object with a ``weight_map`` object of file names."""
+    UserError when the index is not a JSON object with a ``weight_map`` object of file names,
+    or names a shard outside the index's directory (see :func:`_check_shard_name`)."""
     content = read_json_object(index)
     weight_map = content.get("weight_map")
     if not (isinstance(weight_map, dict) and weight_map
@@ -156,7 +172,21 @@ def read_weight_map(index: Path) -> dict[str, str]:
         shown = _show(weight_map) if "weight_map" in content else "missing"
         raise UserError(f"{index}: weight_map is {shown} (allowed: an object mapping tensor"
                         " names to shard file names)")
+    for name, shard in weight_map.items():
+        _check_shard_name(index, name, shard)
     return weight_map
+
+
+def _check_shard_name(index: Path, name: str, shard: str) -> None:
+    """``shard`` (the weight_map's entry for tensor ``name``) is a relative path inside the
+    index's directory: no ``..`` part, not absolute, not the directory itself. Checked on the
+    name, not on the resolved path: a Hugging Face cache's shards are symlinks into its
+    ``blobs/``, outside the snapshot directory."""
+    parts = shard.split("/")
+    if shard.startswith("/") or ".." in parts or not any(p not in ("", ".") for p in parts):
+        raise UserError(f"{index}: weight_map entry {name} names shard {shard!r}, which is not a"
+                        f" file name inside the checkpoint directory {index.parent} (allowed: a"
+                        " path relative to it, without '..')")
 
 
 def shard_names(index: Path) -> list[str]:
@@ -172,6 +202,7 @@ def _sharded_entries(directory: Path, index: Path) -> dict[str, TensorEntry]:
     weight_map = read_weight_map(index)
     headers = {}
     for shard in sorted(set(weight_map.values())):
+        refuse_broken_symlink(directory / shard)
         if not (directory / shard).exists():
             raise UserError(f"{index}: shard {shard} is missing")
         headers[shard] = read_header(directory / shard)
@@ -188,12 +219,31 @@ def directory_entries(directory: Path) -> dict[str, TensorEntry]:
     """All tensors of a HF checkpoint directory, single-file or sharded (those its index
     lists, from the shards it names)."""
     index = directory / INDEX_NAME
+    refuse_broken_symlink(index)
     if index.exists():
         return _sharded_entries(directory, index)
     single = directory / SINGLE_NAME
+    refuse_broken_symlink(single)
     if single.exists():
         return read_header(single)
     raise UserError(f"{directory}: no {SINGLE_NAME} or {INDEX_NAME} (only safetensors is read)")
+
+
+def refuse_broken_symlink(path: Path) -> None:
+    """A one-line UserError when ``path`` is a symlink that leads nowhere: a loop, or a target
+    that does not exist (``Path.exists`` says False for both, as for a missing file)."""
+    if not path.is_symlink():
+        return
+    try:
+        path.stat()
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise UserError(f"{path}: a symlink loop (allowed: a file, or a symlink to one)"
+                            ) from None
+        if err.errno == errno.ENOENT:
+            raise UserError(f"{path}: a symlink to {os.readlink(path)}, which does not exist"
+                            ) from None
+        raise UserError(f"{path}: cannot be read ({err.strerror})") from None
 
 
 class SafetensorsReader:

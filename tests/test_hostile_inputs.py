@@ -1,0 +1,250 @@
+"""Issue #27's fault campaign: the hostile inputs that slipped through. Each one now stops with
+one ``error: ...`` line and exit status 1, leaves nothing under ``results/``, allocates nothing
+in proportion to what a crafted header claims, and never reads outside the checkpoint.
+
+The library-level tests name the exact message; one workflow run per case shows the line at
+the console. Mounts (a full tmpfs, a read-only bind mount) are used where the test runs as root
+and may mount; elsewhere those tests fall back to what an ordinary user sees (file modes) or
+skip."""
+
+from __future__ import annotations
+
+import json
+import resource
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import TINY_LLAMA, assert_one_line, error_line, run_snakemake
+
+from weight_geometry import hub
+from weight_geometry.checkpoint import open_checkpoint
+from weight_geometry.errors import UserError
+from weight_geometry.gguf_file import GGUFFile
+from weight_geometry.safetensors_file import directory_entries
+
+GIB = 1 << 30
+MAX_HEADER_BYTES = 100_000_000    # safetensors' own limit
+CONFIG_JSON = json.dumps({**TINY_LLAMA, "model_type": "llama"})
+
+
+def _config_for(source, name="tiny", **extra) -> dict:
+    return {"models": {name: {"source": str(source)}}, "device": "cpu", "top_k": 4, **extra}
+
+
+def _stops_planning(workdir: Path, config: dict | None = None, *args: str,
+                    env: dict | None = None) -> str:
+    """A real run (not a dry one) that stops before any job: its one error line, exit status 1,
+    and no ``results/`` (nor ``logs/``) left behind."""
+    proc = run_snakemake(workdir, *args, config=config, env=env)
+    line = error_line(proc)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert not (workdir / "results").exists() and not (workdir / "logs").exists()
+    return line
+
+
+def _hf_dir(path: Path) -> Path:
+    """A directory with a valid config.json of conftest's tiny Llama (and no weights)."""
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(CONFIG_JSON)
+    return path
+
+
+def _max_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# --- 1. a crafted header size: refused before anything of that size is read or allocated ---
+
+
+def _sparse_safetensors(path: Path, header_bytes: int) -> Path:
+    """A sparse file whose 8-byte header length (``header_bytes``) matches its size: it takes
+    no disk space, however large it claims to be."""
+    with open(path, "wb") as fh:
+        fh.write(header_bytes.to_bytes(8, "little"))
+        fh.truncate(8 + header_bytes)
+    return path
+
+
+@pytest.mark.parametrize("header_bytes", [40 * GIB, GIB, MAX_HEADER_BYTES + 1])
+def test_huge_safetensors_header_is_refused_unread(tmp_path, header_bytes):
+    """40 GiB: a MemoryError traceback before; 1 GiB: read (1.47 GB peak), then a JSON error."""
+    ckpt = _hf_dir(tmp_path / "ckpt")
+    weights = _sparse_safetensors(ckpt / "model.safetensors", header_bytes)
+    before = _max_rss_mib()
+    with pytest.raises(UserError) as info:
+        open_checkpoint(str(ckpt))
+    assert _max_rss_mib() - before < 64
+    assert str(info.value) == (
+        f"{weights}: the safetensors header is {header_bytes} bytes long (allowed: at most"
+        f" {MAX_HEADER_BYTES}, the format's own limit; a crafted or corrupt file?)")
+
+
+def test_huge_json_file_is_refused_unread(tmp_path):
+    """config.json (and a shard index) are read whole: one of 40 GiB is refused by its size."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    with open(ckpt / "config.json", "wb") as fh:
+        fh.truncate(40 * GIB)
+    with pytest.raises(UserError) as info:
+        open_checkpoint(str(ckpt))
+    assert_one_line(info.value, ckpt / "config.json", f"{40 * GIB} bytes", "at most")
+
+
+def _gguf_string(raw: bytes) -> bytes:
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _gguf(path: Path, body: bytes, *, n_kv: int = 1, n_tensors: int = 0,
+          size: int | None = None) -> Path:
+    """A GGUF v3 header with ``body`` after its counts, made sparse up to ``size`` bytes."""
+    with open(path, "wb") as fh:
+        fh.write(b"GGUF" + struct.pack("<IQQ", 3, n_tensors, n_kv) + body)
+        if size is not None:
+            fh.truncate(size)
+    return path
+
+
+_ARCH = _gguf_string(b"general.architecture") + struct.pack("<I", 8) + _gguf_string(b"llama")
+
+
+@pytest.mark.parametrize(("body", "n_kv", "n_tensors", "size", "expected"), [
+    # a metadata string of 40 GiB, as long as the (sparse) file: bytes(...) copied it
+    (_gguf_string(b"general.name") + struct.pack("<IQ", 8, 40 * GIB), 1, 0, 41 * GIB,
+     "GGUF metadata general.name: a string of 42949672960 bytes (allowed: at most 67108864"),
+    # a metadata key of 40 GiB
+    (struct.pack("<Q", 40 * GIB), 1, 0, 41 * GIB,
+     "GGUF metadata key 1: a string of 42949672960 bytes (allowed: at most 65536"),
+    # a string array of 2^40 items: a loop over each (at 8 bytes, more than the file holds)
+    (_ARCH + _gguf_string(b"tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 8, 1 << 40), 2, 0,
+     GIB, "GGUF metadata tokenizer.ggml.tokens: an array of 1099511627776 items (allowed: at"
+          " most 16777216"),
+    # 2^40 tensors in the directory: a list entry for each
+    (_ARCH, 1, 1 << 40, GIB, "GGUF header: 1099511627776 tensors (allowed: at most 1048576"),
+    (b"", 1 << 40, 0, GIB, "GGUF header: 1099511627776 metadata entries (allowed: at most"
+                           " 1048576"),
+])
+def test_huge_gguf_metadata_is_refused_uncopied(tmp_path, body, n_kv, n_tensors, size,
+                                                expected):
+    path = _gguf(tmp_path / "x.gguf", body, n_kv=n_kv, n_tensors=n_tensors, size=size)
+    before = _max_rss_mib()
+    with pytest.raises(UserError) as info:
+        GGUFFile(path)
+    assert _max_rss_mib() - before < 64
+    assert_one_line(info.value, path, expected, "a crafted or corrupt file?")
+
+
+@pytest.mark.parametrize("body", [
+    _gguf_string(b"general.name") + struct.pack("<IQ", 8, 4096) + b"abc",     # past the end
+    _gguf_string(b"x") + struct.pack("<IIQ", 9, 8, 1000) + bytes(64),          # 1000 strings
+])
+def test_gguf_string_or_array_past_the_end_is_truncated(tmp_path, body):
+    """Within the limits but longer than the file: a truncated header, not a silent cut."""
+    path = _gguf(tmp_path / "x.gguf", body)
+    with pytest.raises(UserError) as info:
+        GGUFFile(path)
+    assert_one_line(info.value, path, "truncated GGUF header")
+
+
+@pytest.mark.workflow
+@pytest.mark.parametrize("kind", ["safetensors", "gguf"])
+def test_crafted_header_sizes_stop_planning_with_one_line(tmp_path, kind):
+    if kind == "safetensors":
+        source = _hf_dir(tmp_path / "ckpt")
+        _sparse_safetensors(source / "model.safetensors", 40 * GIB)
+        fragment = "the safetensors header is 42949672960 bytes long"
+    else:
+        source = _gguf(tmp_path / "x.gguf",
+                       _gguf_string(b"general.name") + struct.pack("<IQ", 8, 40 * GIB),
+                       size=41 * GIB)
+        fragment = "general.name: a string of 42949672960 bytes"
+    line = _stops_planning(tmp_path / "run", _config_for(source))
+    assert line.startswith("error: models.tiny.source: ") and fragment in line, line
+
+
+# --- 2. shard names of a sharded index: inside the checkpoint directory only ---------------
+
+
+def _sharded(tmp_path: Path, shard: str) -> Path:
+    """A sharded checkpoint whose index puts one tensor in ``shard``; next to it, a directory
+    ``other`` with a valid shard that must not be read."""
+    from safetensors.numpy import save_file
+
+    other = tmp_path / "other"
+    other.mkdir()
+    save_file({"x": np.zeros(2, dtype=np.float32)}, str(other / "model-00001.safetensors"))
+    ckpt = _hf_dir(tmp_path / "ckpt")
+    save_file({"y": np.zeros(2, dtype=np.float32)}, str(ckpt / "model-00002.safetensors"))
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"y": "model-00002.safetensors", "x": shard}}))
+    return ckpt
+
+
+@pytest.mark.parametrize("shard", ["../other/model-00001.safetensors", "/etc/passwd",
+                                   "sub/../../other/model-00001.safetensors", "."])
+def test_shard_outside_the_checkpoint_is_refused(tmp_path, shard):
+    ckpt = _sharded(tmp_path, shard)
+    with pytest.raises(UserError) as info:
+        directory_entries(ckpt)
+    assert str(info.value) == (
+        f"{ckpt / 'model.safetensors.index.json'}: weight_map entry x names shard {shard!r},"
+        f" which is not a file name inside the checkpoint directory {ckpt} (allowed: a path"
+        " relative to it, without '..')")
+
+
+@pytest.mark.parametrize("shard", ["../other/model-00001.safetensors", "/etc/passwd"])
+def test_shard_outside_a_cached_hub_snapshot_is_refused(tmp_path, monkeypatch, shard):
+    """The hub cache's completeness check and the download rule take shard names from the
+    same index: they are refused there too (nothing is looked up or fetched)."""
+    from conftest import hub_cache
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    index = json.dumps({"weight_map": {"x": shard}})
+    hub_cache(tmp_path / "hf", "org/tiny", {"config.json": CONFIG_JSON,
+                                            "model.safetensors.index.json": index})
+    for call in (hub.resolve, hub.download):
+        with pytest.raises(UserError) as info:
+            call("org/tiny")
+        assert_one_line(info.value, f"weight_map entry x names shard {shard!r}")
+
+
+@pytest.mark.workflow
+def test_shard_outside_the_checkpoint_stops_planning(tmp_path):
+    ckpt = _sharded(tmp_path, "../other/model-00001.safetensors")
+    line = _stops_planning(tmp_path / "run", _config_for(ckpt))
+    assert "weight_map entry x names shard '../other/model-00001.safetensors'" in line, line
+
+
+# --- 9. a symlink loop where the weights should be ----------------------------------------
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "model.safetensors.index.json"])
+def test_symlink_loop_is_named(tmp_path, name):
+    ckpt = _hf_dir(tmp_path / "ckpt")
+    (ckpt / name).symlink_to(ckpt / "loop")
+    (ckpt / "loop").symlink_to(ckpt / name)
+    with pytest.raises(UserError) as info:
+        directory_entries(ckpt)
+    assert str(info.value) == (f"{ckpt / name}: a symlink loop (allowed: a file, or a symlink"
+                               " to one)")
+
+
+def test_dangling_symlink_is_named(tmp_path):
+    ckpt = _hf_dir(tmp_path / "ckpt")
+    (ckpt / "model.safetensors").symlink_to(tmp_path / "gone.safetensors")
+    with pytest.raises(UserError) as info:
+        directory_entries(ckpt)
+    assert str(info.value) == (f"{ckpt / 'model.safetensors'}: a symlink to"
+                               f" {tmp_path / 'gone.safetensors'}, which does not exist")
+
+
+@pytest.mark.workflow
+def test_symlink_loop_stops_planning(tmp_path):
+    ckpt = _hf_dir(tmp_path / "ckpt")
+    (ckpt / "model.safetensors").symlink_to("model.safetensors")
+    line = _stops_planning(tmp_path / "run", _config_for(ckpt))
+    assert line == (f"error: models.tiny.source: {ckpt / 'model.safetensors'}: a symlink loop"
+                    " (allowed: a file, or a symlink to one)")
