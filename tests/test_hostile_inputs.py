@@ -10,6 +10,7 @@ skip."""
 from __future__ import annotations
 
 import json
+import os
 import resource
 import struct
 from pathlib import Path
@@ -216,6 +217,34 @@ def test_shard_outside_the_checkpoint_stops_planning(tmp_path):
     ckpt = _sharded(tmp_path, "../other/model-00001.safetensors")
     line = _stops_planning(tmp_path / "run", _config_for(ckpt))
     assert "weight_map entry x names shard '../other/model-00001.safetensors'" in line, line
+
+
+# --- 3. ids that are neither a path nor a valid hub id -------------------------------------
+
+
+@pytest.mark.parametrize("source", ["ckpts/llama 3", "a/..", "someorg/..%2F.."])
+def test_invalid_hub_id_is_one_line(tmp_path, monkeypatch, source):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    for call in (open_checkpoint, hub.download):
+        with pytest.raises(UserError) as info:
+            call(source)
+        assert str(info.value) == (
+            f"source '{source}' is neither an existing path (resolved:"
+            f" {os.path.abspath(source)}) nor a valid hub id (allowed: org/name of letters,"
+            " digits, '-', '_' and '.', not starting or ending with '-' or '.', no '--' or"
+            " '..', at most 96 characters)")
+
+
+@pytest.mark.workflow
+def test_invalid_hub_id_stops_planning(tmp_path):
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    line = _stops_planning(tmp_path / "run", _config_for("ckpts/llama 3"), env=env)
+    assert line.startswith("error: models.tiny.source: source 'ckpts/llama 3' is neither an"
+                           " existing path"), line
 
 
 # --- 9. a symlink loop where the weights should be ----------------------------------------

@@ -65,9 +65,10 @@ def resolve(repo_id: str) -> HubState:
     """Cached state of ``repo_id``; when it is not cached and we are online, fetch its
     config.json (a few kB) so the run can be planned. Offline, a model not in the cache or
     without all its weights there (nothing could download them) is a one-line error; so is
-    one that cannot be fetched. An id in no cache may be a mistyped relative path (``org/name``
-    is one too; :func:`is_hub_id` found nothing there): its error also says that no such local
-    path exists, resolved against the working directory."""
+    one that cannot be fetched, or that is no valid id. An id in no cache may be a mistyped
+    relative path (``org/name`` is one too; :func:`is_hub_id` found nothing there): its error
+    also says that no such local path exists, resolved against the working directory."""
+    check_repo_id(repo_id)
     state = cache_state(repo_id)
     if state is not None and (state.complete or not offline()):
         return state
@@ -79,6 +80,22 @@ def resolve(repo_id: str) -> HubState:
     except UserError as err:
         raise UserError(f"{err}; no local path {os.path.abspath(repo_id)} exists either"
                         ) from None
+
+
+def check_repo_id(repo_id: str) -> None:
+    """A one-line UserError unless ``repo_id`` is a valid hub id (huggingface_hub's rules; its
+    HFValidationError would otherwise surface with stack frames from the first cache lookup).
+    Such a source was no existing path either (:func:`is_hub_id`), so the message says both."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise UserError(f"source '{repo_id}' is neither an existing path (resolved:"
+                        f" {os.path.abspath(repo_id)}) nor a valid hub id (allowed: org/name of"
+                        " letters, digits, '-', '_' and '.', not starting or ending with '-' or"
+                        " '.', no '--' or '..', at most 96 characters)") from None
 
 
 def _fetch_config(repo_id: str) -> HubState:
@@ -143,6 +160,7 @@ def download(repo_id: str) -> list[Path]:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
+    check_repo_id(repo_id)
     local = offline()
     if not local and (reason := unresolvable_endpoint()) is not None:
         state = cache_state(repo_id)
