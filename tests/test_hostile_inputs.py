@@ -9,10 +9,13 @@ skip."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -245,6 +248,92 @@ def test_invalid_hub_id_stops_planning(tmp_path):
     line = _stops_planning(tmp_path / "run", _config_for("ckpts/llama 3"), env=env)
     assert line.startswith("error: models.tiny.source: source 'ckpts/llama 3' is neither an"
                            " existing path"), line
+
+
+# --- 4. a log that cannot be written: the error path degrades to the console ---------------
+
+RULE_BODY = """
+import sys
+from weight_geometry.errors import UserError
+from weight_geometry.rule_script import progress, run_rule
+
+kind, log, out = sys.argv[1:]
+
+def body():
+    with open(out, "wb") as fh:
+        if kind == "fill":      # the output fills the disk: ENOSPC
+            while True:
+                fh.write(bytes(1 << 16))
+                fh.flush()
+        fh.write(b"partial")
+    if kind == "progress":      # the first line for the log finds the disk full
+        progress("working")
+    if kind == "user":
+        raise UserError("top_k: 0 is not allowed")
+    if kind == "bug":
+        raise ValueError("boom")
+
+run_rule(body, log, [out])
+"""
+
+
+def _run_rule(kind: str, log: Path, out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", RULE_BODY, kind, str(log), str(out)],
+                          capture_output=True, text=True, timeout=60)
+
+
+@contextlib.contextmanager
+def _tmpfs(path: Path, size: str):
+    """A tmpfs of ``size`` mounted at ``path`` (skips the test where mounting is not allowed)."""
+    path.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True, text=True)
+    if proc.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+@pytest.mark.parametrize(("kind", "expected"), [
+    ("user", "error: top_k: 0 is not allowed; the log {log} could not be written either"
+             " (No space left on device)"),
+    ("bug", "error: unexpected ValueError: boom (no traceback: the log {log} could not be"
+            " written: No space left on device)"),
+    ("progress", "error: No space left on device; the log {log} could not be written either"
+                 " (No space left on device)"),
+])
+def test_log_on_a_full_device_gives_one_line(tmp_path, kind, expected):
+    """/dev/full takes the log: every write to it fails with ENOSPC, as on a full disk. The
+    error path used to print three or four chained tracebacks and no ``error:`` line."""
+    log, out = Path("/dev/full"), tmp_path / "out.npy"
+    if not os.access(log, os.W_OK):
+        pytest.skip("no writable /dev/full")
+    proc = _run_rule(kind, log, out)
+    assert proc.returncode == 1 and not out.exists()
+    assert proc.stderr == expected.format(log=log) + "\n", proc.stderr
+    assert proc.stdout == ""
+
+
+def test_full_disk_for_outputs_and_log_gives_one_line(tmp_path):
+    """The issue's case: 400 KiB left, the job's output fills them, then its log cannot take
+    the error either."""
+    with _tmpfs(tmp_path / "disk", "400k") as disk:
+        log, out = disk / "logs" / "rule.log", disk / "out.npy"
+        proc = _run_rule("fill", log, out)
+        assert proc.returncode == 1 and not out.exists(), proc.stderr
+        assert proc.stderr == (f"error: No space left on device; the log {log} could not be"
+                               " written either (No space left on device)\n"), proc.stderr
+
+
+def test_unopenable_log_gives_one_line(tmp_path):
+    """A log whose directory cannot be made (a file is in the way): one line, no traceback."""
+    (tmp_path / "logs").write_text("a file, not a directory")
+    log, out = tmp_path / "logs" / "model" / "rule.log", tmp_path / "out.npy"
+    proc = _run_rule("user", log, out)
+    assert proc.returncode == 1 and not out.exists()
+    assert proc.stderr == f"error: the job's log {log} cannot be written (Not a directory)\n"
 
 
 # --- 9. a symlink loop where the weights should be ----------------------------------------

@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, redirect_stderr, redirect_stdout, suppress
 from pathlib import Path
-from typing import TextIO
+from typing import NoReturn, TextIO
 
 from .errors import UserError
 
@@ -32,21 +32,56 @@ def run_rule(body: Callable[[], None], log_path: str | Path, outputs: list[str])
     :data:`MACHINE_ERRNOS` (``error: <strerror>: <file>``). Any other exception writes its
     traceback to the log and one line naming it and the log to the real stderr. Either way
     any partial outputs are removed and the process exits with status 1.
+
+    A log that cannot be written (a full disk) never hides the error: the line still reaches
+    the real stderr, saying that the log could not take it (or the traceback); a log that
+    cannot even be opened is that one line.
     """
     log_path = Path(log_path)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(log_path, "w", buffering=1)  # noqa: SIM115  (closed below, errors or not)
+    except OSError as err:
+        _fail(f"error: the job's log {log_path} cannot be written ({err.strerror})", sys.stderr,
+              outputs)
     start = time.perf_counter()
-    with open(log_path, "w", buffering=1) as log, _fds_to(log) as real_stderr, \
-            redirect_stdout(log), redirect_stderr(log):
-        try:
-            body()
-        except Exception as exc:
-            if _is_bug(exc):   # its traceback goes to the log
-                traceback.print_exc()
-                _fail(f"error: unexpected {type(exc).__name__}: {exc} (traceback in {log_path})",
-                      real_stderr, outputs)
-            _fail(_one_line(exc), real_stderr, outputs, to_log=True)
-        print(f"done in {time.perf_counter() - start:.2f} s", flush=True)
+    try:
+        with _fds_to(log) as real_stderr, redirect_stdout(log), redirect_stderr(log):
+            try:
+                body()
+            except Exception as exc:
+                _report(exc, log, log_path, real_stderr, outputs)
+            with suppress(OSError):  # the outputs are complete: a full log fails nothing
+                print(f"done in {time.perf_counter() - start:.2f} s", flush=True)
+    finally:
+        with suppress(OSError):  # the flush of what a full disk refused fails again
+            log.close()
+
+
+def _report(exc: Exception, log: TextIO, log_path: Path, real_stderr: TextIO,
+            outputs: list[str]) -> None:
+    """End the job for ``exc``: its one line (and for a bug, its traceback) to the log, the
+    line to the real stderr, with a note where the log could not take them."""
+    if _is_bug(exc):
+        failed = _write_log(log, traceback.format_exc())
+        where = (f"traceback in {log_path}" if failed is None
+                 else f"no traceback: the log {log_path} could not be written: {failed}")
+        _fail(f"error: unexpected {type(exc).__name__}: {exc} ({where})", real_stderr, outputs)
+    line = _one_line(exc)
+    failed = _write_log(log, line + "\n")
+    if failed is not None:
+        line += f"; the log {log_path} could not be written either ({failed})"
+    _fail(line, real_stderr, outputs)
+
+
+def _write_log(log: TextIO, text: str) -> str | None:
+    """Write ``text`` to the log: None, or why it could not be written (a full disk)."""
+    try:
+        log.write(text)
+        log.flush()
+    except OSError as err:
+        return err.strerror or str(err)
+    return None
 
 
 def _is_bug(exc: Exception) -> bool:
@@ -62,9 +97,7 @@ def _one_line(exc: Exception) -> str:
     return f"error: {exc}"
 
 
-def _fail(line: str, real_stderr: TextIO, outputs: list[str], to_log: bool = False) -> None:
-    if to_log:
-        print(line, flush=True)
+def _fail(line: str, real_stderr: TextIO, outputs: list[str]) -> NoReturn:
     print(line, file=real_stderr, flush=True)
     for out in outputs:
         Path(out).unlink(missing_ok=True)
@@ -76,7 +109,7 @@ def _fds_to(log: TextIO) -> Iterator[TextIO]:
     """File descriptors 1 and 2 point at ``log`` (sharing its file offset) for the block;
     yields a text stream on the original stderr. Everything buffered for them (Python's
     streams, C's stdio) is flushed into the log before they are restored, even if a flush
-    fails."""
+    fails (what a full disk refuses is dropped: the caller reports the error)."""
     _flush_all()
     saved = [os.dup(1), os.dup(2)]
     real_stderr = os.fdopen(os.dup(saved[1]), "w")
@@ -86,8 +119,10 @@ def _fds_to(log: TextIO) -> Iterator[TextIO]:
         yield real_stderr
     finally:
         try:
-            log.flush()
-            _flush_all()
+            with suppress(OSError):
+                log.flush()
+            with suppress(OSError):
+                _flush_all()
         finally:
             for fd, copy in zip((1, 2), saved, strict=True):
                 os.dup2(copy, fd)
