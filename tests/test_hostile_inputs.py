@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import resource
+import string
 import struct
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from conftest import TINY_LLAMA, assert_one_line, error_line, run_snakemake
 
 from weight_geometry import hub
 from weight_geometry.checkpoint import open_checkpoint
+from weight_geometry.config import build_plan, user_models
 from weight_geometry.errors import UserError
 from weight_geometry.gguf_file import GGUFFile
 from weight_geometry.safetensors_file import directory_entries
@@ -334,6 +336,79 @@ def test_unopenable_log_gives_one_line(tmp_path):
     proc = _run_rule("user", log, out)
     assert proc.returncode == 1 and not out.exists()
     assert proc.stderr == f"error: the job's log {log} cannot be written (Not a directory)\n"
+
+
+# --- 5. the same key twice in a YAML config file -----------------------------------------
+
+DUPLICATE_MODEL = """\
+models:
+  tiny:
+    source: {first}
+  tiny:
+    source: {second}
+top_k: 4
+"""
+
+
+def test_duplicate_keys_in_a_config_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(DUPLICATE_MODEL.format(first="/a", second="/b"))
+    with pytest.raises(UserError) as info:
+        user_models({}, [path])
+    assert str(info.value) == (f"{path}: key 'tiny' appears twice in models (lines 2 and 4;"
+                               " allowed: each key once)")
+    path.write_text("top_k: 4\nmodels: {a: {source: /m}}\ntop_k: 8\n")
+    with pytest.raises(UserError) as info:
+        user_models({}, [path])
+    assert str(info.value) == (f"{path}: key 'top_k' appears twice (lines 1 and 3; allowed:"
+                               " each key once)")
+
+
+@pytest.mark.workflow
+def test_duplicate_model_name_stops_planning(tmp_path, tiny_checkpoint):
+    """A dry run, so that the old behaviour (the last entry silently wins) shows as a planned
+    run instead of a whole one; the check is the same in a real run."""
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    cfg = workdir / "c.yaml"
+    cfg.write_text(DUPLICATE_MODEL.format(first=tmp_path / "nope", second=tiny_checkpoint))
+    line = _stops_planning(workdir, None, "-n", "--configfile", str(cfg))
+    assert line == f"error: {cfg}: key 'tiny' appears twice in models (lines 2 and 4; allowed:" \
+                   " each key once)"
+
+
+# --- 6. model names that Snakemake or the file system cannot take --------------------------
+
+LONG_NAME = (string.ascii_letters * 6)[:300]   # 300 characters, no repetition Snakemake sees
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("m" * 300, "300 characters (allowed: at most 100)"),
+    (LONG_NAME, "300 characters (allowed: at most 100)"),
+    ("m" * 20, "ends in 'm' repeated 20 times, which Snakemake takes for a cyclic dependency"),
+    ("run-" + "ab" * 25, "ends in 'ab' repeated 25 times, which Snakemake takes for a cyclic"
+                         " dependency"),
+])
+def test_model_name_too_long_or_periodic(name, expected):
+    with pytest.raises(UserError) as info:
+        build_plan({}, {name: {"source": "/m"}})
+    assert_one_line(info.value, f"models: name {name!r} is not allowed", expected)
+
+
+@pytest.mark.parametrize("name", ["m" * 19, LONG_NAME[:100], "qwen2.5-3b-instruct-" + "x" * 19])
+def test_model_names_just_inside_the_limits_pass_the_name_check(name):
+    with pytest.raises(UserError) as info:     # stops at the source, past the name
+        build_plan({}, {name: {"source": "/nope"}})
+    assert f"models.{name}.source" in str(info.value)
+
+
+@pytest.mark.workflow
+@pytest.mark.parametrize("name", ["m" * 300, LONG_NAME])
+def test_bad_model_name_stops_planning(tmp_path, tiny_checkpoint, name):
+    """``m`` x 300 stopped with Snakemake's PeriodicWildcardError, the other 300 characters
+    with "File name too long" in the first job."""
+    line = _stops_planning(tmp_path / "run", _config_for(tiny_checkpoint, name=name))
+    assert line.startswith(f"error: models: name {name!r} is not allowed"), line
 
 
 # --- 9. a symlink loop where the weights should be ----------------------------------------

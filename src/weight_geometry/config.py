@@ -21,6 +21,13 @@ from .errors import UserError
 
 DEVICES = ("auto", "cpu", "cuda")
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+#: A model's name names directories and files (``results/{name}/``, ``logs/{name}/``), so it
+#: stays far below the file system's 255 bytes.
+MAX_NAME_LENGTH = 100
+#: Snakemake refuses a wildcard value that ends in a part repeated 20 times or more (its
+#: PeriodicWildcardError, taken for a cyclic dependency): the same test on a model's name.
+PERIODIC_REPEATS = 20
+_PERIODIC_SUFFIX = re.compile(rf"(?P<unit>.+)(?P=unit){{{PERIODIC_REPEATS - 1},}}$")
 #: ``results/compare/`` holds the cross-model comparison, so no model may be named so.
 RESERVED_NAMES = ("compare",)
 MODEL_KEYS = ("source", "effective_ranks")
@@ -142,7 +149,7 @@ def user_models(merged: dict, user_configfiles: list[Path], command_line=None) -
     """
     chosen = None
     for path in user_configfiles:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = load_yaml(Path(path)) or {}
         if isinstance(data, dict) and data.get("models") is not None:
             chosen = {**(chosen or {}), **_models_mapping(data["models"], f" (in {path})")}
     if chosen is None:
@@ -151,6 +158,38 @@ def user_models(merged: dict, user_configfiles: list[Path], command_line=None) -
         both = isinstance(entry, dict) and isinstance(chosen.get(name), dict)
         chosen[name] = {**chosen[name], **entry} if both else entry
     return chosen
+
+
+def load_yaml(path: Path):
+    """A YAML (or JSON) config file, parsed; a one-line UserError naming a key that appears
+    twice in one mapping, with both lines (a YAML loader keeps the last one silently)."""
+    text = path.read_text()
+    _refuse_duplicate_keys(path, yaml.compose(text, Loader=yaml.SafeLoader), "", set())
+    return yaml.safe_load(text)
+
+
+def _refuse_duplicate_keys(path: Path, node, where: str, visited: set[int]) -> None:
+    """Walk the composed YAML ``node`` (``where``: its dotted key path; ``visited``: nodes
+    already seen, which an alias may repeat) and stop at the first key given twice."""
+    if node is None or id(node) in visited:
+        return
+    visited.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        lines: dict[tuple[str, str], int] = {}
+        for key, value in node.value:
+            inner = where
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                first = lines.setdefault((key.tag, key.value), key.start_mark.line + 1)
+                if first != key.start_mark.line + 1:
+                    in_where = f" in {where}" if where else ""
+                    raise UserError(f"{path}: key {key.value!r} appears twice{in_where} (lines"
+                                    f" {first} and {key.start_mark.line + 1}; allowed: each key"
+                                    " once)")
+                inner = f"{where}.{key.value}" if where else key.value
+            _refuse_duplicate_keys(path, value, inner, visited)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_duplicate_keys(path, item, f"{where}[{i}]", visited)
 
 
 def _models_mapping(models, where: str) -> dict:
@@ -229,6 +268,15 @@ def _check_model_entry(name, entry) -> None:
     if not isinstance(name, str) or not MODEL_NAME.fullmatch(name) or name in RESERVED_NAMES:
         raise UserError(f"models: name {name!r} is not allowed (letters, digits, . _ -; not"
                         f" {', '.join(RESERVED_NAMES)})")
+    if len(name) > MAX_NAME_LENGTH:
+        raise UserError(f"models: name {name!r} is not allowed: {len(name)} characters"
+                        f" (allowed: at most {MAX_NAME_LENGTH})")
+    if periodic := _PERIODIC_SUFFIX.search(name):
+        unit = periodic.group("unit")
+        raise UserError(f"models: name {name!r} is not allowed: it ends in {unit!r} repeated"
+                        f" {len(periodic.group(0)) // len(unit)} times, which Snakemake takes"
+                        f" for a cyclic dependency (allowed: a part repeated fewer than"
+                        f" {PERIODIC_REPEATS} times at the end)")
     if not isinstance(entry, dict):
         raise UserError(f"models.{name}: {entry!r:.60} is not allowed (a mapping: {{source:"
                         " ..., effective_ranks: ...}; effective_ranks optional)")
