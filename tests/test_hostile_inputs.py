@@ -28,6 +28,7 @@ from weight_geometry.checkpoint import open_checkpoint
 from weight_geometry.config import build_plan, user_models
 from weight_geometry.errors import UserError
 from weight_geometry.gguf_file import GGUFFile
+from weight_geometry.results_io import load_layers, load_similarities
 from weight_geometry.safetensors_file import directory_entries
 
 GIB = 1 << 30
@@ -409,6 +410,54 @@ def test_bad_model_name_stops_planning(tmp_path, tiny_checkpoint, name):
     with "File name too long" in the first job."""
     line = _stops_planning(tmp_path / "run", _config_for(tiny_checkpoint, name=name))
     assert line.startswith(f"error: models: name {name!r} is not allowed"), line
+
+
+# --- 8. a tampered .npy among the results -------------------------------------------------
+
+
+def _object_npy(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, np.array([{"not": "numbers"}, None], dtype=object), allow_pickle=True)
+    return path
+
+
+def test_tampered_npy_is_named_with_the_way_out(tmp_path):
+    from weight_geometry.results_io import load_array
+
+    vectors = _object_npy(tmp_path / "bases" / "layers000-001" / "vectors.npy")
+    similarity = _object_npy(tmp_path / "k4" / "similarity_head0.npy")
+    for bad, load in ((vectors, load_array), (vectors, lambda p: load_layers([p])),
+                      (similarity, lambda p: load_similarities([p]))):
+        with pytest.raises(UserError) as info:
+            load(bad)
+        assert str(info.value) == (
+            f"{bad}: not a plain numeric array (it holds Python objects, which are never"
+            " unpickled); delete it and run again: the rule that writes it runs again")
+    garbage = tmp_path / "similarity_head0.npy"
+    garbage.write_bytes(b"\x80\x04not an npy file at all")
+    with pytest.raises(UserError) as info:
+        load_array(garbage)
+    assert_one_line(info.value, garbage, "not a plain numeric array", "delete it")
+
+
+@pytest.mark.workflow
+def test_tampered_npy_fails_its_reader_with_one_line(tmp_path, tiny_checkpoint):
+    """The similarity files exist (one tampered) and only the rule that averages them may run."""
+    workdir = tmp_path / "run"
+    kdir = workdir / "results" / "tiny" / "k4"
+    _object_npy(kdir / "similarity_head0.npy")
+    np.save(kdir / "similarity_head1.npy", np.eye(4))
+    config = _config_for(tiny_checkpoint, heads=[0, 1])
+    proc = run_snakemake(workdir, "results/tiny/k4/similarity_mean.npy", "--allowed-rules",
+                         "similarity_mean", config=config)
+    assert proc.returncode == 1
+    line = ("error: results/tiny/k4/similarity_head0.npy: not a plain numeric array (it holds"
+            " Python objects, which are never unpickled); delete it and run again: the rule"
+            " that writes it runs again")
+    assert line in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in kdir.rglob("*") if p.is_file()) == [
+        "similarity_head0.npy", "similarity_head1.npy"]     # no similarity_mean.npy
 
 
 # --- 9. a symlink loop where the weights should be ----------------------------------------

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .architectures import ModelDims
+from .errors import UserError
 
 if TYPE_CHECKING:  # pandas is imported where tables are read: array-only jobs start faster
     import pandas as pd
@@ -31,9 +32,24 @@ def _sorted_by_first_layer(paths) -> list[Path]:
     return sorted((Path(p) for p in paths), key=lambda p: p.parent.name)
 
 
+def load_array(path, mmap_mode: str | None = None) -> np.ndarray:
+    """A stored ``.npy`` array (memory-mapped with ``mmap_mode``), never unpickled; a one-line
+    UserError naming a file that is not a plain numeric array (tampered with, truncated,
+    another format), and the way out: deleting it makes the rule that writes it run again."""
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except (ValueError, EOFError) as err:  # what np.load raises for all of these
+        text = str(err)
+        why = ("it holds Python objects, which are never unpickled"
+               if any(s in text for s in ("allow_pickle", "Python objects", "pickled"))
+               else text.split("\n")[0])
+        raise UserError(f"{path}: not a plain numeric array ({why}); delete it and run again:"
+                        " the rule that writes it runs again") from None
+
+
 def load_layers(paths, select=lambda a: a) -> np.ndarray:
     """Concatenate one stored array over layer ranges; ``select`` slices each memmap first."""
-    return np.concatenate([np.asarray(select(np.load(p, mmap_mode="r")))
+    return np.concatenate([np.asarray(select(load_array(p, mmap_mode="r")))
                            for p in _sorted_by_first_layer(paths)])
 
 
@@ -53,7 +69,7 @@ def load_head_bases(vector_paths, head: int, k: int) -> np.ndarray:
 
 def load_similarities(paths) -> dict[int, np.ndarray]:
     """``{head: (L, L) matrix}`` from ``.../similarity_head{head}.npy`` files."""
-    return {int(Path(p).stem.removeprefix("similarity_head")): np.load(p) for p in paths}
+    return {int(Path(p).stem.removeprefix("similarity_head")): load_array(p) for p in paths}
 
 
 def pair_matrix(pairs: pd.DataFrame, column: str, n_layers: int) -> np.ndarray:
@@ -158,14 +174,14 @@ def load_analysis(inputs, k: int, heads: list[int], primary_head: int) -> Analys
         heads=heads,
         primary_head=primary_head,
         similarity=load_similarities(inputs.similarity),
-        similarity_mean=np.load(inputs.similarity_mean),
+        similarity_mean=load_array(inputs.similarity_mean),
         bottleneck=pd.read_parquet(inputs.bottleneck),
         alignment=pd.read_parquet(inputs.alignment),
         layers=pd.read_parquet(inputs.layers) if hasattr(inputs, "layers") else None,
         weight_ranks=pd.read_parquet(inputs.weight_ranks),
         kernel_ranks=pd.read_parquet(inputs.kernel_ranks),
         singular_values=load_layers(inputs.singular_values),
-        best_match=np.load(inputs.best_match),
+        best_match=load_array(inputs.best_match),
         layer_pairs=pd.read_parquet(inputs.layer_pairs),
         ksweep=pd.read_parquet(inputs.ksweep) if hasattr(inputs, "ksweep") else None,
     )

@@ -6,15 +6,14 @@ from weight_geometry.rule_script import run_rule
 
 
 def main():
-    import numpy as np
     import pandas as pd
 
     from weight_geometry.crossref import layer_table
-    from weight_geometry.results_io import load_layers, read_json
+    from weight_geometry.results_io import load_array, load_layers, read_json
 
     inp = snakemake.input
-    table = layer_table(pd.read_parquet(inp.weight_ranks), np.load(inp.similarity[0]),
-                        np.load(inp.best_match), pd.read_parquet(inp.bottleneck),
+    table = layer_table(pd.read_parquet(inp.weight_ranks), load_array(inp.similarity[0]),
+                        load_array(inp.best_match), pd.read_parquet(inp.bottleneck),
                         pd.read_parquet(inp.alignment), load_layers(inp.singular_values),
                         snakemake.params.head,
                         int(snakemake.wildcards.k), read_json(inp.model)["d_model"])

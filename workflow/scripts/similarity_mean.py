@@ -8,9 +8,9 @@ from weight_geometry.rule_script import run_rule
 def main():
     import numpy as np
 
-    from weight_geometry.results_io import save_result
+    from weight_geometry.results_io import load_array, save_result
 
-    save_result(snakemake.output[0], np.mean([np.load(p) for p in snakemake.input], axis=0))
+    save_result(snakemake.output[0], np.mean([load_array(p) for p in snakemake.input], axis=0))
 
 
 run_rule(main, snakemake.log[0], snakemake.output)
