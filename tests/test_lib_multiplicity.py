@@ -13,11 +13,16 @@ from weight_geometry.multiplicity import (
     FDR_Q,
     MIN_DETRENDED_POINTS,
     benjamini_hochberg,
+    count_family,
     detrended_correlation,
+    gamma_p,
     pairing_null_exact,
     pairing_permutation_p,
     step_drop_test,
+    two_sided_p,
+    upper_p,
 )
+from weight_geometry.similarity import null_std
 
 
 def _symmetric_sims(n_layers: int, n_heads: int, seed: int) -> np.ndarray:
@@ -289,3 +294,83 @@ def test_detrended_undefined():
     assert res.n == 4 and res.defined
     line = detrended_correlation(np.arange(6.0) * 2 + 1, np.random.default_rng(0).normal(size=6))
     assert math.isnan(line.r) and not line.defined
+
+
+def test_upper_and_two_sided_p_are_normal_tails():
+    z = np.array([-3.0, -0.5, 0.0, 1.2, 4.0, np.nan])
+    np.testing.assert_allclose(upper_p(z), stats.norm.sf(z), rtol=1e-12)
+    np.testing.assert_allclose(two_sided_p(z), 2 * stats.norm.sf(np.abs(z)), rtol=1e-12)
+
+
+def test_gamma_p_is_calibrated_for_skewed_similarity_nulls():
+    """Similarities of Haar-random k-subspaces with small k/d are right-skewed: the normal tail
+    gives too many p < 0.01, the moment-matched gamma about the nominal share (and its tail
+    equals scipy's gamma survival function to Wilson-Hilferty's precision)."""
+    rng = np.random.default_rng(0)
+    k, d, draws = 2, 40, 40_000
+    v1 = np.linalg.qr(rng.standard_normal((draws, d, k)))[0]
+    v2 = np.linalg.qr(rng.standard_normal((draws, d, k)))[0]
+    sims = np.square(np.swapaxes(v1, 1, 2) @ v2).sum((1, 2)) / k
+    mean, std = k / d, null_std(k, d)
+    p_gamma = gamma_p(sims, mean, std)
+    p_normal = upper_p((sims - mean) / std)
+    assert abs((p_gamma < 0.01).mean() - 0.01) < 0.004
+    assert (p_normal < 0.01).mean() > 0.02                    # the normal tail misleads
+    shape = (mean / std) ** 2
+    x = np.array([0.01, 0.05, 0.1, 0.2])
+    np.testing.assert_allclose(gamma_p(x, mean, std), stats.gamma.sf(x, shape, scale=mean / shape),
+                               atol=2e-3)
+    two = gamma_p(x, mean, std, two_sided=True)
+    np.testing.assert_allclose(two, 2 * np.minimum(stats.gamma.sf(x, shape, scale=mean / shape),
+                                                   stats.gamma.cdf(x, shape, scale=mean / shape)),
+                               atol=4e-3)
+    assert np.isnan(gamma_p(0.1, mean, 0.0))
+
+
+def test_tested_counts_significant_tests_by_side():
+    """count_family(): tests with a finite adjusted p; significant ones split by the sign of z; the
+    ratio of means over the tested values."""
+    values = np.array([2.0, 1.0, 0.5, 3.0, np.nan])
+    nulls = np.array([1.0, 1.0, 1.0, 1.0, 1.0])
+    z = np.array([5.0, 0.1, -4.0, 2.0, np.nan])
+    adjusted = np.array([0.001, 0.9, 0.01, 0.2, np.nan])
+    t = count_family(values, nulls, z, adjusted)
+    assert (t.n_tests, t.n_above, t.n_below) == (4, 1, 1)
+    assert t.mean_ratio == pytest.approx(6.5 / 4)
+    assert t.count("pairs") == "1 of 4 pairs significantly above it, 1 below (BH q = 0.05)"
+
+
+def _block_orderings_by_hand(n_heads: int, group: int) -> list[tuple[int, ...]]:
+    """Orderings that keep blocks of ``group`` heads together, by filtering all ``h!``."""
+    return [pi for pi in itertools.permutations(range(n_heads))
+            if all(len({pi[i] // group for i in range(p * group, (p + 1) * group)}) == 1
+                   for p in range(n_heads // group))]
+
+
+@pytest.mark.parametrize(("h", "group"), [(4, 2), (6, 2), (6, 3)])
+def test_pairing_null_and_p_that_keep_kv_heads_together_match_enumeration(h, group):
+    """With KV heads of ``group`` heads, the orderings permute blocks as wholes and heads
+    within them: the exact moments and the exact p equal those over that set enumerated by
+    hand (a filter of all h! orderings), which differs from the full set."""
+    s = _symmetric_sims(3, h, seed=50 + h + group)
+    orderings = _block_orderings_by_hand(h, group)
+    assert len(orderings) == math.factorial(h // group) * math.factorial(group) ** (h // group)
+    mean, std = pairing_null_exact(s, group)
+    p = pairing_permutation_p(s, group=group)
+    full_std = pairing_null_exact(s)[1]
+    for a in range(3):
+        for b in range(3):
+            t = np.array([np.mean([s[a, i, b, pi[i]] for i in range(h)]) for pi in orderings])
+            same = np.mean([s[a, i, b, i] for i in range(h)])
+            assert mean[a, b] == pytest.approx(t.mean(), abs=1e-12)
+            assert std[a, b] == pytest.approx(t.std(), abs=1e-12)
+            assert p[a, b] == pytest.approx(np.mean(t >= same - 1e-12))
+    assert not np.allclose(std, full_std)
+
+
+def test_pairing_p_keeping_kv_heads_monte_carlo_is_near_exact():
+    """Monte Carlo draws of block-respecting orderings give the exact p to sampling error."""
+    s = _symmetric_sims(3, 6, seed=77)
+    exact = pairing_permutation_p(s, group=2)
+    drawn = pairing_permutation_p(s, n_perm=4000, max_exact=1, group=2)
+    np.testing.assert_allclose(drawn, exact, atol=0.03)

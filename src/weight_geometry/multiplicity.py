@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,6 +71,36 @@ def benjamini_hochberg(p) -> np.ndarray:
     return out
 
 
+@dataclass(frozen=True)
+class Tested:
+    """A family of tests as a verdict reads it: how many ran, how many are significant after BH
+    at :data:`FDR_Q` above and below their null, and the statistic's mean over the null's
+    mean (:func:`count_family`)."""
+
+    n_tests: int
+    n_above: int
+    n_below: int
+    mean_ratio: float
+
+    def count(self, what: str) -> str:
+        below = f", {self.n_below} below" if self.n_below else ""
+        return (f"{self.n_above} of {self.n_tests} {what} significantly above it{below} (BH"
+                f" q = {FDR_Q})")
+
+
+def count_family(values, null_means, z, p_adjusted) -> Tested:
+    """:class:`Tested` of one family: tests with a finite adjusted p; above (below) = adjusted
+    p <= :data:`FDR_Q` with z > 0 (< 0); mean ratio = mean of ``values`` / mean of
+    ``null_means`` over those tests. Cost O(n)."""
+    values, null_means = np.asarray(values, float), np.asarray(null_means, float)
+    z, p_adjusted = np.asarray(z, float), np.asarray(p_adjusted, float)
+    ok = np.isfinite(p_adjusted)
+    significant = ok & (p_adjusted <= FDR_Q)
+    ratio = values[ok].mean() / null_means[ok].mean() if ok.any() else float("nan")
+    return Tested(int(ok.sum()), int((significant & (z > 0)).sum()),
+                  int((significant & (z < 0)).sum()), float(ratio))
+
+
 def _pair_blocks(sims: np.ndarray) -> np.ndarray:
     """``C (L, L, h, h)``, ``C[a, b, i, j] = S[a, i, b, j]``, of ``S (L, h, L, h)``."""
     sims = np.asarray(sims, dtype=float)
@@ -78,28 +109,76 @@ def _pair_blocks(sims: np.ndarray) -> np.ndarray:
     return sims.transpose(0, 2, 1, 3)
 
 
-def pairing_null_exact(sims: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Exact mean and std ``(L, L)`` of ``T_pi = mean_i S[a, i, b, pi(i)]`` over a uniform
-    random permutation ``pi`` of the ``h`` heads, per layer pair ``(a, b)`` of ``S (L, h, L, h)``.
+def _hoeffding(c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Exact mean and variance of ``sum_i c[..., i, pi(i)]`` over uniform permutations ``pi`` of
+    the last two axes' ``n`` indices, for every leading index (Hoeffding 1951): mean ``n``
+    times the mean of ``c``, variance ``sum_ij d_ij^2 / (n - 1)`` with ``d`` the doubly centred
+    ``c`` (0 for ``n = 1``). Cost O(size of c)."""
+    n = c.shape[-1]
+    grand = c.mean(axis=(-2, -1), keepdims=True)
+    mean = n * grand[..., 0, 0]
+    if n == 1:
+        return mean, np.zeros_like(mean)
+    d = c - c.mean(axis=-1, keepdims=True) - c.mean(axis=-2, keepdims=True) + grand
+    return mean, np.square(d).sum(axis=(-2, -1)) / (n - 1)
 
-    With ``c_ij = S[a, i, b, j]``: ``E[T] = mean_{i,j} c_ij``; by Hoeffding (1951),
-    ``Var(sum_i c_{i, pi(i)}) = sum_{i,j} d_ij^2 / (h - 1)`` exactly, with the doubly centred
-    ``d_ij = c_ij - mean_j' c_ij' - mean_i' c_i'j + mean_{i',j'} c_i'j'``; ``T``'s variance is
-    that over ``h^2``. ``h = 1``: std 0 (one ordering). The population std of all ``h!``
-    orderings, i.e. what :func:`head_matching.random_pairing_null` estimates from draws. Cost
-    O(L^2 h^2) time and memory.
+
+def pairing_null_exact(sims: np.ndarray, group: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Exact mean and std ``(L, L)`` of ``T_pi = mean_i S[a, i, b, pi(i)]`` over a random head
+    ordering ``pi`` that respects the KV heads, per layer pair ``(a, b)`` of ``S (L, h, L, h)``
+    whose consecutive runs of ``group`` heads share a KV head: the KV heads of layer b are
+    permuted uniformly as blocks, and the heads within each block uniformly (``group = 1`` or
+    ``group = h``: any permutation of the heads).
+
+    Heads of one KV head share its row space and lean towards the same directions of it, so
+    under random weights they are exchangeable only within their block, and blocks only as
+    wholes: a permutation that mixes blocks would credit same-index with the overlap of two
+    KV heads' row spaces. With the ``g x g`` blocks ``C_pq`` of ``c_ij = S[a, i, b, j]``:
+    ``E[sum] = sum_ij c_ij / n_kv`` (``pi(i)`` is uniform over all heads); with ``(m_pq,
+    v_pq)`` Hoeffding's mean and variance of the sum within block ``C_pq``
+    (:func:`_hoeffding`) and ``sigma`` the blocks' permutation, ``Var = E_sigma[sum_p
+    v_p,sigma(p)] + Var_sigma(sum_p m_p,sigma(p)) = sum_pq v_pq / n_kv +`` Hoeffding's
+    variance of the ``n_kv x n_kv`` matrix ``m``. ``T``'s moments are these over
+    ``h`` and ``h^2``. The population std over all orderings. Cost O(L^2 h^2).
     """
     c = _pair_blocks(sims)
-    n_heads = c.shape[-1]
-    rows = c.mean(axis=3, keepdims=True)
-    cols = c.mean(axis=2, keepdims=True)
-    grand = c.mean(axis=(2, 3), keepdims=True)
-    mean = grand[..., 0, 0]
-    if n_heads == 1:
-        return mean, np.zeros_like(mean)
-    d = c - rows - cols + grand
-    variance = np.square(d).sum(axis=(2, 3)) / (n_heads - 1) / n_heads**2
-    return mean, np.sqrt(variance)
+    n_layers, n_heads = c.shape[0], c.shape[2]
+    n_kv = n_heads // (group if 1 < group < n_heads else n_heads)
+    size = n_heads // n_kv
+    blocks = c.reshape(n_layers, n_layers, n_kv, size, n_kv, size).transpose(0, 1, 2, 4, 3, 5)
+    within_mean, within_var = _hoeffding(blocks)                      # (L, L, n_kv, n_kv)
+    across_mean, across_var = _hoeffding(within_mean)
+    variance = within_var.sum(axis=(-2, -1)) / n_kv + across_var
+    return across_mean / n_heads, np.sqrt(variance) / n_heads
+
+
+def _block_orderings(n_heads: int, group: int) -> Iterator[tuple[int, ...]]:
+    """Every head ordering that permutes the KV heads' blocks of ``group`` heads as wholes and
+    the heads within each: ``n_kv! (group!)^n_kv`` of them (``h!`` for ``group`` 1 or ``h``)."""
+    if group in (1, n_heads):
+        yield from itertools.permutations(range(n_heads))
+        return
+    n_kv = n_heads // group
+    within = list(itertools.permutations(range(group)))
+    for order in itertools.permutations(range(n_kv)):
+        for inner in itertools.product(within, repeat=n_kv):
+            yield tuple(order[p] * group + inner[p][i] for p in range(n_kv)
+                        for i in range(group))
+
+
+def _block_ordering_count(n_heads: int, group: int) -> int:
+    if group in (1, n_heads):
+        return math.factorial(n_heads)
+    n_kv = n_heads // group
+    return math.factorial(n_kv) * math.factorial(group) ** n_kv
+
+
+def _draw_ordering(rng: np.random.Generator, n_heads: int, group: int) -> np.ndarray:
+    """One uniform ordering of :func:`_block_orderings`' set."""
+    if group in (1, n_heads):
+        return rng.permutation(n_heads)
+    order = rng.permutation(n_heads // group)
+    return np.concatenate([p * group + rng.permutation(group) for p in order])
 
 
 def _ordering_sums(blocks: np.ndarray, perms: np.ndarray) -> np.ndarray:
@@ -114,25 +193,26 @@ def _ordering_sums(blocks: np.ndarray, perms: np.ndarray) -> np.ndarray:
 
 def pairing_permutation_p(sims: np.ndarray, n_perm: int = PAIRING_P_PERMUTATIONS, seed: int = 0,
                           max_exact: int = MAX_EXACT_PERMUTATIONS,
-                          chunk: int = PERMUTATION_CHUNK) -> np.ndarray:
+                          chunk: int = PERMUTATION_CHUNK, group: int = 1) -> np.ndarray:
     """``(L, L)`` one-sided p-values that the same-index ``T = mean_i S[a, i, b, i]`` of each
     layer pair of ``S (L, h, L, h)`` is as large as ``T_pi = mean_i S[a, i, b, pi(i)]`` under
-    uniform random orderings ``pi`` of the heads (the null: head numbers carry no identity).
+    random head orderings ``pi`` (the null: head numbers carry no identity). Orderings respect
+    the KV heads (:func:`pairing_null_exact`: blocks of ``group`` heads permuted as wholes,
+    heads within them; ``group`` 1 or ``h``: all orderings).
 
-    - Exact when ``h! <= max_exact``: ``p = #{pi : T_pi >= T - tol} / h!`` over all ``h!``
-      orderings, the identity included (smallest attainable p: ``1 / h!``).
+    - Exact when their number (``h!``, or ``n_kv! (group!)^n_kv``) is at most ``max_exact``:
+      ``p = #{pi : T_pi >= T - tol} / count`` over all of them, the identity included.
     - Otherwise Monte Carlo: ``p = (1 + #{T_pi >= T - tol}) / (1 + n_perm)`` over ``n_perm``
-      orderings, the rows of ``rng.permutation(h)`` drawn in turn from
-      ``rng = np.random.default_rng(seed)`` (smallest attainable p: ``1 / (1 + n_perm)``;
+      orderings drawn in turn from ``rng = np.random.default_rng(seed)`` (with all orderings
+      allowed, each is ``rng.permutation(h)``; smallest attainable p: ``1 / (1 + n_perm)``;
       see :data:`PAIRING_P_PERMUTATIONS` for the number BH needs).
 
     ``tol`` = :data:`TOLERANCE` (sums in different orders). Each ordering relabels the heads of
-    every layer pair at once (as :func:`head_matching.random_pairing_null`): each pair's p is
-    that of its own test; pairs' p-values are dependent only through shared draws. The
-    diagonal ``a = b`` compares each head with itself (``T = 1``) and is no test. Pairs
-    ``a <= b`` are computed and mirrored (``S`` is symmetric: ``(b, a)``'s orderings are the
-    inverses of ``(a, b)``'s), so the result is symmetric. Cost O(P L^2 h / 2) for ``P =
-    min(h!, n_perm)`` orderings; memory O(L^2 h^2 + chunk L^2) (``chunk`` orderings at once).
+    every layer pair at once: each pair's p is that of its own test; pairs' p-values are
+    dependent only through shared draws. The diagonal ``a = b`` compares each head with itself
+    (``T = 1``) and is no test. Pairs ``a <= b`` are computed and mirrored (``S`` is
+    symmetric: ``(b, a)``'s orderings are the inverses of ``(a, b)``'s), so the result is
+    symmetric. Cost O(P L^2 h / 2) for ``P`` orderings; memory O(L^2 h^2 + chunk L^2).
     """
     c = _pair_blocks(sims)
     n_layers, n_heads = c.shape[0], c.shape[2]
@@ -141,10 +221,10 @@ def pairing_permutation_p(sims: np.ndarray, n_perm: int = PAIRING_P_PERMUTATIONS
     observed = _ordering_sums(blocks, np.arange(n_heads)[None, :])[:, 0] / n_heads
     threshold = observed[:, None] - TOLERANCE
     count = np.zeros(len(blocks), dtype=np.int64)
-    exact = math.factorial(n_heads) <= max_exact
+    exact = _block_ordering_count(n_heads, group) <= max_exact
     if exact:
-        orderings = itertools.permutations(range(n_heads))
-        total = math.factorial(n_heads)
+        orderings = _block_orderings(n_heads, group)
+        total = _block_ordering_count(n_heads, group)
     else:
         rng = np.random.default_rng(seed)
         total = n_perm
@@ -154,7 +234,7 @@ def pairing_permutation_p(sims: np.ndarray, n_perm: int = PAIRING_P_PERMUTATIONS
         if exact:
             perms = np.array(list(itertools.islice(orderings, size)), dtype=np.intp)
         else:
-            perms = np.stack([rng.permutation(n_heads) for _ in range(size)])
+            perms = np.stack([_draw_ordering(rng, n_heads, group) for _ in range(size)])
         count += (_ordering_sums(blocks, perms) / n_heads >= threshold).sum(axis=1)
         done += size
     p = np.empty((n_layers, n_layers))
@@ -167,6 +247,35 @@ def normal_cdf(z) -> np.ndarray:
     """``Phi(z) = erfc(-z / sqrt 2) / 2`` elementwise (accurate in both tails), float array."""
     z = np.asarray(z, dtype=float)
     return np.vectorize(lambda v: 0.5 * math.erfc(-v / math.sqrt(2.0)), otypes=[float])(z)
+
+
+def upper_p(z) -> np.ndarray:
+    """One-sided p ``1 - Phi(z)`` of a z-score under a normal approximation to its null (a
+    statistic above its null mean), elementwise; NaN stays NaN."""
+    return normal_cdf(-np.asarray(z, dtype=float))
+
+
+def two_sided_p(z) -> np.ndarray:
+    """Two-sided p ``2 (1 - Phi(|z|))`` of a z-score under a normal approximation to its null,
+    elementwise; NaN stays NaN."""
+    return 2 * normal_cdf(-np.abs(np.asarray(z, dtype=float)))
+
+
+def gamma_p(value, mean, std, two_sided: bool = False) -> np.ndarray:
+    """p-value of a nonnegative statistic (a similarity, an energy share) against a null with
+    this ``mean`` and ``std``, elementwise: upper-tail, or two-sided with ``two_sided``.
+
+    Such statistics are right-skewed under their nulls (a similarity is a mean of squared
+    cosines), so a normal tail understates upper p-values. The null is taken as the gamma
+    distribution with the same two moments (shape ``a = (mean / std)^2``), whose tail follows
+    from the Wilson-Hilferty transform ``z' = ((value / mean)^(1/3) - 1 + 1 / (9a)) 3 sqrt(a)``
+    (normal to within ~1e-3 in probability for ``a >= 1``). NaN where ``std`` is 0 or NaN.
+    Cost O(n)."""
+    value, mean, std = (np.asarray(x, dtype=float) for x in (value, mean, std))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        shape = np.where(std > 0, np.square(mean / std), np.nan)
+        z = (np.cbrt(value / mean) - 1 + 1 / (9 * shape)) * 3 * np.sqrt(shape)
+    return two_sided_p(z) if two_sided else upper_p(z)
 
 
 def step_drop_test(values, stds) -> tuple[np.ndarray, np.ndarray]:
