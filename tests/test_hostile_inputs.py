@@ -412,6 +412,75 @@ def test_bad_model_name_stops_planning(tmp_path, tiny_checkpoint, name):
     assert line.startswith(f"error: models: name {name!r} is not allowed"), line
 
 
+# --- 7. an existing output directory this run cannot write ---------------------------------
+
+
+@contextlib.contextmanager
+def _read_only(path: Path):
+    """``path`` made read-only for this process: a read-only bind mount onto itself where the
+    test may mount (root: file modes do not stop root), else mode 0o555."""
+    if os.geteuid() == 0:
+        proc = subprocess.run(["mount", "--bind", "-o", "ro", str(path), str(path)],
+                              capture_output=True, text=True)
+        if proc.returncode:
+            pytest.skip(f"cannot bind-mount read-only here: {proc.stderr.strip()}")
+        try:
+            yield path
+        finally:
+            subprocess.run(["umount", "-l", str(path)], check=True)
+    else:
+        path.chmod(0o555)
+        try:
+            yield path
+        finally:
+            path.chmod(0o755)
+
+
+@pytest.mark.workflow
+@pytest.mark.parametrize(("directory", "stale", "args"), [
+    # a log of a job that must run again: Snakemake's traceback from remove_existing_output
+    ("logs/tiny", "model_info.log", ("--forcerun", "model_info")),
+    # outputs to be made in an existing read-only directory
+    ("results/tiny", None, ()),
+])
+def test_read_only_output_directory_stops_before_any_job(tmp_path, tiny_checkpoint, directory,
+                                                         stale, args):
+    """(An existing output that must be made again in a read-only directory is stopped by
+    Snakemake itself, while it builds the DAG: "Write-protected output files".)"""
+    workdir = tmp_path / "run"
+    (workdir / directory).mkdir(parents=True)
+    if stale:
+        (workdir / directory / stale).write_text("old")
+    before = sorted(workdir.rglob("*"))
+    with _read_only(workdir / directory):
+        proc = run_snakemake(workdir, *args, config=_config_for(tiny_checkpoint))
+    line = error_line(proc)
+    assert proc.returncode == 1
+    why = "read-only file system" if os.geteuid() == 0 else "no write permission"
+    assert line.startswith(f"error: {directory} is not writable ({why}); this run writes"
+                           f" {directory}/"), line
+    assert line.endswith(" in it (allowed: a directory this user may write)"), line
+    after = {p for p in workdir.rglob("*") if ".snakemake" not in p.parts}
+    assert after - {workdir / "config.yaml"} == set(before)
+    if stale:
+        assert (workdir / directory / stale).read_text() == "old"
+
+
+def test_writable_check_names_the_first_directory_it_cannot_write(tmp_path):
+    from weight_geometry.results_io import unwritable_directory
+
+    (tmp_path / "results" / "a").mkdir(parents=True)
+    (tmp_path / "results" / "ro").mkdir()
+    outputs = [tmp_path / "results/a/x.npy", tmp_path / "results/ro/b/c/y.npy"]
+    assert unwritable_directory(outputs) is None
+    with _read_only(tmp_path / "results" / "ro"):
+        found = unwritable_directory(outputs)
+    assert found is not None
+    directory, reason, output = found
+    assert (directory, output) == (tmp_path / "results" / "ro", outputs[1])
+    assert reason in ("read-only file system", "no write permission")
+
+
 # --- 8. a tampered .npy among the results -------------------------------------------------
 
 
@@ -490,3 +559,18 @@ def test_symlink_loop_stops_planning(tmp_path):
     line = _stops_planning(tmp_path / "run", _config_for(ckpt))
     assert line == (f"error: models.tiny.source: {ckpt / 'model.safetensors'}: a symlink loop"
                     " (allowed: a file, or a symlink to one)")
+
+
+# --- what held, kept: no pickle, no torch.load, no remote code, no shell -----------------
+
+
+def test_no_pickle_no_remote_code_no_shell():
+    """The workflow reads checkpoints and results without unpickling and runs no shell."""
+    repo = Path(__file__).resolve().parents[1]
+    files = [*repo.glob("src/**/*.py"), *repo.glob("workflow/**/*.py"),
+             *repo.glob("workflow/**/*.smk"), repo / "Snakefile"]
+    assert len(files) > 20
+    for pattern in ("allow_pickle=True", "torch.load", "trust_remote_code", "shell=True",
+                    "import pickle", "pd.read_pickle"):
+        hits = [f for f in files if pattern in f.read_text()]
+        assert not hits, f"{pattern} in {hits}"

@@ -8,6 +8,7 @@ and the first k vectors touches only those bytes.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -84,6 +85,30 @@ def pair_matrix(pairs: pd.DataFrame, column: str, n_layers: int) -> np.ndarray:
 def model_dims(record: dict) -> ModelDims:
     """The dimensions recorded in a ``model.json``."""
     return ModelDims(**{f.name: record[f.name] for f in fields(ModelDims)})
+
+
+def unwritable_directory(paths) -> tuple[Path, str, Path] | None:
+    """``(directory, why, path)`` for the first of ``paths`` (files that jobs will write or
+    replace, e.g. every output, log and benchmark of the jobs a run will execute) whose
+    directory this process cannot write: its parent, or where the parent does not exist yet,
+    the nearest ancestor that does (where it will be made). None when all can be written. Asks
+    ``access(2)``, which knows read-only mounts and, unlike file modes, what root may do;
+    writes nothing. Cost: one ``access`` per distinct directory."""
+    seen: set[Path] = set()
+    for path in map(Path, paths):
+        directory = path.parent
+        while not directory.exists() and directory != directory.parent:
+            directory = directory.parent
+        if directory in seen:
+            continue
+        seen.add(directory)
+        if not directory.is_dir():
+            return directory, "not a directory", path
+        if not os.access(directory, os.W_OK | os.X_OK):
+            read_only = os.statvfs(directory).f_flag & os.ST_RDONLY
+            return directory, ("read-only file system" if read_only
+                               else "no write permission"), path
+    return None
 
 
 def save_result(path, array: np.ndarray) -> None:

@@ -13,7 +13,11 @@ from weight_geometry.config import build_plan, user_models
 from weight_geometry.errors import UserError
 from weight_geometry.figure_names import COMPARE_FIGURES, FIGURES
 from weight_geometry.nulls import NULL_LAYERS
-from weight_geometry.results_io import BASES_FILES, chunk_dir_name
+from weight_geometry.results_io import (
+    BASES_FILES,
+    chunk_dir_name,
+    unwritable_directory,
+)
 
 try:
     MODELS = user_models(
@@ -206,6 +210,30 @@ def compare_inputs(wildcards):
 
 def download_targets():
     return [f"resources/hub/{name}.json" for name, p in PLAN.models.items() if p.hub_id]
+
+
+def check_writable():
+    """Before the first job (Snakemake's onstart: not in a dry run, and only when some job is to
+    run): one line and exit status 1 unless this process may write every directory the jobs
+    to run write their outputs, logs and benchmarks in (or make them in). Snakemake would
+    otherwise stop in its own traceback when it removes an old output or log there."""
+    paths = set()
+    for job in workflow.dag.needrun_jobs():
+        paths.update(map(str, [*job.output, *job.log]))
+        if job.benchmark:
+            paths.add(str(job.benchmark))
+    found = unwritable_directory(sorted(paths))
+    if found:
+        directory, why, path = found
+        sys.stderr.write(
+            f"error: {directory} is not writable ({why}); this run writes {path} in it"
+            " (allowed: a directory this user may write)\n"
+        )
+        sys.exit(1)
+
+
+onstart:
+    check_writable()
 
 
 def all_targets():
