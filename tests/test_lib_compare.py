@@ -28,12 +28,16 @@ def _model(name: str, n_layers: int, d: int, bottleneck: int, seed: int,
     alignment = rng.uniform(0, 3 * K / d, n_layers)
     record = {"name": name, "n_layers": n_layers, "d_model": d, "d_ff": 4 * d, "n_heads": 4,
               "n_kv_heads": 2, "d_head": d // 4, "architecture": "llama", "ffn_input": ffn_input}
+    adjacent = np.append(rng.uniform(0, 0.6, n_layers - 1), np.nan)
     table = pd.DataFrame({
         "layer": layers, "head": 0, "is_bottleneck": layers == bottleneck,
         "mean_eff_rank": rng.uniform(10, d, n_layers),
-        "adjacent_similarity": np.append(rng.uniform(0, 0.6, n_layers - 1), np.nan),
+        "mean_normalized_eff_rank": rng.uniform(0.2, 0.9, n_layers),
+        "adjacent_similarity": adjacent,
+        "adjacent_conditional_mean": np.append(rng.uniform(0.05, 0.2, n_layers - 1), np.nan),
         "bottleneck_similarity": to_ref, "alignment": alignment,
         "alignment_ratio": alignment / (K / d),
+        "alignment_conditional_ratio": rng.uniform(0.5, 1.5, n_layers),
     })
     return record, table
 
@@ -55,8 +59,12 @@ def test_table_rows_depth_and_chance_ratios(models):
         assert rows["depth"].min() == 0 and rows["depth"].max() < 1
         assert (rows["chance"] == K / d).all()
         for column in ["adjacent_similarity", "bottleneck_similarity", "alignment",
-                       "alignment_ratio", "mean_eff_rank", "is_bottleneck", "head"]:
+                       "alignment_ratio", "alignment_conditional_ratio", "mean_eff_rank",
+                       "mean_normalized_eff_rank", "is_bottleneck", "head"]:
             np.testing.assert_array_equal(rows[column], layers[column])
+        np.testing.assert_allclose(rows["adjacent_conditional_ratio"],
+                                   layers["adjacent_similarity"]
+                                   / layers["adjacent_conditional_mean"])
         np.testing.assert_allclose(rows["adjacent_ratio"], layers["adjacent_similarity"] * d / K)
         np.testing.assert_allclose(rows["bottleneck_ratio"],
                                    layers["bottleneck_similarity"] * d / K)
@@ -88,6 +96,12 @@ def test_summary_against_hand_computation(models):
         assert row["alignment_mean"] == pytest.approx(layers["alignment"].mean())
         assert row["alignment_ratio_mean"] == pytest.approx(layers["alignment_ratio"].mean())
         assert row["mean_eff_rank"] == pytest.approx(layers["mean_eff_rank"].mean())
+        assert row["mean_normalized_eff_rank"] == pytest.approx(
+            layers["mean_normalized_eff_rank"].mean())
+        assert row["alignment_conditional_ratio_mean"] == pytest.approx(
+            layers["alignment_conditional_ratio"].mean())
+        assert row["adjacent_conditional_ratio"] == pytest.approx(
+            (layers["adjacent_similarity"] / layers["adjacent_conditional_mean"]).mean())
         assert row["ffn_input"] == record["ffn_input"]
 
 
@@ -107,14 +121,16 @@ def test_report_has_summary_numbers_figures_and_findings(models):
     for name in COMPARE_FIGURES:
         assert f"](figures/{name}.png)" in text
     for row in summary.itertuples():
-        for value in (row.adjacent_mean, row.adjacent_ratio, row.bottleneck_depth,
-                      row.alignment_ratio_mean, row.mean_eff_rank):
+        for value in (row.adjacent_mean, row.adjacent_ratio, row.adjacent_conditional_ratio,
+                      row.bottleneck_depth, row.alignment_ratio_mean,
+                      row.alignment_conditional_ratio_mean, row.mean_normalized_eff_rank):
             assert f"{value:.4f}" in text
-        assert f"{row.model} at layer {row.bottleneck_layer} of {row.n_layers}" in text
-    ranked = summary.sort_values("adjacent_ratio", ascending=False)["model"].tolist()
-    first, second = (f"{m} ({summary.set_index('model').loc[m, 'adjacent_ratio']:.2f}x)"
+        assert f"{row.model} at layer {int(row.bottleneck_layer)} of {row.n_layers}" in text
+    ranked = summary.sort_values("adjacent_conditional_ratio", ascending=False)["model"].tolist()
+    by_model = summary.set_index("model")
+    first, second = (f"{m} ({by_model.loc[m, 'adjacent_conditional_ratio']:.2f}x)"
                      for m in ranked)
-    assert f"(most redundant depth first): {first}, {second}." in text
+    assert f"(most shared beyond the row spaces first): {first}, {second}." in text
     peak = table.loc[table[table["model"] == "deep"]["adjacent_similarity"].idxmax()]
     assert (f"deep: layers {peak['layer']}-{peak['layer'] + 1} (depth {peak['depth']:.2f}) at"
             f" {peak['adjacent_similarity']:.3f}") in text
@@ -123,16 +139,18 @@ def test_report_has_summary_numbers_figures_and_findings(models):
         assert f"- {row.model}: {verdict}" in text
 
 
-def test_findings_rank_alignment_by_ratio_and_give_bottleneck_depth():
-    # Raw alignment and alignment / chance rank these two models in opposite orders.
+def test_findings_rank_alignment_by_conditional_ratio_and_give_bottleneck_depth():
+    # Alignment / k/d and alignment / conditional chance rank these two models in opposite
+    # orders: the comparison uses the conditional one (comparable across head sizes).
     wide_record, wide = _model("wide", 6, 256, 4, 2)
     narrow_record, narrow = _model("narrow", 5, 64, 1, 3)
     wide["alignment"], narrow["alignment"] = 0.1, 0.2
     wide["alignment_ratio"], narrow["alignment_ratio"] = 0.1 / (K / 256), 0.2 / (K / 64)
+    wide["alignment_conditional_ratio"], narrow["alignment_conditional_ratio"] = 0.9, 1.3
     table = compare_table({"narrow": (narrow_record, narrow), "wide": (wide_record, wide)}, K)
     text = render_compare(table, compare_summary(table), K)
-    assert ("- Ranked by mean FFN-attention alignment / chance: wide (3.20x),"
-            " narrow (1.60x).") in text
+    assert ("- Ranked by mean FFN-attention alignment / its conditional chance: narrow (1.30x),"
+            " wide (0.90x).") in text
     assert "wide at layer 4 of 6 (depth 0.67)" in text             # depth = layer / L
     assert "narrow at layer 1 of 5 (depth 0.20)" in text
 
@@ -147,3 +165,13 @@ def test_summary_table_has_similarity_to_bottleneck_of_other_layers(models):
     for (_, layers), row in zip(models.values(), rows[2:], strict=True):
         others = layers.loc[~layers["is_bottleneck"], "bottleneck_similarity"].mean()
         assert row[column] == f"{others:.4f}"
+
+
+def test_a_model_without_bottleneck_says_none(models):
+    record, layers = models["small"]
+    layers = layers.assign(is_bottleneck=False, bottleneck_similarity=np.nan)
+    table = compare_table({"small": (record, layers), "deep": models["deep"]}, K)
+    summary = compare_summary(table).set_index("model")
+    assert np.isnan(summary.loc["small", "bottleneck_depth"])
+    text = render_compare(table, compare_summary(table), K)
+    assert "- Bottleneck layers: small: none; deep at layer 7 of 10 (depth 0.70)." in text

@@ -9,6 +9,7 @@ from conftest import gaussian_kernel_bases, haar_bases
 
 from weight_geometry.nulls import (
     alignment_ceiling,
+    alignment_floor,
     alignment_null_std,
     alignment_z,
     bartlett_r,
@@ -118,10 +119,23 @@ def test_alignment_ceiling_and_normalization():
     v = haar_bases(rng, (2000,), k, d)
     random_align = np.square(v @ w.T).sum(axis=(1, 2)) / np.square(w).sum()
     assert random_align.max() < ceiling[0]
-    assert normalized_alignment(np.array([own]), k, d, ceiling)[0] == pytest.approx(1.0)
-    assert normalized_alignment(np.array([k / d]), k, d, ceiling)[0] == pytest.approx(0.0)
+    # The floor: W_in's bottom-k directions, here its null space (d_ff < d): 0, and no
+    # k-subspace holds less.
+    floor = alignment_floor(sv[None], k, d)
+    bottom = np.square(w @ vt[-k:].T).sum() / np.square(w).sum()
+    assert floor[0] == pytest.approx(bottom, abs=1e-12) and random_align.min() > floor[0]
+    wide, wide_sv = _ffn_spectrum(rng, 30, d)            # d_ff > d: bottom-k nonzero
+    wide_vt = np.linalg.svd(wide)[2]
+    assert alignment_floor(wide_sv[None], k, d)[0] == pytest.approx(
+        np.square(wide @ wide_vt[-k:].T).sum() / np.square(wide).sum())
+    # Symmetric normalization: floor -1, chance 0, ceiling +1, linear on each side.
+    chance = k / d
+    values = np.array([own, chance, floor[0], (chance + own) / 2, (chance + floor[0]) / 2])
+    np.testing.assert_allclose(normalized_alignment(values, chance, ceiling, floor),
+                               [1.0, 0.0, -1.0, 0.5, -0.5], atol=1e-12)
     # Per-layer ceiling broadcasts over heads.
-    per_head = normalized_alignment(np.full((1, 4), own), k, d, ceiling)
+    per_head = normalized_alignment(np.full((1, 4), own), chance, ceiling[:, None],
+                                    floor[:, None])
     np.testing.assert_allclose(per_head, np.ones((1, 4)))
 
 

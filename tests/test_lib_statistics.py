@@ -10,12 +10,14 @@ import pytest
 from scipy import stats
 
 from weight_geometry.statistics import (
+    BOTTLENECK_ROBUST_Z,
+    NO_BOTTLENECK,
+    bottleneck_profile,
     bottleneck_table,
     bottleneck_trends,
     choose_bottleneck,
     correlate,
     overlap_summary,
-    phase_boundaries,
     similarity_by_distance,
 )
 
@@ -54,56 +56,6 @@ def test_overlap_summary_two_layers():
     assert got["distant_mean"] == pytest.approx(0.3)
     assert got["adjacent_minus_distant"] == pytest.approx(0.0)
     assert got["adjacent_std"] == pytest.approx(0.0)
-
-
-@pytest.mark.parametrize("n", [5, 14, 36])
-def test_phase_boundaries_match_notebook_loop(n):
-    s = _random_sims(n, 100 + n)
-    adj = [s[i, i + 1] for i in range(n - 1)]
-    diffs = [adj[t + 1] - adj[t] for t in range(len(adj) - 1)]
-    order = [t for t in sorted(range(len(diffs)), key=lambda t: diffs[t])[:10] if diffs[t] < 0]
-    got = phase_boundaries(s)
-    assert len(got) == min(10, sum(step < 0 for step in diffs))
-    assert list(got["rank"]) == list(range(len(got)))
-    assert list(got["boundary"]) == [f"{t + 1}→{t + 2}" for t in order]
-    np.testing.assert_allclose(got["adjacent_similarity"], [adj[t + 1] for t in order])
-    np.testing.assert_allclose(got["change"], [diffs[t] for t in order])
-    assert all(np.diff(got["change"]) >= 0), "most negative first"
-
-
-def test_phase_boundaries_ties_in_layer_order():
-    """Tied steps (20 drops of 0.5 here, more than a non-stable sort keeps in order) come in
-    layer order, as the notebook's sorted() gives them."""
-    n = 42
-    s = np.eye(n)
-    for i in range(n - 1):
-        s[i, i + 1] = s[i + 1, i] = 0.9 if i % 2 == 0 else 0.4
-    got = phase_boundaries(s)
-    assert list(got["boundary"]) == [f"{t + 1}→{t + 2}" for t in range(0, 20, 2)]
-    np.testing.assert_allclose(got["change"], -0.5)
-
-
-def test_phase_boundaries_are_drops_only():
-    """A rise between adjacent pairs is no boundary: with 3 drops among 8 steps, 3 rows."""
-    adj = [0.5, 0.6, 0.4, 0.7, 0.8, 0.3, 0.9, 0.95, 0.85, 0.99]
-    s = np.eye(len(adj) + 1)
-    for i, value in enumerate(adj):
-        s[i, i + 1] = s[i + 1, i] = value
-    got = phase_boundaries(s)
-    assert list(got["boundary"]) == ["5→6", "2→3", "8→9"]
-    assert (got["change"] < 0).all()
-
-
-def test_phase_boundary_at_planted_drop():
-    n = 12
-    s = np.full((n, n), 0.2)
-    s[:6, :6] = 0.8                                   # block 0..5, then a different phase
-    s[6:, 6:] = 0.7
-    np.fill_diagonal(s, 1.0)
-    got = phase_boundaries(s, n=1)
-    # adjacent: pairs (4,5)=0.8, (5,6)=0.2: the drop is at step 4 -> between layers 5 and 6.
-    assert got["boundary"].iloc[0] == "5→6"
-    assert got["change"].iloc[0] == pytest.approx(-0.6)
 
 
 @pytest.mark.parametrize("n", [3, 8, 25, 36, 50])
@@ -245,42 +197,78 @@ def _ranks_table(values: dict[tuple[int, str], tuple[str, float]]) -> pd.DataFra
                         columns=["layer_idx", "weight_type", "shape", "eff_rank"])
 
 
-def test_choose_bottleneck_hand_made_table():
-    # Normalized by min(rows, cols): W_Q 64x32 -> /32, W_K 16x32 -> /16.
-    t = _ranks_table({
-        (0, "W_Q"): ("64x32", 30.0), (0, "W_K"): ("16x32", 15.0),   # mean(.9375,.9375)
-        (1, "W_Q"): ("64x32", 16.0), (1, "W_K"): ("16x32", 14.0),   # mean(.5, .875)=.6875
-        (2, "W_Q"): ("64x32", 28.0), (2, "W_K"): ("16x32", 4.0),    # mean(.875,.25)=.5625
-        # Other weight types must be ignored even when their rank is tiny.
-        (0, "W_gate"): ("48x32", 1.0), (1, "W_V"): ("16x32", 1.0),
-    })
-    # Raw (unnormalized) means would pick layer 1 ((16+14)/2=15 < (28+4)/2=16): the
+def _profile_ranks(profile) -> pd.DataFrame:
+    """Ranks whose W_Q (64x32) and W_K (16x32) both have normalized rank ``profile[l]``."""
+    return _ranks_table({(layer, wt): (shape, value * side) for layer, value in enumerate(profile)
+                         for wt, shape, side in (("W_Q", "64x32", 32), ("W_K", "16x32", 16))})
+
+
+def test_choose_bottleneck_normalizes_and_ignores_other_weights():
+    # Normalized by min(rows, cols): W_Q 64x32 -> /32, W_K 16x32 -> /16. Layers 0 and 6 (first
+    # and last) are left out; layers 1-5 are the profile.
+    values = {(layer, wt): (shape, r) for layer in range(7)
+              for wt, shape, r in (("W_Q", "64x32", 30.0), ("W_K", "16x32", 15.0))}
+    values[(0, "W_Q")] = ("64x32", 1.0)                          # the first layer: left out
+    values[(3, "W_Q")], values[(3, "W_K")] = ("64x32", 16.0), ("16x32", 14.0)   # .6875
+    values[(2, "W_Q")], values[(2, "W_K")] = ("64x32", 28.0), ("16x32", 4.0)    # .5625
+    values[(4, "W_gate")] = ("48x32", 1.0)                       # other types: ignored
+    t = _ranks_table(values)
+    # Raw (unnormalized) means would pick layer 3 ((16+14)/2=15 < (28+4)/2=16): the
     # normalization flips the answer.
-    assert choose_bottleneck(t) == 2
-    # By min(rows, cols), not max: W_K 8x32 (/8 or /32) against W_Q 64x32 (/32 or /64).
-    t = _ranks_table({
-        (0, "W_Q"): ("64x32", 28.0), (0, "W_K"): ("8x32", 1.0),     # /min .5;    /max .234
-        (1, "W_Q"): ("64x32", 4.0), (1, "W_K"): ("8x32", 7.5),      # /min .53125; /max .148
-    })
-    assert choose_bottleneck(t) == 0
+    choice = choose_bottleneck(t)
+    assert choice.layer == 2 and choice.n_profile == 5
+    np.testing.assert_allclose(bottleneck_profile(t).to_numpy(),
+                               [(1 / 32 + 15 / 16) / 2, .9375, .5625, .6875, .9375, .9375, .9375])
+
+
+def test_choose_bottleneck_stands_out_only_beyond_the_robust_threshold():
+    """A layer whose profile sits far below the interior's median (in MADs) is a bottleneck; a
+    smooth profile or a dip within the spread is not; too few layers give none."""
+    rng = np.random.default_rng(0)
+    base = 0.8 + 0.01 * rng.standard_normal(20)
+    dip = base.copy()
+    dip[12] = 0.5
+    choice = choose_bottleneck(_profile_ranks(dip))
+    assert choice.layer == 12 and choice.stands_out
+    values = dip[1:-1]
+    mad = 1.4826 * np.median(np.abs(values - np.median(values)))
+    assert choice.robust_z == pytest.approx((np.median(values) - 0.5) / mad)
+    assert "stands out" in choice.text() and "layer 12" in choice.text()
+    smooth = choose_bottleneck(_profile_ranks(base))
+    assert not smooth.stands_out and smooth.robust_z < BOTTLENECK_ROBUST_Z
+    assert "does not stand out" in smooth.text()
+    edge = base.copy()
+    edge[0] = edge[-1] = 0.1                                     # first and last: not candidates
+    assert not choose_bottleneck(_profile_ranks(edge)).stands_out
+    few = choose_bottleneck(_profile_ranks(dip[:6]))
+    assert not few.stands_out and "at least 5 layers" in few.text()
+
+
+def _nulls(sims: dict[int, np.ndarray]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    return {h: (np.full_like(s, 0.1 + h), np.full_like(s, 0.01 * (h + 1))) for h, s in sims.items()}
 
 
 def test_bottleneck_table():
-    rng = np.random.default_rng(1)
-    sims = {3: _random_sims(5, 1), 0: _random_sims(5, 2)}
-    ranks = _ranks_table({(layer, wt): ("64x32" if wt == "W_Q" else "16x32",
-                                        5.0 if layer == 3 else 10.0 + rng.uniform())
-                          for layer in range(5) for wt in ("W_Q", "W_K")})
-    auto = bottleneck_table(sims, ranks, "auto")
-    assert list(auto.columns[:3]) == ["head", "layer", "similarity"]
-    assert list(auto["head"]) == [0] * 5 + [3] * 5, "heads in sorted order"
+    sims = {3: _random_sims(7, 1), 0: _random_sims(7, 2)}
+    profile = np.full(7, 0.8) + np.linspace(0, 0.01, 7)
+    profile[3] = 0.3
+    auto = bottleneck_table(sims, _profile_ranks(profile), "auto", _nulls(sims))
+    assert list(auto.columns[:5]) == ["head", "layer", "similarity", "conditional_mean",
+                                      "conditional_std"]
+    assert list(auto["head"]) == [0] * 7 + [3] * 7, "heads in sorted order"
     assert set(auto["bottleneck_layer"]) == {3}
-    assert auto["bottleneck_choice"].str.startswith("auto").all()
+    assert auto["bottleneck_choice"].str.startswith("auto: layer 3").all()
     for head in (0, 3):
         part = auto[auto["head"] == head]
         np.testing.assert_allclose(part["similarity"], sims[head][3])
-        assert list(part["layer"]) == list(range(5))
-    fixed = bottleneck_table(sims, ranks, 1)
+        np.testing.assert_allclose(part["conditional_mean"], 0.1 + head)
+        np.testing.assert_allclose(part["conditional_std"], 0.01 * (head + 1))
+        assert list(part["layer"]) == list(range(7))
+    fixed = bottleneck_table(sims, _profile_ranks(profile), 1, _nulls(sims))
     assert set(fixed["bottleneck_layer"]) == {1}
     assert (fixed["bottleneck_choice"] == "set in the config").all()
     np.testing.assert_allclose(fixed[fixed["head"] == 0]["similarity"], sims[0][1])
+    flat = bottleneck_table(sims, _profile_ranks(np.full(7, 0.8)), "auto", _nulls(sims))
+    assert set(flat["bottleneck_layer"]) == {NO_BOTTLENECK}
+    assert flat[["similarity", "conditional_mean", "conditional_std"]].isna().all().all()
+    assert "does not stand out" in flat["bottleneck_choice"].iloc[0]

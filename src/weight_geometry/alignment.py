@@ -3,10 +3,20 @@
 ``align(l, i, k) = ||W_in V_k^T||_F^2 / ||W_in||_F^2``: the fraction of the FFN input
 projection's Frobenius energy inside head ``i``'s top-k attention subspace. With
 ``e_r = ||W_in v_r||^2`` stored per basis vector by the extraction, the numerator is
-``sum_{r<k} e_r``: O(k) per (layer, head, k). Beside it, per layer: the isotropic null (mean
-``k / d``, std from the spectrum of ``W_in``, :mod:`nulls`), the z-score, the ceiling (the
-share of the energy in ``W_in``'s own top-k right singular directions, the most any k-subspace
-can hold) and the alignment normalized between chance (0) and that ceiling (1).
+``sum_{r<k} e_r``: O(k) per (layer, head, k). Beside it, two nulls:
+
+- isotropic (:mod:`nulls`): a Haar-random k-subspace of R^d; chance ``k / d``, std from the
+  spectrum of ``W_in``, ceiling and floor the shares of ``W_in``'s own top-k and bottom-k
+  right singular directions (the most and least any k-subspace holds);
+- row-space-conditional (:mod:`rowspace_nulls`): a Haar-random k-subspace of the head's KV row
+  space, where every kernel direction lies; chance, std, ceiling and floor from the spectrum
+  of ``W_in``'s Gram inside that row space. The report's verdicts use this one.
+
+Each null gives a ratio, a z-score and a normalized value, piecewise linear: the floor -1,
+chance 0, the ceiling +1 (:func:`nulls.normalized_alignment`). The conditional z gets a
+two-sided p under a moment-matched gamma approximation to the null
+(:func:`multiplicity.gamma_p`), BH-adjusted over every (layer, head) of
+this k (:mod:`multiplicity`).
 """
 
 from __future__ import annotations
@@ -14,37 +24,70 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .nulls import alignment_ceiling, alignment_null_std, alignment_z, normalized_alignment
+from .multiplicity import benjamini_hochberg, gamma_p
+from .nulls import (
+    alignment_ceiling,
+    alignment_floor,
+    alignment_null_std,
+    alignment_z,
+    normalized_alignment,
+)
+from .rowspace_nulls import alignment_null
 from .similarity import null_mean
 
 
 def alignment_table(energy: np.ndarray, norm2: np.ndarray, ffn_singular_values: np.ndarray,
-                    k: int, d: int, ffn_input: str) -> pd.DataFrame:
-    """Long table, sorted by (head, layer), for every head: head, layer, alignment, chance,
-    ratio (to chance), null_std, z, ceiling, normalized, ffn_input.
+                    rowspace_eigenvalues: np.ndarray, k: int, d: int,
+                    ffn_input: str) -> pd.DataFrame:
+    """Long table, sorted by (head, layer), for every head: head, layer, alignment; the
+    isotropic null's chance, ratio, null_std, z, ceiling, floor, normalized; the conditional
+    null's conditional_chance, conditional_ratio, conditional_std, conditional_z,
+    conditional_ceiling, conditional_floor, conditional_normalized, conditional_p,
+    conditional_p_adjusted; ffn_input.
 
     Args:
         energy: ``(L, h, d_head)`` per-direction energies ``||W_in v_r||^2``.
         norm2: ``(L,)`` ``||W_in||_F^2``.
         ffn_singular_values: ``(L, d)`` singular values of ``W_in``, descending.
-    Cost O(L h k + L d).
+        rowspace_eigenvalues: ``(L, n_kv, d_head)`` eigenvalues of ``W_in``'s Gram inside each
+            KV head's row space.
+    Cost O(L h k + L d log d).
     """
     values = energy[:, :, :k].sum(-1) / norm2[:, None]       # (L, h)
     n_layers, n_heads = values.shape
     chance = null_mean(k, d)
-    # Per-layer quantities broadcast to (L, h), flattened like ``values``.
-    std = np.broadcast_to(alignment_null_std(k, d, ffn_singular_values)[:, None], values.shape)
-    top = np.broadcast_to(alignment_ceiling(ffn_singular_values, k)[:, None], values.shape)
-    z = alignment_z(values, k, d, ffn_singular_values)
+    per_layer = {"null_std": alignment_null_std(k, d, ffn_singular_values),
+                 "ceiling": alignment_ceiling(ffn_singular_values, k),
+                 "floor": alignment_floor(ffn_singular_values, k, d)}
+    iso = {name: np.broadcast_to(v[:, None], values.shape) for name, v in per_layer.items()}
+    cond = alignment_null(rowspace_eigenvalues, norm2, k, n_heads)
+    with np.errstate(divide="ignore", invalid="ignore"):   # k = d_head: no spread, no test
+        cond_z = np.where(cond["std"] > 0, (values - cond["chance"]) / cond["std"], np.nan)
+    cond_p = np.where(np.isfinite(cond_z), gamma_p(values, cond["chance"], cond["std"],
+                                                    two_sided=True), np.nan)
+    columns = {
+        "alignment": values,
+        "chance": np.full(values.shape, chance),
+        "ratio": values / chance,
+        "null_std": iso["null_std"],
+        "z": alignment_z(values, k, d, ffn_singular_values),
+        "ceiling": iso["ceiling"],
+        "floor": iso["floor"],
+        "normalized": normalized_alignment(values, chance, iso["ceiling"], iso["floor"]),
+        "conditional_chance": cond["chance"],
+        "conditional_ratio": values / cond["chance"],
+        "conditional_std": cond["std"],
+        "conditional_z": cond_z,
+        "conditional_ceiling": cond["ceiling"],
+        "conditional_floor": cond["floor"],
+        "conditional_normalized": normalized_alignment(values, cond["chance"], cond["ceiling"],
+                                                       cond["floor"]),
+        "conditional_p": cond_p,
+        "conditional_p_adjusted": benjamini_hochberg(cond_p),
+    }
     return pd.DataFrame({
         "head": np.tile(np.arange(n_heads), n_layers),
         "layer": np.repeat(np.arange(n_layers), n_heads),
-        "alignment": values.reshape(-1),
-        "chance": chance,
-        "ratio": values.reshape(-1) / chance,
-        "null_std": std.reshape(-1),
-        "z": z.reshape(-1),
-        "ceiling": top.reshape(-1),
-        "normalized": normalized_alignment(values, k, d, top).reshape(-1),
+        **{name: np.asarray(v, dtype=float).reshape(-1) for name, v in columns.items()},
         "ffn_input": ffn_input,
     }).sort_values(["head", "layer"], ignore_index=True)

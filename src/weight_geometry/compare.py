@@ -2,7 +2,11 @@
 
 Models of different depth are put on one axis by normalized depth ``layer / L`` (in [0, 1)).
 Raw Grassmann similarities are not comparable across widths, since the isotropic null is
-``k / d``; the ``*_ratio`` columns divide by it (``alignment_ratio`` already does).
+``k / d``; the ``*_ratio`` columns divide by it (``alignment_ratio`` already does). Nor is the
+ratio to ``k / d`` comparable across head sizes at one k (a k-subspace fills ``k / d_head`` of
+its row space), so models are compared and ranked by their ratios to the row-space-conditional
+null (``*_conditional_ratio``), which accounts for both; effective ranks by their normalized
+mean (``eff_rank / min(rows, cols)``).
 """
 
 from __future__ import annotations
@@ -28,21 +32,23 @@ class _Figure(NamedTuple):
 #: Figure name (= the plotted column of :func:`compare_table`) -> how it is drawn and described.
 _FIGURES = dict(zip(COMPARE_FIGURES, (
     _Figure(
-        "Similarity sim[l, l+1]",
-        "Similarity of each layer's attention subspace to the next layer's; dotted lines are"
-        " each model's isotropic null k/d. High values mean redundant depth.", "chance"),
+        "Adjacent-layer similarity / conditional null",
+        "Similarity of each layer's attention subspace to the next layer's, divided by its"
+        " row-space-conditional null mean; the grey line is that null (1).", "one"),
     _Figure(
         "Similarity to the bottleneck layer",
         "Similarity of each layer's subspace to its model's bottleneck layer (1 at the"
-        " bottleneck itself); dotted lines are each model's k/d.", "chance"),
+        " bottleneck itself); dotted lines are each model's k/d. Models without a bottleneck"
+        " have no line.", "chance"),
     _Figure(
-        "FFN-attention alignment / chance",
-        "Fraction of the FFN input energy inside the attention subspace, divided by chance"
-        " k/d; the grey line is chance (1).", "one"),
+        "FFN-attention alignment / conditional chance",
+        "Fraction of the FFN input energy inside the attention subspace, divided by the share"
+        " a random k-subspace of the head's KV row space holds; the grey line is that null"
+        " (1).", "one"),
     _Figure(
-        "Mean effective rank",
-        "Effective rank averaged over the layer's weight types; absolute, so it scales with"
-        " the model's width.", None),
+        "Mean normalized effective rank",
+        "Effective rank / min(rows, cols), averaged over the layer's weight types: comparable"
+        " across widths.", None),
 ), strict=True))
 
 
@@ -65,9 +71,13 @@ def _model_rows(name: str, model: dict, layers: pd.DataFrame, k: int) -> pd.Data
         "adjacent_ratio": layers["adjacent_similarity"].to_numpy() / chance,
         "bottleneck_similarity": layers["bottleneck_similarity"].to_numpy(),
         "bottleneck_ratio": layers["bottleneck_similarity"].to_numpy() / chance,
+        "adjacent_conditional_ratio": (layers["adjacent_similarity"]
+                                       / layers["adjacent_conditional_mean"]).to_numpy(),
         "alignment": layers["alignment"].to_numpy(),
         "alignment_ratio": layers["alignment_ratio"].to_numpy(),
+        "alignment_conditional_ratio": layers["alignment_conditional_ratio"].to_numpy(),
         "mean_eff_rank": layers["mean_eff_rank"].to_numpy(),
+        "mean_normalized_eff_rank": layers["mean_normalized_eff_rank"].to_numpy(),
         "is_bottleneck": layers["is_bottleneck"].to_numpy(),
     })
 
@@ -78,8 +88,9 @@ def compare_table(models: dict[str, tuple[dict, pd.DataFrame]], k: int) -> pd.Da
     ``models`` maps a name to its ``model.json`` record and its ``k{k}/layers.parquet`` table.
     Columns: model, layer, n_layers, d_model, head, ffn_input, ``depth = layer / n_layers``,
     ``chance = k / d_model``, adjacent_similarity, ``adjacent_ratio`` (= / chance),
-    bottleneck_similarity, ``bottleneck_ratio`` (= / chance), alignment, alignment_ratio,
-    mean_eff_rank, is_bottleneck.
+    bottleneck_similarity, ``bottleneck_ratio`` (= / chance), adjacent_conditional_ratio (=
+    / its conditional null mean), alignment, alignment_ratio, alignment_conditional_ratio,
+    mean_eff_rank, mean_normalized_eff_rank, is_bottleneck.
     """
     if not models:
         raise ValueError("compare_table needs at least one model")
@@ -88,20 +99,26 @@ def compare_table(models: dict[str, tuple[dict, pd.DataFrame]], k: int) -> pd.Da
 
 
 def _summary_row(rows: pd.DataFrame) -> dict:
-    """Summary of one model's rows; NaN (the last layer's adjacent similarity) is skipped."""
+    """Summary of one model's rows; NaN (the last layer's adjacent similarity) is skipped. A
+    model without a bottleneck has NaN bottleneck columns."""
     first = rows.iloc[0]
-    bottleneck = rows[rows["is_bottleneck"]].iloc[0]
+    bottleneck = rows[rows["is_bottleneck"]]
     others = rows.loc[~rows["is_bottleneck"], "bottleneck_similarity"]
     adjacent_mean = rows["adjacent_similarity"].mean()
+    nan = float("nan")
     return {
         "model": first["model"], "n_layers": first["n_layers"], "d_model": first["d_model"],
         "head": first["head"], "ffn_input": first["ffn_input"], "chance": first["chance"],
         "adjacent_mean": adjacent_mean, "adjacent_ratio": adjacent_mean / first["chance"],
-        "bottleneck_layer": bottleneck["layer"], "bottleneck_depth": bottleneck["depth"],
+        "adjacent_conditional_ratio": rows["adjacent_conditional_ratio"].mean(),
+        "bottleneck_layer": bottleneck["layer"].iloc[0] if len(bottleneck) else nan,
+        "bottleneck_depth": bottleneck["depth"].iloc[0] if len(bottleneck) else nan,
         "bottleneck_similarity_mean": others.mean(),
         "alignment_mean": rows["alignment"].mean(),
         "alignment_ratio_mean": rows["alignment_ratio"].mean(),
+        "alignment_conditional_ratio_mean": rows["alignment_conditional_ratio"].mean(),
         "mean_eff_rank": rows["mean_eff_rank"].mean(),
+        "mean_normalized_eff_rank": rows["mean_normalized_eff_rank"].mean(),
     }
 
 
@@ -109,9 +126,12 @@ def compare_summary(table: pd.DataFrame) -> pd.DataFrame:
     """One row per model of a :func:`compare_table`, in its order.
 
     Columns: model, n_layers, d_model, head, ffn_input, chance (k/d), adjacent_mean (mean of
-    ``sim[l, l+1]`` over l < L-1), adjacent_ratio (adjacent_mean / chance), bottleneck_layer,
-    bottleneck_depth, bottleneck_similarity_mean (mean over the layers other than the
-    bottleneck), alignment_mean, alignment_ratio_mean, mean_eff_rank (mean over layers).
+    ``sim[l, l+1]`` over l < L-1), adjacent_ratio (adjacent_mean / chance),
+    adjacent_conditional_ratio (mean over layers of the ratio to the conditional null),
+    bottleneck_layer, bottleneck_depth (NaN without a bottleneck), bottleneck_similarity_mean
+    (mean over the layers other than the bottleneck), alignment_mean, alignment_ratio_mean,
+    alignment_conditional_ratio_mean, mean_eff_rank, mean_normalized_eff_rank (means over
+    layers).
     """
     return pd.DataFrame([_summary_row(rows)
                          for _, rows in table.groupby("model", sort=False)])
@@ -142,10 +162,13 @@ def draw_compare(table: pd.DataFrame, out: dict[str, str]) -> None:
 
 _SUMMARY_COLUMNS = {
     "model": "Model", "n_layers": "L", "d_model": "d", "head": "Head", "chance": "Chance k/d",
-    "adjacent_mean": "Adjacent sim", "adjacent_ratio": "Adjacent / chance",
+    "adjacent_mean": "Adjacent sim", "adjacent_ratio": "Adjacent / k/d",
+    "adjacent_conditional_ratio": "Adjacent / conditional",
     "bottleneck_layer": "Bottleneck layer", "bottleneck_depth": "Bottleneck depth",
     "bottleneck_similarity_mean": "Sim to bottleneck (others)",
-    "alignment_ratio_mean": "Alignment / chance", "mean_eff_rank": "Mean eff rank",
+    "alignment_ratio_mean": "Alignment / k/d",
+    "alignment_conditional_ratio_mean": "Alignment / conditional",
+    "mean_normalized_eff_rank": "Mean normalized eff rank",
 }
 
 
@@ -163,16 +186,22 @@ def _peak_adjacent(table: pd.DataFrame) -> str:
                      f" {r.adjacent_similarity:.3f}" for r in peaks.itertuples())
 
 
+def _bottleneck_text(r) -> str:
+    if np.isnan(r.bottleneck_depth):
+        return f"{r.model}: none"
+    return (f"{r.model} at layer {int(r.bottleneck_layer)} of {r.n_layers} (depth"
+            f" {r.bottleneck_depth:.2f})")
+
+
 def _findings(table: pd.DataFrame, summary: pd.DataFrame) -> list[str]:
     """Bullet points computed from the table and its summary."""
-    out = [f"- Ranked by mean adjacent-layer similarity / chance (most redundant depth first):"
-           f" {_ranking(summary, 'adjacent_ratio')}.",
-           f"- Most similar adjacent layers: {_peak_adjacent(table)}."]
-    out.append("- Bottleneck layers: " + "; ".join(
-        f"{r.model} at layer {r.bottleneck_layer} of {r.n_layers} (depth"
-        f" {r.bottleneck_depth:.2f})" for r in summary.itertuples()) + ".")
-    out.append(f"- Ranked by mean FFN-attention alignment / chance:"
-               f" {_ranking(summary, 'alignment_ratio_mean')}.")
+    out = [f"- Ranked by mean adjacent-layer similarity / its conditional null (most shared"
+           f" beyond the row spaces first): {_ranking(summary, 'adjacent_conditional_ratio')}.",
+           f"- Most similar adjacent layers: {_peak_adjacent(table)}.",
+           "- Bottleneck layers: " + "; ".join(map(_bottleneck_text, summary.itertuples()))
+           + ".",
+           f"- Ranked by mean FFN-attention alignment / its conditional chance:"
+           f" {_ranking(summary, 'alignment_conditional_ratio_mean')}."]
     out += [f"- {r.model}: {alignment_verdict(r.alignment_ratio_mean, r.ffn_input)}"
             for r in summary.itertuples()]
     return out
@@ -185,11 +214,13 @@ def render_compare(table: pd.DataFrame, summary: pd.DataFrame, k: int) -> str:
         f"# Cross-model comparison (top-{k})\n",
         f"Models: {names}. Each model's primary head and top-{k} attention subspace; layers are"
         " placed at normalized depth `layer / L` so models of different depth share an axis."
-        " Similarities are compared to the isotropic null k/d, which depends on the width.\n",
+        " Ratios to the isotropic null k/d depend on the width and, at one k, on the head size"
+        " (k / d_head of a row space); models are ranked by their ratios to the"
+        " row-space-conditional null, which accounts for both.\n",
         "## Summary\n",
         markdown_table(summary[list(_SUMMARY_COLUMNS)].rename(columns=_SUMMARY_COLUMNS)) + "\n",
         "Adjacent sim: mean of `sim[l, l+1]`; Sim to bottleneck (others): mean similarity to the"
-        " bottleneck layer over the other layers; means are over layers.\n",
+        " bottleneck layer over the other layers (n/a without one); means are over layers.\n",
         "## Figures\n",
     ]
     for name, spec in _FIGURES.items():

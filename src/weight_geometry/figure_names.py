@@ -18,5 +18,5 @@ FIGURES = {
 
 #: The comparison figures (``results/compare/k{k}/figures/{name}.png``); each name is the
 #: column of :func:`compare.compare_table` it plots.
-COMPARE_FIGURES = ("adjacent_similarity", "bottleneck_similarity", "alignment_ratio",
-                   "mean_eff_rank")
+COMPARE_FIGURES = ("adjacent_conditional_ratio", "bottleneck_similarity",
+                   "alignment_conditional_ratio", "mean_normalized_eff_rank")

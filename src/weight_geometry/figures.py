@@ -53,6 +53,20 @@ def _band(ax, table, chance=None, bottleneck=None):
         ax.axvline(bottleneck, color="r", linestyle="--", alpha=0.5)
 
 
+def _null_band(ax, mean, std, label: str) -> None:
+    """A per-layer null: its mean (dashed) and ± 2 std (shaded), in one colour."""
+    ax.plot(mean.index, mean, color="tab:green", linestyle="--", label=f"{label} mean")
+    ax.fill_between(mean.index, mean - 2 * std, mean + 2 * std, color="tab:green", alpha=0.15,
+                    label=f"{label} ± 2 std")
+
+
+def _no_bottleneck(ax, a: Analysis) -> None:
+    """An empty panel saying why there is nothing to draw."""
+    ax.text(0.5, 0.5, "No bottleneck: no layer's effective rank stands out\n"
+            "(Experiment 2 not run)", ha="center", va="center", transform=ax.transAxes)
+    ax.set(xticks=[], yticks=[])
+
+
 def draw_all(a: Analysis, out: dict[str, str]) -> None:
     """Write every figure of :data:`figure_names.FIGURES` to ``out[name]``."""
     plt = pyplot()
@@ -70,22 +84,29 @@ def draw_all(a: Analysis, out: dict[str, str]) -> None:
     axes[1].set(ylabel="Layer a (each head's best match in layer b)", xlabel="Layer b")
     save_figure(fig, out["best_match"])
 
-    to_bottleneck = a.primary(a.bottleneck, "similarity")
     fig, ax = plt.subplots(figsize=(10, 3.8))
-    ax.plot(to_bottleneck.index, to_bottleneck, marker=".")
-    ax.axvline(b, color="r", linestyle="--", alpha=0.5, label=f"bottleneck layer {b}")
-    ax.axhline(chance, color="gray", linestyle=":", label="isotropic null k/d")
-    ax.set(xlabel="Layer", ylabel=f"Similarity to layer {b}",
-           title=f"Similarity to the bottleneck (head {head}, top-{k})")
-    ax.legend()
+    ax.set(xlabel="Layer", title=f"Similarity to the bottleneck (head {head}, top-{k})")
+    if a.has_bottleneck:
+        to_bottleneck = a.primary(a.bottleneck, "similarity")
+        ax.plot(to_bottleneck.index, to_bottleneck, marker=".", label=f"head {head}")
+        ax.axvline(b, color="r", linestyle="--", alpha=0.5, label=f"bottleneck layer {b}")
+        _null_band(ax, a.primary(a.bottleneck, "conditional_mean"),
+                   a.primary(a.bottleneck, "conditional_std"), "conditional null")
+        ax.axhline(chance, color="gray", linestyle=":", label="isotropic null k/d")
+        ax.set(ylabel=f"Similarity to layer {b}")
+        ax.legend()
+    else:
+        _no_bottleneck(ax, a)
     save_figure(fig, out["bottleneck_trace"])
 
     alignment, null_std = (a.primary(a.alignment, c) for c in ("alignment", "null_std"))
     fig, ax = plt.subplots(figsize=(10, 3.8))
     ax.plot(alignment.index, alignment, marker=".", label=f"head {head}")
-    ax.axhline(chance, color="r", linestyle="--", label=f"chance k/d = {chance:.4f}")
+    ax.axhline(chance, color="r", linestyle="--", label=f"isotropic chance k/d = {chance:.4f}")
     ax.fill_between(null_std.index, chance - 2 * null_std, chance + 2 * null_std, color="r",
                     alpha=0.1, label="isotropic null ± 2 std")
+    _null_band(ax, a.primary(a.alignment, "conditional_chance"),
+               a.primary(a.alignment, "conditional_std"), "conditional null")
     ax.set(xlabel="Layer", ylabel="Fraction of FFN input energy",
            title=f"FFN-attention alignment ({a.model['ffn_input']}, top-{k})")
     ax.legend()
@@ -93,10 +114,15 @@ def draw_all(a: Analysis, out: dict[str, str]) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
     _heatmap(axes[0], fig, a.similarity_mean, f"Mean overlap over heads {a.heads}")
-    _band(axes[1], a.per_head(a.bottleneck, "similarity"), bottleneck=b)
-    axes[1].set(title=f"Similarity to layer {b} (mean ± std)", xlabel="Layer")
+    if a.has_bottleneck:
+        _band(axes[1], a.per_head(a.bottleneck, "similarity"), bottleneck=b)
+        axes[1].set(title=f"Similarity to layer {b} (mean ± std)", xlabel="Layer",
+                    ylabel="Similarity")
+    else:
+        _no_bottleneck(axes[1], a)
     _band(axes[2], a.per_head(a.alignment, "alignment"), chance=chance)
-    axes[2].set(title="FFN-attention alignment (mean ± std)", xlabel="Layer")
+    axes[2].set(title="FFN-attention alignment (mean ± std)", xlabel="Layer",
+                ylabel="Fraction of FFN input energy")
     fig.suptitle(f"Multi-head summary (heads {a.heads}, top-{k})")
     save_figure(fig, out["multihead_summary"])
 

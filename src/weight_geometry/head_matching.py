@@ -8,10 +8,17 @@ gives, per layer pair:
 - same-index: ``mean_i S[a, i, b, i]`` (what per-head similarity matrices average);
 - best match: ``mean_i max_j S[a, i, b, j]`` (each head of ``a`` paired with its most similar
   head of ``b``; many-to-one, not symmetric in ``a, b``);
-- a structured null: ``mean_i S[a, i, b, pi(i)]`` over random permutations ``pi``, which keeps
-  the distribution of the similarities of this pair of layers and only breaks the numbering;
+- a structured null: ``mean_i S[a, i, b, pi(i)]`` over random head orderings ``pi`` that keep
+  the KV heads together (blocks permuted as wholes, heads within them), which keeps the
+  similarities of this pair of layers and only breaks the numbering: its exact mean and std,
+  and the permutation p of same-index against it (does head ``i`` of ``a`` look where head
+  ``i`` of ``b`` looks more than an arbitrary pairing? "head identities persist"), BH-adjusted
+  over the layer pairs (:mod:`multiplicity`);
 - the isotropic null of both: their distribution over the layer pairs of a model of the same
-  shape with isotropic random weights (:func:`isotropic_weight_null`).
+  shape with isotropic random weights (:func:`isotropic_weight_null`);
+- the row-space-conditional null of same-index: each head's subspace a random k-subspace of its
+  own KV row space (:mod:`rowspace_nulls`), exact mean and std, with a one-sided p
+  (:func:`multiplicity.gamma_p`) BH-adjusted over the layer pairs.
 """
 
 from __future__ import annotations
@@ -19,11 +26,16 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from .multiplicity import (
+    PAIRING_P_PERMUTATIONS,
+    benjamini_hochberg,
+    gamma_p,
+    pairing_null_exact,
+    pairing_permutation_p,
+)
 from .nulls import NULL_LAYERS, random_weight_bases
+from .rowspace_nulls import same_index_null
 from .similarity import cross_head_similarity, null_mean
-
-#: Random pairings of the structured null (:func:`random_pairing_null`).
-PAIRING_PERMUTATIONS = 1000
 
 
 def best_match(sims: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -38,29 +50,6 @@ def best_match(sims: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def same_index_mean(sims: np.ndarray) -> np.ndarray:
     """``(L, L)`` mean over heads ``i`` of ``S[a, i, b, i]``. Cost O(L^2 h)."""
     return np.einsum("aibi->abi", sims).mean(axis=2)
-
-
-def _paired_mean(sims: np.ndarray, perm: np.ndarray) -> np.ndarray:
-    """``(L, L)`` mean over ``i`` of ``S[a, i, b, perm[i]]``."""
-    heads = np.arange(sims.shape[1])
-    return sims[:, heads, :, perm].mean(axis=0)
-
-
-def random_pairing_null(sims: np.ndarray, n_perm: int = PAIRING_PERMUTATIONS,
-                        seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and std ``(L, L)`` of ``mean_i S[a, i, b, pi(i)]`` over ``n_perm`` seeded uniform
-    permutations ``pi`` of the heads.
-
-    One ``pi`` per draw serves every layer pair (a relabeling of heads): each pair's null
-    distribution is the same as with separate draws, and the tables are reproducible from
-    ``seed``. The expectation is the all-pairs mean ``mean_{i,j} S[a, i, b, j]``. Cost
-    O(n_perm L^2 h), memory O(n_perm L^2).
-    """
-    rng = np.random.default_rng(seed)
-    n_heads = sims.shape[1]
-    draws = np.stack([_paired_mean(sims, rng.permutation(n_heads)) for _ in range(n_perm)])
-    # Shifted by the first draw: identical draws (e.g. one head) give a std of exactly 0.
-    return draws.mean(axis=0), (draws - draws[0]).std(axis=0, ddof=1)
 
 
 def pair_statistics(sims: np.ndarray, best: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -97,43 +86,64 @@ def isotropic_weight_null(n_heads: int, n_kv_heads: int, d_head: int, d: int, k:
 
 
 def layer_pair_table(sims: np.ndarray, best_matrix: np.ndarray, k: int, d: int, n_kv_heads: int,
-                     d_head: int, n_perm: int = PAIRING_PERMUTATIONS,
+                     d_head: int, overlaps: np.ndarray, n_perm: int = PAIRING_P_PERMUTATIONS,
                      seed: int = 0) -> pd.DataFrame:
     """One row per layer pair ``a < b`` of the cross-head similarity ``S (L, h, L, h)`` of a
     model with ``n_kv_heads`` KV heads of size ``d_head``; ``best_matrix`` is :func:`best_match`'s
-    ``(L, L)`` matrix of ``S`` (:func:`match_heads` computes both once).
+    ``(L, L)`` matrix of ``S`` (:func:`match_heads` computes both once); ``overlaps`` the
+    ``(2, L, n_kv, L, n_kv)`` :func:`rowspace_nulls.rowspace_overlaps` of the model.
 
     Columns: layer_a, layer_b; same_index, best_match (this module's docstring);
-    random_pairing_mean, random_pairing_std (:func:`random_pairing_null`); isotropic_mean,
-    isotropic_std (same-index's) and best_match_null_mean, best_match_null_std (the max over
-    ``h`` heads lifts the chance level): :func:`isotropic_weight_null`; z_same_index,
-    z_best_match (against those isotropic nulls); z_same_index_vs_pairing =
-    ``(same_index - random_pairing_mean) / random_pairing_std``, NaN when that std is 0.
+    random_pairing_mean, random_pairing_std (exact, :func:`multiplicity.pairing_null_exact`,
+    orderings that keep KV heads together);
+    isotropic_mean, isotropic_std (same-index's) and best_match_null_mean, best_match_null_std
+    (the max over ``h`` heads lifts the chance level): :func:`isotropic_weight_null`;
+    conditional_mean, conditional_std (same-index's row-space-conditional null); z_same_index,
+    z_best_match (against the isotropic nulls); z_conditional; z_same_index_vs_pairing =
+    ``(same_index - random_pairing_mean) / random_pairing_std``, NaN when that std is 0;
+    p_pairing (the permutation p of same-index over head orderings,
+    :func:`multiplicity.pairing_permutation_p`) and p_pairing_adjusted; p_conditional (upper
+    tail, :func:`multiplicity.gamma_p`) and p_conditional_adjusted, both BH over the layer pairs.
+    Cost O(L^2 h^2) plus the permutations' O(P L^2 h / 2) and :func:`isotropic_weight_null`.
     """
     n_heads = sims.shape[1]
     a, b, same, best = pair_statistics(sims, best_matrix)
-    pair_mean, pair_std = (m[a, b] for m in random_pairing_null(sims, n_perm, seed))
+    group = n_heads // n_kv_heads
+    pair_mean, pair_std = (m[a, b] for m in pairing_null_exact(sims, group))
+    p_pairing = pairing_permutation_p(sims, n_perm, seed, group=group)[a, b]
+    cond_mean, cond_std = (m[a, b] for m in same_index_null(overlaps, k, d_head, n_heads))
     null = isotropic_weight_null(n_heads, n_kv_heads, d_head, d, k, seed=seed)
     with np.errstate(divide="ignore", invalid="ignore"):
         vs_pairing = np.where(pair_std > 0, (same - pair_mean) / pair_std, np.nan)
-        return pd.DataFrame({
-            "layer_a": a, "layer_b": b,
-            "same_index": same, "best_match": best,
-            "random_pairing_mean": pair_mean, "random_pairing_std": pair_std,
-            **null,
-            "z_same_index": (same - null["isotropic_mean"]) / null["isotropic_std"],
-            "z_best_match": (best - null["best_match_null_mean"]) / null["best_match_null_std"],
-            "z_same_index_vs_pairing": vs_pairing,
-        })
+        z_conditional = np.where(cond_std > 0, (same - cond_mean) / cond_std, np.nan)
+    p_conditional = np.where(np.isfinite(z_conditional),
+                             gamma_p(same, cond_mean, cond_std), np.nan)
+    return pd.DataFrame({
+        "layer_a": a, "layer_b": b,
+        "same_index": same, "best_match": best,
+        "random_pairing_mean": pair_mean, "random_pairing_std": pair_std,
+        **null,
+        "conditional_mean": cond_mean, "conditional_std": cond_std,
+        "z_same_index": (same - null["isotropic_mean"]) / null["isotropic_std"],
+        "z_best_match": (best - null["best_match_null_mean"]) / null["best_match_null_std"],
+        "z_conditional": z_conditional,
+        "z_same_index_vs_pairing": vs_pairing,
+        "p_pairing": p_pairing,
+        "p_pairing_adjusted": benjamini_hochberg(p_pairing),
+        "p_conditional": p_conditional,
+        "p_conditional_adjusted": benjamini_hochberg(p_conditional),
+    })
 
 
 def match_heads(vectors_k: np.ndarray, k: int, d: int, n_kv_heads: int, d_head: int,
-                n_perm: int = PAIRING_PERMUTATIONS,
-                seed: int = 0) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+                overlaps: np.ndarray, n_perm: int = PAIRING_P_PERMUTATIONS,
+                seed: int = 0) -> tuple[np.ndarray, np.ndarray, pd.DataFrame, np.ndarray]:
     """Everything the match_heads rule writes, each computed once from the ``(L, h, k, d)``
     top-k bases of all heads: the ``(L, L)`` best-match matrix and ``(L, L, h)`` pairs
-    (:func:`best_match`), and :func:`layer_pair_table`. Cost that of
-    :func:`similarity.cross_head_similarity` plus :func:`isotropic_weight_null`."""
+    (:func:`best_match`), :func:`layer_pair_table`, and the cross-head similarity ``S (L, h,
+    L, h)`` itself. Cost that of :func:`similarity.cross_head_similarity` plus
+    :func:`layer_pair_table`."""
     sims = cross_head_similarity(vectors_k)
     best, pairs = best_match(sims)
-    return best, pairs, layer_pair_table(sims, best, k, d, n_kv_heads, d_head, n_perm, seed)
+    table = layer_pair_table(sims, best, k, d, n_kv_heads, d_head, overlaps, n_perm, seed)
+    return best, pairs, table, sims

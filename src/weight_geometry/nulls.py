@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .rowspace_nulls import trace_null_var
 from .similarity import null_mean, null_std
 
 #: Layers of isotropic random weights whose ``N (N - 1) / 2 = 120`` layer pairs give the
@@ -65,9 +66,7 @@ def alignment_null_std(k: int, d: int, ffn_singular_values: np.ndarray) -> np.nd
     """
     lam = np.square(np.asarray(ffn_singular_values, dtype=np.float64))
     total = lam.sum(-1)
-    spread = np.square(lam).sum(-1) - np.square(total) / d
-    var = 2 * k * (d - k) / (d * (d - 1) * (d + 2)) * np.maximum(spread, 0.0)
-    return np.sqrt(var) / total
+    return np.sqrt(trace_null_var(k, d, total, np.square(lam).sum(-1))) / total
 
 
 def alignment_z(align, k: int, d: int, ffn_singular_values: np.ndarray) -> np.ndarray:
@@ -84,14 +83,25 @@ def alignment_ceiling(ffn_singular_values: np.ndarray, k: int) -> np.ndarray:
     return top.sum(-1) / lam.sum(-1)
 
 
-def normalized_alignment(align, k: int, d: int, ceiling) -> np.ndarray:
-    """``(align - k/d) / (ceiling - k/d)``: 0 = chance, 1 = the ceiling, < 0 = avoidance.
+def alignment_floor(ffn_singular_values: np.ndarray, k: int, d: int) -> np.ndarray:
+    """Smallest ``align`` any k-subspace of R^d reaches, per layer: the share of ``W_in``'s
+    bottom-k right singular directions (its ``d - m`` null directions count as zeros when it
+    has ``m < d`` singular values). ``(L, m)`` -> ``(L,)``."""
+    lam = np.square(np.asarray(ffn_singular_values, dtype=np.float64))
+    padded = np.concatenate([lam, np.zeros(lam.shape[:-1] + (d - lam.shape[-1],))], axis=-1)
+    return np.sort(padded, axis=-1)[..., :k].sum(-1) / lam.sum(-1)
 
-    ``ceiling`` is per layer ``(L,)`` (broadcast over heads) or already shaped like ``align``.
+
+def normalized_alignment(align, chance, ceiling, floor) -> np.ndarray:
+    """``align`` placed piecewise linearly between the floor (-1), chance (0) and the ceiling
+    (+1): ``(align - chance) / (ceiling - chance)`` above chance, ``(align - chance) / (chance -
+    floor)`` below it. All arguments broadcast elementwise (per layer, or per layer and head).
     """
-    chance = null_mean(k, d)
+    align, chance = np.asarray(align, dtype=float), np.asarray(chance, dtype=float)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return (np.asarray(align, dtype=float) - chance) / (_along_layers(ceiling, align) - chance)
+        above = (align - chance) / (np.asarray(ceiling) - chance)
+        below = (align - chance) / (chance - np.asarray(floor))
+    return np.where(align >= chance, above, below)
 
 
 def bartlett_r(rng: np.random.Generator, n: int, m: int, size: tuple[int, ...]) -> np.ndarray:

@@ -1,7 +1,9 @@
 """Render the markdown report of one (model, k) from a loaded :class:`results_io.Analysis`.
 
-Sections follow the notebook's report (SCIENCE.md): configuration, experiments 1-3, multi-head
-robustness, cross-reference with effective ranks, key findings; figures by relative path.
+Sections follow the notebook's report (SCIENCE.md): configuration, experiments 1-3, every head
+(the notebook's multi-head robustness), cross-reference with effective ranks, key findings,
+and the tests the report ran; figures by relative path. Every tested number comes from
+:func:`findings.compute_findings`, computed once.
 """
 
 from __future__ import annotations
@@ -11,21 +13,28 @@ import pandas as pd
 
 from .architectures import ABSOLUTE_POSITIONS
 from .crossref import PAIRS, layer_correlations
+from .findings import DEPTH_FAMILY, Findings, compute_findings
 from .ksweep import GAP_THRESHOLD, RATIO_LABELS, ill_defined
-from .nulls import similarity_z
+from .multiplicity import FDR_Q
 from .results_io import Analysis
 from .similarity import null_mean, null_std
 from .statistics import (
-    AUTO_BOTTLENECK,
     Correlation,
-    bottleneck_trends,
+    bottleneck_profile,
     distant_threshold,
-    off_diagonal,
     overlap_summary,
-    phase_boundaries,
     similarity_by_distance,
 )
-from .verdicts import alignment_verdict, bottleneck_verdict, overlap_verdict
+from .verdicts import (
+    CONDITIONAL_NULL,
+    alignment_verdict,
+    bottleneck_verdict,
+    conditional_alignment_verdict,
+    conditional_overlap_verdict,
+    identity_verdict,
+    no_bottleneck_verdict,
+    overlap_verdict,
+)
 
 #: Ill-defined (layer, head) pairs listed by name in the report (the smallest gaps).
 MAX_LISTED = 20
@@ -67,17 +76,12 @@ def per_head_table(a: Analysis, table: pd.DataFrame, column: str) -> pd.DataFram
 
 
 def render(a: Analysis) -> str:
-    """The whole report as markdown.
-
-    What two sections show is computed once, here: Experiment 1's summary of the primary
-    head's matrix and Experiment 2's trends (2 x 10^4 permutations), in their sections and in
-    the key findings.
-    """
-    summary = overlap_summary(a.similarity[a.primary_head])
-    trends = bottleneck_trends(a.layers["bottleneck_similarity"].to_numpy(), a.bottleneck_layer)
-    sections = [_header(a), _configuration(a), _overlap(a, summary), _head_matching(a),
-                _bottleneck(a, trends), _alignment(a), _multihead(a), _k_sensitivity(a),
-                _crossref(a), _findings(a, summary, trends)]
+    """The whole report as markdown; its tested numbers from :func:`findings.compute_findings`,
+    computed once and read by the sections and the key findings."""
+    f = compute_findings(a)
+    sections = [_header(a), _configuration(a), _overlap(a, f), _head_matching(a, f),
+                _bottleneck(a, f), _alignment(a, f), _every_head(a, f), _k_sensitivity(a),
+                _crossref(a, f), _findings(a, f), _tests(f)]
     return "\n".join(line for section in sections for line in section)
 
 
@@ -96,12 +100,17 @@ def _header(a: Analysis):
            + (f" **k = d_head = {d_head}: the subspace is the row space of W_K alone, so heads"
               " sharing a KV head are identical; use k < d_head to compare heads.**"
               if k == d_head else "") + "\n")
-    yield ("Nulls: the similarity of one pair of subspaces is shown beside the isotropic null"
-           f" (two Haar-random k-subspaces of R^d: mean k/d = {null_mean(k, m['d_model']):.4f},"
-           f" std {null_std(k, m['d_model']):.4f}) as a z-score `(value - k/d) / std`, averages"
-           " as multiples of chance; alignment beside its own isotropic null (std from the FFN"
-           " input's spectrum). A z-score measures distance from chance, not effect size: with"
-           " d in the hundreds, small similarities can have large z.\n")
+    d = m["d_model"]
+    yield ("Nulls: every similarity and alignment stands beside two nulls. The isotropic null"
+           f" (Haar-random k-subspaces of R^d: similarity mean k/d = {null_mean(k, d):.4f},"
+           f" std {null_std(k, d):.4f}) is what random weights give. But every"
+           " direction of a head's kernel lies in its KV head's d_head-dimensional row space"
+           " of W_K, so anything that shares that row space beats the isotropic null without"
+           " any structure of the kernel itself. **The verdicts are judged against"
+           f" {CONDITIONAL_NULL}**, whose mean and std are exact (docs/SCIENCE.md); 'conditional'"
+           " below means this null. z-scores get p-values under a normal approximation,"
+           f" Benjamini-Hochberg adjusted at q = {FDR_Q} within each family of tests (listed at"
+           " the end). A z-score measures distance from a null, not effect size.\n")
 
 
 def _configuration(a: Analysis):
@@ -114,15 +123,20 @@ def _configuration(a: Analysis):
         ("Head dim (d_head)", m["d_head"]), ("Subspace rank (k)", a.k),
         ("Primary head", a.primary_head), ("Sampled heads", a.heads),
         ("FFN input used for alignment", m["ffn_input"]),
+        ("Norm gains", m.get("norm_gains", "not applied (raw projection weights)")),
         ("Storage dtype", m["storage_dtype"]),
         ("Effective ranks", a.weight_ranks["source"].iloc[0]),
     ]) + "\n"
 
 
-def _overlap(a: Analysis, s1: dict[str, float]):
-    """Experiment 1; ``s1`` is :func:`statistics.overlap_summary` of the primary head."""
+def _ratio(value: float, null: float) -> str:
+    return f"{value / null:.2f}x" if np.isfinite(value) and null > 0 else ""
+
+
+def _overlap(a: Analysis, f: Findings):
+    """Experiment 1 of the primary head."""
     k, head, d = a.k, a.primary_head, a.model["d_model"]
-    sims = a.similarity[head]
+    sims, s1, c1 = a.similarity[head], f.overlap, f.conditional_summary
     yield "## Experiment 1: subspace overlap across layers\n"
     yield (f"For head {head}, the top-{k} right singular vectors of each layer's attention"
            " kernel `W_Q_i^T W_K_j` (computed from its factors, never formed), and their"
@@ -131,48 +145,62 @@ def _overlap(a: Analysis, s1: dict[str, float]):
            f" {head} of one layer with head {head} of another; head numbers carry no meaning"
            " across layers, so see also the best-match matrix in the next section.\n")
     yield "**Interpretation:**\n"
-    yield "- Uniformly high similarity: depth is redundant (layers query the same subspace)."
-    yield "- Block-diagonal structure: layers cluster into phases with sharp transitions."
-    yield "- Off-diagonal near the isotropic null: each layer queries a different subspace.\n"
+    yield "- Uniformly high similarity: layers query the same subspace."
+    yield "- Block-diagonal structure: layers cluster into groups separated by sharp drops."
+    yield ("- Off-diagonal near the conditional null: what layers share is what their KV row"
+           " spaces share.\n")
     yield _fig("similarity_heatmap", "Similarity heatmap") + "\n"
     yield "### Summary statistics\n"
     t = s1["distant_threshold"]
     chance = null_mean(k, d)
-    rows = [("Isotropic null mean (k/d)", chance, True),
-            ("Isotropic null std (one pair)", null_std(k, d), False),
-            ("Off-diagonal mean", s1["off_diagonal_mean"], True),
-            ("Off-diagonal std", s1["off_diagonal_std"], False),
-            ("Off-diagonal min", s1["off_diagonal_min"], True),
-            ("Off-diagonal max", s1["off_diagonal_max"], True),
-            ("Adjacent layer mean", s1["adjacent_mean"], True),
-            ("Adjacent layer std", s1["adjacent_std"], False),
-            (f"Distant layer (>{t} apart) mean", s1["distant_mean"], True),
-            (f"Distant layer (>{t} apart) std", s1["distant_std"], False),
-            ("Adjacent vs distant gap", s1["adjacent_minus_distant"], False)]
+    rows = [("Isotropic null mean (k/d)", chance, None),
+            ("Isotropic null std (one pair)", null_std(k, d), None),
+            ("Off-diagonal mean", s1["off_diagonal_mean"], c1["off_diagonal_mean"]),
+            ("Off-diagonal std", s1["off_diagonal_std"], None),
+            ("Off-diagonal min", s1["off_diagonal_min"], None),
+            ("Off-diagonal max", s1["off_diagonal_max"], None),
+            ("Adjacent layer mean", s1["adjacent_mean"], c1["adjacent_mean"]),
+            ("Adjacent layer std", s1["adjacent_std"], None),
+            (f"Distant layer (>{t} apart) mean", s1["distant_mean"], c1["distant_mean"]),
+            (f"Distant layer (>{t} apart) std", s1["distant_std"], None),
+            ("Adjacent vs distant gap", s1["adjacent_minus_distant"], None)]
     yield markdown_table(pd.DataFrame(
-        [(label, f"{value:.4f}", f"{value / chance:.2f}x" if ratio else "")
-         for label, value, ratio in rows], columns=["Metric", "Value", "× chance"])) + "\n"
+        [(label, f"{value:.4f}", _ratio(value, chance) if null is not None or "min" in label
+          or "max" in label else "", f"{null:.4f}" if null is not None else "",
+          _ratio(value, null) if null is not None else "")
+         for label, value, null in rows],
+        columns=["Metric", "Value", "× isotropic", "Conditional null mean",
+                 "× conditional"])) + "\n"
+    yield (f"Against the conditional null (one-sided z per pair, BH over {f.pairs.n_tests}"
+           f" layer pairs): {f.pairs.count('layer pairs')}; adjacent pairs:"
+           f" {f.adjacent.count('pairs')}.\n")
     yield "### Full similarity matrix (layer × layer)\n"
-    off = similarity_z(off_diagonal(sims), k, d)
-    yield (f"z-scores of the off-diagonal entries (each one pair of subspaces) against the"
-           f" isotropic null range {off.min():+.1f} to {off.max():+.1f}; entries with |z| > 3:"
-           f" {int((np.abs(off) > 3).sum()) // 2} of {off.size // 2} layer pairs.\n")
     yield _matrix(sims) + "\n"
-    yield "### Phase boundaries (largest drops in adjacent-layer similarity)\n"
-    boundaries = phase_boundaries(sims)
-    yield (markdown_table(boundaries.rename(columns={
-        "rank": "Rank", "boundary": "Boundary (layers)", "adjacent_similarity": "Adjacent sim",
-        "change": "Change from prev"})) if len(boundaries) else
-        "None: adjacent-layer similarity never drops from one layer pair to the next.") + "\n"
+    yield "### Phase boundaries (significant drops in adjacent-layer similarity)\n"
+    if len(f.boundaries):
+        yield (f"Steps of the adjacent similarity that drop beyond the conditional null of a"
+               f" difference (one-sided z, BH over {f.n_steps} steps):\n")
+        yield markdown_table(f.boundaries.rename(columns={
+            "rank": "Rank", "boundary": "Boundary (layers)", "adjacent_similarity":
+            "Adjacent sim", "change": "Change from prev", "z": "z", "p_adjusted": "Adjusted p"}),
+            formats={"z": Z_FORMAT, "Adjusted p": ".2g"}) + "\n"
+    else:
+        yield (f"No significant boundary: none of the {f.n_steps} steps of the adjacent-layer"
+               " similarity drops beyond the conditional null of a difference (one-sided z, BH"
+               f" q = {FDR_Q}).\n")
     yield "### Similarity by layer distance\n"
     by_distance = similarity_by_distance(sims)
     by_distance["ratio"] = by_distance["mean"] / chance
+    by_distance["conditional"] = [
+        np.diagonal(f.conditional_mean, offset=dist).mean() for dist in by_distance["distance"]]
+    by_distance["conditional_ratio"] = by_distance["mean"] / by_distance["conditional"]
     yield markdown_table(by_distance.rename(columns={
         "distance": "Distance", "mean": "Mean similarity", "std": "Std",
-        "n_pairs": "N pairs", "ratio": "Mean × chance"})) + "\n"
+        "n_pairs": "N pairs", "ratio": "× isotropic", "conditional": "Conditional null mean",
+        "conditional_ratio": "× conditional"})) + "\n"
 
 
-def _head_matching(a: Analysis):
+def _head_matching(a: Analysis, f: Findings):
     k, d = a.k, a.model["d_model"]
     far = distant_threshold(a.model["n_layers"])
     pairs = a.layer_pairs
@@ -185,15 +213,18 @@ def _head_matching(a: Analysis):
     yield ("- **Best match**: for each head of layer a, its most similar head in layer b,"
            " averaged over heads (`best_match.npy`, pairs in `best_match_pairs.npy`). Does"
            " layer b contain, somewhere, the subspaces layer a queries?")
-    yield ("- **Random pairing** (structured null): heads of the two layers paired at random"
-           " (seeded permutations). What any two heads of these layers share; best match far"
-           " above it means specific heads correspond.")
+    yield ("- **Random pairing** (structured null): heads of the two layers paired by a uniform"
+           " random permutation, exact mean and std. What any two heads of these layers share;"
+           " same-index above it (permutation test over head orderings) means head identities"
+           " persist.")
+    yield ("- **Conditional null**: each head's subspace a random k-subspace of its own KV row"
+           " space, exact mean and std.")
     yield (f"- **Isotropic null**: the same statistics for isotropic random weights of this"
            f" architecture (Gaussian W_Q and W_K, simulated), whose heads' subspaces are random"
            f" k-subspaces of R^{d} but share their KV head's row space"
            f" ({a.model['n_heads']} heads on {a.model['n_kv_heads']} KV heads): mean k/d ="
-           f" {null_mean(k, d):.4f} for same-index and random pairing; for the best match, the"
-           " expected maximum over heads (`best_match_null_mean`).\n")
+           f" {null_mean(k, d):.4f} for same-index; for the best match, the expected maximum"
+           " over heads (`best_match_null_mean`).\n")
     yield _fig("best_match", "Same-index and best-match similarity") + "\n"
     adjacent = pairs["layer_b"] - pairs["layer_a"] == 1
     distant = pairs["layer_b"] - pairs["layer_a"] > far
@@ -201,54 +232,75 @@ def _head_matching(a: Analysis):
     for column, label in [("same_index", "Same-index (mean over heads)"),
                           ("best_match", "Best match"),
                           ("random_pairing_mean", "Random pairing (structured null)"),
+                          ("conditional_mean", "Conditional null of same-index"),
                           ("best_match_null_mean", "Best match of isotropic random weights")]:
         rows.append((label, *(f"{pairs.loc[sel, column].mean():.4f}" if sel.any() else "n/a"
                               for sel in (pairs.index >= 0, adjacent, distant))))
     rows.append(("Isotropic null (k/d)", *[f"{null_mean(k, d):.4f}"] * 3))
     yield markdown_table(pd.DataFrame(rows, columns=["Matrix", "All layer pairs", "Adjacent pairs",
                                              f"Distant pairs (>{far} apart)"])) + "\n"
-    kept = int((pairs["z_same_index_vs_pairing"] > 3).sum())
-    yield (f"Layer pairs where same-index heads share more than randomly paired heads (by more"
-           f" than 3 std of the random-pairing null): {kept} of {len(pairs)}; where they do,"
-           " head identities persist across those layers. Best match exceeds same-index by"
+    yield f"{identity_verdict(len(pairs), f.identity)}\n"
+    yield (f"Same-index against the conditional null (one-sided z per layer pair):"
+           f" {f.same_index.count('layer pairs')}. Best match exceeds same-index by"
            f" {(pairs['best_match'] - pairs['same_index']).mean():+.4f} on average; as a"
-           " maximum over heads it always sits at or above the random pairing, so it is judged"
+           " maximum over heads it always sits at or above the random pairing, so it is shown"
            " against the best match of isotropic random weights (mean z"
-           f" {pairs['z_best_match'].mean():+.1f}) and by how far it exceeds same-index.\n")
+           f" {pairs['z_best_match'].mean():+.1f}); it has no conditional null.\n")
 
 
-def _bottleneck(a: Analysis, trends: tuple[Correlation, Correlation]):
-    """Experiment 2; ``trends`` are :func:`statistics.bottleneck_trends` of the layer table."""
-    k, head, d, b = a.k, a.primary_head, a.model["d_model"], a.bottleneck_layer
+def _trend(c: Correlation, adjusted: float) -> str:
+    return f"{c.text()}; adjusted p {adjusted:.3g}" if c.defined else c.text()
+
+
+def _bottleneck(a: Analysis, f: Findings):
+    """Experiment 2; without a bottleneck, the profile that found none."""
+    k, head, b = a.k, a.primary_head, a.bottleneck_layer
+    profile = bottleneck_profile(a.weight_ranks)
+    lowest = profile.nsmallest(5)
+    profile_text = ("Lowest mean normalized effective rank of W_Q and W_K (the profile `auto`"
+                    " reads, figure 'Effective rank by layer'): " + ", ".join(
+                        f"layer {layer} {value:.3f}" for layer, value in lowest.items())
+                    + f"; median {profile.median():.3f}.")
+    if not a.has_bottleneck:
+        yield "## Experiment 2: convergence to a bottleneck layer\n"
+        yield f"{no_bottleneck_verdict(a.bottleneck_choice)} {profile_text}\n"
+        return
     to_ref = a.layers["bottleneck_similarity"].to_numpy()
-    pre, post = trends
+    pre, post = f.trends
     before, after = to_ref[:b], to_ref[b + 1:]
     yield f"## Experiment 2: convergence to layer {b}\n"
-    yield (f"Bottleneck layer {b}: {a.bottleneck_choice}. Similarity of each layer's subspace"
-           f" to layer {b}'s (head {head}, top-{k}). If it rises towards layer {b} from both"
-           " sides, the network converges towards that subspace. Trends are correlations with"
-           " the layer index, Pearson and Spearman each with a permutation p-value; fewer than"
-           " 3 points give no trend (reported as undefined).\n")
+    yield (f"Bottleneck layer {b}: {a.bottleneck_choice}. {profile_text} Similarity of each"
+           f" layer's subspace to layer {b}'s (head {head}, top-{k}). If it rises towards layer"
+           f" {b} from both sides, the network converges towards that subspace. Trends are"
+           " correlations with the layer index, Pearson and Spearman each with a permutation"
+           " p-value, BH-adjusted with the cross-reference's correlations; fewer than 3 points"
+           " give no trend (reported as undefined).\n")
     yield _fig("bottleneck_trace", "Similarity to the bottleneck layer") + "\n"
     yield "### Summary\n"
     yield _metric_table([
         (f"Self-similarity (layer {b})", f"{to_ref[b]:.4f}"),
-        ("Mean similarity (all layers, the bottleneck's 1 included)", f"{to_ref.mean():.4f}"),
+        ("Mean similarity (the other layers)", f"{np.delete(to_ref, b).mean():.4f}"),
         ("Mean similarity (before bottleneck)",
          f"{before.mean():.4f}" if len(before) else "n/a"),
         ("Mean similarity (after bottleneck)", f"{after.mean():.4f}" if len(after) else "n/a"),
-        ("Pre-bottleneck trend", pre.text()),
-        ("Post-bottleneck trend", post.text()),
+        ("Pre-bottleneck trend", _trend(pre, f.depth_adjusted["Pre-bottleneck trend"])),
+        ("Post-bottleneck trend", _trend(post, f.depth_adjusted["Post-bottleneck trend"])),
+        ("Layers above the conditional null", f.bottleneck.count("layers")),
     ]) + "\n"
     yield "### Per-layer similarity to the bottleneck\n"
+    layers = a.layers
     yield markdown_table(pd.DataFrame({
-        "Layer": a.layers["layer"], "Similarity": to_ref,
-        "z vs isotropic null": similarity_z(to_ref, k, d),
+        "Layer": layers["layer"], "Similarity": to_ref,
+        "z (isotropic)": layers["bottleneck_z"],
+        "Conditional null mean": layers["bottleneck_conditional_mean"],
+        "z (conditional)": layers["bottleneck_z_conditional"],
+        "Adjusted p": layers["bottleneck_p_adjusted"],
         "Note": ["← bottleneck" if i == b else "" for i in range(len(to_ref))]}),
-        formats={"z vs isotropic null": Z_FORMAT}) + "\n"
+        formats={"z (isotropic)": Z_FORMAT, "z (conditional)": Z_FORMAT,
+                 "Adjusted p": ".2g"}) + "\n"
 
 
-def _alignment(a: Analysis):
+def _alignment(a: Analysis, f: Findings):
     m, k, d = a.model, a.k, a.model["d_model"]
     chance = null_mean(k, d)
     layers = a.layers
@@ -257,59 +309,106 @@ def _alignment(a: Analysis):
     yield "## Experiment 3: FFN-attention alignment\n"
     yield (f"Fraction of the FFN input projection's ({m['ffn_input']}{gated}) Frobenius energy"
            f" inside the top-{k} attention subspace of head {a.primary_head},"
-           f" `||W_in V_k^T||_F^2 / ||W_in||_F^2`. Chance level = k/d = {k}/{d} ="
-           f" {chance:.4f}; its std under the isotropic null depends on how unevenly W_in's"
-           " energy is spread (per layer below). The ceiling is the share of W_in's energy in"
-           " its own top-k right singular directions (no k-subspace holds more); 'normalized'"
-           " places the alignment between chance (0) and that ceiling (1).\n")
+           f" `||W_in V_k^T||_F^2 / ||W_in||_F^2`. Isotropic chance = k/d = {k}/{d} ="
+           f" {chance:.4f}, its std from W_in's spectrum. The conditional chance is"
+           " `(k / d_head) ||W_in P_R||_F^2 / ||W_in||_F^2`, the share of a random k-subspace of"
+           " the head's KV row space R, with its own std. 'Normalized' places the alignment"
+           " piecewise linearly between the floor (-1: W_in's bottom-k directions, the least"
+           " any k-subspace holds), chance (0) and the ceiling (+1: W_in's top-k directions);"
+           " the conditional version uses the least and most any k-subspace of R holds.\n")
     yield "**Interpretation:**\n"
-    yield f"- Near chance ({chance:.4f}, z near 0): FFN and attention are randomly oriented."
-    yield "- Well below chance: the FFN avoids the attention subspace (clean separation)."
-    yield "- Well above chance: FFN and attention are coupled in the same subspace.\n"
+    yield "- Near the conditional chance: the kernel's top-k directions are not special within"
+    yield "  its row space as far as the FFN input is concerned."
+    yield "- Significantly below: the FFN input avoids the kernel's top-k directions."
+    yield "- Significantly above: the FFN input reads the kernel's top-k directions.\n"
     yield _fig("alignment", "Alignment vs chance") + "\n"
     yield "### Summary\n"
+    significant = layers[layers["alignment_p_adjusted"] <= FDR_Q]
+    deviating = ", ".join(f"{int(r.layer)} ({r.alignment_conditional_ratio:.2f}x)"
+                          for r in significant.itertuples()) or "none"
     yield _metric_table([
-        ("Chance level (k/d)", f"{chance:.4f}"), ("Mean alignment", f"{align.mean():.4f}"),
-        ("Mean / chance", f"{align.mean() / chance:.2f}x"), ("Std", f"{align.std():.4f}"),
+        ("Isotropic chance (k/d)", f"{chance:.4f}"), ("Mean alignment", f"{align.mean():.4f}"),
+        ("Mean / isotropic chance", f"{align.mean() / chance:.2f}x"),
         ("Mean z vs isotropic null", f"{layers['alignment_z'].mean():{Z_FORMAT}}"),
-        ("Mean normalized (0 = chance, 1 = ceiling)",
-         f"{layers['alignment_normalized'].mean():+.4f}"),
+        ("Mean conditional chance", f"{layers['alignment_conditional_chance'].mean():.4f}"),
+        ("Mean / conditional chance", f"{f.alignment_layers.mean_ratio:.2f}x"),
+        ("Mean z vs conditional null", f"{layers['alignment_z_conditional'].mean():{Z_FORMAT}}"),
+        ("Mean normalized (isotropic; conditional)",
+         f"{layers['alignment_normalized'].mean():+.3f};"
+         f" {layers['alignment_conditional_normalized'].mean():+.3f}"),
         ("Min", f"{align.min():.4f} (layer {int(align.argmin())})"),
         ("Max", f"{align.max():.4f} (layer {int(align.argmax())})"),
-        ("Layers above chance", f"{int((align > chance).sum())}/{len(align)}"),
-        ("Layers at or below chance", f"{int((align <= chance).sum())}/{len(align)}"),
+        ("Layers differing from the conditional null", f.alignment_layers.count("layers")),
+        ("Those layers (× conditional chance)", deviating),
+        ("Every (layer, head)", f.alignment_heads.count("(layer, head) pairs")),
     ]) + "\n"
     yield "### Per-layer alignment\n"
     yield markdown_table(pd.DataFrame({
         "Layer": layers["layer"], "Alignment": align,
-        "vs chance": [f"{r:.2f}x" for r in align / chance],
-        "Null std": layers["alignment_null_std"],
-        "z": layers["alignment_z"],
-        "Normalized": layers["alignment_normalized"]}), formats={"z": Z_FORMAT}) + "\n"
+        "× isotropic": [f"{r:.2f}x" for r in align / chance],
+        "z (isotropic)": layers["alignment_z"],
+        "× conditional": [f"{r:.2f}x" for r in layers["alignment_conditional_ratio"]],
+        "z (conditional)": layers["alignment_z_conditional"],
+        "Adjusted p": layers["alignment_p_adjusted"],
+        "Normalized (conditional)": layers["alignment_conditional_normalized"]}),
+        formats={"z (isotropic)": Z_FORMAT, "z (conditional)": Z_FORMAT,
+                 "Adjusted p": ".2g"}) + "\n"
 
 
-def _multihead(a: Analysis):
-    b = a.bottleneck_layer
-    yield "## Multi-head robustness\n"
-    yield (f"The experiments repeated for heads {a.heads} (the notebook's linspace sample unless"
-           " configured otherwise), to check whether the primary head is representative.\n")
+def _by_kv_head(a: Analysis) -> pd.DataFrame:
+    """Per KV head and over the model: the adjacent similarity and the alignment of all its
+    heads against their conditional nulls, with BH counts from the every-head families."""
+    group = a.model["n_heads"] // a.model["n_kv_heads"]
+    heads, align = a.every_head, a.alignment.assign(kv_head=a.alignment["head"] // group)
+
+    def row(label, h_rows, a_rows):
+        sig_h = h_rows["p_conditional_adjusted"] <= FDR_Q
+        sig_a = a_rows["conditional_p_adjusted"] <= FDR_Q
+        return (label,
+                h_rows["adjacent_similarity"].mean() / h_rows["conditional_mean"].mean(),
+                f"{int((sig_h & (h_rows['z_conditional'] > 0)).sum())}/{len(h_rows)}",
+                a_rows["alignment"].mean() / a_rows["conditional_chance"].mean(),
+                f"{int((sig_a & (a_rows['conditional_z'] > 0)).sum())} above,"
+                f" {int((sig_a & (a_rows['conditional_z'] < 0)).sum())} below"
+                f" /{len(a_rows)}")
+
+    rows = [row(f"KV head {j} (heads {', '.join(map(str, sorted(set(h['head']))))})", h,
+                align[align["kv_head"] == j]) for j, h in heads.groupby("kv_head")]
+    rows.append(row("Model", heads, align))
+    return pd.DataFrame(rows, columns=["Group", "Adjacent sim × conditional",
+                                       "Adjacent pairs above", "Alignment × conditional",
+                                       "Alignment (layer, head) significant"])
+
+
+def _every_head(a: Analysis, f: Findings):
+    m, b = a.model, a.bottleneck_layer
+    k, d_head = a.k, m["d_head"]
+    within = a.within_layer
+    yield "## Every head\n"
+    yield (f"Experiments 1 and 3 for all {m['n_heads']} heads. Heads that share a KV head share"
+           " its row space, so they are not independent replicates: summaries are per KV head"
+           " and over the model, with the BH counts of the every-head families.\n")
+    yield markdown_table(_by_kv_head(a), ".2f") + "\n"
+    if m["n_heads"] > m["n_kv_heads"]:
+        yield (f"Within-layer dependence, measured: two heads of one KV head have mean"
+               f" similarity {within['same_kv_mean'].mean():.3f} (random k-subspaces of one row"
+               f" space: k/d_head = {k / d_head:.3f}); two heads of different KV heads"
+               f" {within['other_kv_mean'].mean():.3f} (conditional null"
+               f" {within['other_kv_conditional_mean'].mean():.3f}).\n")
+    yield (f"The notebook's multi-head robustness: the sampled heads {a.heads} (its linspace"
+           " sample unless configured otherwise).\n")
     yield _fig("multihead_summary", "Multi-head summary") + "\n"
-    yield "### Averaged similarity matrix statistics\n"
+    yield "### Averaged similarity matrix statistics (sampled heads)\n"
     sm = overlap_summary(a.similarity_mean)
     yield _metric_table([(lbl, f"{sm[key]:.4f}") for lbl, key in [
         ("Off-diagonal mean", "off_diagonal_mean"), ("Off-diagonal std", "off_diagonal_std"),
         ("Adjacent mean", "adjacent_mean"), ("Distant mean", "distant_mean")]]) + "\n"
     yield "### Averaged similarity matrix (layer × layer)\n"
     yield _matrix(a.similarity_mean) + "\n"
-    k, d = a.k, a.model["d_model"]
-    yield f"### Per-head similarity to layer {b}\n"
-    yield (f"Each entry is one pair of subspaces: isotropic null {null_mean(k, d):.4f} ± "
-           f"{null_std(k, d):.4f}, so entries above {null_mean(k, d) + 3 * null_std(k, d):.4f}"
-           " have z > 3.\n")
-    yield markdown_table(per_head_table(a, a.bottleneck, "similarity")) + "\n"
+    if a.has_bottleneck:
+        yield f"### Per-head similarity to layer {b}\n"
+        yield markdown_table(per_head_table(a, a.bottleneck, "similarity")) + "\n"
     yield "### Per-head FFN-attention alignment\n"
-    yield ("Null per layer: chance k/d with the std in the Experiment 3 table (it depends on"
-           " the layer's FFN input, not on the head).\n")
     yield markdown_table(per_head_table(a, a.alignment, "alignment")) + "\n"
 
 
@@ -340,50 +439,78 @@ def _k_sensitivity(a: Analysis):
            + (f"; smallest gaps first: {listed}{more}" if listed else "") + ".\n")
 
 
-def _crossref(a: Analysis):
+def _crossref(a: Analysis, f: Findings):
     yield "## Cross-reference: effective rank vs subspace geometry\n"
     yield ("Effective rank `exp(H(sigma / sum sigma))` (Roy & Vetterli 2007) of W_Q, W_K, W_V,"
-           " W_O, W_gate, W_up, W_down, averaged per layer, beside the subspace metrics of head"
-           f" {a.primary_head} ({a.weight_ranks['source'].iloc[0]}). Not WeightWatcher's"
-           " \"entropy\", a different quantity. Gap at k: the relative spectral gap"
-           " `(sigma_k - sigma_k+1) / sigma_k` of that head's kernel; below"
-           f" {GAP_THRESHOLD} its top-k subspace is ill-defined.\n")
+           " W_O, W_gate, W_up, W_down, averaged per layer after dividing each by its largest"
+           " possible value min(rows, cols) (weights of different sizes are then comparable),"
+           f" beside the subspace metrics of head {a.primary_head}"
+           f" ({a.weight_ranks['source'].iloc[0]}). Not WeightWatcher's \"entropy\", a"
+           " different quantity. Gap at k: the relative spectral gap `(sigma_k - sigma_k+1) /"
+           f" sigma_k` of that head's kernel; below {GAP_THRESHOLD} its top-k subspace is"
+           " ill-defined.\n")
     yield _fig("effective_ranks", "Effective rank by layer, normalized: eff_rank / min(rows,"
                " cols)") + "\n"
     yield _fig("kernel_effective_ranks", "Kernel effective rank per layer and head") + "\n"
-    columns = ["layer", "mean_eff_rank", "relative_gap", "adjacent_similarity",
-               "adjacent_best_match", "bottleneck_similarity", "alignment", "alignment_ratio"]
+    columns = ["layer", "mean_normalized_eff_rank", "mean_eff_rank", "relative_gap",
+               "adjacent_similarity", "adjacent_best_match", "bottleneck_similarity",
+               "alignment", "alignment_conditional_ratio"]
     yield markdown_table(a.layers[columns].rename(columns={
-        "layer": "Layer", "mean_eff_rank": "Mean eff rank", "relative_gap": "Gap at k",
-        "adjacent_similarity": "Adj sim",
-        "adjacent_best_match": "Adj best match", "bottleneck_similarity": "Sim to bottleneck",
-        "alignment": "FFN-attn align", "alignment_ratio": "Align / chance"})) + "\n"
+        "layer": "Layer", "mean_normalized_eff_rank": "Mean normalized eff rank",
+        "mean_eff_rank": "Mean eff rank", "relative_gap": "Gap at k",
+        "adjacent_similarity": "Adj sim", "adjacent_best_match": "Adj best match",
+        "bottleneck_similarity": "Sim to bottleneck", "alignment": "FFN-attn align",
+        "alignment_conditional_ratio": "Align × conditional"})) + "\n"
     yield "### Correlation between metrics\n"
-    yield ("Pearson r and Spearman rho, each with a two-sided permutation p-value (seeded);"
-           " the bottleneck layer's similarity to itself is left out.\n")
-    corr = layer_correlations(a.layers)
-    rows = [(label, c.pearson, c.pearson_p, c.spearman, c.spearman_p, c.n) for label, c in corr]
+    yield ("Series across depth share trends (neighbouring layers are alike), which makes a"
+           " permutation of layers call almost any two of them correlated. So each series'"
+           " linear trend in the layer index is removed first, and the p-value of Pearson's r"
+           " of the residuals comes from all circular shifts of one of them (exact; the"
+           " smallest p it can give is 1/n). The bottleneck layer's similarity to itself is"
+           " left out. Adjusted p: BH over these tests and Experiment 2's trends where there is"
+           " a bottleneck.\n")
+    rows = [(label, c.r, c.p, f.depth_adjusted[label], c.n) for label, c in f.correlations]
     yield markdown_table(pd.DataFrame(rows, columns=[
-        "Pair", "Pearson r", "Permutation p (r)", "Spearman rho", "Permutation p (rho)",
-        "N"])) + "\n"
-    kept = [f"r = {c.pearson:.4f} (N = {c.n}) for {label[0].lower() + label[1:]}"
+        "Pair", "Detrended r", "Circular-shift p", "Adjusted p", "N"])) + "\n"
+    kept = [f"r = {c.r:.4f} (N = {c.n}) for {label[0].lower() + label[1:]}"
             for (x, y, _), (label, c) in zip(
                 PAIRS, layer_correlations(a.layers, keep_bottleneck=True), strict=True)
-            if "bottleneck_similarity" in (x, y)]
-    yield ("With the bottleneck layer kept, as the notebook computes them: "
-           + " and ".join(kept) + ".\n")
+            if "bottleneck_similarity" in (x, y) and a.has_bottleneck]
+    if kept:
+        yield ("With the bottleneck layer kept, as the notebook computes them: "
+               + " and ".join(kept) + ".\n")
 
 
-def _findings(a: Analysis, s1: dict[str, float], trends: tuple[Correlation, Correlation]):
-    """The verdicts, from the statistics of :func:`_overlap` and :func:`_bottleneck`."""
-    k, d = a.k, a.model["d_model"]
-    b = a.bottleneck_layer
-    pre, post = trends
+def _findings(a: Analysis, f: Findings):
+    """The verdicts: the notebook's rules and, beside them, the conditional tests."""
+    k, d, ffn = a.k, a.model["d_model"], a.model["ffn_input"]
     mean_ratio = a.layers["alignment"].mean() / null_mean(k, d)
+    distant_ratio = f.overlap["distant_mean"] / f.conditional_summary["distant_mean"]
     yield "## Key findings\n"
-    yield f"**Experiment 1 (subspace overlap):** {overlap_verdict(s1)}\n"
-    chosen_by_rank = a.bottleneck_choice == AUTO_BOTTLENECK
-    yield (f"**Experiment 2 (bottleneck convergence):**"
-           f" {bottleneck_verdict(b, pre, post, chosen_by_rank)}\n")
-    yield (f"**Experiment 3 (FFN-attention alignment):**"
-           f" {alignment_verdict(mean_ratio, a.model['ffn_input'])}\n")
+    yield (f"**Experiment 1 (subspace overlap):** {overlap_verdict(f.overlap)}"
+           f" {conditional_overlap_verdict(f.adjacent, distant_ratio)}"
+           + (f" Phase boundaries: {len(f.boundaries)} significant drop(s)." if len(f.boundaries)
+              else " No significant phase boundary.") + "\n")
+    yield f"**Head matching:** {identity_verdict(len(a.layer_pairs), f.identity)}\n"
+    if a.has_bottleneck:
+        verdict = bottleneck_verdict(a.bottleneck_layer, *f.trends, (
+            f.depth_adjusted["Pre-bottleneck trend"], f.depth_adjusted["Post-bottleneck trend"]))
+    else:
+        verdict = no_bottleneck_verdict(a.bottleneck_choice)
+    yield f"**Experiment 2 (bottleneck convergence):** {verdict}\n"
+    yield (f"**Experiment 3 (FFN-attention alignment):** {alignment_verdict(mean_ratio, ffn)}"
+           f" {conditional_alignment_verdict(f.alignment_heads, ffn, '(layer, head) pairs')}\n")
+    significant = [label for label, p in f.depth_adjusted.items() if p <= FDR_Q]
+    yield ("**Correlations across depth:** "
+           + (f"significant after detrending and BH: {', '.join(significant)}." if significant
+              else "no trend or correlation across depth is significant after detrending"
+              f" (correlations) and BH ({dict(f.families())[DEPTH_FAMILY]} tested).") + "\n")
+
+
+def _tests(f: Findings):
+    families = f.families()
+    yield "## Tests and multiplicity\n"
+    yield (f"This report ran {sum(n for _, n in families)} tests in {len(families)} families;"
+           f" p-values are Benjamini-Hochberg adjusted at q = {FDR_Q} within each family (the"
+           " tables' `p_adjusted` columns).\n")
+    yield markdown_table(pd.DataFrame(families, columns=["Family", "Tests"])) + "\n"

@@ -68,6 +68,13 @@ def load_head_bases(vector_paths, head: int, k: int) -> np.ndarray:
     return load_layers(vector_paths, lambda a: a[:, head, :k, :])
 
 
+def load_row_spaces(vector_paths, n_heads: int, n_kv_heads: int) -> np.ndarray:
+    """``(L, n_kv, d_head, d)``: for each KV head, the ``d_head`` stored vectors of its first
+    query head, an orthonormal basis of the KV head's row space (every head of the group has
+    one; :mod:`rowspace_nulls`)."""
+    return load_layers(vector_paths, lambda a: a[:, ::n_heads // n_kv_heads])
+
+
 def load_similarities(paths) -> dict[int, np.ndarray]:
     """``{head: (L, L) matrix}`` from ``.../similarity_head{head}.npy`` files."""
     return {int(Path(p).stem.removeprefix("similarity_head")): load_array(p) for p in paths}
@@ -156,7 +163,14 @@ class Analysis:
     singular_values: np.ndarray  # (L, h, d_head)
     best_match: np.ndarray       # (L, L), all heads
     layer_pairs: pd.DataFrame    # per layer pair a < b: same-index, best-match, nulls
+    every_head: pd.DataFrame     # per head and layer: adjacent similarity, conditional null
+    within_layer: pd.DataFrame   # per layer: similarity of heads sharing / not a KV head
+    overlaps: np.ndarray         # (2, L, n_kv, L, n_kv) row-space overlap moments
     ksweep: pd.DataFrame | None  # rows by k; None where not an input (the figures)
+
+    @property
+    def has_bottleneck(self) -> bool:
+        return self.bottleneck_layer >= 0
 
     @property
     def bottleneck_layer(self) -> int:
@@ -179,7 +193,7 @@ class Analysis:
 
 def bottleneck_layer(bottleneck: pd.DataFrame) -> int:
     """The bottleneck layer recorded in a bottleneck table (:func:`statistics.bottleneck_table`:
-    the same in every row)."""
+    the same in every row; -1 where ``auto`` found none)."""
     return int(bottleneck["bottleneck_layer"].iloc[0])
 
 
@@ -208,5 +222,8 @@ def load_analysis(inputs, k: int, heads: list[int], primary_head: int) -> Analys
         singular_values=load_layers(inputs.singular_values),
         best_match=load_array(inputs.best_match),
         layer_pairs=pd.read_parquet(inputs.layer_pairs),
+        every_head=pd.read_parquet(inputs.every_head),
+        within_layer=pd.read_parquet(inputs.within_layer),
+        overlaps=load_array(inputs.overlaps),
         ksweep=pd.read_parquet(inputs.ksweep) if hasattr(inputs, "ksweep") else None,
     )

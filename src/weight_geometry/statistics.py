@@ -59,25 +59,6 @@ def overlap_summary(sims: np.ndarray) -> dict[str, float]:
     }
 
 
-def phase_boundaries(sims: np.ndarray, n: int = 10) -> pd.DataFrame:
-    """The ``n`` most negative steps of the adjacent-similarity sequence (fewer if fewer steps
-    are negative).
-
-    Step ``t`` goes from pair (t, t+1) to pair (t+1, t+2); a large drop marks a boundary
-    between layers t+1 and t+2.
-    """
-    adj = adjacent(sims)
-    steps = np.diff(adj)
-    order = np.argsort(steps, kind="stable")[:n]
-    order = order[steps[order] < 0]      # a rise is no boundary (the notebook listed rises too)
-    return pd.DataFrame({
-        "rank": np.arange(len(order)),
-        "boundary": [f"{t + 1}→{t + 2}" for t in order],
-        "adjacent_similarity": adj[order + 1],
-        "change": steps[order],
-    })
-
-
 def similarity_by_distance(sims: np.ndarray) -> pd.DataFrame:
     """Mean, std and count of ``sims[i, i + dist]`` for the notebook's distances (< L)."""
     n = len(sims)
@@ -157,29 +138,89 @@ def bottleneck_trends(sims_to_ref: np.ndarray, bottleneck: int) -> tuple[Correla
             correlate(np.arange(len(after)), after))
 
 
-def choose_bottleneck(weight_ranks: pd.DataFrame) -> int:
-    """Layer whose W_Q and W_K have the lowest mean normalized effective rank.
+#: Robust z (median minus the layer's value over 1.4826 MAD of the interior profile) at
+#: which a layer's low effective rank stands out as a bottleneck (Iglewicz and Hoaglin's
+#: outlier rule for a modified z-score).
+BOTTLENECK_ROBUST_Z = 3.5
+#: Fewest interior layers (all but the first and the last) the robust rule needs.
+MIN_PROFILE_LAYERS = 5
 
-    Normalized effective rank = ``eff_rank / min(rows, cols)`` (:func:`ranks.normalized_eff_rank`).
-    """
+
+def bottleneck_profile(weight_ranks: pd.DataFrame) -> pd.Series:
+    """Per layer (index), the mean normalized effective rank ``eff_rank / min(rows, cols)``
+    (:func:`ranks.normalized_eff_rank`) of W_Q and W_K: the profile ``auto`` reads."""
     qk = weight_ranks[weight_ranks["weight_type"].isin(["W_Q", "W_K"])]
-    return int(normalized_eff_rank(qk).groupby(qk["layer_idx"]).mean().idxmin())
+    return normalized_eff_rank(qk).groupby(qk["layer_idx"]).mean().sort_index()
 
 
-#: ``bottleneck_choice`` of a bottleneck chosen by :func:`choose_bottleneck`.
-AUTO_BOTTLENECK = "auto: lowest mean normalized effective rank of W_Q and W_K"
+@dataclass(frozen=True)
+class BottleneckChoice:
+    """The ``auto`` rule's outcome: the interior layer of lowest profile, its robust z, and
+    whether it stands out (``layer`` is then the bottleneck; else there is none)."""
+
+    layer: int
+    robust_z: float
+    stands_out: bool
+    n_profile: int
+
+    def text(self) -> str:
+        if self.n_profile < MIN_PROFILE_LAYERS:
+            return (f"auto: no bottleneck (the rule needs at least {MIN_PROFILE_LAYERS} layers"
+                    f" besides the first and the last, this model has {self.n_profile})")
+        verdict = "stands out" if self.stands_out else "does not stand out"
+        return (f"auto: layer {self.layer} has the lowest mean normalized effective rank of"
+                f" W_Q and W_K among layers 1 .. L-2 and {verdict} from that profile (robust"
+                f" z = {self.robust_z:.1f}, threshold {BOTTLENECK_ROBUST_Z})")
+
+
+def choose_bottleneck(weight_ranks: pd.DataFrame) -> BottleneckChoice:
+    """The ``auto`` bottleneck: among layers ``1 .. L-2`` (the first and last layers, whose
+    projections are shaped by the embeddings and the unembedding, are left out), the layer of
+    lowest :func:`bottleneck_profile`; it is a bottleneck only if it stands out from that
+    profile: ``(median - value) / (1.4826 MAD) >=`` :data:`BOTTLENECK_ROBUST_Z`. Cost O(L)."""
+    profile = bottleneck_profile(weight_ranks)
+    interior = profile.iloc[1:-1]
+    if len(interior) < MIN_PROFILE_LAYERS:
+        return BottleneckChoice(-1, float("nan"), False, len(interior))
+    values = interior.to_numpy()
+    median = np.median(values)
+    mad = 1.4826 * np.median(np.abs(values - median))
+    layer = int(interior.idxmin())
+    with np.errstate(divide="ignore", invalid="ignore"):
+        robust_z = float((median - interior.min()) / mad) if mad > 0 else (
+            float("inf") if interior.min() < median else 0.0)
+    return BottleneckChoice(layer, robust_z, robust_z >= BOTTLENECK_ROBUST_Z, len(interior))
+
+
+#: ``bottleneck_layer`` of a bottleneck table without a bottleneck (``auto`` found none).
+NO_BOTTLENECK = -1
 
 
 def bottleneck_table(sims_by_head: dict[int, np.ndarray], weight_ranks: pd.DataFrame,
-                     choice: int | str) -> pd.DataFrame:
-    """Long table (head, layer, similarity) of ``sims[b, l]`` for each head, with the bottleneck
-    layer ``b`` and how it was chosen (configured, or ``auto`` by :func:`choose_bottleneck`)."""
+                     choice: int | str, null_by_head: dict[int, tuple[np.ndarray, np.ndarray]]
+                     ) -> pd.DataFrame:
+    """Long table (head, layer, similarity, conditional_mean, conditional_std) of ``sims[b,
+    l]`` for each head, with its row-space-conditional null (``null_by_head[head]``: the
+    ``(L, L)`` mean and std of :func:`rowspace_nulls.similarity_null` for that head), the
+    bottleneck layer ``b`` and how it was chosen (configured, or ``auto`` by
+    :func:`choose_bottleneck`). Without a bottleneck (``auto`` found none) ``b`` is
+    :data:`NO_BOTTLENECK` and the values are NaN."""
     if choice == "auto":
-        layer, how = choose_bottleneck(weight_ranks), AUTO_BOTTLENECK
+        auto = choose_bottleneck(weight_ranks)
+        layer, how = (auto.layer if auto.stands_out else NO_BOTTLENECK), auto.text()
     else:
         layer, how = int(choice), "set in the config"
-    frames = [pd.DataFrame({"head": head, "layer": np.arange(len(s)), "similarity": s[layer]})
-              for head, s in sorted(sims_by_head.items())]
+
+    def to_bottleneck(matrix: np.ndarray) -> np.ndarray:
+        return matrix[layer] if layer != NO_BOTTLENECK else np.full(len(matrix), np.nan)
+
+    frames = []
+    for head, sims in sorted(sims_by_head.items()):
+        mean, std = null_by_head[head]
+        frames.append(pd.DataFrame({"head": head, "layer": np.arange(len(sims)),
+                                    "similarity": to_bottleneck(sims),
+                                    "conditional_mean": to_bottleneck(mean),
+                                    "conditional_std": to_bottleneck(std)}))
     table = pd.concat(frames, ignore_index=True)
     table["bottleneck_layer"] = layer
     table["bottleneck_choice"] = how

@@ -1,5 +1,11 @@
-"""The report's verdicts: one sentence per experiment from its statistics (:mod:`statistics`),
-with the notebook's thresholds (SCIENCE.md) and a caveat where a trend could be chance.
+"""The report's verdicts: one sentence per finding from its statistics, each naming its null and
+its test, and saying nothing the statistic does not test.
+
+Two kinds stand side by side. The notebook's verdicts keep its thresholds (SCIENCE.md) on
+absolute similarities and on the ratio to the isotropic chance ``k/d``; the conditional
+verdicts judge the same quantities against the row-space-conditional null (random k-subspaces
+of each head's own KV row space, :mod:`rowspace_nulls`) with z-tests whose p-values are
+Benjamini-Hochberg adjusted over their family (:mod:`multiplicity`).
 
 Pure text from numbers: no arrays, cost O(1)."""
 
@@ -7,67 +13,129 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # annotations only: the verdicts need neither numpy nor pandas
+from .multiplicity import FDR_Q
+
+if TYPE_CHECKING:  # annotations only
+    from .multiplicity import Tested
     from .statistics import Correlation
+
+#: How the conditional verdicts name their null.
+CONDITIONAL_NULL = ("the row-space-conditional null (random k-subspaces of each head's own KV"
+                    " row space)")
 
 
 def overlap_verdict(summary: dict[str, float]) -> str:
-    """Experiment 1 verdict with the notebook's rules."""
+    """Experiment 1 verdict with the notebook's rules on absolute similarities."""
     gap, mean = summary["adjacent_minus_distant"], summary["off_diagonal_mean"]
+    rule = "notebook's rule on absolute similarities"
     if gap > 0.05:
         return (f"Adjacent layers share more subspace ({summary['adjacent_mean']:.3f}) than"
-                f" distant layers ({summary['distant_mean']:.3f}): phase structure, nearby layers"
-                " refine similar subspaces while distant layers target different geometry.")
+                f" distant layers ({summary['distant_mean']:.3f}; gap {gap:.3f} > 0.05, {rule}).")
     if mean > 0.7:
-        return (f"High uniform similarity across layers (mean {mean:.3f}): depth may be partly"
-                " redundant, layers query similar subspaces.")
-    return (f"Moderate similarity (off-diagonal mean {mean:.3f}): layers share some subspace but"
-            " also target distinct directions.")
+        return (f"High uniform similarity across layers (off-diagonal mean {mean:.3f} > 0.7,"
+                f" {rule}): layers query similar subspaces.")
+    return (f"No phase structure by the {rule} (adjacent minus distant {gap:.3f} <= 0.05,"
+            f" off-diagonal mean {mean:.3f} <= 0.7).")
+
+
+def conditional_overlap_verdict(adjacent: Tested, distant_ratio: float) -> str:
+    """Experiment 1 against the conditional null: adjacent-layer similarity of the primary head
+    (one-sided z-tests, one per adjacent pair)."""
+    test = f"one-sided z-test per adjacent pair, {adjacent.count('pairs')}"
+    if adjacent.n_above == 0:
+        return (f"Adjacent-layer similarity is indistinguishable from {CONDITIONAL_NULL}"
+                f" (mean {adjacent.mean_ratio:.2f}x its mean; {test}): adjacent layers share"
+                " no more than the overlap of their row spaces gives.")
+    return (f"Adjacent layers share more than {CONDITIONAL_NULL} (mean"
+            f" {adjacent.mean_ratio:.2f}x its mean; {test}); distant layers"
+            f" {distant_ratio:.2f}x.")
+
+
+def identity_verdict(n_pairs: int, persistent: list[tuple[int, int]]) -> str:
+    """Head identities: same-index against random head orderings (permutation test per layer
+    pair, BH over the pairs)."""
+    test = (f"permutation test over head orderings per layer pair, BH q = {FDR_Q} over"
+            f" {n_pairs} pairs")
+    if not persistent:
+        return f"No evidence that head identities persist across layers ({test})."
+    listed = ", ".join(f"{a}-{b}" for a, b in persistent[:10])
+    more = f" and {len(persistent) - 10} more" if len(persistent) > 10 else ""
+    return (f"Head identities persist across {len(persistent)} layer pairs ({listed}{more}):"
+            f" same-index heads share more than randomly paired heads ({test}).")
 
 
 #: Permutation p-value above which a trend that a verdict rests on is called possibly chance.
-SIGNIFICANCE = 0.05
+SIGNIFICANCE = FDR_Q
 
 
-def _chance_caveat(**trends: Correlation) -> str:
-    """The verdict's caveat for the trends it rests on whose Pearson permutation p-value is
-    above :data:`SIGNIFICANCE` (the notebook's rule reads r alone; few layers give large r
-    by chance)."""
-    weak = [f"{name} p={c.pearson_p:.3g}" for name, c in trends.items()
-            if c.pearson_p > SIGNIFICANCE]
+def _chance_caveat(**trends: tuple[Correlation, float]) -> str:
+    """The verdict's caveat for the trends it rests on whose BH-adjusted p-value (given beside
+    each) is above :data:`SIGNIFICANCE` (the notebook's rule reads r alone; few layers give
+    large r by chance)."""
+    weak = [f"{name} adjusted p={p:.3g}" for name, (_, p) in trends.items() if p > SIGNIFICANCE]
     if not weak:
         return ""
     return (f" Caveat: {' and '.join(weak)} > {SIGNIFICANCE}: the trend it rests on could be"
             f" chance.")
 
 
+def no_bottleneck_verdict(choice: str) -> str:
+    """Experiment 2 when ``auto`` found no bottleneck."""
+    return f"No bottleneck: {choice}; Experiment 2 is not run."
+
+
 def bottleneck_verdict(bottleneck: int, pre: Correlation, post: Correlation,
-                       chosen_by_rank: bool = True) -> str:
-    """Experiment 2 verdict: convergence if pre r > 0.3 and post r < -0.3; partial if pre only
-    (or if pre and the post trend is undefined, which the verdict then says); either with a
-    caveat where a trend it rests on has a permutation p-value above :data:`SIGNIFICANCE`."""
-    trends = f"pre {pre.text()}; post {post.text()}"
+                       adjusted: tuple[float, float]) -> str:
+    """Experiment 2 verdict with the notebook's rule: convergence if pre r > 0.3 and post r <
+    -0.3; partial if pre only (or if pre and the post trend is undefined, which the verdict
+    then says); either with a caveat where a trend it rests on has a BH-adjusted permutation
+    p-value (``adjusted``: pre, post) above :data:`SIGNIFICANCE`."""
+    trends = (f"Pearson r of similarity vs layer index with permutation p: pre {pre.text()};"
+              f" post {post.text()}")
     if not pre.defined:
         return (f"Undetermined: too few layers before layer {bottleneck} for a trend ({trends}).")
     if pre.pearson > 0.3 and post.defined and post.pearson < -0.3:
-        return (f"Layer {bottleneck} is a convergence point: similarity rises towards it from"
-                f" both sides ({trends}).{_chance_caveat(pre=pre, post=post)}")
+        return (f"Layer {bottleneck} is a convergence point by the notebook's rule: similarity"
+                f" rises towards it from both sides ({trends})."
+                f"{_chance_caveat(pre=(pre, adjusted[0]), post=(post, adjusted[1]))}")
     if pre.pearson > 0.3:
         late = " but not from late layers" if post.defined else \
             "; too few layers follow it for a late trend"
-        return (f"Partial convergence: similarity rises towards layer {bottleneck} from early"
-                f" layers{late} ({trends}).{_chance_caveat(pre=pre)}")
-    anomaly = ("; its low rank may be a local anomaly rather than a convergence point"
-               if chosen_by_rank else "")
-    return f"No clear convergence towards layer {bottleneck} ({trends}){anomaly}."
+        return (f"Partial convergence by the notebook's rule: similarity rises towards layer"
+                f" {bottleneck} from early layers{late} ({trends})."
+                f"{_chance_caveat(pre=(pre, adjusted[0]))}")
+    return f"No convergence towards layer {bottleneck} by the notebook's rule ({trends})."
 
 
 def alignment_verdict(mean_ratio: float, ffn_input: str) -> str:
-    """Experiment 3 verdict: ratio to chance > 1.5 coupled, < 0.7 avoids, else near chance."""
+    """Experiment 3 verdict with the notebook's thresholds on the ratio to isotropic chance:
+    > 1.5 coupled, < 0.7 avoids, else near chance."""
+    rule = "isotropic chance k/d, notebook's thresholds 1.5 and 0.7"
     if mean_ratio > 1.5:
-        return (f"The FFN input ({ffn_input}) is coupled with attention ({mean_ratio:.2f}x"
-                " chance): they operate in overlapping subspaces.")
+        return (f"The FFN input ({ffn_input}) is coupled with the attention subspace"
+                f" ({mean_ratio:.2f}x {rule}).")
     if mean_ratio < 0.7:
         return (f"The FFN input ({ffn_input}) avoids the attention subspace ({mean_ratio:.2f}x"
-                " chance): attention routes in one subspace, the FFN reads its complement.")
-    return (f"FFN alignment is near chance ({mean_ratio:.2f}x): no strong coupling or avoidance.")
+                f" {rule}).")
+    return f"FFN alignment is near chance ({mean_ratio:.2f}x {rule})."
+
+
+def conditional_alignment_verdict(tested: Tested, ffn_input: str, what: str) -> str:
+    """Experiment 3 against the conditional null (two-sided z-tests over ``what``, e.g. "(layer,
+    head) pairs")."""
+    test = f"two-sided z-test each, {tested.count(what)}"
+    if tested.n_above == 0 and tested.n_below == 0:
+        return (f"No coupling beyond the row space: the FFN input's ({ffn_input}) share in the"
+                f" kernels' top-k directions is what {CONDITIONAL_NULL} holds (mean"
+                f" {tested.mean_ratio:.2f}x; {test}).")
+    if tested.n_above and tested.n_below:
+        return (f"Neither coupled nor avoiding as a whole: the FFN input ({ffn_input}) puts more"
+                f" of its energy into the kernels' top-k directions than {CONDITIONAL_NULL}"
+                f" holds for some, less for others (mean {tested.mean_ratio:.2f}x; {test}).")
+    if tested.n_above:
+        return (f"Coupled beyond the row space: the FFN input ({ffn_input}) puts more of its"
+                f" energy into the kernels' top-k directions than {CONDITIONAL_NULL} holds"
+                f" (mean {tested.mean_ratio:.2f}x; {test}).")
+    return (f"Avoidance beyond the row space: the FFN input ({ffn_input}) puts less of its"
+            f" energy into the kernels' top-k directions than {CONDITIONAL_NULL} holds (mean"
+            f" {tested.mean_ratio:.2f}x; {test}).")

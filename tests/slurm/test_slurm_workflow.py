@@ -100,8 +100,9 @@ def test_workflow_on_slurm_equals_local_run(cluster, tmp_path):
     ours = sorted(p.relative_to(tmp_path / "slurm") for p in
                   (tmp_path / "slurm/results").rglob("*.npy"))
     theirs = sorted(p.relative_to(local) for p in (local / "results").rglob("*.npy"))
-    # The bases arrays, 2 heads' similarity matrices, their mean, best match and its pairs.
-    assert ours == theirs and len(ours) == len(BASES_FILES) + 5
+    # The bases arrays, the row-space overlaps, 2 heads' similarity matrices, their mean,
+    # best match and its pairs.
+    assert ours == theirs and len(ours) == len(BASES_FILES) + 6
     for rel in ours:
         assert np.array_equal(np.load(tmp_path / "slurm" / rel), np.load(local / rel)), rel
     assert (tmp_path / "slurm/results/tiny/k4/report.md").is_file()

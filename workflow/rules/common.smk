@@ -116,21 +116,35 @@ def match_heads_mem_mb(wildcards):
     """For the model's layers, then as many random ones for the null (rows: the larger count
     times h): the top-k vectors of every head in float32, the model's and the null's (the
     model's are held until the job ends); one layer's block of squared cosines against all
-    (float64, and the float32 product it is squared from); the (L h)^2 float64 cross-head tensor, the null's and the copies
-    the mirroring makes; the random-pairing null's (L, L) draws three times (the draws, their
-    shift and np.std's deviations); plus the interpreter. Not counted: the pages of the
-    memory-mapped bases, which RSS includes while they are mapped (the kernel may map a file
-    in large blocks, beyond the top-k rows read) but which are the file's page cache, freed
-    under memory pressure."""
-    from weight_geometry.head_matching import PAIRING_PERMUTATIONS
+    (float64, and the float32 product it is squared from); the (L h)^2 float64 cross-head
+    tensor, the null's and the copies the mirroring makes, and the conditional null's mean
+    and std of every head pair (with the repeated overlaps they come from); the head-ordering
+    permutations' sums, PERMUTATION_CHUNK orderings of L (L + 1) / 2 layer pairs, twice;
+    plus the interpreter. Not counted: the pages of the memory-mapped bases, which RSS
+    includes while they are mapped (the kernel may map a file in large blocks, beyond the
+    top-k rows read) but which are the file's page cache, freed under memory pressure."""
+    from weight_geometry.multiplicity import PERMUTATION_CHUNK
 
     d, k = model_plan(wildcards).dims, int(wildcards.k)
     rows = max(d.n_layers, NULL_LAYERS) * d.n_heads
     vectors = rows * k * d.d_model * 4 * 2
     block = d.n_heads * k * rows * k * (8 + 4)
-    cross = rows**2 * 8 * 4
-    pairing = 3 * PAIRING_PERMUTATIONS * d.n_layers**2 * 8
-    return 1000 + (vectors + block + cross + pairing) // 2**20
+    cross = rows**2 * 8 * 8
+    orderings = 2 * PERMUTATION_CHUNK * d.n_layers * (d.n_layers + 1) // 2 * 8
+    return 1000 + (vectors + block + cross + orderings) // 2**20
+
+
+def rowspace_overlap_mem_mb(wildcards):
+    """One head per KV head, all d_head vectors, in float32 twice (the chunks' copies and their
+    concatenation); one layer's block of cosines against all (float32 and its float64 copy,
+    and the cores' products); the (2, L, n_kv, L, n_kv) float64 result three times (the
+    upper triangle, its mirror and the merge); plus the interpreter."""
+    d = model_plan(wildcards).dims
+    rows = d.n_layers * d.n_kv_heads * d.d_head
+    vectors = rows * d.d_model * 4 * 2
+    block = d.n_kv_heads * d.d_head * rows * (4 + 8 * 3)
+    result = 3 * 2 * (d.n_layers * d.n_kv_heads) ** 2 * 8
+    return 1000 + (vectors + block + result) // 2**20
 
 
 def k_sweep_mem_mb(wildcards):
@@ -183,6 +197,9 @@ def analysis_inputs(wildcards):
         "singular_values": chunk_files("singular_values.npy")(wildcards),
         "best_match": f"{kdir}/best_match.npy",
         "layer_pairs": f"{kdir}/layer_pairs.parquet",
+        "every_head": f"{kdir}/heads.parquet",
+        "within_layer": f"{kdir}/within_layer.parquet",
+        "overlaps": f"{base}/rowspace_overlap.npy",
         "ksweep": f"{base}/ksweep.parquet",
     }
 

@@ -1,6 +1,26 @@
 # Stage 2: k- and head-dependent measurements from the stored bases (no checkpoint reads).
 
 
+rule rowspace_overlap:
+    input:
+        model=f"{R}/model.json",
+        vectors=chunk_files("vectors.npy"),
+    output:
+        f"{R}/rowspace_overlap.npy",
+    log:
+        "logs/{model}/rowspace_overlap.log",
+    benchmark:
+        f"{R}/benchmarks/rowspace_overlap.tsv"
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=rowspace_overlap_mem_mb,
+        runtime=10,
+    script:
+        "../scripts/rowspace_overlap.py"
+
+
 rule similarity_matrix:
     input:
         vectors=chunk_files("vectors.npy"),
@@ -43,6 +63,8 @@ rule bottleneck_similarity:
     input:
         similarity=similarity_files(lambda p: p.similarity_heads),
         weight_ranks=f"{R}/effective_ranks.parquet",
+        model=f"{R}/model.json",
+        overlaps=f"{R}/rowspace_overlap.npy",
     output:
         f"{K}/bottleneck.parquet",
     log:
@@ -67,6 +89,7 @@ rule ffn_alignment:
         energy=chunk_files("ffn_input_energy.npy"),
         norm2=chunk_files("ffn_input_norm2.npy"),
         ffn_singular_values=chunk_files("ffn_input_singular_values.npy"),
+        rowspace_eigenvalues=chunk_files("ffn_input_rowspace_eigenvalues.npy"),
     output:
         f"{K}/alignment.parquet",
     log:
@@ -92,6 +115,7 @@ rule layer_table:
         best_match=f"{K}/best_match.npy",
         singular_values=chunk_files("singular_values.npy"),
         model=f"{R}/model.json",
+        overlaps=f"{R}/rowspace_overlap.npy",
     output:
         parquet=f"{K}/layers.parquet",
         csv=report(
@@ -121,9 +145,12 @@ rule match_heads:
     input:
         model=f"{R}/model.json",
         vectors=chunk_files("vectors.npy"),
+        overlaps=f"{R}/rowspace_overlap.npy",
     output:
         best_match=f"{K}/best_match.npy",
         pairs=f"{K}/best_match_pairs.npy",
+        heads=f"{K}/heads.parquet",
+        within_layer=f"{K}/within_layer.parquet",
         table=f"{K}/layer_pairs.parquet",
         csv=report(
             f"{K}/layer_pairs.csv",

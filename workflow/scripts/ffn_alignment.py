@@ -1,4 +1,4 @@
-"""Rule ffn_alignment: FFN-attention alignment of every head at this k, with its nulls."""
+"""Rule ffn_alignment: FFN-attention alignment of every head at this k, with both nulls."""
 
 import _library  # noqa: F401  (puts the checkout's src/ on sys.path)
 
@@ -12,7 +12,8 @@ def main():
     inp = snakemake.input
     model = read_json(inp.model)
     table = alignment_table(load_layers(inp.energy), load_layers(inp.norm2),
-                            load_layers(inp.ffn_singular_values), int(snakemake.wildcards.k),
+                            load_layers(inp.ffn_singular_values),
+                            load_layers(inp.rowspace_eigenvalues), int(snakemake.wildcards.k),
                             model["d_model"], model["ffn_input"])
     table.to_parquet(snakemake.output[0], index=False)
 

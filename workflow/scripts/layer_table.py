@@ -15,8 +15,8 @@ def main():
     table = layer_table(pd.read_parquet(inp.weight_ranks), load_array(inp.similarity[0]),
                         load_array(inp.best_match), pd.read_parquet(inp.bottleneck),
                         pd.read_parquet(inp.alignment), load_layers(inp.singular_values),
-                        snakemake.params.head,
-                        int(snakemake.wildcards.k), read_json(inp.model)["d_model"])
+                        snakemake.params.head, int(snakemake.wildcards.k),
+                        read_json(inp.model), load_array(inp.overlaps))
     table.to_parquet(snakemake.output.parquet, index=False)
     table.to_csv(snakemake.output.csv, index=False)
 

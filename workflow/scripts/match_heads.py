@@ -1,4 +1,5 @@
-"""Rule match_heads: best-match similarity between layers over all heads, with its nulls."""
+"""Rule match_heads: best-match similarity between layers over all heads, with its nulls, and
+Experiment 1's adjacent-layer similarity for every head."""
 
 import _library  # noqa: F401  (puts the checkout's src/ on sys.path)
 
@@ -7,17 +8,23 @@ from weight_geometry.rule_script import run_rule
 
 def main():
     from weight_geometry.head_matching import match_heads
-    from weight_geometry.results_io import load_layers, read_json, save_result
+    from weight_geometry.head_summary import adjacent_by_head, within_layer_similarity
+    from weight_geometry.results_io import load_array, load_layers, read_json, save_result
 
-    k, out = int(snakemake.wildcards.k), snakemake.output
-    model = read_json(snakemake.input.model)
-    matrix, pairs, table = match_heads(
-        load_layers(snakemake.input.vectors, lambda a: a[:, :, :k]), k, model["d_model"],
-        model["n_kv_heads"], model["d_head"])
+    k, inp, out = int(snakemake.wildcards.k), snakemake.input, snakemake.output
+    model = read_json(inp.model)
+    overlaps = load_array(inp.overlaps)
+    matrix, pairs, table, sims = match_heads(
+        load_layers(inp.vectors, lambda a: a[:, :, :k]), k, model["d_model"],
+        model["n_kv_heads"], model["d_head"], overlaps)
     save_result(out.best_match, matrix)
     save_result(out.pairs, pairs)
     table.to_parquet(out.table, index=False)
     table.to_csv(out.csv, index=False)
+    adjacent_by_head(sims, overlaps, k, model["d_model"], model["d_head"]).to_parquet(
+        out.heads, index=False)
+    within_layer_similarity(sims, overlaps, k, model["d_head"]).to_parquet(
+        out.within_layer, index=False)
 
 
 run_rule(main, snakemake.log[0], snakemake.output)
