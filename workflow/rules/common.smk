@@ -122,7 +122,8 @@ def match_heads_mem_mb(wildcards):
     permutations' sums, PERMUTATION_CHUNK orderings of L (L + 1) / 2 layer pairs, twice;
     plus the interpreter. Not counted: the pages of the memory-mapped bases, which RSS
     includes while they are mapped (the kernel may map a file in large blocks, beyond the
-    top-k rows read) but which are the file's page cache, freed under memory pressure."""
+    top-k rows read) but which are the file's page cache, freed under memory
+    pressure."""
     from weight_geometry.multiplicity import PERMUTATION_CHUNK
 
     d, k = model_plan(wildcards).dims, int(wildcards.k)
