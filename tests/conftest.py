@@ -200,9 +200,11 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 
 def tiny_run_config(checkpoint: Path, **changes) -> dict:
-    """The config of :func:`tiny_run`, with ``changes`` (a rerun that must give its numbers)."""
+    """The config of :func:`tiny_run`, with ``changes`` (a rerun that must give its numbers):
+    raw weights (``fold_norms: false``), the notebook's definitions the tests check."""
     return {"models": {"tiny": {"source": str(checkpoint)}}, "top_k": [4, 10], "heads": "all",
-            "primary_head": 1, "bottleneck": 2, "device": "cpu", **changes}
+            "primary_head": 1, "bottleneck": 2, "device": "cpu", "fold_norms": False,
+            **changes}
 
 
 @pytest.fixture(scope="session")

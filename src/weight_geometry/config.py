@@ -36,7 +36,7 @@ CONFIG_KEYS = ("models", "top_k", "heads", "primary_head", "bottleneck", "device
                "layers_per_job", "fold_norms")
 #: The value of each optional key when the config leaves it out (the schema's defaults).
 DEFAULTS = {"top_k": 20, "heads": {"sample": 4}, "primary_head": 0, "bottleneck": "auto",
-            "device": "auto", "layers_per_job": 0, "fold_norms": False}
+            "device": "auto", "layers_per_job": 0, "fold_norms": True}
 
 
 def _as_int(key: str, value, allowed: str) -> int:
