@@ -115,7 +115,10 @@ def _analysis() -> Analysis:
     overlaps[0], overlaps[1] = T1, T2
     ksweep = pd.DataFrame({"k": range(1, D_HEAD), "off_diagonal_mean_ratio": 1.5,
                            "adjacent_mean_ratio": 2.0, "distant_mean_ratio": 1.0,
-                           "alignment_mean_ratio": 1.1, "n_ill_defined": 0})
+                           "alignment_mean_ratio": 1.1, "off_diagonal_mean_conditional_ratio": 1.2,
+                           "adjacent_mean_conditional_ratio": 1.7,
+                           "distant_mean_conditional_ratio": 0.9,
+                           "alignment_mean_conditional_ratio": 1.0, "n_ill_defined": 0})
     model = {"name": "hand", "source": "hand/made", "format": "safetensors",
              "architecture": "llama", "storage_dtype": "float32", "compute_dtype": "float64",
              "n_layers": L, "d_model": D, "d_ff": 4 * D, "n_heads": 2, "n_kv_heads": 1,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .ksweep import RATIO_LABELS
+from .ksweep import CONDITIONAL_RATIO_LABELS, RATIO_LABELS
 from .ranks import normalized_eff_rank
 from .results_io import Analysis, pair_matrix
 from .similarity import null_mean
@@ -144,14 +144,18 @@ def draw_all(a: Analysis, out: dict[str, str]) -> None:
 
 
 def draw_ksweep(table, d_head: int, path) -> None:
-    """Statistics / chance against k (rows of :func:`ksweep.ksweep_table`), and the number of
-    ill-defined (layer, head) subspaces per k."""
+    """Statistics / chance (solid) and / their conditional null mean (dashed) against k (rows
+    of :func:`ksweep.ksweep_table`), and the number of ill-defined (layer, head) subspaces per
+    k."""
     fig, (top, bottom) = pyplot().subplots(2, 1, figsize=(10, 7), sharex=True,
                                       gridspec_kw={"height_ratios": [3, 1]})
-    for column, label in RATIO_LABELS.items():
-        top.plot(table["k"], table[column], marker=".", label=label)
-    top.axhline(1.0, color="gray", linestyle=":", label="chance (k/d)")
-    top.set(ylabel="statistic / chance", yscale="log",
+    for (column, label), (conditional, conditional_label) in zip(
+            RATIO_LABELS.items(), CONDITIONAL_RATIO_LABELS.items(), strict=True):
+        (line,) = top.plot(table["k"], table[column], marker=".", label=label)
+        top.plot(table["k"], table[conditional], linestyle="--", color=line.get_color(),
+                 label=conditional_label)
+    top.axhline(1.0, color="gray", linestyle=":", label="the null (1)")
+    top.set(ylabel="statistic / null mean", yscale="log",
             title=f"k-sensitivity (k = 1 .. {d_head - 1}; d_head = {d_head} excluded)")
     top.legend()
     bottom.bar(table["k"], table["n_ill_defined"], color="gray")

@@ -27,6 +27,12 @@ RATIO_LABELS = {"off_diagonal_mean_ratio": "off-diagonal similarity / chance",
                 "adjacent_mean_ratio": "adjacent-layer similarity / chance",
                 "distant_mean_ratio": "distant-layer similarity / chance",
                 "alignment_mean_ratio": "FFN-attention alignment / chance"}
+#: The same statistics divided by their row-space-conditional null means.
+CONDITIONAL_RATIO_LABELS = {
+    "off_diagonal_mean_conditional_ratio": "off-diagonal similarity / conditional",
+    "adjacent_mean_conditional_ratio": "adjacent-layer similarity / conditional",
+    "distant_mean_conditional_ratio": "distant-layer similarity / conditional",
+    "alignment_mean_conditional_ratio": "FFN-attention alignment / conditional"}
 
 
 def relative_gaps(singular_values: np.ndarray) -> np.ndarray:
@@ -74,8 +80,23 @@ def _mean_statistics(sims: np.ndarray) -> dict[str, float]:
             "distant_mean": distant(sims).mean()}
 
 
+def _conditional_means(ks: np.ndarray, kv_heads: list[int], overlaps: np.ndarray,
+                       rowspace_eigenvalues: np.ndarray, norm2: np.ndarray) -> pd.DataFrame:
+    """The row-space-conditional null means of the table's four statistics for every k: each
+    is linear in k (a similarity's is ``k t1 / m^2``, an alignment's ``(k / m) sum mu / tr G``,
+    :mod:`rowspace_nulls`), averaged as the statistics are, over the heads whose KV heads are
+    ``kv_heads``. Cost O(h L^2)."""
+    m = rowspace_eigenvalues.shape[-1]
+    t1 = np.mean([overlaps[0][:, kv, :, kv] for kv in kv_heads], axis=0)      # (L, L)
+    inside = rowspace_eigenvalues.sum(-1) / norm2[:, None]                    # (L, n_kv)
+    per_k = {**{name: value / m**2 for name, value in _mean_statistics(t1).items()},
+             "alignment_mean": inside[:, kv_heads].mean() / m}
+    return pd.DataFrame({name: ks * value for name, value in per_k.items()})
+
+
 def ksweep_table(vectors: np.ndarray, energy: np.ndarray, norm2: np.ndarray,
-                 singular_values: np.ndarray, d: int) -> pd.DataFrame:
+                 singular_values: np.ndarray, d: int, kv_heads: list[int],
+                 overlaps: np.ndarray, rowspace_eigenvalues: np.ndarray) -> pd.DataFrame:
     """One row per k = 1 .. d_head - 1 (k = d_head is skipped: heads sharing a KV head coincide),
     averaged over the ``h`` heads given (the caller selects them, e.g. the sampled heads).
 
@@ -83,12 +104,16 @@ def ksweep_table(vectors: np.ndarray, energy: np.ndarray, norm2: np.ndarray,
         vectors: ``(L, h, d_head, d)`` right singular vectors, an in-memory array (its
             float32 copy is made one head at a time: :func:`similarity_by_k`);
             energy ``(L, h, d_head)``; norm2 ``(L,)``; singular_values ``(L, h, d_head)``.
+        kv_heads: the KV head each of the ``h`` heads reads.
+        overlaps: ``(2, L, n_kv, L, n_kv)`` :func:`rowspace_nulls.rowspace_overlaps`;
+            rowspace_eigenvalues ``(L, n_kv, d_head)`` (the extraction's).
     Columns: k; chance ``k/d``; null_std (of one similarity, :func:`similarity.null_std`);
     off_diagonal_mean, adjacent_mean, distant_mean (:func:`statistics.distant`): the mean over
     the heads of each head's statistic of its same-index ``(L, L)`` matrix; alignment_mean
-    (mean over layers and heads); each of those four divided by chance as ``*_ratio``;
-    n_ill_defined: (layer, head) pairs with relative gap at k below :data:`GAP_THRESHOLD`.
-    Cost O(h L^2 d_head^2 d / 2), memory as :func:`similarity_by_k` plus ``(d_head, L, L)``.
+    (mean over layers and heads); each of those four divided by chance as ``*_ratio`` and by
+    its row-space-conditional null mean as ``*_conditional_ratio``; n_ill_defined: (layer,
+    head) pairs with relative gap at k below :data:`GAP_THRESHOLD`. Cost O(h L^2 d_head^2 d /
+    2), memory as :func:`similarity_by_k` plus ``(d_head, L, L)``.
     """
     n_heads, d_head = vectors.shape[1:3]
     ks = np.arange(1, d_head)
@@ -100,7 +125,9 @@ def ksweep_table(vectors: np.ndarray, energy: np.ndarray, norm2: np.ndarray,
     table["alignment_mean"] = align.mean(axis=(0, 1))[:-1]
     chance = null_mean(ks, d)
     ratios = table.div(chance, axis=0).add_suffix("_ratio")
-    table = pd.concat([table, ratios], axis=1)
+    conditional = table / _conditional_means(ks, kv_heads, overlaps, rowspace_eigenvalues,
+                                             norm2)
+    table = pd.concat([table, ratios, conditional.add_suffix("_conditional_ratio")], axis=1)
     table.insert(0, "k", ks)
     table.insert(1, "chance", chance)
     table.insert(2, "null_std", [null_std(k, d) for k in ks])

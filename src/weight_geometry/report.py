@@ -14,7 +14,7 @@ import pandas as pd
 from .architectures import ABSOLUTE_POSITIONS
 from .crossref import PAIRS, layer_correlations
 from .findings import DEPTH_FAMILY, Findings, compute_findings
-from .ksweep import GAP_THRESHOLD, RATIO_LABELS, ill_defined
+from .ksweep import CONDITIONAL_RATIO_LABELS, GAP_THRESHOLD, RATIO_LABELS, ill_defined
 from .multiplicity import FDR_Q
 from .results_io import Analysis
 from .similarity import null_mean, null_std
@@ -417,13 +417,16 @@ def _k_sensitivity(a: Analysis):
     sweep = a.ksweep
     yield "## k-sensitivity\n"
     yield (f"The statistics above at every k from 1 to d_head - 1 = {d_head - 1}, from the same"
-           f" extraction (sampled heads {a.heads}), each divided by chance k/d; all rows are in"
+           f" extraction (sampled heads {a.heads}), each divided by chance k/d and by its"
+           " conditional null mean; all rows are in"
            " `../ksweep.csv`. k = d_head is left out: there the subspace is the key"
            " projection's row space, and heads sharing a KV head become identical.\n")
     yield "![k-sweep](../figures/ksweep.png)\n"
     shown = sweep[sweep["k"].isin([*KSWEEP_ROWS, k])]
-    yield markdown_table(shown[["k", *RATIO_LABELS, "n_ill_defined"]].rename(columns={
-        **RATIO_LABELS, "n_ill_defined": "Ill-defined (layer, sampled head)"}), ".2f") + "\n"
+    yield markdown_table(shown[["k", *RATIO_LABELS, *CONDITIONAL_RATIO_LABELS,
+                                "n_ill_defined"]].rename(columns={
+        **RATIO_LABELS, **CONDITIONAL_RATIO_LABELS,
+        "n_ill_defined": "Ill-defined (layer, sampled head)"}), ".2f") + "\n"
     if k == d_head:
         yield (f"**This report's k = d_head = {d_head}: heads sharing a KV head have identical"
                " subspaces; choose k < d_head to compare heads.**\n")

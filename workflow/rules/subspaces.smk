@@ -180,6 +180,8 @@ rule k_sweep:
         singular_values=chunk_files("singular_values.npy"),
         energy=chunk_files("ffn_input_energy.npy"),
         norm2=chunk_files("ffn_input_norm2.npy"),
+        rowspace_eigenvalues=chunk_files("ffn_input_rowspace_eigenvalues.npy"),
+        overlaps=f"{R}/rowspace_overlap.npy",
     output:
         parquet=f"{R}/ksweep.parquet",
         csv=report(

@@ -8,7 +8,7 @@ from weight_geometry.rule_script import run_rule
 def main():
     from weight_geometry.figures import draw_ksweep
     from weight_geometry.ksweep import ksweep_table
-    from weight_geometry.results_io import load_layers, read_json
+    from weight_geometry.results_io import load_array, load_layers, read_json
 
     inp, out, heads = snakemake.input, snakemake.output, snakemake.params.heads
     model = read_json(inp.model)
@@ -16,9 +16,11 @@ def main():
     def sampled(a):  # only the sampled heads' bytes are read from each memmap
         return a[:, heads]
 
+    group = model["n_heads"] // model["n_kv_heads"]
     table = ksweep_table(load_layers(inp.vectors, sampled), load_layers(inp.energy, sampled),
                          load_layers(inp.norm2), load_layers(inp.singular_values, sampled),
-                         model["d_model"])
+                         model["d_model"], [head // group for head in heads],
+                         load_array(inp.overlaps), load_layers(inp.rowspace_eigenvalues))
     table.to_parquet(out.parquet, index=False)
     table.to_csv(out.csv, index=False)
     draw_ksweep(table, model["d_head"], out.figure)
