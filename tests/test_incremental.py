@@ -74,9 +74,10 @@ def test_new_k_plans_only_that_k(base, args):
 def test_new_head_plans_no_extraction(base):
     jobs = dry(base, heads=[0, 1, 2])
     rules = {r for r, _ in jobs}
-    # The k-sweep averages over the sampled heads; head matching uses all heads and stays.
+    # The k-sweep averages over the sampled heads; head matching and the bottleneck table use
+    # all heads and stay.
     assert rules <= CHEAP_K_RULES | {"k_sweep"} and "similarity_matrix" in rules
-    assert "match_heads" not in rules
+    assert not rules & {"match_heads", "bottleneck_similarity"}
     sims = [o for r, outs in jobs if r == "similarity_matrix" for o in outs]
     assert sims == ["results/tiny/k4/similarity_head2.npy"]
 
@@ -89,8 +90,9 @@ def test_new_bottleneck_plans_only_its_dependants(base):
 
 def test_new_primary_head_plans_its_matrix_and_the_primary_head_tables(base):
     jobs = dry(base, primary_head=2)   # the sample is heads 0 and 1: head 2 has no matrix yet
-    assert sorted(r for r, _ in jobs) == ["bottleneck_similarity", "layer_table",
-                                          "report_figures", "report_markdown",
+    # The bottleneck table covers every head already (from head matching's same-index
+    # matrices): it stays.
+    assert sorted(r for r, _ in jobs) == ["layer_table", "report_figures", "report_markdown",
                                           "similarity_matrix"]
     assert [o for r, outs in jobs if r == "similarity_matrix" for o in outs] == [
         "results/tiny/k4/similarity_head2.npy"]

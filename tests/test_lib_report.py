@@ -63,6 +63,10 @@ def _analysis() -> Analysis:
         "similarity": np.concatenate([TO_REF, [0.4, 0.1, 1.0, 0.5, 0.2, 0.3]]),
         "conditional_mean": c_mean, "conditional_std": c_std,
         "bottleneck_layer": B, "bottleneck_choice": "set in the config"})
+    bottleneck["z_conditional"] = ((bottleneck["similarity"] - c_mean) / c_std).where(
+        bottleneck["layer"] != B)
+    bottleneck["p_conditional_adjusted"] = np.where(bottleneck["z_conditional"] > 3, 0.01, 0.5)
+    bottleneck.loc[bottleneck["layer"] == B, "p_conditional_adjusted"] = np.nan
     align = np.concatenate([ALIGN, np.full(L, 0.2)])
     alignment = pd.DataFrame({"head": np.repeat(HEADS, L), "layer": np.tile(layer, 2),
                               "alignment": align, "conditional_chance": 0.1,
@@ -285,3 +289,20 @@ def test_position_caveat_follows_the_architecture(architecture, says, not_says):
     a.model["architecture"] = architecture
     caveat = next(line for line in render(a).splitlines() if line.startswith("Caveats:"))
     assert says in caveat and not_says not in caveat
+
+
+def test_every_head_is_summarized_per_kv_head_against_the_conditional_null(text):
+    """One KV head (heads 0 and 1) and the model: ratios of means to the conditional null, and
+    the BH counts of each every-head family (the hand-made tables' adjusted p-values)."""
+    rows = {r["Group"]: r for r in markdown_table(text, "## Every head")}
+    assert list(rows) == ["KV head 0 (heads 0, 1)", "Model"]
+    c_mean, _ = _conditional()
+    adjacent = np.diagonal(_similarity(), 1)
+    model = rows["Model"]
+    assert model["Adjacent sim × conditional"] == f"{adjacent.mean() / c_mean:.2f}"
+    assert model["Alignment × conditional"] == f"{(np.mean(ALIGN) + 0.2) / 2 / 0.1:.2f}"
+    assert model["Alignment significant"] == "8 above, 0 below /12"   # 0.3, 0.2 and head 1's
+    others = [0.4, 0.1, 0.5, 0.2, 0.3] + [v for i, v in enumerate(TO_REF) if i != B]
+    assert model["Sim to bottleneck × conditional"] == f"{np.mean(others) / c_mean:.2f}"
+    assert "Within-layer dependence, measured: two heads of one KV head have mean similarity" \
+        " 0.600" in text

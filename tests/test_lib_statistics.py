@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+from weight_geometry.multiplicity import benjamini_hochberg
 from weight_geometry.statistics import (
     BOTTLENECK_ROBUST_Z,
     NO_BOTTLENECK,
@@ -264,6 +265,18 @@ def test_bottleneck_table():
         np.testing.assert_allclose(part["conditional_mean"], 0.1 + head)
         np.testing.assert_allclose(part["conditional_std"], 0.01 * (head + 1))
         assert list(part["layer"]) == list(range(7))
+    # The test against the conditional null: z, the gamma tail (scipy), BH over every head and
+    # layer but the bottleneck's own.
+    tested = auto[auto["layer"] != 3]
+    np.testing.assert_allclose(tested["z_conditional"], (tested["similarity"]
+                                                         - tested["conditional_mean"])
+                               / tested["conditional_std"])
+    shape = (tested["conditional_mean"] / tested["conditional_std"]) ** 2
+    np.testing.assert_allclose(tested["p_conditional"], stats.gamma.sf(
+        tested["similarity"], shape, scale=tested["conditional_mean"] / shape), atol=2e-3)
+    assert auto.loc[auto["layer"] == 3, ["z_conditional", "p_conditional"]].isna().all().all()
+    np.testing.assert_allclose(auto["p_conditional_adjusted"],
+                               benjamini_hochberg(auto["p_conditional"]))
     fixed = bottleneck_table(sims, _profile_ranks(profile), 1, _nulls(sims))
     assert set(fixed["bottleneck_layer"]) == {1}
     assert (fixed["bottleneck_choice"] == "set in the config").all()

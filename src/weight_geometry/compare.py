@@ -38,8 +38,9 @@ _FIGURES = dict(zip(COMPARE_FIGURES, (
     _Figure(
         "Similarity to the bottleneck layer",
         "Similarity of each layer's subspace to its model's bottleneck layer (1 at the"
-        " bottleneck itself); dotted lines are each model's k/d. Models without a bottleneck"
-        " have no line.", "chance"),
+        " bottleneck itself); dotted lines are each model's k/d, dashed ones its"
+        " row-space-conditional null mean. Models without a bottleneck have no line.",
+        "chance"),
     _Figure(
         "FFN-attention alignment / conditional chance",
         "Fraction of the FFN input energy inside the attention subspace, divided by the share"
@@ -71,6 +72,7 @@ def _model_rows(name: str, model: dict, layers: pd.DataFrame, k: int) -> pd.Data
         "adjacent_ratio": layers["adjacent_similarity"].to_numpy() / chance,
         "bottleneck_similarity": layers["bottleneck_similarity"].to_numpy(),
         "bottleneck_ratio": layers["bottleneck_similarity"].to_numpy() / chance,
+        "bottleneck_conditional_mean": layers["bottleneck_conditional_mean"].to_numpy(),
         "adjacent_conditional_ratio": (layers["adjacent_similarity"]
                                        / layers["adjacent_conditional_mean"]).to_numpy(),
         "alignment": layers["alignment"].to_numpy(),
@@ -88,7 +90,8 @@ def compare_table(models: dict[str, tuple[dict, pd.DataFrame]], k: int) -> pd.Da
     ``models`` maps a name to its ``model.json`` record and its ``k{k}/layers.parquet`` table.
     Columns: model, layer, n_layers, d_model, head, ffn_input, ``depth = layer / n_layers``,
     ``chance = k / d_model``, adjacent_similarity, ``adjacent_ratio`` (= / chance),
-    bottleneck_similarity, ``bottleneck_ratio`` (= / chance), adjacent_conditional_ratio (=
+    bottleneck_similarity, ``bottleneck_ratio`` (= / chance), bottleneck_conditional_mean,
+    adjacent_conditional_ratio (=
     / its conditional null mean), alignment, alignment_ratio, alignment_conditional_ratio,
     mean_eff_rank, mean_normalized_eff_rank, is_bottleneck.
     """
@@ -145,8 +148,10 @@ def _draw(table: pd.DataFrame, name: str, path: str) -> None:
                           label=f"{model} (L={rows['n_layers'].iloc[0]})")
         if spec.reference == "chance":
             ax.axhline(rows["chance"].iloc[0], color=line.get_color(), linestyle=":")
+            ax.plot(rows["depth"], rows["bottleneck_conditional_mean"], linestyle="--",
+                    color=line.get_color())
     if spec.reference == "one":
-        ax.axhline(1.0, color="gray", linestyle="--", label="chance")
+        ax.axhline(1.0, color="gray", linestyle="--", label="the null (1)")
     ax.set(xlabel="Normalized depth (layer / L)", ylabel=spec.ylabel, xlim=(0, 1),
            title=f"{spec.ylabel} vs normalized depth")
     ax.legend()

@@ -121,6 +121,10 @@ def draw_all(a: Analysis, out: dict[str, str]) -> None:
     else:
         _no_bottleneck(axes[1], a)
     _band(axes[2], a.per_head(a.alignment, "alignment"), chance=chance)
+    conditional = a.per_head(a.alignment, "conditional_chance").mean(axis=1)
+    axes[2].plot(conditional.index, conditional, color="tab:green", linestyle="--",
+                 label="conditional chance (mean over these heads)")
+    axes[2].legend()
     axes[2].set(title="FFN-attention alignment (mean ± std)", xlabel="Layer",
                 ylabel="Fraction of FFN input energy")
     fig.suptitle(f"Multi-head summary (heads {a.heads}, top-{k})")

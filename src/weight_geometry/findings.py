@@ -15,7 +15,8 @@ with their sizes):
   circular-shift p): one family of five;
 - Experiment 3: alignment of every (layer, head) against the conditional null (two-sided), and
   of the primary head's layers (layer table);
-- every head: the adjacent-layer similarity of every (head, layer) (heads table).
+- every head: the adjacent-layer similarity of every (head, layer) (heads table) and its
+  similarity to the bottleneck (bottleneck table).
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class Findings:
     alignment_heads: Tested               # every (layer, head)
     alignment_layers: Tested              # primary head
     heads_adjacent: Tested                # every (head, layer) adjacent pair
+    heads_bottleneck: Tested | None       # every (head, layer) similarity to the bottleneck
 
     def families(self) -> list[tuple[str, int]]:
         """(family, number of tests) of every family the report ran."""
@@ -87,8 +89,10 @@ class Findings:
                 ("Alignment vs conditional null (primary head)", self.alignment_layers.n_tests),
                 (DEPTH_FAMILY, int(np.isfinite(list(self.depth_adjusted.values())).sum()))]
         if self.bottleneck is not None:
-            rows.insert(6, ("Similarity to the bottleneck vs conditional null",
-                            self.bottleneck.n_tests))
+            rows[6:6] = [("Similarity to the bottleneck vs conditional null (primary head)",
+                          self.bottleneck.n_tests),
+                         ("Similarity to the bottleneck vs conditional null (every head)",
+                          self.heads_bottleneck.n_tests)]
         return rows
 
 
@@ -172,4 +176,7 @@ def compute_findings(a: Analysis) -> Findings:
                                  "alignment_z_conditional", "alignment_p_adjusted"),
         heads_adjacent=_family(a.every_head, "adjacent_similarity", "conditional_mean",
                                "z_conditional", "p_conditional_adjusted"),
+        heads_bottleneck=(_family(a.bottleneck, "similarity", "conditional_mean",
+                                  "z_conditional", "p_conditional_adjusted")
+                          if a.has_bottleneck else None),
     )

@@ -47,6 +47,13 @@ def best_match(sims: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return best, argmax.transpose(0, 2, 1)
 
 
+def same_index_matrices(sims: np.ndarray) -> np.ndarray:
+    """``(h, L, L)``: each head's same-index matrix ``S[a, i, b, i]`` (what the
+    similarity_matrix rule computes for one head, from the all-heads blocks: equal to float32
+    rounding). Cost O(L^2 h)."""
+    return np.ascontiguousarray(np.einsum("aibi->iab", sims))
+
+
 def same_index_mean(sims: np.ndarray) -> np.ndarray:
     """``(L, L)`` mean over heads ``i`` of ``S[a, i, b, i]``. Cost O(L^2 h)."""
     return np.einsum("aibi->abi", sims).mean(axis=2)

@@ -355,29 +355,41 @@ def _alignment(a: Analysis, f: Findings):
                  "Adjusted p": ".2g"}) + "\n"
 
 
+def _above_below(rows: pd.DataFrame, z: str, p_adjusted: str) -> str:
+    """``"n above, m below /N"``: the rows significant after BH on each side of their null."""
+    significant = rows[p_adjusted] <= FDR_Q
+    return (f"{int((significant & (rows[z] > 0)).sum())} above,"
+            f" {int((significant & (rows[z] < 0)).sum())} below"
+            f" /{int(rows[p_adjusted].notna().sum())}")
+
+
 def _by_kv_head(a: Analysis) -> pd.DataFrame:
-    """Per KV head and over the model: the adjacent similarity and the alignment of all its
-    heads against their conditional nulls, with BH counts from the every-head families."""
+    """Per KV head and over the model: the adjacent similarity, the similarity to the
+    bottleneck (where there is one) and the alignment of all its heads against their
+    conditional nulls (ratio of means), with the BH counts of the every-head families."""
     group = a.model["n_heads"] // a.model["n_kv_heads"]
-    heads, align = a.every_head, a.alignment.assign(kv_head=a.alignment["head"] // group)
-
-    def row(label, h_rows, a_rows):
-        sig_h = h_rows["p_conditional_adjusted"] <= FDR_Q
-        sig_a = a_rows["conditional_p_adjusted"] <= FDR_Q
-        return (label,
-                h_rows["adjacent_similarity"].mean() / h_rows["conditional_mean"].mean(),
-                f"{int((sig_h & (h_rows['z_conditional'] > 0)).sum())}/{len(h_rows)}",
-                a_rows["alignment"].mean() / a_rows["conditional_chance"].mean(),
-                f"{int((sig_a & (a_rows['conditional_z'] > 0)).sum())} above,"
-                f" {int((sig_a & (a_rows['conditional_z'] < 0)).sum())} below"
-                f" /{len(a_rows)}")
-
-    rows = [row(f"KV head {j} (heads {', '.join(map(str, sorted(set(h['head']))))})", h,
-                align[align["kv_head"] == j]) for j, h in heads.groupby("kv_head")]
-    rows.append(row("Model", heads, align))
-    return pd.DataFrame(rows, columns=["Group", "Adjacent sim × conditional",
-                                       "Adjacent pairs above", "Alignment × conditional",
-                                       "Alignment (layer, head) significant"])
+    tables = {"adjacent": (a.every_head, "adjacent_similarity", "conditional_mean",
+                           "z_conditional", "p_conditional_adjusted"),
+              "alignment": (a.alignment, "alignment", "conditional_chance", "conditional_z",
+                            "conditional_p_adjusted")}
+    if a.has_bottleneck:   # the bottleneck's similarity to itself is no test
+        others = a.bottleneck[a.bottleneck["layer"] != a.bottleneck_layer]
+        tables["bottleneck"] = (others, "similarity", "conditional_mean", "z_conditional",
+                                "p_conditional_adjusted")
+    columns = {"adjacent": "Adjacent sim", "alignment": "Alignment",
+               "bottleneck": "Sim to bottleneck"}
+    groups = [(f"KV head {j} (heads {', '.join(map(str, range(j * group, (j + 1) * group)))})",
+               lambda t, j=j: t[t["head"] // group == j]) for j in range(a.model["n_kv_heads"])]
+    groups.append(("Model", lambda t: t))
+    rows = []
+    for label, select in groups:
+        row = {"Group": label}
+        for name, (table, value, null, z, p_adjusted) in tables.items():
+            part = select(table)
+            row[f"{columns[name]} × conditional"] = part[value].mean() / part[null].mean()
+            row[f"{columns[name]} significant"] = _above_below(part, z, p_adjusted)
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def _every_head(a: Analysis, f: Findings):
@@ -385,7 +397,7 @@ def _every_head(a: Analysis, f: Findings):
     k, d_head = a.k, m["d_head"]
     within = a.within_layer
     yield "## Every head\n"
-    yield (f"Experiments 1 and 3 for all {m['n_heads']} heads. Heads that share a KV head share"
+    yield (f"Experiments 1-3 for all {m['n_heads']} heads. Heads that share a KV head share"
            " its row space, so they are not independent replicates: summaries are per KV head"
            " and over the model, with the BH counts of the every-head families.\n")
     yield markdown_table(_by_kv_head(a), ".2f") + "\n"

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from .multiplicity import benjamini_hochberg, gamma_p
 from .ranks import normalized_eff_rank
 
 MIN_POINTS = 3
@@ -199,9 +200,11 @@ NO_BOTTLENECK = -1
 def bottleneck_table(sims_by_head: dict[int, np.ndarray], weight_ranks: pd.DataFrame,
                      choice: int | str, null_by_head: dict[int, tuple[np.ndarray, np.ndarray]]
                      ) -> pd.DataFrame:
-    """Long table (head, layer, similarity, conditional_mean, conditional_std) of ``sims[b,
-    l]`` for each head, with its row-space-conditional null (``null_by_head[head]``: the
-    ``(L, L)`` mean and std of :func:`rowspace_nulls.similarity_null` for that head), the
+    """Long table (head, layer, similarity, conditional_mean, conditional_std, z_conditional,
+    p_conditional, p_conditional_adjusted) of ``sims[b, l]`` for each head, with its
+    row-space-conditional null (``null_by_head[head]``: the ``(L, L)`` mean and std of
+    :func:`rowspace_nulls.similarity_null` for that head) and the one-sided test against it
+    (:func:`multiplicity.gamma_p`, BH over every (head, layer) but the bottleneck itself), the
     bottleneck layer ``b`` and how it was chosen (configured, or ``auto`` by
     :func:`choose_bottleneck`). Without a bottleneck (``auto`` found none) ``b`` is
     :data:`NO_BOTTLENECK` and the values are NaN."""
@@ -222,6 +225,12 @@ def bottleneck_table(sims_by_head: dict[int, np.ndarray], weight_ranks: pd.DataF
                                     "conditional_mean": to_bottleneck(mean),
                                     "conditional_std": to_bottleneck(std)}))
     table = pd.concat(frames, ignore_index=True)
+    tested = (table["layer"] != layer) & (table["conditional_std"] > 0)
+    values, mean, std = (table[c].where(tested) for c in ("similarity", "conditional_mean",
+                                                         "conditional_std"))
+    table["z_conditional"] = (values - mean) / std
+    table["p_conditional"] = gamma_p(values, mean, std)
+    table["p_conditional_adjusted"] = benjamini_hochberg(table["p_conditional"])
     table["bottleneck_layer"] = layer
     table["bottleneck_choice"] = how
     return table

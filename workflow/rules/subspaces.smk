@@ -61,7 +61,7 @@ rule similarity_mean:
 
 rule bottleneck_similarity:
     input:
-        similarity=similarity_files(lambda p: p.similarity_heads),
+        same_index=f"{K}/same_index.npy",
         weight_ranks=f"{R}/effective_ranks.parquet",
         model=f"{R}/model.json",
         overlaps=f"{R}/rowspace_overlap.npy",
@@ -149,6 +149,7 @@ rule match_heads:
     output:
         best_match=f"{K}/best_match.npy",
         pairs=f"{K}/best_match_pairs.npy",
+        same_index=f"{K}/same_index.npy",
         heads=f"{K}/heads.parquet",
         within_layer=f"{K}/within_layer.parquet",
         table=f"{K}/layer_pairs.parquet",

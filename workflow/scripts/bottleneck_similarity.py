@@ -1,5 +1,5 @@
-"""Rule bottleneck_similarity: similarity of every layer to the bottleneck layer, per head,
-beside its row-space-conditional null."""
+"""Rule bottleneck_similarity: similarity of every layer to the bottleneck layer, for every
+head, beside its row-space-conditional null."""
 
 import _library  # noqa: F401  (puts the checkout's src/ on sys.path)
 
@@ -9,13 +9,13 @@ from weight_geometry.rule_script import run_rule
 def main():
     import pandas as pd
 
-    from weight_geometry.results_io import load_array, load_similarities, read_json
+    from weight_geometry.results_io import load_array, read_json
     from weight_geometry.rowspace_nulls import one_head_null
     from weight_geometry.statistics import bottleneck_table
 
     inp = snakemake.input
     model, overlaps, k = read_json(inp.model), load_array(inp.overlaps), int(snakemake.wildcards.k)
-    sims = load_similarities(inp.similarity)
+    sims = dict(enumerate(load_array(inp.same_index)))        # every head
     nulls = {head: one_head_null(overlaps, k, model["d_head"], model["n_heads"], head)
              for head in sims}
     table = bottleneck_table(sims, pd.read_parquet(inp.weight_ranks), snakemake.params.bottleneck,

@@ -7,7 +7,7 @@ from weight_geometry.rule_script import run_rule
 
 
 def main():
-    from weight_geometry.head_matching import match_heads
+    from weight_geometry.head_matching import match_heads, same_index_matrices
     from weight_geometry.head_summary import adjacent_by_head, within_layer_similarity
     from weight_geometry.results_io import load_array, load_layers, read_json, save_result
 
@@ -19,6 +19,7 @@ def main():
         model["n_kv_heads"], model["d_head"], overlaps)
     save_result(out.best_match, matrix)
     save_result(out.pairs, pairs)
+    save_result(out.same_index, same_index_matrices(sims))
     table.to_parquet(out.table, index=False)
     table.to_csv(out.csv, index=False)
     adjacent_by_head(sims, overlaps, k, model["d_model"], model["d_head"]).to_parquet(
