@@ -4,6 +4,7 @@ tables and sentences against values computed here from the formulas (SCIENCE.md)
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -234,12 +235,12 @@ def test_ill_defined_subspaces_listed_smallest_gap_first(text):
 
 
 def test_cross_reference_shows_the_primary_heads_gap_at_k(text):
-    rows = markdown_table(text, "## Cross-reference")
+    rows = markdown_table(text, "### Cross-reference per layer")
     assert [r["Gap at k"] for r in rows] == ["0.2500", "0.0025", *["0.2500"] * 4]
 
 
 def test_missing_values_and_z_scores_formatted(text):
-    assert markdown_table(text, "## Cross-reference")[-1]["Adj sim"] == "n/a"
+    assert markdown_table(text, "### Cross-reference per layer")[-1]["Adj sim"] == "n/a"
     rows = markdown_table(text, "### Per-layer alignment")
     assert [r["z (isotropic)"] for r in rows] == [f"{(a - CHANCE) / 0.02:+.1f}" for a in ALIGN]
     assert [r["z (conditional)"] for r in rows] == [f"{(a - 0.1) / 0.01:+.1f}" for a in ALIGN]
@@ -306,3 +307,52 @@ def test_every_head_is_summarized_per_kv_head_against_the_conditional_null(text)
     assert model["Sim to bottleneck × conditional"] == f"{np.mean(others) / c_mean:.2f}"
     assert "Within-layer dependence, measured: two heads of one KV head have mean similarity" \
         " 0.600" in text
+
+
+SECTIONS = ("## Experiment 1", "## Head matching", "## Experiment 2", "## Experiment 3",
+            "## Every head", "## k-sensitivity", "## Cross-reference")
+
+
+def _at_chance() -> Analysis:
+    """The hand-built analysis with every statistic at its conditional null: similarities k/d
+    (the conditional mean of these moments), nothing significant, k-sweep ratios 1."""
+    a = _analysis()
+    sims = np.full((L, L), CHANCE)
+    np.fill_diagonal(sims, 1.0)
+    layers = a.layers.assign(adjacent_similarity=np.append(np.full(L - 1, CHANCE), np.nan),
+                             adjacent_z_conditional=0.0, adjacent_p_adjusted=0.9,
+                             bottleneck_p_adjusted=0.9, alignment_p_adjusted=0.9,
+                             alignment_z=0.0)
+    ratios = [c for c in a.ksweep.columns if c.endswith("ratio")]
+    return replace(a, similarity={0: sims, 1: sims}, similarity_mean=sims, layers=layers,
+                   layer_pairs=a.layer_pairs.assign(p_pairing_adjusted=0.9),
+                   bottleneck=a.bottleneck.assign(p_conditional_adjusted=0.9),
+                   alignment=a.alignment.assign(conditional_p_adjusted=0.9),
+                   ksweep=a.ksweep.assign(**dict.fromkeys(ratios, 1.0)))
+
+
+def _findings_of(text: str) -> dict[str, str]:
+    """Each section's one-line finding (the first ``**Finding:**`` line after its heading)."""
+    return {h: text[text.index(h):].split("**Finding:** ", 1)[1].split("\n", 1)[0]
+            for h in SECTIONS}
+
+
+def test_every_section_states_a_one_line_finding_against_its_null(text):
+    lines = _findings_of(text)
+    assert "Adjacent layers share more than chance" in lines["## Experiment 1"]
+    assert "conditional null" in lines["## Experiment 3"] and "1 (3.00x)" in \
+        lines["## Experiment 3"]       # the deviating layers are named, with their ratio
+    assert "indistinguishable from chance" not in lines["## Experiment 1"]
+
+
+def test_a_model_at_chance_reads_as_chance_in_every_section():
+    text = render(_at_chance())
+    lines = _findings_of(text)
+    for heading, line in lines.items():
+        assert "indistinguishable from chance" in line, (heading, line)
+    key = text[text.index("## Key findings"):text.index("## Tests and multiplicity")]
+    assert "this reads as chance" in key and "(1.00x chance k/d)" not in key
+    assert "1.00x chance k/d" in key      # the notebook's rule, relative to chance
+    # the main text is short: the full matrices are in the appendix only
+    main = text[:text.index("## Appendix")]
+    assert "| L0 " not in main and "| L0 " in text[text.index("## Appendix"):]

@@ -112,3 +112,29 @@ def test_identity_verdict_only_for_surviving_pairs():
     found = identity_verdict(45, [(2, 5)])
     assert found.startswith("Head identities persist across 1 layer pairs (2-5)")
     assert "permutation test over head orderings" in found and "BH q = 0.05 over 45" in found
+
+
+def test_overlap_verdict_states_each_similarity_relative_to_chance():
+    summary = {"adjacent_minus_distant": 0.076, "off_diagonal_mean": 0.06,
+               "adjacent_mean": 0.12, "distant_mean": 0.044}
+    verdict = overlap_verdict(summary, chance=0.035)
+    assert "(0.120, 3.43x chance k/d)" in verdict and "(0.044, 1.26x chance k/d;" in verdict
+    assert "reads as chance" not in verdict
+    flat = {"adjacent_minus_distant": -0.001, "off_diagonal_mean": 0.035,
+            "adjacent_mean": 0.035, "distant_mean": 0.036}
+    at_chance = overlap_verdict(flat, chance=0.035, as_chance=True)
+    assert "1.00x chance k/d" in at_chance and "indistinguishable from chance" in at_chance
+
+
+@pytest.mark.parametrize("z,deviating,phrase", [
+    (11.3, [(5, 1.93), (23, 0.64)], "within the notebook's near-chance band (1.14x isotropic"
+                                    " chance k/d, notebook's thresholds 1.5 and 0.7) but is not"
+                                    " at chance: mean z +11.3"),
+    (0.1, [], "FFN alignment is indistinguishable from chance (1.14x"),
+    (-0.5, [(3, 0.8)], "FFN alignment is near chance (1.14x"),
+])
+def test_alignment_verdict_near_chance_agrees_with_z_and_names_layers(z, deviating, phrase):
+    verdict = alignment_verdict(1.14, "W_gate", z, deviating)
+    assert phrase in verdict
+    for layer, ratio in deviating:
+        assert f"{layer} ({ratio:.2f}x)" in verdict

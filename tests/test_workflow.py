@@ -185,14 +185,13 @@ def test_bottleneck_and_layer_join(tiny_run):
 def test_report_sections_and_figures(tiny_run):
     text = (tiny_run / "results/tiny/k4/report.md").read_text()
     sections = ["## Model configuration", "## Experiment 1", "### Summary statistics",
-                "### Full similarity matrix", "### Phase boundaries",
-                "### Similarity by layer distance", "## Head matching", "## Experiment 2",
-                "### Per-layer similarity",
-                "## Experiment 3", "### Per-layer alignment", "## Every head",
+                "### Phase boundaries", "### Similarity by layer distance", "## Head matching",
+                "## Experiment 2", "## Experiment 3", "## Every head", "## k-sensitivity",
+                "## Cross-reference", "### Correlation between metrics", "## Key findings",
+                "## Tests and multiplicity", "## Appendix: full tables",
+                "### Full similarity matrix", "### Per-layer similarity", "### Per-layer alignment",
                 "### Averaged similarity matrix (layer", "### Per-head similarity",
-                "### Per-head FFN-attention alignment", "## k-sensitivity", "## Cross-reference",
-                "### Correlation between metrics", "## Key findings",
-                "## Tests and multiplicity"]
+                "### Per-head FFN-attention alignment", "### Cross-reference per layer"]
     positions = [text.index(s) for s in sections]
     assert positions == sorted(positions), "report sections out of order"
     for name in FIGURES:
@@ -211,7 +210,7 @@ def test_report_sections_and_figures(tiny_run):
         z = _table_column(text, heading, column)
         assert len(z) == 4 and all(re.fullmatch(r"[+-]\d+\.\d", v) for v in z), (heading, z)
     # The last layer has no next layer: its adjacent similarity is n/a, never "nan".
-    assert _table_column(text, "## Cross-reference", "Adj sim")[-1] == "n/a"
+    assert _table_column(text, "### Cross-reference per layer", "Adj sim")[-1] == "n/a"
     assert not re.search(r"\bnan\b", text, re.IGNORECASE)
 
 

@@ -26,6 +26,7 @@ from .statistics import (
     similarity_by_distance,
 )
 from .verdicts import (
+    AT_CHANCE,
     CONDITIONAL_NULL,
     alignment_verdict,
     bottleneck_verdict,
@@ -79,10 +80,150 @@ def render(a: Analysis) -> str:
     """The whole report as markdown; its tested numbers from :func:`findings.compute_findings`,
     computed once and read by the sections and the key findings."""
     f = compute_findings(a)
-    sections = [_header(a), _configuration(a), _overlap(a, f), _head_matching(a, f),
-                _bottleneck(a, f), _alignment(a, f), _every_head(a, f), _k_sensitivity(a),
-                _crossref(a, f), _findings(a, f), _tests(f)]
+    lines = section_findings(a, f)
+    sections = [_header(a), _configuration(a), _overlap(a, f, lines), _head_matching(a, f, lines),
+                _bottleneck(a, f, lines), _alignment(a, f, lines), _every_head(a, f, lines),
+                _k_sensitivity(a, lines), _crossref(a, f, lines), _findings(a, f, lines),
+                _tests(f), _appendix(a)]
     return "\n".join(line for section in sections for line in section)
+
+
+def _finding(lines: dict[str, str], section: str) -> str:
+    return f"**Finding:** {lines[section]}\n"
+
+
+def _listed(items: list[str], most: int = 8) -> str:
+    more = f" and {len(items) - most} more" if len(items) > most else ""
+    return ", ".join(items[:most]) + more
+
+
+def overlap_at_chance(f: Findings) -> bool:
+    """Experiment 1 reads as chance: no adjacent pair and no layer pair of the primary head is
+    significantly above the conditional null."""
+    return f.adjacent.n_above == 0 and f.pairs.n_above == 0
+
+
+def section_findings(a: Analysis, f: Findings) -> dict[str, str]:
+    """One sentence per section, each against its nulls; "indistinguishable from chance"
+    (:data:`verdicts.AT_CHANCE`) where nothing in the section departs from them."""
+    k, d, head, m = a.k, a.model["d_model"], a.primary_head, a.model
+    chance = null_mean(k, d)
+    layers, pairs = a.layers, a.layer_pairs
+    out = {}
+    c1 = f.conditional_summary
+    adjacent_ratio = f.overlap["adjacent_mean"] / c1["adjacent_mean"]
+    distant_ratio = f.overlap["distant_mean"] / c1["distant_mean"]
+    if overlap_at_chance(f):
+        out["overlap"] = (f"Head {head}'s top-{k} subspaces are {AT_CHANCE} across layers: no"
+                          f" layer pair shares more than the conditional null (0 of"
+                          f" {f.pairs.n_tests}); adjacent {adjacent_ratio:.2f}x and distant"
+                          f" {distant_ratio:.2f}x its mean.")
+    else:
+        above = layers[(layers["adjacent_p_adjusted"] <= FDR_Q)
+                       & (layers["adjacent_z_conditional"] > 0)]
+        named = [f"{int(r.layer)}-{int(r.layer) + 1}"
+                 f" ({r.adjacent_similarity / r.adjacent_conditional_mean:.1f}x)"
+                 for r in above.sort_values("adjacent_z_conditional",
+                                            ascending=False).itertuples()]
+        boundaries = (f"; {len(f.boundaries)} significant phase boundaries, the largest drop"
+                      f" between layers {f.boundaries['boundary'].iloc[0]}"
+                      if len(f.boundaries) else "; no significant phase boundary")
+        out["overlap"] = (f"Adjacent layers share more than chance: {f.adjacent.n_above} of"
+                          f" {f.adjacent.n_tests} adjacent pairs are above the conditional null"
+                          f" (mean {adjacent_ratio:.2f}x it,"
+                          f" {f.overlap['adjacent_mean'] / chance:.2f}x k/d; most:"
+                          f" {_listed(named, 5) or 'none'}), distant layers"
+                          f" {distant_ratio:.2f}x{boundaries}.")
+    best = (pairs["best_match"].mean() / pairs["best_match_null_mean"].mean())
+    if not f.identity and f.same_index.n_above == 0:
+        out["head_matching"] = (f"Same-index similarity over all heads is {AT_CHANCE}: head"
+                                f" identities do not persist (0 of {len(pairs)} layer pairs"
+                                f" beat random head orderings) and no layer pair exceeds the"
+                                f" conditional null; best match {best:.2f}x that of isotropic"
+                                f" random weights.")
+    else:
+        out["head_matching"] = (f"Head identities persist in {len(f.identity)} of {len(pairs)}"
+                                f" layer pairs; same-index exceeds the conditional null in"
+                                f" {f.same_index.n_above} (mean {f.same_index.mean_ratio:.2f}x);"
+                                f" best match {best:.2f}x that of isotropic random weights.")
+    if not a.has_bottleneck:
+        out["bottleneck"] = ("No bottleneck: the effective-rank profile of W_Q and W_K has no"
+                             f" outlier ({AT_CHANCE} by the outlier rule), so Experiment 2 is"
+                             " not run.")
+    else:
+        t = f.bottleneck
+        state = (f"{AT_CHANCE}: no layer" if t.n_above == 0 else f"{t.n_above} of {t.n_tests}"
+                 " layers")
+        pre, post = f.trends
+        out["bottleneck"] = (f"Similarity to layer {a.bottleneck_layer} is {state} above the"
+                             f" conditional null (mean {t.mean_ratio:.2f}x); trends pre"
+                             f" {pre.text()}, post {post.text()}.") if t.n_above else (
+            f"Similarity to layer {a.bottleneck_layer} is {AT_CHANCE}: no layer is above the"
+            f" conditional null (0 of {t.n_tests}; mean {t.mean_ratio:.2f}x).")
+    t, lay = f.alignment_heads, f.alignment_layers
+    deviating = _alignment_deviating(a)
+    if t.n_above == t.n_below == 0 and lay.n_above == lay.n_below == 0:
+        out["alignment"] = (f"FFN alignment is {AT_CHANCE}: no (layer, head) differs from the"
+                            f" conditional null (0 of {t.n_tests}; mean {t.mean_ratio:.2f}x,"
+                            f" {layers['alignment'].mean() / chance:.2f}x k/d).")
+    else:
+        out["alignment"] = (f"FFN alignment differs from the conditional null in {t.n_above}"
+                            f" (above) and {t.n_below} (below) of {t.n_tests} (layer, head)"
+                            f" pairs (mean {t.mean_ratio:.2f}x); head {head}'s layers that"
+                            " differ: " + (_listed([f"{ly} ({r:.2f}x)" for ly, r in deviating])
+                                           or "none") + ".")
+    families = [f.heads_adjacent, f.alignment_heads] + (
+        [f.heads_bottleneck] if a.has_bottleneck else [])
+    if all(x.n_above == x.n_below == 0 for x in families):
+        out["every_head"] = (f"Every one of the {m['n_heads']} heads is {AT_CHANCE}: no"
+                             " (head, layer) adjacent similarity"
+                             + (", similarity to the bottleneck" if a.has_bottleneck else "")
+                             + " or alignment"
+                             + " differs from its conditional null.")
+    else:
+        out["every_head"] = (f"Over all {m['n_heads']} heads, adjacent similarity is above the"
+                             f" conditional null in {f.heads_adjacent.n_above} of"
+                             f" {f.heads_adjacent.n_tests} (head, layer) pairs (mean"
+                             f" {f.heads_adjacent.mean_ratio:.2f}x) and alignment differs in"
+                             f" {f.alignment_heads.n_above + f.alignment_heads.n_below} of"
+                             f" {f.alignment_heads.n_tests}; per KV head in the table.")
+    out["k_sensitivity"] = _ksweep_finding(a, at_chance=overlap_at_chance(f) and
+                                           t.n_above == t.n_below == 0)
+    significant = [label for label, p in f.depth_adjusted.items() if p <= FDR_Q]
+    out["crossref"] = (f"Significant after detrending and BH: {', '.join(significant)}."
+                       if significant else
+                       f"No correlation across depth survives detrending and BH"
+                       f" ({len(f.depth_adjusted)} tested): {AT_CHANCE}.")
+    return out
+
+
+def _alignment_deviating(a: Analysis) -> list[tuple[int, float]]:
+    """(layer, ratio to the conditional chance) of the primary head's layers whose alignment
+    differs from the conditional null after BH, the largest |z| first."""
+    layers = a.layers
+    rows = layers[layers["alignment_p_adjusted"] <= FDR_Q]
+    rows = rows.reindex(rows["alignment_z_conditional"].abs().sort_values(ascending=False).index)
+    return [(int(r.layer), float(r.alignment_conditional_ratio)) for r in rows.itertuples()]
+
+
+#: The k-sweep reads as at its null when every conditional ratio is within this of 1.
+KSWEEP_TOLERANCE = 0.1
+
+
+def _ksweep_finding(a: Analysis, at_chance: bool) -> str:
+    sweep, k = a.ksweep, a.k
+    ratios = sweep[list(CONDITIONAL_RATIO_LABELS)].to_numpy(dtype=float)
+    lo, hi = np.nanmin(ratios), np.nanmax(ratios)
+    if at_chance and max(1 - lo, hi - 1) <= KSWEEP_TOLERANCE:
+        return (f"At every k from 1 to {int(sweep['k'].max())} the four statistics stay within"
+                f" {KSWEEP_TOLERANCE:.0%} of their conditional null ({lo:.2f}x-{hi:.2f}x):"
+                f" {AT_CHANCE} at every k, as this report's tests find at k = {k}.")
+    adjacent = sweep.set_index("k")["adjacent_mean_conditional_ratio"]
+    at_k = f"{adjacent[k]:.2f}x at k = {k}, " if k in adjacent.index else ""
+    return (f"Adjacent similarity over its conditional null: {at_k}from {adjacent.min():.2f}x"
+            f" (k = {int(adjacent.idxmin())}) to {adjacent.max():.2f}x (k ="
+            f" {int(adjacent.idxmax())}); the verdicts hold where the ratios stay on one side"
+            " of 1.")
 
 
 def _header(a: Analysis):
@@ -133,11 +274,12 @@ def _ratio(value: float, null: float) -> str:
     return f"{value / null:.2f}x" if np.isfinite(value) and null > 0 else ""
 
 
-def _overlap(a: Analysis, f: Findings):
+def _overlap(a: Analysis, f: Findings, lines: dict[str, str]):
     """Experiment 1 of the primary head."""
     k, head, d = a.k, a.primary_head, a.model["d_model"]
-    sims, s1, c1 = a.similarity[head], f.overlap, f.conditional_summary
+    s1, c1 = f.overlap, f.conditional_summary
     yield "## Experiment 1: subspace overlap across layers\n"
+    yield _finding(lines, "overlap")
     yield (f"For head {head}, the top-{k} right singular vectors of each layer's attention"
            " kernel `W_Q_i^T W_K_j` (computed from its factors, never formed), and their"
            " pairwise Grassmann similarity `||V1 V2^T||_F^2 / k` (mean squared cosine of the"
@@ -174,8 +316,8 @@ def _overlap(a: Analysis, f: Findings):
     yield (f"Against the conditional null (one-sided z per pair, BH over {f.pairs.n_tests}"
            f" layer pairs): {f.pairs.count('layer pairs')}; adjacent pairs:"
            f" {f.adjacent.count('pairs')}.\n")
-    yield "### Full similarity matrix (layer × layer)\n"
-    yield _matrix(sims) + "\n"
+    yield ("The full matrix: [Appendix](#appendix-full-tables) and"
+           f" `similarity_head{head}.npy`.\n")
     yield "### Phase boundaries (significant drops in adjacent-layer similarity)\n"
     if len(f.boundaries):
         yield (f"Steps of the adjacent similarity that drop beyond the conditional null of a"
@@ -189,7 +331,7 @@ def _overlap(a: Analysis, f: Findings):
                " similarity drops beyond the conditional null of a difference (one-sided z, BH"
                f" q = {FDR_Q}).\n")
     yield "### Similarity by layer distance\n"
-    by_distance = similarity_by_distance(sims)
+    by_distance = similarity_by_distance(a.similarity[head])
     by_distance["ratio"] = by_distance["mean"] / chance
     by_distance["conditional"] = [
         np.diagonal(f.conditional_mean, offset=dist).mean() for dist in by_distance["distance"]]
@@ -200,11 +342,12 @@ def _overlap(a: Analysis, f: Findings):
         "conditional_ratio": "× conditional"})) + "\n"
 
 
-def _head_matching(a: Analysis, f: Findings):
+def _head_matching(a: Analysis, f: Findings, lines: dict[str, str]):
     k, d = a.k, a.model["d_model"]
     far = distant_threshold(a.model["n_layers"])
     pairs = a.layer_pairs
     yield "## Head matching across layers (all heads)\n"
+    yield _finding(lines, "head_matching")
     yield ("Heads are interchangeable within a layer, so which matrix answers which question"
            " matters:\n")
     yield (f"- **Same-index** (Experiment 1, head {a.primary_head}; here averaged over all"
@@ -252,7 +395,7 @@ def _trend(c: Correlation, adjusted: float) -> str:
     return f"{c.text()}; adjusted p {adjusted:.3g}" if c.defined else c.text()
 
 
-def _bottleneck(a: Analysis, f: Findings):
+def _bottleneck(a: Analysis, f: Findings, lines: dict[str, str]):
     """Experiment 2; without a bottleneck, the profile that found none."""
     k, head, b = a.k, a.primary_head, a.bottleneck_layer
     profile = bottleneck_profile(a.weight_ranks)
@@ -263,12 +406,14 @@ def _bottleneck(a: Analysis, f: Findings):
                     + f"; median {profile.median():.3f}.")
     if not a.has_bottleneck:
         yield "## Experiment 2: convergence to a bottleneck layer\n"
+        yield _finding(lines, "bottleneck")
         yield f"{no_bottleneck_verdict(a.bottleneck_choice)} {profile_text}\n"
         return
     to_ref = a.layers["bottleneck_similarity"].to_numpy()
     pre, post = f.trends
     before, after = to_ref[:b], to_ref[b + 1:]
     yield f"## Experiment 2: convergence to layer {b}\n"
+    yield _finding(lines, "bottleneck")
     yield (f"Bottleneck layer {b}: {a.bottleneck_choice}. {profile_text} Similarity of each"
            f" layer's subspace to layer {b}'s (head {head}, top-{k}). If it rises towards layer"
            f" {b} from both sides, the network converges towards that subspace. Trends are"
@@ -287,26 +432,17 @@ def _bottleneck(a: Analysis, f: Findings):
         ("Post-bottleneck trend", _trend(post, f.depth_adjusted["Post-bottleneck trend"])),
         ("Layers above the conditional null", f.bottleneck.count("layers")),
     ]) + "\n"
-    yield "### Per-layer similarity to the bottleneck\n"
-    layers = a.layers
-    yield markdown_table(pd.DataFrame({
-        "Layer": layers["layer"], "Similarity": to_ref,
-        "z (isotropic)": layers["bottleneck_z"],
-        "Conditional null mean": layers["bottleneck_conditional_mean"],
-        "z (conditional)": layers["bottleneck_z_conditional"],
-        "Adjusted p": layers["bottleneck_p_adjusted"],
-        "Note": ["← bottleneck" if i == b else "" for i in range(len(to_ref))]}),
-        formats={"z (isotropic)": Z_FORMAT, "z (conditional)": Z_FORMAT,
-                 "Adjusted p": ".2g"}) + "\n"
+    yield ("Per layer with both nulls: [Appendix](#appendix-full-tables) and `layers.csv`.\n")
 
 
-def _alignment(a: Analysis, f: Findings):
+def _alignment(a: Analysis, f: Findings, lines: dict[str, str]):
     m, k, d = a.model, a.k, a.model["d_model"]
     chance = null_mean(k, d)
     layers = a.layers
     align = layers["alignment"].to_numpy()
     gated = "" if m["ffn_input"] == "W_gate" else "; this model's FFN is not gated"
     yield "## Experiment 3: FFN-attention alignment\n"
+    yield _finding(lines, "alignment")
     yield (f"Fraction of the FFN input projection's ({m['ffn_input']}{gated}) Frobenius energy"
            f" inside the top-{k} attention subspace of head {a.primary_head},"
            f" `||W_in V_k^T||_F^2 / ||W_in||_F^2`. Isotropic chance = k/d = {k}/{d} ="
@@ -323,9 +459,8 @@ def _alignment(a: Analysis, f: Findings):
     yield "- Significantly above: the FFN input reads the kernel's top-k directions.\n"
     yield _fig("alignment", "Alignment vs chance") + "\n"
     yield "### Summary\n"
-    significant = layers[layers["alignment_p_adjusted"] <= FDR_Q]
-    deviating = ", ".join(f"{int(r.layer)} ({r.alignment_conditional_ratio:.2f}x)"
-                          for r in significant.itertuples()) or "none"
+    deviating = ", ".join(f"{layer} ({ratio:.2f}x)"
+                          for layer, ratio in _alignment_deviating(a)) or "none"
     yield _metric_table([
         ("Isotropic chance (k/d)", f"{chance:.4f}"), ("Mean alignment", f"{align.mean():.4f}"),
         ("Mean / isotropic chance", f"{align.mean() / chance:.2f}x"),
@@ -342,17 +477,7 @@ def _alignment(a: Analysis, f: Findings):
         ("Those layers (× conditional chance)", deviating),
         ("Every (layer, head)", f.alignment_heads.count("(layer, head) pairs")),
     ]) + "\n"
-    yield "### Per-layer alignment\n"
-    yield markdown_table(pd.DataFrame({
-        "Layer": layers["layer"], "Alignment": align,
-        "× isotropic": [f"{r:.2f}x" for r in align / chance],
-        "z (isotropic)": layers["alignment_z"],
-        "× conditional": [f"{r:.2f}x" for r in layers["alignment_conditional_ratio"]],
-        "z (conditional)": layers["alignment_z_conditional"],
-        "Adjusted p": layers["alignment_p_adjusted"],
-        "Normalized (conditional)": layers["alignment_conditional_normalized"]}),
-        formats={"z (isotropic)": Z_FORMAT, "z (conditional)": Z_FORMAT,
-                 "Adjusted p": ".2g"}) + "\n"
+    yield ("Per layer with both nulls: [Appendix](#appendix-full-tables) and `layers.csv`.\n")
 
 
 def _above_below(rows: pd.DataFrame, z: str, p_adjusted: str) -> str:
@@ -392,11 +517,12 @@ def _by_kv_head(a: Analysis) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _every_head(a: Analysis, f: Findings):
-    m, b = a.model, a.bottleneck_layer
+def _every_head(a: Analysis, f: Findings, lines: dict[str, str]):
+    m = a.model
     k, d_head = a.k, m["d_head"]
     within = a.within_layer
     yield "## Every head\n"
+    yield _finding(lines, "every_head")
     yield (f"Experiments 1-3 for all {m['n_heads']} heads. Heads that share a KV head share"
            " its row space, so they are not independent replicates: summaries are per KV head"
            " and over the model, with the BH counts of the every-head families.\n")
@@ -415,19 +541,14 @@ def _every_head(a: Analysis, f: Findings):
     yield _metric_table([(lbl, f"{sm[key]:.4f}") for lbl, key in [
         ("Off-diagonal mean", "off_diagonal_mean"), ("Off-diagonal std", "off_diagonal_std"),
         ("Adjacent mean", "adjacent_mean"), ("Distant mean", "distant_mean")]]) + "\n"
-    yield "### Averaged similarity matrix (layer × layer)\n"
-    yield _matrix(a.similarity_mean) + "\n"
-    if a.has_bottleneck:
-        yield f"### Per-head similarity to layer {b}\n"
-        yield markdown_table(per_head_table(a, a.bottleneck, "similarity")) + "\n"
-    yield "### Per-head FFN-attention alignment\n"
-    yield markdown_table(per_head_table(a, a.alignment, "alignment")) + "\n"
+    yield ("The averaged matrix and the per-head tables: [Appendix](#appendix-full-tables).\n")
 
 
-def _k_sensitivity(a: Analysis):
+def _k_sensitivity(a: Analysis, lines: dict[str, str]):
     k, d_head = a.k, a.model["d_head"]
     sweep = a.ksweep
     yield "## k-sensitivity\n"
+    yield _finding(lines, "k_sensitivity")
     yield (f"The statistics above at every k from 1 to d_head - 1 = {d_head - 1}, from the same"
            f" extraction (sampled heads {a.heads}), each divided by chance k/d and by its"
            " conditional null mean; all rows are in"
@@ -454,8 +575,9 @@ def _k_sensitivity(a: Analysis):
            + (f"; smallest gaps first: {listed}{more}" if listed else "") + ".\n")
 
 
-def _crossref(a: Analysis, f: Findings):
+def _crossref(a: Analysis, f: Findings, lines: dict[str, str]):
     yield "## Cross-reference: effective rank vs subspace geometry\n"
+    yield _finding(lines, "crossref")
     yield ("Effective rank `exp(H(sigma / sum sigma))` (Roy & Vetterli 2007) of W_Q, W_K, W_V,"
            " W_O, W_gate, W_up, W_down, averaged per layer after dividing each by its largest"
            " possible value min(rows, cols) (weights of different sizes are then comparable),"
@@ -467,15 +589,7 @@ def _crossref(a: Analysis, f: Findings):
     yield _fig("effective_ranks", "Effective rank by layer, normalized: eff_rank / min(rows,"
                " cols)") + "\n"
     yield _fig("kernel_effective_ranks", "Kernel effective rank per layer and head") + "\n"
-    columns = ["layer", "mean_normalized_eff_rank", "mean_eff_rank", "relative_gap",
-               "adjacent_similarity", "adjacent_best_match", "bottleneck_similarity",
-               "alignment", "alignment_conditional_ratio"]
-    yield markdown_table(a.layers[columns].rename(columns={
-        "layer": "Layer", "mean_normalized_eff_rank": "Mean normalized eff rank",
-        "mean_eff_rank": "Mean eff rank", "relative_gap": "Gap at k",
-        "adjacent_similarity": "Adj sim", "adjacent_best_match": "Adj best match",
-        "bottleneck_similarity": "Sim to bottleneck", "alignment": "FFN-attn align",
-        "alignment_conditional_ratio": "Align × conditional"})) + "\n"
+    yield ("Per layer: [Appendix](#appendix-full-tables) and `layers.csv`.\n")
     yield "### Correlation between metrics\n"
     yield ("Series across depth share trends (neighbouring layers are alike), which makes a"
            " permutation of layers call almost any two of them correlated. So each series'"
@@ -496,30 +610,38 @@ def _crossref(a: Analysis, f: Findings):
                + " and ".join(kept) + ".\n")
 
 
-def _findings(a: Analysis, f: Findings):
+def _findings(a: Analysis, f: Findings, lines: dict[str, str]):
     """The verdicts: the notebook's rules and, beside them, the conditional tests."""
     k, d, ffn = a.k, a.model["d_model"], a.model["ffn_input"]
-    mean_ratio = a.layers["alignment"].mean() / null_mean(k, d)
+    chance = null_mean(k, d)
+    mean_ratio = a.layers["alignment"].mean() / chance
     distant_ratio = f.overlap["distant_mean"] / f.conditional_summary["distant_mean"]
     yield "## Key findings\n"
-    yield (f"**Experiment 1 (subspace overlap):** {overlap_verdict(f.overlap)}"
+    overlap = overlap_verdict(f.overlap, chance, overlap_at_chance(f))
+    yield (f"**Experiment 1 (subspace overlap):** {overlap}"
            f" {conditional_overlap_verdict(f.adjacent, distant_ratio)}"
            + (f" Phase boundaries: {len(f.boundaries)} significant drop(s)." if len(f.boundaries)
               else " No significant phase boundary.") + "\n")
-    yield f"**Head matching:** {identity_verdict(len(a.layer_pairs), f.identity)}\n"
+    yield (f"**Head matching:** {lines['head_matching']}"
+           f" {identity_verdict(len(a.layer_pairs), f.identity)}\n")
     if a.has_bottleneck:
         verdict = bottleneck_verdict(a.bottleneck_layer, *f.trends, (
             f.depth_adjusted["Pre-bottleneck trend"], f.depth_adjusted["Post-bottleneck trend"]))
     else:
         verdict = no_bottleneck_verdict(a.bottleneck_choice)
     yield f"**Experiment 2 (bottleneck convergence):** {verdict}\n"
-    yield (f"**Experiment 3 (FFN-attention alignment):** {alignment_verdict(mean_ratio, ffn)}"
+    notebook = alignment_verdict(mean_ratio, ffn, a.layers["alignment_z"].mean(),
+                                 _alignment_deviating(a))
+    yield (f"**Experiment 3 (FFN-attention alignment):** {notebook}"
            f" {conditional_alignment_verdict(f.alignment_heads, ffn, '(layer, head) pairs')}\n")
     significant = [label for label, p in f.depth_adjusted.items() if p <= FDR_Q]
     yield ("**Correlations across depth:** "
            + (f"significant after detrending and BH: {', '.join(significant)}." if significant
               else "no trend or correlation across depth is significant after detrending"
-              f" (correlations) and BH ({dict(f.families())[DEPTH_FAMILY]} tested).") + "\n")
+              f" (correlations) and BH ({dict(f.families())[DEPTH_FAMILY]} tested):"
+              f" {AT_CHANCE}.") + "\n")
+    yield f"**Every head (multi-head robustness):** {lines['every_head']}\n"
+    yield f"**k-sensitivity:** {lines['k_sensitivity']}\n"
 
 
 def _tests(f: Findings):
@@ -529,3 +651,55 @@ def _tests(f: Findings):
            f" p-values are Benjamini-Hochberg adjusted at q = {FDR_Q} within each family (the"
            " tables' `p_adjusted` columns).\n")
     yield markdown_table(pd.DataFrame(families, columns=["Family", "Tests"])) + "\n"
+
+
+def _appendix(a: Analysis):
+    """The full tables the sections summarize (also in ``layers.csv``, ``layer_pairs.csv`` and
+    the ``.npy`` matrices)."""
+    k, head, b, d = a.k, a.primary_head, a.bottleneck_layer, a.model["d_model"]
+    chance = null_mean(k, d)
+    yield "## Appendix: full tables\n"
+    yield f"### Full similarity matrix (layer × layer, head {head})\n"
+    yield _matrix(a.similarity[head]) + "\n"
+    if a.has_bottleneck:
+        to_ref = a.layers["bottleneck_similarity"].to_numpy()
+        yield "### Per-layer similarity to the bottleneck\n"
+        layers = a.layers
+        yield markdown_table(pd.DataFrame({
+            "Layer": layers["layer"], "Similarity": to_ref,
+            "z (isotropic)": layers["bottleneck_z"],
+            "Conditional null mean": layers["bottleneck_conditional_mean"],
+            "z (conditional)": layers["bottleneck_z_conditional"],
+            "Adjusted p": layers["bottleneck_p_adjusted"],
+            "Note": ["← bottleneck" if i == b else "" for i in range(len(to_ref))]}),
+            formats={"z (isotropic)": Z_FORMAT, "z (conditional)": Z_FORMAT,
+                     "Adjusted p": ".2g"}) + "\n"
+    layers, align = a.layers, a.layers["alignment"].to_numpy()
+    yield "### Per-layer alignment\n"
+    yield markdown_table(pd.DataFrame({
+        "Layer": layers["layer"], "Alignment": align,
+        "× isotropic": [f"{r:.2f}x" for r in align / chance],
+        "z (isotropic)": layers["alignment_z"],
+        "× conditional": [f"{r:.2f}x" for r in layers["alignment_conditional_ratio"]],
+        "z (conditional)": layers["alignment_z_conditional"],
+        "Adjusted p": layers["alignment_p_adjusted"],
+        "Normalized (conditional)": layers["alignment_conditional_normalized"]}),
+        formats={"z (isotropic)": Z_FORMAT, "z (conditional)": Z_FORMAT,
+                 "Adjusted p": ".2g"}) + "\n"
+    yield "### Averaged similarity matrix (layer × layer, sampled heads)\n"
+    yield _matrix(a.similarity_mean) + "\n"
+    if a.has_bottleneck:
+        yield f"### Per-head similarity to layer {b}\n"
+        yield markdown_table(per_head_table(a, a.bottleneck, "similarity")) + "\n"
+    yield "### Per-head FFN-attention alignment\n"
+    yield markdown_table(per_head_table(a, a.alignment, "alignment")) + "\n"
+    yield "### Cross-reference per layer\n"
+    columns = ["layer", "mean_normalized_eff_rank", "mean_eff_rank", "relative_gap",
+               "adjacent_similarity", "adjacent_best_match", "bottleneck_similarity",
+               "alignment", "alignment_conditional_ratio"]
+    yield markdown_table(a.layers[columns].rename(columns={
+        "layer": "Layer", "mean_normalized_eff_rank": "Mean normalized eff rank",
+        "mean_eff_rank": "Mean eff rank", "relative_gap": "Gap at k",
+        "adjacent_similarity": "Adj sim", "adjacent_best_match": "Adj best match",
+        "bottleneck_similarity": "Sim to bottleneck", "alignment": "FFN-attn align",
+        "alignment_conditional_ratio": "Align × conditional"})) + "\n"

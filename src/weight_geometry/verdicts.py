@@ -24,18 +24,38 @@ CONDITIONAL_NULL = ("the row-space-conditional null (random k-subspaces of each 
                     " row space)")
 
 
-def overlap_verdict(summary: dict[str, float]) -> str:
-    """Experiment 1 verdict with the notebook's rules on absolute similarities."""
+#: The words every section's finding uses when nothing in it departs from its nulls.
+AT_CHANCE = "indistinguishable from chance"
+
+
+def _times(value: float, chance: float | None) -> str:
+    """``", 1.54x chance k/d"`` (empty without a chance level)."""
+    return f", {value / chance:.2f}x chance k/d" if chance else ""
+
+
+def overlap_verdict(summary: dict[str, float], chance: float | None = None,
+                    as_chance: bool = False) -> str:
+    """Experiment 1 verdict with the notebook's rules on absolute similarities, each similarity
+    also as a multiple of the isotropic chance ``k/d`` (``chance``); ``as_chance``: no layer
+    pair is significantly above the conditional null, so the verdict says the numbers it rests
+    on read as chance."""
     gap, mean = summary["adjacent_minus_distant"], summary["off_diagonal_mean"]
     rule = "notebook's rule on absolute similarities"
     if gap > 0.05:
-        return (f"Adjacent layers share more subspace ({summary['adjacent_mean']:.3f}) than"
-                f" distant layers ({summary['distant_mean']:.3f}; gap {gap:.3f} > 0.05, {rule}).")
-    if mean > 0.7:
-        return (f"High uniform similarity across layers (off-diagonal mean {mean:.3f} > 0.7,"
-                f" {rule}): layers query similar subspaces.")
-    return (f"No phase structure by the {rule} (adjacent minus distant {gap:.3f} <= 0.05,"
-            f" off-diagonal mean {mean:.3f} <= 0.7).")
+        text = (f"Adjacent layers share more subspace ({summary['adjacent_mean']:.3f}"
+                f"{_times(summary['adjacent_mean'], chance)}) than distant layers"
+                f" ({summary['distant_mean']:.3f}{_times(summary['distant_mean'], chance)};"
+                f" gap {gap:.3f} > 0.05, {rule}).")
+    elif mean > 0.7:
+        text = (f"High uniform similarity across layers (off-diagonal mean {mean:.3f} > 0.7"
+                f"{_times(mean, chance)}, {rule}): layers query similar subspaces.")
+    else:
+        text = (f"No phase structure by the {rule} (adjacent minus distant {gap:.3f} <= 0.05,"
+                f" off-diagonal mean {mean:.3f} <= 0.7{_times(mean, chance)}).")
+    if as_chance:
+        text += (f" Against {CONDITIONAL_NULL}, adjacent and distant similarity are both"
+                 f" {AT_CHANCE}: this reads as chance.")
+    return text
 
 
 def conditional_overlap_verdict(adjacent: Tested, distant_ratio: float) -> str:
@@ -107,17 +127,33 @@ def bottleneck_verdict(bottleneck: int, pre: Correlation, post: Correlation,
     return f"No convergence towards layer {bottleneck} by the notebook's rule ({trends})."
 
 
-def alignment_verdict(mean_ratio: float, ffn_input: str) -> str:
+def alignment_verdict(mean_ratio: float, ffn_input: str, mean_z: float | None = None,
+                      deviating: list[tuple[int, float]] | None = None) -> str:
     """Experiment 3 verdict with the notebook's thresholds on the ratio to isotropic chance:
-    > 1.5 coupled, < 0.7 avoids, else near chance."""
+    > 1.5 coupled, < 0.7 avoids, else within its near-chance band; "near chance" only where the
+    mean isotropic z (``mean_z``) is also near 0 (|z| < 2, the report's guide), and the layers
+    whose alignment differs from the conditional null (``deviating``: layer, ratio to it) named."""
     rule = "isotropic chance k/d, notebook's thresholds 1.5 and 0.7"
+    named = ""
+    if deviating:
+        listed = ", ".join(f"{layer} ({ratio:.2f}x)" for layer, ratio in deviating[:8])
+        more = f" and {len(deviating) - 8} more" if len(deviating) > 8 else ""
+        named = (f" Layers that differ from the conditional null (x its chance): {listed}"
+                 f"{more}.")
     if mean_ratio > 1.5:
         return (f"The FFN input ({ffn_input}) is coupled with the attention subspace"
-                f" ({mean_ratio:.2f}x {rule}).")
+                f" ({mean_ratio:.2f}x {rule}).{named}")
     if mean_ratio < 0.7:
         return (f"The FFN input ({ffn_input}) avoids the attention subspace ({mean_ratio:.2f}x"
-                f" {rule}).")
-    return f"FFN alignment is near chance ({mean_ratio:.2f}x {rule})."
+                f" {rule}).{named}")
+    if mean_z is not None and abs(mean_z) >= 2:
+        return (f"FFN alignment lies within the notebook's near-chance band ({mean_ratio:.2f}x"
+                f" {rule}) but is not at chance: mean z {mean_z:+.1f} against the isotropic"
+                f" null.{named}")
+    if mean_z is not None and not deviating:
+        return (f"FFN alignment is {AT_CHANCE} ({mean_ratio:.2f}x {rule}; mean z"
+                f" {mean_z:+.1f} against the isotropic null).")
+    return f"FFN alignment is near chance ({mean_ratio:.2f}x {rule}).{named}"
 
 
 def conditional_alignment_verdict(tested: Tested, ffn_input: str, what: str) -> str:
