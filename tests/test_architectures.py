@@ -17,7 +17,7 @@ from conftest import assert_ok, naive_kernel_svd, run_snakemake
 from transformers.models.llama.modeling_llama import repeat_kv
 
 from weight_geometry.checkpoint import open_checkpoint
-from weight_geometry.kernels import head_subspaces
+from weight_geometry.kernels import head_subspaces, ov_circuits
 
 COMMON = dict(hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
               vocab_size=64)
@@ -181,6 +181,35 @@ def test_head_kernels_pair_heads_as_transformers_does(tmp_path, arch):
         np.testing.assert_allclose(s[i], s_ref[:dh], rtol=1e-5, err_msg=f"{arch} head {i}")
         overlap = np.square(v[i].numpy() @ vt_ref[:dh].T).sum()   # d_head for the same span
         assert overlap == pytest.approx(dh, rel=1e-6), (arch, i)
+
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_ov_circuits_pair_heads_as_transformers_does(tmp_path, arch):
+    """Each head's OV circuit W_O_i W_V_j, as kernels.ov_circuits gets it from the adapter's
+    W_O and W_V, is the map transformers computes: head i's values (``repeat_kv`` of the
+    value projection of basis inputs) through head i's slice of the output projection
+    (basis vectors of its d_head coordinates), formed in float64."""
+    model = build(arch, tmp_path / arch)
+    ckpt = open_checkpoint(str(tmp_path / arch))
+    h, n_kv, dh, d = (ckpt.dims.n_heads, ckpt.dims.n_kv_heads, ckpt.dims.d_head,
+                      ckpt.dims.d_model)
+    with torch.no_grad():
+        values = module_projections(model, arch, 1, torch.eye(d))["W_V"]       # (d, n_kv dh)
+        values = repeat_kv(values.view(1, d, n_kv, dh).transpose(1, 2), h // n_kv)[0]
+        outputs = output_projections(model, arch, 1, torch.eye(h * dh),
+                                     torch.zeros(1, ckpt.dims.d_ff))["W_O"]   # (h dh, d)
+    ours = ckpt.read_layer(1)
+    ov = ov_circuits(torch.from_numpy(ours["W_O"]), torch.from_numpy(ours["W_V"]), h, n_kv, dh,
+                     torch.float64)
+    for i in range(h):
+        formed = (outputs[i * dh:(i + 1) * dh].T.double() @ values[i].T.double()).numpy()
+        t_ref = np.linalg.svd(formed, compute_uv=False)
+        np.testing.assert_allclose(ov.singular_values[i], t_ref[:dh], rtol=1e-5,
+                                   err_msg=f"{arch} head {i}")
+        rebuilt = ov.left[i].T @ torch.diag(ov.singular_values[i]) @ ov.right[i]
+        np.testing.assert_allclose(rebuilt.numpy(), formed, atol=1e-5 * t_ref[0],
+                                   err_msg=f"{arch} head {i}")
 
 
 #: The projections a normed stream enters, under the decoder layer: attention's, the FFN's.

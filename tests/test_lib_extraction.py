@@ -16,6 +16,7 @@ from conftest import (
     DEVICES,
     NEEDS_NO_CUDA,
     assert_one_line,
+    naive_kernel,
     naive_kernel_svd,
     reference_eff_rank,
 )
@@ -130,6 +131,21 @@ def test_extraction_matches_naive_svd(tiny_llama, tmp_path, device):
                                        rtol=1e-8, atol=1e-10 * s_ref[0])
             v = res.vectors[layer, i].astype(np.float64)
             np.testing.assert_allclose(v @ v.T, np.eye(D_HEAD), atol=1e-6)
+            # Both sides of the kernel and of the OV circuit W_O_i W_V_j, formed in float64.
+            u = res.query_vectors[layer, i].astype(np.float64)
+            formed = u.T @ np.diag(res.singular_values[layer, i]) @ v
+            np.testing.assert_allclose(formed, naive_kernel(w_q, w_k, i, D_HEAD),
+                                       atol=1e-5 * s_ref[0])
+            ov_ref = naive_kernel(weights["W_O", layer].T, weights["W_V", layer], i, D_HEAD)
+            t_ref = np.linalg.svd(ov_ref, compute_uv=False)
+            np.testing.assert_allclose(res.ov_singular_values[layer, i], t_ref[:D_HEAD],
+                                       rtol=1e-8, atol=1e-10 * t_ref[0])
+            write, read = (res.ov_write_vectors[layer, i].astype(np.float64),
+                           res.ov_read_vectors[layer, i].astype(np.float64))
+            for rows in (u, write, read):
+                np.testing.assert_allclose(rows @ rows.T, np.eye(D_HEAD), atol=1e-5)
+            np.testing.assert_allclose(write.T @ np.diag(res.ov_singular_values[layer, i]) @ read,
+                                       ov_ref, atol=1e-5 * t_ref[0])
             for k in (2, 5, 9):
                 assert (s_ref[k - 1] - s_ref[k]) / s_ref[0] > 1e-3, "degenerate test case"
                 p_lib = v[:k].T @ v[:k]
@@ -171,7 +187,9 @@ def test_write_layers_streams_the_same_arrays(tiny_llama, tmp_path):
     names = LayerResult.array_names()
     assert set(names) == set(BASES_FILES) == {"vectors", "singular_values", "ffn_input_energy",
                                               "ffn_input_rowspace_eigenvalues",
-                                              "ffn_input_norm2", "ffn_input_singular_values"}
+                                              "ffn_input_norm2", "ffn_input_singular_values",
+                                              "query_vectors", "ov_write_vectors",
+                                              "ov_read_vectors", "ov_singular_values"}
     res = _extract(ckpt, range(L), tmp_path)
     layers = [extract_layer(ckpt, layer, torch.device("cpu")) for layer in range(L)]
     for name in names:
@@ -186,7 +204,7 @@ def test_write_layers_streams_the_same_arrays(tiny_llama, tmp_path):
 
 def test_without_ranks_reads_only_what_the_geometry_needs(tiny_llama, tmp_path, monkeypatch):
     """compute_ranks=False (ranks supplied by the user): the same arrays, no rank rows, and
-    only W_Q, W_K and the FFN input are read."""
+    only the attention weights and the FFN input are read."""
     path, _ = tiny_llama
     ckpt = open_checkpoint(str(path))
     names = LayerResult.array_names()
@@ -202,7 +220,8 @@ def test_without_ranks_reads_only_what_the_geometry_needs(tiny_llama, tmp_path, 
     ranks = pd.read_parquet(tmp_path / "ranks.parquet")
     assert ranks.empty and list(ranks.columns) == ["layer_idx", "weight_type", "shape",
                                                     "eff_rank"]
-    assert sorted({n.split(".")[-2] for n in read}) == ["gate_proj", "k_proj", "q_proj"]
+    assert sorted({n.split(".")[-2] for n in read}) == ["gate_proj", "k_proj", "o_proj",
+                                                         "q_proj", "v_proj"]
     for name in names:
         np.testing.assert_array_equal(np.load(paths[name]), getattr(full, name), err_msg=name)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICES, naive_kernel_svd
+from conftest import DEVICES, naive_kernel, naive_kernel_svd
 
 from weight_geometry import kernels, ranks
 from weight_geometry.kernels import (
@@ -297,3 +297,47 @@ def test_thin_qr_matches_householder_and_falls_back(monkeypatch, device):
     q32, r32 = (t.cpu() for t in thin_qr(torch.from_numpy(x[:2]).float().to(device)))
     assert q32.dtype == torch.float32 and r32.dtype == torch.float32
     np.testing.assert_allclose(q32[0].T @ q32[0], np.eye(m), atol=1e-6)
+
+
+def _check_two_sided(c, reference, i: int, rtol: float = 1e-9):
+    """Head ``i`` of a :class:`kernels.TwoSidedSVD` against its formed float64 ``(d, d)`` map:
+    the ``d_head`` singular values, orthonormal rows on both sides, and ``left^T S right``
+    rebuilding the map."""
+    s_ref = np.linalg.svd(reference, compute_uv=False)
+    left, right, s = (x[i].cpu().double().numpy() for x in (c.left, c.right,
+                                                              c.singular_values))
+    m = len(s)
+    np.testing.assert_allclose(s, s_ref[:m], rtol=rtol, atol=rtol * s_ref[0])
+    for rows in (left, right):
+        np.testing.assert_allclose(rows @ rows.T, np.eye(m), atol=1e-5)
+    np.testing.assert_allclose(left.T @ np.diag(s) @ right, reference, atol=1e-5 * s_ref[0])
+
+
+@pytest.mark.parametrize("d,h,n_kv,d_head", SHAPES)
+@pytest.mark.parametrize("device", DEVICES)
+def test_ov_and_qk_circuits_match_formed_maps(d, h, n_kv, d_head, device):
+    """ov_circuits: both sides of every head's W_O_i W_V_j (its KV head's W_V rows); the
+    kernel's two sides from circuit_svd(W_Q, W_K), against the d x d maps formed in float64
+    (float32 vectors: their products to 1e-5 of sigma_1)."""
+    rng = np.random.default_rng(2000 + d + h + n_kv + d_head)
+    w_q, w_o_t = (rng.standard_normal((h * d_head, d)) for _ in range(2))
+    w_k, w_v = (rng.standard_normal((n_kv * d_head, d)) for _ in range(2))
+    ov = kernels.ov_circuits(torch.from_numpy(w_o_t.T.copy()).to(device),
+                             torch.from_numpy(w_v).to(device), h, n_kv, d_head)
+    qk = kernels.circuit_svd(torch.from_numpy(w_q).to(device), torch.from_numpy(w_k).to(device),
+                             h, n_kv, d_head)
+    assert ov.left.dtype == ov.right.dtype == torch.float32
+    assert ov.left.shape == ov.right.shape == (h, d_head, d)
+    for i in range(h):
+        _check_two_sided(ov, naive_kernel(w_o_t, w_v, i, d_head), i)
+        _check_two_sided(qk, naive_kernel(w_q, w_k, i, d_head), i)
+
+
+def test_ov_circuits_of_a_zero_head_are_zero():
+    """A head whose W_O columns are zero: zero singular values and zero write rows, no NaN."""
+    rng = np.random.default_rng(3)
+    w_o, w_v = rng.standard_normal((24, 12)), rng.standard_normal((6, 24))
+    w_o[:, :6] = 0
+    ov = kernels.ov_circuits(torch.from_numpy(w_o), torch.from_numpy(w_v), 2, 1, 6)
+    assert torch.all(ov.singular_values[0] == 0) and torch.all(ov.left[0] == 0)
+    assert torch.isfinite(ov.right).all() and torch.all(ov.singular_values[1] > 0)

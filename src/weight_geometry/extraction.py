@@ -17,9 +17,18 @@ dropped, and produce:
 - ``ffn_input_norm2[l]``: ``||W_in||_F^2 = trace(G)``;
 - ``ffn_input_singular_values[l]`` ``(d,)``: singular values of ``W_in``, descending,
   ``sqrt(eigvalsh(G))`` (the ones its effective rank uses);
+- ``query_vectors[l]`` ``(h, d_head, d)`` float32: the kernel's left singular vectors (its query
+  side), paired with ``singular_values[l]`` (:meth:`kernels.FactoredSubspaces.left_vectors`);
+- ``ov_write_vectors[l]``, ``ov_read_vectors[l]`` ``(h, d_head, d)`` float32 and
+  ``ov_singular_values[l]`` ``(h, d_head)`` float64: the thin SVD of each head's OV circuit
+  ``W_OV_i = W_O_i W_V_j`` (left = what the head writes to the residual stream, right = what
+  it reads), from its factors as the kernel's (:func:`kernels.ov_circuits`): a Cholesky
+  factor of each ``W_O_i``, a thin QR of each ``W_V_j^T``, a ``d_head x d_head`` core,
+  ``O((h + n_kv) d d_head^2)``. With the
+  kernel's two sides they are what the composition scores need (:mod:`composition`);
 - effective-rank rows (layer_idx, weight_type, shape, eff_rank) for every weight; with
-  ``compute_ranks=False`` (the user supplies them) none, and only W_Q, W_K and ``W_in`` are
-  read: the pass then costs the subspaces and one Gram per layer.
+  ``compute_ranks=False`` (the user supplies them) none, and only W_Q, W_K, W_V, W_O and
+  ``W_in`` are read: the pass then costs the subspaces, the circuits and one Gram per layer.
 
 Precision: ``G`` is float32 (see :mod:`ranks`), so energies and ``trace(G)`` carry its rounding,
 about ``eps32 ||G||`` per entry: relative errors ~1e-6 for directions of typical energy, and
@@ -59,7 +68,7 @@ import torch
 from .checkpoint import Checkpoint
 from .device import pin_float32_matmul, resolve_device
 from .errors import UserError
-from .kernels import factored_subspaces
+from .kernels import factored_subspaces, ov_circuits
 from .ranks import (
     effective_rank_from_singular_values,
     frobenius_norm2,
@@ -83,6 +92,10 @@ class LayerResult:
     ffn_input_rowspace_eigenvalues: np.ndarray
     ffn_input_norm2: np.ndarray
     ffn_input_singular_values: np.ndarray
+    query_vectors: np.ndarray
+    ov_write_vectors: np.ndarray
+    ov_read_vectors: np.ndarray
+    ov_singular_values: np.ndarray
     weight_ranks: list[tuple]
 
     @classmethod
@@ -94,12 +107,13 @@ class LayerResult:
 def extract_layer(ckpt: Checkpoint, layer: int, device: torch.device,
                   fold_norms: bool = False, compute_ranks: bool = True) -> LayerResult:
     """All products of one layer; each weight is dropped once its Gram is done (W_Q and W_K
-    once the subspaces are). Cost per weight: its float32 Gram and ``eigvalsh``; without
-    ``compute_ranks`` only ``W_in``'s."""
+    once the subspaces are, W_V and W_O once the OV circuits are). Cost per weight: its
+    float32 Gram and ``eigvalsh``; without ``compute_ranks`` only ``W_in``'s."""
     dims, ffn_input = ckpt.dims, ckpt.adapter.ffn_input
+    heads = (dims.n_heads, dims.n_kv_heads, dims.d_head)
     rows, kernel_inputs = [], {}
-    subspaces = ffn_gram = energy = rowspace = None
-    needed = None if compute_ranks else ("W_Q", "W_K", ffn_input)
+    subspaces = ffn_gram = energy = rowspace = query = ov = None
+    needed = None if compute_ranks else ("W_Q", "W_K", "W_V", "W_O", ffn_input)
     for wt, array in ckpt.iter_layer(layer, fold_norms, only=needed):
         w = torch.from_numpy(array).to(device)
         shape = tuple(w.shape)
@@ -112,12 +126,15 @@ def extract_layer(ckpt: Checkpoint, layer: int, device: torch.device,
         if wt == ffn_input:
             ffn_gram, ffn_sigma = g, sigma
             norm2 = np.array(frobenius_norm2(g))
-        if wt in ("W_Q", "W_K"):
+        if wt in ("W_Q", "W_K", "W_V", "W_O"):
             kernel_inputs[wt] = w
-        if len(kernel_inputs) == 2:
-            subspaces = factored_subspaces(kernel_inputs.pop("W_Q"), kernel_inputs.pop("W_K"),
-                                           dims.n_heads, dims.n_kv_heads, dims.d_head,
-                                           torch.float64)
+        if "W_Q" in kernel_inputs and "W_K" in kernel_inputs:
+            w_q, w_k = kernel_inputs.pop("W_Q"), kernel_inputs.pop("W_K")
+            subspaces = factored_subspaces(w_q, w_k, *heads, torch.float64)
+            query = subspaces.left_vectors(w_q, torch.float32).cpu().numpy()
+            del w_q, w_k
+        if "W_V" in kernel_inputs and "W_O" in kernel_inputs:
+            ov = ov_circuits(kernel_inputs.pop("W_O"), kernel_inputs.pop("W_V"), *heads)
         if subspaces is not None and ffn_gram is not None:  # drop G as soon as it is used
             energy, rowspace = (x.cpu().numpy() for x in subspaces.energies(ffn_gram))
             ffn_gram = None
@@ -131,6 +148,10 @@ def extract_layer(ckpt: Checkpoint, layer: int, device: torch.device,
         ffn_input_rowspace_eigenvalues=rowspace,
         ffn_input_norm2=norm2,
         ffn_input_singular_values=ffn_sigma,
+        query_vectors=query,
+        ov_write_vectors=ov.left.cpu().numpy(),
+        ov_read_vectors=ov.right.cpu().numpy(),
+        ov_singular_values=ov.singular_values.cpu().numpy(),
         weight_ranks=rows)
 
 

@@ -59,12 +59,14 @@ class FactoredSubspaces:
     ``q_k``: ``(n_kv, d, d_head)``, orthonormal columns spanning the rows of ``W_K_j``;
     ``core_vectors``: ``(n_kv, g, d_head, d_head)``, row ``r`` of ``[j, m]`` is query head
     ``j * g + m``'s r-th right singular vector in the ``q_k[j]`` basis (``Vc^T``);
-    ``singular_values``: ``(h, d_head)``, descending.
+    ``singular_values``: ``(h, d_head)``, descending;
+    ``r_k``: ``(n_kv, d_head, d_head)``, ``W_K_j^T = Q_k_j R_k_j`` (:meth:`left_vectors`).
     """
 
     q_k: torch.Tensor
     core_vectors: torch.Tensor
     singular_values: torch.Tensor
+    r_k: torch.Tensor | None = None
 
     def vectors(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``(h, d_head, d)`` right singular vectors in ``R^d``: ``Vc^T Q_k^T``, computed and
@@ -80,6 +82,25 @@ class FactoredSubspaces:
         dtype = dtype or self.q_k.dtype
         flat = self.core_vectors.reshape(n_kv, group * d_head, d_head).to(dtype)
         return (flat @ self.q_k.to(dtype).transpose(1, 2)).reshape(n_kv * group, d_head, -1)
+
+    def left_vectors(self, w_q: torch.Tensor, dtype: torch.dtype | None = None
+                     ) -> torch.Tensor:
+        """``(h, d_head, d)`` left singular vectors of each kernel ``A_i = W_Q_i^T W_K_j``
+        (rows; ``w_q`` the ``(h d_head, d)`` query projection these subspaces came from):
+        ``u_r = A_i v_r / s_r``, and ``A_i v_r = W_Q_i^T R_k_j^T c_r`` (``c_r`` the core vector,
+        as ``W_K_j = R_k_j^T Q_k_j^T``), so neither ``Q_q`` nor ``A_i`` is formed. The small
+        ``(d_head, d_head)`` coefficients ``c_r^T R_k_j / s_r`` in ``q_k``'s dtype, their
+        product with ``W_Q_i`` in ``dtype`` (default ``q_k``'s; float32 as the stored vectors,
+        :meth:`vectors`): ``s_r u_r`` is exact to about ``eps s_1`` (all a Frobenius norm of a
+        product with ``A_i`` needs), ``u_r`` alone to ``eps s_1 / s_r``; a zero ``s_r`` gives a
+        zero row. Cost ``2 h d_head^2 (d + d_head)``."""
+        n_kv, group, d_head, _ = self.core_vectors.shape
+        dtype = dtype or self.q_k.dtype
+        s = self.singular_values.to(self.r_k.dtype)
+        inverse = torch.where(s > 0, 1 / s, torch.zeros_like(s))
+        coefficients = (self.core_vectors.reshape(n_kv, group * d_head, d_head) @ self.r_k)
+        coefficients = coefficients.reshape(n_kv * group, d_head, d_head) * inverse[..., None]
+        return coefficients.to(dtype) @ w_q.reshape(n_kv * group, d_head, -1).to(dtype)
 
     def energies(self, gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(h, d_head)`` quadratic forms ``v^T G v`` of every right singular vector ``v``, and
@@ -212,7 +233,7 @@ def factored_subspaces(w_q: torch.Tensor, w_k: torch.Tensor, n_heads: int, n_kv_
     r_q = query_r_factors(q_t).to(dtype).reshape(n_kv_heads, group * d_head, d_head)
     core = (r_q @ r_k.transpose(1, 2)).reshape(n_heads, d_head, d_head)
     s, vc_t = core_svd(core)
-    return FactoredSubspaces(q_k, vc_t.reshape(n_kv_heads, group, d_head, d_head), s)
+    return FactoredSubspaces(q_k, vc_t.reshape(n_kv_heads, group, d_head, d_head), s, r_k)
 
 
 def head_subspaces(w_q: torch.Tensor, w_k: torch.Tensor, n_heads: int, n_kv_heads: int,
@@ -230,3 +251,48 @@ def head_subspaces(w_q: torch.Tensor, w_k: torch.Tensor, n_heads: int, n_kv_head
     """
     f = factored_subspaces(w_q, w_k, n_heads, n_kv_heads, d_head)
     return f.vectors(), f.singular_values
+
+
+
+@dataclass
+class TwoSidedSVD:
+    """Both sides of every head's ``(d, d)`` map ``M_i = X_i^T Y_j`` of one layer (rank <=
+    ``d_head``): ``M_i = left_i^T diag(s_i) right_i``.
+
+    ``left``, ``right``: ``(h, d_head, d)`` left and right singular vectors (rows, in ``R^d``);
+    ``singular_values``: ``(h, d_head)``, descending, float64.
+    """
+
+    left: torch.Tensor
+    right: torch.Tensor
+    singular_values: torch.Tensor
+
+
+def circuit_svd(x: torch.Tensor, y: torch.Tensor, n_heads: int, n_kv_heads: int, d_head: int,
+                dtype: torch.dtype = torch.float32) -> TwoSidedSVD:
+    """The thin SVD of every head's ``M_i = X_i^T Y_j`` (``X_i``, ``Y_j`` the ``d_head``-row
+    blocks of ``x`` ``(h d_head, d)`` and ``y`` ``(n_kv d_head, d)``; ``j`` head ``i``'s KV
+    head), from its factors: the right side and the singular values are
+    :func:`factored_subspaces`' (float64), the left side follows from them
+    (:meth:`FactoredSubspaces.left_vectors`). Vectors in ``dtype``.
+
+    The attention kernel ``W_QK_i = W_Q_i^T W_K_j`` is ``(x, y) = (W_Q, W_K)``; the OV circuit
+    ``W_OV_i = W_O_i W_V_j`` is ``(x, y) = (W_O^T, W_V)`` (head ``i``'s columns of ``W_O`` as
+    rows). Cost: :func:`factored_subspaces`' plus ``2 h d_head^2 d`` for the left side.
+    """
+    f = factored_subspaces(x, y, n_heads, n_kv_heads, d_head, torch.float64)
+    return TwoSidedSVD(f.left_vectors(x, dtype), f.vectors(dtype), f.singular_values)
+
+
+def ov_circuits(w_o: torch.Tensor, w_v: torch.Tensor, n_heads: int, n_kv_heads: int,
+                d_head: int, dtype: torch.dtype = torch.float32) -> TwoSidedSVD:
+    """Every head's OV circuit ``W_OV_i = W_O_i W_V_j`` (``(d, d)``, rank <= ``d_head``; ``W_O_i``
+    the ``(d, d_head)`` column block of head ``i``, ``W_V_j`` the rows of its KV head) by
+    :func:`circuit_svd`: ``left`` = the directions the head writes to the residual stream,
+    ``right`` = those it reads.
+
+    Args:
+        w_o: ``(d, n_heads * d_head)`` output projection (nn.Linear layout).
+        w_v: ``(n_kv_heads * d_head, d)`` value projection.
+    """
+    return circuit_svd(w_o.T, w_v, n_heads, n_kv_heads, d_head, dtype)

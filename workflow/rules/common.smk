@@ -98,16 +98,16 @@ def extraction_mem_mb(wildcards, threads):
     """Peak memory of one extraction job, which reads, uses and frees one tensor at a time and
     appends each layer to its outputs. Per worker (one per thread on the CPU): the largest
     weight twice at 4 bytes a value (host and device), the reader's decoding chunk, five d x d
-    float64-sized matrices and two layers' outputs (finished layers wait to be written in
-    order); plus the interpreter and torch. The five bound what one step holds at once: a
-    weight's float32 Gram and eigvalsh's copy of it, the float64 Gram and its copy of a weight
-    whose error bound asks for them, and the subspaces' float64 factors (three n_kv d_head x d
-    matrices during the key QR; Q_k and the energies' T Q_k after it, which read the FFN
-    Gram in ENERGY_BLOCK-row panels, without a float64 copy of it). Independent of the number
-    of layers."""
+    float64-sized matrices and two layers' outputs (four float32 (h, d_head, d) arrays and
+    small ones; finished layers wait to be written in order); plus the interpreter and torch.
+    The five bound what one step holds at once: a weight's float32 Gram and eigvalsh's copy
+    of it, the float64 Gram and its copy of a weight whose error bound asks for them, and the
+    subspaces' float64 factors (three n_kv d_head x d matrices during the key QR; Q_k and the
+    energies' T Q_k after it, which read the FFN Gram in ENERGY_BLOCK-row panels, without a
+    float64 copy of it). Independent of the number of layers."""
     d = model_plan(wildcards).dims
     largest = max(a * b for a, b in map(d.weight_shape, GATED))
-    layer_out = d.n_heads * d.d_head * (d.d_model * 4 + 24) + d.d_model * 8
+    layer_out = d.n_heads * d.d_head * (4 * d.d_model * 4 + 32) + d.d_model * 8
     per_worker = largest * 8 + 2**24 + 5 * d.d_model**2 * 8 + 2 * layer_out
     return 1500 + threads * per_worker // 2**20
 
