@@ -1,0 +1,227 @@
+"""Q-, K- and V-composition of every ordered pair of heads (Elhage et al. 2021), from the
+``d_head``-sized factors the extraction stores, never from ``d x d`` products.
+
+Per head (``m = d_head``, rows orthonormal, ``s`` descending):
+``W_QK = W_Q_i^T W_K_j = U^T diag(s) V`` (``U``: ``query_vectors``, ``V``: ``vectors``,
+``s``: ``singular_values``; score ``x_q^T W_QK x_k``) and ``W_OV = W_O_i W_V_j = A^T diag(t) B``
+(``A``: ``ov_write_vectors``, ``B``: ``ov_read_vectors``, ``t``: ``ov_singular_values``; output
+``W_OV x``). For an earlier head ``e`` and a later head ``l``:
+
+- K-composition ``||W_QK_l W_OV_e||_F / (||W_QK_l||_F ||W_OV_e||_F)``: how much of what ``e``
+  writes the keys of ``l`` read; ``W_QK_l W_OV_e = U_l^T (s_l V_l A_e^T t_e) B_e``, so the
+  numerator is ``||diag(s_l) V_l A_e^T diag(t_e)||_F`` (an ``m x m`` core);
+- Q-composition ``||W_QK_l^T W_OV_e||_F / (...)``: the queries of ``l``;
+  ``||diag(s_l) U_l A_e^T diag(t_e)||_F``;
+- V-composition ``||W_OV_l W_OV_e||_F / (...)``: the values of ``l``;
+  ``||diag(t_l) B_l A_e^T diag(t_e)||_F``;
+
+with ``||W_QK||_F^2 = sum s^2``, ``||W_OV||_F^2 = sum t^2``. The orthonormal outer factors drop
+out of the Frobenius norms, so each pair costs one ``m x d x m`` product, and all heads of a
+layer pair one GEMM ``(3 h m, d) x (d, h m)`` (the three later sides stacked): ``6 (h m)^2 d``
+flops per layer pair, ``3 (L h m)^2 d`` for the model, against ``O(d^3)`` per head pair formed.
+Signs and rotations within repeated singular values cancel in the norms. Folded norm gains
+(``fold_norms``) make these the maps between the normalized stream each head reads and the
+residual stream it writes to, up to the normalization's scalar.
+
+Null (:func:`isotropic_null`): the same scores of isotropic random weights of the same factor
+shapes (Gaussian ``W_Q, W_K, W_V, W_O``). If ``W_O_e`` is Gaussian, ``A_e`` is a Haar-random
+``m``-frame independent of ``t_e`` and of head ``l``, and ``E[a a^T] = I/d`` for each of its rows
+``a``: ``E[||X W_OV_e||_F^2] = ||X||_F^2 ||W_OV_e||_F^2 / d`` for any fixed ``X``. So for every
+type **E[score^2] = 1/d exactly** (whatever head ``l`` is; checked by Monte Carlo in the
+tests); the three types' nulls are one distribution (``W_QK``, ``W_QK^T`` and ``W_OV`` of
+Gaussian factors are all products of two independent ``m``-rank Gaussian factors), and the
+score's mean and std come from Monte Carlo. p-values: upper tail of the gamma distribution
+with those two moments (:func:`multiplicity.gamma_p`), BH over all pairs of one type.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .kernels import circuit_svd
+from .multiplicity import FDR_Q, benjamini_hochberg, gamma_p
+
+#: Composition types, in the order of the score array's first axis.
+TYPES = ("q", "k", "v")
+#: Heads of each of the two random layers whose ``NULL_HEADS^2`` pairs give the null.
+NULL_HEADS = 32
+#: Seed of the null's random weights.
+NULL_SEED = 0
+#: Pairs per type listed in the top table at least (beyond the significant ones).
+TOP_PAIRS = 20
+
+
+@dataclass
+class Circuits:
+    """The per-head factors of ``L`` layers: ``query``, ``key``, ``write``, ``read`` ``(L, h, m,
+    d)`` (rows as in the module docstring; memory-mapped arrays are read one layer at a time),
+    ``qk_sigma``, ``ov_sigma`` ``(L, h, m)``."""
+
+    query: np.ndarray
+    key: np.ndarray
+    qk_sigma: np.ndarray
+    write: np.ndarray
+    read: np.ndarray
+    ov_sigma: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return self.write.shape
+
+
+def _layer(array: np.ndarray, layer: int) -> torch.Tensor:
+    """One layer's ``(h, m, d)`` vectors as a float32 ``(h m, d)`` tensor."""
+    block = np.ascontiguousarray(array[layer], dtype=np.float32)
+    return torch.from_numpy(block).reshape(-1, block.shape[-1])
+
+
+def composition_scores(c: Circuits) -> np.ndarray:
+    """``(3, L h, L h)`` float64 scores (:data:`TYPES` order; row = later head ``l h + i``,
+    column = earlier head ``e h + j``; NaN where the column's layer is not earlier, and where a
+    head's map is zero).
+
+    For each later layer ``l`` its three sides ``[U_l; V_l; B_l]`` ``(3 h m, d)`` are stacked
+    once; for each earlier layer ``e`` one float32 GEMM with ``A_e^T`` gives every head pair's
+    cores, which are scaled by the singular values, squared and summed per ``m x m`` block in
+    float64. Cost ``6 (h m)^2 d`` per layer pair; memory one layer's sides (float32) and one
+    ``(3 h m, h m)`` float32 block beside the ``(3, L h, L h)`` result.
+    """
+    n_layers, h, m, _ = c.shape
+    qk_norm = np.sqrt(np.square(np.asarray(c.qk_sigma, dtype=np.float64)).sum(-1))
+    ov_norm = np.sqrt(np.square(np.asarray(c.ov_sigma, dtype=np.float64)).sum(-1))
+    out = np.full((3, n_layers, h, n_layers, h), np.nan)
+    writes = [None] * n_layers                       # A_e, kept once read
+    for later in range(1, n_layers):
+        sides = torch.cat([_layer(c.query, later), _layer(c.key, later), _layer(c.read, later)])
+        s_later = torch.from_numpy(np.concatenate(
+            [c.qk_sigma[later], c.qk_sigma[later], c.ov_sigma[later]]).astype(np.float32))
+        s_later = s_later.reshape(-1, 1)
+        norms = np.stack([qk_norm[later], qk_norm[later], ov_norm[later]])      # (3, h)
+        for earlier in range(later):
+            if writes[earlier] is None:
+                writes[earlier] = _layer(c.write, earlier)
+            t_earlier = torch.from_numpy(np.asarray(c.ov_sigma[earlier], dtype=np.float32))
+            cores = sides @ writes[earlier].T                                   # (3hm, hm)
+            cores.mul_(s_later).mul_(t_earlier.reshape(1, -1)).square_()
+            sums = cores.reshape(3, h, m, h, m).sum(dim=(2, 4), dtype=torch.float64).numpy()
+            with np.errstate(divide="ignore", invalid="ignore"):
+                out[:, later, :, earlier, :] = (np.sqrt(sums) / norms[:, :, None]
+                                                / ov_norm[earlier][None, None, :])
+    return out.reshape(3, n_layers * h, n_layers * h)
+
+
+def random_circuits(n_layers: int, n_heads: int, d: int, d_head: int,
+                    rng: np.random.Generator) -> Circuits:
+    """The factors of ``n_layers`` layers of ``n_heads`` heads (one KV head each) with
+    standard Gaussian ``W_Q, W_K, W_V, W_O``, by the extraction's routines
+    (:func:`kernels.circuit_svd`). Cost ``O(n_layers n_heads d d_head^2)``."""
+    parts = {name: [] for name in ("query", "key", "qk_sigma", "write", "read", "ov_sigma")}
+    for _ in range(n_layers):
+        w_q, w_k, w_v, w_o_t = (torch.from_numpy(rng.standard_normal((n_heads * d_head, d)))
+                                for _ in range(4))
+        qk = circuit_svd(w_q, w_k, n_heads, n_heads, d_head)
+        ov = circuit_svd(w_o_t, w_v, n_heads, n_heads, d_head)
+        for name, x in (("query", qk.left), ("key", qk.right), ("qk_sigma", qk.singular_values),
+                        ("write", ov.left), ("read", ov.right), ("ov_sigma", ov.singular_values)):
+            parts[name].append(x.numpy())
+    return Circuits(**{name: np.stack(x) for name, x in parts.items()})
+
+
+@dataclass(frozen=True)
+class CompositionNull:
+    """Per type (:data:`TYPES` order): the isotropic null's ``mean``, ``std`` of the score,
+    ``mean_square`` (Monte Carlo) of its square, whose exact value is ``exact_mean_square =
+    1/d``; ``n_pairs`` pairs drawn."""
+
+    mean: np.ndarray
+    std: np.ndarray
+    mean_square: np.ndarray
+    exact_mean_square: float
+    n_pairs: int
+
+
+def isotropic_null(d: int, d_head: int, n_heads: int = NULL_HEADS,
+                   seed: int = NULL_SEED) -> CompositionNull:
+    """The scores of every (later, earlier) pair of two random layers of ``n_heads`` heads
+    (:func:`random_circuits`, seeded): ``n_heads^2`` pairs per type, correlated through their
+    shared heads (the mean is unbiased; the std good to a few percent at 32 heads). Cost
+    :func:`composition_scores`' for one layer pair of ``n_heads`` heads, ``6 (n m)^2 d``."""
+    rng = np.random.default_rng(seed)
+    scores = composition_scores(random_circuits(2, n_heads, d, d_head, rng))
+    pairs = scores[:, n_heads:, :n_heads].reshape(3, -1)
+    return CompositionNull(pairs.mean(1), pairs.std(1, ddof=1), np.square(pairs).mean(1),
+                           1 / d, pairs.shape[1])
+
+
+def pair_tests(scores: np.ndarray, null: CompositionNull) -> dict[str, np.ndarray]:
+    """Per type and pair (``scores``' shape): ``ratio`` (score over the null mean), ``z``,
+    one-sided ``p`` (:func:`multiplicity.gamma_p`) and ``p_adjusted`` (BH over every finite
+    pair of that type). Cost O(n log n) for n pairs."""
+    mean, std = null.mean[:, None, None], null.std[:, None, None]
+    p = gamma_p(scores, mean, std)
+    p = np.where(np.isnan(scores), np.nan, p)
+    return {"ratio": scores / mean, "z": (scores - mean) / std, "p": p,
+            "p_adjusted": np.stack([benjamini_hochberg(x) for x in p])}
+
+
+def top_pairs(scores: np.ndarray, tests: dict[str, np.ndarray], null: CompositionNull,
+              n_heads: int, least: int = TOP_PAIRS) -> list[tuple]:
+    """Rows ``(type, layer, head, earlier_layer, earlier_head, score, null_mean, null_std,
+    ratio, z, p, p_adjusted, significant)`` of every pair significant at
+    :data:`multiplicity.FDR_Q` after BH, and at least the ``least`` highest scores of each
+    type, by type and descending score."""
+    rows = []
+    for t, name in enumerate(TYPES):
+        finite = np.flatnonzero(~np.isnan(scores[t].ravel()))
+        order = finite[np.argsort(-scores[t].ravel()[finite], kind="stable")]
+        adjusted = tests["p_adjusted"][t].ravel()
+        keep = np.count_nonzero(adjusted[order] <= FDR_Q)
+        for flat in order[:max(keep, least)]:
+            later, earlier = divmod(int(flat), scores.shape[-1])
+            rows.append((name, later // n_heads, later % n_heads, earlier // n_heads,
+                         earlier % n_heads, float(scores[t].ravel()[flat]),
+                         float(null.mean[t]), float(null.std[t]),
+                         *(float(tests[k][t].ravel()[flat]) for k in ("ratio", "z", "p",
+                                                                     "p_adjusted")),
+                         bool(adjusted[flat] <= FDR_Q)))
+    return rows
+
+
+TOP_COLUMNS = {"type": "string", "layer": "int64", "head": "int64", "earlier_layer": "int64",
+               "earlier_head": "int64", "score": "float64", "null_mean": "float64",
+               "null_std": "float64", "ratio": "float64", "z": "float64", "p": "float64",
+               "p_adjusted": "float64", "significant": "bool"}
+NULL_COLUMNS = {"type": "string", "null_mean": "float64", "null_std": "float64",
+                "mean_square": "float64", "exact_mean_square": "float64", "n_pairs": "int64",
+                "seed": "int64"}
+LAYER_COLUMNS = {"type": "string", "layer": "int64", "earlier_layer": "int64",
+                 "mean_score": "float64", "max_score": "float64", "mean_ratio": "float64",
+                 "mean_z": "float64", "n_significant": "int64", "n_pairs": "int64"}
+
+
+def null_rows(null: CompositionNull, seed: int = NULL_SEED) -> list[tuple]:
+    """One row per type (:data:`NULL_COLUMNS`)."""
+    return [(name, float(null.mean[t]), float(null.std[t]), float(null.mean_square[t]),
+             null.exact_mean_square, null.n_pairs, seed) for t, name in enumerate(TYPES)]
+
+
+def layer_rows(scores: np.ndarray, tests: dict[str, np.ndarray], n_heads: int) -> list[tuple]:
+    """Per type and layer pair ``earlier_layer < layer`` (:data:`LAYER_COLUMNS`): mean and max
+    score over the ``h^2`` head pairs, mean ratio and z, pairs significant after BH."""
+    n_layers = scores.shape[-1] // n_heads
+    blocks = {k: v.reshape(3, n_layers, n_heads, n_layers, n_heads)
+              for k, v in {"score": scores, **tests}.items()}
+    rows = []
+    for t, name in enumerate(TYPES):
+        for later in range(1, n_layers):
+            for earlier in range(later):
+                block = {k: v[t, later, :, earlier, :] for k, v in blocks.items()}
+                rows.append((name, later, earlier, float(np.nanmean(block["score"])),
+                             float(np.nanmax(block["score"])),
+                             float(np.nanmean(block["ratio"])), float(np.nanmean(block["z"])),
+                             int(np.count_nonzero(block["p_adjusted"] <= FDR_Q)),
+                             n_heads * n_heads))
+    return rows

@@ -1,0 +1,138 @@
+"""composition: Q-, K- and V-composition scores from the stored factors, against the d x d maps
+formed in float64; the isotropic null's exact E[score^2] = 1/d; a planted circuit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import naive_kernel
+
+from weight_geometry.composition import (
+    TYPES,
+    Circuits,
+    composition_scores,
+    isotropic_null,
+    layer_rows,
+    pair_tests,
+    random_circuits,
+    top_pairs,
+)
+from weight_geometry.kernels import circuit_svd, ov_circuits
+from weight_geometry.multiplicity import FDR_Q
+
+
+def random_weights(rng, n_layers, d, h, n_kv, d_head):
+    """Per layer Gaussian W_Q (h d_head, d), W_K, W_V (n_kv d_head, d), W_O (d, h d_head)."""
+    return [{"W_Q": rng.standard_normal((h * d_head, d)),
+             "W_K": rng.standard_normal((n_kv * d_head, d)),
+             "W_V": rng.standard_normal((n_kv * d_head, d)),
+             "W_O": rng.standard_normal((d, h * d_head))} for _ in range(n_layers)]
+
+
+def factors(weights, h, n_kv, d_head) -> Circuits:
+    """What the extraction stores, by its routines (float32 vectors)."""
+    parts = {k: [] for k in ("query", "key", "qk_sigma", "write", "read", "ov_sigma")}
+    for w in weights:
+        qk = circuit_svd(torch.from_numpy(w["W_Q"]), torch.from_numpy(w["W_K"]), h, n_kv, d_head)
+        ov = ov_circuits(torch.from_numpy(w["W_O"]), torch.from_numpy(w["W_V"]), h, n_kv, d_head)
+        for k, x in (("query", qk.left), ("key", qk.right), ("qk_sigma", qk.singular_values),
+                     ("write", ov.left), ("read", ov.right), ("ov_sigma", ov.singular_values)):
+            parts[k].append(x.numpy())
+    return Circuits(**{k: np.stack(x) for k, x in parts.items()})
+
+
+def naive_scores(weights, h, d_head) -> np.ndarray:
+    """(3, L h, L h) by the definitions, every d x d map formed in float64."""
+    qk = [naive_kernel(w["W_Q"], w["W_K"], i, d_head) for w in weights for i in range(h)]
+    ov = [naive_kernel(w["W_O"].T, w["W_V"], i, d_head) for w in weights for i in range(h)]
+    n = len(qk)
+    out = np.full((3, n, n), np.nan)
+    fro = np.linalg.norm
+    for later in range(n):
+        for earlier in range(n):
+            if earlier // h >= later // h:
+                continue
+            e = ov[earlier]
+            for t, m in enumerate((qk[later].T, qk[later], ov[later])):
+                out[t, later, earlier] = fro(m @ e) / (fro(m) * fro(e))
+    return out
+
+
+@pytest.mark.parametrize("d,h,n_kv,d_head", [(24, 4, 2, 3), (20, 3, 3, 4), (18, 4, 1, 5)])
+def test_scores_match_formed_maps(d, h, n_kv, d_head):
+    """Every ordered pair, all three types, GQA/MHA/MQA: the factored scores equal the norms of
+    the formed products (float32 factors: 1e-5); NaN exactly where the column is not earlier."""
+    rng = np.random.default_rng(d + h + n_kv + d_head)
+    weights = random_weights(rng, 3, d, h, n_kv, d_head)
+    ours = composition_scores(factors(weights, h, n_kv, d_head))
+    ref = naive_scores(weights, h, d_head)
+    assert ours.shape == (3, 3 * h, 3 * h)
+    np.testing.assert_array_equal(np.isnan(ours), np.isnan(ref))
+    assert np.isnan(ref).sum() == 3 * (3 * h) * (3 * h + h) // 2     # layer e >= l
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, equal_nan=True)
+
+
+def test_orientation_is_the_papers():
+    """K-composition reads through W_K: an earlier head writing only into the row space of a
+    later head's W_K and orthogonally to its W_Q and W_V composes by K only (and Q, V by
+    theirs)."""
+    d, d_head = 12, 2
+    basis = np.eye(d)
+    rng = np.random.default_rng(0)
+    # Later head reads queries from e_0, e_1, keys from e_2, e_3, values from e_4, e_5.
+    later = {"W_Q": basis[0:2], "W_K": basis[2:4], "W_V": basis[4:6],
+             "W_O": rng.standard_normal((d, d_head))}
+    for t, rows in ((0, basis[0:2]), (1, basis[2:4]), (2, basis[4:6])):
+        earlier = {"W_Q": rng.standard_normal((d_head, d)), "W_K": rng.standard_normal((d_head, d)),
+                   "W_V": rng.standard_normal((d_head, d)), "W_O": rows.T.copy()}
+        scores = composition_scores(factors([earlier, later], 1, 1, d_head))[:, 1, 0]
+        assert scores[t] > 0.3 and np.delete(scores, t).max() < 1e-6, (TYPES[t], scores)
+
+
+def test_isotropic_null_mean_square_is_one_over_d():
+    """E[score^2] = 1/d for every type (module docstring), by Monte Carlo over independent
+    random layers: within 4 standard errors."""
+    d, d_head, n = 40, 4, 12
+    rng = np.random.default_rng(5)
+    squares = []
+    for _ in range(8):
+        s = composition_scores(random_circuits(2, n, d, d_head, rng))[:, n:, :n]
+        squares.append(np.square(s).reshape(3, -1))
+    squares = np.concatenate(squares, axis=1)
+    se = squares.std(1) / np.sqrt(squares.shape[1] / n)     # pairs share heads: n per draw
+    assert np.all(np.abs(squares.mean(1) - 1 / d) < 4 * se), (squares.mean(1), 1 / d, se)
+    null = isotropic_null(d, d_head, n_heads=12)
+    assert null.exact_mean_square == 1 / d and null.n_pairs == 144
+    np.testing.assert_allclose(null.mean_square, 1 / d, rtol=0.15)
+    np.testing.assert_allclose(null.mean, np.sqrt(1 / d), rtol=0.15)
+    assert np.all(null.std > 0)
+
+
+@pytest.mark.parametrize("plant", TYPES)
+def test_planted_circuit_is_the_only_discovery(plant):
+    """Layer 0 head 1 writes (W_O columns) exactly into the subspace that layer 2 head 2 reads
+    by its W_Q, W_K or W_V: that pair's score of that type is the largest of all and survives
+    BH; no other pair of any type does."""
+    d, h, d_head = 64, 4, 4
+    rng = np.random.default_rng(11)
+    weights = random_weights(rng, 3, d, h, h, d_head)
+    source = {"q": "W_Q", "k": "W_K", "v": "W_V"}[plant]
+    rows = weights[2][source][2 * d_head:3 * d_head]                    # head 2 of layer 2
+    weights[0]["W_O"][:, d_head:2 * d_head] = rows.T
+    scores = composition_scores(factors(weights, h, h, d_head))
+    null = isotropic_null(d, d_head)
+    tests = pair_tests(scores, null)
+    t = TYPES.index(plant)
+    later, earlier = 2 * h + 2, 0 * h + 1
+    assert np.nanargmax(scores[t]) == later * 3 * h + earlier
+    significant = np.argwhere(tests["p_adjusted"] <= FDR_Q)
+    assert significant.tolist() == [[t, later, earlier]]
+    top = top_pairs(scores, tests, null, h)
+    first = [row for row in top if row[0] == plant][0]
+    assert first[:5] == (plant, 2, 2, 0, 1) and first[-1] is True
+    assert sum(row[-1] for row in top) == 1
+    assert len(top) == 3 * 20
+    layers = layer_rows(scores, tests, h)
+    assert len(layers) == 3 * 3
+    assert [(r[0], r[1], r[2]) for r in layers if r[7]] == [(plant, 2, 0)]
