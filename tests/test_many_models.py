@@ -58,10 +58,12 @@ def test_comparison_outputs(two_models):
         assert rows["layer"].tolist() == list(range(n_layers))
         assert np.allclose(rows["depth"], np.arange(n_layers) / n_layers)
         for column in ("adjacent_similarity", "bottleneck_similarity", "alignment_ratio",
-                       "mean_eff_rank"):
+                       "alignment_conditional_ratio", "mean_eff_rank",
+                       "mean_normalized_eff_rank"):
             assert np.allclose(rows[column], layers[column], equal_nan=True), (name, column)
     report = (cdir / "report.md").read_text()
-    assert "four" in report and "six" in report and "figures/adjacent_similarity.png" in report
+    assert "four" in report and "six" in report
+    assert all(f"figures/{f}.png" in report for f in COMPARE_FIGURES)
 
 
 def test_user_ranks_replace_computed_ones(two_models):
