@@ -82,7 +82,7 @@ def _band(ax, table, chance=None, bottleneck=None):
     if bottleneck is not None:   # its similarity to itself, 1, would flatten the rest
         mean, std = mean.drop(bottleneck), std.drop(bottleneck)
     ax.plot(mean.index, mean, marker=".", label="mean over the sampled heads")
-    ax.fill_between(table.index, mean - std, mean + std, alpha=0.2)
+    ax.fill_between(mean.index, mean - std, mean + std, alpha=0.2)
     if chance is not None:
         ax.axhline(chance, color="r", linestyle="--", label=f"chance k/d = {chance:.4f}")
         ax.legend()
