@@ -32,17 +32,52 @@ rule report_figures:
         "../scripts/report_figures.py"
 
 
+rule vega_bundle:
+    """The Vega, Vega-Lite and vega-embed JavaScript the HTML pages inline (once per checkout:
+    it depends on no result)."""
+    output:
+        "resources/vega/vega-embed-bundle.js",
+    log:
+        "logs/vega_bundle.log",
+    benchmark:
+        "logs/vega_bundle.benchmark.tsv"
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    script:
+        "../scripts/vega_bundle.py"
+
+
 rule report_markdown:
     input:
         unpack(analysis_inputs),
         figures=expand(f"{K}/figures/{{name}}.png", name=FIGURES, allow_missing=True),
+        ksweep_figure=f"{R}/figures/ksweep.png",
+        vega="resources/vega/vega-embed-bundle.js",
     output:
-        report(
+        markdown=report(
             f"{K}/report.md",
             caption="../report/report.rst",
             category="{model}",
             subcategory="Report",
             labels={"k": "{k}", "file": "report.md"},
+        ),
+        html=report(
+            f"{K}/report.html",
+            caption="../report/report_html.rst",
+            category="{model}",
+            subcategory="Report",
+            labels={"k": "{k}", "file": "report (HTML)"},
+        ),
+        interactive=report(
+            f"{K}/figures/similarity_interactive.html",
+            caption="../report/similarity_interactive.rst",
+            category="{model}",
+            subcategory="Experiment 1: subspace overlap",
+            labels={"k": "{k}", "figure": "similarity (interactive)"},
         ),
     log:
         "logs/{model}/k{k}/report.log",
