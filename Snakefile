@@ -17,6 +17,7 @@ report: "workflow/report/workflow.rst"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/extract.smk"
 include: "workflow/rules/subspaces.smk"
+include: "workflow/rules/circuits.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/compare.smk"
 

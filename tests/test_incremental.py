@@ -104,7 +104,8 @@ def test_new_primary_head_plans_its_matrix_and_the_primary_head_tables(base):
                                                ({"fold_norms": False}, "model_info")])
 def test_extraction_knob_plans_extraction_and_everything_after(base, change, first):
     rules = {r for r, _ in dry(base, **change)}
-    after = {"extract_layers", "effective_ranks", "rowspace_overlap", "k_sweep"} | CHEAP_K_RULES
+    after = ({"extract_layers", "effective_ranks", "rowspace_overlap", "k_sweep", "composition"}
+             | CHEAP_K_RULES)
     assert rules == after | {first}
 
 

@@ -225,3 +225,32 @@ def layer_rows(scores: np.ndarray, tests: dict[str, np.ndarray], n_heads: int) -
                              int(np.count_nonzero(block["p_adjusted"] <= FDR_Q)),
                              n_heads * n_heads))
     return rows
+
+
+def load_circuits(inputs) -> Circuits:
+    """The stored factors of every layer range (a Snakemake ``input`` with entries ``query,
+    key, qk_sigma, write, read, ov_sigma``, each a list of chunk files), concatenated in layer
+    order (:func:`results_io.load_layers`). Memory: the four ``(L, h, d_head, d)`` float32
+    arrays."""
+    from .results_io import load_layers
+
+    return Circuits(**{name: load_layers(getattr(inputs, name))
+                       for name in ("query", "key", "qk_sigma", "write", "read", "ov_sigma")})
+
+
+def write_composition(c: Circuits, outputs) -> None:
+    """Every output of rule ``composition`` (a Snakemake ``output`` with ``composition_{q,k,v},
+    null, top, layers``): the three ``(L h, L h)`` score matrices in float32, the null table
+    (:data:`NULL_COLUMNS`), the top pairs (:data:`TOP_COLUMNS`) and the layer-pair summary
+    (:data:`LAYER_COLUMNS`)."""
+    from .results_io import save_result, write_rows
+
+    n_heads, d_head, d = c.shape[1:]
+    scores = composition_scores(c)
+    null = isotropic_null(d, d_head)
+    tests = pair_tests(scores, null)
+    for t, name in enumerate(TYPES):
+        save_result(getattr(outputs, f"composition_{name}"), scores[t].astype(np.float32))
+    write_rows(outputs.null, NULL_COLUMNS, null_rows(null))
+    write_rows(outputs.top, TOP_COLUMNS, top_pairs(scores, tests, null, n_heads))
+    write_rows(outputs.layers, LAYER_COLUMNS, layer_rows(scores, tests, n_heads))

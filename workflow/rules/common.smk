@@ -163,6 +163,30 @@ def k_sweep_mem_mb(wildcards):
     return 1000 + (vectors + block + matrices) // 2**20
 
 
+def composition_mem_mb(wildcards):
+    """The four (L, h, d_head, d) float32 factor arrays (concatenated from the chunks' memory
+    maps), one later layer's three sides and one layer pair's (3 h d_head, h d_head) float32
+    block with its float64 sums; the null's two random layers of NULL_HEADS heads (float64
+    weights and factors); the (3, L h, L h) float64 scores and their four test arrays; plus
+    the interpreter and torch."""
+    from weight_geometry.composition import NULL_HEADS
+
+    d = model_plan(wildcards).dims
+    factors = 4 * d.n_layers * d.n_heads * d.d_head * d.d_model * 4
+    block = 3 * (d.n_heads * d.d_head) * (d.d_model + d.n_heads * d.d_head * 3) * 4
+    per_head = d.d_model * 8 * 12 + 3 * NULL_HEADS * d.d_head * 12
+    null = 2 * NULL_HEADS * d.d_head * per_head
+    tests = 5 * 3 * (d.n_layers * d.n_heads) ** 2 * 8
+    return 1500 + (factors + block + null + tests) // 2**20
+
+
+def composition_runtime(wildcards):
+    """Minutes: 3 (L h d_head)^2 d flops of float32 GEMMs at 1e10 a second, plus start-up."""
+    d = model_plan(wildcards).dims
+    flops = 3 * (d.n_layers * d.n_heads * d.d_head) ** 2 * d.d_model
+    return 10 + int(flops / 1e10 / 60)
+
+
 def extraction_runtime(wildcards):
     """Minutes: generous for CPU SVD-free extraction (~1 s per 1e10 flops) plus start-up."""
     d = model_plan(wildcards).dims
@@ -257,6 +281,9 @@ onstart:
 def all_targets():
     reports = [
         f"results/{name}/k{k}/report.md" for name in PLAN.models for k in PLAN.top_k
+    ]
+    reports += [
+        f"results/{name}/circuits/composition_top.parquet" for name in PLAN.models
     ]
     if len(PLAN.models) > 1:
         reports += [f"results/compare/k{k}/report.md" for k in PLAN.top_k]

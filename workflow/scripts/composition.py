@@ -1,0 +1,18 @@
+"""Rule composition: Q-, K- and V-composition of every ordered pair of heads, beside the null of
+isotropic random weights (k-independent; see composition.py)."""
+
+import _library  # noqa: F401  (puts the checkout's src/ on sys.path)
+
+from weight_geometry.rule_script import run_rule
+
+
+def main():
+    import torch
+
+    from weight_geometry.composition import load_circuits, write_composition
+
+    torch.set_num_threads(max(snakemake.threads, 1))
+    write_composition(load_circuits(snakemake.input), snakemake.output)
+
+
+run_rule(main, snakemake.log[0], snakemake.output)
