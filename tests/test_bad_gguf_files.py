@@ -194,25 +194,6 @@ def test_fold_norms_without_norm_tensors(tmp_path):
         " norm gains, or fold_norms: false to analyse the raw weights)")
 
 
-SPLIT = {"split.count": ("add_uint16", 3), "split.tensors.count": ("add_int32", 14)}
-
-
-@pytest.mark.parametrize("shard", [0, 1])
-def test_split_gguf(tmp_path, shard):
-    """One shard of a split GGUF holds some of the tensors (and from the second on, no
-    general.architecture): it was reported as a missing tensor or architecture."""
-    path = write_gguf(tmp_path / f"m-0000{shard + 1}-of-00003.gguf",
-                      extra={"split.no": ("add_uint16", shard), **SPLIT})
-    if shard:   # llama-gguf-split writes the model's metadata into the first shard only
-        path.write_bytes(path.read_bytes().replace(b"general.architecture",
-                                                   b"general.architecturX"))
-    assert user_error(path) == (
-        f"{path}: shard {shard + 1} of a split GGUF (GGUF metadata split.count = 3) is not"
-        " supported (allowed: one .gguf file; merge the shards with llama.cpp's"
-        " `llama-gguf-split --merge FIRST-SHARD.gguf MERGED.gguf`, or use the model's"
-        " safetensors checkpoint)")
-
-
 def test_mixture_of_experts_gguf(tmp_path):
     """Mixtral's GGUF says general.architecture = llama; its FFNs are experts
     (blk.N.ffn_gate_exps.weight), which was reported as a missing blk.0.ffn_gate.weight."""

