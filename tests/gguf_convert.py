@@ -50,7 +50,8 @@ def _hparams(config: dict) -> dict[str, int]:
     """The GGUF hyperparameters (without the ``{arch}.`` prefix) of a config.json."""
     if config["model_type"] == "gpt2":
         d = config["n_embd"]
-        return {"block_count": config["n_layer"], "context_length": config["n_ctx"],
+        return {"block_count": config["n_layer"],
+                "context_length": config.get("n_ctx", config.get("n_positions")),
                 "embedding_length": d, "feed_forward_length": 4 * d,
                 "attention.head_count": config["n_head"]}
     h = config["num_attention_heads"]
@@ -90,6 +91,8 @@ def convert_hf_to_gguf(hf_dir: Path, out: Path, qtype=None, split_max_tensors: i
         writer.add_token_list([f"t{i}" for i in range(tokens)])
         writer.add_token_types([1] * tokens)
         writer.add_token_merges(["t 0"])
+        for special in ("bos", "eos", "pad"):
+            getattr(writer, f"add_{special}_token_id")(0)
     for name, w in load_file(str(hf_dir / "model.safetensors")).items():
         gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:   # buffers (GPT-2's attn.bias masks), nothing the converter maps

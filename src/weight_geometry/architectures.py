@@ -13,7 +13,8 @@ have ``W_up, W_down`` and the alignment uses their input projection ``W_up``.
 Biases are never read. Norm gains (pre-attention and pre-FFN LayerNorm/RMSNorm, and QK-norm
 gains) are left out by default, as in the notebook; with ``fold_norms`` they are folded in:
 ``W <- W diag(g)`` for the projections reading a normed input (``g = 1 + w`` where the
-architecture stores ``w``, as Gemma), and ``W_Q_i <- diag(g_q) W_Q_i`` for QK-norm gains.
+architecture stores ``w``, as Gemma's Hugging Face checkpoints do; its GGUF files store
+``1 + w``), and ``W_Q_i <- diag(g_q) W_Q_i`` for QK-norm gains.
 LayerNorm biases and the normalisation itself are not linear and are not folded.
 """
 
@@ -201,6 +202,9 @@ HF_ADAPTERS: dict[str, Adapter] = {
     "gemma2": Adapter("model.layers.{layer}.", _LLAMA, norm_offset=1.0,
                       norms={"attn": "input_layernorm.weight",
                              "ffn": "pre_feedforward_layernorm.weight"}),
+    "gemma3_text": Adapter("model.layers.{layer}.", _LLAMA, norm_offset=1.0, norms={
+        "attn": "input_layernorm.weight", "ffn": "pre_feedforward_layernorm.weight",
+        **_QK_NORMS}),
     "phi3": Adapter("model.layers.{layer}.", {
         "W_Q": WeightSpec("self_attn.qkv_proj.weight", RowBlock(0, _qkv_blocks)),
         "W_K": WeightSpec("self_attn.qkv_proj.weight", RowBlock(1, _qkv_blocks)),
@@ -234,14 +238,44 @@ _GGUF = {"W_Q": WeightSpec("attn_q.weight"), "W_K": WeightSpec("attn_k.weight"),
          "W_down": WeightSpec("ffn_down.weight")}
 _GGUF_NORMS = {"attn": "attn_norm.weight", "ffn": "ffn_norm.weight"}
 
-#: GGUF ``general.architecture`` -> adapter. llama.cpp permutes the rows of W_Q/W_K of the
-#: ``llama`` family for its RoPE layout; :data:`GGUF_ROPE_PERMUTED` lists those.
+_GGUF_QK_NORMS = {"q": "attn_q_norm.weight", "k": "attn_k_norm.weight"}
+
+#: GGUF ``general.architecture`` -> adapter: the tensors llama.cpp's ``convert_hf_to_gguf.py``
+#: writes, whose layout differs from Hugging Face's in three ways, undone here. (1) It permutes
+#: the rows of W_Q/W_K of the ``llama`` family (``LlamaModel.permute``) for its RoPE layout;
+#: :data:`GGUF_ROPE_PERMUTED` lists those (not Gemma, Qwen, Phi-3, GPT-2). (2) It stores
+#: Gemma's norm gains as ``1 + w`` (``GemmaModel``, ``Gemma2Model``, ``Gemma3Model``
+#: ``modify_tensors``), the gain itself: no ``norm_offset`` here. (3) It transposes GPT-2's
+#: ``Conv1D`` weights to ``(out, in)`` (``GPT2Model.modify_tensors``): none is transposed here.
+#: Fused tensors keep Hugging Face's rows: Phi-3's ``attn_qkv`` is [Q | K | V] and its
+#: ``ffn_up`` [gate | up]; GPT-2's ``attn_qkv`` is [Q | K | V].
 GGUF_ADAPTERS: dict[str, Adapter] = {
     "llama": Adapter("blk.{layer}.", _GGUF, norms=_GGUF_NORMS),
     "mistral": Adapter("blk.{layer}.", _GGUF, norms=_GGUF_NORMS),
     "qwen2": Adapter("blk.{layer}.", _GGUF, norms=_GGUF_NORMS),
-    "qwen3": Adapter("blk.{layer}.", _GGUF, norms={
-        **_GGUF_NORMS, "q": "attn_q_norm.weight", "k": "attn_k_norm.weight"}),
+    "qwen3": Adapter("blk.{layer}.", _GGUF, norms={**_GGUF_NORMS, **_GGUF_QK_NORMS}),
+    "gemma": Adapter("blk.{layer}.", _GGUF, norms=_GGUF_NORMS),
+    # ffn_norm is pre_feedforward_layernorm; post_attention_norm and post_ffw_norm act on the
+    # sublayers' outputs and are not folded (as for the Hugging Face checkpoint).
+    "gemma2": Adapter("blk.{layer}.", _GGUF, norms=_GGUF_NORMS),
+    "gemma3": Adapter("blk.{layer}.", _GGUF, norms={**_GGUF_NORMS, **_GGUF_QK_NORMS}),
+    "phi3": Adapter("blk.{layer}.", {
+        "W_Q": WeightSpec("attn_qkv.weight", RowBlock(0, _qkv_blocks)),
+        "W_K": WeightSpec("attn_qkv.weight", RowBlock(1, _qkv_blocks)),
+        "W_V": WeightSpec("attn_qkv.weight", RowBlock(2, _qkv_blocks)),
+        "W_O": WeightSpec("attn_output.weight"),
+        "W_gate": WeightSpec("ffn_up.weight", RowBlock(0, _gate_up_blocks)),
+        "W_up": WeightSpec("ffn_up.weight", RowBlock(1, _gate_up_blocks)),
+        "W_down": WeightSpec("ffn_down.weight"),
+    }, norms=_GGUF_NORMS),
+    "gpt2": Adapter("blk.{layer}.", {
+        "W_Q": WeightSpec("attn_qkv.weight", RowBlock(0, _qkv_blocks)),
+        "W_K": WeightSpec("attn_qkv.weight", RowBlock(1, _qkv_blocks)),
+        "W_V": WeightSpec("attn_qkv.weight", RowBlock(2, _qkv_blocks)),
+        "W_O": WeightSpec("attn_output.weight"),
+        "W_up": WeightSpec("ffn_up.weight"),
+        "W_down": WeightSpec("ffn_down.weight"),
+    }, ffn_input="W_up", norms=_GGUF_NORMS),
 }
 GGUF_ROPE_PERMUTED = {"llama", "mistral"}
 
