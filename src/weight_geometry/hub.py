@@ -40,16 +40,23 @@ class HubState:
     complete: bool
 
 
-def _cached(repo_id: str, filename: str) -> Path | None:
+def _cached(repo_id: str, filename: str, revision: str | None = None) -> Path | None:
     from huggingface_hub import try_to_load_from_cache
 
-    hit = try_to_load_from_cache(repo_id, filename)
+    hit = try_to_load_from_cache(repo_id, filename, revision=revision)
     return Path(hit) if isinstance(hit, str) else None
 
 
-def cache_state(repo_id: str) -> HubState | None:
-    """The cached snapshot of ``repo_id`` (None without a cached config.json)."""
-    config = _cached(repo_id, "config.json")
+def _named(repo_id: str, revision: str | None) -> str:
+    """How messages name a source: ``'org/name'``, or ``'org/name' revision 'step1000'``."""
+    return f"'{repo_id}'" + (f" revision '{revision}'" if revision else "")
+
+
+def cache_state(repo_id: str, revision: str | None = None) -> HubState | None:
+    """The cached snapshot of ``repo_id`` at ``revision`` (None: the default branch; a branch
+    or tag name resolves through the cache's ``refs/<revision>``, a commit hash directly),
+    or None without a cached config.json there."""
+    config = _cached(repo_id, "config.json", revision)
     if config is None:
         return None
     snapshot = config.parent
@@ -61,22 +68,23 @@ def cache_state(repo_id: str) -> HubState | None:
     return HubState(snapshot, complete)
 
 
-def resolve(repo_id: str) -> HubState:
-    """Cached state of ``repo_id``; when it is not cached and we are online, fetch its
-    config.json (a few kB) so the run can be planned. Offline, a model not in the cache or
-    without all its weights there (nothing could download them) is a one-line error; so is
+def resolve(repo_id: str, revision: str | None = None) -> HubState:
+    """Cached state of ``repo_id`` at ``revision`` (None: the default branch); when it is not
+    cached and we are online, fetch its config.json (a few kB) so the run can be planned.
+    Offline, a model (or revision) not in the cache or without all its weights there
+    (nothing could download them) is a one-line error; so is
     one that cannot be fetched, or that is no valid id. An id in no cache may be a mistyped
     relative path (``org/name`` is one too; :func:`is_hub_id` found nothing there): its error
     also says that no such local path exists, resolved against the working directory."""
     check_repo_id(repo_id)
-    state = cache_state(repo_id)
+    state = cache_state(repo_id, revision)
     if state is not None and (state.complete or not offline()):
         return state
     if state is not None:
-        raise UserError(f"source '{repo_id}' has its config.json but not all its safetensors"
-                        f" weights in {state.snapshot} of {_NOT_CACHED}")
+        raise UserError(f"source {_named(repo_id, revision)} has its config.json but not all"
+                        f" its safetensors weights in {state.snapshot} of {_NOT_CACHED}")
     try:
-        return _fetch_config(repo_id)
+        return _fetch_config(repo_id, revision)
     except UserError as err:
         raise UserError(f"{err}; no local path {os.path.abspath(repo_id)} exists either"
                         ) from None
@@ -98,19 +106,21 @@ def check_repo_id(repo_id: str) -> None:
                         " '.', no '--' or '..', at most 96 characters)") from None
 
 
-def _fetch_config(repo_id: str) -> HubState:
-    """Fetch config.json of ``repo_id``, which is not cached (a one-line UserError offline, or
-    when the hub cannot be reached or refuses)."""
+def _fetch_config(repo_id: str, revision: str | None = None) -> HubState:
+    """Fetch config.json of ``repo_id`` at ``revision``, which is not cached (a one-line
+    UserError offline, or when the hub cannot be reached or refuses)."""
     if offline():
-        raise UserError(f"source '{repo_id}' is a hub id that is not in {_NOT_CACHED}")
+        what = "a hub id" if revision is None else "a hub revision"
+        raise UserError(f"source {_named(repo_id, revision)} is {what} that is not in"
+                        f" {_NOT_CACHED}")
     from huggingface_hub import hf_hub_download
 
     if (reason := unresolvable_endpoint()) is not None:
-        raise _unreachable(repo_id, "config.json", reason)
+        raise _unreachable(repo_id, "config.json", reason, revision)
     try:
-        config = Path(hf_hub_download(repo_id, "config.json"))
+        config = Path(hf_hub_download(repo_id, "config.json", revision=revision))
     except Exception as err:  # network, auth, unknown repo: all end the same way for the user
-        raise _cannot_fetch(repo_id, "config.json", err) from None
+        raise _cannot_fetch(repo_id, "config.json", err, revision) from None
     return HubState(config.parent, False)
 
 
@@ -136,46 +146,51 @@ def unresolvable_endpoint() -> str | None:
     return None
 
 
-def _unreachable(repo_id: str, what: str, reason: str) -> UserError:
-    return UserError(f"source '{repo_id}': cannot fetch {what}: {reason}; check your network (or"
-                     " HF_ENDPOINT), or set HF_HUB_OFFLINE=1 and use a cached model")
+def _unreachable(repo_id: str, what: str, reason: str,
+                 revision: str | None = None) -> UserError:
+    return UserError(f"source {_named(repo_id, revision)}: cannot fetch {what}: {reason};"
+                     " check your network (or HF_ENDPOINT), or set HF_HUB_OFFLINE=1 and use a"
+                     " cached model")
 
 
-def _cannot_fetch(repo_id: str, name: str, err: Exception) -> UserError:
+def _cannot_fetch(repo_id: str, name: str, err: Exception,
+                  revision: str | None = None) -> UserError:
     """One line for any huggingface_hub failure: offline, that ``name`` is not cached; online,
     the error's class and first sentence (their messages span several lines)."""
     if offline():
-        return UserError(f"source '{repo_id}': {name} is not in {_NOT_CACHED}")
+        return UserError(f"source {_named(repo_id, revision)}: {name} is not in {_NOT_CACHED}")
     first = str(err).strip().split("\n")[0].split(". ")[0].rstrip(".")
-    return UserError(f"source '{repo_id}': cannot fetch {name} from the Hugging Face hub"
-                     f" ({err.__class__.__name__}: {first:.200}); check the id, your network"
-                     " and token, or set HF_HUB_OFFLINE=1 and use a cached model")
+    return UserError(f"source {_named(repo_id, revision)}: cannot fetch {name} from the"
+                     f" Hugging Face hub ({err.__class__.__name__}: {first:.200}); check the id,"
+                     " your network and token, or set HF_HUB_OFFLINE=1 and use a cached model")
 
 
-def download(repo_id: str) -> list[Path]:
-    """Fetch config.json and the safetensors weights of ``repo_id`` into the cache (no-op for
-    files already there); returns the local files. Offline, or online when the hub's host does
-    not resolve but every file is cached, only the cache is used. A file that cannot be
-    fetched (network, auth, unknown repo, not cached offline) is a one-line UserError."""
+def download(repo_id: str, revision: str | None = None) -> list[Path]:
+    """Fetch config.json and the safetensors weights of ``repo_id`` at ``revision`` (None: the
+    default branch) into the cache (no-op for files already there); returns the local files.
+    Offline, or online when the hub's host does not resolve but every file is cached, only the
+    cache is used. A file that cannot be fetched (network, auth, unknown repo, not cached
+    offline) is a one-line UserError."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
     check_repo_id(repo_id)
     local = offline()
     if not local and (reason := unresolvable_endpoint()) is not None:
-        state = cache_state(repo_id)
+        state = cache_state(repo_id, revision)
         if state is None or not state.complete:
             raise _unreachable(repo_id, "config.json" if state is None else
-                               "its safetensors weights", reason)
+                               "its safetensors weights", reason, revision)
         local = True  # everything is cached and nothing can be checked against the hub
 
     def fetch(name: str, optional: bool = False) -> Path | None:
         try:
-            return Path(hf_hub_download(repo_id, name, local_files_only=local))
+            return Path(hf_hub_download(repo_id, name, revision=revision,
+                                        local_files_only=local))
         except Exception as err:
             if optional and isinstance(err, EntryNotFoundError):
                 return None
-            raise _cannot_fetch(repo_id, name, err) from None
+            raise _cannot_fetch(repo_id, name, err, revision) from None
 
     files = [fetch("config.json")]
     index = fetch(INDEX_NAME, optional=True)

@@ -16,7 +16,11 @@ rule download_model:
         mem_mb=1000,
         runtime=120,
     params:
-        repo_id=lambda w: model_plan(w).hub_id,
+        # org/name, or org/name@revision for a checkpoint of a series (one param, so that a
+        # single model's params, and so its jobs, stay as they were).
+        repo_id=lambda w: "@".join(
+            filter(None, (model_plan(w).hub_id, model_plan(w).revision))
+        ),
     script:
         "../scripts/download_model.py"
 
