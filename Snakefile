@@ -20,6 +20,7 @@ include: "workflow/rules/subspaces.smk"
 include: "workflow/rules/circuits.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/compare.smk"
+include: "workflow/rules/trajectory.smk"
 
 
 rule all:

@@ -18,6 +18,7 @@ from weight_geometry.results_io import (
     chunk_dir_name,
     unwritable_directory,
 )
+from weight_geometry.series import TRAJECTORY_FIGURES
 
 try:
     MODELS = user_models(
@@ -36,6 +37,7 @@ ENV = "../../envs/geometry.yaml"
 R = "results/{model}"
 K = "results/{model}/k{k}"
 C = "results/compare/k{k}"
+T = "results/{series}/trajectory/k{k}"
 
 
 def one_of(values, width=0):
@@ -66,6 +68,7 @@ wildcard_constraints:
     head=planned_heads(),
     first=one_of((a for m in PLAN.models.values() for a, _ in m.chunks), 3),
     last=one_of((b for m in PLAN.models.values() for _, b in m.chunks), 3),
+    series="|".join(map(re.escape, PLAN.series)) or "no-series",
 
 
 def model_plan(wildcards):
@@ -243,11 +246,38 @@ def figure_inputs(wildcards):
 def compare_inputs(wildcards):
     """Named inputs of the comparison: every model's record and per-layer table at this k."""
     return {
-        "models": [f"results/{name}/model.json" for name in PLAN.models],
+        "models": [f"results/{name}/model.json" for name in PLAN.compared()],
         "layers": [
-            f"results/{name}/k{wildcards.k}/layers.parquet" for name in PLAN.models
+            f"results/{name}/k{wildcards.k}/layers.parquet" for name in PLAN.compared()
         ],
     }
+
+
+def trajectory_inputs(wildcards):
+    """Named inputs of a series' trajectory at k, by step: each checkpoint's record,
+    layer table and bases (every extraction job's vectors, by checkpoint)."""
+    names = PLAN.series[wildcards.series]
+    return {
+        "models": [f"results/{m}/model.json" for m in names],
+        "layers": [f"results/{m}/k{wildcards.k}/layers.parquet" for m in names],
+        "vectors": [
+            f"results/{m}/bases/{chunk_dir_name(a, b)}/vectors.npy"
+            for m in names
+            for a, b in PLAN.models[m].chunks
+        ],
+    }
+
+
+def trajectory_mem_mb(wildcards):
+    """Three checkpoints' top-k bases in float32 (the first, the last and the current one, and
+    the copy each load concatenates), one layer's (h k)^2 float64 block, the tables; plus the
+    interpreter, pandas and matplotlib. Independent of the number of steps but for the
+    tables (a few hundred bytes per step and layer)."""
+    d, k = PLAN.models[PLAN.series[wildcards.series][0]].dims, int(wildcards.k)
+    bases = 3 * 2 * d.n_layers * d.n_heads * k * d.d_model * 4
+    block = (d.n_heads * k) ** 2 * 12
+    tables = len(PLAN.series[wildcards.series]) * d.n_layers * (d.n_heads + 1) * 1000
+    return 1500 + (bases + block + tables) // 2**20
 
 
 def download_targets():
@@ -285,6 +315,11 @@ def all_targets():
     reports += [
         f"results/{name}/circuits/composition_top.parquet" for name in PLAN.models
     ]
-    if len(PLAN.models) > 1:
+    if len(PLAN.compared()) > 1:
         reports += [f"results/compare/k{k}/report.md" for k in PLAN.top_k]
+    reports += [
+        f"results/{series}/trajectory/k{k}/report.md"
+        for series in PLAN.series
+        for k in PLAN.top_k
+    ]
     return reports
