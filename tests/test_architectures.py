@@ -17,6 +17,7 @@ from conftest import assert_ok, naive_kernel_svd, run_snakemake
 from transformers.models.llama.modeling_llama import repeat_kv
 
 from weight_geometry.checkpoint import open_checkpoint
+from weight_geometry.errors import UserError
 from weight_geometry.kernels import head_subspaces, ov_circuits
 
 COMMON = dict(hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
@@ -28,12 +29,22 @@ CONFIGS = {
     "qwen3": lambda: T.Qwen3Config(**COMMON, num_key_value_heads=2, head_dim=16),
     "gemma": lambda: T.GemmaConfig(**COMMON, num_key_value_heads=1, head_dim=16),
     "gemma2": lambda: T.Gemma2Config(**COMMON, num_key_value_heads=2, head_dim=20),
+    "gemma3_text": lambda: T.Gemma3TextConfig(**COMMON, num_key_value_heads=2, head_dim=16),
+    # Gemma3ForConditionalGeneration: its text tower, beside a one-layer vision tower.
+    "gemma3": lambda: T.Gemma3Config(
+        text_config=T.Gemma3TextConfig(**COMMON, num_key_value_heads=2, head_dim=16),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=28, patch_size=14),
+        mm_tokens_per_image=4),
+    "olmo2": lambda: T.Olmo2Config(**COMMON, num_key_value_heads=2),
     "phi3": lambda: T.Phi3Config(**COMMON, num_key_value_heads=2, pad_token_id=0),
     "gpt2": lambda: T.GPT2Config(n_embd=48, n_layer=3, n_head=4, vocab_size=64, n_positions=16),
     "gpt_neox": lambda: T.GPTNeoXConfig(**COMMON),
 }
 #: Models without a gated FFN (their FFN input is W_up), by their workflow names.
 NON_GATED = ("gpt2", "gpt-neox")
+#: QK-norm gains, per head (Qwen3, Gemma 3: ``1 + w``), or over the whole projection (OLMo 2).
+QK_NORM_OFFSET = {"qwen3": 0.0, "gemma3_text": 1.0, "gemma3": 1.0}
 
 
 def build(arch: str, path):
@@ -52,6 +63,8 @@ def decoder_layer(model, arch: str, layer: int) -> torch.nn.Module:
         return model.transformer.h[layer]
     if arch == "gpt_neox":
         return model.gpt_neox.layers[layer]
+    if arch == "gemma3":
+        return model.model.language_model.layers[layer]
     return model.model.layers[layer]
 
 
@@ -112,7 +125,7 @@ def output_projections(model, arch: str, layer: int, heads_out: torch.Tensor,
 def test_adapter_reproduces_transformers_modules(tmp_path, arch):
     model = build(arch, tmp_path / arch)
     ckpt = open_checkpoint(str(tmp_path / arch))
-    cfg = model.config
+    cfg = model.config.get_text_config()
     assert ckpt.architecture == arch
     dims = ckpt.dims
     assert dims.n_layers == 3 and dims.d_model == 48
@@ -139,6 +152,8 @@ def test_base_model_checkpoint_reads_as_its_causal_lm(tmp_path, arch):
     """A checkpoint saved from the base model (``GPT2Model``, ``LlamaModel``, ...; as the
     official GPT-2 file) has no ``transformer.``/``model.`` prefix: its weights, norm gains
     included, are those of the ForCausalLM model with the same state."""
+    if arch == "gemma3":
+        pytest.skip("Gemma3ForConditionalGeneration's base model is multimodal, not a decoder")
     causal = build(arch, tmp_path / "causal")
     base = causal.base_model                                    # GPT2Model, LlamaModel, ...
     assert "LMHead" not in type(base).__name__ and "ForCausalLM" not in type(base).__name__
@@ -258,7 +273,9 @@ def test_fold_norms_reproduces_the_normed_stream(tmp_path, arch):
     """With fold_norms, every projection reading a normed stream maps the normalized stream
     (without gain) to what the unfolded projection computes from the norm module's output in
     a forward pass of the model: ``W diag(g) x_hat = W z``, QK-norm gains on each head's rows
-    (Qwen3); W_O and W_down are left as they are."""
+    (Qwen3, Gemma 3); W_O and W_down are left as they are."""
+    if arch == "olmo2":
+        pytest.skip("OLMo 2 has no norm before its sublayers: test_olmo2_fold_norms")
     model = build(arch, tmp_path / arch)
     raw = open_checkpoint(str(tmp_path / arch)).read_layer(1)
     folded = open_checkpoint(str(tmp_path / arch), fold_norms=True).read_layer(1, True)
@@ -268,14 +285,62 @@ def test_fold_norms_reproduces_the_normed_stream(tmp_path, arch):
             (wt, "ffn") for wt in ffn_in]:
         x_hat, z = stream[role]
         expected = z @ torch.from_numpy(raw[wt]).double().T
-        if arch == "qwen3" and wt in ("W_Q", "W_K"):   # q_norm/k_norm gains, per head's rows
+        if arch in QK_NORM_OFFSET and wt in ("W_Q", "W_K"):   # q/k_norm gains, per head
             qk_norm = decoder_layer(model, arch, 1).self_attn.get_submodule(
                 "q_norm" if wt == "W_Q" else "k_norm")
-            expected = (expected.view(7, -1, 16) * qk_norm.weight.detach().double()).view(7, -1)
+            gain = qk_norm.weight.detach().double() + QK_NORM_OFFSET[arch]
+            expected = (expected.view(7, -1, len(gain)) * gain).view(7, -1)
         got = x_hat @ torch.from_numpy(folded[wt]).double().T
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5, err_msg=f"{arch} {wt}")
     for wt in ("W_O", "W_down"):
         np.testing.assert_array_equal(folded[wt], raw[wt])
+
+
+def test_olmo2_fold_norms(tmp_path):
+    """OLMo 2 normalizes all of W_Q's outputs at once (and W_K's), and nothing before its
+    sublayers: folded, ``diag(g_q) W_Q`` maps the raw stream to q_norm's output up to the
+    per-token RMS of the raw projection (a positive scalar, the same for every head); every
+    other weight is as stored."""
+    model = build("olmo2", tmp_path / "olmo2")
+    raw = open_checkpoint(str(tmp_path / "olmo2")).read_layer(1)
+    folded = open_checkpoint(str(tmp_path / "olmo2"), fold_norms=True).read_layer(1, True)
+    att = decoder_layer(model, "olmo2", 1).self_attn
+    x = torch.randn(7, 48, dtype=torch.float64)
+    for wt, proj, norm in (("W_Q", att.q_proj, att.q_norm), ("W_K", att.k_proj, att.k_norm)):
+        with torch.no_grad():
+            expected = norm.double()(proj.double()(x))
+        z = x @ torch.from_numpy(raw[wt]).double().T
+        rms = torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+        got = (x @ torch.from_numpy(folded[wt]).double().T) * rms
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6, err_msg=wt)
+        assert not np.array_equal(folded[wt], raw[wt])
+    for wt in ("W_V", "W_O", "W_gate", "W_up", "W_down"):
+        np.testing.assert_array_equal(folded[wt], raw[wt])
+
+
+def test_gemma3_text_config_defaults(tmp_path):
+    """Gemma 3's published config.json leaves out the head counts and head_dim: the reader
+    takes what transformers' Gemma3TextConfig does, in text_config for the multimodal model."""
+    import json as _json
+
+    for arch in ("gemma3_text", "gemma3"):
+        build(arch, tmp_path / arch)
+        path = tmp_path / arch / "config.json"
+        config = _json.loads(path.read_text())
+        text = config.get("text_config", config)
+        for key in ("num_attention_heads", "num_key_value_heads", "head_dim"):
+            text.pop(key)
+        path.write_text(_json.dumps(config))
+        full = T.AutoConfig.from_pretrained(tmp_path / arch).get_text_config()
+        assert (full.num_attention_heads, full.num_key_value_heads, full.head_dim) == (8, 4, 256)
+        with pytest.raises(UserError) as info:   # the defaults contradict the tensors
+            open_checkpoint(str(tmp_path / arch))
+        assert "config implies (2048, 48)" in str(info.value), str(info.value)
+    path.write_text(_json.dumps({**config, "text_config": None}))
+    with pytest.raises(UserError) as info:
+        open_checkpoint(str(tmp_path / "gemma3"))
+    assert str(info.value) == (f"{path}: no text_config object (the text model's config,"
+                               " needed for the model's dimensions)")
 
 
 @pytest.mark.workflow
@@ -286,7 +351,7 @@ def test_workflow_runs_on_every_architecture(tmp_path):
         models[arch.replace("_", "-")] = {"source": str(tmp_path / "ckpt" / arch)}
     workdir = tmp_path / "run"
     # Every model through extraction and the per-k tables, the non-gated ones through their
-    # report, all nine into the comparison. The figures, head matching and k-sweep of the
+    # report, all twelve into the comparison. The figures, head matching and k-sweep of the
     # gated models (architecture-blind steps, run on Llama in test_workflow.py) are left out:
     # each is a Python process per model, and this run is among the slowest tests.
     per_model = ["model.json", "effective_ranks.csv", "k3/alignment.parquet",
@@ -310,6 +375,6 @@ def test_workflow_runs_on_every_architecture(tmp_path):
             assert len(ranks) == 3 * 7
         sims = np.load(r / "k3" / "similarity_head0.npy")
         assert np.allclose(sims, sims.T) and np.allclose(np.diag(sims), 1)
-    # Nine models of different widths side by side.
+    # Twelve models of different widths side by side.
     compared = pd.read_csv(workdir / "results/compare/k3/models.csv")
     assert sorted(set(compared["model"])) == sorted(models)

@@ -127,6 +127,11 @@ class Adapter:
 
     ``norms`` maps a norm role to its tensor (after the layer prefix): ``attn`` (input of
     W_Q, W_K, W_V), ``ffn`` (input of the FFN projections), ``q``/``k`` (QK-norm gains).
+    ``qk_norm``: what a QK-norm normalizes, ``"head"`` (each head's ``d_head`` outputs, a
+    gain of ``d_head``: Qwen3, Gemma 3) or ``"projection"`` (all of W_Q's or W_K's outputs at
+    once, a gain of ``h * d_head`` or ``n_kv * d_head``: OLMo 2). ``also_prefixes``: other
+    layer prefixes the same layout is saved under (tried in order when ``layer_prefix`` has no
+    W_Q).
     """
 
     layer_prefix: str
@@ -134,6 +139,8 @@ class Adapter:
     ffn_input: str = "W_gate"
     norms: dict[str, str] = field(default_factory=dict)
     norm_offset: float = 0.0
+    qk_norm: str = "head"
+    also_prefixes: tuple[str, ...] = ()
 
     @property
     def weight_types(self) -> tuple[str, ...]:
@@ -158,6 +165,20 @@ class Adapter:
         None."""
         match = self._weight_name.fullmatch(name)
         return int(match[1]) if match else None
+
+    def norm_size(self, role: str, dims: ModelDims) -> int:
+        """Length of a norm gain: ``d`` for ``attn``/``ffn``, for ``q``/``k`` ``d_head`` or the
+        whole projection's rows (see ``qk_norm``)."""
+        if role not in ("q", "k"):
+            return dims.d_model
+        if self.qk_norm == "head":
+            return dims.d_head
+        return dims.weight_shape("W_Q" if role == "q" else "W_K")[0]
+
+    def layouts(self) -> tuple[Adapter, ...]:
+        """This layout under each of its layer prefixes, ``layer_prefix`` first."""
+        return (self, *(replace(self, layer_prefix=p, also_prefixes=())
+                        for p in self.also_prefixes))
 
     def without_model_prefix(self) -> Adapter:
         """This layout as a Hugging Face base model (``LlamaModel``, ``GPT2Model``) saves it,
@@ -205,6 +226,17 @@ HF_ADAPTERS: dict[str, Adapter] = {
     "gemma3_text": Adapter("model.layers.{layer}.", _LLAMA, norm_offset=1.0, norms={
         "attn": "input_layernorm.weight", "ffn": "pre_feedforward_layernorm.weight",
         **_QK_NORMS}),
+    # Gemma3ForConditionalGeneration's text tower (config.json's text_config), saved as
+    # language_model.model.layers... (as published; transformers >= 5 saves it so), or as
+    # model.language_model.layers... (transformers 4.5x's save_pretrained).
+    "gemma3": Adapter("language_model.model.layers.{layer}.", _LLAMA, norm_offset=1.0,
+                      also_prefixes=("model.language_model.layers.{layer}.",), norms={
+                          "attn": "input_layernorm.weight",
+                          "ffn": "pre_feedforward_layernorm.weight", **_QK_NORMS}),
+    # OLMo 2 has no norm before its sublayers (post_attention_layernorm and
+    # post_feedforward_layernorm normalize their outputs, before the residual sum): folding
+    # puts only the QK-norm gains, over the whole projection, into W_Q's and W_K's rows.
+    "olmo2": Adapter("model.layers.{layer}.", _LLAMA, norms=_QK_NORMS, qk_norm="projection"),
     "phi3": Adapter("model.layers.{layer}.", {
         "W_Q": WeightSpec("self_attn.qkv_proj.weight", RowBlock(0, _qkv_blocks)),
         "W_K": WeightSpec("self_attn.qkv_proj.weight", RowBlock(1, _qkv_blocks)),
@@ -285,8 +317,22 @@ def unsupported(kind: str, name: str, supported) -> UserError:
                      f" encoder-only models are not); supported: {', '.join(sorted(supported))}")
 
 
+#: ``model_type`` -> the ``config.json`` key holding its text model's config (a multimodal
+#: model whose text tower is analysed).
+HF_TEXT_CONFIG = {"gemma3": "text_config"}
+_GEMMA3_TEXT_DEFAULTS = {"hidden_size": 2304, "intermediate_size": 9216,
+                         "num_hidden_layers": 26, "num_attention_heads": 8,
+                         "num_key_value_heads": 4, "head_dim": 256}
+#: ``model_type`` -> what transformers' config class takes for a key that ``config.json``
+#: leaves out (Gemma 3's published configs omit the head counts and ``head_dim``):
+#: ``Gemma3TextConfig``'s defaults.
+HF_CONFIG_DEFAULTS = {"gemma3_text": _GEMMA3_TEXT_DEFAULTS, "gemma3": _GEMMA3_TEXT_DEFAULTS}
+
+
 def hf_layers_key(model_type: str) -> str:
     """The ``config.json`` key holding the number of layers."""
+    if model_type in HF_TEXT_CONFIG:
+        return f"{HF_TEXT_CONFIG[model_type]}.num_hidden_layers"
     return "n_layer" if model_type == "gpt2" else "num_hidden_layers"
 
 
@@ -315,32 +361,46 @@ def dims_from_hf_config(config: dict) -> ModelDims:
     """Dimensions from a Hugging Face ``config.json`` dict (GPT-2 names included).
 
     Each is an integer >= 1; an optional key (``head_dim``, ``num_key_value_heads``,
-    ``n_inner``) that is absent or null takes its default. A missing or bad value, a
-    ``num_key_value_heads`` that does not divide ``num_attention_heads``, or a width that the
-    heads do not split evenly when there is no ``head_dim``, is a UserError naming the keys
-    (the caller adds the file).
+    ``n_inner``) that is absent or null takes its default, and so does any key of
+    :data:`HF_CONFIG_DEFAULTS`. A multimodal model's come from its text config
+    (:data:`HF_TEXT_CONFIG`; messages name its keys ``text_config.hidden_size``). A missing
+    or bad value, a ``num_key_value_heads`` that does not divide ``num_attention_heads``, or
+    a width that the heads do not split evenly when there is no ``head_dim``, is a UserError
+    naming the keys (the caller adds the file).
     """
+
+    model_type, where = config.get("model_type"), ""
+    if model_type in HF_TEXT_CONFIG:
+        where = HF_TEXT_CONFIG[model_type]
+        if not isinstance(config.get(where), dict):
+            raise UserError(f"no {where} object (the text model's config, needed for the"
+                            " model's dimensions)")
+        config, where = config[where], f"{where}."
+    defaults = HF_CONFIG_DEFAULTS.get(model_type, {})
+    config = {**defaults, **{k: v for k, v in config.items()
+                             if not (v is None and k in defaults)}}
 
     def dim(key: str, default: int | None = None) -> int:
         value = config.get(key)
         if value is None and default is not None:
             return default
         if key not in config:
-            raise UserError(f"no {key} (needed for the model's dimensions)")
+            raise UserError(f"no {where}{key} (needed for the model's dimensions)")
         if type(value) is not int or value < 1:  # not 2.5, "64", true or null
-            raise UserError(f"{key}: {value!r} is not allowed (an integer >= 1)")
+            raise UserError(f"{where}{key}: {value!r} is not allowed (an integer >= 1)")
         return value
 
-    n_layers = dim(hf_layers_key(config.get("model_type")))
-    if config.get("model_type") == "gpt2":
+    n_layers = dim("n_layer" if model_type == "gpt2" else "num_hidden_layers")
+    if model_type == "gpt2":
         d, h = dim("n_embd"), dim("n_head")
         d_head = _even_d_head("n_embd", d, "n_head", h, None)
         return ModelDims(n_layers, d, dim("n_inner", 4 * d), h, h, d_head)
     d, h = dim("hidden_size"), dim("num_attention_heads")
     n_kv = dim("num_key_value_heads", h)
-    _check_kv_heads("num_attention_heads", h, "num_key_value_heads", n_kv)
+    _check_kv_heads(f"{where}num_attention_heads", h, f"{where}num_key_value_heads", n_kv)
     d_head = (dim("head_dim", 0)  # 0: absent or null
-              or _even_d_head("hidden_size", d, "num_attention_heads", h, "head_dim"))
+              or _even_d_head(f"{where}hidden_size", d, f"{where}num_attention_heads", h,
+                              f"{where}head_dim"))
     return ModelDims(
         n_layers=n_layers,
         d_model=d,

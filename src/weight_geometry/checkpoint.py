@@ -151,7 +151,7 @@ class Checkpoint:
                             f"{wt} of layer {layer}")
             if fold_norms:
                 for role in self.adapter.norms:
-                    size = self.dims.d_head if role in ("q", "k") else self.dims.d_model
+                    size = self.adapter.norm_size(role, self.dims)
                     self._check(self.adapter.norm_name(role, layer), (size,),
                                 f"{role} norm gain of layer {layer}", _FOLD_NORMS_NEEDS)
 
@@ -230,11 +230,15 @@ class Checkpoint:
 
     def _fold(self, wt: str, w: np.ndarray, gains: dict[str, np.ndarray]) -> np.ndarray:
         """``W diag(g)`` for a projection reading a normed stream, ``diag(g_q)`` on each head's
-        rows for a QK-norm gain; ``w`` itself when ``gains`` is empty (no folding)."""
-        if wt in _NORMED_INPUT and gains:
+        rows for a QK-norm gain (on all rows at once for a QK-norm over the whole projection);
+        ``w`` itself when ``gains`` is empty (no folding) or has no gain for ``wt`` (OLMo 2 has
+        no norm before its sublayers)."""
+        if _NORMED_INPUT.get(wt) in gains:
             w = w * gains[_NORMED_INPUT[wt]][None, :]
         role = _QK_NORM.get(wt)
-        if role in gains:
+        if role in gains and self.adapter.qk_norm == "projection":
+            w = w * gains[role][:, None]
+        elif role in gains:
             heads = w.shape[0] // self.dims.d_head
             w = (w.reshape(heads, self.dims.d_head, -1) * gains[role][None, :, None]
                  ).reshape(w.shape)
@@ -338,13 +342,14 @@ def hf_architecture(source: str, path: Path) -> tuple[str, ModelDims]:
 
 
 def _hf_adapter(model_type: str, names: Collection[str]) -> Adapter:
-    """The adapter of ``model_type``; without its model prefix for a checkpoint saved from the
-    base model (``LlamaModel``, ``GPT2Model``, the official GPT-2 file): one whose first W_Q
-    is stored under the unprefixed name only."""
+    """The adapter of ``model_type`` under the first of its layer prefixes (``also_prefixes``
+    after ``layer_prefix``) that holds layer 0's W_Q; without its model prefix for a checkpoint
+    saved from the base model (``LlamaModel``, ``GPT2Model``, the official GPT-2 file), whose
+    first W_Q is stored under the unprefixed name only."""
     adapter = HF_ADAPTERS[model_type]
-    base = adapter.without_model_prefix()
-    if adapter.tensor_name("W_Q", 0) not in names and base.tensor_name("W_Q", 0) in names:
-        return base
+    for layout in (*adapter.layouts(), adapter.without_model_prefix()):
+        if layout.tensor_name("W_Q", 0) in names:
+            return layout
     return adapter
 
 
