@@ -39,7 +39,7 @@ def factors(weights, h, n_kv, d_head) -> Circuits:
         for k, x in (("query", qk.left), ("key", qk.right), ("qk_sigma", qk.singular_values),
                      ("write", ov.left), ("read", ov.right), ("ov_sigma", ov.singular_values)):
             parts[k].append(x.numpy())
-    return Circuits(**{k: np.stack(x) for k, x in parts.items()})
+    return Circuits(**{k: np.stack(x) for k, x in parts.items()}, n_kv_heads=n_kv)
 
 
 def naive_scores(weights, h, d_head) -> np.ndarray:

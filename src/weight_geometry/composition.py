@@ -58,7 +58,8 @@ TOP_PAIRS = 20
 class Circuits:
     """The per-head factors of ``L`` layers: ``query``, ``key``, ``write``, ``read`` ``(L, h, m,
     d)`` (rows as in the module docstring; memory-mapped arrays are read one layer at a time),
-    ``qk_sigma``, ``ov_sigma`` ``(L, h, m)``."""
+    ``qk_sigma``, ``ov_sigma`` ``(L, h, m)``; ``n_kv_heads`` KV heads (0: ``h``), whose query
+    heads ``j g .. (j + 1) g - 1`` share the row spaces of ``W_K_j`` and ``W_V_j``."""
 
     query: np.ndarray
     key: np.ndarray
@@ -66,6 +67,7 @@ class Circuits:
     write: np.ndarray
     read: np.ndarray
     ov_sigma: np.ndarray
+    n_kv_heads: int = 0
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -83,19 +85,24 @@ def composition_scores(c: Circuits) -> np.ndarray:
     column = earlier head ``e h + j``; NaN where the column's layer is not earlier, and where a
     head's map is zero).
 
-    For each later layer ``l`` its three sides ``[U_l; V_l; B_l]`` ``(3 h m, d)`` are stacked
-    once; for each earlier layer ``e`` one float32 GEMM with ``A_e^T`` gives every head pair's
-    cores, which are scaled by the singular values, squared and summed per ``m x m`` block in
-    float64. Cost ``6 (h m)^2 d`` per layer pair; memory one layer's sides (float32) and one
-    ``(3 h m, h m)`` float32 block beside the ``(3, L h, L h)`` result.
+    For each later layer its sides are stacked once, and for each earlier layer one float32
+    GEMM with ``A_e^T`` gives every head pair's cores, which are scaled by the singular values,
+    squared and summed per ``m x m`` block in float64. The key (value) sides of the ``g = h /
+    n_kv`` heads of a KV head lie in its ``W_K_j`` (``W_V_j``) row space, whose orthonormal
+    basis ``Q_j`` is the first head's stored rows: ``V_l = (V_l Q_j^T) Q_j``, so with ``g > 1``
+    the GEMM takes ``Q_j`` once per KV head and each head's core is ``(V_l Q_j^T)(Q_j A_e^T)``
+    (``m x m`` by ``m x h m``). Cost per layer pair ``2 (h + 2 n_kv) m d h m + 4 h^2 m^3``
+    (``6 (h m)^2 d`` with ``g = 1``); memory one layer's sides (float32) and one ``(3 h m,
+    h m)`` float32 block beside the ``(3, L h, L h)`` result.
     """
     n_layers, h, m, _ = c.shape
+    group = h // (c.n_kv_heads or h)
     qk_norm = np.sqrt(np.square(np.asarray(c.qk_sigma, dtype=np.float64)).sum(-1))
     ov_norm = np.sqrt(np.square(np.asarray(c.ov_sigma, dtype=np.float64)).sum(-1))
     out = np.full((3, n_layers, h, n_layers, h), np.nan)
     writes = [None] * n_layers                       # A_e, kept once read
     for later in range(1, n_layers):
-        sides = torch.cat([_layer(c.query, later), _layer(c.key, later), _layer(c.read, later)])
+        sides, coefficients = _later_sides(c, later, group)
         s_later = torch.from_numpy(np.concatenate(
             [c.qk_sigma[later], c.qk_sigma[later], c.ov_sigma[later]]).astype(np.float32))
         s_later = s_later.reshape(-1, 1)
@@ -104,13 +111,44 @@ def composition_scores(c: Circuits) -> np.ndarray:
             if writes[earlier] is None:
                 writes[earlier] = _layer(c.write, earlier)
             t_earlier = torch.from_numpy(np.asarray(c.ov_sigma[earlier], dtype=np.float32))
-            cores = sides @ writes[earlier].T                                   # (3hm, hm)
+            cores = _cores(sides @ writes[earlier].T, coefficients, h, m)       # (3hm, hm)
             cores.mul_(s_later).mul_(t_earlier.reshape(1, -1)).square_()
             sums = cores.reshape(3, h, m, h, m).sum(dim=(2, 4), dtype=torch.float64).numpy()
             with np.errstate(divide="ignore", invalid="ignore"):
                 out[:, later, :, earlier, :] = (np.sqrt(sums) / norms[:, :, None]
                                                 / ov_norm[earlier][None, None, :])
     return out.reshape(3, n_layers * h, n_layers * h)
+
+
+def _later_sides(c: Circuits, later: int, group: int
+                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    """The rows one GEMM multiplies for layer ``later``: ``[U_l; V_l; B_l]`` ``(3 h m, d)``
+    with ``group == 1``; else ``[U_l; Q_K; Q_V]`` (the KV heads' row-space bases, ``n_kv m``
+    rows each) and the per-KV-head coefficients ``V_l Q_K_j^T``, ``B_l Q_V_j^T`` ``(n_kv, g m,
+    m)``. Cost ``4 h m^2 d`` for the coefficients."""
+    query, key, read = (_layer(x, later) for x in (c.query, c.key, c.read))
+    if group == 1:
+        return torch.cat([query, key, read]), None
+    m, d = c.shape[2:]
+    bases, coefficients = [], []
+    for side in (key, read):
+        basis = side.reshape(-1, group, m, d)[:, 0]                          # (n_kv, m, d)
+        coefficients.append(side.reshape(-1, group * m, d) @ basis.transpose(1, 2))
+        bases.append(basis.reshape(-1, d))
+    return torch.cat([query, *bases]), tuple(coefficients)
+
+
+def _cores(products: torch.Tensor, coefficients, h: int, m: int) -> torch.Tensor:
+    """``(3 h m, h m)`` cores ``[U_l; V_l; B_l] A_e^T`` from the GEMM's ``products`` (see
+    :func:`_later_sides`)."""
+    if coefficients is None:
+        return products
+    n_kv = coefficients[0].shape[0]
+    parts = [products[:h * m]]
+    for t, coefficient in enumerate(coefficients):
+        block = products[h * m + t * n_kv * m:h * m + (t + 1) * n_kv * m]
+        parts.append((coefficient @ block.reshape(n_kv, m, -1)).reshape(h * m, -1))
+    return torch.cat(parts)
 
 
 def random_circuits(n_layers: int, n_heads: int, d: int, d_head: int,
@@ -227,15 +265,16 @@ def layer_rows(scores: np.ndarray, tests: dict[str, np.ndarray], n_heads: int) -
     return rows
 
 
-def load_circuits(inputs) -> Circuits:
+def load_circuits(inputs, n_kv_heads: int) -> Circuits:
     """The stored factors of every layer range (a Snakemake ``input`` with entries ``query,
-    key, qk_sigma, write, read, ov_sigma``, each a list of chunk files), concatenated in layer
-    order (:func:`results_io.load_layers`). Memory: the four ``(L, h, d_head, d)`` float32
-    arrays."""
+    key, qk_sigma, write, read, ov_sigma``, each a list of chunk files) of a model with
+    ``n_kv_heads`` KV heads, concatenated in layer order (:func:`results_io.load_layers`).
+    Memory: the four ``(L, h, d_head, d)`` float32 arrays."""
     from .results_io import load_layers
 
     return Circuits(**{name: load_layers(getattr(inputs, name))
-                       for name in ("query", "key", "qk_sigma", "write", "read", "ov_sigma")})
+                       for name in ("query", "key", "qk_sigma", "write", "read", "ov_sigma")},
+                    n_kv_heads=n_kv_heads)
 
 
 def write_composition(c: Circuits, outputs) -> None:

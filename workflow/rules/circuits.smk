@@ -4,6 +4,7 @@
 
 rule composition:
     input:
+        model=f"{R}/model.json",
         query=chunk_files("query_vectors.npy"),
         key=chunk_files("vectors.npy"),
         qk_sigma=chunk_files("singular_values.npy"),

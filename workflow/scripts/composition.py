@@ -10,9 +10,11 @@ def main():
     import torch
 
     from weight_geometry.composition import load_circuits, write_composition
+    from weight_geometry.results_io import read_json
 
     torch.set_num_threads(max(snakemake.threads, 1))
-    write_composition(load_circuits(snakemake.input), snakemake.output)
+    n_kv_heads = read_json(snakemake.input.model)["n_kv_heads"]
+    write_composition(load_circuits(snakemake.input, n_kv_heads), snakemake.output)
 
 
 run_rule(main, snakemake.log[0], snakemake.output)
