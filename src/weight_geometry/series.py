@@ -64,7 +64,10 @@ def is_series(entry: dict, is_hub_id) -> bool:
     source = entry.get("source")
     if not isinstance(source, str) or is_hub_id(source) or source.startswith("pypi:"):
         return False
-    folder = expand_home(source, "source")
+    try:
+        folder = expand_home(source, "source")
+    except UserError:  # the single-model path says why, naming the config key
+        return False
     return folder.is_dir() and bool(trainer_checkpoints(folder))
 
 
