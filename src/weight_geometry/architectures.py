@@ -121,6 +121,90 @@ class WeightSpec:
         return self.cut.apply(tensor.T if self.transposed else tensor, dims)
 
 
+#: Weight types of one expert of a mixture-of-experts FFN (a gated FFN of its own).
+EXPERT_WEIGHTS = ("W_gate", "W_up", "W_down")
+#: The ``expert`` label of a shared expert (Qwen2-MoE's ``shared_expert``), which every token
+#: passes through beside the routed ones.
+SHARED = "shared"
+
+
+@dataclass(frozen=True)
+class MoeDims:
+    """A mixture-of-experts decoder's FFNs: ``n_experts`` routed experts of width ``d_expert``,
+    a shared expert of width ``d_shared`` (0: none), in the layers ``sparse_layers``; every
+    other layer has a dense FFN of width ``ModelDims.d_ff`` (Qwen-MoE's ``mlp_only_layers`` and
+    ``decoder_sparse_step``)."""
+
+    n_experts: int
+    d_expert: int
+    d_shared: int
+    sparse_layers: frozenset[int]
+
+    @property
+    def experts(self) -> tuple[int | str, ...]:
+        """Expert labels of a sparse layer: ``0 .. E-1``, then :data:`SHARED` if there is one."""
+        return (*range(self.n_experts), *((SHARED,) if self.d_shared else ()))
+
+    def expert_dims(self, dims: ModelDims, expert: int | str) -> ModelDims:
+        """``dims`` with ``d_ff`` the width of ``expert``: its W_gate/W_up are ``(d_ff_e, d)``,
+        its W_down ``(d, d_ff_e)`` (:meth:`ModelDims.weight_shape`)."""
+        return replace(dims, d_ff=self.d_shared if expert == SHARED else self.d_expert)
+
+    def as_dict(self) -> dict:
+        return {"n_experts": self.n_experts, "d_expert": self.d_expert,
+                "d_shared": self.d_shared, "sparse_layers": sorted(self.sparse_layers)}
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Where a sparse layer's experts live (names after the layer prefix).
+
+    ``router``: the ``(E, d)`` router (``gate.weight``: expert e's logit is row e times the
+    normed stream). ``experts``: W_gate, W_up, W_down of expert ``e``, either one tensor per
+    expert (names holding ``{expert}``, e.g. Mixtral's ``block_sparse_moe.experts.{expert}.w1``)
+    or, with ``fused``, 3-D tensors ``(E, out, in)`` whose slice ``e`` is cut as a 2-D weight
+    (transformers 5's in-memory ``experts.gate_up_proj`` ``(E, 2 d_ff, d)`` = [gate | up] and
+    ``experts.down_proj`` ``(E, d, d_ff)``), read one slice at a time. ``shared``: the shared
+    expert's weights (no ``{expert}``).
+    """
+
+    router: str
+    experts: dict[str, WeightSpec]
+    fused: bool = False
+    shared: dict[str, WeightSpec] = field(default_factory=dict)
+
+    def tensor_name(self, weight_type: str, layer_prefix: str, expert: int | str) -> str:
+        """The stored tensor of ``weight_type`` of ``expert`` (for a fused layout: the 3-D
+        tensor holding every routed expert)."""
+        if expert == SHARED:
+            return layer_prefix + self.shared[weight_type].tensor
+        return layer_prefix + self.experts[weight_type].tensor.format(expert=expert)
+
+    def spec(self, weight_type: str, expert: int | str) -> WeightSpec:
+        return (self.shared if expert == SHARED else self.experts)[weight_type]
+
+    def raw_shape(self, weight_type: str, dims: ModelDims, moe: MoeDims, expert: int | str
+                  ) -> tuple[int, ...]:
+        """Shape of the stored tensor (``(E, ...)`` for a fused one)."""
+        shape = self.spec(weight_type, expert).raw_shape(moe.expert_dims(dims, expert),
+                                                         weight_type)
+        return (moe.n_experts, *shape) if self.fused and expert != SHARED else shape
+
+
+@dataclass(frozen=True)
+class MoeKeys:
+    """The ``config.json`` keys of a mixture-of-experts model: expert count (the first of
+    ``n_experts`` present: transformers 5 writes Qwen3-MoE's as ``num_local_experts``, the
+    published configs as ``num_experts``), expert width,
+    shared-expert width (None: no shared expert), and whether ``mlp_only_layers`` and
+    ``decoder_sparse_step`` choose the sparse layers (else every layer is sparse)."""
+
+    n_experts: tuple[str, ...]
+    d_expert: str
+    d_shared: str | None = None
+    sparse_step: bool = False
+
+
 @dataclass(frozen=True)
 class Adapter:
     """Tensor layout of one architecture.
@@ -131,7 +215,8 @@ class Adapter:
     gain of ``d_head``: Qwen3, Gemma 3) or ``"projection"`` (all of W_Q's or W_K's outputs at
     once, a gain of ``h * d_head`` or ``n_kv * d_head``: OLMo 2). ``also_prefixes``: other
     layer prefixes the same layout is saved under (tried in order when ``layer_prefix`` has no
-    W_Q).
+    W_Q). ``experts``: a mixture-of-experts model's expert layouts (tried in order: the first
+    whose router is stored), whose sparse layers have no W_gate/W_up/W_down of their own.
     """
 
     layer_prefix: str
@@ -141,6 +226,7 @@ class Adapter:
     norm_offset: float = 0.0
     qk_norm: str = "head"
     also_prefixes: tuple[str, ...] = ()
+    experts: tuple[ExpertLayout, ...] = ()
 
     @property
     def weight_types(self) -> tuple[str, ...]:
@@ -264,6 +350,56 @@ HF_ADAPTERS: dict[str, Adapter] = {
     }, ffn_input="W_up", norms=_LLAMA_NORMS),
 }
 
+def _expert_gate_up_blocks(d: ModelDims) -> tuple[int, ...]:
+    return d.d_ff, d.d_ff
+
+
+def _per_expert(prefix: str, gate: str, up: str, down: str) -> dict[str, WeightSpec]:
+    return {"W_gate": WeightSpec(f"{prefix}{gate}.weight"),
+            "W_up": WeightSpec(f"{prefix}{up}.weight"),
+            "W_down": WeightSpec(f"{prefix}{down}.weight")}
+
+
+#: Experts as transformers >= 5 holds them in memory (and as checkpoints written from its state
+#: dict store them): 3-D tensors, one slice per expert, under ``mlp.``.
+_FUSED_EXPERTS = ExpertLayout("mlp.gate.weight", {
+    "W_gate": WeightSpec("mlp.experts.gate_up_proj", RowBlock(0, _expert_gate_up_blocks)),
+    "W_up": WeightSpec("mlp.experts.gate_up_proj", RowBlock(1, _expert_gate_up_blocks)),
+    "W_down": WeightSpec("mlp.experts.down_proj")}, fused=True)
+_QWEN_EXPERTS = _per_expert("mlp.experts.{expert}.", "gate_proj", "up_proj", "down_proj")
+_QWEN2_SHARED = _per_expert("mlp.shared_expert.", "gate_proj", "up_proj", "down_proj")
+#: Mixture-of-experts layouts of each MoE ``model_type``: one tensor per expert (what
+#: ``save_pretrained`` writes, transformers 4 and 5), then the fused 3-D tensors.
+_MOE_LAYOUTS = {
+    "mixtral": (ExpertLayout("block_sparse_moe.gate.weight", _per_expert(
+        "block_sparse_moe.experts.{expert}.", "w1", "w3", "w2")), _FUSED_EXPERTS),
+    "qwen2_moe": (ExpertLayout("mlp.gate.weight", _QWEN_EXPERTS, shared=_QWEN2_SHARED),
+                  replace(_FUSED_EXPERTS, shared=_QWEN2_SHARED)),
+    "qwen3_moe": (ExpertLayout("mlp.gate.weight", _QWEN_EXPERTS), _FUSED_EXPERTS),
+    "olmoe": (ExpertLayout("mlp.gate.weight", _QWEN_EXPERTS), _FUSED_EXPERTS),
+}
+#: ``model_type`` -> its mixture-of-experts config keys (:func:`moe_dims_from_hf_config`).
+HF_MOE_KEYS = {
+    "mixtral": MoeKeys(("num_local_experts",), "intermediate_size"),
+    "qwen2_moe": MoeKeys(("num_experts",), "moe_intermediate_size",
+                         "shared_expert_intermediate_size", sparse_step=True),
+    "qwen3_moe": MoeKeys(("num_experts", "num_local_experts"), "moe_intermediate_size",
+                         sparse_step=True),
+    "olmoe": MoeKeys(("num_experts",), "intermediate_size"),
+}
+HF_ADAPTERS.update({
+    "mixtral": Adapter("model.layers.{layer}.", _LLAMA, norms=_LLAMA_NORMS,
+                       experts=_MOE_LAYOUTS["mixtral"]),
+    # Dense layers (mlp_only_layers, decoder_sparse_step) are Llama's mlp.*_proj.
+    "qwen2_moe": Adapter("model.layers.{layer}.", _LLAMA, norms=_LLAMA_NORMS,
+                         experts=_MOE_LAYOUTS["qwen2_moe"]),
+    "qwen3_moe": Adapter("model.layers.{layer}.", _LLAMA, norms={**_LLAMA_NORMS, **_QK_NORMS},
+                         experts=_MOE_LAYOUTS["qwen3_moe"]),
+    # OLMoE: pre-norms as Llama's, QK-norm over the whole projection as OLMo 2's.
+    "olmoe": Adapter("model.layers.{layer}.", _LLAMA, norms={**_LLAMA_NORMS, **_QK_NORMS},
+                     qk_norm="projection", experts=_MOE_LAYOUTS["olmoe"]),
+})
+
 _GGUF = {"W_Q": WeightSpec("attn_q.weight"), "W_K": WeightSpec("attn_k.weight"),
          "W_V": WeightSpec("attn_v.weight"), "W_O": WeightSpec("attn_output.weight"),
          "W_gate": WeightSpec("ffn_gate.weight"), "W_up": WeightSpec("ffn_up.weight"),
@@ -313,8 +449,9 @@ GGUF_ROPE_PERMUTED = {"llama", "mistral"}
 
 
 def unsupported(kind: str, name: str, supported) -> UserError:
-    return UserError(f"{kind} architecture '{name}' is not supported (MoE, state-space and"
-                     f" encoder-only models are not); supported: {', '.join(sorted(supported))}")
+    return UserError(f"{kind} architecture '{name}' is not supported (state-space,"
+                     " encoder-only and other mixture-of-experts models are not); supported:"
+                     f" {', '.join(sorted(supported))}")
 
 
 #: ``model_type`` -> the ``config.json`` key holding its text model's config (a multimodal
@@ -409,6 +546,43 @@ def dims_from_hf_config(config: dict) -> ModelDims:
         n_kv_heads=n_kv,
         d_head=d_head,
     )
+
+
+def moe_dims_from_hf_config(config: dict, n_layers: int) -> MoeDims | None:
+    """The experts of a mixture-of-experts ``config.json`` (:data:`HF_MOE_KEYS`), None for a
+    dense ``model_type``. Sparse layers: every layer, or for ``sparse_step`` types (Qwen-MoE)
+    those that transformers makes sparse, ``l not in mlp_only_layers and (l + 1) %
+    decoder_sparse_step == 0`` (defaults ``[]`` and 1). A missing or bad value is a UserError
+    naming the key (the caller adds the file)."""
+    keys = HF_MOE_KEYS.get(config.get("model_type"))
+    if keys is None:
+        return None
+
+    def value(key: str, default: int | None = None, low: int = 1) -> int:
+        v = config.get(key)
+        if v is None and default is not None:
+            return default
+        if key not in config:
+            raise UserError(f"no {key} (needed for the mixture-of-experts layers)")
+        if type(v) is not int or v < low:
+            raise UserError(f"{key}: {v!r} is not allowed (an integer >= {low})")
+        return v
+
+    layers = frozenset(range(n_layers))
+    if keys.sparse_step:
+        step = value("decoder_sparse_step", 1)
+        dense = config.get("mlp_only_layers") or []
+        if not (isinstance(dense, list) and all(type(x) is int for x in dense)):
+            raise UserError(f"mlp_only_layers: {dense!r} is not allowed (a list of layer"
+                            " indices)")
+        layers = frozenset(x for x in layers if x not in dense and (x + 1) % step == 0)
+    count_key = next((k for k in keys.n_experts if k in config), keys.n_experts[0])
+    n_experts = value(count_key, low=0 if keys.sparse_step else 1)
+    if n_experts == 0:  # Qwen-MoE with num_experts 0: every layer dense
+        layers = frozenset()
+    return MoeDims(n_experts=n_experts, d_expert=value(keys.d_expert),
+                   d_shared=value(keys.d_shared, 0, 0) if keys.d_shared else 0,
+                   sparse_layers=layers)
 
 
 def dims_from_gguf_metadata(meta: dict, arch: str) -> ModelDims:

@@ -29,14 +29,19 @@ import numpy as np
 
 from . import hub
 from .architectures import (
+    EXPERT_WEIGHTS,
     GGUF_ADAPTERS,
     GGUF_ROPE_PERMUTED,
     HF_ADAPTERS,
+    SHARED,
     Adapter,
+    ExpertLayout,
     ModelDims,
+    MoeDims,
     dims_from_gguf_metadata,
     dims_from_hf_config,
     hf_layers_key,
+    moe_dims_from_hf_config,
     undo_gguf_rope_permutation,
     unsupported,
 )
@@ -116,8 +121,9 @@ class TensorReader(Protocol):
     def check_readable(self, name: str) -> None:
         """UserError unless ``name``'s stored type can be decoded (headers only)."""
 
-    def read(self, name: str) -> np.ndarray:
-        """The tensor as float32 in HF ``(out, in)`` orientation."""
+    def read(self, name: str, index: int | None = None) -> np.ndarray:
+        """The tensor as float32 in HF ``(out, in)`` orientation; with ``index`` its slice
+        ``[index]`` along the first axis (safetensors only: one expert of a fused tensor)."""
 
 
 @dataclass
@@ -136,19 +142,37 @@ class Checkpoint:
     _reader: TensorReader = field(repr=False)
     _layers_key: str = field(repr=False)  # where L comes from, for messages
     _unpermute_qk: bool = False
+    #: Mixture-of-experts models: their experts, and where they are stored (None: dense).
+    moe: MoeDims | None = None
+    expert_layout: ExpertLayout | None = None
 
     @property
     def weight_types(self) -> tuple[str, ...]:
         return self.adapter.weight_types
+
+    def is_sparse(self, layer: int) -> bool:
+        """Whether ``layer``'s FFN is a mixture of experts (:meth:`iter_experts`) rather than
+        one FFN (W_gate, W_up, W_down in :meth:`iter_layer`)."""
+        return self.moe is not None and layer in self.moe.sparse_layers
+
+    def layer_weight_types(self, layer: int) -> tuple[str, ...]:
+        """The weight types :meth:`iter_layer` yields for ``layer``: all, less the FFN's in a
+        sparse layer (whose experts :meth:`iter_experts` yields)."""
+        if not self.is_sparse(layer):
+            return self.weight_types
+        return tuple(wt for wt in self.weight_types if wt not in EXPERT_WEIGHTS)
 
     def validate(self, fold_norms: bool = False) -> None:
         """Check that every needed tensor exists with the shape the config implies and a
         readable type (headers only), and none of a layer past the last."""
         self._check_no_extra_layers()
         for layer in range(self.dims.n_layers):
-            for wt, spec in self.adapter.weights.items():
+            for wt in self.layer_weight_types(layer):
+                spec = self.adapter.weights[wt]
                 self._check(self.adapter.tensor_name(wt, layer), spec.raw_shape(self.dims, wt),
                             f"{wt} of layer {layer}")
+            if self.is_sparse(layer):
+                self._check_experts(layer)
             if fold_norms:
                 for role in self.adapter.norms:
                     size = self.adapter.norm_size(role, self.dims)
@@ -168,6 +192,20 @@ class Checkpoint:
                             f" {self._layers_key} = {n} (allowed: weights of layers 0..{n - 1};"
                             " the layer count must cover every layer stored)")
 
+    def _check_experts(self, layer: int) -> None:
+        """The router ``(E, d)`` and every expert's weights of sparse ``layer`` (headers)."""
+        layout, moe, prefix = self.expert_layout, self.moe, self._prefix(layer)
+        self._check(prefix + layout.router, (moe.n_experts, self.dims.d_model),
+                    f"router of layer {layer}")
+        for expert in moe.experts:
+            for wt in EXPERT_WEIGHTS:
+                self._check(layout.tensor_name(wt, prefix, expert),
+                            layout.raw_shape(wt, self.dims, moe, expert),
+                            f"{wt} of expert {expert} of layer {layer}")
+
+    def _prefix(self, layer: int) -> str:
+        return self.adapter.layer_prefix.format(layer=layer)
+
     def _check(self, name: str, expected: tuple[int, ...], what: str, needed_by: str = ""
                ) -> None:
         """The tensor exists, has the expected shape and a type the reader decodes (a bad
@@ -180,10 +218,11 @@ class Checkpoint:
                             f" {tuple(self._shapes[name])}, config implies {tuple(expected)}")
         self._reader.check_readable(name)
 
-    def _read(self, name: str) -> np.ndarray:
-        """One stored tensor, float32; NaN/Inf is a UserError (checked by its min and max:
-        NaN propagates through both, no boolean temporary)."""
-        tensor = self._reader.read(name)
+    def _read(self, name: str, index: int | None = None) -> np.ndarray:
+        """One stored tensor (its slice ``[index]``: one expert of a fused tensor), float32;
+        NaN/Inf is a UserError (checked by its min and max: NaN propagates through both, no
+        boolean temporary)."""
+        tensor = self._reader.read(name) if index is None else self._reader.read(name, index)
         if tensor.size and not (np.isfinite(tensor.min()) and np.isfinite(tensor.max())):
             raise UserError(f"{self._files[name]}: tensor {name} contains NaN or Inf")
         return tensor
@@ -202,8 +241,9 @@ class Checkpoint:
         """
         gains = self._gains(layer) if fold_norms else {}
         current, tensor = None, None
+        present = self.layer_weight_types(layer)
         for wt, spec in self.adapter.weights.items():
-            if only is not None and wt not in only:
+            if (only is not None and wt not in only) or wt not in present:
                 continue
             name = self.adapter.tensor_name(wt, layer)
             if name != current:
@@ -214,6 +254,41 @@ class Checkpoint:
     def read_layer(self, layer: int, fold_norms: bool = False) -> dict[str, np.ndarray]:
         """Every weight of ``layer`` (see :meth:`iter_layer`) at once. Memory: one layer."""
         return dict(self.iter_layer(layer, fold_norms))
+
+    def iter_experts(self, layer: int, fold_norms: bool = False,
+                     only: Collection[str] | None = None
+                     ) -> Iterator[tuple[int | str, dict[str, np.ndarray]]]:
+        """``(expert, {weight type: weight})`` for every expert of sparse ``layer``: routed
+        experts ``0 .. E-1``, then the shared one (:data:`architectures.SHARED`), each with its
+        W_gate ``(d_e, d)``, W_up ``(d_e, d)``, W_down ``(d, d_e)`` (those in ``only``), float32,
+        HF orientation, C-contiguous; with ``fold_norms`` the pre-FFN gain folded into W_gate
+        and W_up as for a dense FFN. A fused 3-D tensor is read one expert's slice at a time
+        (W_gate and W_up from one read of ``gate_up_proj[e]``). Memory: one expert's weights.
+        """
+        layout, prefix = self.expert_layout, self._prefix(layer)
+        gains = self._gains(layer) if fold_norms else {}
+        for expert in self.moe.experts:
+            dims, weights, current, tensor = self.moe.expert_dims(self.dims, expert), {}, None, None
+            for wt in EXPERT_WEIGHTS:
+                if only is not None and wt not in only:
+                    continue
+                name = layout.tensor_name(wt, prefix, expert)
+                if name != current:
+                    fused = layout.fused and expert != SHARED
+                    current, tensor = name, self._read(name, expert if fused else None)
+                weights[wt] = np.ascontiguousarray(
+                    self._fold(wt, layout.spec(wt, expert).extract(tensor, dims), gains))
+            tensor = None
+            yield expert, weights
+
+    def read_router(self, layer: int, fold_norms: bool = False) -> np.ndarray:
+        """The router of sparse ``layer``, ``(E, d)`` float32: expert ``e``'s logit is row
+        ``e`` times the FFN's normed input; with ``fold_norms`` the pre-FFN gain folded into
+        its columns (``R diag(g)``), as into W_gate. One read."""
+        router = self._read(self._prefix(layer) + self.expert_layout.router)
+        if fold_norms and "ffn" in self.adapter.norms:
+            router = router * self._gains(layer)["ffn"][None, :]
+        return np.ascontiguousarray(router)
 
     def _weight(self, wt: str, w: np.ndarray, gains: dict[str, np.ndarray]) -> np.ndarray:
         """A weight cut from its tensor in HF layout: RoPE rows restored (GGUF), gains folded.
@@ -262,6 +337,7 @@ class Checkpoint:
                            else "not applied (raw projection weights)"),
             "biases": "not used",
             **self.dims.as_dict(),
+            **({"experts": self.moe.as_dict()} if self.moe is not None else {}),
         }
 
 
@@ -320,6 +396,16 @@ def _refuse_experts(gguf: GGUFModel, arch: str) -> None:
                         " layer)")
 
 
+def hf_moe_dims(path: Path, dims: ModelDims) -> MoeDims | None:
+    """The experts of the mixture-of-experts ``config.json`` in ``path`` (None: dense); a
+    one-line UserError naming the file for a missing or bad key."""
+    config_path = path / "config.json"
+    try:
+        return moe_dims_from_hf_config(read_json_object(config_path), dims.n_layers)
+    except UserError as err:
+        raise UserError(f"{config_path}: {err}") from None
+
+
 def hf_architecture(source: str, path: Path) -> tuple[str, ModelDims]:
     """Architecture and dimensions from a Hugging Face directory's config.json alone; a
     one-line UserError naming the file when it is not a JSON object, has no supported
@@ -357,10 +443,26 @@ def _open_hf_dir(source: str, path: Path) -> Checkpoint:
     model_type, dims = hf_architecture(source, path)
     entries = directory_entries(path)
     dtypes = sorted({DTYPE_NAMES.get(e.dtype, e.dtype) for e in entries.values()})
+    adapter = _hf_adapter(model_type, entries)
+    moe = hf_moe_dims(path, dims)
     return Checkpoint(
         source=source, path=path, format="safetensors", architecture=model_type,
-        dims=dims, adapter=_hf_adapter(model_type, entries),
+        dims=dims, adapter=adapter,
         storage_dtype="/".join(dtypes) + " (safetensors)",
         _shapes={n: e.shape for n, e in entries.items()},
         _files={n: e.file for n, e in entries.items()}, _reader=SafetensorsReader(entries),
-        _layers_key=f"config.json {hf_layers_key(model_type)}")
+        _layers_key=f"config.json {hf_layers_key(model_type)}",
+        moe=moe, expert_layout=_expert_layout(adapter, moe, entries))
+
+
+def _expert_layout(adapter: Adapter, moe: MoeDims | None,
+                   names: Collection[str]) -> ExpertLayout | None:
+    """The first of ``adapter``'s expert layouts whose router of the first sparse layer is
+    stored (else the first, so that validation names what is missing); None for a dense
+    model."""
+    if moe is None or not moe.sparse_layers:
+        return None
+    prefix = adapter.layer_prefix.format(layer=min(moe.sparse_layers))
+    return next((layout for layout in adapter.experts
+                 if prefix + layout.router in names
+                 and layout.tensor_name("W_down", prefix, 0) in names), adapter.experts[0])

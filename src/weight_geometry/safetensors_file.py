@@ -268,20 +268,26 @@ class SafetensorsReader:
                             f" not {size} for shape {list(entry.shape)} {entry.dtype}"
                             " (corrupt header)")
 
-    def read(self, name: str) -> np.ndarray:
-        """One tensor as float32 numpy, shape as on disk. Cost: one read of its bytes (one
-        ``preadv`` for float32, one per ``READ_CHUNK`` otherwise) and, for other dtypes than
-        float32, one decoding pass; memory: the output plus, for other dtypes, one chunk of at
-        most ``READ_CHUNK`` bytes. Thread-safe."""
+    def read(self, name: str, index: int | None = None) -> np.ndarray:
+        """One tensor as float32 numpy, shape as on disk; with ``index``, only its slice
+        ``tensor[index]`` along the first axis (one expert of a fused ``(E, out, in)`` tensor:
+        the bytes of that slice alone, C order making it contiguous). Cost: one read of those
+        bytes (one ``preadv`` for float32, one per ``READ_CHUNK`` otherwise) and, for other
+        dtypes than float32, one decoding pass; memory: the output plus, for other dtypes, one
+        chunk of at most ``READ_CHUNK`` bytes. Thread-safe."""
         self.check_readable(name)
         entry = self.entries[name]
         stored, decode = _DECODE[entry.dtype]
-        out = np.empty(entry.shape, dtype=np.float32)
         itemsize = np.dtype(stored).itemsize
+        shape, start = tuple(entry.shape), entry.start
+        if index is not None:
+            shape = shape[1:]
+            start += index * math.prod(shape) * itemsize
+        out = np.empty(shape, dtype=np.float32)
         fd = os.open(entry.file, os.O_RDONLY)
         try:
             if decode is None:
-                _pread_exact(fd, memoryview(out).cast("B"), entry.start, entry, name)
+                _pread_exact(fd, memoryview(out).cast("B"), start, entry, name)
                 return out
             flat = out.reshape(-1)
             per_chunk = max(1, READ_CHUNK // itemsize)
@@ -289,7 +295,7 @@ class SafetensorsReader:
             for first in range(0, out.size, per_chunk):
                 count = min(per_chunk, out.size - first)
                 into = chunk[:count * itemsize]
-                _pread_exact(fd, into, entry.start + first * itemsize, entry, name)
+                _pread_exact(fd, into, start + first * itemsize, entry, name)
                 decode(np.frombuffer(into, dtype=stored), flat[first:first + count])
             return out
         finally:
