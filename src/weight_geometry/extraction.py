@@ -26,6 +26,9 @@ dropped, and produce:
   factor of each ``W_O_i``, a thin QR of each ``W_V_j^T``, a ``d_head x d_head`` core,
   ``O((h + n_kv) d d_head^2)``. With the
   kernel's two sides they are what the composition scores need (:mod:`composition`);
+- in a mixture-of-experts layer, the FFN input is the routed experts' mean W_gate Gram and
+  each expert's weights get effective-rank rows of their own, with a fifth field, the expert
+  (:mod:`experts`);
 - effective-rank rows (layer_idx, weight_type, shape, eff_rank) for every weight; with
   ``compute_ranks=False`` (the user supplies them) none, and only W_Q, W_K, W_V, W_O and
   ``W_in`` are read: the pass then costs the subspaces, the circuits and one Gram per layer.
@@ -68,6 +71,7 @@ import torch
 from .checkpoint import Checkpoint
 from .device import pin_float32_matmul, resolve_device
 from .errors import UserError
+from .experts import expert_pass
 from .kernels import factored_subspaces, ov_circuits
 from .ranks import (
     effective_rank_from_singular_values,
@@ -139,6 +143,12 @@ def extract_layer(ckpt: Checkpoint, layer: int, device: torch.device,
             energy, rowspace = (x.cpu().numpy() for x in subspaces.energies(ffn_gram))
             ffn_gram = None
         del w, g, array
+    if ckpt.is_sparse(layer):  # a mixture of experts, read one expert at a time
+        moe = expert_pass(ckpt, layer, device, fold_norms, compute_ranks)
+        rows += moe.rows
+        ffn_sigma, norm2 = moe.singular_values, moe.norm2
+        energy, rowspace = (x.cpu().numpy() for x in subspaces.energies(moe.gram))
+        del moe
     singular_values = subspaces.singular_values.cpu().numpy()
     require_defined(ckpt, layer, singular_values, norm2)
     return LayerResult(

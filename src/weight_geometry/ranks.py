@@ -69,6 +69,11 @@ GRAM_PANEL = 256
 RANK_COLUMNS = {"layer_idx": "int64", "weight_type": "string", "shape": "string",
                 "eff_rank": "float64"}
 
+#: The effective-rank table of a mixture-of-experts model: :data:`RANK_COLUMNS` and the
+#: ``expert`` of each row (``"0"``, ``"1"``, ..., ``"shared"``; null for the attention weights
+#: and for the FFN weights of a dense layer).
+EXPERT_RANK_COLUMNS = {**RANK_COLUMNS, "expert": "string"}
+
 #: A weight shape as text: ``2048x11008``; also ``2048 X 11008``, ``2048×11008``, ``(2048,
 #: 11008)``, ``2048, 11008`` (what notebooks write), with spaces around the parts.
 _SHAPE_TEXT = re.compile(r"\s*\(?\s*(\d+)\s*(?:[xX×]|,)\s*(\d+)\s*\)?\s*")
