@@ -227,10 +227,46 @@ def test_layers_per_job_splits_extraction_with_identical_results(tmp_path, tiny_
     assert sorted(p.name for p in (r / "bases").iterdir()) == ["layers000-002", "layers003-003"]
     for name in ["effective_ranks.csv", "k4/layers.csv"]:
         pd.testing.assert_frame_equal(pd.read_csv(r / name), pd.read_csv(ref / name))
+    for name in "qkv":
+        np.testing.assert_allclose(np.load(r / f"circuits/composition_{name}.npy"),
+                                   np.load(ref / f"circuits/composition_{name}.npy"),
+                                   rtol=1e-5)
     for head in HEADS:
         assert np.array_equal(np.load(r / f"k4/similarity_head{head}.npy"),
                               np.load(ref / f"k4/similarity_head{head}.npy"))
 
+
+
+def test_composition_equals_formed_maps(tiny_run, modules):
+    """circuits/: every ordered pair's Q-, K- and V-composition equals the norms of the d x d
+    maps formed in float64 from transformers' q/k/v/o projections (GQA: two heads per KV
+    head), NaN where the column's layer is not earlier; the tables' shapes and the null's
+    exact mean square 1/d."""
+    layers, config = modules
+    r, dh = tiny_run / "results/tiny/circuits", config.head_dim
+    qk, ov = [], []
+    for layer in layers:
+        att = layer.self_attn
+        w_v, w_o = (m.weight.detach().double().numpy() for m in (att.v_proj, att.o_proj))
+        qk += [naive_kernel(*qk_weights(layer), i, dh) for i in HEADS]
+        ov += [naive_kernel(w_o.T, w_v, i, dh) for i in HEADS]
+    fro = np.linalg.norm
+    for t, name in enumerate("qkv"):
+        got = np.load(r / f"composition_{name}.npy")
+        assert got.dtype == np.float32 and got.shape == (16, 16)
+        for later, earlier in np.ndindex(16, 16):
+            if earlier // 4 >= later // 4:
+                assert np.isnan(got[later, earlier])
+                continue
+            m = (qk[later].T, qk[later], ov[later])[t]
+            ref = fro(m @ ov[earlier]) / (fro(m) * fro(ov[earlier]))
+            assert got[later, earlier] == pytest.approx(ref, rel=1e-5), (name, later, earlier)
+    null = pd.read_parquet(r / "composition_null.parquet")
+    assert list(null["type"]) == ["q", "k", "v"] and np.all(null["exact_mean_square"] == 1 / 64)
+    top = pd.read_parquet(r / "composition_top.parquet")
+    assert len(top) >= 3 * 20 and set(top["type"]) == {"q", "k", "v"}
+    assert np.all(top["earlier_layer"] < top["layer"])
+    assert len(pd.read_parquet(r / "composition_layers.parquet")) == 3 * 6
 
 def cross_head(layers, config, k: int) -> np.ndarray:
     """``S[a, i, b, j] = sim(V_a,i, V_b,j)`` from naive d x d SVD bases of every head."""
