@@ -81,9 +81,25 @@ def _layer(array: np.ndarray, layer: int) -> torch.Tensor:
 
 
 def composition_scores(c: Circuits) -> np.ndarray:
+    """The scores of :func:`composition`."""
+    return composition(c).scores
+
+
+@dataclass
+class Composition:
+    """``scores`` ``(3, L h, L h)`` (:func:`composition`) and the row-space-conditional null of
+    each pair's squared score: its exact ``conditional_mean`` and ``conditional_std`` (same
+    shape; see the module docstring)."""
+
+    scores: np.ndarray
+    conditional_mean: np.ndarray
+    conditional_std: np.ndarray
+
+
+def composition(c: Circuits) -> Composition:
     """``(3, L h, L h)`` float64 scores (:data:`TYPES` order; row = later head ``l h + i``,
     column = earlier head ``e h + j``; NaN where the column's layer is not earlier, and where a
-    head's map is zero).
+    head's map is zero), with the conditional null of their squares.
 
     For each later layer its sides are stacked once, and for each earlier layer one float32
     GEMM with ``A_e^T`` gives every head pair's cores, which are scaled by the singular values,
@@ -91,33 +107,69 @@ def composition_scores(c: Circuits) -> np.ndarray:
     n_kv`` heads of a KV head lie in its ``W_K_j`` (``W_V_j``) row space, whose orthonormal
     basis ``Q_j`` is the first head's stored rows: ``V_l = (V_l Q_j^T) Q_j``, so with ``g > 1``
     the GEMM takes ``Q_j`` once per KV head and each head's core is ``(V_l Q_j^T)(Q_j A_e^T)``
-    (``m x m`` by ``m x h m``). Cost per layer pair ``2 (h + 2 n_kv) m d h m + 4 h^2 m^3``
-    (``6 (h m)^2 d`` with ``g = 1``); memory one layer's sides (float32) and one ``(3 h m,
-    h m)`` float32 block beside the ``(3, L h, L h)`` result.
+    (``m x m`` by ``m x h m``). The conditional null needs ``M = Q A_e^T diag(t_e)`` for each
+    later head's row-space basis ``Q`` (``U_l``, ``Q_K_j``, ``Q_V_j``): ``||M||_F^2`` and
+    ``||M^T M||_F^2``, from the same blocks. Cost per layer pair ``2 (h + 2 n_kv) m d h m + 4
+    h^2 m^3`` (``6 (h m)^2 d`` with ``g = 1``) plus ``2 (h + 2 n_kv) h m^3`` for the null;
+    memory one layer's sides (float32) and one ``(3 h m, h m)`` float32 block beside the
+    three ``(3, L h, L h)`` results.
     """
     n_layers, h, m, _ = c.shape
     group = h // (c.n_kv_heads or h)
-    qk_norm = np.sqrt(np.square(np.asarray(c.qk_sigma, dtype=np.float64)).sum(-1))
-    ov_norm = np.sqrt(np.square(np.asarray(c.ov_sigma, dtype=np.float64)).sum(-1))
-    out = np.full((3, n_layers, h, n_layers, h), np.nan)
+    qk_sq = np.square(np.asarray(c.qk_sigma, dtype=np.float64))
+    ov_sq = np.square(np.asarray(c.ov_sigma, dtype=np.float64))
+    qk_norm2, ov_norm2 = qk_sq.sum(-1), ov_sq.sum(-1)
+    # Spread of each later head's weights d = s^2 about their mean: sum (d - mean d)^2.
+    spread = {name: np.square(x - x.mean(-1, keepdims=True)).sum(-1)
+              for name, x in (("qk", qk_sq), ("ov", ov_sq))}
+    c_var = 2 / ((m - 1) * (m + 2)) if m > 1 else 0.0
+    out = np.full((3, 3, n_layers, h, n_layers, h), np.nan)      # scores, mean, std
     writes = [None] * n_layers                       # A_e, kept once read
     for later in range(1, n_layers):
         sides, coefficients = _later_sides(c, later, group)
         s_later = torch.from_numpy(np.concatenate(
             [c.qk_sigma[later], c.qk_sigma[later], c.ov_sigma[later]]).astype(np.float32))
         s_later = s_later.reshape(-1, 1)
-        norms = np.stack([qk_norm[later], qk_norm[later], ov_norm[later]])      # (3, h)
+        norms2 = np.stack([qk_norm2[later], qk_norm2[later], ov_norm2[later]])  # (3, h)
+        spreads = np.stack([spread["qk"][later], spread["qk"][later], spread["ov"][later]])
         for earlier in range(later):
             if writes[earlier] is None:
                 writes[earlier] = _layer(c.write, earlier)
             t_earlier = torch.from_numpy(np.asarray(c.ov_sigma[earlier], dtype=np.float32))
-            cores = _cores(sides @ writes[earlier].T, coefficients, h, m)       # (3hm, hm)
-            cores.mul_(s_later).mul_(t_earlier.reshape(1, -1)).square_()
+            products = (sides @ writes[earlier].T).mul_(t_earlier.reshape(1, -1))
+            tr_n, tr_n2 = _basis_moments(products, h, m, group)                 # (3, h, h)
+            cores = _cores(products, coefficients, h, m)                        # (3hm, hm)
+            cores.mul_(s_later).square_()
             sums = cores.reshape(3, h, m, h, m).sum(dim=(2, 4), dtype=torch.float64).numpy()
+            scale = norms2[:, :, None] * ov_norm2[earlier][None, None, :]
             with np.errstate(divide="ignore", invalid="ignore"):
-                out[:, later, :, earlier, :] = (np.sqrt(sums) / norms[:, :, None]
-                                                / ov_norm[earlier][None, None, :])
-    return out.reshape(3, n_layers * h, n_layers * h)
+                out[0, :, later, :, earlier, :] = np.sqrt(sums / scale)
+                out[1, :, later, :, earlier, :] = (tr_n / m / ov_norm2[earlier][None, None, :])
+                var = c_var * spreads[:, :, None] * np.maximum(tr_n2 - tr_n**2 / m, 0)
+                out[2, :, later, :, earlier, :] = np.sqrt(var) / scale
+    out = out.reshape(3, 3, n_layers * h, n_layers * h)
+    out[1:, np.isnan(out[0])] = np.nan
+    return Composition(*out)
+
+
+def _basis_moments(products: torch.Tensor, h: int, m: int, group: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """``(3, h, h)`` ``||M||_F^2`` and ``||M^T M||_F^2`` of ``M = Q A_e^T diag(t_e)`` for every
+    later head (its basis ``Q``: ``U_l``; ``Q_K_j``, ``Q_V_j`` of its KV head) and earlier
+    head, from the GEMM's column-scaled ``products`` (:func:`_later_sides`' row order).
+    Cost ``2 (h + 2 n_b) h m^3``, ``n_b`` the bases of each of K and V."""
+    n_b = h // group
+    blocks = products.split([h * m, n_b * m, n_b * m])
+    tr_n, tr_n2 = [], []
+    for block, count in zip(blocks, (h, n_b, n_b), strict=True):
+        mats = block.reshape(count, m, h, m).transpose(1, 2)                 # (count, h, m, m)
+        gram = mats.transpose(-1, -2) @ mats
+        first = mats.square().sum(dim=(-1, -2), dtype=torch.float64)
+        second = gram.square().sum(dim=(-1, -2), dtype=torch.float64)
+        repeat = h // count
+        tr_n.append(first.repeat_interleave(repeat, 0))
+        tr_n2.append(second.repeat_interleave(repeat, 0))
+    return torch.stack(tr_n).numpy(), torch.stack(tr_n2).numpy()
 
 
 def _later_sides(c: Circuits, later: int, group: int
@@ -205,39 +257,69 @@ def pair_tests(scores: np.ndarray, null: CompositionNull) -> dict[str, np.ndarra
             "p_adjusted": np.stack([benjamini_hochberg(x) for x in p])}
 
 
+def conditional_tests(comp: Composition) -> dict[str, np.ndarray]:
+    """Per type and pair, against the row-space-conditional null of the squared score:
+    ``conditional_ratio`` (``score^2`` over its null mean), ``conditional_z``, one-sided
+    ``conditional_p`` (:func:`multiplicity.gamma_p` with the exact mean and std) and
+    ``conditional_p_adjusted`` (BH over every finite pair of that type)."""
+    square, mean, std = np.square(comp.scores), comp.conditional_mean, comp.conditional_std
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = np.where(np.isnan(square), np.nan, gamma_p(square, mean, std))
+        return {"conditional_ratio": square / mean, "conditional_z": (square - mean) / std,
+                "conditional_p": p,
+                "conditional_p_adjusted": np.stack([benjamini_hochberg(x) for x in p])}
+
+
 def top_pairs(scores: np.ndarray, tests: dict[str, np.ndarray], null: CompositionNull,
               n_heads: int, least: int = TOP_PAIRS) -> list[tuple]:
-    """Rows ``(type, layer, head, earlier_layer, earlier_head, score, null_mean, null_std,
-    ratio, z, p, p_adjusted, significant)`` of every pair significant at
-    :data:`multiplicity.FDR_Q` after BH, and at least the ``least`` highest scores of each
-    type, by type and descending score."""
+    """Rows of :data:`TOP_COLUMNS` for every pair significant against the conditional null
+    (``tests`` of :func:`pair_tests` and, where given, :func:`conditional_tests`; else the
+    isotropic one) at :data:`multiplicity.FDR_Q` after BH, and at least the ``least`` highest
+    scores of each type, by type and descending score."""
     rows = []
+    nan = np.full(scores.shape, np.nan)
+    conditional = [tests.get(k, nan) for k in ("conditional_ratio", "conditional_z",
+                                               "conditional_p_adjusted")]
+    selected = tests.get("conditional_p_adjusted", tests["p_adjusted"])
     for t, name in enumerate(TYPES):
-        finite = np.flatnonzero(~np.isnan(scores[t].ravel()))
-        order = finite[np.argsort(-scores[t].ravel()[finite], kind="stable")]
-        adjusted = tests["p_adjusted"][t].ravel()
-        keep = np.count_nonzero(adjusted[order] <= FDR_Q)
-        for flat in order[:max(keep, least)]:
+        flat_scores = scores[t].ravel()
+        finite = np.flatnonzero(~np.isnan(flat_scores))
+        order = finite[np.argsort(-flat_scores[finite], kind="stable")]
+        significant = selected[t].ravel() <= FDR_Q
+        chosen = np.union1d(order[:least], np.flatnonzero(significant))
+        chosen = chosen[np.argsort(-flat_scores[chosen], kind="stable")]
+        for flat in chosen:
             later, earlier = divmod(int(flat), scores.shape[-1])
             rows.append((name, later // n_heads, later % n_heads, earlier // n_heads,
-                         earlier % n_heads, float(scores[t].ravel()[flat]),
+                         earlier % n_heads, float(flat_scores[flat]),
                          float(null.mean[t]), float(null.std[t]),
                          *(float(tests[k][t].ravel()[flat]) for k in ("ratio", "z", "p",
                                                                      "p_adjusted")),
-                         bool(adjusted[flat] <= FDR_Q)))
+                         bool(tests["p_adjusted"][t].ravel()[flat] <= FDR_Q),
+                         *(float(x[t].ravel()[flat]) for x in conditional),
+                         bool(significant[flat])))
     return rows
 
 
 TOP_COLUMNS = {"type": "string", "layer": "int64", "head": "int64", "earlier_layer": "int64",
                "earlier_head": "int64", "score": "float64", "null_mean": "float64",
                "null_std": "float64", "ratio": "float64", "z": "float64", "p": "float64",
-               "p_adjusted": "float64", "significant": "bool"}
+               "p_adjusted": "float64", "significant": "bool",
+               "conditional_ratio": "float64", "conditional_z": "float64",
+               "conditional_p_adjusted": "float64", "significant_conditional": "bool"}
 NULL_COLUMNS = {"type": "string", "null_mean": "float64", "null_std": "float64",
                 "mean_square": "float64", "exact_mean_square": "float64", "n_pairs": "int64",
                 "seed": "int64"}
 LAYER_COLUMNS = {"type": "string", "layer": "int64", "earlier_layer": "int64",
                  "mean_score": "float64", "max_score": "float64", "mean_ratio": "float64",
-                 "mean_z": "float64", "n_significant": "int64", "n_pairs": "int64"}
+                 "mean_z": "float64", "n_significant": "int64",
+                 "mean_conditional_ratio": "float64", "n_significant_conditional": "int64",
+                 "n_pairs": "int64"}
+
+
+def _nanmean(x: np.ndarray) -> float:
+    """``nanmean`` without its warning on an all-NaN block (NaN)."""
+    return float(np.nanmean(x)) if np.isfinite(x).any() else float("nan")
 
 
 def null_rows(null: CompositionNull, seed: int = NULL_SEED) -> list[tuple]:
@@ -248,8 +330,11 @@ def null_rows(null: CompositionNull, seed: int = NULL_SEED) -> list[tuple]:
 
 def layer_rows(scores: np.ndarray, tests: dict[str, np.ndarray], n_heads: int) -> list[tuple]:
     """Per type and layer pair ``earlier_layer < layer`` (:data:`LAYER_COLUMNS`): mean and max
-    score over the ``h^2`` head pairs, mean ratio and z, pairs significant after BH."""
+    score over the ``h^2`` head pairs, mean ratio and z, pairs significant after BH against
+    the isotropic and the conditional null (NaN, 0 without :func:`conditional_tests`)."""
     n_layers = scores.shape[-1] // n_heads
+    nan = np.full(scores.shape, np.nan)
+    tests = {"conditional_ratio": nan, "conditional_p_adjusted": nan, **tests}
     blocks = {k: v.reshape(3, n_layers, n_heads, n_layers, n_heads)
               for k, v in {"score": scores, **tests}.items()}
     rows = []
@@ -261,6 +346,8 @@ def layer_rows(scores: np.ndarray, tests: dict[str, np.ndarray], n_heads: int) -
                              float(np.nanmax(block["score"])),
                              float(np.nanmean(block["ratio"])), float(np.nanmean(block["z"])),
                              int(np.count_nonzero(block["p_adjusted"] <= FDR_Q)),
+                             _nanmean(block["conditional_ratio"]),
+                             int(np.count_nonzero(block["conditional_p_adjusted"] <= FDR_Q)),
                              n_heads * n_heads))
     return rows
 
@@ -285,9 +372,10 @@ def write_composition(c: Circuits, outputs) -> None:
     from .results_io import save_result, write_rows
 
     n_heads, d_head, d = c.shape[1:]
-    scores = composition_scores(c)
+    comp = composition(c)
+    scores = comp.scores
     null = isotropic_null(d, d_head)
-    tests = pair_tests(scores, null)
+    tests = {**pair_tests(scores, null), **conditional_tests(comp)}
     for t, name in enumerate(TYPES):
         save_result(getattr(outputs, f"composition_{name}"), scores[t].astype(np.float32))
     write_rows(outputs.null, NULL_COLUMNS, null_rows(null))
