@@ -32,6 +32,14 @@ tests); the three types' nulls are one distribution (``W_QK``, ``W_QK^T`` and ``
 Gaussian factors are all products of two independent ``m``-rank Gaussian factors), and the
 score's mean and std come from Monte Carlo. p-values: upper tail of the gamma distribution
 with those two moments (:func:`multiplicity.gamma_p`), BH over all pairs of one type.
+
+Row-space-conditional null (:func:`composition`, :func:`conditional_tests`): the later head's
+singular vectors rotated by a Haar ``C`` in ``O(m)`` inside their own row space (``Q``, ``m``
+rows), singular values kept. With ``M = Q A_e^T diag(t_e)``, ``N = M M^T`` and ``d`` the later
+head's squared singular values, the numerator is ``tr(diag(d) C N C^T)``: mean ``sum(d) tr N /
+m``, variance ``2 sum (d - mean d)^2 (tr N^2 - (tr N)^2 / m) / ((m - 1)(m + 2))`` (from the
+moments of ``C_ij^2``; checked by Monte Carlo in the tests), both divided by the norms'
+product (squared for the variance): the exact null of ``score^2``.
 """
 
 from __future__ import annotations
