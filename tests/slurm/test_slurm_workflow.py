@@ -105,7 +105,8 @@ def test_workflow_on_slurm_equals_local_run(cluster, tmp_path):
     # matrices.
     assert ours == theirs and len(ours) == len(BASES_FILES) + 10
     for rel in ours:
-        assert np.array_equal(np.load(tmp_path / "slurm" / rel), np.load(local / rel)), rel
+        assert np.array_equal(np.load(tmp_path / "slurm" / rel), np.load(local / rel),
+                              equal_nan=True), rel
     assert (tmp_path / "slurm/results/tiny/k4/report.md").is_file()
     print(f"SLURM run: {elapsed:.0f} s, {len(job_ids)} jobs")
 
