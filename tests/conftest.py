@@ -204,7 +204,7 @@ def tiny_run_config(checkpoint: Path, **changes) -> dict:
     raw weights (``fold_norms: false``), the notebook's definitions the tests check."""
     return {"models": {"tiny": {"source": str(checkpoint)}}, "top_k": [4, 10], "heads": "all",
             "primary_head": 1, "bottleneck": 2, "device": "cpu", "fold_norms": False,
-            **changes}
+            "circuits": True, **changes}
 
 
 @pytest.fixture(scope="session")

@@ -41,7 +41,7 @@ def base(tmp_path_factory):
     root = tmp_path_factory.mktemp("incremental")
     ckpt = make_llama_checkpoint(root / "ckpt")
     config = {"models": {"tiny": {"source": str(ckpt)}}, "top_k": 4, "heads": [0, 1],
-              "bottleneck": "auto", "device": "cpu"}
+              "bottleneck": "auto", "device": "cpu", "circuits": True}
     workdir = root / "run"
     assert_ok(run_snakemake(workdir, config=config))
     return workdir, config, root

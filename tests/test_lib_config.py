@@ -159,6 +159,7 @@ def test_effective_ranks_null_passes_theconfig_schema():
 
 @pytest.mark.parametrize(("config", "fragments"), [
     ({"fold_norms": 1}, ["fold_norms", "1", "true or false"]),
+    ({"circuits": "yes"}, ["circuits", "'yes'", "true or false"]),
     ({"models": {123: {"source": "/m"}}}, ["models: name 123", "letters"]),
     ({"models": {"a": {"source": ["/m"]}}}, ["models.a.source", "['/m']", "as text"]),
     ({"models": {"a": {"source": "/m", "effective_ranks": False}}},

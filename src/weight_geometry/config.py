@@ -33,10 +33,10 @@ RESERVED_NAMES = ("compare",)
 MODEL_KEYS = ("source", "effective_ranks", "revisions", "checkpoints")
 #: The config's top-level keys (workflow/schemas/config.schema.yaml lists the same).
 CONFIG_KEYS = ("models", "top_k", "heads", "primary_head", "bottleneck", "device",
-               "layers_per_job", "fold_norms")
+               "layers_per_job", "fold_norms", "circuits")
 #: The value of each optional key when the config leaves it out (the schema's defaults).
 DEFAULTS = {"top_k": 20, "heads": {"sample": 4}, "primary_head": 0, "bottleneck": "auto",
-            "device": "auto", "layers_per_job": 0, "fold_norms": True}
+            "device": "auto", "layers_per_job": 0, "fold_norms": True, "circuits": False}
 
 
 def _as_int(key: str, value, allowed: str) -> int:
@@ -125,11 +125,15 @@ def parse_layers_per_job(value) -> int:
     return n
 
 
-def parse_fold_norms(value) -> bool:
-    """A bool, or what ``--config fold_norms=true`` makes of it."""
+def parse_bool(key: str, value) -> bool:
+    """A bool, or what ``--config KEY=true`` makes of it."""
     if not isinstance(value, bool) and value not in ("True", "False", "true", "false"):
-        raise UserError(f"fold_norms: {value!r} is not allowed (true or false)")
+        raise UserError(f"{key}: {value!r} is not allowed (true or false)")
     return str(value).lower() == "true"
+
+
+def parse_fold_norms(value) -> bool:
+    return parse_bool("fold_norms", value)
 
 
 def chunks(n_layers: int, per_job: int) -> list[tuple[int, int]]:
@@ -227,6 +231,8 @@ class Plan:
     fold_norms: bool
     #: series name -> its checkpoints' model names, by step
     series: dict[str, list[str]] = field(default_factory=dict)
+    #: whether the composition scores (circuits/) are among the targets
+    circuits: bool = False
 
     def compared(self) -> list[str]:
         """The models of the cross-model comparison: every single model and each series'
@@ -246,6 +252,7 @@ def build_plan(config: dict, models: dict) -> Plan:
     device = parse_device(config["device"])
     per_job = parse_layers_per_job(config["layers_per_job"])
     fold_norms = parse_fold_norms(config["fold_norms"])
+    circuits = parse_bool("circuits", config["circuits"])
     if not isinstance(models, dict) or not models:
         raise UserError("models: at least one model is required (name: {source: ...})")
     plans, series_names = {}, {}
@@ -266,7 +273,7 @@ def build_plan(config: dict, models: dict) -> Plan:
             plan = replace(plan, user_ranks=_user_ranks_path(name, entry["effective_ranks"],
                                                              src))
         plans[name] = plan
-    return Plan(plans, ks, device, fold_norms, series_names)
+    return Plan(plans, ks, device, fold_norms, series_names, circuits)
 
 
 def _series_plans(name, entry, fold_norms, *plan_args) -> list[ModelPlan]:

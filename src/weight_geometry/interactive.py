@@ -2,9 +2,10 @@
 and interactive similarity heatmaps (Vega-Lite via altair), self-contained: the Vega,
 Vega-Lite and vega-embed JavaScript is inlined, so nothing is fetched when it is viewed.
 
-The JavaScript bundle comes from vl-convert (:func:`vega_bundle`, about 1.7 s and 0.9 MB): the
-workflow writes it once (rule ``vega_bundle``) and every page reads it.
-altair, vl-convert and markdown-it are imported by the functions that use them.
+The JavaScript (0.9 MB) ships with the workflow, ``workflow/report/vega-embed-bundle.js``: made
+once by vl-convert (:func:`vega_bundle`, about 1.7 s, and an 84 MB package that users then need
+not install; run this module to regenerate it after an altair upgrade that changes its
+Vega-Lite version). altair and markdown-it are imported by the functions that use them.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ code { background: #f4f4f4; padding: 0 2px; }
 
 
 def vega_bundle() -> str:
-    """vega-embed with Vega and Vega-Lite, one script, for altair's Vega-Lite version."""
+    """vega-embed with Vega and Vega-Lite, one script, for altair's Vega-Lite version (needs
+    ``vl-convert-python``)."""
     from altair.utils._importers import import_vl_convert, vl_version_for_vl_convert
 
     return import_vl_convert().javascript_bundle(vl_version=vl_version_for_vl_convert())
@@ -201,3 +203,7 @@ def _slug(heading: str) -> str:
     """The anchor a Git forge gives a heading (the markdown's ``#appendix-full-tables``)."""
     text = re.sub(r"<[^>]+>", "", html.unescape(heading)).lower()
     return re.sub(r"[^\w\- ]", "", text).strip().replace(" ", "-")
+
+
+if __name__ == "__main__":
+    print(vega_bundle())

@@ -312,9 +312,10 @@ def all_targets():
     reports = [
         f"results/{name}/k{k}/report.md" for name in PLAN.models for k in PLAN.top_k
     ]
-    reports += [
-        f"results/{name}/circuits/composition_top.parquet" for name in PLAN.models
-    ]
+    if PLAN.circuits:
+        reports += [
+            f"results/{name}/circuits/composition_top.parquet" for name in PLAN.models
+        ]
     if len(PLAN.compared()) > 1:
         reports += [f"results/compare/k{k}/report.md" for k in PLAN.top_k]
     reports += [

@@ -32,31 +32,11 @@ rule report_figures:
         "../scripts/report_figures.py"
 
 
-rule vega_bundle:
-    """The Vega, Vega-Lite and vega-embed JavaScript the HTML pages inline (once per checkout:
-    it depends on no result)."""
-    output:
-        "resources/vega/vega-embed-bundle.js",
-    log:
-        "logs/vega_bundle.log",
-    benchmark:
-        "logs/vega_bundle.benchmark.tsv"
-    conda:
-        ENV
-    threads: 1
-    resources:
-        mem_mb=1000,
-        runtime=5,
-    script:
-        "../scripts/vega_bundle.py"
-
-
 rule report_markdown:
     input:
         unpack(analysis_inputs),
         figures=expand(f"{K}/figures/{{name}}.png", name=FIGURES, allow_missing=True),
         ksweep_figure=f"{R}/figures/ksweep.png",
-        vega="resources/vega/vega-embed-bundle.js",
     output:
         markdown=report(
             f"{K}/report.md",
@@ -92,5 +72,7 @@ rule report_markdown:
     params:
         heads=lambda w: model_plan(w).heads,
         primary_head=lambda w: model_plan(w).primary_head,
+        # Vega, Vega-Lite and vega-embed, shipped with the workflow (inlined in the pages)
+        vega=f"{workflow.basedir}/workflow/report/vega-embed-bundle.js",
     script:
         "../scripts/report_markdown.py"

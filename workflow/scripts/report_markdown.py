@@ -18,7 +18,7 @@ def main():
     analysis = load_analysis(snakemake.input, int(snakemake.wildcards.k), p.heads, p.primary_head)
     text = render(analysis)
     Path(out.markdown).write_text(text)
-    bundle = Path(snakemake.input.vega).read_text()
+    bundle = Path(p.vega).read_text()
     images = {f"figures/{name}.png": Path(path)
               for name, path in zip(FIGURES, snakemake.input.figures, strict=True)}
     images["../figures/ksweep.png"] = Path(snakemake.input.ksweep_figure)
