@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from weight_geometry.multiplicity import Tested
+from weight_geometry.multiplicity import FamilyCounts
 from weight_geometry.statistics import Correlation
 from weight_geometry.verdicts import (
     alignment_verdict,
@@ -91,7 +91,7 @@ def test_alignment_verdict_thresholds(ratio, phrase):
     (5, 4, "Neither coupled nor avoiding as a whole"),
 ])
 def test_conditional_alignment_verdict_by_counts(above, below, start):
-    verdict = conditional_alignment_verdict(Tested(90, above, below, 1.02), "W_gate",
+    verdict = conditional_alignment_verdict(FamilyCounts(90, above, below, 1.02), "W_gate",
                                             "(layer, head) pairs")
     assert verdict.startswith(start)
     assert "row-space-conditional null" in verdict and "two-sided z-test" in verdict
@@ -99,10 +99,10 @@ def test_conditional_alignment_verdict_by_counts(above, below, start):
 
 
 def test_conditional_overlap_verdict_names_its_null_and_test():
-    none = conditional_overlap_verdict(Tested(29, 0, 0, 0.99), 1.01)
+    none = conditional_overlap_verdict(FamilyCounts(29, 0, 0, 0.99), 1.01)
     assert none.startswith("Adjacent-layer similarity is indistinguishable from the row-space")
     assert "0 of 29 pairs" in none
-    some = conditional_overlap_verdict(Tested(29, 18, 0, 1.82), 1.08)
+    some = conditional_overlap_verdict(FamilyCounts(29, 18, 0, 1.82), 1.08)
     assert some.startswith("Adjacent layers share more than the row-space-conditional null")
     assert "1.82x" in some and "distant layers 1.08x" in some and "BH q = 0.05" in some
 

@@ -30,7 +30,7 @@ from .crossref import PAIRS, layer_correlations
 from .multiplicity import (
     FDR_Q,
     DetrendedCorrelation,
-    Tested,
+    FamilyCounts,
     benjamini_hochberg,
     count_family,
     gamma_p,
@@ -59,20 +59,20 @@ class Findings:
     conditional_mean: np.ndarray          # (L, L) conditional null of the primary head
     conditional_std: np.ndarray
     conditional_summary: dict[str, float]  # off-diagonal / adjacent / distant null means
-    adjacent: Tested
-    pairs: Tested                         # every off-diagonal layer pair, primary head
+    adjacent: FamilyCounts
+    pairs: FamilyCounts                         # every off-diagonal layer pair, primary head
     boundaries: pd.DataFrame              # significant drops only, largest first
     n_steps: int
     identity: list[tuple[int, int]]       # layer pairs whose head identities persist
-    same_index: Tested                    # same-index vs the conditional null, all heads
-    bottleneck: Tested | None
+    same_index: FamilyCounts                    # same-index vs the conditional null, all heads
+    bottleneck: FamilyCounts | None
     trends: tuple[Correlation, Correlation] | None
     correlations: list[tuple[str, DetrendedCorrelation]]
     depth_adjusted: dict[str, float]      # BH over the trends and correlations, by name
-    alignment_heads: Tested               # every (layer, head)
-    alignment_layers: Tested              # primary head
-    heads_adjacent: Tested                # every (head, layer) adjacent pair
-    heads_bottleneck: Tested | None       # every (head, layer) similarity to the bottleneck
+    alignment_heads: FamilyCounts               # every (layer, head)
+    alignment_layers: FamilyCounts              # primary head
+    heads_adjacent: FamilyCounts                # every (head, layer) adjacent pair
+    heads_bottleneck: FamilyCounts | None       # every (head, layer) similarity to the bottleneck
 
     def families(self) -> list[tuple[str, int]]:
         """(family, number of tests) of every family the report ran."""
@@ -96,7 +96,7 @@ class Findings:
         return rows
 
 
-def _upper_triangle_test(values: np.ndarray, mean: np.ndarray, std: np.ndarray) -> Tested:
+def _upper_triangle_test(values: np.ndarray, mean: np.ndarray, std: np.ndarray) -> FamilyCounts:
     a, b = np.triu_indices(len(values), 1)
     with np.errstate(divide="ignore", invalid="ignore"):
         z = np.where(std[a, b] > 0, (values[a, b] - mean[a, b]) / std[a, b], np.nan)
@@ -124,7 +124,7 @@ def phase_boundaries(sims: np.ndarray, std: np.ndarray) -> tuple[pd.DataFrame, i
     }), int(np.isfinite(p).sum())
 
 
-def _family(table: pd.DataFrame, value: str, null: str, z: str, p_adjusted: str) -> Tested:
+def _family(table: pd.DataFrame, value: str, null: str, z: str, p_adjusted: str) -> FamilyCounts:
     """:func:`multiplicity.count_family` of four columns of a table."""
     return count_family(*(table[c] for c in (value, null, z, p_adjusted)))
 

@@ -72,7 +72,7 @@ def benjamini_hochberg(p) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class Tested:
+class FamilyCounts:
     """A family of tests as a verdict reads it: how many ran, how many are significant after BH
     at :data:`FDR_Q` above and below their null, and the statistic's mean over the null's
     mean (:func:`count_family`)."""
@@ -88,8 +88,8 @@ class Tested:
                 f" q = {FDR_Q})")
 
 
-def count_family(values, null_means, z, p_adjusted) -> Tested:
-    """:class:`Tested` of one family: tests with a finite adjusted p; above (below) = adjusted
+def count_family(values, null_means, z, p_adjusted) -> FamilyCounts:
+    """:class:`FamilyCounts` of one family: tests with a finite adjusted p; above (below) = adjusted
     p <= :data:`FDR_Q` with z > 0 (< 0); mean ratio = mean of ``values`` / mean of
     ``null_means`` over those tests. Cost O(n)."""
     values, null_means = np.asarray(values, float), np.asarray(null_means, float)
@@ -97,7 +97,7 @@ def count_family(values, null_means, z, p_adjusted) -> Tested:
     ok = np.isfinite(p_adjusted)
     significant = ok & (p_adjusted <= FDR_Q)
     ratio = values[ok].mean() / null_means[ok].mean() if ok.any() else float("nan")
-    return Tested(int(ok.sum()), int((significant & (z > 0)).sum()),
+    return FamilyCounts(int(ok.sum()), int((significant & (z > 0)).sum()),
                   int((significant & (z < 0)).sum()), float(ratio))
 
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from .multiplicity import FDR_Q
 
 if TYPE_CHECKING:  # annotations only
-    from .multiplicity import Tested
+    from .multiplicity import FamilyCounts
     from .statistics import Correlation
 
 #: How the conditional verdicts name their null.
@@ -58,7 +58,7 @@ def overlap_verdict(summary: dict[str, float], chance: float | None = None,
     return text
 
 
-def conditional_overlap_verdict(adjacent: Tested, distant_ratio: float) -> str:
+def conditional_overlap_verdict(adjacent: FamilyCounts, distant_ratio: float) -> str:
     """Experiment 1 against the conditional null: adjacent-layer similarity of the primary head
     (one-sided z-tests, one per adjacent pair)."""
     test = f"one-sided z-test per adjacent pair, {adjacent.count('pairs')}"
@@ -156,7 +156,7 @@ def alignment_verdict(mean_ratio: float, ffn_input: str, mean_z: float | None = 
     return f"FFN alignment is near chance ({mean_ratio:.2f}x {rule}).{named}"
 
 
-def conditional_alignment_verdict(tested: Tested, ffn_input: str, what: str) -> str:
+def conditional_alignment_verdict(tested: FamilyCounts, ffn_input: str, what: str) -> str:
     """Experiment 3 against the conditional null (two-sided z-tests over ``what``, e.g. "(layer,
     head) pairs")."""
     test = f"two-sided z-test each, {tested.count(what)}"

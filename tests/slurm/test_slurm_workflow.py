@@ -101,9 +101,8 @@ def test_workflow_on_slurm_equals_local_run(cluster, tmp_path):
                   (tmp_path / "slurm/results").rglob("*.npy"))
     theirs = sorted(p.relative_to(local) for p in (local / "results").rglob("*.npy"))
     # The bases arrays, the row-space overlaps, 2 heads' similarity matrices, their mean,
-    # best match, its pairs and every head's same-index matrices, and the three composition
-    # matrices.
-    assert ours == theirs and len(ours) == len(BASES_FILES) + 10
+    # best match, its pairs and every head's same-index matrices (circuits are off).
+    assert ours == theirs and len(ours) == len(BASES_FILES) + 7
     for rel in ours:
         assert np.array_equal(np.load(tmp_path / "slurm" / rel), np.load(local / rel),
                               equal_nan=True), rel
