@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .multiplicity import benjamini_hochberg, gamma_p
+from .multiplicity import benjamini_hochberg, null_test
 from .nulls import (
     alignment_ceiling,
     alignment_floor,
@@ -61,10 +61,8 @@ def alignment_table(energy: np.ndarray, norm2: np.ndarray, ffn_singular_values: 
                  "floor": alignment_floor(ffn_singular_values, k, d)}
     iso = {name: np.broadcast_to(v[:, None], values.shape) for name, v in per_layer.items()}
     cond = alignment_null(rowspace_eigenvalues, norm2, k, n_heads)
-    with np.errstate(divide="ignore", invalid="ignore"):   # k = d_head: no spread, no test
-        cond_z = np.where(cond["std"] > 0, (values - cond["chance"]) / cond["std"], np.nan)
-    cond_p = np.where(np.isfinite(cond_z), gamma_p(values, cond["chance"], cond["std"],
-                                                    two_sided=True), np.nan)
+    # k = d_head: no spread, no test (NaN)
+    cond_z, cond_p = null_test(values, cond["chance"], cond["std"], two_sided=True)
     columns = {
         "alignment": values,
         "chance": np.full(values.shape, chance),

@@ -20,7 +20,7 @@ from .multiplicity import (
     DetrendedCorrelation,
     benjamini_hochberg,
     detrended_correlation,
-    gamma_p,
+    null_test,
 )
 from .nulls import similarity_z
 from .ranks import normalized_eff_rank
@@ -39,12 +39,6 @@ PAIRS = (
 def _next_layer(matrix: np.ndarray) -> np.ndarray:
     """``matrix[l, l+1]`` per layer, NaN for the last one."""
     return np.append(np.diagonal(matrix, offset=1), np.nan)
-
-
-def _z(value, mean, std) -> np.ndarray:
-    """``(value - mean) / std``, NaN where ``std`` is 0 or NaN."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(std > 0, (np.asarray(value, float) - mean) / std, np.nan)
 
 
 def layer_table(weight_ranks: pd.DataFrame, sims: np.ndarray, best_match: np.ndarray,
@@ -76,17 +70,15 @@ def layer_table(weight_ranks: pd.DataFrame, sims: np.ndarray, best_match: np.nda
     layers = np.arange(n)
     cond_mean, cond_std = one_head_null(overlaps, k, model["d_head"], model["n_heads"], head)
     adjacent = _next_layer(sims)
-    adjacent_z = _z(adjacent, _next_layer(cond_mean), _next_layer(cond_std))
-    adjacent_p = np.where(np.isfinite(adjacent_z), gamma_p(
-        adjacent, _next_layer(cond_mean), _next_layer(cond_std)), np.nan)
+    adjacent_z, adjacent_p = null_test(adjacent, _next_layer(cond_mean),
+                                       _next_layer(cond_std))
     b = bottleneck_layer(bottleneck)
     to_ref = head_rows(bottleneck, head).reindex(layers)
     to_bottleneck = to_ref["similarity"].to_numpy()
     untested = layers == b
-    bottleneck_z = np.where(untested, np.nan, _z(to_bottleneck, to_ref["conditional_mean"],
-                                                  to_ref["conditional_std"]))
-    bottleneck_p = np.where(np.isfinite(bottleneck_z), gamma_p(
-        to_bottleneck, to_ref["conditional_mean"], to_ref["conditional_std"]), np.nan)
+    bottleneck_z, bottleneck_p = null_test(np.where(untested, np.nan, to_bottleneck),
+                                           to_ref["conditional_mean"],
+                                           to_ref["conditional_std"])
     align = head_rows(alignment, head).reindex(layers)
     align_p = align["conditional_p"].to_numpy()
     by_layer = weight_ranks.groupby("layer_idx")

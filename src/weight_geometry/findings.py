@@ -33,7 +33,7 @@ from .multiplicity import (
     FamilyCounts,
     benjamini_hochberg,
     count_family,
-    gamma_p,
+    null_test,
     step_drop_test,
 )
 from .results_io import Analysis
@@ -60,19 +60,19 @@ class Findings:
     conditional_std: np.ndarray
     conditional_summary: dict[str, float]  # off-diagonal / adjacent / distant null means
     adjacent: FamilyCounts
-    pairs: FamilyCounts                         # every off-diagonal layer pair, primary head
+    pairs: FamilyCounts                   # every off-diagonal layer pair, primary head
     boundaries: pd.DataFrame              # significant drops only, largest first
     n_steps: int
     identity: list[tuple[int, int]]       # layer pairs whose head identities persist
-    same_index: FamilyCounts                    # same-index vs the conditional null, all heads
+    same_index: FamilyCounts              # same-index vs the conditional null, all heads
     bottleneck: FamilyCounts | None
     trends: tuple[Correlation, Correlation] | None
     correlations: list[tuple[str, DetrendedCorrelation]]
     depth_adjusted: dict[str, float]      # BH over the trends and correlations, by name
-    alignment_heads: FamilyCounts               # every (layer, head)
-    alignment_layers: FamilyCounts              # primary head
-    heads_adjacent: FamilyCounts                # every (head, layer) adjacent pair
-    heads_bottleneck: FamilyCounts | None       # every (head, layer) similarity to the bottleneck
+    alignment_heads: FamilyCounts         # every (layer, head)
+    alignment_layers: FamilyCounts        # primary head
+    heads_adjacent: FamilyCounts          # every (head, layer) adjacent pair
+    heads_bottleneck: FamilyCounts | None  # every (head, layer) similarity to the bottleneck
 
     def families(self) -> list[tuple[str, int]]:
         """(family, number of tests) of every family the report ran."""
@@ -98,9 +98,7 @@ class Findings:
 
 def _upper_triangle_test(values: np.ndarray, mean: np.ndarray, std: np.ndarray) -> FamilyCounts:
     a, b = np.triu_indices(len(values), 1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        z = np.where(std[a, b] > 0, (values[a, b] - mean[a, b]) / std[a, b], np.nan)
-    p = np.where(np.isfinite(z), gamma_p(values[a, b], mean[a, b], std[a, b]), np.nan)
+    z, p = null_test(values[a, b], mean[a, b], std[a, b])
     return count_family(values[a, b], mean[a, b], z, benjamini_hochberg(p))
 
 

@@ -29,9 +29,10 @@ import pandas as pd
 from .multiplicity import (
     PAIRING_P_PERMUTATIONS,
     benjamini_hochberg,
-    gamma_p,
+    null_test,
     pairing_null_exact,
     pairing_permutation_p,
+    z_score,
 )
 from .nulls import NULL_LAYERS, random_weight_bases
 from .rowspace_nulls import same_index_null
@@ -120,11 +121,8 @@ def layer_pair_table(sims: np.ndarray, best_matrix: np.ndarray, k: int, d: int, 
     p_pairing = pairing_permutation_p(sims, n_perm, seed, group=group)[a, b]
     cond_mean, cond_std = (m[a, b] for m in same_index_null(overlaps, k, d_head, n_heads))
     null = isotropic_weight_null(n_heads, n_kv_heads, d_head, d, k, seed=seed)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        vs_pairing = np.where(pair_std > 0, (same - pair_mean) / pair_std, np.nan)
-        z_conditional = np.where(cond_std > 0, (same - cond_mean) / cond_std, np.nan)
-    p_conditional = np.where(np.isfinite(z_conditional),
-                             gamma_p(same, cond_mean, cond_std), np.nan)
+    vs_pairing = z_score(same, pair_mean, pair_std)
+    z_conditional, p_conditional = null_test(same, cond_mean, cond_std)
     return pd.DataFrame({
         "layer_a": a, "layer_b": b,
         "same_index": same, "best_match": best,

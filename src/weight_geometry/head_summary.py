@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .multiplicity import benjamini_hochberg, gamma_p
+from .multiplicity import benjamini_hochberg, null_test
 from .nulls import similarity_z
 from .rowspace_nulls import head_pair_null
 
@@ -39,9 +39,7 @@ def adjacent_by_head(sims: np.ndarray, overlaps: np.ndarray, k: int, d: int,
     layers, heads = np.arange(n_layers - 1), np.arange(n_heads)
     pick = (layers[None, :], heads[:, None], layers[None, :] + 1, heads[:, None])   # (h, L-1)
     value, cond_mean, cond_std = sims[pick], mean[pick], std[pick]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        z_cond = np.where(cond_std > 0, (value - cond_mean) / cond_std, np.nan)
-    p = np.where(np.isfinite(z_cond), gamma_p(value, cond_mean, cond_std), np.nan)
+    z_cond, p = null_test(value, cond_mean, cond_std)
     group = n_heads // overlaps.shape[2]
     return pd.DataFrame({
         "head": np.repeat(heads, n_layers - 1),

@@ -87,6 +87,10 @@ class FamilyCounts:
         return (f"{self.n_above} of {self.n_tests} {what} significantly above it{below} (BH"
                 f" q = {FDR_Q})")
 
+    def above_below(self) -> str:
+        """``"n above, m below /N"``, as the report's per-KV-head table puts it."""
+        return f"{self.n_above} above, {self.n_below} below /{self.n_tests}"
+
 
 def count_family(values, null_means, z, p_adjusted) -> FamilyCounts:
     """:class:`FamilyCounts` of one family: tests with a finite adjusted p; above (below) = adjusted
@@ -98,7 +102,7 @@ def count_family(values, null_means, z, p_adjusted) -> FamilyCounts:
     significant = ok & (p_adjusted <= FDR_Q)
     ratio = values[ok].mean() / null_means[ok].mean() if ok.any() else float("nan")
     return FamilyCounts(int(ok.sum()), int((significant & (z > 0)).sum()),
-                  int((significant & (z < 0)).sum()), float(ratio))
+                        int((significant & (z < 0)).sum()), float(ratio))
 
 
 def _pair_blocks(sims: np.ndarray) -> np.ndarray:
@@ -276,6 +280,21 @@ def gamma_p(value, mean, std, two_sided: bool = False) -> np.ndarray:
         shape = np.where(std > 0, np.square(mean / std), np.nan)
         z = (np.cbrt(value / mean) - 1 + 1 / (9 * shape)) * 3 * np.sqrt(shape)
     return two_sided_p(z) if two_sided else upper_p(z)
+
+
+def z_score(value, mean, std) -> np.ndarray:
+    """``(value - mean) / std`` elementwise, NaN where ``std`` is 0 or NaN (a null without
+    spread tests nothing)."""
+    value, mean, std = (np.asarray(x, dtype=float) for x in (value, mean, std))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(std > 0, (value - mean) / std, np.nan)
+
+
+def null_test(value, mean, std, two_sided: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """z-score (:func:`z_score`) and p-value (:func:`gamma_p`) of a nonnegative statistic
+    against a null with this ``mean`` and ``std``, elementwise; both NaN where ``std`` is 0 or
+    NaN or ``value`` is NaN (a value left out of the test). Cost O(n)."""
+    return z_score(value, mean, std), gamma_p(value, mean, std, two_sided)
 
 
 def step_drop_test(values, stds) -> tuple[np.ndarray, np.ndarray]:

@@ -15,7 +15,7 @@ from .architectures import ABSOLUTE_POSITIONS
 from .crossref import PAIRS, layer_correlations
 from .findings import DEPTH_FAMILY, Findings, compute_findings
 from .ksweep import CONDITIONAL_RATIO_LABELS, GAP_THRESHOLD, RATIO_LABELS, ill_defined
-from .multiplicity import FDR_Q
+from .multiplicity import FDR_Q, count_family
 from .results_io import Analysis
 from .similarity import null_mean, null_std
 from .statistics import (
@@ -480,14 +480,6 @@ def _alignment(a: Analysis, f: Findings, lines: dict[str, str]):
     yield ("Per layer with both nulls: [Appendix](#appendix-full-tables) and `layers.csv`.\n")
 
 
-def _above_below(rows: pd.DataFrame, z: str, p_adjusted: str) -> str:
-    """``"n above, m below /N"``: the rows significant after BH on each side of their null."""
-    significant = rows[p_adjusted] <= FDR_Q
-    return (f"{int((significant & (rows[z] > 0)).sum())} above,"
-            f" {int((significant & (rows[z] < 0)).sum())} below"
-            f" /{int(rows[p_adjusted].notna().sum())}")
-
-
 def _by_kv_head(a: Analysis) -> pd.DataFrame:
     """Per KV head and over the model: the adjacent similarity, the similarity to the
     bottleneck (where there is one) and the alignment of all its heads against their
@@ -512,7 +504,8 @@ def _by_kv_head(a: Analysis) -> pd.DataFrame:
         for name, (table, value, null, z, p_adjusted) in tables.items():
             part = select(table)
             row[f"{columns[name]} × conditional"] = part[value].mean() / part[null].mean()
-            row[f"{columns[name]} significant"] = _above_below(part, z, p_adjusted)
+            row[f"{columns[name]} significant"] = count_family(
+                part[value], part[null], part[z], part[p_adjusted]).above_below()
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .multiplicity import benjamini_hochberg, gamma_p
+from .multiplicity import benjamini_hochberg, null_test
 from .ranks import normalized_eff_rank
 
 MIN_POINTS = 3
@@ -225,11 +225,10 @@ def bottleneck_table(sims_by_head: dict[int, np.ndarray], weight_ranks: pd.DataF
                                     "conditional_mean": to_bottleneck(mean),
                                     "conditional_std": to_bottleneck(std)}))
     table = pd.concat(frames, ignore_index=True)
-    tested = (table["layer"] != layer) & (table["conditional_std"] > 0)
-    values, mean, std = (table[c].where(tested) for c in ("similarity", "conditional_mean",
-                                                         "conditional_std"))
-    table["z_conditional"] = (values - mean) / std
-    table["p_conditional"] = gamma_p(values, mean, std)
+    # the bottleneck's similarity to itself is no test
+    z, p = null_test(table["similarity"].where(table["layer"] != layer),
+                     table["conditional_mean"], table["conditional_std"])
+    table["z_conditional"], table["p_conditional"] = z, p
     table["p_conditional_adjusted"] = benjamini_hochberg(table["p_conditional"])
     table["bottleneck_layer"] = layer
     table["bottleneck_choice"] = how
