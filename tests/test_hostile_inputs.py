@@ -286,17 +286,24 @@ def _run_rule(kind: str, log: Path, out: Path) -> subprocess.CompletedProcess:
 
 
 @contextlib.contextmanager
-def _tmpfs(path: Path, size: str):
-    """A tmpfs of ``size`` mounted at ``path`` (skips the test where mounting is not allowed)."""
-    path.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                          capture_output=True, text=True)
+def _mounted(path: Path, what: str, *mount_args: str):
+    """``mount *mount_args path`` for the duration (skips the test, naming ``what``, where
+    mounting is not allowed), unmounted lazily after."""
+    proc = subprocess.run(["mount", *mount_args, str(path)], capture_output=True, text=True)
     if proc.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+        pytest.skip(f"cannot {what} here: {proc.stderr.strip()}")
     try:
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+@contextlib.contextmanager
+def _tmpfs(path: Path, size: str):
+    """A tmpfs of ``size`` mounted at ``path`` (skips the test where mounting is not allowed)."""
+    path.mkdir()
+    with _mounted(path, "mount a tmpfs", "-t", "tmpfs", "-o", f"size={size}", "tmpfs"):
+        yield path
 
 
 @pytest.mark.parametrize(("kind", "expected"), [
@@ -420,14 +427,8 @@ def _read_only(path: Path):
     """``path`` made read-only for this process: a read-only bind mount onto itself where the
     test may mount (root: file modes do not stop root), else mode 0o555."""
     if os.geteuid() == 0:
-        proc = subprocess.run(["mount", "--bind", "-o", "ro", str(path), str(path)],
-                              capture_output=True, text=True)
-        if proc.returncode:
-            pytest.skip(f"cannot bind-mount read-only here: {proc.stderr.strip()}")
-        try:
+        with _mounted(path, "bind-mount read-only", "--bind", "-o", "ro", str(path)):
             yield path
-        finally:
-            subprocess.run(["umount", "-l", str(path)], check=True)
     else:
         path.chmod(0o555)
         try:
