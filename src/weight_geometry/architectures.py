@@ -291,6 +291,19 @@ def _gate_up_blocks(d: ModelDims) -> tuple[int, ...]:
     return d.d_ff, d.d_ff
 
 
+def _fused_qkv(tensor: str, transposed: bool = False) -> dict[str, WeightSpec]:
+    """W_Q, W_K and W_V cut as row blocks from one fused ``[Q; K; V]`` tensor."""
+    return {wt: WeightSpec(tensor, RowBlock(i, _qkv_blocks), transposed=transposed)
+            for i, wt in enumerate(("W_Q", "W_K", "W_V"))}
+
+
+def _fused_gate_up(tensor: str) -> dict[str, WeightSpec]:
+    """W_gate and W_up cut as row blocks from one fused ``[gate; up]`` tensor (an expert's
+    slice of a fused 3-D expert tensor too: its dimensions' ``d_ff`` is the expert's)."""
+    return {wt: WeightSpec(tensor, RowBlock(i, _gate_up_blocks))
+            for i, wt in enumerate(("W_gate", "W_up"))}
+
+
 _LLAMA = _split("self_attn.", "mlp.")
 _LLAMA_NORMS = {"attn": "input_layernorm.weight", "ffn": "post_attention_layernorm.weight"}
 _QK_NORMS = {"q": "self_attn.q_norm.weight", "k": "self_attn.k_norm.weight"}
@@ -324,18 +337,13 @@ HF_ADAPTERS: dict[str, Adapter] = {
     # puts only the QK-norm gains, over the whole projection, into W_Q's and W_K's rows.
     "olmo2": Adapter("model.layers.{layer}.", _LLAMA, norms=_QK_NORMS, qk_norm="projection"),
     "phi3": Adapter("model.layers.{layer}.", {
-        "W_Q": WeightSpec("self_attn.qkv_proj.weight", RowBlock(0, _qkv_blocks)),
-        "W_K": WeightSpec("self_attn.qkv_proj.weight", RowBlock(1, _qkv_blocks)),
-        "W_V": WeightSpec("self_attn.qkv_proj.weight", RowBlock(2, _qkv_blocks)),
+        **_fused_qkv("self_attn.qkv_proj.weight"),
         "W_O": WeightSpec("self_attn.o_proj.weight"),
-        "W_gate": WeightSpec("mlp.gate_up_proj.weight", RowBlock(0, _gate_up_blocks)),
-        "W_up": WeightSpec("mlp.gate_up_proj.weight", RowBlock(1, _gate_up_blocks)),
+        **_fused_gate_up("mlp.gate_up_proj.weight"),
         "W_down": WeightSpec("mlp.down_proj.weight"),
     }, norms=_LLAMA_NORMS),
     "gpt2": Adapter("transformer.h.{layer}.", {
-        "W_Q": WeightSpec("attn.c_attn.weight", RowBlock(0, _qkv_blocks), transposed=True),
-        "W_K": WeightSpec("attn.c_attn.weight", RowBlock(1, _qkv_blocks), transposed=True),
-        "W_V": WeightSpec("attn.c_attn.weight", RowBlock(2, _qkv_blocks), transposed=True),
+        **_fused_qkv("attn.c_attn.weight", transposed=True),
         "W_O": WeightSpec("attn.c_proj.weight", transposed=True),
         "W_up": WeightSpec("mlp.c_fc.weight", transposed=True),
         "W_down": WeightSpec("mlp.c_proj.weight", transposed=True),
@@ -350,9 +358,6 @@ HF_ADAPTERS: dict[str, Adapter] = {
     }, ffn_input="W_up", norms=_LLAMA_NORMS),
 }
 
-def _expert_gate_up_blocks(d: ModelDims) -> tuple[int, ...]:
-    return d.d_ff, d.d_ff
-
 
 def _per_expert(prefix: str, gate: str, up: str, down: str) -> dict[str, WeightSpec]:
     return {"W_gate": WeightSpec(f"{prefix}{gate}.weight"),
@@ -363,8 +368,7 @@ def _per_expert(prefix: str, gate: str, up: str, down: str) -> dict[str, WeightS
 #: Experts as transformers >= 5 holds them in memory (and as checkpoints written from its state
 #: dict store them): 3-D tensors, one slice per expert, under ``mlp.``.
 _FUSED_EXPERTS = ExpertLayout("mlp.gate.weight", {
-    "W_gate": WeightSpec("mlp.experts.gate_up_proj", RowBlock(0, _expert_gate_up_blocks)),
-    "W_up": WeightSpec("mlp.experts.gate_up_proj", RowBlock(1, _expert_gate_up_blocks)),
+    **_fused_gate_up("mlp.experts.gate_up_proj"),
     "W_down": WeightSpec("mlp.experts.down_proj")}, fused=True)
 _QWEN_EXPERTS = _per_expert("mlp.experts.{expert}.", "gate_proj", "up_proj", "down_proj")
 _QWEN2_SHARED = _per_expert("mlp.shared_expert.", "gate_proj", "up_proj", "down_proj")
@@ -428,18 +432,13 @@ GGUF_ADAPTERS: dict[str, Adapter] = {
     "gemma2": Adapter("blk.{layer}.", _GGUF, norms=_GGUF_NORMS),
     "gemma3": Adapter("blk.{layer}.", _GGUF, norms={**_GGUF_NORMS, **_GGUF_QK_NORMS}),
     "phi3": Adapter("blk.{layer}.", {
-        "W_Q": WeightSpec("attn_qkv.weight", RowBlock(0, _qkv_blocks)),
-        "W_K": WeightSpec("attn_qkv.weight", RowBlock(1, _qkv_blocks)),
-        "W_V": WeightSpec("attn_qkv.weight", RowBlock(2, _qkv_blocks)),
+        **_fused_qkv("attn_qkv.weight"),
         "W_O": WeightSpec("attn_output.weight"),
-        "W_gate": WeightSpec("ffn_up.weight", RowBlock(0, _gate_up_blocks)),
-        "W_up": WeightSpec("ffn_up.weight", RowBlock(1, _gate_up_blocks)),
+        **_fused_gate_up("ffn_up.weight"),
         "W_down": WeightSpec("ffn_down.weight"),
     }, norms=_GGUF_NORMS),
     "gpt2": Adapter("blk.{layer}.", {
-        "W_Q": WeightSpec("attn_qkv.weight", RowBlock(0, _qkv_blocks)),
-        "W_K": WeightSpec("attn_qkv.weight", RowBlock(1, _qkv_blocks)),
-        "W_V": WeightSpec("attn_qkv.weight", RowBlock(2, _qkv_blocks)),
+        **_fused_qkv("attn_qkv.weight"),
         "W_O": WeightSpec("attn_output.weight"),
         "W_up": WeightSpec("ffn_up.weight"),
         "W_down": WeightSpec("ffn_down.weight"),
