@@ -35,8 +35,18 @@ CONFIGS = {
                                           num_experts_per_tok=2, mlp_only_layers=[0]),
     "olmoe": lambda: T.OlmoeConfig(**COMMON, intermediate_size=24, num_experts=4,
                                    num_experts_per_tok=2),
+    # Layer 0 dense (first_k_dense_replace), two shared experts stored as one FFN of 2 x 24.
+    "glm4_moe": lambda: T.Glm4MoeConfig(**COMMON, head_dim=16, intermediate_size=48,
+                                        moe_intermediate_size=24, n_routed_experts=4,
+                                        n_shared_experts=2, num_experts_per_tok=2,
+                                        first_k_dense_replace=1, use_qk_norm=True),
+    "minimax_m2": lambda: T.MiniMaxM2Config(**COMMON, head_dim=16, intermediate_size=24,
+                                            num_local_experts=4, num_experts_per_tok=2),
 }
-SPARSE = {"mixtral": {0, 1}, "qwen2_moe": {0}, "qwen3_moe": {1}, "olmoe": {0, 1}}
+SPARSE = {"mixtral": {0, 1}, "qwen2_moe": {0}, "qwen3_moe": {1}, "olmoe": {0, 1},
+          "glm4_moe": {1}, "minimax_m2": {0, 1}}
+#: The shared expert's module under the sparse block, where there is one.
+SHARED_EXPERT = {"qwen2_moe": "shared_expert", "glm4_moe": "shared_experts"}
 
 
 def build(arch: str, path, fused: bool = False):
@@ -107,14 +117,14 @@ def test_experts_and_router_reproduce_transformers_modules(built, tmp_path, fuse
                         * (x @ torch.from_numpy(w["W_up"]).T)) @ torch.from_numpy(w["W_down"]).T
             with torch.no_grad():
                 if expert == SHARED:
-                    ref = mlp.shared_expert(x)
+                    ref = getattr(mlp, SHARED_EXPERT[arch])(x)
                 else:   # every token to this expert alone, weight 1: transformers' forward
                     index = torch.full((5, 1), expert)
                     ref = mlp.experts(x, index, torch.ones(5, 1))
             np.testing.assert_allclose(ours_out.numpy(), ref.numpy(), atol=1e-5,
                                        err_msg=f"{arch} layer {layer} expert {expert}")
         n = ckpt.moe.n_experts
-        assert seen == [*range(n), *([SHARED] if arch == "qwen2_moe" else [])]
+        assert seen == [*range(n), *([SHARED] if arch in SHARED_EXPERT else [])]
 
 
 def test_fold_norms_folds_the_pre_ffn_gain_into_experts_and_router(built):
@@ -149,8 +159,9 @@ def test_per_expert_effective_ranks_and_mean_ffn_input(built):
         grams = []
         for _, wt, shape, eff, expert in experts:
             if expert == SHARED:
-                w = getattr(mlp.shared_expert, {"W_gate": "gate_proj", "W_up": "up_proj",
-                                                "W_down": "down_proj"}[wt]).weight.detach()
+                w = getattr(getattr(mlp, SHARED_EXPERT[arch]), {
+                    "W_gate": "gate_proj", "W_up": "up_proj", "W_down": "down_proj"}[wt]
+                    ).weight.detach()
             else:
                 e = int(expert)
                 w = {"W_gate": mlp.experts.gate_up_proj[e, :d_e],
@@ -162,7 +173,7 @@ def test_per_expert_effective_ranks_and_mean_ffn_input(built):
             if wt == "W_gate" and expert != SHARED:
                 grams.append(w.astype(np.float64).T @ w)
         n = ckpt.moe.n_experts
-        assert len(experts) == 3 * (n + (arch == "qwen2_moe"))
+        assert len(experts) == 3 * (n + (arch in SHARED_EXPERT))
         mean = sum(grams) / n
         assert res.ffn_input_norm2 == pytest.approx(np.trace(mean), rel=1e-6)
         np.testing.assert_allclose(res.ffn_input_singular_values,

@@ -197,12 +197,18 @@ class MoeKeys:
     ``n_experts`` present: transformers 5 writes Qwen3-MoE's as ``num_local_experts``, the
     published configs as ``num_experts``), expert width,
     shared-expert width (None: no shared expert), and whether ``mlp_only_layers`` and
-    ``decoder_sparse_step`` choose the sparse layers (else every layer is sparse)."""
+    ``decoder_sparse_step`` choose the sparse layers (else every layer is sparse).
+    ``shared_count``: the key counting shared experts that are stored as one FFN of width
+    ``count * d_expert`` (GLM-4-MoE's and DeepSeek's ``n_shared_experts``; 0: none), instead of
+    ``d_shared``. ``first_dense``: the key counting the leading layers that keep a dense FFN
+    (``first_k_dense_replace``: layers ``0 .. n-1`` dense, the rest sparse)."""
 
     n_experts: tuple[str, ...]
     d_expert: str
     d_shared: str | None = None
     sparse_step: bool = False
+    shared_count: str | None = None
+    first_dense: str | None = None
 
 
 @dataclass(frozen=True)
@@ -217,6 +223,8 @@ class Adapter:
     layer prefixes the same layout is saved under (tried in order when ``layer_prefix`` has no
     W_Q). ``experts``: a mixture-of-experts model's expert layouts (tried in order: the first
     whose router is stored), whose sparse layers have no W_gate/W_up/W_down of their own.
+    ``qk_norm_key``: the ``config.json`` key that switches QK-norm on (GLM-4-MoE's
+    ``use_qk_norm``; :meth:`configured` drops the ``q``/``k`` norms where it is not true).
     """
 
     layer_prefix: str
@@ -227,6 +235,14 @@ class Adapter:
     qk_norm: str = "head"
     also_prefixes: tuple[str, ...] = ()
     experts: tuple[ExpertLayout, ...] = ()
+    qk_norm_key: str | None = None
+
+    def configured(self, config: dict) -> Adapter:
+        """This layout for a model whose ``config.json`` is ``config``: without its QK-norm
+        gains where ``qk_norm_key`` is not ``true`` there."""
+        if self.qk_norm_key is None or config.get(self.qk_norm_key) is True:
+            return self
+        return replace(self, norms={r: n for r, n in self.norms.items() if r not in ("q", "k")})
 
     @property
     def weight_types(self) -> tuple[str, ...]:
@@ -372,6 +388,7 @@ _FUSED_EXPERTS = ExpertLayout("mlp.gate.weight", {
     "W_down": WeightSpec("mlp.experts.down_proj")}, fused=True)
 _QWEN_EXPERTS = _per_expert("mlp.experts.{expert}.", "gate_proj", "up_proj", "down_proj")
 _QWEN2_SHARED = _per_expert("mlp.shared_expert.", "gate_proj", "up_proj", "down_proj")
+_GLM_SHARED = _per_expert("mlp.shared_experts.", "gate_proj", "up_proj", "down_proj")
 #: Mixture-of-experts layouts of each MoE ``model_type``: one tensor per expert (what
 #: ``save_pretrained`` writes, transformers 4 and 5), then the fused 3-D tensors.
 _MOE_LAYOUTS = {
@@ -381,7 +398,12 @@ _MOE_LAYOUTS = {
                   replace(_FUSED_EXPERTS, shared=_QWEN2_SHARED)),
     "qwen3_moe": (ExpertLayout("mlp.gate.weight", _QWEN_EXPERTS), _FUSED_EXPERTS),
     "olmoe": (ExpertLayout("mlp.gate.weight", _QWEN_EXPERTS), _FUSED_EXPERTS),
+    # GLM-4-MoE: the shared experts are one FFN (mlp.shared_experts); the router's
+    # e_score_correction_bias (a per-expert bias for the top-k choice) is not read.
+    "glm4_moe": (ExpertLayout("mlp.gate.weight", _QWEN_EXPERTS, shared=_GLM_SHARED),
+                 replace(_FUSED_EXPERTS, shared=_GLM_SHARED)),
 }
+_MOE_LAYOUTS["minimax_m2"] = _MOE_LAYOUTS["mixtral"]  # its e_score_correction_bias unread
 #: ``model_type`` -> its mixture-of-experts config keys (:func:`moe_dims_from_hf_config`).
 HF_MOE_KEYS = {
     "mixtral": MoeKeys(("num_local_experts",), "intermediate_size"),
@@ -390,6 +412,9 @@ HF_MOE_KEYS = {
     "qwen3_moe": MoeKeys(("num_experts", "num_local_experts"), "moe_intermediate_size",
                          sparse_step=True),
     "olmoe": MoeKeys(("num_experts",), "intermediate_size"),
+    "glm4_moe": MoeKeys(("n_routed_experts",), "moe_intermediate_size",
+                        shared_count="n_shared_experts", first_dense="first_k_dense_replace"),
+    "minimax_m2": MoeKeys(("num_local_experts",), "intermediate_size"),
 }
 HF_ADAPTERS.update({
     "mixtral": Adapter("model.layers.{layer}.", _LLAMA, norms=_LLAMA_NORMS,
@@ -402,6 +427,14 @@ HF_ADAPTERS.update({
     # OLMoE: pre-norms as Llama's, QK-norm over the whole projection as OLMo 2's.
     "olmoe": Adapter("model.layers.{layer}.", _LLAMA, norms={**_LLAMA_NORMS, **_QK_NORMS},
                      qk_norm="projection", experts=_MOE_LAYOUTS["olmoe"]),
+    # GLM-4-MoE: dense first layers (Llama's mlp.*_proj), per-head QK-norm where use_qk_norm
+    # (GLM-4.5; not GLM-4.5-Air), partial rotary (positions do not change the weights).
+    "glm4_moe": Adapter("model.layers.{layer}.", _LLAMA, norms={**_LLAMA_NORMS, **_QK_NORMS},
+                        qk_norm_key="use_qk_norm", experts=_MOE_LAYOUTS["glm4_moe"]),
+    # MiniMax-M2: every layer sparse, Mixtral's layout; QK-norm over the whole projection.
+    "minimax_m2": Adapter("model.layers.{layer}.", _LLAMA,
+                          norms={**_LLAMA_NORMS, **_QK_NORMS}, qk_norm="projection",
+                          experts=_MOE_LAYOUTS["minimax_m2"]),
 })
 
 _GGUF = {"W_Q": WeightSpec("attn_q.weight"), "W_K": WeightSpec("attn_k.weight"),
@@ -462,7 +495,14 @@ _GEMMA3_TEXT_DEFAULTS = {"hidden_size": 2304, "intermediate_size": 9216,
 #: ``model_type`` -> what transformers' config class takes for a key that ``config.json``
 #: leaves out (Gemma 3's published configs omit the head counts and ``head_dim``):
 #: ``Gemma3TextConfig``'s defaults.
-HF_CONFIG_DEFAULTS = {"gemma3_text": _GEMMA3_TEXT_DEFAULTS, "gemma3": _GEMMA3_TEXT_DEFAULTS}
+HF_CONFIG_DEFAULTS = {"gemma3_text": _GEMMA3_TEXT_DEFAULTS, "gemma3": _GEMMA3_TEXT_DEFAULTS,
+                      "glm4_moe": {"first_k_dense_replace": 1, "n_shared_experts": 1,
+                                   "num_nextn_predict_layers": 1,
+                                   "partial_rotary_factor": 0.5}}
+#: ``model_type`` -> the ``config.json`` key counting the multi-token-prediction layers that
+#: published checkpoints store after the last decoder layer (GLM-4.5's ``model.layers.46``,
+#: which transformers does not load either): allowed, not analysed.
+HF_EXTRA_LAYERS = {"glm4_moe": "num_nextn_predict_layers"}
 
 
 def hf_layers_key(model_type: str) -> str:
@@ -547,15 +587,40 @@ def dims_from_hf_config(config: dict) -> ModelDims:
     )
 
 
+def rotary_fraction_from_hf_config(config: dict) -> float:
+    """The share of each head's ``d_head`` coordinates that RoPE rotates (partial rotary:
+    GLM-4-MoE, MiniMax-M2): ``rope_parameters.partial_rotary_factor`` (transformers 5), else
+    ``partial_rotary_factor``, else ``rotary_dim / head_dim`` (MiniMax-M2's published configs),
+    else the :data:`HF_CONFIG_DEFAULTS` value, else 1. A value outside ``(0, 1]`` is a
+    UserError naming the key (the caller adds the file)."""
+    rope = config.get("rope_parameters")
+    keyed = [("rope_parameters.partial_rotary_factor",
+              rope.get("partial_rotary_factor") if isinstance(rope, dict) else None),
+             ("partial_rotary_factor", config.get("partial_rotary_factor"))]
+    if isinstance(config.get("rotary_dim"), int) and isinstance(config.get("head_dim"), int):
+        keyed.append(("rotary_dim / head_dim", config["rotary_dim"] / config["head_dim"]))
+    default = HF_CONFIG_DEFAULTS.get(config.get("model_type"), {}).get("partial_rotary_factor")
+    key, value = next(((k, v) for k, v in keyed if v is not None),
+                      ("partial_rotary_factor", default if default is not None else 1.0))
+    if type(value) not in (int, float) or not 0 < value <= 1:
+        raise UserError(f"{key}: {value!r} is not allowed (a number in (0, 1]: the share of"
+                        " each head's coordinates that RoPE rotates)")
+    return float(value)
+
+
 def moe_dims_from_hf_config(config: dict, n_layers: int) -> MoeDims | None:
     """The experts of a mixture-of-experts ``config.json`` (:data:`HF_MOE_KEYS`), None for a
     dense ``model_type``. Sparse layers: every layer, or for ``sparse_step`` types (Qwen-MoE)
     those that transformers makes sparse, ``l not in mlp_only_layers and (l + 1) %
-    decoder_sparse_step == 0`` (defaults ``[]`` and 1). A missing or bad value is a UserError
+    decoder_sparse_step == 0`` (defaults ``[]`` and 1), and for ``first_dense`` types
+    (GLM-4-MoE) layers ``first_k_dense_replace`` onwards. Keys of :data:`HF_CONFIG_DEFAULTS`
+    that are absent or null take transformers' defaults. A missing or bad value is a UserError
     naming the key (the caller adds the file)."""
     keys = HF_MOE_KEYS.get(config.get("model_type"))
     if keys is None:
         return None
+    defaults = HF_CONFIG_DEFAULTS.get(config.get("model_type"), {})
+    config = {**config, **{k: v for k, v in defaults.items() if config.get(k) is None}}
 
     def value(key: str, default: int | None = None, low: int = 1) -> int:
         v = config.get(key)
@@ -575,12 +640,17 @@ def moe_dims_from_hf_config(config: dict, n_layers: int) -> MoeDims | None:
             raise UserError(f"mlp_only_layers: {dense!r} is not allowed (a list of layer"
                             " indices)")
         layers = frozenset(x for x in layers if x not in dense and (x + 1) % step == 0)
+    if keys.first_dense:
+        layers = frozenset(range(value(keys.first_dense, low=0), n_layers))
     count_key = next((k for k in keys.n_experts if k in config), keys.n_experts[0])
     n_experts = value(count_key, low=0 if keys.sparse_step else 1)
     if n_experts == 0:  # Qwen-MoE with num_experts 0: every layer dense
         layers = frozenset()
-    return MoeDims(n_experts=n_experts, d_expert=value(keys.d_expert),
-                   d_shared=value(keys.d_shared, 0, 0) if keys.d_shared else 0,
+    d_expert = value(keys.d_expert)
+    d_shared = value(keys.d_shared, 0, 0) if keys.d_shared else 0
+    if keys.shared_count:
+        d_shared = value(keys.shared_count, low=0) * d_expert
+    return MoeDims(n_experts=n_experts, d_expert=d_expert, d_shared=d_shared,
                    sparse_layers=layers)
 
 

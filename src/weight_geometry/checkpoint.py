@@ -33,6 +33,8 @@ from .architectures import (
     GGUF_ADAPTERS,
     GGUF_ROPE_PERMUTED,
     HF_ADAPTERS,
+    HF_CONFIG_DEFAULTS,
+    HF_EXTRA_LAYERS,
     SHARED,
     Adapter,
     ExpertLayout,
@@ -42,6 +44,7 @@ from .architectures import (
     dims_from_hf_config,
     hf_layers_key,
     moe_dims_from_hf_config,
+    rotary_fraction_from_hf_config,
     undo_gguf_rope_permutation,
     unsupported,
 )
@@ -145,6 +148,11 @@ class Checkpoint:
     #: Mixture-of-experts models: their experts, and where they are stored (None: dense).
     moe: MoeDims | None = None
     expert_layout: ExpertLayout | None = None
+    #: Layers stored after the last (multi-token prediction: :data:`HF_EXTRA_LAYERS`), allowed
+    #: and not read.
+    _extra_layers: int = 0
+    #: The share of each head's coordinates RoPE rotates (< 1: partial rotary).
+    rotary_fraction: float = 1.0
 
     @property
     def weight_types(self) -> tuple[str, ...]:
@@ -180,11 +188,12 @@ class Checkpoint:
                                 f"{role} norm gain of layer {layer}", _FOLD_NORMS_NEEDS)
 
     def _check_no_extra_layers(self) -> None:
-        """No weight tensor of a layer >= L (a layer count that cuts the model short); the
-        message names the lowest such layer's first weight."""
+        """No weight tensor of a layer >= L (a layer count that cuts the model short), past
+        the ``_extra_layers`` stored after the last; the message names the lowest such layer's
+        first weight."""
         n = self.dims.n_layers
-        extra = [layer for name in self._shapes
-                 if (layer := self.adapter.layer_of(name)) is not None and layer >= n]
+        extra = [layer for name in self._shapes if (layer := self.adapter.layer_of(name))
+                 is not None and layer >= n + self._extra_layers]
         if extra:
             name = next(t for wt in self.weight_types
                         if (t := self.adapter.tensor_name(wt, min(extra))) in self._shapes)
@@ -338,6 +347,7 @@ class Checkpoint:
             "biases": "not used",
             **self.dims.as_dict(),
             **({"experts": self.moe.as_dict()} if self.moe is not None else {}),
+            **({"rotary_fraction": self.rotary_fraction} if self.rotary_fraction < 1 else {}),
         }
 
 
@@ -406,6 +416,25 @@ def hf_moe_dims(path: Path, dims: ModelDims) -> MoeDims | None:
         raise UserError(f"{config_path}: {err}") from None
 
 
+def _hf_config_extras(path: Path, model_type: str) -> tuple[dict, int, float]:
+    """From ``path``'s ``config.json``: the config, the count of layers stored after the last
+    (:data:`HF_EXTRA_LAYERS`, an integer >= 0) and the rotary fraction; a one-line UserError
+    naming the file and key for a bad value."""
+    config_path = path / "config.json"
+    config = read_json_object(config_path)
+    key = HF_EXTRA_LAYERS.get(model_type)
+    extra = 0
+    if key:
+        extra = config[key] if config.get(key) is not None else HF_CONFIG_DEFAULTS.get(
+            model_type, {}).get(key, 0)
+    if type(extra) is not int or extra < 0:
+        raise UserError(f"{config_path}: {key}: {extra!r} is not allowed (an integer >= 0)")
+    try:
+        return config, extra, rotary_fraction_from_hf_config(config)
+    except UserError as err:
+        raise UserError(f"{config_path}: {err}") from None
+
+
 def hf_architecture(source: str, path: Path) -> tuple[str, ModelDims]:
     """Architecture and dimensions from a Hugging Face directory's config.json alone; a
     one-line UserError naming the file when it is not a JSON object, has no supported
@@ -443,7 +472,8 @@ def _open_hf_dir(source: str, path: Path) -> Checkpoint:
     model_type, dims = hf_architecture(source, path)
     entries = directory_entries(path)
     dtypes = sorted({DTYPE_NAMES.get(e.dtype, e.dtype) for e in entries.values()})
-    adapter = _hf_adapter(model_type, entries)
+    config, extra_layers, rotary = _hf_config_extras(path, model_type)
+    adapter = _hf_adapter(model_type, entries).configured(config)
     moe = hf_moe_dims(path, dims)
     return Checkpoint(
         source=source, path=path, format="safetensors", architecture=model_type,
@@ -452,7 +482,8 @@ def _open_hf_dir(source: str, path: Path) -> Checkpoint:
         _shapes={n: e.shape for n, e in entries.items()},
         _files={n: e.file for n, e in entries.items()}, _reader=SafetensorsReader(entries),
         _layers_key=f"config.json {hf_layers_key(model_type)}",
-        moe=moe, expert_layout=_expert_layout(adapter, moe, entries))
+        moe=moe, expert_layout=_expert_layout(adapter, moe, entries),
+        _extra_layers=extra_layers, rotary_fraction=rotary)
 
 
 def _expert_layout(adapter: Adapter, moe: MoeDims | None,
