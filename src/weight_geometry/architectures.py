@@ -689,7 +689,7 @@ def dims_from_gguf_metadata(meta: dict, arch: str) -> ModelDims:
 def _gguf_int(meta: dict, key: str, default: int | None = None) -> int:
     """Integer metadata value ``>= 1`` (0 also for an optional key: llama.cpp's 'unset').
 
-    :class:`~weight_geometry.gguf_file.GGUFFile` keeps arrays as ``None``.
+    :class:`~weight_geometry.gguf_file.GGUFFile` keeps arrays as tuples or ``None``.
     """
     if key not in meta:
         if default is None:
@@ -697,7 +697,7 @@ def _gguf_int(meta: dict, key: str, default: int | None = None) -> int:
                             " dimensions)")
         return default
     value = meta[key]
-    if value is None:
+    if value is None or isinstance(value, tuple):
         raise UserError(f"GGUF metadata {key}: an array is not allowed (one integer >= 1;"
                         " per-layer values are not supported)")
     if type(value) is not int or value < (0 if default is not None else 1):

@@ -50,6 +50,7 @@ from .architectures import (
 )
 from .errors import UserError
 from .gguf_file import GGUFModel
+from .layer_kinds import LayerKinds, gguf_layer_kinds, hf_layer_kinds
 from .safetensors_file import (
     DTYPE_NAMES,
     SafetensorsReader,
@@ -145,6 +146,8 @@ class Checkpoint:
     _reader: TensorReader = field(repr=False)
     _layers_key: str = field(repr=False)  # where L comes from, for messages
     _unpermute_qk: bool = False
+    #: Every layer's attention kind (:mod:`layer_kinds`; set by :func:`open_checkpoint`).
+    layer_kinds: LayerKinds | None = None
     #: Mixture-of-experts models: their experts, and where they are stored (None: dense).
     moe: MoeDims | None = None
     expert_layout: ExpertLayout | None = None
@@ -346,6 +349,7 @@ class Checkpoint:
                            else "not applied (raw projection weights)"),
             "biases": "not used",
             **self.dims.as_dict(),
+            **(self.layer_kinds or LayerKinds(("full",) * self.dims.n_layers)).as_dict(),
             **({"experts": self.moe.as_dict()} if self.moe is not None else {}),
             **({"rotary_fraction": self.rotary_fraction} if self.rotary_fraction < 1 else {}),
         }
@@ -361,10 +365,25 @@ def open_checkpoint(source: str, fold_norms: bool = False,
     """
     path = resolve_source(source)
     ckpt = _open_gguf(source, path) if path.is_file() else _open_hf_dir(source, path)
+    ckpt.layer_kinds = _layer_kinds(ckpt)
     ckpt.validate(fold_norms)
     if configured_source is not None:
         ckpt.source = configured_source
     return ckpt
+
+
+def _layer_kinds(ckpt: Checkpoint) -> LayerKinds:
+    """Every layer's kind from the GGUF metadata or ``config.json`` (:mod:`layer_kinds`); a
+    bad value is a one-line UserError naming the file."""
+    gguf = ckpt.format == "gguf"
+    where = ckpt.path if gguf else ckpt.path / "config.json"
+    try:
+        if gguf:
+            return gguf_layer_kinds(ckpt._reader.metadata, ckpt.architecture,
+                                    ckpt.dims.n_layers)
+        return hf_layer_kinds(read_json_object(where), ckpt.dims.n_layers)
+    except UserError as err:
+        raise UserError(f"{where}: {err}") from None
 
 
 def _open_gguf(source: str, path: Path) -> Checkpoint:

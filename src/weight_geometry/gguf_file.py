@@ -2,9 +2,9 @@
 
 ``gguf.GGUFReader`` builds views of every metadata array (about 2 s for a 49k-token vocabulary),
 which is too slow for the Snakefile's parse-time inspection. This module parses the header with
-``struct`` (scalar metadata kept, arrays skipped); a tensor's bytes are read with one ``pread``
-and dequantized with ``gguf.quants.dequantize`` only when asked for, so peak memory is one
-tensor and no pages of earlier tensors stay mapped.
+``struct`` (scalar metadata and short numeric arrays kept, the rest skipped); a tensor's
+bytes are read with one ``pread`` and dequantized with ``gguf.quants.dequantize`` only when
+asked for, so peak memory is one tensor and no pages of earlier tensors stay mapped.
 
 GGUF stores dimensions innermost first (``ne[0]`` = columns); :class:`GGUFTensorInfo.shape` is
 the Hugging Face ``(out, in)`` order, i.e. the reversed list.
@@ -45,6 +45,9 @@ MAX_KEY_BYTES = 1 << 16
 MAX_STRING_BYTES = 1 << 26
 MAX_ARRAY_ITEMS = 1 << 24
 MAX_ENTRIES = 1 << 20  # metadata entries, and tensors
+#: Numeric arrays up to this length are kept, as tuples (per-layer values such as
+#: ``{arch}.attention.sliding_window_pattern``); longer ones (token types) are skipped.
+MAX_KEPT_ARRAY = 4096
 _CRAFTED = "; a crafted or corrupt file?"
 
 
@@ -104,20 +107,26 @@ class _Cursor:
             if count > MAX_ARRAY_ITEMS:
                 raise UserError(f"{self.path}: GGUF metadata {key}: an array of {count} items"
                                 f" (allowed: at most {MAX_ARRAY_ITEMS}{_CRAFTED})")
-            if etype in _SCALAR_FORMATS:  # fixed size: skip in one step
-                size = count * struct.calcsize(_SCALAR_FORMATS[etype])
+            if etype in _SCALAR_FORMATS:  # fixed size: skip in one step, or keep a short one
+                fmt = _SCALAR_FORMATS[etype]
+                size = count * struct.calcsize(fmt)
                 self.need(size)
+                kept = (struct.unpack_from(f"<{count}{fmt[1]}", self.buf, self.pos)
+                        if count <= MAX_KEPT_ARRAY else None)
                 self.pos += size
+                return kept
             else:
                 self.need(count * _MIN_ITEM_BYTES.get(etype, 0))  # before looping over them
                 for _ in range(count):
                     self.value(etype, key)
-            return None  # arrays (vocabularies, merges) are not needed here
+            return None  # arrays of strings (vocabularies, merges) are not needed here
         raise UserError(f"{self.path}: unknown GGUF metadata type {vtype}")
 
 
 class GGUFFile:
-    """A GGUF file opened lazily: ``metadata`` (scalars), ``tensors`` (directory), ``read``."""
+    """A GGUF file opened lazily: ``metadata`` (scalars; numeric arrays of at most
+    :data:`MAX_KEPT_ARRAY` items as tuples, other arrays None), ``tensors`` (directory),
+    ``read``."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)

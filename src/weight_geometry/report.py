@@ -11,10 +11,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .architectures import ABSOLUTE_POSITIONS
 from .crossref import PAIRS, layer_correlations
 from .findings import DEPTH_FAMILY, Findings, compute_findings
 from .ksweep import CONDITIONAL_RATIO_LABELS, GAP_THRESHOLD, RATIO_LABELS, ill_defined
+from .layer_kinds import LayerKinds, position_caveat
 from .multiplicity import FDR_Q, count_family
 from .results_io import Analysis
 from .similarity import null_mean, null_std
@@ -231,10 +231,7 @@ def _header(a: Analysis):
     yield f"# Subspace geometry analysis: {m['name']}\n"
     yield (f"Source: `{m['source']}` ({m['format']}, architecture `{m['architecture']}`);"
            f" weights stored as {m['storage_dtype']}; analysed as {m['compute_dtype']}.\n")
-    positions = ("before scaling; positions enter as learned absolute embeddings in the"
-                 " residual stream, not inside the score" if m["architecture"] in
-                 ABSOLUTE_POSITIONS else "before RoPE and scaling; RoPE makes the true kernel"
-                 " depend on the relative position, and this is its zero-offset slice")
+    positions = position_caveat(m["architecture"], LayerKinds.from_record(m))
     yield ("Caveats: the kernel `W_Q_i^T W_K_j` is the attention score's bilinear form"
            f" {positions}. Biases: {m.get('biases', 'not used')}; norm gains:"
            f" {m.get('norm_gains', 'not applied (raw projection weights)')}."

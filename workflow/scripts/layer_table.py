@@ -9,14 +9,17 @@ def main():
     import pandas as pd
 
     from weight_geometry.crossref import layer_table
+    from weight_geometry.layer_kinds import with_layer_type
     from weight_geometry.results_io import load_array, load_layers, read_json
 
     inp = snakemake.input
+    model = read_json(inp.model)
     table = layer_table(pd.read_parquet(inp.weight_ranks), load_array(inp.similarity[0]),
                         load_array(inp.best_match), pd.read_parquet(inp.bottleneck),
                         pd.read_parquet(inp.alignment), load_layers(inp.singular_values),
                         snakemake.params.head, int(snakemake.wildcards.k),
-                        read_json(inp.model), load_array(inp.overlaps))
+                        model, load_array(inp.overlaps))
+    table = with_layer_type(table, model)
     table.to_parquet(snakemake.output.parquet, index=False)
     table.to_csv(snakemake.output.csv, index=False)
 
