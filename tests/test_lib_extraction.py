@@ -189,7 +189,10 @@ def test_write_layers_streams_the_same_arrays(tiny_llama, tmp_path):
                                               "ffn_input_rowspace_eigenvalues",
                                               "ffn_input_norm2", "ffn_input_singular_values",
                                               "query_vectors", "ov_write_vectors",
-                                              "ov_read_vectors", "ov_singular_values"}
+                                              "ov_read_vectors", "ov_singular_values",
+                                              "expert_energy", "expert_norm2",
+                                              "expert_rowspace_eigenvalues",
+                                              "expert_singular_values"}
     res = _extract(ckpt, range(L), tmp_path)
     layers = [extract_layer(ckpt, layer, torch.device("cpu")) for layer in range(L)]
     for name in names:

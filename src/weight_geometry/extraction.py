@@ -29,6 +29,11 @@ dropped, and produce:
 - in a mixture-of-experts layer, the FFN input is the routed experts' mean W_gate Gram and
   each expert's weights get effective-rank rows of their own, with a fifth field, the expert
   (:mod:`experts`);
+- ``expert_energy[l]`` ``(U, h, d_head)``, ``expert_norm2[l]`` ``(U,)``,
+  ``expert_rowspace_eigenvalues[l]`` ``(U, n_kv, d_head)``, ``expert_singular_values[l]``
+  ``(U, m)``: the same alignment inputs for each of a sparse layer's ``U`` units (every
+  expert's W_gate, the router's rows: :mod:`expert_alignment`), from the expert's weights in
+  memory (:mod:`experts`); NaN in a layer without experts, ``U = 0`` in a dense model;
 - effective-rank rows (layer_idx, weight_type, shape, eff_rank) for every weight; with
   ``compute_ranks=False`` (the user supplies them) none, and only W_Q, W_K, W_V, W_O and
   ``W_in`` are read: the pass then costs the subspaces, the circuits and one Gram per layer.
@@ -71,7 +76,7 @@ import torch
 from .checkpoint import Checkpoint
 from .device import pin_float32_matmul, resolve_device
 from .errors import UserError
-from .experts import expert_pass
+from .experts import UnitArrays, expert_pass
 from .kernels import factored_subspaces, ov_circuits
 from .ranks import (
     effective_rank_from_singular_values,
@@ -100,6 +105,10 @@ class LayerResult:
     ov_write_vectors: np.ndarray
     ov_read_vectors: np.ndarray
     ov_singular_values: np.ndarray
+    expert_energy: np.ndarray
+    expert_norm2: np.ndarray
+    expert_rowspace_eigenvalues: np.ndarray
+    expert_singular_values: np.ndarray
     weight_ranks: list[tuple]
 
     @classmethod
@@ -143,10 +152,11 @@ def extract_layer(ckpt: Checkpoint, layer: int, device: torch.device,
             energy, rowspace = (x.cpu().numpy() for x in subspaces.energies(ffn_gram))
             ffn_gram = None
         del w, g, array
+    units = UnitArrays.empty(ckpt.moe, *heads, dims.d_model)
     if ckpt.is_sparse(layer):  # a mixture of experts, read one expert at a time
-        moe = expert_pass(ckpt, layer, device, fold_norms, compute_ranks)
+        moe = expert_pass(ckpt, layer, device, subspaces, fold_norms, compute_ranks)
         rows += moe.rows
-        ffn_sigma, norm2 = moe.singular_values, moe.norm2
+        ffn_sigma, norm2, units = moe.singular_values, moe.norm2, moe.units
         energy, rowspace = (x.cpu().numpy() for x in subspaces.energies(moe.gram))
         del moe
     singular_values = subspaces.singular_values.cpu().numpy()
@@ -162,6 +172,10 @@ def extract_layer(ckpt: Checkpoint, layer: int, device: torch.device,
         ov_write_vectors=ov.left.cpu().numpy(),
         ov_read_vectors=ov.right.cpu().numpy(),
         ov_singular_values=ov.singular_values.cpu().numpy(),
+        expert_energy=units.energy,
+        expert_norm2=units.norm2,
+        expert_rowspace_eigenvalues=units.rowspace_eigenvalues,
+        expert_singular_values=units.singular_values,
         weight_ranks=rows)
 
 

@@ -118,8 +118,8 @@ class FactoredSubspaces:
         Computed in that dtype; cost ``n_kv d^2 d_head + 2 h d_head^3`` (half of ``G Q_k``)
         instead of ``2 h d_head d^2`` for ``diag(V G V^T)``. Memory: ``T Q_k`` and one panel.
         """
-        n_kv, group, d_head, _ = self.core_vectors.shape
-        q_k, d, dtype = self.q_k, self.q_k.shape[1], self.q_k.dtype
+        q_k, dtype = self.q_k, self.q_k.dtype
+        n_kv, d, d_head = q_k.shape
         q_all = q_k.transpose(0, 1).reshape(d, n_kv * d_head)    # every Q_k_j side by side
         t_q = torch.empty_like(q_all)                            # T Q_k, (d, n_kv d_head)
         for c in range(0, d, ENERGY_BLOCK):
@@ -128,10 +128,51 @@ class FactoredSubspaces:
             block.diagonal().mul_(0.5)
             t_q[c:end] = block @ q_all[c:end] + gram[c:end, end:].to(dtype) @ q_all[end:]
         m = q_k.transpose(1, 2) @ t_q.reshape(d, n_kv, d_head).transpose(0, 1)
-        g_kv = m + m.transpose(1, 2)                             # (n_kv, d_head, d_head)
+        return self.rowspace_energies(m + m.transpose(1, 2))
+
+    def rowspace_energies(self, g_kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """From ``g_kv`` ``(..., n_kv, d_head, d_head)``, a Gram ``G`` restricted to each KV
+        head's row space (``G_j = Q_k_j^T G Q_k_j``, in ``q_k``'s dtype; leading axes: one per
+        weight): every head's ``(..., h, d_head)`` energies ``c^T G_j c`` and the ``(..., n_kv,
+        d_head)`` eigenvalues of each ``G_j``, descending. Cost ``2 h d_head^3 + O(n_kv
+        d_head^3)`` per weight."""
+        n_kv, group, d_head, _ = self.core_vectors.shape
         flat = self.core_vectors.reshape(n_kv, group * d_head, d_head)
-        energy = ((flat @ g_kv) * flat).sum(-1).reshape(n_kv * group, d_head)
-        return energy, torch.linalg.eigvalsh(g_kv).flip(-1)
+        energy = ((flat @ g_kv) * flat).sum(-1)
+        return (energy.reshape(*g_kv.shape[:-3], n_kv * group, d_head),
+                torch.linalg.eigvalsh(g_kv).flip(-1))
+
+    def weight_energies(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`energies` of ``G = W^T W`` for a weight ``W`` ``(n, d)`` of ``n >= d_head``
+        rows (an expert's W_gate), without its ``d x d`` Gram: ``P = W Q_k`` (``n x n_kv
+        d_head``, a GEMM in ``W``'s dtype), ``G_j = P_j^T P_j`` in ``q_k``'s. Cost ``2 n d n_kv
+        d_head + n n_kv d_head^2 + 2 h d_head^3`` against ``n d^2`` for ``G`` itself; memory
+        ``P``."""
+        p = self._project(w)                                    # (n_kv, n, d_head)
+        return self.rowspace_energies(p.transpose(1, 2) @ p)
+
+    def row_energies(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row ``w_e`` of ``W`` ``(n, d)`` (a router's rows) as a weight of its own:
+        ``(n, h, d_head)`` energies ``(v^T w_e)^2`` and ``(n, n_kv, d_head)`` eigenvalues of
+        its rank-one ``G_j``, ``||Q_k_j^T w_e||^2`` then zeros. Cost ``2 n d n_kv d_head + 2 n
+        h d_head^2``."""
+        n_kv, group, d_head, _ = self.core_vectors.shape
+        p = self._project(w)                                    # (n_kv, n, d_head)
+        flat = self.core_vectors.reshape(n_kv, group * d_head, d_head)
+        energy = torch.square(p @ flat.transpose(1, 2))         # (n_kv, n, g d_head)
+        energy = energy.transpose(0, 1).reshape(w.shape[0], n_kv * group, d_head)
+        eigenvalues = torch.zeros(w.shape[0], n_kv, d_head, dtype=p.dtype, device=p.device)
+        eigenvalues[..., 0] = torch.square(p).sum(-1).T
+        return energy, eigenvalues
+
+    def _project(self, w: torch.Tensor) -> torch.Tensor:
+        """``(n_kv, n, d_head)`` coordinates ``W Q_k_j`` of the rows of ``W`` ``(n, d)`` in each
+        KV row space: one GEMM in ``W``'s dtype (at least float32), returned in ``q_k``'s."""
+        dtype = torch.promote_types(w.dtype, torch.float32)
+        n_kv, d, d_head = self.q_k.shape
+        q_all = self.q_k.transpose(0, 1).reshape(d, n_kv * d_head).to(dtype)
+        p = (w.to(dtype) @ q_all).to(self.q_k.dtype)
+        return p.reshape(-1, n_kv, d_head).transpose(0, 1)
 
 
 def _gram64(x: torch.Tensor) -> torch.Tensor:

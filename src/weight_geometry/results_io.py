@@ -23,7 +23,9 @@ if TYPE_CHECKING:  # pandas is imported where tables are read: array-only jobs s
 
 BASES_FILES = ("vectors", "singular_values", "ffn_input_energy",
                "ffn_input_rowspace_eigenvalues", "ffn_input_norm2", "ffn_input_singular_values",
-               "query_vectors", "ov_write_vectors", "ov_read_vectors", "ov_singular_values")
+               "query_vectors", "ov_write_vectors", "ov_read_vectors", "ov_singular_values",
+               "expert_energy", "expert_norm2", "expert_rowspace_eigenvalues",
+               "expert_singular_values")
 
 
 def chunk_dir_name(first: int, last: int) -> str:

@@ -1,0 +1,103 @@
+"""Experiment 3 per expert: the FFN-attention alignment of every expert's FFN input and of every
+router row of a mixture-of-experts layer, with both nulls.
+
+A sparse layer has one *unit* per weight whose alignment is measured, in this order
+(:func:`expert_units`): the routed experts' W_gate ``(d_e, d)`` (``expert`` ``"0"`` ..
+``"E-1"``), the shared expert's W_gate (``"shared"``), then the router's rows ``W_router[e]``
+``(1, d)`` (``expert`` ``"router"``, ``router_row`` ``e``). For unit ``u`` and head ``i``
+
+    align(l, u, i, k) = ||W_u V_k^T||_F^2 / ||W_u||_F^2,
+
+``V_k`` ``(k, d)`` the head's top-k attention subspace: for an expert the share of its FFN
+input's energy inside the subspace (Experiment 3 with ``W_in = W_gate_e``), for a router row
+the share ``||V_k w_e||^2 / ||w_e||^2`` of the direction that routes tokens to expert ``e``.
+The extraction stores per unit what every k needs, as for the dense FFN input
+(:mod:`experts`): per-direction energies ``(U, h, d_head)`` (prefix sums give every k),
+``||W_u||_F^2``, the eigenvalues of ``Q_j W_u^T W_u Q_j^T`` in each KV row space ``(U, n_kv,
+d_head)`` (the conditional null) and the singular values of ``W_u`` (the isotropic null, its
+ceiling and floor). Layers without experts hold NaN there; dense models have ``U = 0``.
+
+The nulls are :func:`alignment.alignment_table`'s, per unit: isotropic (a Haar-random
+k-subspace of R^d: chance k/d; a router row, rank one, has std ``sqrt(2k(d-k) / (d^2 (d+2)))``)
+and row-space-conditional (a Haar-random k-subspace of the head's KV row space). The
+conditional z gets a two-sided gamma-approximate p, Benjamini-Hochberg adjusted over every
+(layer, unit, head) of this k: one family.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:  # pandas where the table is built: the extraction job imports this module
+    import pandas as pd
+
+#: The ``expert`` label of the router's rows.
+ROUTER = "router"
+#: The label of the shared expert (:data:`architectures.SHARED`, repeated here so that this
+#: module stays free of the checkpoint code).
+SHARED = "shared"
+#: The per-unit arrays of each layer the extraction stores (:class:`extraction.LayerResult`).
+EXPERT_ARRAYS = ("expert_energy", "expert_norm2", "expert_rowspace_eigenvalues",
+                 "expert_singular_values")
+
+
+def expert_units(n_experts: int, shared: bool, shared_gate: bool = False
+                 ) -> list[tuple[str, str | None]]:
+    """``(expert, router_row)`` of each unit of a sparse layer, in the stored order: the routed
+    experts ``("0", None)`` .. ``("E-1", None)``, ``("shared", None)`` with ``shared``, the
+    router's rows ``("router", "0")`` .. ``("router", "E-1")`` and, with ``shared_gate``, the
+    shared expert's gate row ``("router", "shared")``."""
+    experts = [str(e) for e in range(n_experts)] + ([SHARED] if shared else [])
+    rows = [str(e) for e in range(n_experts)] + ([SHARED] if shared_gate else [])
+    return [(e, None) for e in experts] + [(ROUTER, r) for r in rows]
+
+
+def record_units(model: dict) -> list[tuple[str, str | None]]:
+    """:func:`expert_units` of a ``model.json`` record (none for a dense model)."""
+    moe = model.get("experts")
+    if not moe:
+        return []
+    return expert_units(moe["n_experts"], bool(moe["d_shared"]), bool(moe.get("shared_gate")))
+
+
+def expert_alignment_table(energy: np.ndarray, norm2: np.ndarray,
+                           singular_values: np.ndarray, rowspace_eigenvalues: np.ndarray,
+                           units: list[tuple[str, str | None]], k: int, d: int,
+                           ffn_input: str) -> pd.DataFrame:
+    """Long table sorted by (layer, unit, head): layer, expert, router_row, weight (``ffn_input``
+    for an expert, ``"router"`` for a router row), head, and :func:`alignment.alignment_table`'s
+    alignment and null columns, over the sparse layers only (rows of ``norm2`` that are
+    finite); ``conditional_p_adjusted`` is BH over the whole table. Empty (same columns) for a
+    dense model.
+
+    Args:
+        energy: ``(L, U, h, d_head)`` per-direction energies ``||W_u v_r||^2``.
+        norm2: ``(L, U)`` ``||W_u||_F^2`` (NaN in a layer without experts).
+        singular_values: ``(L, U, m)`` singular values of each ``W_u``, zero-padded.
+        rowspace_eigenvalues: ``(L, U, n_kv, d_head)``.
+        units: :func:`expert_units`, ``U`` of them.
+    Cost O(L U (h k + m log m)).
+    """
+    from .alignment import alignment_table
+
+    n_layers, n_units, n_heads, d_head = energy.shape
+    if len(units) != n_units:
+        raise ValueError(f"{len(units)} unit labels for {n_units} stored units")
+    layer, unit = np.nonzero(np.isfinite(norm2)) if n_units else (np.zeros(0, int),) * 2
+    flat = alignment_table(energy[layer, unit], norm2[layer, unit],
+                           singular_values[layer, unit], rowspace_eigenvalues[layer, unit],
+                           k, d, ffn_input)
+    which = flat.pop("layer").to_numpy()
+    flat = flat.drop(columns="ffn_input")
+    labels = np.array(units, dtype=object).reshape(-1, 2)
+    expert = labels[unit[which], 0] if len(which) else np.zeros(0, dtype=object)
+    row = labels[unit[which], 1] if len(which) else np.zeros(0, dtype=object)
+    flat.insert(0, "layer", layer[which])
+    flat.insert(1, "expert", expert)
+    flat.insert(2, "router_row", row)
+    flat.insert(3, "weight", np.where(expert == ROUTER, ROUTER, ffn_input))
+    flat["order"] = which
+    return (flat.sort_values(["order", "head"], ignore_index=True).drop(columns="order")
+            .astype({"expert": "string", "router_row": "string", "weight": "string"}))
