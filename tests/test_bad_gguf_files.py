@@ -194,14 +194,25 @@ def test_fold_norms_without_norm_tensors(tmp_path):
         " norm gains, or fold_norms: false to analyse the raw weights)")
 
 
-def test_mixture_of_experts_gguf(tmp_path):
-    """Mixtral's GGUF says general.architecture = llama; its FFNs are experts
-    (blk.N.ffn_gate_exps.weight), which was reported as a missing blk.0.ffn_gate.weight."""
+def test_mixture_of_experts_gguf_without_routers(tmp_path):
+    """A llama GGUF whose metadata says experts (as Mixtral's does) but whose layers store dense
+    FFNs and no router: named by its key, not read as dense (test_gguf_moe reads real ones)."""
     path = write_gguf(tmp_path / "x.gguf", extra={"llama.expert_count": ("add_uint32", 8),
                                                   "llama.expert_used_count": ("add_uint32", 2)})
     assert user_error(path) == (
-        f"{path}: a mixture-of-experts model (GGUF metadata llama.expert_count = 8) is not"
-        " supported (allowed: dense decoders, one FFN per layer)")
+        f"{path}: GGUF metadata llama.expert_count = 8, but no layer stores a router"
+        " (blk.N.ffn_gate_inp.weight) (allowed: a mixture of experts with its routers and"
+        " ffn_*_exps tensors, or a dense file without expert_count)")
+
+
+def test_mixture_of_experts_of_a_dense_only_architecture(tmp_path):
+    path = write_gguf(tmp_path / "x.gguf", "qwen2",
+                      extra={"qwen2.expert_count": ("add_uint32", 4)})
+    message = user_error(path)
+    assert message.startswith(
+        f"{path}: a mixture-of-experts qwen2 model (GGUF metadata qwen2.expert_count = 4) is"
+        " not supported (allowed: a dense qwen2 file, or a mixture of experts of ")
+    assert "gpt-oss" in message and "qwen3moe" in message
 
 
 def test_workflow_dry_run_odd_d_head(tmp_path):

@@ -21,7 +21,7 @@ LayerNorm biases and the normalisation itself are not linear and are not folded.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 
@@ -165,13 +165,16 @@ class ExpertLayout:
     or, with ``fused``, 3-D tensors ``(E, out, in)`` whose slice ``e`` is cut as a 2-D weight
     (transformers 5's in-memory ``experts.gate_up_proj`` ``(E, 2 d_ff, d)`` = [gate | up] and
     ``experts.down_proj`` ``(E, d, d_ff)``), read one slice at a time. ``shared``: the shared
-    expert's weights (no ``{expert}``).
+    expert's weights (no ``{expert}``). ``shared_gate``: the ``(1, d)`` gate of the shared
+    expert (Qwen2-MoE's ``shared_expert_gate``: its output is scaled by ``sigmoid(g . x)``, a
+    router row of its own), None where there is none.
     """
 
     router: str
     experts: dict[str, WeightSpec]
     fused: bool = False
     shared: dict[str, WeightSpec] = field(default_factory=dict)
+    shared_gate: str | None = None
 
     def tensor_name(self, weight_type: str, layer_prefix: str, expert: int | str) -> str:
         """The stored tensor of ``weight_type`` of ``expert`` (for a fused layout: the 3-D
@@ -388,14 +391,17 @@ _FUSED_EXPERTS = ExpertLayout("mlp.gate.weight", {
     "W_down": WeightSpec("mlp.experts.down_proj")}, fused=True)
 _QWEN_EXPERTS = _per_expert("mlp.experts.{expert}.", "gate_proj", "up_proj", "down_proj")
 _QWEN2_SHARED = _per_expert("mlp.shared_expert.", "gate_proj", "up_proj", "down_proj")
+_QWEN2_SHARED_GATE = "mlp.shared_expert_gate.weight"
 _GLM_SHARED = _per_expert("mlp.shared_experts.", "gate_proj", "up_proj", "down_proj")
 #: Mixture-of-experts layouts of each MoE ``model_type``: one tensor per expert (what
 #: ``save_pretrained`` writes, transformers 4 and 5), then the fused 3-D tensors.
 _MOE_LAYOUTS = {
     "mixtral": (ExpertLayout("block_sparse_moe.gate.weight", _per_expert(
         "block_sparse_moe.experts.{expert}.", "w1", "w3", "w2")), _FUSED_EXPERTS),
-    "qwen2_moe": (ExpertLayout("mlp.gate.weight", _QWEN_EXPERTS, shared=_QWEN2_SHARED),
-                  replace(_FUSED_EXPERTS, shared=_QWEN2_SHARED)),
+    "qwen2_moe": (ExpertLayout("mlp.gate.weight", _QWEN_EXPERTS, shared=_QWEN2_SHARED,
+                               shared_gate=_QWEN2_SHARED_GATE),
+                  replace(_FUSED_EXPERTS, shared=_QWEN2_SHARED,
+                          shared_gate=_QWEN2_SHARED_GATE)),
     "qwen3_moe": (ExpertLayout("mlp.gate.weight", _QWEN_EXPERTS), _FUSED_EXPERTS),
     "olmoe": (ExpertLayout("mlp.gate.weight", _QWEN_EXPERTS), _FUSED_EXPERTS),
     # GLM-4-MoE: the shared experts are one FFN (mlp.shared_experts); the router's
@@ -477,6 +483,30 @@ GGUF_ADAPTERS: dict[str, Adapter] = {
         "W_down": WeightSpec("ffn_down.weight"),
     }, ffn_input="W_up", norms=_GGUF_NORMS),
 }
+#: The mixture-of-experts tensors llama.cpp's converter writes, whatever the architecture: each
+#: expert's ``(out, in)`` weights stacked into 3-D ``ffn_{gate,up,down}_exps`` ``(E, out, in)``
+#: (Hugging Face orientation after GGUF's reversed dimensions; quantized along rows, so expert
+#: ``e`` is one contiguous byte range, read alone), the router ``ffn_gate_inp`` ``(E, d)``, a
+#: shared expert ``ffn_{gate,up,down}_shexp`` and its gate ``ffn_gate_inp_shexp`` ``(1, d)``
+#: (Qwen2-MoE). A layer is sparse where its router is stored (:func:`gguf_sparse_layers`).
+GGUF_EXPERTS = ExpertLayout("ffn_gate_inp.weight", {
+    "W_gate": WeightSpec("ffn_gate_exps.weight"), "W_up": WeightSpec("ffn_up_exps.weight"),
+    "W_down": WeightSpec("ffn_down_exps.weight")}, fused=True, shared={
+    "W_gate": WeightSpec("ffn_gate_shexp.weight"), "W_up": WeightSpec("ffn_up_shexp.weight"),
+    "W_down": WeightSpec("ffn_down_shexp.weight")}, shared_gate="ffn_gate_inp_shexp.weight")
+GGUF_ADAPTERS.update({
+    # Mixtral is written as llama (RoPE-permuted Q/K rows) with ffn_*_exps tensors.
+    "llama": replace(GGUF_ADAPTERS["llama"], experts=(GGUF_EXPERTS,)),
+    "qwen2moe": Adapter("blk.{layer}.", _GGUF, norms=_GGUF_NORMS, experts=(GGUF_EXPERTS,)),
+    "qwen3moe": Adapter("blk.{layer}.", _GGUF, norms={**_GGUF_NORMS, **_GGUF_QK_NORMS},
+                        experts=(GGUF_EXPERTS,)),
+    "olmoe": Adapter("blk.{layer}.", _GGUF, norms={**_GGUF_NORMS, **_GGUF_QK_NORMS},
+                     qk_norm="projection", experts=(GGUF_EXPERTS,)),
+    # gpt-oss: the pre-FFN norm (HF post_attention_layernorm) is post_attention_norm; its
+    # experts as above (W_gate and W_up de-interleaved by the converter), MXFP4 as published.
+    "gpt-oss": Adapter("blk.{layer}.", _GGUF, experts=(GGUF_EXPERTS,), norms={
+        "attn": "attn_norm.weight", "ffn": "post_attention_norm.weight"}),
+})
 GGUF_ROPE_PERMUTED = {"llama", "mistral"}
 
 
@@ -703,6 +733,35 @@ def _gguf_int(meta: dict, key: str, default: int | None = None) -> int:
     if type(value) is not int or value < (0 if default is not None else 1):
         raise UserError(f"GGUF metadata {key}: {value!r} is not allowed (an integer >= 1)")
     return value
+
+
+def moe_dims_from_gguf_metadata(meta: dict, arch: str, sparse_layers: frozenset[int]
+                                ) -> MoeDims | None:
+    """The experts of a GGUF file whose ``{arch}.expert_count`` is >= 1 (None: dense, absent
+    or 0), any architecture: width ``{arch}.expert_feed_forward_length`` (else
+    ``feed_forward_length``, as llama.cpp reads Mixtral's and OLMoE's), shared-expert width
+    ``{arch}.expert_shared_feed_forward_length`` (else ``expert_shared_count`` times the expert
+    width, else 0), in ``sparse_layers`` (:func:`gguf_sparse_layers`). A bad value is a
+    UserError naming the key (the caller adds the file)."""
+    n_experts = _gguf_int(meta, f"{arch}.expert_count", default=0)
+    if not n_experts:
+        return None
+    d_expert = (_gguf_int(meta, f"{arch}.expert_feed_forward_length", default=0)
+                or _gguf_int(meta, f"{arch}.feed_forward_length"))
+    d_shared = (_gguf_int(meta, f"{arch}.expert_shared_feed_forward_length", default=0)
+                or _gguf_int(meta, f"{arch}.expert_shared_count", default=0) * d_expert)
+    return MoeDims(n_experts=n_experts, d_expert=d_expert, d_shared=d_shared,
+                   sparse_layers=sparse_layers)
+
+
+def gguf_sparse_layers(adapter: Adapter, layout: ExpertLayout, n_layers: int,
+                       names: Collection[str]) -> frozenset[int]:
+    """The layers of a GGUF mixture-of-experts file whose router (``layout.router``) is stored:
+    llama.cpp's converter writes one exactly where the Hugging Face layer is sparse (dense
+    leading layers, ``leading_dense_block_count``, and Qwen's ``mlp_only_layers`` have
+    ``ffn_gate``/``ffn_up``/``ffn_down`` instead)."""
+    return frozenset(layer for layer in range(n_layers)
+                     if adapter.layer_prefix.format(layer=layer) + layout.router in names)
 
 
 def undo_gguf_rope_permutation(weight, n_heads: int):

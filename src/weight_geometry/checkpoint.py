@@ -42,7 +42,9 @@ from .architectures import (
     MoeDims,
     dims_from_gguf_metadata,
     dims_from_hf_config,
+    gguf_sparse_layers,
     hf_layers_key,
+    moe_dims_from_gguf_metadata,
     moe_dims_from_hf_config,
     rotary_fraction_from_hf_config,
     undo_gguf_rope_permutation,
@@ -127,7 +129,7 @@ class TensorReader(Protocol):
 
     def read(self, name: str, index: int | None = None) -> np.ndarray:
         """The tensor as float32 in HF ``(out, in)`` orientation; with ``index`` its slice
-        ``[index]`` along the first axis (safetensors only: one expert of a fused tensor)."""
+        ``[index]`` along the first axis (one expert of a fused 3-D expert tensor)."""
 
 
 @dataclass
@@ -209,6 +211,13 @@ class Checkpoint:
         layout, moe, prefix = self.expert_layout, self.moe, self._prefix(layer)
         self._check(prefix + layout.router, (moe.n_experts, self.dims.d_model),
                     f"router of layer {layer}")
+        if moe.d_shared and layout.shared_gate:
+            name = prefix + layout.shared_gate
+            shape = (1, self.dims.d_model)
+            # llama.cpp reads a GGUF's ffn_gate_inp_shexp as (d,); the converter writes (1, d).
+            if self.format == "gguf" and tuple(self._shapes.get(name, ())) == shape[1:]:
+                shape = shape[1:]
+            self._check(name, shape, f"shared expert gate of layer {layer}")
         for expert in moe.experts:
             for wt in EXPERT_WEIGHTS:
                 self._check(layout.tensor_name(wt, prefix, expert),
@@ -301,6 +310,20 @@ class Checkpoint:
         if fold_norms and "ffn" in self.adapter.norms:
             router = router * self._gains(layer)["ffn"][None, :]
         return np.ascontiguousarray(router)
+
+    def read_shared_gate(self, layer: int, fold_norms: bool = False) -> np.ndarray | None:
+        """The shared expert's gate of sparse ``layer``, ``(1, d)`` float32, None where the
+        model has none (Qwen2-MoE's ``shared_expert_gate``, GGUF ``ffn_gate_inp_shexp``: the
+        shared expert's output is scaled by ``sigmoid(row . x)``, ``x`` the FFN's normed
+        input, so the row reads the stream as a router row does); with ``fold_norms`` the
+        pre-FFN gain folded into its columns as into the router's. One read."""
+        layout = self.expert_layout
+        if layout is None or not layout.shared_gate or not self.moe.d_shared:
+            return None
+        gate = self._read(self._prefix(layer) + layout.shared_gate).reshape(1, -1)
+        if fold_norms and "ffn" in self.adapter.norms:
+            gate = gate * self._gains(layer)["ffn"][None, :]
+        return np.ascontiguousarray(gate)
 
     def _weight(self, wt: str, w: np.ndarray, gains: dict[str, np.ndarray]) -> np.ndarray:
         """A weight cut from its tensor in HF layout: RoPE rows restored (GGUF), gains folded.
@@ -397,32 +420,54 @@ def _open_gguf(source: str, path: Path) -> Checkpoint:
     arch = str(gguf.metadata["general.architecture"])
     if arch not in GGUF_ADAPTERS:
         raise UserError(f"{path}: {unsupported('GGUF', arch, GGUF_ADAPTERS)}")
-    _refuse_experts(gguf, arch)
     adapter = GGUF_ADAPTERS[arch]
     try:
         dims = dims_from_gguf_metadata(gguf.metadata, arch)
+        moe, layout = _gguf_experts(gguf, arch, adapter, dims)
     except UserError as err:
         raise UserError(f"{path}: {err}") from None
-    qtypes = sorted({gguf.tensors[adapter.tensor_name(wt, 0)].type_name
-                     for wt in adapter.weight_types
-                     if adapter.tensor_name(wt, 0) in gguf.tensors})
+    first = min(moe.sparse_layers) if moe and moe.sparse_layers else 0
+    stored = [adapter.tensor_name(wt, 0) for wt in adapter.weight_types]
+    if layout is not None:
+        stored += [layout.tensor_name(wt, adapter.layer_prefix.format(layer=first), 0)
+                   for wt in EXPERT_WEIGHTS]
+    qtypes = sorted({gguf.tensors[name].type_name for name in stored if name in gguf.tensors})
     return Checkpoint(
         source=source, path=path, format="gguf", architecture=arch, dims=dims, adapter=adapter,
         storage_dtype=f"{'/'.join(qtypes)} (GGUF, dequantized to float32)",
         _shapes={n: t.shape for n, t in gguf.tensors.items()},
         _files=gguf.files, _reader=gguf,
-        _layers_key=f"GGUF metadata {arch}.block_count", _unpermute_qk=arch in GGUF_ROPE_PERMUTED)
+        _layers_key=f"GGUF metadata {arch}.block_count", _unpermute_qk=arch in GGUF_ROPE_PERMUTED,
+        moe=moe, expert_layout=layout)
 
 
-def _refuse_experts(gguf: GGUFModel, arch: str) -> None:
-    """A mixture-of-experts GGUF of a supported architecture (Mixtral is ``llama``: its FFNs
-    are ``blk.N.ffn_*_exps.weight``) is a UserError naming ``{arch}.expert_count``."""
-    key = f"{arch}.expert_count"
-    count = gguf.metadata.get(key)
-    if type(count) is int and count > 0:
-        raise UserError(f"{gguf.path}: a mixture-of-experts model (GGUF metadata {key} ="
-                        f" {count}) is not supported (allowed: dense decoders, one FFN per"
-                        " layer)")
+def _gguf_experts(gguf: GGUFModel, arch: str, adapter: Adapter, dims: ModelDims
+                  ) -> tuple[MoeDims | None, ExpertLayout | None]:
+    """The experts of a GGUF file and where they are stored (:data:`GGUF_EXPERTS`), any
+    architecture with an expert layout: sparse layers are those whose router is stored
+    (:func:`gguf_sparse_layers`); (None, None) for a dense file. A mixture-of-experts file
+    (``{arch}.expert_count`` >= 1) of an architecture without one, or without a stored router,
+    is a UserError naming the key."""
+    if not adapter.experts:
+        moe = moe_dims_from_gguf_metadata(gguf.metadata, arch, frozenset())
+        if moe is not None:
+            archs = ", ".join(sorted(a for a, x in GGUF_ADAPTERS.items() if x.experts))
+            raise UserError(f"a mixture-of-experts {arch} model (GGUF metadata"
+                            f" {arch}.expert_count = {moe.n_experts}) is not supported (allowed:"
+                            f" a dense {arch} file, or a mixture of experts of {archs})")
+        return None, None
+    layout = adapter.experts[0]
+    sparse = gguf_sparse_layers(adapter, layout, dims.n_layers, gguf.tensors)
+    moe = moe_dims_from_gguf_metadata(gguf.metadata, arch, sparse)
+    if moe is None:
+        return None, None
+    if not sparse:
+        router = adapter.layer_prefix.replace("{layer}", "N") + layout.router
+        raise UserError(f"GGUF metadata {arch}.expert_count = {moe.n_experts}, but no layer"
+                        f" stores a router ({router}) (allowed: a mixture of experts with its"
+                        " routers and ffn_*_exps tensors, or a dense file without"
+                        " expert_count)")
+    return moe, layout
 
 
 def hf_moe_dims(path: Path, dims: ModelDims) -> MoeDims | None:

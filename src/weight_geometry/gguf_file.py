@@ -214,17 +214,26 @@ class GGUFFile:
                             f" the installed gguf package cannot dequantize (supported:"
                             f" {supported})")
 
-    def read(self, name: str) -> np.ndarray:
-        """Dequantize one tensor to a float32 array of HF shape. Cost: one pass over its bytes."""
+    def read(self, name: str, index: int | None = None) -> np.ndarray:
+        """Dequantize one tensor to a float32 array of HF shape; with ``index``, only its slice
+        ``[index]`` along the first (outermost) axis: one expert ``(out, in)`` of a 3-D expert
+        tensor ``(E, out, in)``. Quantization blocks run along rows (``ne[0]``), so slice ``e``
+        is the contiguous byte range ``[e * nbytes / E, (e + 1) * nbytes / E)``, read alone.
+        Cost: one ``pread`` and one dequantizing pass over those bytes; memory: them and the
+        float32 output."""
         from gguf.quants import dequantize
 
         self.check_readable(name)
         info = self.tensors[name]
+        shape, offset, nbytes = info.shape, info.offset, info.nbytes
+        if index is not None:
+            shape, nbytes = shape[1:], nbytes // shape[0]
+            offset += index * nbytes
         with open(self.path, "rb") as fh:
-            raw = np.frombuffer(os.pread(fh.fileno(), info.nbytes, info.offset), dtype=np.uint8)
-        rows = int(np.prod(info.shape[:-1])) if len(info.shape) > 1 else 1
+            raw = np.frombuffer(os.pread(fh.fileno(), nbytes, offset), dtype=np.uint8)
+        rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
         values = dequantize(raw.reshape(rows, -1), info.ggml_type)
-        return np.asarray(values, dtype=np.float32).reshape(info.shape)
+        return np.asarray(values, dtype=np.float32).reshape(shape)
 
 
 #: llama.cpp's names of a split model's parts (``llama_split_path``: ``%s-%05d-of-%05d.gguf``):
@@ -315,9 +324,10 @@ class GGUFModel:
         """UserError unless the installed ``gguf`` can dequantize tensor ``name``'s type."""
         self._parts[name].check_readable(name)
 
-    def read(self, name: str) -> np.ndarray:
-        """Tensor ``name`` from the part holding it (see :meth:`GGUFFile.read`)."""
-        return self._parts[name].read(name)
+    def read(self, name: str, index: int | None = None) -> np.ndarray:
+        """Tensor ``name`` (its slice ``[index]``) from the part holding it (see
+        :meth:`GGUFFile.read`)."""
+        return self._parts[name].read(name, index)
 
 
 def _split_value(gguf: GGUFFile, key: str, default: int) -> int:
