@@ -533,6 +533,11 @@ HF_CONFIG_DEFAULTS = {"gemma3_text": _GEMMA3_TEXT_DEFAULTS, "gemma3": _GEMMA3_TE
 #: published checkpoints store after the last decoder layer (GLM-4.5's ``model.layers.46``,
 #: which transformers does not load either): allowed, not analysed.
 HF_EXTRA_LAYERS = {"glm4_moe": "num_nextn_predict_layers"}
+#: ``model_type`` -> why it is refused for now (one line each).
+HF_NOT_YET = dict.fromkeys(("gemma4_text", "gemma4"), (
+    "per-layer head sizes (its global layers' global_head_dim and num_global_key_value_heads"
+    " beside the sliding layers' head_dim), layers that reuse an earlier layer's keys and"
+    " values (num_kv_shared_layers) and keys that serve as values (attention_k_eq_v)"))
 
 
 def hf_layers_key(model_type: str) -> str:

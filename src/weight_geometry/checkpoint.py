@@ -35,6 +35,7 @@ from .architectures import (
     HF_ADAPTERS,
     HF_CONFIG_DEFAULTS,
     HF_EXTRA_LAYERS,
+    HF_NOT_YET,
     SHARED,
     Adapter,
     ExpertLayout,
@@ -202,9 +203,12 @@ class Checkpoint:
         if extra:
             name = next(t for wt in self.weight_types
                         if (t := self.adapter.tensor_name(wt, min(extra))) in self._shapes)
+            mtp = (f", the last {self._extra_layers} for multi-token prediction"
+                   if self._extra_layers else "")
             raise UserError(f"{self._files[name]}: tensor {name} is of layer {min(extra)}, but"
-                            f" {self._layers_key} = {n} (allowed: weights of layers 0..{n - 1};"
-                            " the layer count must cover every layer stored)")
+                            f" {self._layers_key} = {n} (allowed: weights of layers"
+                            f" 0..{n + self._extra_layers - 1}{mtp}; the layer count must cover"
+                            " every layer stored)")
 
     def _check_experts(self, layer: int) -> None:
         """The router ``(E, d)`` and every expert's weights of sparse ``layer`` (headers)."""
@@ -512,6 +516,9 @@ def hf_architecture(source: str, path: Path) -> tuple[str, ModelDims]:
         raise UserError(f"{config_path}: no model_type (supported:"
                         f" {', '.join(sorted(HF_ADAPTERS))})")
     model_type = str(config["model_type"])
+    if model_type in HF_NOT_YET:
+        raise UserError(f"{config_path}: Hugging Face architecture '{model_type}' is not"
+                        f" supported yet: {HF_NOT_YET[model_type]}")
     if model_type not in HF_ADAPTERS:
         raise UserError(f"{config_path}: {unsupported('Hugging Face', model_type, HF_ADAPTERS)}")
     try:

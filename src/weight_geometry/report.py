@@ -226,6 +226,17 @@ def _ksweep_finding(a: Analysis, at_chance: bool) -> str:
             " of 1.")
 
 
+def partial_rotary_caveat(fraction: float, d_head: int) -> str:
+    """What the zero-offset kernel is when RoPE rotates only the first ``r = int(fraction
+    d_head)`` of each head's coordinates (GLM-4-MoE, MiniMax-M2; transformers' rule)."""
+    r = int(d_head * fraction)
+    return (f"Partial rotary: RoPE rotates only the first {r} of each head's {d_head} query and"
+            f" key coordinates (rotary fraction {fraction:g}). At offset 0 the rotation is the"
+            " identity, so the kernel is still the whole `W_Q_i^T W_K_j`; at other offsets only"
+            f" the part of the score from those {r} coordinates turns with the offset, while"
+            f" the part from the other {d_head - r} is the same at every offset.")
+
+
 def _header(a: Analysis):
     m, k, d_head = a.model, a.k, a.model["d_head"]
     yield f"# Subspace geometry analysis: {m['name']}\n"
@@ -238,6 +249,8 @@ def _header(a: Analysis):
            + (f" **k = d_head = {d_head}: the subspace is the row space of W_K alone, so heads"
               " sharing a KV head are identical; use k < d_head to compare heads.**"
               if k == d_head else "") + "\n")
+    if (fraction := m.get("rotary_fraction", 1.0)) < 1:
+        yield partial_rotary_caveat(fraction, d_head) + "\n"
     d = m["d_model"]
     yield ("Nulls: every similarity and alignment stands beside two nulls. The isotropic null"
            f" (Haar-random k-subspaces of R^d: similarity mean k/d = {null_mean(k, d):.4f},"
