@@ -92,17 +92,22 @@ class RowBlock:
 
 @dataclass(frozen=True)
 class HeadInterleaved:
-    """Part ``index`` (0 = Q, 1 = K, 2 = V) of GPT-NeoX's ``query_key_value``, whose rows are
-    ``[Q_0 K_0 V_0 Q_1 K_1 V_1 ...]`` in blocks of ``d_head``."""
+    """Part ``index`` of a tensor whose rows hold, per query head, ``parts`` blocks of
+    ``d_head`` rows: GPT-NeoX's ``query_key_value`` ``[Q_0 K_0 V_0 Q_1 K_1 V_1 ...]``
+    (``parts=3``: 0 = Q, 1 = K, 2 = V), or Qwen3.5's and Qwen3-Next's gated ``q_proj``
+    ``[Q_0 G_0 Q_1 G_1 ...]`` (``parts=2``: 0 = the query; ``G_i``, the rows of head ``i``'s
+    output gate ``sigmoid(G_i x)``, are not part of the score). Input ``(parts h d_head, d)``,
+    output ``(h d_head, d)``."""
 
     index: int
+    parts: int = 3
 
     def raw_shape(self, dims: ModelDims, weight_type: str) -> tuple[int, int]:
-        return 3 * dims.n_heads * dims.d_head, dims.d_model
+        return self.parts * dims.n_heads * dims.d_head, dims.d_model
 
     def apply(self, tensor: np.ndarray, dims: ModelDims) -> np.ndarray:
         h, dh = dims.n_heads, dims.d_head
-        return tensor.reshape(h, 3, dh, -1)[:, self.index].reshape(h * dh, -1)
+        return tensor.reshape(h, self.parts, dh, -1)[:, self.index].reshape(h * dh, -1)
 
 
 @dataclass(frozen=True)
@@ -443,6 +448,40 @@ HF_ADAPTERS.update({
                           experts=_MOE_LAYOUTS["minimax_m2"]),
 })
 
+#: Hybrids (Qwen3.5, its MoE, Qwen3-Next): gated-DeltaNet linear-attention layers
+#: (``linear_attn.*``, never read; :mod:`layer_kinds` says which layers they are)
+#: between full-attention layers (``self_attn.*``) whose ``q_proj`` holds each head's query
+#: rows and then its output gate's (:class:`HeadInterleaved`, ``parts=2``); QK-norm per head;
+#: every RMSNorm scales by ``1 + w``. Experts as Qwen2-MoE's (router ``mlp.gate``, a shared
+#: expert whose ``shared_expert_gate`` is not part of the FFN input).
+_GATED_QUERY = {**_LLAMA,
+                "W_Q": WeightSpec("self_attn.q_proj.weight", HeadInterleaved(0, parts=2))}
+_HYBRID = Adapter("model.layers.{layer}.", _GATED_QUERY, norms={**_LLAMA_NORMS, **_QK_NORMS},
+                  norm_offset=1.0)
+#: The multimodal Qwen3.5 (Qwen3_5ForConditionalGeneration): its text tower's layers.
+_TOWER = "model.language_model.layers.{layer}."
+HF_ADAPTERS.update({
+    "qwen3_5_text": _HYBRID,
+    "qwen3_5": replace(_HYBRID, layer_prefix=_TOWER),
+    "qwen3_5_moe_text": replace(_HYBRID, experts=_MOE_LAYOUTS["qwen2_moe"]),
+    "qwen3_5_moe": replace(_HYBRID, layer_prefix=_TOWER, experts=_MOE_LAYOUTS["qwen2_moe"]),
+    "qwen3_next": replace(_HYBRID, experts=_MOE_LAYOUTS["qwen2_moe"]),
+})
+_QWEN_HYBRID_MOE = MoeKeys(("num_experts",), "moe_intermediate_size",
+                           "shared_expert_intermediate_size")
+HF_MOE_KEYS.update({"qwen3_5_moe_text": _QWEN_HYBRID_MOE, "qwen3_5_moe": _QWEN_HYBRID_MOE,
+                    "qwen3_next": replace(_QWEN_HYBRID_MOE, sparse_step=True)})
+#: ``model_type`` -> the key of ``ModelDims.d_ff`` where it is not ``intermediate_size``:
+#: Qwen3.5-MoE has no dense FFN (every layer sparse, no ``intermediate_size``), so ``d_ff``
+#: is its routed experts' width.
+HF_FFN_WIDTH_KEY = {"qwen3_5_moe_text": "moe_intermediate_size",
+                    "qwen3_5_moe": "moe_intermediate_size"}
+#: ``model_type`` of the hybrids -> transformers' ``full_attention_interval`` default (every
+#: ``n``-th layer full attention, the others linear) where ``config.json`` has no
+#: ``layer_types``.
+HF_HYBRID_INTERVAL = dict.fromkeys(("qwen3_5_text", "qwen3_5", "qwen3_5_moe_text",
+                                    "qwen3_5_moe", "qwen3_next"), 4)
+
 _GGUF = {"W_Q": WeightSpec("attn_q.weight"), "W_K": WeightSpec("attn_k.weight"),
          "W_V": WeightSpec("attn_v.weight"), "W_O": WeightSpec("attn_output.weight"),
          "W_gate": WeightSpec("ffn_gate.weight"), "W_up": WeightSpec("ffn_up.weight"),
@@ -518,7 +557,8 @@ def unsupported(kind: str, name: str, supported) -> UserError:
 
 #: ``model_type`` -> the ``config.json`` key holding its text model's config (a multimodal
 #: model whose text tower is analysed).
-HF_TEXT_CONFIG = {"gemma3": "text_config"}
+HF_TEXT_CONFIG = {"gemma3": "text_config", "qwen3_5": "text_config",
+                  "qwen3_5_moe": "text_config"}
 _GEMMA3_TEXT_DEFAULTS = {"hidden_size": 2304, "intermediate_size": 9216,
                          "num_hidden_layers": 26, "num_attention_heads": 8,
                          "num_key_value_heads": 4, "head_dim": 256}
@@ -615,7 +655,7 @@ def dims_from_hf_config(config: dict) -> ModelDims:
     return ModelDims(
         n_layers=n_layers,
         d_model=d,
-        d_ff=dim("intermediate_size"),
+        d_ff=dim(HF_FFN_WIDTH_KEY.get(model_type, "intermediate_size")),
         n_heads=h,
         n_kv_heads=n_kv,
         d_head=d_head,
@@ -654,6 +694,8 @@ def moe_dims_from_hf_config(config: dict, n_layers: int) -> MoeDims | None:
     keys = HF_MOE_KEYS.get(config.get("model_type"))
     if keys is None:
         return None
+    if config["model_type"] in HF_TEXT_CONFIG:  # a multimodal model's text tower
+        config = config.get(HF_TEXT_CONFIG[config["model_type"]]) or {}
     defaults = HF_CONFIG_DEFAULTS.get(config.get("model_type"), {})
     config = {**config, **{k: v for k, v in defaults.items() if config.get(k) is None}}
 

@@ -53,7 +53,7 @@ from .architectures import (
 )
 from .errors import UserError
 from .gguf_file import GGUFModel
-from .layer_kinds import LayerKinds, gguf_layer_kinds, hf_layer_kinds
+from .layer_kinds import LINEAR, LayerKinds, gguf_layer_kinds, hf_layer_kinds
 from .safetensors_file import (
     DTYPE_NAMES,
     SafetensorsReader,
@@ -66,6 +66,8 @@ PYPI_PREFIX = "pypi:"
 #: Norm-gain role folded into each projection's input columns, and into each head's rows.
 _NORMED_INPUT = {"W_Q": "attn", "W_K": "attn", "W_V": "attn", "W_gate": "ffn", "W_up": "ffn"}
 _QK_NORM = {"W_Q": "q", "W_K": "k"}
+#: The weights of softmax attention, which a linear-attention layer does not have.
+ATTENTION_WEIGHTS = ("W_Q", "W_K", "W_V", "W_O")
 _FOLD_NORMS_NEEDS = (", which fold_norms: true folds into the projections (allowed: a checkpoint"
                      " with its norm gains, or fold_norms: false to analyse the raw weights)")
 
@@ -169,12 +171,32 @@ class Checkpoint:
         one FFN (W_gate, W_up, W_down in :meth:`iter_layer`)."""
         return self.moe is not None and layer in self.moe.sparse_layers
 
+    @property
+    def attention_layers(self) -> tuple[int, ...]:
+        """The layers with a softmax attention kernel, in order: every layer but a hybrid's
+        linear-attention ones (:mod:`layer_kinds`)."""
+        if self.layer_kinds is None:
+            return tuple(range(self.dims.n_layers))
+        return self.layer_kinds.attention_layers
+
+    def is_attention(self, layer: int) -> bool:
+        """Whether ``layer`` has softmax attention (W_Q, W_K, W_V, W_O), not linear attention
+        (whose ``linear_attn.*`` weights are not read)."""
+        return self.layer_kinds is None or self.layer_kinds.kinds[layer] != LINEAR
+
+    def norm_roles(self, layer: int) -> tuple[str, ...]:
+        """The norm roles (``adapter.norms``) that ``layer``'s weights fold: all, less the
+        attention's (``attn``, ``q``, ``k``) in a linear-attention layer."""
+        skip = () if self.is_attention(layer) else ("attn", "q", "k")
+        return tuple(role for role in self.adapter.norms if role not in skip)
+
     def layer_weight_types(self, layer: int) -> tuple[str, ...]:
         """The weight types :meth:`iter_layer` yields for ``layer``: all, less the FFN's in a
-        sparse layer (whose experts :meth:`iter_experts` yields)."""
-        if not self.is_sparse(layer):
-            return self.weight_types
-        return tuple(wt for wt in self.weight_types if wt not in EXPERT_WEIGHTS)
+        sparse layer (whose experts :meth:`iter_experts` yields) and the attention weights in
+        a linear-attention layer."""
+        skip = (() if not self.is_sparse(layer) else EXPERT_WEIGHTS) + (
+            () if self.is_attention(layer) else ATTENTION_WEIGHTS)
+        return tuple(wt for wt in self.weight_types if wt not in skip)
 
     def validate(self, fold_norms: bool = False) -> None:
         """Check that every needed tensor exists with the shape the config implies and a
@@ -188,7 +210,7 @@ class Checkpoint:
             if self.is_sparse(layer):
                 self._check_experts(layer)
             if fold_norms:
-                for role in self.adapter.norms:
+                for role in self.norm_roles(layer):
                     size = self.adapter.norm_size(role, self.dims)
                     self._check(self.adapter.norm_name(role, layer), (size,),
                                 f"{role} norm gain of layer {layer}", _FOLD_NORMS_NEEDS)
@@ -340,7 +362,8 @@ class Checkpoint:
     def _gains(self, layer: int) -> dict[str, np.ndarray]:
         """The norm gains of ``layer`` by role (``attn``, ``ffn``, ``q``, ``k``)."""
         a = self.adapter
-        return {role: self._read(a.norm_name(role, layer)) + a.norm_offset for role in a.norms}
+        return {role: self._read(a.norm_name(role, layer)) + a.norm_offset
+                for role in self.norm_roles(layer)}
 
     def _fold(self, wt: str, w: np.ndarray, gains: dict[str, np.ndarray]) -> np.ndarray:
         """``W diag(g)`` for a projection reading a normed stream, ``diag(g_q)`` on each head's
@@ -376,6 +399,7 @@ class Checkpoint:
                            else "not applied (raw projection weights)"),
             "biases": "not used",
             **self.dims.as_dict(),
+            "attention_layers": list(self.attention_layers),
             **(self.layer_kinds or LayerKinds(("full",) * self.dims.n_layers)).as_dict(),
             **({"experts": self.moe.as_dict()} if self.moe is not None else {}),
             **({"rotary_fraction": self.rotary_fraction} if self.rotary_fraction < 1 else {}),
@@ -393,10 +417,21 @@ def open_checkpoint(source: str, fold_norms: bool = False,
     path = resolve_source(source)
     ckpt = _open_gguf(source, path) if path.is_file() else _open_hf_dir(source, path)
     ckpt.layer_kinds = _layer_kinds(ckpt)
+    _require_attention(ckpt)
     ckpt.validate(fold_norms)
     if configured_source is not None:
         ckpt.source = configured_source
     return ckpt
+
+
+def _require_attention(ckpt: Checkpoint) -> None:
+    """A one-line UserError for a model with no softmax attention layer (every layer linear
+    attention): no attention kernel to measure."""
+    if not ckpt.attention_layers:
+        raise UserError(f"{ckpt.path}: {ckpt.architecture} model with no softmax attention"
+                        f" layer (all {ckpt.dims.n_layers} layers are linear attention, which"
+                        " has no attention kernel W_Q_i^T W_K_j); allowed: models with at"
+                        " least one full-attention layer")
 
 
 def _layer_kinds(ckpt: Checkpoint) -> LayerKinds:
@@ -531,12 +566,15 @@ def _hf_adapter(model_type: str, names: Collection[str]) -> Adapter:
     """The adapter of ``model_type`` under the first of its layer prefixes (``also_prefixes``
     after ``layer_prefix``) that holds layer 0's W_Q; without its model prefix for a checkpoint
     saved from the base model (``LlamaModel``, ``GPT2Model``, the official GPT-2 file), whose
-    first W_Q is stored under the unprefixed name only."""
+    first W_Q is stored under the unprefixed name only. A hybrid whose layer 0 is linear
+    attention (no W_Q): the first layout holding any of its per-layer weights."""
     adapter = HF_ADAPTERS[model_type]
-    for layout in (*adapter.layouts(), adapter.without_model_prefix()):
+    layouts = (*adapter.layouts(), adapter.without_model_prefix())
+    for layout in layouts:
         if layout.tensor_name("W_Q", 0) in names:
             return layout
-    return adapter
+    return next((layout for layout in layouts
+                 if any(layout.layer_of(name) is not None for name in names)), adapter)
 
 
 def _open_hf_dir(source: str, path: Path) -> Checkpoint:

@@ -18,6 +18,8 @@ from . import hub, series
 from .architectures import HF_ADAPTERS, ModelDims
 from .checkpoint import Checkpoint, expand_home, hf_architecture, open_checkpoint
 from .errors import UserError
+from .layer_kinds import hf_layer_kinds
+from .safetensors_file import read_json_object
 
 DEVICES = ("auto", "cpu", "cuda")
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -136,10 +138,24 @@ def parse_fold_norms(value) -> bool:
     return parse_bool("fold_norms", value)
 
 
-def chunks(n_layers: int, per_job: int) -> list[tuple[int, int]]:
-    """Inclusive (first, last) layer ranges of the extraction jobs."""
+def chunks(n_layers: int, per_job: int, attention_layers=None) -> list[tuple[int, int]]:
+    """Inclusive (first, last) layer ranges of the extraction jobs. Given a hybrid's
+    ``attention_layers`` (those with softmax attention), a range holding none of them is
+    merged into the range before it (the first such ranges into the next), so that every job
+    stores at least one layer's arrays."""
     size = per_job or n_layers
-    return [(a, min(a + size, n_layers) - 1) for a in range(0, n_layers, size)]
+    ranges = [(a, min(a + size, n_layers) - 1) for a in range(0, n_layers, size)]
+    if not attention_layers:
+        return ranges
+    merged, start = [], None  # start: the first layer of ranges waiting to join the next
+    for a, b in ranges:
+        start = a if start is None else start
+        if any(a <= x <= b for x in attention_layers):
+            merged.append((start, b))
+            start = None
+    if start is not None:  # trailing ranges without one join the last
+        merged[-1] = (merged[-1][0], n_layers - 1)
+    return merged
 
 
 def user_models(merged: dict, user_configfiles: list[Path], command_line=None) -> dict:
@@ -362,6 +378,8 @@ class _Source:
     hub_id: str | None
     dims: ModelDims
     weight_types: tuple[str, ...]
+    #: The layers with softmax attention (all but a hybrid's linear-attention layers).
+    attention_layers: tuple[int, ...] = ()
 
 
 def _open_source(source: str, fold_norms: bool, revision: str | None = None) -> _Source:
@@ -374,18 +392,22 @@ def _open_source(source: str, fold_norms: bool, revision: str | None = None) -> 
         state = hub.resolve(hub_id, revision)
         if not state.complete:
             architecture, dims = hf_architecture(source, state.snapshot)
+            kinds = hf_layer_kinds(read_json_object(state.snapshot / "config.json"),
+                                   dims.n_layers)
             return _Source(source, state.snapshot, hub_id, dims,
-                           HF_ADAPTERS[architecture].weight_types)
+                           HF_ADAPTERS[architecture].weight_types, kinds.attention_layers)
         local = str(state.snapshot)  # resolved once; open_checkpoint needs no second lookup
     ckpt: Checkpoint = open_checkpoint(local, fold_norms)
-    return _Source(source, ckpt.path, hub_id, ckpt.dims, ckpt.adapter.weight_types)
+    return _Source(source, ckpt.path, hub_id, ckpt.dims, ckpt.adapter.weight_types,
+                   ckpt.attention_layers)
 
 
 def _model_plan(name, src: _Source, ks, head_spec, primary, bottleneck, per_job) -> ModelPlan:
-    dims = src.dims
-    if dims.n_layers < 2:
-        raise UserError(f"models.{name}: {dims.n_layers} layer(s); comparing layers needs at"
-                        " least 2")
+    dims, attention = src.dims, src.attention_layers or tuple(range(src.dims.n_layers))
+    if len(attention) < 2:
+        kind = "" if len(attention) == dims.n_layers else " softmax-attention"
+        raise UserError(f"models.{name}: {len(attention)}{kind} layer(s); comparing layers"
+                        " needs at least 2")
     for k in ks:
         if k > dims.d_head:
             raise UserError(f"top_k: {k} is not allowed for model {name} (1 <= k <= d_head ="
@@ -398,6 +420,9 @@ def _model_plan(name, src: _Source, ks, head_spec, primary, bottleneck, per_job)
     if bottleneck != "auto" and bottleneck >= dims.n_layers:
         raise UserError(f"bottleneck: {bottleneck} is not allowed for model {name} (a layer in"
                         f" [0, {dims.n_layers}) or auto)")
+    if bottleneck != "auto" and bottleneck not in attention:
+        raise UserError(f"bottleneck: {bottleneck} is not allowed for model {name} (a layer"
+                        f" with softmax attention: {', '.join(map(str, attention))}; or auto)")
     return ModelPlan(name, src.source, str(src.path), src.hub_id, dims,
-                     chunks(dims.n_layers, per_job), heads, sorted({*heads, primary}), primary,
-                     bottleneck)
+                     chunks(dims.n_layers, per_job, src.attention_layers), heads,
+                     sorted({*heads, primary}), primary, bottleneck)

@@ -83,6 +83,7 @@ from .ranks import (
     frobenius_norm2,
     gram_side,
     shape_text,
+    smaller_side,
     weight_spectrum,
 )
 from .rule_script import progress
@@ -116,6 +117,12 @@ class LayerResult:
         """The per-layer arrays, i.e. every field but ``weight_ranks``."""
         return [f.name for f in dataclasses.fields(cls) if f.name != "weight_ranks"]
 
+    @classmethod
+    def ranks_only(cls, rows: list[tuple]) -> LayerResult:
+        """A linear-attention layer's result: its FFN's effective-rank rows and no arrays (it
+        has no attention kernel, hence no row in the stored arrays)."""
+        return cls(**dict.fromkeys(cls.array_names()), weight_ranks=rows)
+
 
 def extract_layer(ckpt: Checkpoint, layer: int, device: torch.device,
                   fold_norms: bool = False, compute_ranks: bool = True) -> LayerResult:
@@ -126,7 +133,9 @@ def extract_layer(ckpt: Checkpoint, layer: int, device: torch.device,
     heads = (dims.n_heads, dims.n_kv_heads, dims.d_head)
     rows, kernel_inputs = [], {}
     subspaces = ffn_gram = energy = rowspace = query = ov = None
-    needed = None if compute_ranks else ("W_Q", "W_K", "W_V", "W_O", ffn_input)
+    attention = ckpt.is_attention(layer)  # else linear attention: FFN effective ranks only
+    needed = (None if compute_ranks else
+              ("W_Q", "W_K", "W_V", "W_O", ffn_input) if attention else ())
     for wt, array in ckpt.iter_layer(layer, fold_norms, only=needed):
         w = torch.from_numpy(array).to(device)
         shape = tuple(w.shape)
@@ -152,6 +161,10 @@ def extract_layer(ckpt: Checkpoint, layer: int, device: torch.device,
             energy, rowspace = (x.cpu().numpy() for x in subspaces.energies(ffn_gram))
             ffn_gram = None
         del w, g, array
+    if not attention:
+        if ckpt.is_sparse(layer) and compute_ranks:
+            rows += expert_ranks(ckpt, layer, device, fold_norms)
+        return LayerResult.ranks_only(rows)
     units = UnitArrays.empty(ckpt.moe, *heads, dims.d_model)
     if ckpt.is_sparse(layer):  # a mixture of experts, read one expert at a time
         moe = expert_pass(ckpt, layer, device, subspaces, fold_norms, compute_ranks)
@@ -177,6 +190,22 @@ def extract_layer(ckpt: Checkpoint, layer: int, device: torch.device,
         expert_rowspace_eigenvalues=units.rowspace_eigenvalues,
         expert_singular_values=units.singular_values,
         weight_ranks=rows)
+
+
+def expert_ranks(ckpt: Checkpoint, layer: int, device: torch.device,
+                 fold_norms: bool = False) -> list[tuple]:
+    """The effective-rank rows ``(layer_idx, weight_type, shape, eff_rank, expert)`` of every
+    expert weight of sparse ``layer`` of a linear-attention layer (which has no head subspace
+    for the experts' alignment), one expert at a time (:meth:`Checkpoint.iter_experts`).
+    Cost per weight: its smaller Gram and ``eigvalsh``; memory: one expert's weights."""
+    rows = []
+    for expert, weights in ckpt.iter_experts(layer, fold_norms):
+        for wt, array in weights.items():
+            shape = array.shape
+            sigma, _ = weight_spectrum(torch.from_numpy(array).to(device), smaller_side(shape))
+            rows.append((layer, wt, shape_text(shape),
+                         effective_rank_from_singular_values(sigma, shape), str(expert)))
+    return rows
 
 
 def require_defined(ckpt: Checkpoint, layer: int, singular_values: np.ndarray,
@@ -269,15 +298,19 @@ def write_layers(ckpt: Checkpoint, layers: range, device: torch.device, fold_nor
                  workers: int = 1) -> list[tuple]:
     """Run the single pass and append each layer's arrays to the ``.npy`` files ``paths``
     (``{array name: path}``, names of :meth:`LayerResult.array_names`), each of shape
-    ``(len(layers), ...)``. Returns the effective-rank rows (:data:`ranks.RANK_COLUMNS`; none
-    without ``compute_ranks``). Memory: ``workers`` layers' working sets and results; blocks
-    of 4 MiB and more are returned to the system when freed (:func:`unmap_large_frees`)."""
+    ``(n, ...)`` for the ``n`` layers of ``layers`` with softmax attention (a hybrid's
+    linear-attention layers give effective-rank rows only: :mod:`hybrid`). Returns the
+    effective-rank rows (:data:`ranks.RANK_COLUMNS`; none without ``compute_ranks``).
+    Memory: ``workers`` layers' working sets and results; blocks of 4 MiB and more are
+    returned to the system when freed (:func:`unmap_large_frees`)."""
     unmap_large_frees()
     files: dict[str, BinaryIO] = {}
     rows: list[tuple] = []
+    n_stored = sum(map(ckpt.is_attention, layers))
     with ExitStack() as stack:
         for result in iter_layers(ckpt, layers, device, fold_norms, compute_ranks, workers):
-            _append_arrays(result, paths, files, stack, len(layers))
+            if result.vectors is not None:  # else a linear-attention layer: ranks only
+                _append_arrays(result, paths, files, stack, n_stored)
             rows += result.weight_ranks
             del result  # not held while the next layer is extracted
     return rows

@@ -32,7 +32,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .architectures import ABSOLUTE_POSITIONS, HF_TEXT_CONFIG
+from .architectures import ABSOLUTE_POSITIONS, HF_HYBRID_INTERVAL, HF_TEXT_CONFIG
 from .errors import UserError
 
 FULL, SLIDING, CHUNKED, NOPE, LINEAR = "full", "sliding", "chunked", "nope", "linear"
@@ -122,6 +122,8 @@ def hf_layer_kinds(config: dict, n_layers: int) -> LayerKinds:
     else:
         window = config.get("sliding_window")
     types = config.get("layer_types")
+    if types is None and model_type in HF_HYBRID_INTERVAL:
+        types = _hybrid_layer_types(config, where, model_type, n_layers)
     if types is not None:
         kinds = [HF_LAYER_TYPES.get(t) if isinstance(t, str) else None
                  for t in _per_layer(types, f"{where}layer_types", n_layers)]
@@ -143,6 +145,19 @@ def hf_layer_kinds(config: dict, n_layers: int) -> LayerKinds:
     if SLIDING not in kinds and CHUNKED not in kinds and not (NOPE in kinds and window):
         window = None
     return LayerKinds(tuple(kinds), window)
+
+
+def _hybrid_layer_types(config: dict, where: str, model_type: str, n_layers: int
+                        ) -> list[str]:
+    """A hybrid's ``layer_types`` as transformers fills them in when ``config.json`` has none
+    (Qwen3-Next's published configs): every ``full_attention_interval``-th layer full
+    attention, the others linear."""
+    interval = config.get("full_attention_interval") or HF_HYBRID_INTERVAL[model_type]
+    if type(interval) is not int or interval < 1:
+        raise UserError(f"{where}full_attention_interval: {interval!r} is not allowed (an"
+                        " integer >= 1)")
+    return ["full_attention" if (layer + 1) % interval == 0 else "linear_attention"
+            for layer in range(n_layers)]
 
 
 def _hf_nope_layers(config: dict, model_type: str, where: str, n_layers: int) -> list[int]:
