@@ -49,11 +49,12 @@ SPARSE = {"mixtral": {0, 1}, "qwen2_moe": {0}, "qwen3_moe": {1}, "olmoe": {0, 1}
 SHARED_EXPERT = {"qwen2_moe": "shared_expert", "glm4_moe": "shared_experts"}
 
 
-def build(arch: str, path, fused: bool = False):
-    """The model, saved by ``save_pretrained`` (one tensor per expert), or with ``fused`` its
-    in-memory state dict (``experts.gate_up_proj`` etc., 3-D) written as is beside its config."""
+def build(arch: str, path, fused: bool = False, config=None):
+    """The model (of ``config``, default ``CONFIGS[arch]``), saved by ``save_pretrained`` (one
+    tensor per expert), or with ``fused`` its in-memory state dict (``experts.gate_up_proj``
+    etc., 3-D) written as is beside its config."""
     torch.manual_seed(0)
-    model = T.AutoModelForCausalLM.from_config(CONFIGS[arch]())
+    model = T.AutoModelForCausalLM.from_config(config or CONFIGS[arch]())
     with torch.no_grad():  # the router starts at zero, the gains at one: spread them all
         for name, p in model.named_parameters():
             if "norm" in name:

@@ -111,11 +111,28 @@ class HeadInterleaved:
 
 
 @dataclass(frozen=True)
+class RowInterleaved:
+    """Rows ``index::parts`` of a tensor whose rows alternate between ``parts`` weights
+    (gpt-oss's ``gate_up_proj`` in ``(out, in)`` orientation: row ``2i`` is W_gate's row ``i``,
+    row ``2i + 1`` W_up's row ``i``). A strided view: the caller makes it contiguous."""
+
+    index: int
+    parts: int = 2
+
+    def raw_shape(self, dims: ModelDims, weight_type: str) -> tuple[int, int]:
+        out, inp = dims.weight_shape(weight_type)
+        return self.parts * out, inp
+
+    def apply(self, tensor: np.ndarray, dims: ModelDims) -> np.ndarray:
+        return tensor[self.index::self.parts]
+
+
+@dataclass(frozen=True)
 class WeightSpec:
     """Where one weight type comes from: tensor name (after the layer prefix), cut, layout."""
 
     tensor: str
-    cut: Whole | RowBlock | HeadInterleaved = Whole()
+    cut: Whole | RowBlock | HeadInterleaved | RowInterleaved = Whole()
     transposed: bool = False
 
     def raw_shape(self, dims: ModelDims, weight_type: str) -> tuple[int, int]:
@@ -397,6 +414,19 @@ _FUSED_EXPERTS = ExpertLayout("mlp.gate.weight", {
 _QWEN_EXPERTS = _per_expert("mlp.experts.{expert}.", "gate_proj", "up_proj", "down_proj")
 _QWEN2_SHARED = _per_expert("mlp.shared_expert.", "gate_proj", "up_proj", "down_proj")
 _QWEN2_SHARED_GATE = "mlp.shared_expert_gate.weight"
+#: gpt-oss's experts: fused, W_gate and W_up interleaved in rows (out, in) (in columns of the
+#: ``x @ W`` tensors transformers holds), router ``mlp.router``. As published (openai/gpt-oss-*):
+#: MXFP4, ``*_blocks`` ``(E, out, in / 32, 16)`` + ``*_scales`` ``(E, out, in / 32)``, read as
+#: one ``(E, out, in)`` tensor (:mod:`mxfp4`); as transformers >= 5 saves it: ``gate_up_proj``
+#: ``(E, d, 2 d_ff)`` and ``down_proj`` ``(E, d_ff, d)``, both ``x @ W``, hence transposed.
+_GPT_OSS_MXFP4 = ExpertLayout("mlp.router.weight", {
+    "W_gate": WeightSpec("mlp.experts.gate_up_proj_blocks", RowInterleaved(0)),
+    "W_up": WeightSpec("mlp.experts.gate_up_proj_blocks", RowInterleaved(1)),
+    "W_down": WeightSpec("mlp.experts.down_proj_blocks")}, fused=True)
+_GPT_OSS_DENSE = ExpertLayout("mlp.router.weight", {
+    "W_gate": WeightSpec("mlp.experts.gate_up_proj", RowInterleaved(0), transposed=True),
+    "W_up": WeightSpec("mlp.experts.gate_up_proj", RowInterleaved(1), transposed=True),
+    "W_down": WeightSpec("mlp.experts.down_proj", transposed=True)}, fused=True)
 _GLM_SHARED = _per_expert("mlp.shared_experts.", "gate_proj", "up_proj", "down_proj")
 #: Mixture-of-experts layouts of each MoE ``model_type``: one tensor per expert (what
 #: ``save_pretrained`` writes, transformers 4 and 5), then the fused 3-D tensors.
@@ -409,12 +439,20 @@ _MOE_LAYOUTS = {
                           shared_gate=_QWEN2_SHARED_GATE)),
     "qwen3_moe": (ExpertLayout("mlp.gate.weight", _QWEN_EXPERTS), _FUSED_EXPERTS),
     "olmoe": (ExpertLayout("mlp.gate.weight", _QWEN_EXPERTS), _FUSED_EXPERTS),
+    "gpt_oss": (_GPT_OSS_MXFP4, _GPT_OSS_DENSE),
     # GLM-4-MoE: the shared experts are one FFN (mlp.shared_experts); the router's
     # e_score_correction_bias (a per-expert bias for the top-k choice) is not read.
     "glm4_moe": (ExpertLayout("mlp.gate.weight", _QWEN_EXPERTS, shared=_GLM_SHARED),
                  replace(_FUSED_EXPERTS, shared=_GLM_SHARED)),
 }
 _MOE_LAYOUTS["minimax_m2"] = _MOE_LAYOUTS["mixtral"]  # its e_score_correction_bias unread
+_GPT_OSS_NOT_USED = (
+    "attention sinks (one learned logit per head, a column every query attends to with no"
+    " value: it lowers how much a head attends to the tokens, not its W_Q^T W_K or W_O W_V"
+    " maps) and the router's and experts' biases are not used")
+#: Architecture (``model_type`` or GGUF ``general.architecture``) -> its parameters, beyond
+#: biases and norms, that the geometry leaves out (``model.json``'s ``not_used``).
+NOT_USED = {"gpt_oss": _GPT_OSS_NOT_USED, "gpt-oss": _GPT_OSS_NOT_USED}
 #: ``model_type`` -> its mixture-of-experts config keys (:func:`moe_dims_from_hf_config`).
 HF_MOE_KEYS = {
     "mixtral": MoeKeys(("num_local_experts",), "intermediate_size"),
@@ -423,6 +461,7 @@ HF_MOE_KEYS = {
     "qwen3_moe": MoeKeys(("num_experts", "num_local_experts"), "moe_intermediate_size",
                          sparse_step=True),
     "olmoe": MoeKeys(("num_experts",), "intermediate_size"),
+    "gpt_oss": MoeKeys(("num_local_experts",), "intermediate_size"),
     "glm4_moe": MoeKeys(("n_routed_experts",), "moe_intermediate_size",
                         shared_count="n_shared_experts", first_dense="first_k_dense_replace"),
     "minimax_m2": MoeKeys(("num_local_experts",), "intermediate_size"),
@@ -438,6 +477,10 @@ HF_ADAPTERS.update({
     # OLMoE: pre-norms as Llama's, QK-norm over the whole projection as OLMo 2's.
     "olmoe": Adapter("model.layers.{layer}.", _LLAMA, norms={**_LLAMA_NORMS, **_QK_NORMS},
                      qk_norm="projection", experts=_MOE_LAYOUTS["olmoe"]),
+    # gpt-oss: q/k/v/o_proj have biases and each head an attention sink (NOT_USED), neither
+    # read; every layer sparse.
+    "gpt_oss": Adapter("model.layers.{layer}.", _LLAMA, norms=_LLAMA_NORMS,
+                       experts=_MOE_LAYOUTS["gpt_oss"]),
     # GLM-4-MoE: dense first layers (Llama's mlp.*_proj), per-head QK-norm where use_qk_norm
     # (GLM-4.5; not GLM-4.5-Air), partial rotary (positions do not change the weights).
     "glm4_moe": Adapter("model.layers.{layer}.", _LLAMA, norms={**_LLAMA_NORMS, **_QK_NORMS},

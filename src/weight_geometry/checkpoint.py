@@ -36,6 +36,7 @@ from .architectures import (
     HF_CONFIG_DEFAULTS,
     HF_EXTRA_LAYERS,
     HF_NOT_YET,
+    NOT_USED,
     SHARED,
     Adapter,
     ExpertLayout,
@@ -398,6 +399,8 @@ class Checkpoint:
             "norm_gains": ("folded into the projections" if fold_norms
                            else "not applied (raw projection weights)"),
             "biases": "not used",
+            **({"not_used": NOT_USED[self.architecture]} if self.architecture in NOT_USED
+               else {}),
             **self.dims.as_dict(),
             "attention_layers": list(self.attention_layers),
             **(self.layer_kinds or LayerKinds(("full",) * self.dims.n_layers)).as_dict(),

@@ -246,6 +246,7 @@ def _header(a: Analysis):
     yield ("Caveats: the kernel `W_Q_i^T W_K_j` is the attention score's bilinear form"
            f" {positions}. Biases: {m.get('biases', 'not used')}; norm gains:"
            f" {m.get('norm_gains', 'not applied (raw projection weights)')}."
+           + (f" Also, {m['not_used']}." if m.get("not_used") else "")
            + (f" **k = d_head = {d_head}: the subspace is the row space of W_K alone, so heads"
               " sharing a KV head are identical; use k < d_head to compare heads.**"
               if k == d_head else "") + "\n")

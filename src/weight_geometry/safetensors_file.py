@@ -22,11 +22,17 @@ from pathlib import Path
 
 import numpy as np
 
+from . import mxfp4
 from .errors import UserError
+
+#: The dtype of a tensor read from a pair of MXFP4 ``NAME_blocks`` + ``NAME_scales`` uint8
+#: tensors (:func:`pair_mxfp4`): its entry is ``NAME_blocks``, of the decoded shape.
+MXFP4 = "MXFP4"
 
 #: safetensors dtype codes -> readable names (as torch spells them).
 DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-               "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+               "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "U8": "uint8",
+               MXFP4: "mxfp4"}
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 #: Longest safetensors header read: the format's own limit (the ``safetensors`` package refuses
@@ -82,6 +88,8 @@ class TensorEntry:
     shape: tuple[int, ...]
     start: int
     end: int
+    #: An :data:`MXFP4` tensor's scales (its own entry holds the blocks).
+    scales: TensorEntry | None = None
 
 
 def _show(value) -> str:
@@ -215,17 +223,35 @@ def _sharded_entries(directory: Path, index: Path) -> dict[str, TensorEntry]:
     return entries
 
 
+def pair_mxfp4(entries: dict[str, TensorEntry]) -> dict[str, TensorEntry]:
+    """``entries`` with each MXFP4 pair (gpt-oss's experts: uint8 ``NAME_blocks`` ``(..., G,
+    16)`` and ``NAME_scales`` ``(..., G)``, :mod:`mxfp4`) as one :data:`MXFP4` entry
+    ``NAME_blocks`` of the decoded shape ``(..., 32 G)`` holding both (the scales possibly in
+    another shard); anything else as it is."""
+    out = dict(entries)
+    for name, blocks in entries.items():
+        scales = entries.get(name.removesuffix("_blocks") + "_scales")
+        if (name.endswith("_blocks") and scales is not None and blocks.dtype == "U8"
+                and scales.dtype == "U8" and len(blocks.shape) >= 2
+                and blocks.shape[-1] == mxfp4.GROUP_BYTES
+                and blocks.shape[:-1] == scales.shape):
+            out[name] = TensorEntry(blocks.file, MXFP4, mxfp4.decoded_shape(blocks.shape),
+                                    blocks.start, blocks.end, scales)
+            del out[name.removesuffix("_blocks") + "_scales"]
+    return out
+
+
 def directory_entries(directory: Path) -> dict[str, TensorEntry]:
     """All tensors of a HF checkpoint directory, single-file or sharded (those its index
-    lists, from the shards it names)."""
+    lists, from the shards it names); MXFP4 pairs as one entry (:func:`pair_mxfp4`)."""
     index = directory / INDEX_NAME
     refuse_broken_symlink(index)
     if index.exists():
-        return _sharded_entries(directory, index)
+        return pair_mxfp4(_sharded_entries(directory, index))
     single = directory / SINGLE_NAME
     refuse_broken_symlink(single)
     if single.exists():
-        return read_header(single)
+        return pair_mxfp4(read_header(single))
     raise UserError(f"{directory}: no {SINGLE_NAME} or {INDEX_NAME} (only safetensors is read)")
 
 
@@ -255,12 +281,22 @@ class SafetensorsReader:
         self.entries = entries
 
     def check_readable(self, name: str) -> None:
-        """UserError unless tensor ``name`` has a dtype this reader decodes (floating point:
-        :data:`DTYPE_NAMES` less float8) and a byte range that fits its shape. Header only."""
+        """UserError unless tensor ``name`` has a dtype this reader decodes (F64, F32, F16,
+        BF16, or an :data:`MXFP4` pair) and byte ranges that fit its shape. Header only."""
         entry = self.entries[name]
+        if entry.dtype == MXFP4:
+            for part, size in ((entry, math.prod(entry.shape) // 2),
+                               (entry.scales, math.prod(entry.shape) // mxfp4.GROUP)):
+                if part.end - part.start != size:
+                    raise UserError(f"{part.file}: MXFP4 tensor {name} has"
+                                    f" {part.end - part.start} bytes of"
+                                    f" {'blocks' if part is entry else 'scales'}, not {size}"
+                                    f" for shape {list(entry.shape)} (corrupt header)")
+            return
         if entry.dtype not in _DECODE:
             raise UserError(f"{entry.file}: tensor {name} has dtype {entry.dtype}; readable:"
-                            f" {', '.join(_DECODE)}")
+                            f" {', '.join(_DECODE)}, and {MXFP4} (uint8 NAME_blocks with their"
+                            " NAME_scales)")
         itemsize = np.dtype(_DECODE[entry.dtype][0]).itemsize
         size = math.prod(entry.shape) * itemsize
         if entry.end - entry.start != size:
@@ -277,6 +313,8 @@ class SafetensorsReader:
         chunk of at most ``READ_CHUNK`` bytes. Thread-safe."""
         self.check_readable(name)
         entry = self.entries[name]
+        if entry.dtype == MXFP4:
+            return self._read_mxfp4(name, entry, index)
         stored, decode = _DECODE[entry.dtype]
         itemsize = np.dtype(stored).itemsize
         shape, start = tuple(entry.shape), entry.start
@@ -300,3 +338,23 @@ class SafetensorsReader:
             return out
         finally:
             os.close(fd)
+
+    @staticmethod
+    def _read_mxfp4(name: str, entry: TensorEntry, index: int | None) -> np.ndarray:
+        """An :data:`MXFP4` tensor (its slice ``[index]``: one expert), decoded to float32 by
+        :func:`mxfp4.decode`. Cost: one read of the slice's blocks (half a byte per value) and
+        scales (one byte per 32 values); memory: those bytes and the float32 output."""
+        shape = entry.shape if index is None else entry.shape[1:]
+        values = math.prod(shape)
+        parts = []
+        for part, per_value in ((entry, 2), (entry.scales, mxfp4.GROUP)):
+            raw = np.empty(values // per_value, dtype=np.uint8)
+            fd = os.open(part.file, os.O_RDONLY)
+            try:
+                _pread_exact(fd, memoryview(raw), part.start + (index or 0) * raw.size, part,
+                             name)
+            finally:
+                os.close(fd)
+            parts.append(raw)
+        blocks = parts[0].reshape(*shape[:-1], shape[-1] // mxfp4.GROUP, mxfp4.GROUP_BYTES)
+        return mxfp4.decode(blocks, parts[1].reshape(blocks.shape[:-1]))
