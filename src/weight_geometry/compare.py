@@ -18,6 +18,7 @@ import pandas as pd
 
 from .figure_names import COMPARE_FIGURES
 from .figures import pyplot, save_figure
+from .hybrid import attention_layers
 from .report import markdown_table
 from .similarity import null_mean
 from .verdicts import alignment_verdict
@@ -56,8 +57,9 @@ _FIGURES = dict(zip(COMPARE_FIGURES, (
 def _model_rows(name: str, model: dict, layers: pd.DataFrame, k: int) -> pd.DataFrame:
     """One model's rows of :func:`compare_table`."""
     n_layers, d = model["n_layers"], model["d_model"]
-    if not np.array_equal(layers["layer"].to_numpy(), np.arange(n_layers)):
-        raise ValueError(f"{name}: layers table does not hold layers 0..{n_layers - 1}")
+    if not np.array_equal(layers["layer"].to_numpy(), attention_layers(model)):
+        raise ValueError(f"{name}: layers table does not hold the attention layers"
+                         f" {attention_layers(model).tolist()}")
     chance = null_mean(k, d)
     return pd.DataFrame({
         "model": name,

@@ -13,6 +13,7 @@ import pandas as pd
 
 from .crossref import PAIRS, layer_correlations
 from .findings import DEPTH_FAMILY, Findings, compute_findings
+from .hybrid import left_out
 from .ksweep import CONDITIONAL_RATIO_LABELS, GAP_THRESHOLD, RATIO_LABELS, ill_defined
 from .layer_kinds import LayerKinds, position_caveat
 from .multiplicity import FDR_Q, count_family
@@ -252,6 +253,8 @@ def _header(a: Analysis):
               if k == d_head else "") + "\n")
     if (fraction := m.get("rotary_fraction", 1.0)) < 1:
         yield partial_rotary_caveat(fraction, d_head) + "\n"
+    if hybrid := left_out(m):
+        yield f"**{hybrid}**\n"
     d = m["d_model"]
     yield ("Nulls: every similarity and alignment stands beside two nulls. The isotropic null"
            f" (Haar-random k-subspaces of R^d: similarity mean k/d = {null_mean(k, d):.4f},"
@@ -355,7 +358,7 @@ def _overlap(a: Analysis, f: Findings, lines: dict[str, str]):
 
 def _head_matching(a: Analysis, f: Findings, lines: dict[str, str]):
     k, d = a.k, a.model["d_model"]
-    far = distant_threshold(a.model["n_layers"])
+    far = distant_threshold(len(a.best_match))
     pairs = a.layer_pairs
     yield "## Head matching across layers (all heads)\n"
     yield _finding(lines, "head_matching")

@@ -207,26 +207,35 @@ def head_rows(table: pd.DataFrame, head: int) -> pd.DataFrame:
 
 def load_analysis(inputs, k: int, heads: list[int], primary_head: int) -> Analysis:
     """Load from a Snakemake ``input`` object with the named entries used by the report rule
-    (``layers`` and ``ksweep`` optional: the figures have neither)."""
+    (``layers`` and ``ksweep`` optional: the figures have neither). A hybrid's tables are
+    indexed by position among its attention layers, as its arrays are
+    (:func:`hybrid.to_positions`)."""
     import pandas as pd
 
+    from .hybrid import to_positions
+
+    model = read_json(inputs.model)
+
+    def table(path):
+        return to_positions(pd.read_parquet(path), model)
+
     return Analysis(
-        model=read_json(inputs.model),
+        model=model,
         k=k,
         heads=heads,
         primary_head=primary_head,
         similarity=load_similarities(inputs.similarity),
         similarity_mean=load_array(inputs.similarity_mean),
-        bottleneck=pd.read_parquet(inputs.bottleneck),
-        alignment=pd.read_parquet(inputs.alignment),
-        layers=pd.read_parquet(inputs.layers) if hasattr(inputs, "layers") else None,
-        weight_ranks=pd.read_parquet(inputs.weight_ranks),
-        kernel_ranks=pd.read_parquet(inputs.kernel_ranks),
+        bottleneck=table(inputs.bottleneck),
+        alignment=table(inputs.alignment),
+        layers=table(inputs.layers) if hasattr(inputs, "layers") else None,
+        weight_ranks=table(inputs.weight_ranks),
+        kernel_ranks=table(inputs.kernel_ranks),
         singular_values=load_layers(inputs.singular_values),
         best_match=load_array(inputs.best_match),
-        layer_pairs=pd.read_parquet(inputs.layer_pairs),
-        every_head=pd.read_parquet(inputs.every_head),
-        within_layer=pd.read_parquet(inputs.within_layer),
+        layer_pairs=table(inputs.layer_pairs),
+        every_head=table(inputs.every_head),
+        within_layer=table(inputs.within_layer),
         overlaps=load_array(inputs.overlaps),
         ksweep=pd.read_parquet(inputs.ksweep) if hasattr(inputs, "ksweep") else None,
     )

@@ -7,6 +7,7 @@ from weight_geometry.rule_script import run_rule
 
 
 def main():
+    from weight_geometry.hybrid import to_model_layers
     from weight_geometry.ranks import kernel_rank_table
     from weight_geometry.results_io import load_layers, model_dims, read_json
     from weight_geometry.user_ranks import write_effective_ranks
@@ -16,7 +17,7 @@ def main():
     write_effective_ranks(inp.user_ranks, inp.weight_ranks, model_dims(model),
                           tuple(model["weight_types"]), out.csv, out.parquet)
     kernel = kernel_rank_table(load_layers(inp.singular_values), model["d_model"])
-    kernel.to_parquet(out.kernel, index=False)
+    to_model_layers(kernel, model).to_parquet(out.kernel, index=False)
 
 
 run_rule(main, snakemake.log[0], snakemake.output)

@@ -7,6 +7,7 @@ from weight_geometry.rule_script import run_rule
 
 def main():
     from weight_geometry.alignment import alignment_table
+    from weight_geometry.hybrid import to_model_layers
     from weight_geometry.results_io import load_layers, read_json
 
     inp = snakemake.input
@@ -15,7 +16,7 @@ def main():
                             load_layers(inp.ffn_singular_values),
                             load_layers(inp.rowspace_eigenvalues), int(snakemake.wildcards.k),
                             model["d_model"], model["ffn_input"])
-    table.to_parquet(snakemake.output[0], index=False)
+    to_model_layers(table, model).to_parquet(snakemake.output[0], index=False)
 
 
 run_rule(main, snakemake.log[0], snakemake.output)

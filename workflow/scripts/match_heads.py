@@ -9,6 +9,7 @@ from weight_geometry.rule_script import run_rule
 def main():
     from weight_geometry.head_matching import match_heads, same_index_matrices
     from weight_geometry.head_summary import adjacent_by_head, within_layer_similarity
+    from weight_geometry.hybrid import to_model_layers
     from weight_geometry.layer_kinds import with_layer_type
     from weight_geometry.results_io import load_array, load_layers, read_json, save_result
 
@@ -21,12 +22,17 @@ def main():
     save_result(out.best_match, matrix)
     save_result(out.pairs, pairs)
     save_result(out.same_index, same_index_matrices(sims))
+    table = to_model_layers(table, model)
     table.to_parquet(out.table, index=False)
     table.to_csv(out.csv, index=False)
-    with_layer_type(adjacent_by_head(sims, overlaps, k, model["d_model"], model["d_head"]),
-                    model).to_parquet(out.heads, index=False)
-    with_layer_type(within_layer_similarity(sims, overlaps, k, model["d_head"]),
-                    model).to_parquet(out.within_layer, index=False)
+
+    def labelled(t):  # model layers, with their kind
+        return with_layer_type(to_model_layers(t, model), model)
+
+    labelled(adjacent_by_head(sims, overlaps, k, model["d_model"], model["d_head"])).to_parquet(
+        out.heads, index=False)
+    labelled(within_layer_similarity(sims, overlaps, k, model["d_head"])).to_parquet(
+        out.within_layer, index=False)
 
 
 run_rule(main, snakemake.log[0], snakemake.output)
