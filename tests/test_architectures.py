@@ -40,6 +40,16 @@ CONFIGS = {
     "phi3": lambda: T.Phi3Config(**COMMON, num_key_value_heads=2, pad_token_id=0),
     "gpt2": lambda: T.GPT2Config(n_embd=48, n_layer=3, n_head=4, vocab_size=64, n_positions=16),
     "gpt_neox": lambda: T.GPTNeoXConfig(**COMMON),
+    # SmolLM3: NoPE every second layer here (layer 1), so a 3-layer model has one.
+    "smollm3": lambda: T.SmolLM3Config(**COMMON, num_key_value_heads=2, pad_token_id=0,
+                                       no_rope_layer_interval=2),
+    "olmo3": lambda: T.Olmo3Config(**COMMON, num_key_value_heads=2, sliding_window=8,
+                                   layer_types=["sliding_attention", "full_attention",
+                                                "sliding_attention"]),
+    # Llama 4's attention and dense FFN (under feed_forward.); its experts: test_new_families.
+    "llama4_text": lambda: T.Llama4TextConfig(**COMMON, num_key_value_heads=2, head_dim=16,
+                                              intermediate_size_mlp=80, moe_layers=[],
+                                              attention_chunk_size=8),
 }
 #: Models without a gated FFN (their FFN input is W_up), by their workflow names.
 NON_GATED = ("gpt2", "gpt-neox")
@@ -99,14 +109,15 @@ def module_projections(model, arch: str, layer: int, x: torch.Tensor) -> dict[st
         gate, up = lin(blk.mlp.gate_up_proj).chunk(2, dim=-1)
         return {"W_Q": qkv[:, :nq], "W_K": qkv[:, nq:nq + nkv], "W_V": qkv[:, nq + nkv:],
                 "W_gate": gate, "W_up": up}
-    att = blk.self_attn
+    att, mlp = blk.self_attn, getattr(blk, "mlp", None) or blk.feed_forward   # Llama 4
     return {"W_Q": lin(att.q_proj), "W_K": lin(att.k_proj), "W_V": lin(att.v_proj),
-            "W_gate": lin(blk.mlp.gate_proj), "W_up": lin(blk.mlp.up_proj)}
+            "W_gate": lin(mlp.gate_proj), "W_up": lin(mlp.up_proj)}
 
 
 #: The projections writing to the residual stream, under the decoder layer: W_O, W_down.
 OUTPUT_PROJECTIONS = {"gpt2": ("attn.c_proj", "mlp.c_proj"),
-                      "gpt_neox": ("attention.dense", "mlp.dense_4h_to_h")}
+                      "gpt_neox": ("attention.dense", "mlp.dense_4h_to_h"),
+                      "llama4_text": ("self_attn.o_proj", "feed_forward.down_proj")}
 OUTPUT_PROJECTIONS_DEFAULT = ("self_attn.o_proj", "mlp.down_proj")
 
 
@@ -156,6 +167,8 @@ def test_base_model_checkpoint_reads_as_its_causal_lm(tmp_path, arch):
         pytest.skip("Gemma3ForConditionalGeneration's base model is multimodal, not a decoder")
     causal = build(arch, tmp_path / "causal")
     base = causal.base_model                                    # GPT2Model, LlamaModel, ...
+    if arch == "llama4_text":   # its base_model_prefix names the multimodal model's tower
+        base = causal.model
     assert "LMHead" not in type(base).__name__ and "ForCausalLM" not in type(base).__name__
     base.save_pretrained(tmp_path / "base")
     prefixed = open_checkpoint(str(tmp_path / "causal")).adapter.tensor_name("W_Q", 0)
@@ -230,7 +243,8 @@ def test_ov_circuits_pair_heads_as_transformers_does(tmp_path, arch):
 #: The projections a normed stream enters, under the decoder layer: attention's, the FFN's.
 NORMED_INPUTS = {"gpt2": ("attn.c_attn", "mlp.c_fc"),
                  "gpt_neox": ("attention.query_key_value", "mlp.dense_h_to_4h"),
-                 "phi3": ("self_attn.qkv_proj", "mlp.gate_up_proj")}
+                 "phi3": ("self_attn.qkv_proj", "mlp.gate_up_proj"),
+                 "llama4_text": ("self_attn.q_proj", "feed_forward.gate_proj")}
 NORMED_INPUTS_DEFAULT = ("self_attn.q_proj", "mlp.gate_proj")
 
 
@@ -274,8 +288,8 @@ def test_fold_norms_reproduces_the_normed_stream(tmp_path, arch):
     (without gain) to what the unfolded projection computes from the norm module's output in
     a forward pass of the model: ``W diag(g) x_hat = W z``, QK-norm gains on each head's rows
     (Qwen3, Gemma 3); W_O and W_down are left as they are."""
-    if arch == "olmo2":
-        pytest.skip("OLMo 2 has no norm before its sublayers: test_olmo2_fold_norms")
+    if arch in ("olmo2", "olmo3"):
+        pytest.skip("OLMo 2 and 3 have no norm before their sublayers: test_olmo_fold_norms")
     model = build(arch, tmp_path / arch)
     raw = open_checkpoint(str(tmp_path / arch)).read_layer(1)
     folded = open_checkpoint(str(tmp_path / arch), fold_norms=True).read_layer(1, True)
@@ -296,15 +310,16 @@ def test_fold_norms_reproduces_the_normed_stream(tmp_path, arch):
         np.testing.assert_array_equal(folded[wt], raw[wt])
 
 
-def test_olmo2_fold_norms(tmp_path):
-    """OLMo 2 normalizes all of W_Q's outputs at once (and W_K's), and nothing before its
-    sublayers: folded, ``diag(g_q) W_Q`` maps the raw stream to q_norm's output up to the
+@pytest.mark.parametrize("arch", ["olmo2", "olmo3"])
+def test_olmo_fold_norms(tmp_path, arch):
+    """OLMo 2 and 3 normalize all of W_Q's outputs at once (and W_K's), and nothing before
+    their sublayers: folded, ``diag(g_q) W_Q`` maps the raw stream to q_norm's output up to the
     per-token RMS of the raw projection (a positive scalar, the same for every head); every
     other weight is as stored."""
-    model = build("olmo2", tmp_path / "olmo2")
-    raw = open_checkpoint(str(tmp_path / "olmo2")).read_layer(1)
-    folded = open_checkpoint(str(tmp_path / "olmo2"), fold_norms=True).read_layer(1, True)
-    att = decoder_layer(model, "olmo2", 1).self_attn
+    model = build(arch, tmp_path / arch)
+    raw = open_checkpoint(str(tmp_path / arch)).read_layer(1)
+    folded = open_checkpoint(str(tmp_path / arch), fold_norms=True).read_layer(1, True)
+    att = decoder_layer(model, arch, 1).self_attn
     x = torch.randn(7, 48, dtype=torch.float64)
     for wt, proj, norm in (("W_Q", att.q_proj, att.q_norm), ("W_K", att.k_proj, att.k_norm)):
         with torch.no_grad():
@@ -351,7 +366,7 @@ def test_workflow_runs_on_every_architecture(tmp_path):
         models[arch.replace("_", "-")] = {"source": str(tmp_path / "ckpt" / arch)}
     workdir = tmp_path / "run"
     # Every model through extraction and the per-k tables, the non-gated ones through their
-    # report, all twelve into the comparison. The figures, head matching and k-sweep of the
+    # report, all of them into the comparison. The figures, head matching and k-sweep of the
     # gated models (architecture-blind steps, run on Llama in test_workflow.py) are left out:
     # each is a Python process per model, and this run is among the slowest tests.
     per_model = ["model.json", "effective_ranks.csv", "k3/alignment.parquet",
@@ -375,6 +390,6 @@ def test_workflow_runs_on_every_architecture(tmp_path):
             assert len(ranks) == 3 * 7
         sims = np.load(r / "k3" / "similarity_head0.npy")
         assert np.allclose(sims, sims.T) and np.allclose(np.diag(sims), 1)
-    # Twelve models of different widths side by side.
+    # Models of different widths side by side.
     compared = pd.read_csv(workdir / "results/compare/k3/models.csv")
     assert sorted(set(compared["model"])) == sorted(models)

@@ -106,7 +106,7 @@ def test_hf_layer_kinds_follow_transformers_modules(tmp_path, name):
 def test_kinds_seen_in_the_configs():
     """The table covers every kind but ``linear`` (the hybrids' own tests cover that one)."""
     seen = set()
-    for name, config in CONFIGS.items():
+    for config in CONFIGS.values():
         model = T.AutoModelForCausalLM.from_config(config())
         seen |= set(reference_kinds(model))
     assert seen == {"full", "sliding", "chunked", "nope"}
@@ -116,8 +116,8 @@ def test_hf_smollm3_sliding_nope_layers_keep_their_window():
     config = T.SmolLM3Config(**SMALL, use_sliding_window=True, sliding_window=16).to_dict()
     kinds = hf_layer_kinds(config, 8)
     assert kinds.layers("nope") == (3, 7) and kinds.window == 16
-    assert "NoPE layers (3, 7): exact, no position enters their score, over a window of 16" \
-        in position_caveat("smollm3", kinds)
+    assert position_caveat("smollm3", kinds).endswith(
+        "NoPE layers (3, 7): exact, no position enters their score, over a window of 16 tokens")
 
 
 @pytest.mark.parametrize("config, message", [
@@ -214,13 +214,16 @@ def test_position_caveat_by_kind():
         " and this is its zero-offset slice")
     mixed = position_caveat("llama4_text", LayerKinds(
         ("chunked", "chunked", "chunked", "nope", "chunked", "chunked", "chunked", "nope"), 16))
-    assert "chunked layers (0-2, 4-6): before RoPE, its zero-offset slice within chunks of 16" \
-        " tokens" in mixed
-    assert "NoPE layers (3, 7): exact, no position enters their score;" not in mixed
-    assert mixed.count("NoPE layers (3, 7): exact, no position enters their score") == 1
+    assert mixed == (
+        "before scaling, by layer kind. RoPE layers (chunked in chunks of 16 tokens: 0-2, 4-6):"
+        " taken before RoPE; RoPE makes the true kernel depend on the relative position, and"
+        " this is its zero-offset slice. NoPE layers (3, 7): exact, no position enters their"
+        " score")
+    sliding = position_caveat("olmo3", LayerKinds(("sliding", "full", "sliding"), 8))
+    assert "RoPE layers (full: 1; sliding over a window of 8 tokens: 0, 2)" in sliding
     hybrid = position_caveat("qwen3_5_text", LayerKinds(("linear", "linear", "full") * 2))
-    assert "linear-attention layers (0-1, 3-4): no softmax kernel" in hybrid
-    assert "full layers (2, 5)" in hybrid
+    assert "Linear-attention layers (0-1, 3-4): no softmax kernel" in hybrid
+    assert "RoPE layers (full: 2, 5)" in hybrid
 
 
 def test_with_layer_type_and_old_records():

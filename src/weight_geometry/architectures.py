@@ -226,7 +226,9 @@ class MoeKeys:
     ``shared_count``: the key counting shared experts that are stored as one FFN of width
     ``count * d_expert`` (GLM-4-MoE's and DeepSeek's ``n_shared_experts``; 0: none), instead of
     ``d_shared``. ``first_dense``: the key counting the leading layers that keep a dense FFN
-    (``first_k_dense_replace``: layers ``0 .. n-1`` dense, the rest sparse)."""
+    (``first_k_dense_replace``: layers ``0 .. n-1`` dense, the rest sparse). ``interleave``:
+    the sparse layers are ``moe_layers`` when listed, else every
+    ``interleave_moe_layer_step``-th layer (``step - 1, 2 step - 1, ...``; Llama 4)."""
 
     n_experts: tuple[str, ...]
     d_expert: str
@@ -234,6 +236,7 @@ class MoeKeys:
     sparse_step: bool = False
     shared_count: str | None = None
     first_dense: str | None = None
+    interleave: bool = False
 
 
 @dataclass(frozen=True)
@@ -377,6 +380,10 @@ HF_ADAPTERS: dict[str, Adapter] = {
     # post_feedforward_layernorm normalize their outputs, before the residual sum): folding
     # puts only the QK-norm gains, over the whole projection, into W_Q's and W_K's rows.
     "olmo2": Adapter("model.layers.{layer}.", _LLAMA, norms=_QK_NORMS, qk_norm="projection"),
+    # OLMo 3: OLMo 2's layout (sliding and full layers differ only in their mask).
+    "olmo3": Adapter("model.layers.{layer}.", _LLAMA, norms=_QK_NORMS, qk_norm="projection"),
+    # SmolLM3: Llama's layout; every no_rope_layer_interval-th layer NoPE (layer_kinds).
+    "smollm3": Adapter("model.layers.{layer}.", _LLAMA, norms=_LLAMA_NORMS),
     "phi3": Adapter("model.layers.{layer}.", {
         **_fused_qkv("self_attn.qkv_proj.weight"),
         "W_O": WeightSpec("self_attn.o_proj.weight"),
@@ -491,6 +498,23 @@ HF_ADAPTERS.update({
                           experts=_MOE_LAYOUTS["minimax_m2"]),
 })
 
+#: Llama 4: experts fused in ``x @ W`` orientation, hence transposed: ``gate_up_proj``
+#: ``(E, d, 2 d_ff)`` (gate = the first d_ff columns), ``down_proj`` ``(E, d_ff, d)``; the router
+#: ``feed_forward.router`` ``(E, d)`` (its sigmoid scores scale each expert's input); a shared
+#: expert of the experts' width. Dense layers (``moe_layers``, ``interleave_moe_layer_step``)
+#: have Llama's FFN under ``feed_forward.``, of width ``intermediate_size_mlp``. The weightless
+#: per-head RMS norm of q and k on its RoPE layers (``use_qk_norm``) has no gain to fold.
+_LLAMA4_EXPERTS = ExpertLayout("feed_forward.router.weight", {
+    **{wt: replace(spec, transposed=True)
+       for wt, spec in _fused_gate_up("feed_forward.experts.gate_up_proj").items()},
+    "W_down": WeightSpec("feed_forward.experts.down_proj", transposed=True)}, fused=True,
+    shared=_per_expert("feed_forward.shared_expert.", "gate_proj", "up_proj", "down_proj"))
+HF_MOE_KEYS["llama4_text"] = MoeKeys(("num_local_experts",), "intermediate_size",
+                                     "intermediate_size", interleave=True)
+HF_ADAPTERS["llama4_text"] = Adapter("model.layers.{layer}.",
+                                     _split("self_attn.", "feed_forward."),
+                                     norms=_LLAMA_NORMS, experts=(_LLAMA4_EXPERTS,))
+
 #: Hybrids (Qwen3.5, its MoE, Qwen3-Next): gated-DeltaNet linear-attention layers
 #: (``linear_attn.*``, never read; :mod:`layer_kinds` says which layers they are)
 #: between full-attention layers (``self_attn.*``) whose ``q_proj`` holds each head's query
@@ -518,7 +542,8 @@ HF_MOE_KEYS.update({"qwen3_5_moe_text": _QWEN_HYBRID_MOE, "qwen3_5_moe": _QWEN_H
 #: Qwen3.5-MoE has no dense FFN (every layer sparse, no ``intermediate_size``), so ``d_ff``
 #: is its routed experts' width.
 HF_FFN_WIDTH_KEY = {"qwen3_5_moe_text": "moe_intermediate_size",
-                    "qwen3_5_moe": "moe_intermediate_size"}
+                    "qwen3_5_moe": "moe_intermediate_size",
+                    "llama4_text": "intermediate_size_mlp"}
 #: ``model_type`` of the hybrids -> transformers' ``full_attention_interval`` default (every
 #: ``n``-th layer full attention, the others linear) where ``config.json`` has no
 #: ``layer_types``.
@@ -731,9 +756,10 @@ def moe_dims_from_hf_config(config: dict, n_layers: int) -> MoeDims | None:
     dense ``model_type``. Sparse layers: every layer, or for ``sparse_step`` types (Qwen-MoE)
     those that transformers makes sparse, ``l not in mlp_only_layers and (l + 1) %
     decoder_sparse_step == 0`` (defaults ``[]`` and 1), and for ``first_dense`` types
-    (GLM-4-MoE) layers ``first_k_dense_replace`` onwards. Keys of :data:`HF_CONFIG_DEFAULTS`
-    that are absent or null take transformers' defaults. A missing or bad value is a UserError
-    naming the key (the caller adds the file)."""
+    (GLM-4-MoE) layers ``first_k_dense_replace`` onwards, for ``interleave`` types (Llama 4)
+    ``moe_layers`` or every ``interleave_moe_layer_step``-th layer. Keys of
+    :data:`HF_CONFIG_DEFAULTS` that are absent or null take transformers' defaults. A missing
+    or bad value is a UserError naming the key (the caller adds the file)."""
     keys = HF_MOE_KEYS.get(config.get("model_type"))
     if keys is None:
         return None
@@ -762,6 +788,14 @@ def moe_dims_from_hf_config(config: dict, n_layers: int) -> MoeDims | None:
         layers = frozenset(x for x in layers if x not in dense and (x + 1) % step == 0)
     if keys.first_dense:
         layers = frozenset(range(value(keys.first_dense, low=0), n_layers))
+    if keys.interleave:
+        listed = config.get("moe_layers")
+        if listed is None:
+            step = value("interleave_moe_layer_step", 1)
+            listed = range(step - 1, n_layers, step)
+        elif not (isinstance(listed, list) and all(type(x) is int for x in listed)):
+            raise UserError(f"moe_layers: {listed!r} is not allowed (a list of layer indices)")
+        layers = frozenset(x for x in listed if 0 <= x < n_layers)
     count_key = next((k for k in keys.n_experts if k in config), keys.n_experts[0])
     n_experts = value(count_key, low=0 if keys.sparse_step else 1)
     if n_experts == 0:  # Qwen-MoE with num_experts 0: every layer dense

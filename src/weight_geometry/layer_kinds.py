@@ -256,19 +256,17 @@ def position_caveat(architecture: str, kinds: LayerKinds) -> str:
             " zero-offset slice")
     if set(kinds.kinds) == {FULL}:
         return f"before RoPE and scaling; {rope}"
-    parts = []
-    span = {FULL: "", SLIDING: f" over a sliding window of {kinds.window} tokens",
-            CHUNKED: f" within chunks of {kinds.window} tokens"}
-    for kind in (FULL, SLIDING, CHUNKED):
-        if layers := kinds.layers(kind):
-            parts.append(f"{kind} layers ({_layer_list(layers)}): before RoPE, its zero-offset"
-                         f" slice{span[kind]}")
+    spans = {FULL: FULL, SLIDING: f"sliding over a window of {kinds.window} tokens",
+             CHUNKED: f"chunked in chunks of {kinds.window} tokens"}
+    rotated = [f"{spans[kind]}: {_layer_list(layers)}" for kind in (FULL, SLIDING, CHUNKED)
+               if (layers := kinds.layers(kind))]
+    parts = [f"RoPE layers ({'; '.join(rotated)}): taken before RoPE; {rope}"] if rotated else []
     if layers := kinds.layers(NOPE):
         window = f", over a window of {kinds.window} tokens" if kinds.window and not (
             kinds.layers(SLIDING, CHUNKED)) else ""
         parts.append(f"NoPE layers ({_layer_list(layers)}): exact, no position enters their"
                      f" score{window}")
     if layers := kinds.layers(LINEAR):
-        parts.append(f"linear-attention layers ({_layer_list(layers)}): no softmax kernel,"
+        parts.append(f"Linear-attention layers ({_layer_list(layers)}): no softmax kernel,"
                      " left out of the attention experiments")
-    return f"before scaling, by layer kind: {'; '.join(parts)}. Where RoPE acts, {rope}"
+    return f"before scaling, by layer kind. {'. '.join(parts)}"

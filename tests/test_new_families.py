@@ -1,0 +1,192 @@
+"""SmolLM3, OLMo 3 and Llama 4 (text), built by transformers' own config classes.
+
+Their attention and dense FFNs are in the tables of tests/test_architectures.py (every weight
+against the live modules, each head's kernel against a naive float64 SVD, folding). Here:
+Llama 4's experts (fused in ``x @ W`` orientation), its shared expert and router against the
+live ``Llama4TextMoe``; per-expert effective ranks against numpy; and one workflow run of the
+three families whose similarity matrices, effective ranks and layer kinds equal references
+formed from the live modules' own weights, with their reports."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import transformers as T
+from conftest import assert_ok, naive_kernel_svd, reference_eff_rank, run_snakemake
+from test_architectures import build as build_dense
+from test_layer_kinds import reference_kinds
+
+from weight_geometry.architectures import SHARED
+from weight_geometry.checkpoint import open_checkpoint
+from weight_geometry.extraction import extract_layer
+
+#: Llama 4 with experts in layers 1 and 3 (interleave step 2), dense FFNs of their own width in
+#: 0 and 2; RoPE layers chunked (8 tokens), layer 3 NoPE (transformers' every 4th).
+LLAMA4 = dict(hidden_size=48, intermediate_size=24, intermediate_size_mlp=40,
+              num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+              num_local_experts=3, num_experts_per_tok=1, interleave_moe_layer_step=2,
+              attention_chunk_size=8, vocab_size=64)
+SPARSE = {1, 3}
+
+
+def build_llama4(path, **overrides):
+    """The model, every weight and norm gain spread (the router and gains start trivial)."""
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(T.Llama4TextConfig(**{**LLAMA4, **overrides}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.rand_like(p) + 0.5)
+            else:
+                p.copy_(torch.randn_like(p) * (torch.rand(p.shape[:-1])[..., None] + 0.5))
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="module")
+def llama4(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama4") / "ckpt"
+    return build_llama4(path), path
+
+
+def expert_weights(moe, expert, d_e: int) -> dict[str, torch.Tensor]:
+    """Expert ``expert``'s W_gate, W_up, W_down ``(out, in)`` from the live module: the
+    columns of ``gate_up_proj[e]`` (``x @ W``: gate first) and ``down_proj[e]``, transposed."""
+    if expert == SHARED:
+        s = moe.shared_expert
+        return {"W_gate": s.gate_proj.weight, "W_up": s.up_proj.weight,
+                "W_down": s.down_proj.weight}
+    gate_up, down = moe.experts.gate_up_proj[expert], moe.experts.down_proj[expert]
+    return {"W_gate": gate_up[:, :d_e].T, "W_up": gate_up[:, d_e:].T, "W_down": down.T}
+
+
+def test_llama4_experts_router_and_dense_layers_reproduce_the_live_modules(llama4):
+    """Each expert's SwiGLU from the weights read equals the live ``Llama4TextExperts``
+    forward of that expert (all experts run on the same tokens, as its ``bmm`` does), the
+    shared expert its module, the router's logits ``Llama4Router``'s; dense layers' FFN is
+    ``feed_forward.*_proj`` of width ``intermediate_size_mlp``."""
+    model, path = llama4
+    ckpt = open_checkpoint(str(path))
+    assert ckpt.moe.sparse_layers == SPARSE and ckpt.expert_layout.fused
+    assert (ckpt.dims.d_ff, ckpt.moe.d_expert, ckpt.moe.d_shared) == (40, 24, 24)
+    assert ckpt.layer_kinds.kinds == ("chunked", "chunked", "chunked", "nope")
+    n, x = ckpt.moe.n_experts, torch.randn(5, 48)
+    for layer in range(4):
+        ff = model.model.layers[layer].feed_forward
+        ours = ckpt.read_layer(layer)
+        if layer not in SPARSE:
+            with torch.no_grad():
+                for wt, module in (("W_gate", ff.gate_proj), ("W_up", ff.up_proj)):
+                    np.testing.assert_allclose(x.numpy() @ ours[wt].T, module(x), atol=1e-5)
+                np.testing.assert_allclose(x[:, :40].numpy() @ ours["W_down"].T,
+                                           ff.down_proj(x[:, :40]), atol=1e-5)
+            continue
+        assert set(ours) == {"W_Q", "W_K", "W_V", "W_O"}
+        with torch.no_grad():
+            _, logits = ff.router(x)
+            every = ff.experts(x.repeat(n, 1)).view(n, 5, 48)      # expert e: block e
+            shared = ff.shared_expert(x)
+        np.testing.assert_allclose(x.numpy() @ ckpt.read_router(layer).T, logits, atol=1e-5)
+        seen = []
+        for expert, w in ckpt.iter_experts(layer):
+            seen.append(expert)
+            w = {wt: torch.from_numpy(a) for wt, a in w.items()}
+            out = (torch.nn.functional.silu(x @ w["W_gate"].T) * (x @ w["W_up"].T)) @ \
+                w["W_down"].T
+            ref = shared if expert == SHARED else every[expert]
+            np.testing.assert_allclose(out.numpy(), ref.numpy(), atol=1e-4,
+                                       err_msg=f"layer {layer} expert {expert}")
+        assert seen == [*range(n), SHARED]
+
+
+def test_llama4_per_expert_effective_ranks(llama4):
+    """One rank row per expert weight, equal to numpy's SVD of the live module's weights with
+    the pre-FFN gain folded (``W diag(g)`` for W_gate and W_up)."""
+    model, path = llama4
+    ckpt = open_checkpoint(str(path), fold_norms=True)
+    for layer in sorted(SPARSE):
+        res = extract_layer(ckpt, layer, torch.device("cpu"), fold_norms=True)
+        rows = [r for r in res.weight_ranks if len(r) == 5]
+        g = model.model.layers[layer].post_attention_layernorm.weight.detach().numpy()
+        assert len(rows) == 3 * (ckpt.moe.n_experts + 1)
+        for _, wt, shape, eff, expert in rows:
+            e = expert if expert == SHARED else int(expert)
+            w = expert_weights(model.model.layers[layer].feed_forward, e, 24)[wt]
+            w = w.detach().numpy() * (g if wt != "W_down" else 1)
+            assert shape == f"{w.shape[0]}x{w.shape[1]}"
+            assert eff == pytest.approx(reference_eff_rank(w), rel=1e-4), (layer, wt, expert)
+
+
+def folded_attention(model, arch: str, layer: int) -> dict[str, np.ndarray]:
+    """W_Q and W_K of the live module with their norm gains folded as the workflow's default
+    does: the pre-attention gain on the columns (SmolLM3, Llama 4), OLMo 3's QK-norm gains over
+    the whole projection on the rows; float64."""
+    blk = model.model.layers[layer]
+    att = blk.self_attn
+    w = {wt: m.weight.detach().double().numpy() for wt, m in (("W_Q", att.q_proj),
+                                                              ("W_K", att.k_proj))}
+    if arch == "olmo3":
+        return {"W_Q": att.q_norm.weight.detach().double().numpy()[:, None] * w["W_Q"],
+                "W_K": att.k_norm.weight.detach().double().numpy()[:, None] * w["W_K"]}
+    g = blk.input_layernorm.weight.detach().double().numpy()
+    return {wt: a * g for wt, a in w.items()}
+
+
+def reference_similarity(model, arch: str, head: int, k: int, d_head: int) -> np.ndarray:
+    """``(L, L)``: ``||V_a V_b^T||_F^2 / k`` of head ``head``'s top-k right singular vectors of
+    the formed kernel (naive float64 SVD) at every two layers."""
+    bases = []
+    for layer in range(len(model.model.layers)):
+        w = folded_attention(model, arch, layer)
+        bases.append(naive_kernel_svd(w["W_Q"], w["W_K"], head, d_head)[1][:k])
+    return np.array([[np.square(a @ b.T).sum() / k for b in bases] for a in bases])
+
+
+@pytest.mark.workflow
+def test_workflow_on_the_new_families(tmp_path):
+    """SmolLM3 (NoPE layer 1), OLMo 3 (sliding, full, sliding) and Llama 4 (chunked and NoPE
+    layers, experts) end to end: similarity of the sampled heads and effective ranks equal the
+    references from the live modules, model.json and the per-layer tables label every layer
+    with transformers' kind, and the report's caveat names the layers of each kind."""
+    models = {"smollm3": build_dense("smollm3", tmp_path / "ckpt" / "smollm3"),
+              "olmo3": build_dense("olmo3", tmp_path / "ckpt" / "olmo3"),
+              "llama4": build_llama4(tmp_path / "ckpt" / "llama4")}
+    workdir = tmp_path / "run"
+    assert_ok(run_snakemake(workdir, *[f"results/{name}/k3/report.md" for name in models],
+                            config={"models": {name: {"source": str(tmp_path / "ckpt" / name)}
+                                               for name in models},
+                                    "top_k": 3, "heads": {"sample": 2}, "device": "cpu"},
+                            timeout=900))
+    caveats = {"smollm3": "RoPE layers (full: 0, 2): taken before RoPE; RoPE makes the true"
+                          " kernel depend on the relative position, and this is its zero-offset"
+                          " slice. NoPE layers (1): exact, no position enters their score.",
+               "olmo3": "RoPE layers (full: 1; sliding over a window of 8 tokens: 0, 2)",
+               "llama4": "RoPE layers (chunked in chunks of 8 tokens: 0-2): taken before RoPE;"
+                         " RoPE makes the true kernel depend on the relative position, and this"
+                         " is its zero-offset slice. NoPE layers (3): exact"}
+    for name, model in models.items():
+        r = workdir / "results" / name
+        meta = json.loads((r / "model.json").read_text())
+        kinds = reference_kinds(model)
+        assert meta["layer_types"] == kinds, name
+        assert list(pd.read_csv(r / "k3" / "layers.csv")["layer_type"]) == kinds, name
+        within = pd.read_parquet(r / "k3" / "within_layer.parquet")
+        assert list(within["layer_type"]) == kinds, name
+        for head in (0, 3):
+            np.testing.assert_allclose(
+                np.load(r / "k3" / f"similarity_head{head}.npy"),
+                reference_similarity(model, name, head, 3, meta["d_head"]), atol=2e-5,
+                err_msg=f"{name} head {head}")
+        ranks = pd.read_csv(r / "effective_ranks.csv")
+        for _, row in ranks[ranks["weight_type"].isin(["W_Q", "W_K"])].iterrows():
+            w = folded_attention(model, name, int(row["layer_idx"]))[row["weight_type"]]
+            assert row["eff_rank"] == pytest.approx(reference_eff_rank(w), rel=1e-4), name
+        report = (r / "k3" / "report.md").read_text()
+        assert caveats[name] in report, (name, report[:2000])
+    ranks = pd.read_csv(workdir / "results/llama4/effective_ranks.csv")
+    sparse = ranks[ranks["layer_idx"].isin(SPARSE) & ranks["expert"].notna()]
+    assert len(sparse) == 2 * 3 * 4            # two sparse layers, 3 routed + shared, 3 each
