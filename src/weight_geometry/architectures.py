@@ -615,6 +615,21 @@ GGUF_ADAPTERS.update({
         "attn": "attn_norm.weight", "ffn": "post_attention_norm.weight"}),
 })
 GGUF_ROPE_PERMUTED = {"llama", "mistral"}
+#: Hybrids as llama.cpp's ``Qwen3NextModel``, ``Qwen3_5TextModel``, ``Qwen3_5MoeTextModel``
+#: write them: ``attn_q`` is Hugging Face's gated ``q_proj`` (rows unchanged: each head's
+#: query, then its gate), every ``*norm.weight`` stored as ``1 + w`` (the gain: no
+#: ``norm_offset``), the pre-FFN norm is ``post_attention_norm``, experts as
+#: :data:`GGUF_EXPERTS`; ``linear_attn.*`` (``attn_qkv``, ``attn_gate``, ``ssm_*``) not read.
+#: The full-attention layers: every ``{arch}.full_attention_interval``-th (:mod:`layer_kinds`).
+_GGUF_HYBRID = Adapter("blk.{layer}.", {
+    **_GGUF, "W_Q": WeightSpec("attn_q.weight", HeadInterleaved(0, parts=2))}, norms={
+    "attn": "attn_norm.weight", "ffn": "post_attention_norm.weight", **_GGUF_QK_NORMS})
+GGUF_ADAPTERS.update({"qwen35": _GGUF_HYBRID,
+                      "qwen35moe": replace(_GGUF_HYBRID, experts=(GGUF_EXPERTS,)),
+                      "qwen3next": replace(_GGUF_HYBRID, experts=(GGUF_EXPERTS,))})
+#: GGUF ``general.architecture`` -> the key of ``ModelDims.d_ff`` where it is not
+#: ``feed_forward_length``: Qwen3.5-MoE has no dense FFN.
+GGUF_FFN_WIDTH_KEY = {"qwen35moe": "expert_feed_forward_length"}
 
 
 def unsupported(kind: str, name: str, supported) -> UserError:
@@ -833,7 +848,7 @@ def dims_from_gguf_metadata(meta: dict, arch: str) -> ModelDims:
     return ModelDims(
         n_layers=_gguf_int(meta, f"{arch}.block_count"),
         d_model=d,
-        d_ff=_gguf_int(meta, f"{arch}.feed_forward_length"),
+        d_ff=_gguf_int(meta, f"{arch}.{GGUF_FFN_WIDTH_KEY.get(arch, 'feed_forward_length')}"),
         n_heads=h,
         n_kv_heads=n_kv,
         d_head=d_head,

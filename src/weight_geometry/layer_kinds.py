@@ -153,11 +153,17 @@ def _hybrid_layer_types(config: dict, where: str, model_type: str, n_layers: int
     (Qwen3-Next's published configs): every ``full_attention_interval``-th layer full
     attention, the others linear."""
     interval = config.get("full_attention_interval") or HF_HYBRID_INTERVAL[model_type]
+    return ["full_attention" if full else "linear_attention" for full in _full_every(
+        interval, f"{where}full_attention_interval", n_layers)]
+
+
+def _full_every(interval, key: str, n_layers: int) -> list[bool]:
+    """Whether each layer is full attention in a hybrid with one every ``interval`` layers
+    (``(l + 1) % interval == 0``, as transformers and llama.cpp place them); a bad interval
+    is a UserError naming ``key``."""
     if type(interval) is not int or interval < 1:
-        raise UserError(f"{where}full_attention_interval: {interval!r} is not allowed (an"
-                        " integer >= 1)")
-    return ["full_attention" if (layer + 1) % interval == 0 else "linear_attention"
-            for layer in range(n_layers)]
+        raise UserError(f"{key}: {interval!r} is not allowed (an integer >= 1)")
+    return [(layer + 1) % interval == 0 for layer in range(n_layers)]
 
 
 def _hf_nope_layers(config: dict, model_type: str, where: str, n_layers: int) -> list[int]:
@@ -192,6 +198,8 @@ def _per_layer(values, key: str, n_layers: int) -> list:
 #: file has no ``sliding_window_pattern`` (``hparams.set_swa_pattern``), given a window > 0;
 #: Gemma 2's window defaults to 4096 there.
 _GGUF_SWA_PERIOD = {"gemma2": 2, "gemma3": 6, "olmo2": 4, "gpt-oss": 2, "cohere2": 4}
+#: GGUF hybrids (gated DeltaNet between full attention), by ``general.architecture``.
+_GGUF_HYBRID = ("qwen35", "qwen35moe", "qwen3next")
 #: llama.cpp's ``n_no_rope_layer_step`` (4, hard-coded): every 4th layer is NoPE.
 _GGUF_NOPE_STEP = {"smollm3": 4, "llama4": 4}
 
@@ -219,6 +227,10 @@ def gguf_layer_kinds(meta: dict, arch: str, n_layers: int) -> LayerKinds:
     for layer in range(n_layers):
         if step and (layer + 1) % step == 0:
             kinds[layer] = NOPE
+    if arch in _GGUF_HYBRID:  # llama.cpp's recurrent layers: all but every interval-th
+        key = f"{arch}.full_attention_interval"
+        full = _full_every(meta.get(key, 4), f"GGUF metadata {key}", n_layers)
+        kinds = [kind if f else LINEAR for kind, f in zip(kinds, full, strict=True)]
     return LayerKinds(tuple(kinds), window)
 
 
