@@ -16,7 +16,26 @@ classes named are the converter's):
   ``qkv_proj`` becomes ``attn_qkv``, its ``gate_up_proj`` ``ffn_up``, rows unchanged);
 - the hyperparameters each ``set_gguf_parameters`` writes that the readers here use
   (``key_length`` where the config has a ``head_dim``; GPT-2's ``feed_forward_length`` is
-  ``4 * n_embd``).
+  ``4 * n_embd``; ``expert_count``, ``expert_feed_forward_length`` (Qwen-MoE's
+  ``moe_intermediate_size``, gpt-oss's ``intermediate_size``) and
+  ``expert_shared_feed_forward_length`` of mixture-of-experts models).
+
+Mixture-of-experts models (``mixtral`` as ``llama``, ``qwen2moe``, ``qwen3moe``, ``olmoe``,
+``gpt-oss``), as the converter's ``modify_tensors`` (and the generic expert merging of its
+``TextModel``) write them:
+
+- each layer's per-expert ``experts.N.{gate,up,down}_proj`` (Mixtral: ``w1``, ``w3``, ``w2``)
+  stacked into 3-D ``ffn_{gate,up,down}_exps`` ``(E, out, in)``; the router ``gate`` as
+  ``ffn_gate_inp``; Qwen2-MoE's ``shared_expert.*`` as ``ffn_*_shexp`` and its
+  ``shared_expert_gate`` ``(1, d)`` as ``ffn_gate_inp_shexp`` ``(d,)`` (llama.cpp's shape,
+  which transformers' GGUF loading expands back);
+- ``GptOssModel``: the fused ``gate_up_proj`` ``(E, d, 2 d_ff)`` (``x @ W``) transposed and
+  de-interleaved (columns ``::2`` gate, ``1::2`` up) into ``ffn_gate_exps`` and
+  ``ffn_up_exps``, ``down_proj`` ``(E, d_ff, d)`` transposed; a published MXFP4 checkpoint's
+  ``*_blocks`` / ``*_scales`` repacked, losslessly, into ggml's MXFP4 type
+  (``repack_mxfp4``: the 17-byte ggml block is the scale byte, then 16 bytes whose byte ``j``
+  holds value ``j`` in its low nibble and value ``j + 16`` in its high one); ``sinks`` as
+  ``attn_sinks``.
 
 Weights of two or more dimensions whose rows are whole blocks are stored in ``qtype``
 (quantized with ``gguf.quants.quantize``), the rest as F32, as the converter keeps norms.
@@ -25,6 +44,7 @@ Weights of two or more dimensions whose rows are whole blocks are stored in ``qt
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +53,13 @@ from safetensors.numpy import load_file
 #: Hugging Face ``model_type`` -> GGUF ``general.architecture`` (the converter's model_arch).
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
              "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3",
-             "gpt2": "gpt2"}
-PERMUTED = ("llama", "mistral")
+             "gpt2": "gpt2", "mixtral": "llama", "qwen2_moe": "qwen2moe",
+             "qwen3_moe": "qwen3moe", "olmoe": "olmoe", "gpt_oss": "gpt-oss"}
+GGUF_ARCH.update({"smollm3": "smollm3", "olmo2": "olmo2", "olmo3": "olmo2",
+                  "llama4_text": "llama4"})
+PERMUTED = ("llama", "mistral", "mixtral", "smollm3")
+#: A per-expert tensor: (layer prefix, expert, its projection's name).
+PER_EXPERT = re.compile(r"(?P<prefix>.*\.experts)\.(?P<expert>\d+)\.(?P<proj>\w+)\.weight")
 NORM_PLUS_ONE = ("gemma", "gemma2", "gemma3_text")
 CONV1D = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight")
 
@@ -58,11 +83,180 @@ def _hparams(config: dict) -> dict[str, int]:
     out = {"block_count": config["num_hidden_layers"],
            "context_length": config["max_position_embeddings"],
            "embedding_length": config["hidden_size"],
-           "feed_forward_length": config["intermediate_size"], "attention.head_count": h,
+           "attention.head_count": h,
            "attention.head_count_kv": config.get("num_key_value_heads") or h}
+    if "intermediate_size" in config:   # not in Qwen3.5-MoE's, whose FFNs are all experts
+        out["feed_forward_length"] = config["intermediate_size"]
     if config.get("head_dim"):
         out["attention.key_length"] = out["attention.value_length"] = config["head_dim"]
+    n_experts = config.get("num_local_experts") or config.get("num_experts")
+    if n_experts:
+        out["expert_count"] = n_experts
+        out["expert_used_count"] = config["num_experts_per_tok"]
+    d_expert = (config["intermediate_size"] if config["model_type"] in ("gpt_oss", "llama4_text")
+                else config.get("moe_intermediate_size"))
+    if config["model_type"] == "llama4_text":   # Llama4Model: dense FFNs, MoE interleave
+        out["feed_forward_length"] = config["intermediate_size_mlp"]
+        out["interleave_moe_layer_step"] = config["interleave_moe_layer_step"]
+    if d_expert:
+        out["expert_feed_forward_length"] = d_expert
+    if config.get("shared_expert_intermediate_size"):
+        out["expert_shared_feed_forward_length"] = config["shared_expert_intermediate_size"]
     return out
+
+
+def repack_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """gpt-oss's MXFP4 ``blocks`` ``(..., G, 16)`` (values ``2j``, ``2j + 1`` in the low and
+    high nibbles of byte ``j``) and ``scales`` ``(..., G)`` as ggml's MXFP4 rows ``(..., 17 G)``:
+    per group the scale byte, then byte ``j`` = value ``j`` | value ``j + 16`` << 4."""
+    codes = np.stack([blocks & 0x0F, blocks >> 4], axis=-1).reshape(*blocks.shape[:-1], 32)
+    packed = codes[..., :16] | (codes[..., 16:] << 4)
+    return np.concatenate([scales[..., None], packed], axis=-1).reshape(
+        *scales.shape[:-1], scales.shape[-1] * 17).astype(np.uint8)
+
+
+def _hf_tensors(hf_dir: Path, model_type: str, n_experts: int):
+    """``(Hugging Face name, array)`` as the converter's ``modify_tensors`` hands them on:
+    per-expert tensors stacked ``(E, out, in)`` under ``...experts.{proj}.weight``; gpt-oss's
+    fused experts cut into ``experts.{gate,up,down}_proj.weight`` ``(E, out, in)``, or for a
+    MXFP4 checkpoint into ``(blocks, scales)`` pairs of that orientation."""
+    tensors = load_file(str(hf_dir / "model.safetensors"))
+    stacks: dict[str, dict[int, np.ndarray]] = {}
+    for name, w in tensors.items():
+        if (m := PER_EXPERT.fullmatch(name)):
+            key = f"{m['prefix']}.{m['proj']}.weight"
+            group = stacks.setdefault(key, {})
+            group[int(m["expert"])] = w
+            if len(group) == n_experts:
+                del stacks[key]
+                yield key, np.stack([group[e] for e in range(n_experts)])
+            continue
+        if model_type == "gpt_oss" and ".mlp.experts." in name:
+            yield from _gpt_oss_experts(name, w, tensors)
+            continue
+        if model_type == "llama4_text" and ".feed_forward.experts." in name:
+            yield from _llama4_experts(name, w)
+            continue
+        if name.endswith(".sinks"):
+            name += ".weight"
+        if name.endswith("shared_expert_gate.weight"):  # (1, d) stored as llama.cpp's (d,)
+            w = w.reshape(-1)
+        yield name, w
+
+
+def _gpt_oss_experts(name: str, w: np.ndarray, tensors: dict):
+    prefix, _, tail = name.rpartition(".")
+    if tail == "gate_up_proj":                # (E, d, 2 d_ff), x @ W
+        w = w.swapaxes(-1, -2)
+        yield f"{prefix}.gate_proj.weight", w[:, ::2]
+        yield f"{prefix}.up_proj.weight", w[:, 1::2]
+    elif tail == "down_proj":                 # (E, d_ff, d), x @ W
+        yield f"{prefix}.down_proj.weight", w.swapaxes(-1, -2)
+    elif tail == "gate_up_proj_bias":
+        yield f"{prefix}.gate_proj.bias", w[:, ::2]
+        yield f"{prefix}.up_proj.bias", w[:, 1::2]
+    elif tail == "down_proj_bias":
+        yield f"{prefix}.down_proj.bias", w
+    elif tail == "gate_up_proj_blocks":       # (E, 2 d_ff, G, 16), (out, in) rows
+        scales = tensors[f"{prefix}.gate_up_proj_scales"]
+        yield f"{prefix}.gate_proj.weight", (w[:, ::2], scales[:, ::2])
+        yield f"{prefix}.up_proj.weight", (w[:, 1::2], scales[:, 1::2])
+    elif tail == "down_proj_blocks":
+        yield f"{prefix}.down_proj.weight", (w, tensors[f"{prefix}.down_proj_scales"])
+
+
+def _llama4_experts(name: str, w: np.ndarray):
+    """``Llama4Model.modify_tensors``: the fused ``x @ W`` experts transposed to ``(E, out,
+    in)``, ``gate_up_proj`` ``(E, d, 2 d_ff)`` split into its halves (gate first)."""
+    prefix, _, tail = name.rpartition(".")
+    w = w.swapaxes(-1, -2)
+    if tail == "gate_up_proj":
+        yield f"{prefix}.gate_proj.weight", w[:, :w.shape[1] // 2]
+        yield f"{prefix}.up_proj.weight", w[:, w.shape[1] // 2:]
+    else:
+        yield f"{prefix}.down_proj.weight", w
+
+
+def _sliding_window(writer, arch: str, config: dict) -> None:
+    """``Olmo2Model.set_gguf_parameters`` (OLMo 3): the window and, per layer, whether it
+    slides (``layer_types``)."""
+    if arch == "olmo2" and config.get("sliding_window"):
+        writer.add_sliding_window(config["sliding_window"])
+        writer.add_sliding_window_pattern([t == "sliding_attention"
+                                           for t in config["layer_types"]])
+
+
+#: DeepSeek-V2/V3's ``model_type``s, written as ``deepseek2``.
+LATENT = ("deepseek_v2", "deepseek_v3")
+GGUF_ARCH.update(dict.fromkeys(LATENT, "deepseek2"))
+GGUF_ARCH.update({"glm4_moe": "glm4moe", "minimax_m2": "minimax-m2"})
+
+
+def _glm_minimax_hparams(config: dict) -> dict[str, int]:
+    """``Glm4MoeModel.set_gguf_parameters``: ``block_count`` counts the multi-token-prediction
+    layers too, the routed experts (``n_routed_experts``), ``expert_shared_count``,
+    ``leading_dense_block_count``, ``nextn_predict_layers`` and ``rope.dimension_count`` =
+    ``int(head_dim * partial_rotary_factor)`` (its default 0.5); ``MiniMaxM2Model``: the expert
+    width ``intermediate_size`` and ``rope.dimension_count`` = ``rotary_dim``."""
+    if config["model_type"] == "minimax_m2":
+        return {"expert_feed_forward_length": config["intermediate_size"],
+                "rope.dimension_count": config["rotary_dim"]}
+    nextn = config.get("num_nextn_predict_layers", 0)
+    return {"block_count": config["num_hidden_layers"] + nextn,
+            "expert_count": config["n_routed_experts"],
+            "expert_used_count": config["num_experts_per_tok"],
+            "expert_shared_count": config["n_shared_experts"],
+            "leading_dense_block_count": config["first_k_dense_replace"],
+            "nextn_predict_layers": nextn,
+            "rope.dimension_count": int(config["head_dim"]
+                                        * config.get("partial_rotary_factor", 0.5))}
+
+
+def _mla_hparams(config: dict) -> dict[str, int]:
+    """``DeepseekV2Model.set_gguf_parameters``: MLA stored as MQA over the latent (one KV
+    head, ``key_length = kv_lora_rank + rope``, ``value_length = kv_lora_rank``), the heads'
+    own widths as ``*_mla``, the query LoRA rank where there is one, the leading dense layers,
+    the experts."""
+    rope, kv = config["qk_rope_head_dim"], config["kv_lora_rank"]
+    out = {"attention.head_count_kv": 1, "attention.key_length": kv + rope,
+           "attention.value_length": kv, "attention.kv_lora_rank": kv,
+           "attention.key_length_mla": config["qk_nope_head_dim"] + rope,
+           "attention.value_length_mla": config["v_head_dim"], "rope.dimension_count": rope,
+           "leading_dense_block_count": config["first_k_dense_replace"],
+           "expert_count": config["n_routed_experts"],
+           "expert_used_count": config["num_experts_per_tok"],
+           "expert_shared_count": config["n_shared_experts"]}
+    if config.get("q_lora_rank"):
+        out["attention.q_lora_rank"] = config["q_lora_rank"]
+    return out
+
+
+def _split_kv_b(tensors, config: dict):
+    """``DeepseekV2Model.modify_tensors``: each ``kv_b_proj`` ``(h (nope + v), r)`` viewed per
+    head and split into ``k_b_proj`` ``(h, r, nope)`` (each head's K rows, transposed) and
+    ``v_b_proj`` ``(h, v, r)``; every other tensor as it is."""
+    nope, h = config["qk_nope_head_dim"], config["num_attention_heads"]
+    for name, w in tensors:
+        if name.endswith("kv_b_proj.weight"):
+            kv_b = w.reshape(h, -1, w.shape[-1])
+            yield name.replace("kv_b_proj", "k_b_proj"), kv_b[:, :nope].swapaxes(1, 2)
+            yield name.replace("kv_b_proj", "v_b_proj"), kv_b[:, nope:]
+        else:
+            yield name, w
+
+
+#: Hybrids: ``Qwen3NextModel``, ``Qwen3_5TextModel``, ``Qwen3_5MoeTextModel``.
+HYBRID = {"qwen3_next": "qwen3next", "qwen3_5_text": "qwen35", "qwen3_5_moe_text": "qwen35moe"}
+GGUF_ARCH.update(HYBRID)
+
+
+def _hybrid_hparams(config: dict) -> dict[str, int]:
+    """``Qwen3NextModel.set_gguf_parameters``: ``full_attention_interval`` (config.json's, else
+    4: the converter does not read ``layer_types``) and ``rope.dimension_count`` =
+    ``int(head_dim * partial_rotary_factor)`` (top-level key, else 0.25)."""
+    return {"full_attention_interval": config.get("full_attention_interval", 4),
+            "rope.dimension_count": int(config["head_dim"]
+                                        * config.get("partial_rotary_factor", 0.25))}
 
 
 def convert_hf_to_gguf(hf_dir: Path, out: Path, qtype=None, split_max_tensors: int = 0,
@@ -79,10 +273,18 @@ def convert_hf_to_gguf(hf_dir: Path, out: Path, qtype=None, split_max_tensors: i
     model_type = config["model_type"]
     arch = GGUF_ARCH[model_type]
     hp = _hparams(config)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], hp["block_count"])
+    if model_type in LATENT:
+        hp.update(_mla_hparams(config))
+    if model_type in ("glm4_moe", "minimax_m2"):
+        hp.update(_glm_minimax_hparams(config))
+    if model_type in HYBRID:
+        hp.update(_hybrid_hparams(config))
+    model_arch = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
+    names = gguf.get_tensor_name_map(model_arch, hp["block_count"])
     writer = gguf.GGUFWriter(str(out), arch, split_max_tensors=split_max_tensors)
     for key, value in hp.items():
         writer.add_uint32(f"{arch}.{key}", value)
+    _sliding_window(writer, arch, config)
     eps = config.get("rms_norm_eps") or config.get("layer_norm_epsilon") or 1e-5
     writer.add_float32(f"{arch}.attention.layer_norm_{'' if arch == 'gpt2' else 'rms_'}epsilon",
                        eps)
@@ -93,9 +295,15 @@ def convert_hf_to_gguf(hf_dir: Path, out: Path, qtype=None, split_max_tensors: i
         writer.add_token_merges(["t 0"])
         for special in ("bos", "eos", "pad"):
             getattr(writer, f"add_{special}_token_id")(0)
-    for name, w in load_file(str(hf_dir / "model.safetensors")).items():
+    tensors = _hf_tensors(hf_dir, model_type, hp.get("expert_count", 0))
+    for name, w in _split_kv_b(tensors, config) if model_type in LATENT else tensors:
         gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:   # buffers (GPT-2's attn.bias masks), nothing the converter maps
+            continue
+        if isinstance(w, tuple):            # MXFP4 blocks and scales, repacked losslessly
+            data = repack_mxfp4(*w)
+            writer.add_tensor(gguf_name, data, raw_shape=data.shape,
+                              raw_dtype=gguf.GGMLQuantizationType.MXFP4)
             continue
         w = w.astype(np.float32)
         if model_type in PERMUTED and name.endswith("q_proj.weight"):
@@ -103,6 +311,9 @@ def convert_hf_to_gguf(hf_dir: Path, out: Path, qtype=None, split_max_tensors: i
         elif model_type in PERMUTED and name.endswith("k_proj.weight"):
             w = llama_cpp_permute(w, hp["attention.head_count_kv"])
         if model_type in NORM_PLUS_ONE and name.endswith("norm.weight"):
+            w = w + 1
+        if (model_type in HYBRID and name.endswith("norm.weight")  # Qwen3NextModel: all but
+                and not name.endswith("linear_attn.norm.weight")):  # the DeltaNet's own
             w = w + 1
         if model_type == "gpt2" and name.endswith(CONV1D):
             w = w.T
