@@ -21,6 +21,7 @@ from conftest import (
     reference_eff_rank,
     run_snakemake,
 )
+from gguf_convert import convert_hf_to_gguf
 from safetensors.torch import load_file, save_file
 from test_moe import CONFIGS, build
 
@@ -174,6 +175,59 @@ def test_gemma4_is_refused_in_one_line(tmp_path):
         open_checkpoint(str(tmp_path / "g4"))
     assert_one_line(info.value, tmp_path / "g4" / "config.json", "'gemma4_text'",
                     "not supported yet: per-layer head sizes")
+
+
+@pytest.mark.parametrize("arch, changes", [("glm4_moe", {}),
+                                           ("glm4_moe", {"use_qk_norm": False}),
+                                           ("minimax_m2", {})])
+def test_gguf_reads_as_the_hf_checkpoint(tmp_path, arch, changes):
+    """The GGUF file llama.cpp's converter writes (gguf_convert: experts stacked, GLM's
+    ``block_count`` counting its multi-token-prediction layer, ``rope.dimension_count``) reads
+    as the Hugging Face checkpoint: dimensions, sparse layers, shared experts, rotary fraction,
+    and every weight, router and expert, raw and folded (QK-norm gains only where stored)."""
+    hf = tmp_path / "hf"
+    build(arch, hf, config=config_of(arch, **changes))
+    cfg = json.loads((hf / "config.json").read_text())
+    if arch == "glm4_moe":
+        add_mtp_layer(hf)
+    else:   # MiniMax-M2's published config.json states rotary_dim, which the converter reads
+        (hf / "config.json").write_text(json.dumps({**cfg, "rotary_dim": 8}))
+    gguf = convert_hf_to_gguf(hf, tmp_path / "m.gguf")[0]
+    for fold in (False, True):
+        ref, ours = open_checkpoint(str(hf), fold), open_checkpoint(str(gguf), fold)
+        assert ours.architecture == {"glm4_moe": "glm4moe"}.get(arch, "minimax-m2")
+        assert (ours.dims, ours.moe) == (ref.dims, ref.moe)
+        assert ours.rotary_fraction == 0.5 and ours.adapter.norms.keys() == ref.adapter.norms.keys()
+        for layer in range(LAYERS):
+            got, expected = ours.read_layer(layer, fold), ref.read_layer(layer, fold)
+            assert got.keys() == expected.keys()
+            for wt, w in expected.items():
+                np.testing.assert_allclose(got[wt], w, rtol=1e-6, atol=1e-7, err_msg=wt)
+            if not ref.is_sparse(layer):
+                continue
+            np.testing.assert_allclose(ours.read_router(layer, fold), ref.read_router(layer, fold),
+                                       rtol=1e-6)
+            for (e, w), (e_ref, w_ref) in zip(ours.iter_experts(layer, fold),
+                                              ref.iter_experts(layer, fold), strict=True):
+                assert e == e_ref
+                for wt in w_ref:
+                    np.testing.assert_allclose(w[wt], w_ref[wt], rtol=1e-6, atol=1e-7)
+
+
+def test_block_fp8_weights_are_refused_in_one_line(tmp_path):
+    """MiniMax-M2 is published in block-scaled FP8 (F8_E4M3 weights beside their
+    ``weight_scale_inv``): not read yet, said in one line naming the tensor and its dtype,
+    rather than weights missing their scales."""
+    path = tmp_path / "fp8"
+    build("minimax_m2", path, config=config_of("minimax_m2"))
+    state = load_file(path / "model.safetensors")
+    for name in [n for n in state if n.endswith("proj.weight") or ".w1." in n]:
+        state[name] = state[name].to(torch.float8_e4m3fn)
+        state[name + "_scale_inv"] = torch.ones(1, 1)
+    save_file(state, path / "model.safetensors")
+    with pytest.raises(UserError) as info:
+        open_checkpoint(str(path))
+    assert_one_line(info.value, "model.layers.0.self_attn.q_proj.weight", "dtype F8_E4M3")
 
 
 def top_subspace(model, layer: int, head: int, k: int) -> np.ndarray:

@@ -614,6 +614,21 @@ GGUF_ADAPTERS.update({
     "gpt-oss": Adapter("blk.{layer}.", _GGUF, experts=(GGUF_EXPERTS,), norms={
         "attn": "attn_norm.weight", "ffn": "post_attention_norm.weight"}),
 })
+#: GLM-4-MoE (``glm4moe``): the pre-FFN norm is post_attention_norm; attn_q_norm/attn_k_norm
+#: per head where the model has QK-norm (``use_qk_norm``: read off the stored tensors); no
+#: shared-expert gate; ``block_count`` counts the multi-token-prediction layers too
+#: (``nextn_predict_layers``, stored last, not read). MiniMax-M2 (``minimax-m2``): QK-norm over
+#: the whole projection. Neither permutes W_Q/W_K; both write ``rope.dimension_count`` (the
+#: rotated share of ``key_length``: partial rotary).
+GGUF_ADAPTERS.update({
+    "glm4moe": Adapter("blk.{layer}.", _GGUF, qk_norm_key="use_qk_norm", norms={
+        "attn": "attn_norm.weight", "ffn": "post_attention_norm.weight", **_GGUF_QK_NORMS},
+        experts=(replace(GGUF_EXPERTS, shared_gate=None),)),
+    "minimax-m2": Adapter("blk.{layer}.", _GGUF, norms={**_GGUF_NORMS, **_GGUF_QK_NORMS},
+                          qk_norm="projection", experts=(GGUF_EXPERTS,)),
+})
+#: Architectures whose ``{arch}.rope.dimension_count`` may be less than ``key_length``.
+GGUF_PARTIAL_ROTARY = ("glm4moe", "minimax-m2")
 GGUF_ROPE_PERMUTED = {"llama", "mistral"}
 #: Hybrids as llama.cpp's ``Qwen3NextModel``, ``Qwen3_5TextModel``, ``Qwen3_5MoeTextModel``
 #: write them: ``attn_q`` is Hugging Face's gated ``q_proj`` (rows unchanged: each head's
@@ -846,13 +861,35 @@ def dims_from_gguf_metadata(meta: dict, arch: str) -> ModelDims:
         raise UserError(f"d_head {d_head} is odd ({how}); a {arch} GGUF needs an even d_head"
                         " (llama.cpp stores W_Q/W_K rows in RoPE pairs)")
     return ModelDims(
-        n_layers=_gguf_int(meta, f"{arch}.block_count"),
+        n_layers=_gguf_int(meta, f"{arch}.block_count") - gguf_extra_layers(meta, arch),
         d_model=d,
         d_ff=_gguf_int(meta, f"{arch}.{GGUF_FFN_WIDTH_KEY.get(arch, 'feed_forward_length')}"),
         n_heads=h,
         n_kv_heads=n_kv,
         d_head=d_head,
     )
+
+
+def gguf_extra_layers(meta: dict, arch: str) -> int:
+    """The multi-token-prediction layers that ``{arch}.block_count`` counts after the decoder's
+    (``{arch}.nextn_predict_layers``, GLM-4-MoE; 0 when absent); a UserError naming the key
+    where it is not below ``block_count``."""
+    extra = _gguf_int(meta, f"{arch}.nextn_predict_layers", default=0)
+    if extra >= (blocks := _gguf_int(meta, f"{arch}.block_count")):
+        raise UserError(f"GGUF metadata {arch}.nextn_predict_layers: {extra} is not allowed"
+                        f" (below {arch}.block_count = {blocks})")
+    return extra
+
+
+def gguf_rotary_fraction(meta: dict, arch: str, d_head: int) -> float:
+    """``{arch}.rope.dimension_count / d_head`` for :data:`GGUF_PARTIAL_ROTARY` (1 when absent or
+    another architecture); a UserError naming the key where it exceeds ``d_head``."""
+    key = f"{arch}.rope.dimension_count"
+    rotated = _gguf_int(meta, key, default=0) if arch in GGUF_PARTIAL_ROTARY else 0
+    if rotated > d_head:
+        raise UserError(f"GGUF metadata {key}: {rotated} is not allowed (at most d_head ="
+                        f" {d_head})")
+    return rotated / d_head if rotated else 1.0
 
 
 def _gguf_int(meta: dict, key: str, default: int | None = None) -> int:

@@ -44,6 +44,8 @@ from .architectures import (
     MoeDims,
     dims_from_gguf_metadata,
     dims_from_hf_config,
+    gguf_extra_layers,
+    gguf_rotary_fraction,
     gguf_sparse_layers,
     hf_layers_key,
     moe_dims_from_gguf_metadata,
@@ -474,12 +476,20 @@ def _open_gguf(source: str, path: Path) -> Checkpoint:
         stored += [layout.tensor_name(wt, adapter.layer_prefix.format(layer=first), 0)
                    for wt in EXPERT_WEIGHTS]
     qtypes = sorted({gguf.tensors[name].type_name for name in stored if name in gguf.tensors})
+    try:
+        rotary = gguf_rotary_fraction(gguf.metadata, arch, dims.d_head)
+    except UserError as err:
+        raise UserError(f"{path}: {err}") from None
+    if adapter.qk_norm_key:  # no config: QK-norm is on where its gains are stored
+        stored_qk_norm = adapter.norm_name("q", 0) in gguf.tensors
+        adapter = adapter.configured({adapter.qk_norm_key: stored_qk_norm})
     return Checkpoint(
         source=source, path=path, format="gguf", architecture=arch, dims=dims, adapter=adapter,
         storage_dtype=f"{'/'.join(qtypes)} (GGUF, dequantized to float32)",
         _shapes={n: t.shape for n, t in gguf.tensors.items()},
         _files=gguf.files, _reader=gguf,
         _layers_key=f"GGUF metadata {arch}.block_count", _unpermute_qk=arch in GGUF_ROPE_PERMUTED,
+        _extra_layers=gguf_extra_layers(gguf.metadata, arch), rotary_fraction=rotary,
         moe=moe, expert_layout=layout)
 
 
