@@ -648,9 +648,9 @@ GGUF_FFN_WIDTH_KEY = {"qwen35moe": "expert_feed_forward_length"}
 
 
 def unsupported(kind: str, name: str, supported) -> UserError:
-    return UserError(f"{kind} architecture '{name}' is not supported (state-space,"
-                     " encoder-only and other mixture-of-experts models are not); supported:"
-                     f" {', '.join(sorted(supported))}")
+    return UserError(f"{kind} architecture '{name}' is not supported (state-space and"
+                     " encoder-only models are not, nor any decoder, dense or mixture of"
+                     f" experts, outside this list); supported: {', '.join(sorted(supported))}")
 
 
 #: ``model_type`` -> the ``config.json`` key holding its text model's config (a multimodal
