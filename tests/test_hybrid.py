@@ -16,6 +16,7 @@ import pytest
 import torch
 import transformers as T
 from conftest import assert_ok, assert_one_line, reference_eff_rank, run_snakemake
+from gguf_convert import convert_hf_to_gguf
 
 from weight_geometry.architectures import SHARED
 from weight_geometry.checkpoint import open_checkpoint
@@ -51,11 +52,12 @@ SPARSE = {"qwen3_5_text": set(), "qwen3_5": set(), "qwen3_5_moe_text": {0, 1, 2,
           "qwen3_next": {0, 1, 2, 3}}
 
 
-def build(arch: str, path):
-    """The model, every parameter spread (norm gains around 0, as ``1 + w`` scales; the rest
-    Gaussian with row scales), saved by ``save_pretrained``."""
+def build(arch: str, path, config=None):
+    """The model (of ``config``, default ``CONFIGS[arch]``), every parameter spread (norm
+    gains around 0, as ``1 + w`` scales; the rest Gaussian with row scales), saved by
+    ``save_pretrained``."""
     torch.manual_seed(0)
-    config = CONFIGS[arch]()
+    config = config or CONFIGS[arch]()
     auto = T.AutoModelForImageTextToText if arch == "qwen3_5" else T.AutoModelForCausalLM
     model = auto.from_config(config)
     with torch.no_grad():
@@ -71,6 +73,12 @@ def build(arch: str, path):
         cfg["full_attention_interval"] = 2
         (path / "config.json").write_text(json.dumps(cfg))
     return model
+
+
+#: GGUF: llama.cpp's qwen3next has no dense layers (no mlp_only_layers there).
+GGUF_CONFIGS = {"qwen3_5_text": CONFIGS["qwen3_5_text"],
+                "qwen3_5_moe_text": CONFIGS["qwen3_5_moe_text"],
+                "qwen3_next": lambda: T.Qwen3NextConfig(**TEXT, **MOE, intermediate_size=48)}
 
 
 def layers_of(model):
@@ -260,3 +268,36 @@ def test_workflow_runs_on_a_hybrid(tmp_path, arch):
     report = (r / "k3" / "report.md").read_text()
     assert "3 linear-attention layers are left out" in report
     shutil.rmtree(workdir / ".snakemake", ignore_errors=True)
+
+
+@pytest.mark.parametrize("arch", sorted(GGUF_CONFIGS))
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
+def test_gguf_reads_as_the_hugging_face_checkpoint(tmp_path, arch, qtype):
+    """The same model written as llama.cpp's converter writes it (``qwen35``, ``qwen35moe``,
+    ``qwen3next``: gated ``attn_q`` rows unchanged, norms stored as ``1 + w``, experts stacked,
+    ``full_attention_interval``): the same layer kinds, and every weight the Hugging Face
+    checkpoint gives, gains folded (F32: exactly; Q8_0: to its rounding)."""
+    from gguf import GGMLQuantizationType as QT
+
+    build(arch, tmp_path / "hf", GGUF_CONFIGS[arch]())
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    cfg["full_attention_interval"] = 2   # as published configs state it
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    path = convert_hf_to_gguf(tmp_path / "hf", tmp_path / "m.gguf", QT[qtype])[0]
+    hf, gg = (open_checkpoint(str(p), fold_norms=True) for p in (tmp_path / "hf", path))
+    assert gg.attention_layers == hf.attention_layers == tuple(ATTENTION)
+    assert gg.layer_kinds.kinds == hf.layer_kinds.kinds
+    assert gg.dims == hf.dims and gg.moe == hf.moe
+    tol = dict(rtol=1e-6, atol=1e-6) if qtype == "F32" else dict(rtol=0, atol=0.05)
+    for layer in range(L):
+        ours, ref = gg.read_layer(layer, True), hf.read_layer(layer, True)
+        assert set(ours) == set(ref), layer
+        for wt in ref:
+            np.testing.assert_allclose(ours[wt], ref[wt], **tol, err_msg=f"{layer} {wt}")
+        if hf.is_sparse(layer):
+            np.testing.assert_allclose(gg.read_router(layer, True), hf.read_router(layer, True),
+                                       **tol)
+            for (e, w), (_, w_ref) in zip(gg.iter_experts(layer, True),
+                                          hf.iter_experts(layer, True), strict=True):
+                for wt in w_ref:
+                    np.testing.assert_allclose(w[wt], w_ref[wt], **tol, err_msg=f"{e} {wt}")
