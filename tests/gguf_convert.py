@@ -37,6 +37,12 @@ Mixture-of-experts models (``mixtral`` as ``llama``, ``qwen2moe``, ``qwen3moe``,
   holds value ``j`` in its low nibble and value ``j + 16`` in its high one); ``sinks`` as
   ``attn_sinks``.
 
+SmolLM3 (``SmolLM3Model``, a ``LlamaModel``: Q/K rows permuted), OLMo 2 and 3 (``olmo2``,
+``Olmo2Model``: OLMo 3's ``sliding_window`` and a per-layer ``sliding_window_pattern``) and
+Llama 4 (``llama4``, ``Llama4Model``: no permutation; ``feed_forward_length`` is
+``intermediate_size_mlp``, ``expert_feed_forward_length`` ``intermediate_size``; the fused
+``x @ W`` experts transposed, ``gate_up_proj`` split into halves, gate first).
+
 Weights of two or more dimensions whose rows are whole blocks are stored in ``qtype``
 (quantized with ``gguf.quants.quantize``), the rest as F32, as the converter keeps norms.
 """

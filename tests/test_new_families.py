@@ -121,6 +121,30 @@ def test_llama4_per_expert_effective_ranks(llama4):
             assert eff == pytest.approx(reference_eff_rank(w), rel=1e-4), (layer, wt, expert)
 
 
+def test_llama4_multimodal_checkpoint_reads_as_its_text_tower(tmp_path):
+    """Llama4ForConditionalGeneration (``llama4``, as Llama 4 is published: ``text_config``,
+    weights under ``language_model.model.``) reads as its text model saved alone: the same
+    dimensions, experts, layer kinds and every weight, expert and router, raw and folded."""
+    torch.manual_seed(3)
+    vision = T.Llama4VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                  num_attention_heads=2, image_size=28, patch_size=14,
+                                  vision_output_dim=32, projector_input_dim=32,
+                                  projector_output_dim=32)
+    model = T.Llama4ForConditionalGeneration(T.Llama4Config(
+        text_config=T.Llama4TextConfig(**LLAMA4).to_dict(), vision_config=vision.to_dict()))
+    model.save_pretrained(tmp_path / "mm")
+    model.language_model.save_pretrained(tmp_path / "text")
+    for fold in (False, True):
+        ours = open_checkpoint(str(tmp_path / "mm"), fold)
+        ref = open_checkpoint(str(tmp_path / "text"), fold)
+        assert (ours.architecture, ref.architecture) == ("llama4", "llama4_text")
+        assert (ours.dims, ours.moe, ours.layer_kinds) == (ref.dims, ref.moe, ref.layer_kinds)
+        got, expected = all_weights(ours, fold), all_weights(ref, fold)
+        assert got.keys() == expected.keys()
+        for key, w in expected.items():
+            np.testing.assert_array_equal(got[key], w, err_msg=f"{key} fold {fold}")
+
+
 def folded_attention(model, arch: str, layer: int) -> dict[str, np.ndarray]:
     """W_Q and W_K of the live module with their norm gains folded as the workflow's default
     does: the pre-attention gain on the columns (SmolLM3, Llama 4), OLMo 3's QK-norm gains over
@@ -190,3 +214,86 @@ def test_workflow_on_the_new_families(tmp_path):
     ranks = pd.read_csv(workdir / "results/llama4/effective_ranks.csv")
     sparse = ranks[ranks["layer_idx"].isin(SPARSE) & ranks["expert"].notna()]
     assert len(sparse) == 2 * 3 * 4            # two sparse layers, 3 routed + shared, 3 each
+
+
+# --- GGUF, as llama.cpp's converter writes these families (tests/gguf_convert.py) ---------
+
+#: Widths multiples of 32 (the Q8_0 block), so that every weight is quantized.
+GGUF_COMMON = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)
+GGUF_CONFIGS = {
+    "smollm3": lambda: T.SmolLM3Config(**GGUF_COMMON, intermediate_size=96, pad_token_id=0),
+    "olmo3": lambda: T.Olmo3Config(**GGUF_COMMON, intermediate_size=96, sliding_window=16),
+    "llama4_text": lambda: T.Llama4TextConfig(**{**LLAMA4, **GGUF_COMMON}, intermediate_size=32,
+                                              intermediate_size_mlp=96),
+}
+#: general.architecture as the converter writes it (OLMo 3 is Olmo2Model's).
+GGUF_ARCH = {"smollm3": "smollm3", "olmo3": "olmo2", "llama4_text": "llama4"}
+
+
+@pytest.fixture(scope="module", params=sorted(GGUF_CONFIGS))
+def gguf_pair(request, tmp_path_factory):
+    """(arch, HF directory, F32 GGUF, Q8_0 GGUF) of one tiny model."""
+    from gguf import GGMLQuantizationType as QT
+    from gguf_convert import convert_hf_to_gguf
+
+    arch, root = request.param, tmp_path_factory.mktemp(request.param)
+    if arch == "llama4_text":
+        build_llama4(root / "hf", **{**GGUF_COMMON, "intermediate_size": 32,
+                                     "intermediate_size_mlp": 96})
+    else:
+        torch.manual_seed(2)
+        model = T.AutoModelForCausalLM.from_config(GGUF_CONFIGS[arch]())
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.copy_(torch.rand_like(p) + 0.5)
+        model.save_pretrained(root / "hf")
+    f32 = convert_hf_to_gguf(root / "hf", root / "f32.gguf")[0]
+    q8 = convert_hf_to_gguf(root / "hf", root / "q8.gguf", QT.Q8_0)[0]
+    return arch, root / "hf", f32, q8
+
+
+def all_weights(ckpt, fold: bool) -> dict:
+    """Every weight of every layer, each expert's and each router, by (layer, what)."""
+    out = {}
+    for layer in range(ckpt.dims.n_layers):
+        out.update({(layer, wt): w for wt, w in ckpt.read_layer(layer, fold).items()})
+        if ckpt.is_sparse(layer):
+            out[(layer, "router")] = ckpt.read_router(layer, fold)
+            for expert, w in ckpt.iter_experts(layer, fold):
+                out.update({(layer, f"{wt} expert {expert}"): a for wt, a in w.items()})
+    return out
+
+
+def test_gguf_of_the_new_families_reads_as_their_hf_checkpoint(gguf_pair):
+    """The F32 file gives every weight, expert and router of the Hugging Face checkpoint back,
+    raw and folded (SmolLM3's RoPE row permutation undone; OLMo 3's QK-norms over the whole
+    projection; Llama 4's experts split and transposed by the converter); the layer kinds are
+    llama.cpp's, which match transformers' (Llama 4's chunk is llama.cpp's 8192 tokens: the
+    converter writes none); the Q8_0 file gives the dequantized quantization of each."""
+    from gguf import GGMLQuantizationType as QT
+    from gguf.quants import dequantize, quantize
+
+    arch, hf, f32, q8 = gguf_pair
+    for fold in (False, True):
+        ref, ours = open_checkpoint(str(hf), fold), open_checkpoint(str(f32), fold)
+        assert ours.architecture == GGUF_ARCH[arch] and ours.dims == ref.dims
+        assert ours.moe == ref.moe
+        assert ours.layer_kinds.kinds == ref.layer_kinds.kinds
+        assert ours.layer_kinds.window == (8192 if arch == "llama4_text" else
+                                           ref.layer_kinds.window)
+        expected, got = all_weights(ref, fold), all_weights(ours, fold)
+        assert got.keys() == expected.keys()
+        for key, w in expected.items():
+            np.testing.assert_allclose(got[key], w, rtol=1e-6, atol=1e-7,
+                                       err_msg=f"{arch} {key} fold {fold}")
+    assert set(open_checkpoint(str(hf)).layer_kinds.kinds) == {
+        "smollm3": {"full", "nope"}, "olmo3": {"sliding", "full"},
+        "llama4_text": {"chunked", "nope"}}[arch]
+    quantized = open_checkpoint(str(q8))
+    assert quantized.storage_dtype.startswith("Q8_0")
+    got = all_weights(quantized, False)
+    for key, w in all_weights(open_checkpoint(str(hf)), False).items():
+        expected = dequantize(quantize(w, QT.Q8_0), QT.Q8_0) if w.shape[-1] % 32 == 0 else w
+        np.testing.assert_array_equal(got[key], expected, err_msg=f"{arch} {key} Q8_0")

@@ -514,6 +514,11 @@ HF_MOE_KEYS["llama4_text"] = MoeKeys(("num_local_experts",), "intermediate_size"
 HF_ADAPTERS["llama4_text"] = Adapter("model.layers.{layer}.",
                                      _split("self_attn.", "feed_forward."),
                                      norms=_LLAMA_NORMS, experts=(_LLAMA4_EXPERTS,))
+#: Llama4ForConditionalGeneration (``llama4``, the published Llama 4 checkpoints): its text
+#: tower (``text_config``) under ``language_model.model.layers``.
+HF_ADAPTERS["llama4"] = replace(HF_ADAPTERS["llama4_text"],
+                                layer_prefix="language_model.model.layers.{layer}.")
+HF_MOE_KEYS["llama4"] = HF_MOE_KEYS["llama4_text"]
 
 #: Hybrids (Qwen3.5, its MoE, Qwen3-Next): gated-DeltaNet linear-attention layers
 #: (``linear_attn.*``, never read; :mod:`layer_kinds` says which layers they are)
@@ -543,7 +548,7 @@ HF_MOE_KEYS.update({"qwen3_5_moe_text": _QWEN_HYBRID_MOE, "qwen3_5_moe": _QWEN_H
 #: is its routed experts' width.
 HF_FFN_WIDTH_KEY = {"qwen3_5_moe_text": "moe_intermediate_size",
                     "qwen3_5_moe": "moe_intermediate_size",
-                    "llama4_text": "intermediate_size_mlp"}
+                    "llama4_text": "intermediate_size_mlp", "llama4": "intermediate_size_mlp"}
 #: ``model_type`` of the hybrids -> transformers' ``full_attention_interval`` default (every
 #: ``n``-th layer full attention, the others linear) where ``config.json`` has no
 #: ``layer_types``.
@@ -629,7 +634,24 @@ GGUF_ADAPTERS.update({
 })
 #: Architectures whose ``{arch}.rope.dimension_count`` may be less than ``key_length``.
 GGUF_PARTIAL_ROTARY = ("glm4moe", "minimax-m2")
-GGUF_ROPE_PERMUTED = {"llama", "mistral"}
+#: SmolLM3 (``smollm3``): Llama's tensors, W_Q/W_K RoPE-permuted (the converter's
+#: ``SmolLM3Model`` is a ``LlamaModel``); NoPE every 4th layer (:mod:`layer_kinds`). OLMo 2 and
+#: OLMo 3 (both ``olmo2``, ``Olmo2Model``): QK-norm over the whole projection (``attn_q_norm``,
+#: ``attn_k_norm``), no norm before the sublayers, no permutation; OLMo 3's sliding layers in
+#: ``sliding_window_pattern``. Llama 4 (``llama4``): no permutation (``undo_permute = False``:
+#: its RoPE pairs adjacent coordinates already); the converter splits and transposes its fused
+#: ``x @ W`` experts into :data:`GGUF_EXPERTS`' ``(out, in)`` stacks; its shared expert
+#: ``ffn_*_shexp`` has no gate and no key of its own (llama.cpp makes it ``n_ff_exp`` wide:
+#: :data:`GGUF_SHARED_AS_WIDE_AS_EXPERTS`); the dense layers' ``feed_forward_length`` is
+#: ``intermediate_size_mlp``.
+GGUF_ADAPTERS.update({
+    "smollm3": Adapter("blk.{layer}.", _GGUF, norms=_GGUF_NORMS),
+    "olmo2": Adapter("blk.{layer}.", _GGUF, norms=_GGUF_QK_NORMS, qk_norm="projection"),
+    "llama4": Adapter("blk.{layer}.", _GGUF, norms=_GGUF_NORMS,
+                      experts=(replace(GGUF_EXPERTS, shared_gate=None),)),
+})
+GGUF_SHARED_AS_WIDE_AS_EXPERTS = ("llama4",)
+GGUF_ROPE_PERMUTED = {"llama", "mistral", "smollm3"}
 #: Hybrids as llama.cpp's ``Qwen3NextModel``, ``Qwen3_5TextModel``, ``Qwen3_5MoeTextModel``
 #: write them: ``attn_q`` is Hugging Face's gated ``q_proj`` (rows unchanged: each head's
 #: query, then its gate), every ``*norm.weight`` stored as ``1 + w`` (the gain: no
@@ -656,7 +678,7 @@ def unsupported(kind: str, name: str, supported) -> UserError:
 #: ``model_type`` -> the ``config.json`` key holding its text model's config (a multimodal
 #: model whose text tower is analysed).
 HF_TEXT_CONFIG = {"gemma3": "text_config", "qwen3_5": "text_config",
-                  "qwen3_5_moe": "text_config"}
+                  "qwen3_5_moe": "text_config", "llama4": "text_config"}
 _GEMMA3_TEXT_DEFAULTS = {"hidden_size": 2304, "intermediate_size": 9216,
                          "num_hidden_layers": 26, "num_attention_heads": 8,
                          "num_key_value_heads": 4, "head_dim": 256}
@@ -917,15 +939,17 @@ def moe_dims_from_gguf_metadata(meta: dict, arch: str, sparse_layers: frozenset[
     or 0), any architecture: width ``{arch}.expert_feed_forward_length`` (else
     ``feed_forward_length``, as llama.cpp reads Mixtral's and OLMoE's), shared-expert width
     ``{arch}.expert_shared_feed_forward_length`` (else ``expert_shared_count`` times the expert
-    width, else 0), in ``sparse_layers`` (:func:`gguf_sparse_layers`). A bad value is a
-    UserError naming the key (the caller adds the file)."""
+    width, else the expert width for :data:`GGUF_SHARED_AS_WIDE_AS_EXPERTS`, else 0), in
+    ``sparse_layers`` (:func:`gguf_sparse_layers`). A bad value is a UserError naming the key
+    (the caller adds the file)."""
     n_experts = _gguf_int(meta, f"{arch}.expert_count", default=0)
     if not n_experts:
         return None
     d_expert = (_gguf_int(meta, f"{arch}.expert_feed_forward_length", default=0)
                 or _gguf_int(meta, f"{arch}.feed_forward_length"))
     d_shared = (_gguf_int(meta, f"{arch}.expert_shared_feed_forward_length", default=0)
-                or _gguf_int(meta, f"{arch}.expert_shared_count", default=0) * d_expert)
+                or _gguf_int(meta, f"{arch}.expert_shared_count", default=0) * d_expert
+                or (d_expert if arch in GGUF_SHARED_AS_WIDE_AS_EXPERTS else 0))
     return MoeDims(n_experts=n_experts, d_expert=d_expert, d_shared=d_shared,
                    sparse_layers=sparse_layers)
 
