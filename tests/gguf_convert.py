@@ -265,12 +265,27 @@ def _hybrid_hparams(config: dict) -> dict[str, int]:
                                         * config.get("partial_rotary_factor", 0.25))}
 
 
+def _fused_gate_up(pending: dict, name: str, w: np.ndarray):
+    """The converter's ``--fuse-gate-up-exps``: a layer's ``ffn_gate_exps`` and ``ffn_up_exps``
+    ``(E, d_e, d)`` written as one ``ffn_gate_up_exps`` ``(E, 2 d_e, d)``, gate rows first,
+    once both are seen; ``(name, None)`` before."""
+    pending[name] = w
+    gate = name.replace("ffn_up_exps", "ffn_gate_exps")
+    up = name.replace("ffn_gate_exps", "ffn_up_exps")
+    if gate not in pending or up not in pending:
+        return name, None
+    return (gate.replace("ffn_gate_exps", "ffn_gate_up_exps"),
+            np.concatenate([pending.pop(gate), pending.pop(up)], axis=1))
+
+
 def convert_hf_to_gguf(hf_dir: Path, out: Path, qtype=None, split_max_tensors: int = 0,
-                       tokens: int | None = None) -> list[Path]:
+                       tokens: int | None = None, fuse_gate_up_exps: bool = False
+                       ) -> list[Path]:
     """Write the checkpoint in ``hf_dir`` (config.json, model.safetensors) as GGUF at ``out``;
     split in parts of at most ``split_max_tensors`` tensors when given (``out`` then names
     ``OUT-0000i-of-0000N.gguf``). ``tokens``: a dummy vocabulary of that many tokens (what
-    transformers' GGUF loading needs). Returns the files written."""
+    transformers' GGUF loading needs); ``fuse_gate_up_exps``: the experts' gate and up in one
+    tensor (:func:`_fused_gate_up`). Returns the files written."""
     import gguf
     from gguf.quants import quantize
 
@@ -301,11 +316,16 @@ def convert_hf_to_gguf(hf_dir: Path, out: Path, qtype=None, split_max_tensors: i
         writer.add_token_merges(["t 0"])
         for special in ("bos", "eos", "pad"):
             getattr(writer, f"add_{special}_token_id")(0)
-    tensors = _hf_tensors(hf_dir, model_type, hp.get("expert_count", 0))
+    tensors, pending = _hf_tensors(hf_dir, model_type, hp.get("expert_count", 0)), {}
     for name, w in _split_kv_b(tensors, config) if model_type in LATENT else tensors:
         gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:   # buffers (GPT-2's attn.bias masks), nothing the converter maps
             continue
+        if fuse_gate_up_exps and gguf_name.endswith(("ffn_gate_exps.weight",
+                                                      "ffn_up_exps.weight")):
+            gguf_name, w = _fused_gate_up(pending, gguf_name, w)
+            if w is None:
+                continue
         if isinstance(w, tuple):            # MXFP4 blocks and scales, repacked losslessly
             data = repack_mxfp4(*w)
             writer.add_tensor(gguf_name, data, raw_shape=data.shape,

@@ -152,6 +152,21 @@ def test_quantized_experts(tmp_path, arch, qtype):
     assert_same_model(ours, ref, False, expected, rtol=0, atol=0)
 
 
+def test_fused_gate_up_exps(tmp_path):
+    """Written with the converter's --fuse-gate-up-exps (ffn_gate_up_exps, gate rows first):
+    the same numbers as the file with separate ffn_gate_exps and ffn_up_exps."""
+    hf_model("olmoe", tmp_path / "hf")
+    apart = convert_hf_to_gguf(tmp_path / "hf", tmp_path / "apart.gguf", QT.Q4_0)[0]
+    fused = convert_hf_to_gguf(tmp_path / "hf", tmp_path / "fused.gguf", QT.Q4_0,
+                               fuse_gate_up_exps=True)[0]
+    tensors = GGUFModel(fused).tensors
+    assert tensors["blk.0.ffn_gate_up_exps.weight"].shape == (4, 64, 64)
+    assert "blk.0.ffn_gate_exps.weight" not in tensors
+    ours = open_checkpoint(str(fused), True)
+    assert ours.expert_layout.experts["W_up"].tensor == "ffn_gate_up_exps.weight"
+    assert_same_model(ours, open_checkpoint(str(apart), True), True, rtol=0, atol=0)
+
+
 def test_split_reads_as_the_unsplit_file(tmp_path):
     """Mixtral-as-llama in Q8_0 split in three parts: the experts read from whichever part
     holds them, the same numbers as the unsplit file."""

@@ -606,17 +606,22 @@ GGUF_EXPERTS = ExpertLayout("ffn_gate_inp.weight", {
     "W_down": WeightSpec("ffn_down_exps.weight")}, fused=True, shared={
     "W_gate": WeightSpec("ffn_gate_shexp.weight"), "W_up": WeightSpec("ffn_up_shexp.weight"),
     "W_down": WeightSpec("ffn_down_shexp.weight")}, shared_gate="ffn_gate_inp_shexp.weight")
+#: The same with each expert's W_gate and W_up fused, ``ffn_gate_up_exps`` ``(E, 2 d_e, d)``,
+#: rows [gate; up] (the converter's ``--fuse-gate-up-exps``); chosen where it is stored.
+GGUF_GATE_UP_EXPERTS = replace(GGUF_EXPERTS, experts={
+    **_fused_gate_up("ffn_gate_up_exps.weight"), "W_down": WeightSpec("ffn_down_exps.weight")})
+_GGUF_MOE = (GGUF_EXPERTS, GGUF_GATE_UP_EXPERTS)
 GGUF_ADAPTERS.update({
     # Mixtral is written as llama (RoPE-permuted Q/K rows) with ffn_*_exps tensors.
-    "llama": replace(GGUF_ADAPTERS["llama"], experts=(GGUF_EXPERTS,)),
-    "qwen2moe": Adapter("blk.{layer}.", _GGUF, norms=_GGUF_NORMS, experts=(GGUF_EXPERTS,)),
+    "llama": replace(GGUF_ADAPTERS["llama"], experts=_GGUF_MOE),
+    "qwen2moe": Adapter("blk.{layer}.", _GGUF, norms=_GGUF_NORMS, experts=_GGUF_MOE),
     "qwen3moe": Adapter("blk.{layer}.", _GGUF, norms={**_GGUF_NORMS, **_GGUF_QK_NORMS},
-                        experts=(GGUF_EXPERTS,)),
+                        experts=_GGUF_MOE),
     "olmoe": Adapter("blk.{layer}.", _GGUF, norms={**_GGUF_NORMS, **_GGUF_QK_NORMS},
-                     qk_norm="projection", experts=(GGUF_EXPERTS,)),
+                     qk_norm="projection", experts=_GGUF_MOE),
     # gpt-oss: the pre-FFN norm (HF post_attention_layernorm) is post_attention_norm; its
     # experts as above (W_gate and W_up de-interleaved by the converter), MXFP4 as published.
-    "gpt-oss": Adapter("blk.{layer}.", _GGUF, experts=(GGUF_EXPERTS,), norms={
+    "gpt-oss": Adapter("blk.{layer}.", _GGUF, experts=_GGUF_MOE, norms={
         "attn": "attn_norm.weight", "ffn": "post_attention_norm.weight"}),
 })
 #: GLM-4-MoE (``glm4moe``): the pre-FFN norm is post_attention_norm; attn_q_norm/attn_k_norm

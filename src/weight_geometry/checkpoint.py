@@ -497,7 +497,8 @@ def _gguf_experts(gguf: GGUFModel, arch: str, adapter: Adapter, dims: ModelDims
                   ) -> tuple[MoeDims | None, ExpertLayout | None]:
     """The experts of a GGUF file and where they are stored (:data:`GGUF_EXPERTS`), any
     architecture with an expert layout: sparse layers are those whose router is stored
-    (:func:`gguf_sparse_layers`); (None, None) for a dense file. A mixture-of-experts file
+    (:func:`gguf_sparse_layers`), the layout the first of the adapter's whose W_up tensor is
+    stored there (else the first); (None, None) for a dense file. A mixture-of-experts file
     (``{arch}.expert_count`` >= 1) of an architecture without one, or without a stored router,
     is a UserError naming the key."""
     if not adapter.experts:
@@ -519,7 +520,9 @@ def _gguf_experts(gguf: GGUFModel, arch: str, adapter: Adapter, dims: ModelDims
                         f" stores a router ({router}) (allowed: a mixture of experts with its"
                         " routers and ffn_*_exps tensors, or a dense file without"
                         " expert_count)")
-    return moe, layout
+    prefix = adapter.layer_prefix.format(layer=min(sparse))
+    return moe, next((x for x in adapter.experts
+                      if x.tensor_name("W_up", prefix, 0) in gguf.tensors), layout)
 
 
 def hf_moe_dims(path: Path, dims: ModelDims) -> MoeDims | None:
