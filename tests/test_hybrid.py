@@ -288,6 +288,7 @@ def test_gguf_reads_as_the_hugging_face_checkpoint(tmp_path, arch, qtype):
     assert gg.attention_layers == hf.attention_layers == tuple(ATTENTION)
     assert gg.layer_kinds.kinds == hf.layer_kinds.kinds
     assert gg.dims == hf.dims and gg.moe == hf.moe
+    assert gg.rotary_fraction == hf.rotary_fraction == 0.25   # RoPE on 2 of 8 coordinates
     tol = dict(rtol=1e-6, atol=1e-6) if qtype == "F32" else dict(rtol=0, atol=0.05)
     for layer in range(L):
         ours, ref = gg.read_layer(layer, True), hf.read_layer(layer, True)

@@ -638,7 +638,7 @@ GGUF_ADAPTERS.update({
                           qk_norm="projection", experts=(GGUF_EXPERTS,)),
 })
 #: Architectures whose ``{arch}.rope.dimension_count`` may be less than ``key_length``.
-GGUF_PARTIAL_ROTARY = ("glm4moe", "minimax-m2")
+GGUF_PARTIAL_ROTARY = ("glm4moe", "minimax-m2", "qwen35", "qwen35moe", "qwen3next")
 #: SmolLM3 (``smollm3``): Llama's tensors, W_Q/W_K RoPE-permuted (the converter's
 #: ``SmolLM3Model`` is a ``LlamaModel``); NoPE every 4th layer (:mod:`layer_kinds`). OLMo 2 and
 #: OLMo 3 (both ``olmo2``, ``Olmo2Model``): QK-norm over the whole projection (``attn_q_norm``,
