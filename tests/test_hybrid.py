@@ -220,6 +220,27 @@ def test_extraction_ranges_each_hold_an_attention_layer():
         assert all(any(a <= x <= b for x in attention) for a, b in ranges)
 
 
+def test_planning_a_hybrid(tmp_path):
+    """The plan's extraction ranges each hold an attention layer; a configured bottleneck must
+    be one; a hybrid with a single full-attention layer has nothing to compare."""
+    from weight_geometry.config import build_plan
+
+    path = tmp_path / "m"
+    build("qwen3_5_text", path)
+    models = {"h": {"source": str(path)}}
+    plan = build_plan({"top_k": 3, "layers_per_job": 1, "bottleneck": 3}, models)
+    assert plan.models["h"].chunks == [(0, 1), (2, 4)]
+    with pytest.raises(UserError) as err:
+        build_plan({"top_k": 3, "bottleneck": 2}, models)
+    assert_one_line(err.value, "bottleneck: 2 is not allowed", "softmax attention: 1, 3")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["layer_types"] = ["linear_attention"] * 3 + ["full_attention", "linear_attention"]
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError) as err:
+        build_plan({"top_k": 3}, models)
+    assert_one_line(err.value, "models.h: 1 softmax-attention layer(s)", "at least 2")
+
+
 def test_no_softmax_attention_or_unknown_family_stops_in_one_line(tmp_path):
     path = tmp_path / "linear"
     build("qwen3_5_text", path)
