@@ -159,6 +159,27 @@ def test_an_expert_is_read_alone(tmp_path):
                                     " contains NaN or Inf")
 
 
+def test_sharded_blocks_and_scales(tmp_path):
+    """A sharded checkpoint (as published) whose scales sit in another shard than their
+    blocks: the same experts as the single file."""
+    build_gpt_oss(tmp_path / "m", published=True)
+    single = [w for _, w in open_checkpoint(str(tmp_path / "m")).iter_experts(1)]
+    state = load_file(str(tmp_path / "m" / "model.safetensors"))
+    shards = {"model-00001-of-00002.safetensors": {}, "model-00002-of-00002.safetensors": {}}
+    for name, w in state.items():
+        shards[sorted(shards)[name.endswith("_scales")]][name] = w
+    for shard, tensors in shards.items():
+        save_file(tensors, str(tmp_path / "m" / shard))
+    (tmp_path / "m" / "model.safetensors").unlink()
+    (tmp_path / "m" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        name: shard for shard, tensors in shards.items() for name in tensors}}))
+    ckpt = open_checkpoint(str(tmp_path / "m"))
+    assert ckpt._files["model.layers.1.mlp.experts.down_proj_blocks"].name == sorted(shards)[0]
+    for w, ref in zip((w for _, w in ckpt.iter_experts(1)), single, strict=True):
+        for wt in ref:
+            np.testing.assert_array_equal(w[wt], ref[wt])
+
+
 def test_unpaired_blocks_are_named(tmp_path):
     """Blocks without their scales are not MXFP4: the uint8 tensor is named in one line."""
     build_gpt_oss(tmp_path / "m", published=True)
