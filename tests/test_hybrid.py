@@ -241,6 +241,24 @@ def test_planning_a_hybrid(tmp_path):
     assert_one_line(err.value, "models.h: 1 softmax-attention layer(s)", "at least 2")
 
 
+def test_planning_a_hybrid_hub_id_before_its_download(tmp_path, monkeypatch):
+    """A hub id whose weights are not downloaded yet is planned from its config.json alone:
+    its attention layers come from there too (here full_attention_interval, no layer_types),
+    so the extraction ranges are those the downloaded checkpoint will get."""
+    from types import SimpleNamespace
+
+    from weight_geometry import config, hub
+
+    snapshot = tmp_path / "snapshot"
+    build("qwen3_next", snapshot)   # config.json without layer_types
+    (snapshot / "model.safetensors").unlink()
+    monkeypatch.setattr(hub, "resolve", lambda repo, revision=None: SimpleNamespace(
+        complete=False, snapshot=snapshot))
+    src = config._open_source("org/qwen3-next", fold_norms=True)
+    assert src.attention_layers == tuple(ATTENTION)
+    assert config.chunks(L, 1, src.attention_layers) == [(0, 1), (2, 4)]
+
+
 def test_no_softmax_attention_or_unknown_family_stops_in_one_line(tmp_path):
     path = tmp_path / "linear"
     build("qwen3_5_text", path)
