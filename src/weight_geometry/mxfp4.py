@@ -31,8 +31,13 @@ FP4_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
 #: ``2^128``: inf, which the checkpoint reader refuses as non-finite; ``s = 0`` is ``2^-127``,
 #: a float32 subnormal).
 SCALES = np.append(np.ldexp(1.0, np.arange(255) - 127), np.inf).astype(np.float32)
-#: Groups decoded at a time: bounds the temporaries to ~3 MiB beside the output.
-_CHUNK_GROUPS = 1 << 15
+#: Both values of each code byte (low nibble first) as one 8-byte word: one gather per byte
+#: decodes two values (twice as fast as gathering the nibbles apart).
+_BYTE_PAIRS = np.stack([FP4_VALUES[np.arange(256) & 0x0F], FP4_VALUES[np.arange(256) >> 4]],
+                       axis=1).view(np.uint64).ravel()
+#: Groups decoded at a time (a 128 KiB slice of the output, which stays in cache while it is
+#: scaled); ~2x faster on a gpt-oss expert than chunks of 2^15 groups.
+_CHUNK_GROUPS = 1 << 10
 
 
 def decoded_shape(blocks_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -43,20 +48,19 @@ def decoded_shape(blocks_shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def decode(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """The float32 weight ``(..., rows, cols)`` of uint8 ``blocks`` ``(..., rows, G, 16)`` and
-    ``scales`` ``(..., rows, G)`` (module doc), ``cols = 32 G``. Cost: one pass over the codes,
-    in chunks of :data:`_CHUNK_GROUPS` groups; memory: the output plus one chunk's
-    temporaries."""
+    ``scales`` ``(..., rows, G)`` (module doc), ``cols = 32 G``. Cost: one table lookup per
+    code byte and one multiply per value, in chunks of :data:`_CHUNK_GROUPS` groups; memory:
+    the output and a chunk's scale column."""
     if blocks.shape[-1] != GROUP_BYTES or blocks.shape[:-1] != scales.shape:
         raise ValueError(f"MXFP4 blocks {blocks.shape} and scales {scales.shape} do not match"
                          f" (blocks (..., G, {GROUP_BYTES}), scales (..., G))")
     codes = blocks.reshape(-1, GROUP_BYTES)
     exponents = scales.reshape(-1)
-    out = np.empty((codes.shape[0], GROUP), dtype=np.float32)
+    words = np.empty(codes.shape, dtype=np.uint64)  # a group's 16 bytes -> 16 value pairs
+    values = words.view(np.float32)                   # (groups, 32)
     for first in range(0, codes.shape[0], _CHUNK_GROUPS):
         part = slice(first, first + _CHUNK_GROUPS)
-        chunk = codes[part]
-        out[part, 0::2] = FP4_VALUES[chunk & 0x0F]
-        out[part, 1::2] = FP4_VALUES[chunk >> 4]
+        np.take(_BYTE_PAIRS, codes[part], out=words[part])
         with np.errstate(over="ignore", invalid="ignore"):  # inf, as transformers gives
-            out[part] *= SCALES[exponents[part]][:, None]
-    return out.reshape(decoded_shape(blocks.shape))
+            values[part] *= SCALES[exponents[part]][:, None]
+    return values.reshape(decoded_shape(blocks.shape))
