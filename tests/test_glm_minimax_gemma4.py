@@ -25,6 +25,7 @@ from gguf_convert import convert_hf_to_gguf
 from safetensors.torch import load_file, save_file
 from test_moe import CONFIGS, build
 
+from weight_geometry.architectures import rotary_fraction_from_hf_config
 from weight_geometry.checkpoint import open_checkpoint
 from weight_geometry.errors import UserError
 from weight_geometry.extraction import extract_layer
@@ -162,6 +163,19 @@ def test_rotary_fraction_as_transformers_resolves_it(tmp_path, arch, change, fra
     with pytest.raises(UserError) as info:
         open_checkpoint(str(path))
     assert_one_line(info.value, "partial_rotary_factor: 1.5 is not allowed", "(0, 1]")
+
+
+def test_rotary_fraction_of_a_text_tower(tmp_path):
+    """A multimodal model's rotary fraction is its text config's (Qwen3.5 rotates a quarter of
+    each head), as transformers resolves it; a bad one is named with its text_config path."""
+    T.Qwen3_5Config().save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    resolved = T.AutoConfig.from_pretrained(tmp_path).get_text_config().rope_parameters
+    assert rotary_fraction_from_hf_config(cfg) == resolved["partial_rotary_factor"] == 0.25
+    cfg["text_config"]["rope_parameters"]["partial_rotary_factor"] = 0
+    with pytest.raises(UserError) as info:
+        rotary_fraction_from_hf_config(cfg)
+    assert_one_line(info.value, "text_config.rope_parameters.partial_rotary_factor: 0 is not")
 
 
 def test_gemma4_is_refused_in_one_line(tmp_path):

@@ -791,19 +791,23 @@ def rotary_fraction_from_hf_config(config: dict) -> float:
     """The share of each head's ``d_head`` coordinates that RoPE rotates (partial rotary:
     GLM-4-MoE, MiniMax-M2): ``rope_parameters.partial_rotary_factor`` (transformers 5), else
     ``partial_rotary_factor``, else ``rotary_dim / head_dim`` (MiniMax-M2's published configs),
-    else the :data:`HF_CONFIG_DEFAULTS` value, else 1. A value outside ``(0, 1]`` is a
+    else the :data:`HF_CONFIG_DEFAULTS` value, else 1; a multimodal model's from its text
+    config (:data:`HF_TEXT_CONFIG`: Qwen3.5's ``text_config``). A value outside ``(0, 1]`` is a
     UserError naming the key (the caller adds the file)."""
+    default = HF_CONFIG_DEFAULTS.get(config.get("model_type"), {}).get("partial_rotary_factor")
+    where = HF_TEXT_CONFIG.get(config.get("model_type"), "")
+    if isinstance(config.get(where), dict):
+        config, where = config[where], where + "."
     rope = config.get("rope_parameters")
     keyed = [("rope_parameters.partial_rotary_factor",
               rope.get("partial_rotary_factor") if isinstance(rope, dict) else None),
              ("partial_rotary_factor", config.get("partial_rotary_factor"))]
     if isinstance(config.get("rotary_dim"), int) and isinstance(config.get("head_dim"), int):
         keyed.append(("rotary_dim / head_dim", config["rotary_dim"] / config["head_dim"]))
-    default = HF_CONFIG_DEFAULTS.get(config.get("model_type"), {}).get("partial_rotary_factor")
     key, value = next(((k, v) for k, v in keyed if v is not None),
                       ("partial_rotary_factor", default if default is not None else 1.0))
     if type(value) not in (int, float) or not 0 < value <= 1:
-        raise UserError(f"{key}: {value!r} is not allowed (a number in (0, 1]: the share of"
+        raise UserError(f"{where}{key}: {value!r} is not allowed (a number in (0, 1]: the share of"
                         " each head's coordinates that RoPE rotates)")
     return float(value)
 
