@@ -233,6 +233,12 @@ def test_planning_a_hybrid(tmp_path):
     with pytest.raises(UserError) as err:
         build_plan({"top_k": 3, "bottleneck": 2}, models)
     assert_one_line(err.value, "bottleneck: 2 is not allowed", "softmax attention: 1, 3")
+    ranks = tmp_path / "ranks.csv"
+    ranks.write_text("layer_idx,weight_type,shape,eff_rank\n")
+    with pytest.raises(UserError) as err:
+        build_plan({"top_k": 3}, {"h": {"source": str(path), "effective_ranks": str(ranks)}})
+    assert_one_line(err.value, "models.h.effective_ranks: not allowed for a hybrid model",
+                    "3 linear-attention layers")
     cfg = json.loads((path / "config.json").read_text())
     cfg["layer_types"] = ["linear_attention"] * 3 + ["full_attention", "linear_attention"]
     (path / "config.json").write_text(json.dumps(cfg))

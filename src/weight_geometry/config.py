@@ -361,6 +361,11 @@ def _user_ranks_path(name: str, path, src: _Source) -> str:
     """Validate a user's effective-rank CSV against the model now, before any job runs."""
     from .user_ranks import read_user_ranks
 
+    if 0 < len(src.attention_layers) < src.dims.n_layers:
+        raise UserError(f"models.{name}.effective_ranks: not allowed for a hybrid model (its"
+                        f" {src.dims.n_layers - len(src.attention_layers)} linear-attention"
+                        " layers have no W_Q, W_K, W_V, W_O; allowed: no effective_ranks, the"
+                        " extraction computes them)")
     try:
         resolved = expand_home(str(path), "user ranks").resolve()
         read_user_ranks(resolved, src.dims, src.weight_types)
