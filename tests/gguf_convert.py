@@ -279,13 +279,15 @@ def _fused_gate_up(pending: dict, name: str, w: np.ndarray):
 
 
 def convert_hf_to_gguf(hf_dir: Path, out: Path, qtype=None, split_max_tensors: int = 0,
-                       tokens: int | None = None, fuse_gate_up_exps: bool = False
-                       ) -> list[Path]:
+                       tokens: int | None = None, fuse_gate_up_exps: bool = False,
+                       per_expert: bool = False) -> list[Path]:
     """Write the checkpoint in ``hf_dir`` (config.json, model.safetensors) as GGUF at ``out``;
     split in parts of at most ``split_max_tensors`` tensors when given (``out`` then names
     ``OUT-0000i-of-0000N.gguf``). ``tokens``: a dummy vocabulary of that many tokens (what
     transformers' GGUF loading needs); ``fuse_gate_up_exps``: the experts' gate and up in one
-    tensor (:func:`_fused_gate_up`). Returns the files written."""
+    tensor (:func:`_fused_gate_up`); ``per_expert``: each expert's weights as 2-D tensors
+    ``ffn_{gate,up,down}.{e}.weight``, as llama.cpp's first Mixtral files (its loader's
+    ``LLM_TENSOR_FFN_*_EXP``). Returns the files written."""
     import gguf
     from gguf.quants import quantize
 
@@ -326,6 +328,10 @@ def convert_hf_to_gguf(hf_dir: Path, out: Path, qtype=None, split_max_tensors: i
             gguf_name, w = _fused_gate_up(pending, gguf_name, w)
             if w is None:
                 continue
+        if per_expert and gguf_name.endswith("_exps.weight"):
+            for e, w_e in enumerate(w):
+                writer.add_tensor(gguf_name.replace("_exps.weight", f".{e}.weight"), w_e)
+            continue
         if isinstance(w, tuple):            # MXFP4 blocks and scales, repacked losslessly
             data = repack_mxfp4(*w)
             writer.add_tensor(gguf_name, data, raw_shape=data.shape,

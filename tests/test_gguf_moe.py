@@ -167,6 +167,20 @@ def test_fused_gate_up_exps(tmp_path):
     assert_same_model(ours, open_checkpoint(str(apart), True), True, rtol=0, atol=0)
 
 
+def test_per_expert_tensors(tmp_path):
+    """llama.cpp's first Mixtral files: one 2-D tensor per expert (blk.N.ffn_gate.E.weight):
+    the same numbers as the stacked file's."""
+    hf_model("mixtral", tmp_path / "hf")
+    stacked = convert_hf_to_gguf(tmp_path / "hf", tmp_path / "stacked.gguf")[0]
+    apart = convert_hf_to_gguf(tmp_path / "hf", tmp_path / "apart.gguf", per_expert=True)[0]
+    tensors = GGUFModel(apart).tensors
+    assert tensors["blk.1.ffn_down.3.weight"].shape == (64, 32)
+    assert "blk.1.ffn_down_exps.weight" not in tensors
+    ours = open_checkpoint(str(apart), True)
+    assert not ours.expert_layout.fused
+    assert_same_model(ours, open_checkpoint(str(stacked), True), True, rtol=0, atol=0)
+
+
 def test_split_reads_as_the_unsplit_file(tmp_path):
     """Mixtral-as-llama in Q8_0 split in three parts: the experts read from whichever part
     holds them, the same numbers as the unsplit file."""

@@ -188,12 +188,12 @@ def test_per_expert_effective_ranks_and_mean_ffn_input(built):
 def test_unsupported_moe_type_is_refused_in_one_line(tmp_path):
     build("olmoe", tmp_path / "m")
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
-    cfg["model_type"] = "deepseek_v3"
+    cfg["model_type"] = "jamba"
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
     from weight_geometry.errors import UserError
     with pytest.raises(UserError) as info:
         open_checkpoint(str(tmp_path / "m"))
-    assert "'deepseek_v3' is not supported" in str(info.value) and "\n" not in str(info.value)
+    assert "'jamba' is not supported" in str(info.value) and "\n" not in str(info.value)
 
 
 @pytest.mark.workflow

@@ -610,7 +610,12 @@ GGUF_EXPERTS = ExpertLayout("ffn_gate_inp.weight", {
 #: rows [gate; up] (the converter's ``--fuse-gate-up-exps``); chosen where it is stored.
 GGUF_GATE_UP_EXPERTS = replace(GGUF_EXPERTS, experts={
     **_fused_gate_up("ffn_gate_up_exps.weight"), "W_down": WeightSpec("ffn_down_exps.weight")})
-_GGUF_MOE = (GGUF_EXPERTS, GGUF_GATE_UP_EXPERTS)
+#: Or one 2-D tensor per expert, ``ffn_{gate,up,down}.{expert}.weight``: llama.cpp's first
+#: Mixtral files (December 2023), which its loader still reads.
+GGUF_PER_EXPERT = replace(GGUF_EXPERTS, fused=False, experts={
+    wt: WeightSpec(f"ffn_{part}.{{expert}}.weight")
+    for wt, part in (("W_gate", "gate"), ("W_up", "up"), ("W_down", "down"))})
+_GGUF_MOE = (GGUF_EXPERTS, GGUF_GATE_UP_EXPERTS, GGUF_PER_EXPERT)
 GGUF_ADAPTERS.update({
     # Mixtral is written as llama (RoPE-permuted Q/K rows) with ffn_*_exps tensors.
     "llama": replace(GGUF_ADAPTERS["llama"], experts=_GGUF_MOE),

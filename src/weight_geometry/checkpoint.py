@@ -21,7 +21,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 from collections.abc import Collection, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -36,10 +36,12 @@ from .architectures import (
     HF_CONFIG_DEFAULTS,
     HF_EXTRA_LAYERS,
     HF_NOT_YET,
+    LATENT_PARTS,
     NOT_USED,
     SHARED,
     Adapter,
     ExpertLayout,
+    LatentDims,
     ModelDims,
     MoeDims,
     dims_from_gguf_metadata,
@@ -48,6 +50,8 @@ from .architectures import (
     gguf_rotary_fraction,
     gguf_sparse_layers,
     hf_layers_key,
+    latent_dims_from_gguf_metadata,
+    latent_dims_from_hf_config,
     moe_dims_from_gguf_metadata,
     moe_dims_from_hf_config,
     rotary_fraction_from_hf_config,
@@ -71,6 +75,11 @@ _NORMED_INPUT = {"W_Q": "attn", "W_K": "attn", "W_V": "attn", "W_gate": "ffn", "
 _QK_NORM = {"W_Q": "q", "W_K": "k"}
 #: The weights of softmax attention, which a linear-attention layer does not have.
 ATTENTION_WEIGHTS = ("W_Q", "W_K", "W_V", "W_O")
+#: What model.json says of latent attention (:mod:`latent_attention`).
+LATENT_NOTE = ("multi-head latent attention: W_Q, W_K, W_V are each head's effective projections"
+               " formed from the latent factors (W_UQ_i W_DQ, [W_UK_i W_DKV; W_KR], W_UV_i W_DKV);"
+               " the RMSNorms on the query and key/value latents are left out (their gains"
+               " folded with fold_norms, their normalization not: it is not linear)")
 _FOLD_NORMS_NEEDS = (", which fold_norms: true folds into the projections (allowed: a checkpoint"
                      " with its norm gains, or fold_norms: false to analyse the raw weights)")
 
@@ -164,6 +173,8 @@ class Checkpoint:
     _extra_layers: int = 0
     #: The share of each head's coordinates RoPE rotates (< 1: partial rotary).
     rotary_fraction: float = 1.0
+    #: Multi-head latent attention (DeepSeek; None: W_Q, W_K, W_V, W_O stored as such).
+    latent: LatentDims | None = None
 
     @property
     def weight_types(self) -> tuple[str, ...]:
@@ -207,9 +218,13 @@ class Checkpoint:
         self._check_no_extra_layers()
         for layer in range(self.dims.n_layers):
             for wt in self.layer_weight_types(layer):
+                if wt not in self.adapter.weights:  # formed from latent factors, below
+                    continue
                 spec = self.adapter.weights[wt]
                 self._check(self.adapter.tensor_name(wt, layer), spec.raw_shape(self.dims, wt),
                             f"{wt} of layer {layer}")
+            if self.latent is not None:
+                self._check_latent(layer, fold_norms)
             if self.is_sparse(layer):
                 self._check_experts(layer)
             if fold_norms:
@@ -226,14 +241,82 @@ class Checkpoint:
         extra = [layer for name in self._shapes if (layer := self.adapter.layer_of(name))
                  is not None and layer >= n + self._extra_layers]
         if extra:
-            name = next(t for wt in self.weight_types
-                        if (t := self.adapter.tensor_name(wt, min(extra))) in self._shapes)
+            name = next(t for t in self._layer_tensors(min(extra)) if t in self._shapes)
             mtp = (f", the last {self._extra_layers} for multi-token prediction"
                    if self._extra_layers else "")
             raise UserError(f"{self._files[name]}: tensor {name} is of layer {min(extra)}, but"
                             f" {self._layers_key} = {n} (allowed: weights of layers"
                             f" 0..{n + self._extra_layers - 1}{mtp}; the layer count must cover"
                             " every layer stored)")
+
+    def kernel_tensors(self, layer: int) -> tuple[str, str]:
+        """The stored tensors of ``layer``'s W_Q and W_K (for messages;
+        :meth:`Adapter.kernel_tensors`)."""
+        return self.adapter.kernel_tensors(layer, self.latent is None or self.latent.q_rank > 0)
+
+    def _layer_tensors(self, layer: int) -> list[str]:
+        """The names of ``layer``'s weight tensors, in weight-type order (latent attention's
+        first)."""
+        prefix, latent = self._prefix(layer), self.adapter.latent
+        names = [prefix + getattr(latent, part) for part in LATENT_PARTS] if latent else []
+        return names + [self.adapter.tensor_name(wt, layer) for wt in self.adapter.weights]
+
+    def latent_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The stored shape of each latent-attention tensor (:data:`LATENT_PARTS`, and the
+        gains ``q_norm``, ``kv_norm``) that this model has (:class:`LatentDims`)."""
+        lat, h, d = self.latent, self.dims.n_heads, self.dims.d_model
+        m = self.dims.d_head
+        shapes = {"kv_a": (lat.kv_rank + lat.rope, d), "o": (d, h * lat.d_value),
+                  "kv_norm": (lat.kv_rank,)}
+        if lat.q_rank:
+            shapes.update(q_a=(lat.q_rank, d), q_b=(h * m, lat.q_rank), q_norm=(lat.q_rank,))
+        else:
+            shapes["q"] = (h * m, d)
+        if self.adapter.latent.split_kv_b:
+            shapes.update(k_b=(h, lat.kv_rank, lat.nope), v_b=(h, lat.d_value, lat.kv_rank))
+        else:
+            shapes["kv_b"] = (h * (lat.nope + lat.d_value), lat.kv_rank)
+        return shapes
+
+    def _latent_name(self, part: str, layer: int) -> str:
+        """The stored tensor of latent-attention ``part`` of ``layer`` (a :class:`LatentLayout`
+        field; ``k_b`` / ``v_b``: llama.cpp's halves of ``kv_b``)."""
+        layout = self.adapter.latent
+        if part in ("k_b", "v_b"):
+            return self._prefix(layer) + layout.split_kv_b[part == "v_b"]
+        return self._prefix(layer) + getattr(layout, part)
+
+    def _check_latent(self, layer: int, fold_norms: bool) -> None:
+        """Every latent-attention tensor of ``layer`` (its gains with ``fold_norms``)."""
+        for part, shape in self.latent_shapes().items():
+            gain = part.endswith("_norm")
+            if fold_norms or not gain:
+                self._check(self._latent_name(part, layer), shape,
+                            f"latent attention {part} of layer {layer}",
+                            _FOLD_NORMS_NEEDS if gain else "")
+
+    def read_latent(self, layer: int, part: str, fold_norms: bool = False) -> np.ndarray:
+        """One latent-attention weight of ``layer``, float32, HF ``(out, in)`` orientation,
+        C-contiguous (shapes: :meth:`latent_shapes`): ``part`` ``q_a`` (W_DQ), ``q_b`` (W_UQ),
+        ``q`` (W_Q without a query LoRA), ``kv_a`` ([W_DKV; W_KR]), ``kv_b`` (per head [W_UK_i;
+        W_UV_i]; from a GGUF's ``attn_k_b`` and ``attn_v_b``, whose ``W_UK_i^T`` llama.cpp
+        stored transposed, put back together), ``o`` (W_O). With ``fold_norms`` the gains of
+        the norms each reads folded into its input columns: the pre-attention gain into q_a,
+        q and kv_a, the query latent's (``q_a_layernorm``) into q_b, the key/value latent's
+        (``kv_a_layernorm``) into kv_b. One read (two for a split kv_b)."""
+        if part == "kv_b" and self.adapter.latent.split_kv_b:
+            k_b = self._read(self._latent_name("k_b", layer)).transpose(0, 2, 1)
+            w = np.concatenate([k_b, self._read(self._latent_name("v_b", layer))], axis=1)
+            w = w.reshape(-1, w.shape[-1])
+        else:
+            w = self._read(self._latent_name(part, layer))
+        role = {"q_a": "attn", "q": "attn", "kv_a": "attn", "q_b": "q_norm",
+                "kv_b": "kv_norm"}.get(part)
+        if fold_norms and role in ("q_norm", "kv_norm"):
+            w = w * self._read(self._latent_name(role, layer))[None, :]
+        elif fold_norms and role in self.adapter.norms:
+            w = w * self._gains(layer)[role][None, :]
+        return np.ascontiguousarray(w)
 
     def _check_experts(self, layer: int) -> None:
         """The router ``(E, d)`` and every expert's weights of sparse ``layer`` (headers)."""
@@ -408,6 +491,8 @@ class Checkpoint:
             **(self.layer_kinds or LayerKinds(("full",) * self.dims.n_layers)).as_dict(),
             **({"experts": self.moe.as_dict()} if self.moe is not None else {}),
             **({"rotary_fraction": self.rotary_fraction} if self.rotary_fraction < 1 else {}),
+            **({"latent_attention": {**self.latent.as_dict(), "note": LATENT_NOTE}}
+               if self.latent is not None else {}),
         }
 
 
@@ -464,14 +549,17 @@ def _open_gguf(source: str, path: Path) -> Checkpoint:
     arch = str(gguf.metadata["general.architecture"])
     if arch not in GGUF_ADAPTERS:
         raise UserError(f"{path}: {unsupported('GGUF', arch, GGUF_ADAPTERS)}")
-    adapter = GGUF_ADAPTERS[arch]
+    adapter = _gguf_latent_layout(GGUF_ADAPTERS[arch], gguf.tensors)
     try:
+        latent = latent_dims_from_gguf_metadata(gguf.metadata, arch)
         dims = dims_from_gguf_metadata(gguf.metadata, arch)
         moe, layout = _gguf_experts(gguf, arch, adapter, dims)
     except UserError as err:
         raise UserError(f"{path}: {err}") from None
     first = min(moe.sparse_layers) if moe and moe.sparse_layers else 0
-    stored = [adapter.tensor_name(wt, 0) for wt in adapter.weight_types]
+    stored = [adapter.tensor_name(wt, 0) for wt in adapter.weights] + [
+        adapter.layer_prefix.format(layer=0) + getattr(adapter.latent, part)
+        for part in (LATENT_PARTS if adapter.latent else ())]
     if layout is not None:
         stored += [layout.tensor_name(wt, adapter.layer_prefix.format(layer=first), 0)
                    for wt in EXPERT_WEIGHTS]
@@ -490,7 +578,16 @@ def _open_gguf(source: str, path: Path) -> Checkpoint:
         _files=gguf.files, _reader=gguf,
         _layers_key=f"GGUF metadata {arch}.block_count", _unpermute_qk=arch in GGUF_ROPE_PERMUTED,
         _extra_layers=gguf_extra_layers(gguf.metadata, arch), rotary_fraction=rotary,
-        moe=moe, expert_layout=layout)
+        moe=moe, expert_layout=layout, latent=latent)
+
+
+def _gguf_latent_layout(adapter: Adapter, names: Collection[str]) -> Adapter:
+    """``adapter``, for a latent-attention file whose layer 0 stores ``kv_b`` whole (written
+    before llama.cpp split it into ``attn_k_b`` and ``attn_v_b``) with that layout."""
+    latent = adapter.latent
+    if latent is None or adapter.layer_prefix.format(layer=0) + latent.kv_b not in names:
+        return adapter
+    return replace(adapter, latent=replace(latent, split_kv_b=None))
 
 
 def _gguf_experts(gguf: GGUFModel, arch: str, adapter: Adapter, dims: ModelDims
@@ -587,7 +684,7 @@ def _hf_adapter(model_type: str, names: Collection[str]) -> Adapter:
     adapter = HF_ADAPTERS[model_type]
     layouts = (*adapter.layouts(), adapter.without_model_prefix())
     for layout in layouts:
-        if layout.tensor_name("W_Q", 0) in names:
+        if layout.kernel_tensors(0)[0] in names:
             return layout
     return next((layout for layout in layouts
                  if any(layout.layer_of(name) is not None for name in names)), adapter)
@@ -600,6 +697,10 @@ def _open_hf_dir(source: str, path: Path) -> Checkpoint:
     config, extra_layers, rotary = _hf_config_extras(path, model_type)
     adapter = _hf_adapter(model_type, entries).configured(config)
     moe = hf_moe_dims(path, dims)
+    try:
+        latent = latent_dims_from_hf_config(config)
+    except UserError as err:
+        raise UserError(f"{path / 'config.json'}: {err}") from None
     return Checkpoint(
         source=source, path=path, format="safetensors", architecture=model_type,
         dims=dims, adapter=adapter,
@@ -608,7 +709,7 @@ def _open_hf_dir(source: str, path: Path) -> Checkpoint:
         _files={n: e.file for n, e in entries.items()}, _reader=SafetensorsReader(entries),
         _layers_key=f"config.json {hf_layers_key(model_type)}",
         moe=moe, expert_layout=_expert_layout(adapter, moe, entries),
-        _extra_layers=extra_layers, rotary_fraction=rotary)
+        _extra_layers=extra_layers, rotary_fraction=rotary, latent=latent)
 
 
 def _expert_layout(adapter: Adapter, moe: MoeDims | None,

@@ -78,6 +78,7 @@ from .device import pin_float32_matmul, resolve_device
 from .errors import UserError
 from .experts import UnitArrays, expert_pass
 from .kernels import factored_subspaces, ov_circuits
+from .latent_attention import latent_attention_pass
 from .ranks import (
     effective_rank_from_singular_values,
     frobenius_norm2,
@@ -136,6 +137,10 @@ def extract_layer(ckpt: Checkpoint, layer: int, device: torch.device,
     attention = ckpt.is_attention(layer)  # else linear attention: FFN effective ranks only
     needed = (None if compute_ranks else
               ("W_Q", "W_K", "W_V", "W_O", ffn_input) if attention else ())
+    if attention and ckpt.latent is not None:  # latent attention, from its factors
+        mla = latent_attention_pass(ckpt, layer, device, fold_norms, compute_ranks)
+        rows, subspaces, query, ov = mla.rows, mla.subspaces, mla.query_vectors, mla.ov
+        del mla
     for wt, array in ckpt.iter_layer(layer, fold_norms, only=needed):
         w = torch.from_numpy(array).to(device)
         shape = tuple(w.shape)
@@ -216,10 +221,10 @@ def require_defined(ckpt: Checkpoint, layer: int, singular_values: np.ndarray,
     input (``||W_in||_F^2 = 0``: the alignment is 0/0). Cost O(h)."""
     zero = np.flatnonzero(singular_values[:, 0] == 0)
     if zero.size:
+        w_q, w_k = ckpt.kernel_tensors(layer)
         raise UserError(f"layer {layer}, head {zero[0]}: the kernel W_Q_i^T W_K_j is zero"
-                        f" (rows of {ckpt.adapter.tensor_name('W_Q', layer)} or"
-                        f" {ckpt.adapter.tensor_name('W_K', layer)} are all zeros), so its"
-                        " subspaces are undefined")
+                        f" (rows of {w_q} or {w_k} are all zeros), so its subspaces are"
+                        " undefined")
     if norm2 == 0:
         wt = ckpt.adapter.ffn_input
         raise UserError(f"layer {layer}: {wt} ({ckpt.adapter.tensor_name(wt, layer)}) is all"

@@ -264,12 +264,14 @@ def factored_subspaces(w_q: torch.Tensor, w_k: torch.Tensor, n_heads: int, n_kv_
 
     Args:
         w_q: ``(n_heads * d_head, d)`` query projection (nn.Linear layout).
-        w_k: ``(n_kv_heads * d_head, d)`` key projection.
+        w_k: ``(n_kv_heads * d_head, d')`` key projection; ``d' != d`` where the two are in
+            different coordinates (the core ``R_q R_k^T`` needs only their ``R`` factors:
+            latent attention's, :mod:`latent_attention`).
     """
-    d, group = w_q.shape[1], n_heads // n_kv_heads
+    group = n_heads // n_kv_heads
     dtype = dtype or torch.promote_types(w_k.dtype, torch.float32)
-    q_t = w_q.reshape(n_heads, d_head, d).transpose(1, 2)        # (h, d, d_head) = W_Q_i^T
-    k_t = w_k.reshape(n_kv_heads, d_head, d).transpose(1, 2)     # (n_kv, d, d_head) = W_K_j^T
+    q_t = w_q.reshape(n_heads, d_head, -1).transpose(1, 2)       # (h, d, d_head) = W_Q_i^T
+    k_t = w_k.reshape(n_kv_heads, d_head, -1).transpose(1, 2)    # (n_kv, d', d_head) = W_K_j^T
     q_k, r_k = thin_qr(k_t.to(dtype))
     r_q = query_r_factors(q_t).to(dtype).reshape(n_kv_heads, group * d_head, d_head)
     core = (r_q @ r_k.transpose(1, 2)).reshape(n_heads, d_head, d_head)

@@ -1,0 +1,185 @@
+"""Multi-head latent attention (MLA: DeepSeek-V2/V3): every head's attention kernel and OV
+circuit from the latent factors, without forming either, nor the effective ``W_Q``/``W_K``.
+
+One layer, width ``d``, ``h`` heads, ``r_q`` = ``q_lora_rank``, ``r`` = ``kv_lora_rank``,
+``n`` / ``p`` = the no-RoPE / RoPE query-key widths, ``m = n + p`` (``d_head``), ``v`` =
+``v_head_dim`` (shapes ``out x in``, :class:`architectures.LatentDims`)::
+
+    W_DQ (r_q, d), W_UQ_i (m, r_q)       query of head i:  W_Q_i x = W_UQ_i W_DQ x
+                                          (no query LoRA: W_Q_i (m, d) stored, ``q_proj``)
+    M = [W_DKV; W_KR] (r + p, d)          the key/value latent W_DKV x, the RoPE key W_KR x
+    W_UK_i (n, r), W_UV_i (v, r)          head i's key and value up-projections
+    W_K_i = [W_UK_i W_DKV; W_KR] = E_i M,  E_i = [[W_UK_i, 0], [0, I_p]]       (m, d)
+    W_V_i = W_UV_i W_DKV (v, d),  W_O_i (d, v)
+
+The zero-offset kernel of head ``i`` is ``A_i = W_Q_i^T W_K_i`` (``d x d``, rank <= ``m``): the
+query's no-RoPE rows meet the head's own key rows, its RoPE rows the RoPE key ``W_KR`` that
+every head shares. Each head has a key of its own (``n_kv = h``). Its OV circuit is ``W_O_i
+W_V_i`` (rank <= ``v``). Both are factored once per layer::
+
+    M^T = Q_m R_m   (thin QR, Q_m: d x (r + p)),      W_DQ^T = Q_a R_a   (R_a only)
+    W_K_i = Y_i Q_m^T,   Y_i = E_i R_m^T                         (m, r + p)
+    W_V_i = Z_i Q_m^T,   Z_i = W_UV_i (R_m^T)[:r]                 (v, r + p)
+    W_Q_i = X_i Q_a^T,   X_i = W_UQ_i R_a^T                       (m, r_q)
+    A_i = Q_a (X_i^T Y_i) Q_m^T,   W_OV_i = W_O_i Z_i Q_m^T
+
+so :func:`kernels.factored_subspaces` of ``(X, Y)`` (query and key each in its own latent
+coordinates; only their ``R`` factors meet in the core) gives ``S`` and the right singular
+vectors in ``Q_m``'s coordinates, mapped to ``R^d`` by ``Q_m^T`` (:class:`LatentSubspaces`).
+The left (query) vectors are :meth:`FactoredSubspaces.left_vectors`' coefficients times
+``W_UQ_i``, then times ``W_DQ`` (``W_UQ_i W_DQ = W_Q_i``): ``Q_a`` is never needed. The OV
+circuit is :func:`kernels.circuit_svd` of ``(W_O^T, Z)`` the same way; its ``v`` rows per head
+are padded with zero rows (singular value 0) to ``m`` when ``v < m``, so that every stored array
+has ``d_head = m`` rows per head.
+
+Folded norms (``fold_norms``): the pre-attention gain into ``W_DQ``, ``W_Q`` and ``M``'s
+columns, the query latent's RMSNorm gain (``q_a_layernorm``) into ``W_UQ``'s columns, the
+key/value latent's (``kv_a_layernorm``) into ``W_UK_i``'s and ``W_UV_i``'s
+(:meth:`Checkpoint.read_latent`). The latent normalizations themselves are not linear and are
+left out: the kernel here is the bilinear form of the projections as if each latent's RMS were
+1 (model.json and the report say so).
+
+Effective ranks (the table's W_Q, W_K, W_V rows) are those of the effective projections
+stacked over heads, ``W_Q (h m, d)``, ``W_K (h m, d)`` (the shared RoPE rows once per head),
+``W_V (h v, d)``: as ``Q_a`` and ``Q_m`` have orthonormal columns, their singular values are
+``X``'s, ``Y``'s and ``Z``'s. W_O is ``o_proj`` itself.
+
+Cost per layer (float64 unless said): the thin QR of ``M^T``, ``O(d (r + p)^2)``; ``R_a`` from
+the Gram of ``W_DQ``, ``d r_q^2``; ``X``, ``2 h m r_q^2``; :func:`kernels.factored_subspaces`,
+``O(h m (r_q + r + p) m)``; in float32 the vectors in ``R^d``, ``2 h m d (r + p)`` (right),
+``2 h m d r_q`` (left) and ``2 h v d (r + p)`` (OV right). At DeepSeek-V3's shapes the
+products with ``d`` dominate, about 0.75 TFLOP per layer. Memory: the layer's latent weights
+(read one at a time), ``X``, ``Y``, ``Z`` and ``Q_m`` in float64 (about 0.55 GB at V3's
+shapes), and the ``(h, m, d)`` float32 results (0.7 GB each at V3's shapes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .checkpoint import Checkpoint
+from .kernels import (
+    FactoredSubspaces,
+    TwoSidedSVD,
+    circuit_svd,
+    factored_subspaces,
+    query_r_factors,
+    thin_qr,
+)
+from .ranks import effective_rank_from_singular_values, shape_text, smaller_side, weight_spectrum
+
+
+@dataclass
+class LatentSubspaces(FactoredSubspaces):
+    """:class:`kernels.FactoredSubspaces` whose key row spaces ``q_k`` ``(h, r + p, m)`` are in
+    the coordinates of ``basis`` ``(d, r + p)``, orthonormal columns (``Q_m``): head ``i``'s
+    row space in ``R^d`` is spanned by ``basis @ q_k[i]``. Every product with ``R^d`` goes
+    through ``basis``, so the ``(h, d, m)`` bases are never formed."""
+
+    basis: torch.Tensor | None = None
+
+    def vectors(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``(h, m, d)`` right singular vectors in ``R^d``: the latent ones times
+        ``basis^T``, in ``dtype`` (default ``q_k``'s); cost ``2 h m (r + p) (m + d)``."""
+        latent = super().vectors(dtype)
+        return latent @ self.basis.to(latent.dtype).T
+
+    def energies(self, gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`FactoredSubspaces.energies` of the ``(d, d)`` Gram ``G`` through ``G_m =
+        Q_m^T G Q_m`` (``(r + p)^2``; ``G Q_m`` in ``G``'s dtype, at least float32, then
+        float64): cost ``2 d^2 (r + p)``."""
+        dtype = torch.promote_types(gram.dtype, torch.float32)
+        g_q = (gram.to(dtype) @ self.basis.to(dtype)).to(self.q_k.dtype)
+        return super().energies(self.basis.T @ g_q)
+
+    def _project(self, w: torch.Tensor) -> torch.Tensor:
+        """Coordinates of the rows of ``w`` ``(n, d)`` in each head's row space: ``(w Q_m)
+        q_k[i]``; cost ``2 n d (r + p)`` more than in the latent coordinates."""
+        dtype = torch.promote_types(w.dtype, torch.float32)
+        return super()._project(w.to(dtype) @ self.basis.to(dtype))
+
+
+@dataclass
+class LatentPass:
+    """One layer's latent attention: its kernels' subspaces, their query-side vectors ``(h,
+    m, d)`` float32 (numpy), the OV circuits (zero rows padded to ``m``), and the effective-rank
+    rows of W_Q, W_K, W_V, W_O (``(layer_idx, weight_type, shape, eff_rank)``)."""
+
+    subspaces: LatentSubspaces
+    query_vectors: np.ndarray
+    ov: TwoSidedSVD
+    rows: list[tuple]
+
+
+def latent_attention_pass(ckpt: Checkpoint, layer: int, device: torch.device,
+                          fold_norms: bool = False, compute_ranks: bool = True) -> LatentPass:
+    """Every head's kernel subspaces, query vectors and OV circuit of latent-attention
+    ``layer`` (module docstring), each latent weight read once
+    (:meth:`Checkpoint.read_latent`) and dropped once used; with ``compute_ranks`` the
+    effective ranks of the effective W_Q, W_K, W_V and of W_O."""
+    lat, dims = ckpt.latent, ckpt.dims
+    h, m, n, p, v, r, d = (dims.n_heads, dims.d_head, lat.nope, lat.rope, lat.d_value,
+                           lat.kv_rank, dims.d_model)
+    f64, rows = torch.float64, []
+
+    def read(part: str) -> torch.Tensor:
+        return torch.from_numpy(ckpt.read_latent(layer, part, fold_norms)).to(device)
+
+    def rank(wt: str, factor: torch.Tensor, shape: tuple[int, int]) -> None:
+        """The effective rank of the weight of ``shape`` whose singular values are those of
+        ``factor``."""
+        if compute_ranks:
+            sigma, _ = weight_spectrum(factor, smaller_side(tuple(factor.shape)))
+            rows.append((layer, wt, shape_text(shape),
+                         effective_rank_from_singular_values(sigma, shape)))
+
+    q_m, r_m = (x[0] for x in thin_qr(read("kv_a").T.to(f64)[None]))   # M^T = Q_m R_m
+    lower = r_m.T                                                        # M = lower Q_m^T
+    kv_b = read("kv_b").reshape(h, n + v, r).to(f64)
+    y = torch.empty(h, m, r + p, dtype=f64, device=device)
+    y[:, :n] = kv_b[:, :n] @ lower[:r]                                   # W_UK_i (R_m^T)[:r]
+    y[:, n:] = lower[r:]                                                 # W_KR, every head's
+    z = (kv_b[:, n:] @ lower[:r]).reshape(h * v, r + p)                  # W_UV_i (R_m^T)[:r]
+    del kv_b, lower, r_m
+    y = y.reshape(h * m, r + p)
+    if lat.q_rank:
+        w_dq = read("q_a")                                               # (r_q, d)
+        r_a = query_r_factors(w_dq.T[None])[0]                           # W_DQ^T = Q_a R_a
+        w_uq = read("q_b")                                               # (h m, r_q)
+        x = w_uq.to(f64) @ r_a.T                                         # X_i = W_UQ_i R_a^T
+        del r_a
+    else:
+        w_dq, w_uq = None, read("q")
+        x = w_uq
+    core = factored_subspaces(x, y, h, h, m, f64)
+    subspaces = LatentSubspaces(**{f.name: getattr(core, f.name)
+                                   for f in dataclasses.fields(core)}, basis=q_m)
+    query = subspaces.left_vectors(w_uq, torch.float32)
+    if w_dq is not None:
+        query = query @ w_dq                                             # (h, m, d)
+    rank("W_Q", x, (h * m, d))
+    rank("W_K", y, (h * m, d))
+    del core, x, y, w_uq, w_dq
+    w_o = read("o")                                                      # (d, h v)
+    ov = circuit_svd(w_o.T, z, h, h, v)
+    ov = TwoSidedSVD(ov.left, ov.right @ q_m.to(ov.right.dtype).T, ov.singular_values)
+    rank("W_V", z, (h * v, d))
+    rank("W_O", w_o, (d, h * v))
+    return LatentPass(subspaces, query.cpu().numpy(), _pad_heads(ov, m), rows)
+
+
+def _pad_heads(ov: TwoSidedSVD, m: int) -> TwoSidedSVD:
+    """``ov`` with zero rows (and zero singular values) appended to each head's ``v``, up to
+    ``m``: the arrays' ``d_head`` rows per head."""
+    def pad(x: torch.Tensor) -> torch.Tensor:
+        extra = torch.zeros(x.shape[0], m - x.shape[1], *x.shape[2:], dtype=x.dtype,
+                            device=x.device)
+        return torch.cat([x, extra], dim=1)
+
+    if ov.singular_values.shape[1] == m:
+        return ov
+    return TwoSidedSVD(pad(ov.left), pad(ov.right), pad(ov.singular_values))
