@@ -143,6 +143,10 @@ class WeightSpec:
         return self.cut.apply(tensor.T if self.transposed else tensor, dims)
 
 
+#: Weight types that latent attention forms from its factors (:attr:`Adapter.latent`).
+LATENT_WEIGHTS = ("W_Q", "W_K", "W_V", "W_O")
+#: The stored weights of latent attention (:class:`LatentLayout` fields), in reading order.
+LATENT_PARTS = ("q_a", "q_b", "q", "kv_a", "kv_b", "o")
 #: Weight types of one expert of a mixture-of-experts FFN (a gated FFN of its own).
 EXPERT_WEIGHTS = ("W_gate", "W_up", "W_down")
 #: The ``expert`` label of a shared expert (Qwen2-MoE's ``shared_expert``), which every token
@@ -240,6 +244,48 @@ class MoeKeys:
 
 
 @dataclass(frozen=True)
+class LatentDims:
+    """Multi-head latent attention (DeepSeek-V2/V3 MLA): query LoRA rank ``q_rank`` (0: no
+    query LoRA, one ``q_proj``), key/value latent rank ``kv_rank``, each head's no-RoPE and
+    RoPE query/key widths ``nope`` and ``rope`` (``ModelDims.d_head = nope + rope``) and its
+    value width ``d_value``. Shapes (nn.Linear, out x in): ``W_DQ (q_rank, d)``, ``W_UQ (h
+    d_head, q_rank)`` (or ``W_Q (h d_head, d)``), ``[W_DKV; W_KR] (kv_rank + rope, d)``,
+    ``W_UK_i (nope, kv_rank)``, ``W_UV_i (d_value, kv_rank)``, ``W_O (d, h d_value)``."""
+
+    q_rank: int
+    kv_rank: int
+    nope: int
+    rope: int
+    d_value: int
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class LatentLayout:
+    """Where a latent-attention layer's tensors live (names after the layer prefix).
+
+    ``q_a`` ``(q_rank, d)`` = W_DQ, ``q_b`` ``(h d_head, q_rank)`` = W_UQ (head ``i``'s rows
+    ``[i d_head, (i+1) d_head)``: ``nope`` no-RoPE then ``rope`` RoPE rows), or without a query
+    LoRA ``q`` ``(h d_head, d)``; ``kv_a`` ``(kv_rank + rope, d)`` = ``[W_DKV; W_KR]``; ``kv_b``
+    ``(h (nope + d_value), kv_rank)``, per head ``[W_UK_i; W_UV_i]`` (Hugging Face), or with
+    ``split_kv_b`` llama.cpp's ``k_b`` ``(h, kv_rank, nope)`` (each ``W_UK_i^T``) and ``v_b``
+    ``(h, d_value, kv_rank)``; ``o`` ``(d, h d_value)``. ``q_norm``, ``kv_norm``: the RMSNorm
+    gains on the query and key/value latents (``q_a_layernorm``, ``kv_a_layernorm``)."""
+
+    q_a: str
+    q_b: str
+    q: str
+    kv_a: str
+    kv_b: str
+    o: str
+    q_norm: str
+    kv_norm: str
+    split_kv_b: tuple[str, str] | None = None
+
+
+@dataclass(frozen=True)
 class Adapter:
     """Tensor layout of one architecture.
 
@@ -253,6 +299,9 @@ class Adapter:
     whose router is stored), whose sparse layers have no W_gate/W_up/W_down of their own.
     ``qk_norm_key``: the ``config.json`` key that switches QK-norm on (GLM-4-MoE's
     ``use_qk_norm``; :meth:`configured` drops the ``q``/``k`` norms where it is not true).
+    ``latent``: multi-head latent attention's tensors (DeepSeek), read by
+    :mod:`latent_attention`; ``weights`` then holds the FFN's alone, and W_Q, W_K, W_V, W_O
+    are the effective per-head projections formed from the latent factors.
     """
 
     layer_prefix: str
@@ -264,6 +313,7 @@ class Adapter:
     also_prefixes: tuple[str, ...] = ()
     experts: tuple[ExpertLayout, ...] = ()
     qk_norm_key: str | None = None
+    latent: LatentLayout | None = None
 
     def configured(self, config: dict) -> Adapter:
         """This layout for a model whose ``config.json`` is ``config``: without its QK-norm
@@ -274,7 +324,17 @@ class Adapter:
 
     @property
     def weight_types(self) -> tuple[str, ...]:
-        return tuple(self.weights)
+        return (*(LATENT_WEIGHTS if self.latent else ()), *self.weights)
+
+    def kernel_tensors(self, layer: int, query_lora: bool = True) -> tuple[str, str]:
+        """The stored tensors holding ``layer``'s W_Q and W_K (for messages; under latent
+        attention its query projection, ``q_b`` or without a query LoRA ``q``, and its
+        key/value down-projection)."""
+        if self.latent is None:
+            return self.tensor_name("W_Q", layer), self.tensor_name("W_K", layer)
+        prefix = self.layer_prefix.format(layer=layer)
+        query = self.latent.q_b if query_lora else self.latent.q
+        return prefix + query, prefix + self.latent.kv_a
 
     def tensor_name(self, weight_type: str, layer: int) -> str:
         return self.layer_prefix.format(layer=layer) + self.weights[weight_type].tensor
@@ -287,7 +347,9 @@ class Adapter:
         """Any per-layer weight tensor's name (as :meth:`tensor_name` builds them), the layer
         captured; compiled once per adapter."""
         head, _, tail = self.layer_prefix.partition("{layer}")
-        tensors = "|".join(re.escape(spec.tensor) for spec in self.weights.values())
+        names = [spec.tensor for spec in self.weights.values()]
+        names += [self.latent.kv_a, self.latent.o] if self.latent else []
+        tensors = "|".join(re.escape(name) for name in names)
         return re.compile(rf"{re.escape(head)}(\d+){re.escape(tail)}(?:{tensors})")
 
     def layer_of(self, name: str) -> int | None:
@@ -555,6 +617,24 @@ HF_FFN_WIDTH_KEY = {"qwen3_5_moe_text": "moe_intermediate_size",
 HF_HYBRID_INTERVAL = dict.fromkeys(("qwen3_5_text", "qwen3_5", "qwen3_5_moe_text",
                                     "qwen3_5_moe", "qwen3_next"), 4)
 
+#: DeepSeek-V2/V3: multi-head latent attention (:class:`LatentLayout`), the first
+#: ``first_k_dense_replace`` layers dense (Llama's mlp.*_proj), the others GLM-4-MoE's experts
+#: (shared experts as one FFN, mlp.shared_experts; the router's e_score_correction_bias not
+#: read). ``moe_layer_freq`` is ignored, as transformers ignores it (every published config
+#: has 1).
+_MLA = LatentLayout(
+    q_a="self_attn.q_a_proj.weight", q_b="self_attn.q_b_proj.weight",
+    q="self_attn.q_proj.weight", kv_a="self_attn.kv_a_proj_with_mqa.weight",
+    kv_b="self_attn.kv_b_proj.weight", o="self_attn.o_proj.weight",
+    q_norm="self_attn.q_a_layernorm.weight", kv_norm="self_attn.kv_a_layernorm.weight")
+HF_LATENT = ("deepseek_v2", "deepseek_v3")
+HF_MOE_KEYS.update(dict.fromkeys(HF_LATENT, MoeKeys(
+    ("n_routed_experts",), "moe_intermediate_size", shared_count="n_shared_experts",
+    first_dense="first_k_dense_replace")))
+HF_ADAPTERS.update(dict.fromkeys(HF_LATENT, Adapter(
+    "model.layers.{layer}.", {wt: _LLAMA[wt] for wt in EXPERT_WEIGHTS}, norms=_LLAMA_NORMS,
+    experts=_MOE_LAYOUTS["glm4_moe"], latent=_MLA)))
+
 _GGUF = {"W_Q": WeightSpec("attn_q.weight"), "W_K": WeightSpec("attn_k.weight"),
          "W_V": WeightSpec("attn_v.weight"), "W_O": WeightSpec("attn_output.weight"),
          "W_gate": WeightSpec("ffn_gate.weight"), "W_up": WeightSpec("ffn_up.weight"),
@@ -644,6 +724,23 @@ GGUF_ADAPTERS.update({
 })
 #: Architectures whose ``{arch}.rope.dimension_count`` may be less than ``key_length``.
 GGUF_PARTIAL_ROTARY = ("glm4moe", "minimax-m2", "qwen35", "qwen35moe", "qwen3next")
+#: DeepSeek-V2/V3 as llama.cpp's ``DeepseekV2Model`` writes them (``deepseek2``): latent
+#: attention under ``attn_q_a``, ``attn_q_b`` (``attn_q`` without a query LoRA),
+#: ``attn_kv_a_mqa``, ``attn_output``, the latents' gains ``attn_q_a_norm``,
+#: ``attn_kv_a_norm``; ``kv_b_proj`` split into ``attn_k_b`` ``(h, kv_rank, nope)`` (each
+#: head's ``W_UK_i`` transposed) and ``attn_v_b`` ``(h, d_value, kv_rank)``, put back together
+#: on reading (files written before that split hold ``attn_kv_b``, Hugging Face's layout); no
+#: RoPE permutation. Leading dense layers (``leading_dense_block_count``) have ``ffn_gate``
+#: etc., the others :data:`GGUF_EXPERTS` (no shared-expert gate).
+_GGUF_MLA = LatentLayout(
+    q_a="attn_q_a.weight", q_b="attn_q_b.weight", q="attn_q.weight",
+    kv_a="attn_kv_a_mqa.weight", kv_b="attn_kv_b.weight", o="attn_output.weight",
+    q_norm="attn_q_a_norm.weight", kv_norm="attn_kv_a_norm.weight",
+    split_kv_b=("attn_k_b.weight", "attn_v_b.weight"))
+GGUF_LATENT = ("deepseek2",)
+GGUF_ADAPTERS["deepseek2"] = Adapter(
+    "blk.{layer}.", {wt: _GGUF[wt] for wt in EXPERT_WEIGHTS}, norms=_GGUF_NORMS,
+    experts=(replace(GGUF_EXPERTS, shared_gate=None),), latent=_GGUF_MLA)
 #: SmolLM3 (``smollm3``): Llama's tensors, W_Q/W_K RoPE-permuted (the converter's
 #: ``SmolLM3Model`` is a ``LlamaModel``); NoPE every 4th layer (:mod:`layer_kinds`). OLMo 2 and
 #: OLMo 3 (both ``olmo2``, ``Olmo2Model``): QK-norm over the whole projection (``attn_q_norm``,
@@ -762,14 +859,7 @@ def dims_from_hf_config(config: dict) -> ModelDims:
                              if not (v is None and k in defaults)}}
 
     def dim(key: str, default: int | None = None) -> int:
-        value = config.get(key)
-        if value is None and default is not None:
-            return default
-        if key not in config:
-            raise UserError(f"no {where}{key} (needed for the model's dimensions)")
-        if type(value) is not int or value < 1:  # not 2.5, "64", true or null
-            raise UserError(f"{where}{key}: {value!r} is not allowed (an integer >= 1)")
-        return value
+        return _hf_int(config, key, default, where)
 
     n_layers = dim("n_layer" if model_type == "gpt2" else "num_hidden_layers")
     if model_type == "gpt2":
@@ -777,6 +867,9 @@ def dims_from_hf_config(config: dict) -> ModelDims:
         d_head = _even_d_head("n_embd", d, "n_head", h, None)
         return ModelDims(n_layers, d, dim("n_inner", 4 * d), h, h, d_head)
     d, h = dim("hidden_size"), dim("num_attention_heads")
+    if model_type in HF_LATENT:  # every head its own key of nope + rope coordinates
+        latent = latent_dims_from_hf_config(config)
+        return ModelDims(n_layers, d, dim("intermediate_size"), h, h, latent.nope + latent.rope)
     n_kv = dim("num_key_value_heads", h)
     _check_kv_heads(f"{where}num_attention_heads", h, f"{where}num_key_value_heads", n_kv)
     d_head = (dim("head_dim", 0)  # 0: absent or null
@@ -790,6 +883,42 @@ def dims_from_hf_config(config: dict) -> ModelDims:
         n_kv_heads=n_kv,
         d_head=d_head,
     )
+
+
+def _hf_int(config: dict, key: str, default: int | None = None, where: str = "") -> int:
+    """``config[key]``, an integer >= 1; ``default`` where it is absent or null (when given);
+    else a UserError naming ``{where}{key}``."""
+    value = config.get(key)
+    if value is None and default is not None:
+        return default
+    if key not in config:
+        raise UserError(f"no {where}{key} (needed for the model's dimensions)")
+    if type(value) is not int or value < 1:  # not 2.5, "64", true or null
+        raise UserError(f"{where}{key}: {value!r} is not allowed (an integer >= 1)")
+    return value
+
+
+def _latent_dims(q_rank: int, kv_rank: int, nope: int, rope: int, d_value: int,
+                 value_key: str, head_keys: str) -> LatentDims:
+    """:class:`LatentDims`; a UserError naming the keys where the value width exceeds the
+    query/key width (the OV arrays have ``nope + rope`` rows per head)."""
+    if d_value > nope + rope:
+        raise UserError(f"{value_key} = {d_value} exceeds {head_keys} = {nope + rope} (allowed:"
+                        " a value head no wider than the query/key head)")
+    return LatentDims(q_rank, kv_rank, nope, rope, d_value)
+
+
+def latent_dims_from_hf_config(config: dict) -> LatentDims | None:
+    """The latent attention of a DeepSeek-V2/V3 ``config.json`` (:data:`HF_LATENT`), None for
+    another ``model_type``: ``q_lora_rank`` (null: no query LoRA, 0), ``kv_lora_rank``,
+    ``qk_nope_head_dim``, ``qk_rope_head_dim``, ``v_head_dim``. A missing or bad value is a
+    UserError naming the key (the caller adds the file)."""
+    if config.get("model_type") not in HF_LATENT:
+        return None
+    q_rank = 0 if config.get("q_lora_rank") is None else _hf_int(config, "q_lora_rank")
+    return _latent_dims(q_rank, *(_hf_int(config, key) for key in (
+        "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")),
+        "v_head_dim", "qk_nope_head_dim + qk_rope_head_dim")
 
 
 def rotary_fraction_from_hf_config(config: dict) -> float:
@@ -884,6 +1013,10 @@ def dims_from_gguf_metadata(meta: dict, arch: str) -> ModelDims:
     """
     h_key, kv_key = f"{arch}.attention.head_count", f"{arch}.attention.head_count_kv"
     h = _gguf_int(meta, h_key)
+    if (latent := latent_dims_from_gguf_metadata(meta, arch)) is not None:  # MQA on file
+        return ModelDims(*(_gguf_int(meta, f"{arch}.{key}") for key in (
+            "block_count", "embedding_length", "feed_forward_length")), h, h,
+            latent.nope + latent.rope)
     n_kv = _gguf_int(meta, kv_key, default=0) or h
     _check_kv_heads(h_key, h, kv_key, n_kv)
     d = _gguf_int(meta, f"{arch}.embedding_length")
@@ -945,6 +1078,29 @@ def _gguf_int(meta: dict, key: str, default: int | None = None) -> int:
     if type(value) is not int or value < (0 if default is not None else 1):
         raise UserError(f"GGUF metadata {key}: {value!r} is not allowed (an integer >= 1)")
     return value
+
+
+def latent_dims_from_gguf_metadata(meta: dict, arch: str) -> LatentDims | None:
+    """The latent attention of a :data:`GGUF_LATENT` file (None for another architecture):
+    ``{arch}.attention.q_lora_rank`` (absent: no query LoRA), ``kv_lora_rank``,
+    ``{arch}.rope.dimension_count`` (the RoPE width), ``attention.key_length_mla`` (the
+    query/key head, no-RoPE + RoPE) and ``value_length_mla``, else ``key_length`` and
+    ``value_length`` (files written before llama.cpp stored MLA as MQA over the latent, whose
+    ``key_length`` is now ``kv_lora_rank + rope``). A missing or bad value is a UserError
+    naming the key (the caller adds the file)."""
+    if arch not in GGUF_LATENT:
+        return None
+    key = f"{arch}.attention."
+    rope = _gguf_int(meta, f"{arch}.rope.dimension_count")
+    k_key = key + ("key_length_mla" if key + "key_length_mla" in meta else "key_length")
+    v_key = key + ("value_length_mla" if key + "value_length_mla" in meta else "value_length")
+    m = _gguf_int(meta, k_key)
+    if m <= rope:
+        raise UserError(f"GGUF metadata {k_key} = {m} is not above {arch}.rope.dimension_count"
+                        f" = {rope} (allowed: the query/key head, no-RoPE plus RoPE widths)")
+    return _latent_dims(_gguf_int(meta, key + "q_lora_rank", default=0),
+                        _gguf_int(meta, key + "kv_lora_rank"), m - rope, rope,
+                        _gguf_int(meta, v_key), f"GGUF metadata {v_key}", k_key)
 
 
 def moe_dims_from_gguf_metadata(meta: dict, arch: str, sparse_layers: frozenset[int]
