@@ -20,6 +20,7 @@ from gguf_convert import convert_hf_to_gguf
 
 from weight_geometry.architectures import SHARED
 from weight_geometry.checkpoint import open_checkpoint
+from weight_geometry.compare import compare_table
 from weight_geometry.errors import UserError
 from weight_geometry.extraction import extract_layer, write_layers
 from weight_geometry.results_io import BASES_FILES
@@ -306,6 +307,9 @@ def test_workflow_runs_on_a_hybrid(tmp_path, arch):
     layers = pd.read_parquet(r / "k3" / "layers.parquet")
     assert layers["layer"].tolist() == ATTENTION
     assert set(layers["layer_type"]) == {"full"}
+    record = json.loads((r / "model.json").read_text())
+    # the comparison's depth: model layer over L
+    assert compare_table({"hyb": (record, layers)}, 3)["depth"].tolist() == [1 / L, 3 / L]
     align = pd.read_parquet(r / "k3" / "alignment.parquet")
     assert sorted(align["layer"].unique()) == ATTENTION
     pairs = pd.read_parquet(r / "k3" / "layer_pairs.parquet")
