@@ -228,20 +228,69 @@ def test_gguf_reads_as_the_hf_checkpoint(tmp_path, arch, changes):
                     np.testing.assert_allclose(w[wt], w_ref[wt], rtol=1e-6, atol=1e-7)
 
 
-def test_block_fp8_weights_are_refused_in_one_line(tmp_path):
-    """MiniMax-M2 is published in block-scaled FP8 (F8_E4M3 weights beside their
-    ``weight_scale_inv``): not read yet, said in one line naming the tensor and its dtype,
-    rather than weights missing their scales."""
-    path = tmp_path / "fp8"
+def fp8_checkpoint(path, block=(16, 16)) -> dict[str, torch.Tensor]:
+    """A MiniMax-M2 stored as its published weights are: every projection and expert weight
+    block-scaled FP8 (F8_E4M3, ``NAME_scale_inv`` one float per ``block``: amax / 448), the
+    router and norms as they were; ``quantization_config.weight_block_size`` = ``block``.
+    Returns each quantized weight dequantized by torch (fp8 -> float32, times its block's
+    scale), the reference."""
     build("minimax_m2", path, config=config_of("minimax_m2"))
+    state, reference = load_file(path / "model.safetensors"), {}
+    b0, b1 = block
+    for name in [n for n in state if n.endswith("proj.weight") or ".experts." in n]:
+        w = state[name]
+        n0, n1 = w.shape
+        pad = torch.zeros(-(-n0 // b0) * b0, -(-n1 // b1) * b1)
+        pad[:n0, :n1] = w.abs()
+        scale = pad.view(pad.shape[0] // b0, b0, -1, b1).amax(dim=(1, 3)) / 448
+        full = scale.repeat_interleave(b0, 0).repeat_interleave(b1, 1)[:n0, :n1]
+        state[name] = (w / full).to(torch.float8_e4m3fn)
+        state[name + "_scale_inv"] = scale
+        reference[name] = state[name].float() * full
+    save_file(state, path / "model.safetensors")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "float8_e4m3fn",
+                                  "activation_scheme": "dynamic",
+                                  "weight_block_size": list(block)}
+    (path / "config.json").write_text(json.dumps(cfg))
+    return reference
+
+
+def test_block_fp8_weights_read_dequantized(tmp_path):
+    """Block-scaled FP8 weights (MiniMax-M2 as published; last blocks partial) read as torch
+    dequantizes them: every attention weight and every expert's, each byte's e4m3 value times
+    its block's scale_inv."""
+    reference = fp8_checkpoint(tmp_path / "fp8")
+    ckpt = open_checkpoint(str(tmp_path / "fp8"))
+    assert "float8_e4m3fn" in ckpt.storage_dtype
+    for layer in range(LAYERS):
+        prefix = f"model.layers.{layer}."
+        for wt, w in ckpt.read_layer(layer).items():
+            np.testing.assert_allclose(w, reference[ckpt.adapter.tensor_name(wt, layer)],
+                                       rtol=1e-7, atol=0, err_msg=f"{wt} {layer}")
+        for e, w in ckpt.iter_experts(layer):
+            for wt, proj in (("W_gate", "w1"), ("W_up", "w3"), ("W_down", "w2")):
+                ref = reference[f"{prefix}block_sparse_moe.experts.{e}.{proj}.weight"]
+                np.testing.assert_allclose(w[wt], ref, rtol=1e-7, atol=0)
+
+
+def test_block_fp8_without_its_scales_is_refused_in_one_line(tmp_path):
+    """An F8_E4M3 weight without its ``scale_inv``, or with one of another block grid, stops
+    with one line naming the tensors (not weights missing their scales)."""
+    path = tmp_path / "fp8"
+    fp8_checkpoint(path)
     state = load_file(path / "model.safetensors")
-    for name in [n for n in state if n.endswith("proj.weight") or ".w1." in n]:
-        state[name] = state[name].to(torch.float8_e4m3fn)
-        state[name + "_scale_inv"] = torch.ones(1, 1)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    scale = state.pop(name + "_scale_inv")
     save_file(state, path / "model.safetensors")
     with pytest.raises(UserError) as info:
         open_checkpoint(str(path))
-    assert_one_line(info.value, "model.layers.0.self_attn.q_proj.weight", "dtype F8_E4M3")
+    assert_one_line(info.value, name, "dtype F8_E4M3", "NAME_scale_inv")
+    state[name + "_scale_inv"] = scale[:, :1].contiguous()
+    save_file(state, path / "model.safetensors")
+    with pytest.raises(UserError) as info:
+        open_checkpoint(str(path))
+    assert_one_line(info.value, f"{name}_scale_inv is F32 [4, 1]", "needs F32/BF16/F16 [4, 2]")
 
 
 def top_subspace(model, layer: int, head: int, k: int) -> np.ndarray:

@@ -65,6 +65,8 @@ from .safetensors_file import (
     DTYPE_NAMES,
     SafetensorsReader,
     directory_entries,
+    fp8_block_size,
+    pair_block_fp8,
     read_json_object,
     refuse_broken_symlink,
 )
@@ -632,10 +634,12 @@ def hf_moe_dims(path: Path, dims: ModelDims) -> MoeDims | None:
         raise UserError(f"{config_path}: {err}") from None
 
 
-def _hf_config_extras(path: Path, model_type: str) -> tuple[dict, int, float]:
+def _hf_config_extras(path: Path, model_type: str
+                      ) -> tuple[dict, int, float, tuple[int, int]]:
     """From ``path``'s ``config.json``: the config, the count of layers stored after the last
-    (:data:`HF_EXTRA_LAYERS`, an integer >= 0) and the rotary fraction; a one-line UserError
-    naming the file and key for a bad value."""
+    (:data:`HF_EXTRA_LAYERS`, an integer >= 0), the rotary fraction and the block size of
+    block-scaled FP8 weights (:func:`fp8_block_size`); a one-line UserError naming the file
+    and key for a bad value."""
     config_path = path / "config.json"
     config = read_json_object(config_path)
     key = HF_EXTRA_LAYERS.get(model_type)
@@ -646,7 +650,7 @@ def _hf_config_extras(path: Path, model_type: str) -> tuple[dict, int, float]:
     if type(extra) is not int or extra < 0:
         raise UserError(f"{config_path}: {key}: {extra!r} is not allowed (an integer >= 0)")
     try:
-        return config, extra, rotary_fraction_from_hf_config(config)
+        return config, extra, rotary_fraction_from_hf_config(config), fp8_block_size(config)
     except UserError as err:
         raise UserError(f"{config_path}: {err}") from None
 
@@ -692,9 +696,9 @@ def _hf_adapter(model_type: str, names: Collection[str]) -> Adapter:
 
 def _open_hf_dir(source: str, path: Path) -> Checkpoint:
     model_type, dims = hf_architecture(source, path)
-    entries = directory_entries(path)
+    config, extra_layers, rotary, fp8_block = _hf_config_extras(path, model_type)
+    entries = pair_block_fp8(directory_entries(path), fp8_block)
     dtypes = sorted({DTYPE_NAMES.get(e.dtype, e.dtype) for e in entries.values()})
-    config, extra_layers, rotary = _hf_config_extras(path, model_type)
     adapter = _hf_adapter(model_type, entries).configured(config)
     moe = hf_moe_dims(path, dims)
     try:

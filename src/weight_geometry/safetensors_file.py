@@ -8,6 +8,8 @@ Float32 tensors are read straight into their output array; other dtypes chunk by
 ``READ_CHUNK`` bytes) into a small buffer, each chunk decoded straight into its slice of the
 output, so a read holds the float32 output plus one chunk. Reads share no mutable state: one
 reader may be used from several threads at once.
+Block-scaled FP8 weights (F8_E4M3 with a ``NAME_scale_inv`` per block, :func:`pair_block_fp8`)
+are read whole and dequantized; MXFP4 pairs (``NAME_blocks`` + ``NAME_scales``) likewise.
 Stored bytes are little-endian, as the format specifies (and as the host is assumed to be)."""
 
 from __future__ import annotations
@@ -28,6 +30,27 @@ from .errors import UserError
 #: The dtype of a tensor read from a pair of MXFP4 ``NAME_blocks`` + ``NAME_scales`` uint8
 #: tensors (:func:`pair_mxfp4`): its entry is ``NAME_blocks``, of the decoded shape.
 MXFP4 = "MXFP4"
+
+#: Block-scaled FP8 (DeepSeek-V3, MiniMax-M2, GLM-4.5-FP8): an F8_E4M3 weight whose
+#: ``NAME_scale_inv`` holds one float per ``(b0, b1)`` block (:func:`pair_block_fp8`); the
+#: weight is ``fp8 value * scale_inv[i // b0, j // b1]``.
+FP8_SCALE = "_scale_inv"
+#: Block size when ``quantization_config.weight_block_size`` is absent (the published ones).
+FP8_BLOCK = (128, 128)
+
+
+def _e4m3_values() -> np.ndarray:
+    """The 256 float32 values of float8 e4m3fn bytes: sign, 4 exponent bits (bias 7), 3
+    mantissa bits; exponent 0 subnormal; ``S.1111.111`` NaN (no infinities)."""
+    code = np.arange(256)
+    sign = np.where(code >> 7, -1.0, 1.0)
+    exp, man = (code >> 3) & 15, code & 7
+    values = sign * np.where(exp == 0, man / 8 * 2.0 ** -6, (1 + man / 8) * 2.0 ** (exp - 7))
+    values[(exp == 15) & (man == 7)] = np.nan
+    return values.astype(np.float32)
+
+
+_E4M3 = _e4m3_values()
 
 #: safetensors dtype codes -> readable names (as torch spells them).
 DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
@@ -88,8 +111,11 @@ class TensorEntry:
     shape: tuple[int, ...]
     start: int
     end: int
-    #: An :data:`MXFP4` tensor's scales (its own entry holds the blocks).
+    #: An :data:`MXFP4` tensor's scales (its own entry holds the blocks), or a block-FP8
+    #: weight's ``scale_inv`` (:func:`pair_block_fp8`).
     scales: TensorEntry | None = None
+    #: A block-FP8 weight's block size ``(b0, b1)``.
+    block: tuple[int, int] | None = None
 
 
 def _show(value) -> str:
@@ -241,6 +267,42 @@ def pair_mxfp4(entries: dict[str, TensorEntry]) -> dict[str, TensorEntry]:
     return out
 
 
+def pair_block_fp8(entries: dict[str, TensorEntry], block: tuple[int, int] = FP8_BLOCK
+                   ) -> dict[str, TensorEntry]:
+    """``entries`` with each 2-D F8_E4M3 weight ``(n0, n1)`` that has a ``NAME_scale_inv``
+    ``(ceil(n0 / b0), ceil(n1 / b1))`` (F32, BF16 or F16) holding it and its block size (the
+    scale entry dropped); anything else as it is. A scale of another shape is a one-line
+    UserError naming both tensors and the shape ``block`` implies."""
+    out = dict(entries)
+    for name, weight in entries.items():
+        scale = entries.get(name + FP8_SCALE)
+        if weight.dtype != "F8_E4M3" or scale is None or len(weight.shape) != 2:
+            continue
+        expected = tuple(-(-n // b) for n, b in zip(weight.shape, block, strict=True))
+        if scale.shape != expected or scale.dtype not in ("F32", "BF16", "F16"):
+            raise UserError(f"{scale.file}: tensor {name}{FP8_SCALE} is {scale.dtype}"
+                            f" {list(scale.shape)}; the FP8 weight {name} {list(weight.shape)}"
+                            f" in blocks of {list(block)} needs F32/BF16/F16 {list(expected)}"
+                            " (quantization_config.weight_block_size says the block)")
+        out[name] = TensorEntry(weight.file, weight.dtype, weight.shape, weight.start,
+                                weight.end, scale, block)
+        del out[name + FP8_SCALE]
+    return out
+
+
+def fp8_block_size(config: dict) -> tuple[int, int]:
+    """``quantization_config.weight_block_size`` of a ``config.json`` (two integers >= 1),
+    else :data:`FP8_BLOCK`; a one-line UserError naming the key for another value."""
+    quant = config.get("quantization_config")
+    block = quant.get("weight_block_size") if isinstance(quant, dict) else None
+    if block is None:
+        return FP8_BLOCK
+    if not (_is_sizes(block, 2) and min(block) >= 1):
+        raise UserError(f"quantization_config.weight_block_size: {_show(block)} is not allowed"
+                        " (two integers >= 1)")
+    return tuple(block)
+
+
 def directory_entries(directory: Path) -> dict[str, TensorEntry]:
     """All tensors of a HF checkpoint directory, single-file or sharded (those its index
     lists, from the shards it names); MXFP4 pairs as one entry (:func:`pair_mxfp4`)."""
@@ -284,6 +346,9 @@ class SafetensorsReader:
         """UserError unless tensor ``name`` has a dtype this reader decodes (F64, F32, F16,
         BF16, or an :data:`MXFP4` pair) and byte ranges that fit its shape. Header only."""
         entry = self.entries[name]
+        if entry.dtype == "F8_E4M3" and entry.scales is not None:
+            self._check_fp8(name, entry)
+            return
         if entry.dtype == MXFP4:
             for part, size in ((entry, math.prod(entry.shape) // 2),
                                (entry.scales, math.prod(entry.shape) // mxfp4.GROUP)):
@@ -295,8 +360,8 @@ class SafetensorsReader:
             return
         if entry.dtype not in _DECODE:
             raise UserError(f"{entry.file}: tensor {name} has dtype {entry.dtype}; readable:"
-                            f" {', '.join(_DECODE)}, and {MXFP4} (uint8 NAME_blocks with their"
-                            " NAME_scales)")
+                            f" {', '.join(_DECODE)}, {MXFP4} (uint8 NAME_blocks with their"
+                            f" NAME_scales), and 2-D F8_E4M3 with its NAME{FP8_SCALE}")
         itemsize = np.dtype(_DECODE[entry.dtype][0]).itemsize
         size = math.prod(entry.shape) * itemsize
         if entry.end - entry.start != size:
@@ -315,6 +380,8 @@ class SafetensorsReader:
         entry = self.entries[name]
         if entry.dtype == MXFP4:
             return self._read_mxfp4(name, entry, index)
+        if entry.scales is not None:
+            return self._read_fp8(name, entry)
         stored, decode = _DECODE[entry.dtype]
         itemsize = np.dtype(stored).itemsize
         shape, start = tuple(entry.shape), entry.start
@@ -338,6 +405,39 @@ class SafetensorsReader:
             return out
         finally:
             os.close(fd)
+
+    @staticmethod
+    def _check_fp8(name: str, entry: TensorEntry) -> None:
+        """A block-FP8 weight's and its scale's byte ranges fit their shapes (one byte per
+        weight value; 4 or 2 per scale)."""
+        scale = entry.scales
+        for part, what, size in (
+                (entry, name, math.prod(entry.shape)),
+                (scale, name + FP8_SCALE, math.prod(scale.shape) * (4 if scale.dtype == "F32"
+                                                                   else 2))):
+            if part.end - part.start != size:
+                raise UserError(f"{part.file}: tensor {what} has {part.end - part.start} bytes,"
+                                f" not {size} for shape {list(part.shape)} {part.dtype}"
+                                " (corrupt header)")
+
+    @staticmethod
+    def _read_fp8(name: str, entry: TensorEntry) -> np.ndarray:
+        """A block-FP8 weight ``(n0, n1)`` as float32: each byte's e4m3fn value (a table of
+        256) times its block's ``scale_inv``, one row block at a time. Cost: one read of
+        ``n0 n1`` bytes and of the scales; memory: those bytes and the float32 output."""
+        raw = np.empty(entry.shape, dtype=np.uint8)
+        fd = os.open(entry.file, os.O_RDONLY)
+        try:
+            _pread_exact(fd, memoryview(raw).cast("B"), entry.start, entry, name)
+        finally:
+            os.close(fd)
+        out = _E4M3[raw]
+        del raw
+        scale = SafetensorsReader({name + FP8_SCALE: entry.scales}).read(name + FP8_SCALE)
+        (b0, b1), n1 = entry.block, entry.shape[1]
+        for i, row in enumerate(scale):
+            out[i * b0:(i + 1) * b0] *= np.repeat(row, b1)[:n1]
+        return out
 
     @staticmethod
     def _read_mxfp4(name: str, entry: TensorEntry, index: int | None) -> np.ndarray:
