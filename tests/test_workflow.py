@@ -268,6 +268,43 @@ def test_composition_equals_formed_maps(tiny_run, modules):
     assert np.all(top["earlier_layer"] < top["layer"])
     assert len(pd.read_parquet(r / "composition_layers.parquet")) == 3 * 6
 
+
+def test_read_write_and_circuits_section(tiny_run, modules):
+    """k{k}/read_write.parquet: each layer pair's mean overlap of the heads' top-k write and
+    key read subspaces equals that of full float64 SVDs of the d x d maps formed from
+    transformers' modules; the report's Circuits section, its finding among the key findings,
+    its families in the list, and its figures inlined in the HTML page."""
+    from weight_geometry.read_write import COLUMNS
+
+    layers, config = modules
+    dh, k = config.head_dim, 4
+    table = pd.read_parquet(tiny_run / "results/tiny/k4/read_write.parquet")
+    assert list(table.columns) == list(COLUMNS) and len(table) == 3 * 6
+    writes, keys = [], []
+    for layer in layers:
+        att = layer.self_attn
+        w_v, w_o = (m.weight.detach().double().numpy() for m in (att.v_proj, att.o_proj))
+        writes.append([np.linalg.svd(naive_kernel(w_o.T, w_v, i, dh))[0][:, :k].T
+                       for i in HEADS])
+        keys.append([np.linalg.svd(naive_kernel(*qk_weights(layer), i, dh))[2][:k]
+                     for i in HEADS])
+    for row in table[table["type"] == "k"].itertuples():
+        ref = np.mean([np.square(x @ w.T).sum() / k for x in keys[row.layer]
+                       for w in writes[row.earlier_layer]])
+        assert row.mean_overlap == pytest.approx(ref, abs=1e-5), row
+    text = (tiny_run / "results/tiny/k4/report.md").read_text()
+    section = text.split("## Circuits\n", 1)[1].split("\n## ", 1)[0]
+    assert section.lstrip().startswith("**Finding:** ")
+    assert "**Circuits:** " in text.split("## Key findings", 1)[1]
+    families = dict((r["Family"], r["Tests"]) for r in markdown_table(
+        text, "## Tests and multiplicity"))
+    assert families["K-composition of every head pair vs conditional null"] == "96"
+    assert families["Read/write overlap (keys) of layer pairs vs conditional null"] == "6"
+    html = (tiny_run / "results/tiny/k4/report.html").read_text()
+    assert "Circuits" in html and 'src="figures/read_write.png"' not in html
+    for name in ("composition_layers", "composition_heads", "read_write"):
+        assert (tiny_run / f"results/tiny/k4/figures/{name}.png").stat().st_size > 10_000
+
 def cross_head(layers, config, k: int) -> np.ndarray:
     """``S[a, i, b, j] = sim(V_a,i, V_b,j)`` from naive d x d SVD bases of every head."""
     bases = [[naive_basis(layer, config, h, k) for h in HEADS] for layer in layers]

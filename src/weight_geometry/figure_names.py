@@ -16,6 +16,10 @@ FIGURES = {
     "kernel_effective_ranks": "Effective ranks",
 }
 
+#: With ``circuits: true``, the circuit figures of each (model, k) (rule circuit_figures),
+#: all in the report's Circuits section.
+CIRCUIT_FIGURES = ("composition_layers", "composition_heads", "read_write")
+
 #: The comparison figures (``results/compare/k{k}/figures/{name}.png``); each name is the
 #: column of :func:`compare.compare_table` it plots.
 COMPARE_FIGURES = ("adjacent_conditional_ratio", "bottleneck_similarity",

@@ -57,18 +57,24 @@ def ratio_limit(ratio: np.ndarray) -> float:
     return float(max(2.0, finite.max(), 1 / finite.min()))
 
 
-def _ratio_heatmap(ax, fig, values, null, title, null_label):
-    """``values / null`` off the diagonal, on a diverging map centred on 1 (log scale: 2x and
-    0.5x equally far from white); the diagonal grey."""
+def _ratio_heatmap(ax, fig, values, null, title, null_label, quantity="similarity",
+                   diagonal=False):
+    """``values / null`` off the diagonal (on it too with ``diagonal``), on a diverging map
+    centred on 1 (log scale: 2x and 0.5x equally far from white); the masked diagonal and NaN
+    grey."""
     from matplotlib import colors, ticker
 
     plt = pyplot()
-    ratio = off_diagonal_ratio(values, null)
+    if diagonal:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(null > 0, values / null, np.nan)
+    else:
+        ratio = off_diagonal_ratio(values, null)
     r = ratio_limit(ratio)
     cmap = plt.get_cmap("RdBu_r").copy()
     cmap.set_bad("0.85")
     im = ax.imshow(ratio, cmap=cmap, norm=colors.LogNorm(1 / r, r), interpolation="nearest")
-    bar = fig.colorbar(im, ax=ax, label=f"similarity / {null_label}")
+    bar = fig.colorbar(im, ax=ax, label=f"{quantity} / {null_label}")
     ticks = [t for t in (0.25, 0.5, 0.67, 0.8, 1, 1.25, 1.5, 2, 3, 4, 6, 8, 16)
              if 1 / r <= t <= r]
     bar.set_ticks(ticks)

@@ -11,6 +11,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from .circuits_report import CircuitFindings, CircuitTables, circuit_findings
+from .circuits_report import finding as circuit_finding
+from .circuits_report import section as circuit_section
 from .crossref import PAIRS, layer_correlations
 from .findings import DEPTH_FAMILY, Findings, compute_findings
 from .hybrid import left_out
@@ -77,15 +80,21 @@ def per_head_table(a: Analysis, table: pd.DataFrame, column: str) -> pd.DataFram
     return out.rename_axis("Layer").reset_index()
 
 
-def render(a: Analysis) -> str:
-    """The whole report as markdown; its tested numbers from :func:`findings.compute_findings`,
-    computed once and read by the sections and the key findings."""
+def render(a: Analysis, circuits: CircuitTables | None = None) -> str:
+    """The whole report as markdown; its tested numbers from :func:`findings.compute_findings`
+    (and, with ``circuits``, the tables of the composition and read_write jobs,
+    :func:`circuits_report.circuit_findings`), computed once and read by the sections and the
+    key findings."""
     f = compute_findings(a)
     lines = section_findings(a, f)
+    c = circuit_findings(circuits) if circuits is not None else None
+    if c is not None:
+        lines["circuits"] = circuit_finding(circuits, c)
     sections = [_header(a), _configuration(a), _overlap(a, f, lines), _head_matching(a, f, lines),
                 _bottleneck(a, f, lines), _alignment(a, f, lines), _every_head(a, f, lines),
-                _k_sensitivity(a, lines), _crossref(a, f, lines), _findings(a, f, lines),
-                _tests(f), _appendix(a)]
+                _k_sensitivity(a, lines), _crossref(a, f, lines),
+                circuit_section(circuits, c, a.k, lines["circuits"]) if c is not None else [],
+                _findings(a, f, lines), _tests(f, c), _appendix(a)]
     return "\n".join(line for section in sections for line in section)
 
 
@@ -649,10 +658,12 @@ def _findings(a: Analysis, f: Findings, lines: dict[str, str]):
               f" {AT_CHANCE}.") + "\n")
     yield f"**Every head (multi-head robustness):** {lines['every_head']}\n"
     yield f"**k-sensitivity:** {lines['k_sensitivity']}\n"
+    if "circuits" in lines:
+        yield f"**Circuits:** {lines['circuits']}\n"
 
 
-def _tests(f: Findings):
-    families = f.families()
+def _tests(f: Findings, circuits: CircuitFindings | None = None):
+    families = f.families() + (circuits.families() if circuits is not None else [])
     yield "## Tests and multiplicity\n"
     yield (f"This report ran {sum(n for _, n in families)} tests in {len(families)} families;"
            f" p-values are Benjamini-Hochberg adjusted at q = {FDR_Q} within each family (the"

@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from weight_geometry.architectures import GATED
 from weight_geometry.config import build_plan, user_models
 from weight_geometry.errors import UserError
-from weight_geometry.figure_names import COMPARE_FIGURES, FIGURES
+from weight_geometry.figure_names import CIRCUIT_FIGURES, COMPARE_FIGURES, FIGURES
 from weight_geometry.nulls import NULL_LAYERS
 from weight_geometry.results_io import (
     BASES_FILES,
@@ -190,6 +190,20 @@ def composition_runtime(wildcards):
     return 10 + int(flops / 1e10 / 60)
 
 
+def read_write_mem_mb(wildcards):
+    """The four (L, h, d_head, d) float32 vector arrays (concatenated from the chunks' memory
+    maps) and the top-k write rows; one later layer's products of its (h + 2 n_kv) d_head read
+    bases with every earlier write (float32, float64 squares, the Grams' copies); the five
+    (3, L, h, L, h) float64 pair arrays; plus the interpreter."""
+    d, k = model_plan(wildcards).dims, int(wildcards.k)
+    vectors = 4 * d.n_layers * d.n_heads * d.d_head * d.d_model * 4
+    writes = d.n_layers * d.n_heads * k * d.d_model * 4
+    rows = (d.n_heads + 2 * d.n_kv_heads) * d.d_head
+    products = rows * d.n_layers * d.n_heads * k * 24
+    pairs = 5 * 3 * (d.n_layers * d.n_heads) ** 2 * 8
+    return 1000 + (vectors + writes + products + pairs) // 2**20
+
+
 def extraction_runtime(wildcards):
     """Minutes: generous for CPU SVD-free extraction (~1 s per 1e10 flops) plus start-up."""
     d = model_plan(wildcards).dims
@@ -229,17 +243,38 @@ def analysis_inputs(wildcards):
         "within_layer": f"{kdir}/within_layer.parquet",
         "overlaps": f"{base}/rowspace_overlap.npy",
         "ksweep": f"{base}/ksweep.parquet",
+        **(circuit_inputs(wildcards) if PLAN.circuits else {}),
     }
 
 
+def circuit_inputs(wildcards):
+    """With circuits on, the tables of the report's Circuits section and its figures' tables."""
+    base = f"results/{wildcards.model}"
+    return {
+        "composition_layers": f"{base}/circuits/composition_layers.parquet",
+        "composition_top": f"{base}/circuits/composition_top.parquet",
+        "read_write": f"{base}/k{wildcards.k}/read_write.parquet",
+    }
+
+
+def circuit_figure_files(wildcards):
+    """The report's circuit figures (none with circuits off)."""
+    if not PLAN.circuits:
+        return []
+    kdir = f"results/{wildcards.model}/k{wildcards.k}"
+    return [f"{kdir}/figures/{name}.png" for name in CIRCUIT_FIGURES]
+
+
 def figure_inputs(wildcards):
-    """The figures' inputs: the report's but the k-sweep, which k_sweep draws itself, and the
-    layer table, whose columns the figures read from its sources; so the figures (the longest
-    job after extraction) wait for neither."""
+    """The figures' inputs: the report's but the k-sweep, which k_sweep draws itself, the
+    layer table, whose columns the figures read from its sources, and the circuits' tables
+    (rule circuit_figures draws them); so the figures (the longest job after extraction) wait
+    for none of them."""
     return {
         name: path
         for name, path in analysis_inputs(wildcards).items()
-        if name not in ("ksweep", "layers")
+        if name not in ("ksweep", "layers", "composition_layers", "composition_top")
+        and name != "read_write"
     }
 
 

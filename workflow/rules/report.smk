@@ -37,6 +37,7 @@ rule report_markdown:
         unpack(analysis_inputs),
         figures=expand(f"{K}/figures/{{name}}.png", name=FIGURES, allow_missing=True),
         ksweep_figure=f"{R}/figures/ksweep.png",
+        circuit_figures=circuit_figure_files,
     output:
         markdown=report(
             f"{K}/report.md",

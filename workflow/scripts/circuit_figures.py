@@ -1,0 +1,23 @@
+"""Rule circuit_figures: the Circuits section's figures for one (model, k)."""
+
+import _library  # noqa: F401  (puts the checkout's src/ on sys.path)
+
+from weight_geometry.rule_script import run_rule
+
+
+def main():
+    import pandas as pd
+
+    from weight_geometry.circuit_figures import draw_circuits
+    from weight_geometry.figure_names import CIRCUIT_FIGURES
+    from weight_geometry.results_io import load_array, read_json
+
+    inputs = snakemake.input
+    scores = {t: load_array(inputs[f"composition_{t}"]) for t in "qkv"}
+    null = pd.read_parquet(inputs.null).set_index("type")["null_mean"].to_dict()
+    draw_circuits(scores, null, pd.read_parquet(inputs.layers),
+                  pd.read_parquet(inputs.read_write), read_json(inputs.model)["n_heads"],
+                  {name: snakemake.output[name] for name in CIRCUIT_FIGURES})
+
+
+run_rule(main, snakemake.log[0], snakemake.output)
