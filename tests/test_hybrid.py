@@ -292,7 +292,8 @@ def test_workflow_runs_on_a_hybrid(tmp_path, arch):
     workdir = tmp_path / "run"
     assert_ok(run_snakemake(workdir, "results/hyb/k3/report.md", config={
         "models": {"hyb": {"source": str(tmp_path / "ckpt")}}, "top_k": 3,
-        "heads": {"sample": 2}, "device": "cpu", "layers_per_job": 1}))
+        "heads": {"sample": 2}, "device": "cpu", "layers_per_job": 1,
+        "circuits": arch == "qwen3_5_text"}))
     r = workdir / "results" / "hyb"
     assert json.loads((r / "model.json").read_text())["attention_layers"] == ATTENTION
     assert sorted(p.name for p in (r / "bases").iterdir()) == ["layers000-001",
@@ -314,6 +315,13 @@ def test_workflow_runs_on_a_hybrid(tmp_path, arch):
     assert sorted(align["layer"].unique()) == ATTENTION
     pairs = pd.read_parquet(r / "k3" / "layer_pairs.parquet")
     assert pairs[["layer_a", "layer_b"]].values.tolist() == [ATTENTION]
+    if arch == "qwen3_5_text":   # the circuits' tables name model layers too
+        for table in (r / "circuits" / "composition_top.parquet",
+                      r / "circuits" / "composition_layers.parquet",
+                      r / "k3" / "read_write.parquet"):
+            t = pd.read_parquet(table)
+            assert len(t) and {*t["layer"], *t["earlier_layer"]} == set(ATTENTION), table
+            assert (t["earlier_layer"] < t["layer"]).all(), table
     report = (r / "k3" / "report.md").read_text()
     assert "3 linear-attention layers are left out" in report
     shutil.rmtree(workdir / ".snakemake", ignore_errors=True)

@@ -23,7 +23,9 @@ import numpy as np
 import pandas as pd
 
 from .composition import TYPES
+from .hybrid import to_positions
 from .multiplicity import FDR_Q, FamilyCounts, benjamini_hochberg, count_family
+from .results_io import read_json
 from .verdicts import AT_CHANCE
 
 #: Within-row permutations of :func:`locality_test` (smallest p ``1 / (1 + n)``).
@@ -50,13 +52,15 @@ class CircuitTables:
 
 
 def load_circuit_tables(inputs) -> CircuitTables | None:
-    """The tables from a Snakemake ``input`` with entries ``composition_layers,
-    composition_top, read_write``; None without them (circuits off)."""
+    """The tables from a Snakemake ``input`` with entries ``model, composition_layers,
+    composition_top, read_write``; None without them (circuits off). A hybrid's are indexed
+    by position among its attention layers, as the report's arrays are
+    (:func:`hybrid.to_positions`)."""
     if not hasattr(inputs, "composition_layers"):
         return None
-    return CircuitTables(pd.read_parquet(inputs.composition_layers),
-                         pd.read_parquet(inputs.composition_top),
-                         pd.read_parquet(inputs.read_write))
+    model = read_json(inputs.model)
+    return CircuitTables(*(to_positions(pd.read_parquet(path), model) for path in (
+        inputs.composition_layers, inputs.composition_top, inputs.read_write)))
 
 
 def _spearman(x: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -17,8 +17,12 @@ Cost: O(rows) per table.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:  # pandas is imported where a table is read: rows-only jobs skip it
+    import pandas as pd
 
 #: Columns of the per-layer tables that hold a layer (``bottleneck_layer`` may be -1: none).
 LAYER_COLUMNS = ("layer", "layer_idx", "layer_a", "layer_b", "earlier_layer",
@@ -65,6 +69,17 @@ def to_positions(table: pd.DataFrame, model: dict) -> pd.DataFrame:
             values = values[keep]
             out[column] = np.where(values >= 0, position[np.clip(values, 0, None)], values)
     return out.reset_index(drop=True) if out is not table else table.copy()
+
+
+def relabel_table_file(path, model: dict) -> None:
+    """Rewrite the parquet table at ``path`` (written with positions, by a job that writes
+    rows without pandas) with its layer columns as model layers (:func:`to_model_layers`);
+    for a model without linear attention nothing is read or written."""
+    if not is_hybrid(model):
+        return
+    import pandas as pd
+
+    to_model_layers(pd.read_parquet(path), model).to_parquet(path, index=False)
 
 
 def left_out(model: dict) -> str:

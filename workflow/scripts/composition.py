@@ -10,11 +10,14 @@ def main():
     import torch
 
     from weight_geometry.composition import load_circuits, write_composition
+    from weight_geometry.hybrid import relabel_table_file
     from weight_geometry.results_io import read_json
 
     torch.set_num_threads(max(snakemake.threads, 1))
-    n_kv_heads = read_json(snakemake.input.model)["n_kv_heads"]
-    write_composition(load_circuits(snakemake.input, n_kv_heads), snakemake.output)
+    model, out = read_json(snakemake.input.model), snakemake.output
+    write_composition(load_circuits(snakemake.input, model["n_kv_heads"]), out)
+    for table in (out.top, out.layers):  # a hybrid's tables name model layers
+        relabel_table_file(table, model)
 
 
 run_rule(main, snakemake.log[0], snakemake.output)
