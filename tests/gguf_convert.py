@@ -184,8 +184,11 @@ def _llama4_experts(name: str, w: np.ndarray):
 
 
 def _sliding_window(writer, arch: str, config: dict) -> None:
-    """``Olmo2Model.set_gguf_parameters`` (OLMo 3): the window and, per layer, whether it
-    slides (``layer_types``)."""
+    """``Gemma2Model``, ``Gemma3Model.set_gguf_parameters``: the window (llama.cpp's loader
+    hard-codes which layers slide); ``Olmo2Model`` (OLMo 3): the window and, per layer, whether
+    it slides (``layer_types``)."""
+    if arch in ("gemma2", "gemma3") and config.get("sliding_window"):
+        writer.add_sliding_window(config["sliding_window"])
     if arch == "olmo2" and config.get("sliding_window"):
         writer.add_sliding_window(config["sliding_window"])
         writer.add_sliding_window_pattern([t == "sliding_attention"

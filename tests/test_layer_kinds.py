@@ -234,3 +234,22 @@ def test_with_layer_type_and_old_records():
     assert list(out["layer_type"]) == ["nope", "sliding", "full"]
     assert "layer_type" not in table                               # the input is unchanged
     assert list(with_layer_type(table, {"n_layers": 3})["layer_type"]) == ["full"] * 3
+
+
+@pytest.mark.parametrize("arch, layers", [("gemma2", 4), ("gemma3_text", 7)])
+def test_gguf_gemma_layer_kinds_match_transformers(tmp_path, arch, layers):
+    """A Gemma 2 or 3 GGUF as llama.cpp's converter writes it (the window only; the loader
+    knows the pattern) labels its layers as transformers runs the Hugging Face model."""
+    from gguf_convert import convert_hf_to_gguf
+
+    from weight_geometry.checkpoint import open_checkpoint
+
+    config = {"gemma2": T.Gemma2Config, "gemma3_text": T.Gemma3TextConfig}[arch](
+        **{**SMALL, "num_hidden_layers": layers}, head_dim=8, sliding_window=16)
+    model = T.AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(tmp_path / "hf")
+    gguf = convert_hf_to_gguf(tmp_path / "hf", tmp_path / "m.gguf")[0]
+    ours = open_checkpoint(str(gguf)).layer_kinds
+    assert list(ours.kinds) == reference_kinds(model) and ours.window == 16
+    assert ours == open_checkpoint(str(tmp_path / "hf")).layer_kinds
+    assert "full" in ours.kinds and "sliding" in ours.kinds
