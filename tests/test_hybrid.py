@@ -48,9 +48,12 @@ CONFIGS = {
     # Qwen3_5ForConditionalGeneration: the text tower under model.language_model.
     "qwen3_5": lambda: T.Qwen3_5Config(text_config={**TEXT, "intermediate_size": 48},
                                        vision_config=VISION),
+    # Qwen3_5MoeForConditionalGeneration: experts in the text config, every layer sparse.
+    "qwen3_5_moe": lambda: T.Qwen3_5MoeConfig(text_config={**TEXT, **MOE},
+                                              vision_config=VISION),
 }
 SPARSE = {"qwen3_5_text": set(), "qwen3_5": set(), "qwen3_5_moe_text": {0, 1, 2, 3, 4},
-          "qwen3_next": {0, 1, 2, 3}}
+          "qwen3_5_moe": {0, 1, 2, 3, 4}, "qwen3_next": {0, 1, 2, 3}}
 
 
 def build(arch: str, path, config=None):
@@ -59,7 +62,8 @@ def build(arch: str, path, config=None):
     ``save_pretrained``."""
     torch.manual_seed(0)
     config = config or CONFIGS[arch]()
-    auto = T.AutoModelForImageTextToText if arch == "qwen3_5" else T.AutoModelForCausalLM
+    multimodal = arch in ("qwen3_5", "qwen3_5_moe")
+    auto = T.AutoModelForImageTextToText if multimodal else T.AutoModelForCausalLM
     model = auto.from_config(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
