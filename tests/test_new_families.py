@@ -103,22 +103,38 @@ def test_llama4_experts_router_and_dense_layers_reproduce_the_live_modules(llama
         assert seen == [*range(n), SHARED]
 
 
-def test_llama4_per_expert_effective_ranks(llama4):
+def test_llama4_per_expert_effective_ranks_and_alignment(llama4):
     """One rank row per expert weight, equal to numpy's SVD of the live module's weights with
-    the pre-FFN gain folded (``W diag(g)`` for W_gate and W_up)."""
+    the pre-FFN gain folded (``W diag(g)`` for W_gate and W_up); each expert's and router row's
+    alignment with every head's top-k subspace (``||W V_k^T||_F^2 / ||W||_F^2``, from the
+    stored per-direction energies) equal to that of the naive float64 SVD of the formed
+    kernel."""
     model, path = llama4
     ckpt = open_checkpoint(str(path), fold_norms=True)
+    k, d_head = 3, ckpt.dims.d_head
     for layer in sorted(SPARSE):
         res = extract_layer(ckpt, layer, torch.device("cpu"), fold_norms=True)
         rows = [r for r in res.weight_ranks if len(r) == 5]
+        ff = model.model.layers[layer].feed_forward
         g = model.model.layers[layer].post_attention_layernorm.weight.detach().numpy()
         assert len(rows) == 3 * (ckpt.moe.n_experts + 1)
         for _, wt, shape, eff, expert in rows:
             e = expert if expert == SHARED else int(expert)
-            w = expert_weights(model.model.layers[layer].feed_forward, e, 24)[wt]
-            w = w.detach().numpy() * (g if wt != "W_down" else 1)
+            w = expert_weights(ff, e, 24)[wt].detach().numpy() * (g if wt != "W_down" else 1)
             assert shape == f"{w.shape[0]}x{w.shape[1]}"
             assert eff == pytest.approx(reference_eff_rank(w), rel=1e-4), (layer, wt, expert)
+        units = [expert_weights(ff, e, 24)["W_gate"].detach().double().numpy() * g
+                 for e in (*range(ckpt.moe.n_experts), SHARED)]
+        units += list(ff.router.weight.detach().double().numpy() * g)      # router rows
+        assert res.expert_norm2.shape == (len(units),)
+        qk = folded_attention(model, "llama4_text", layer)
+        for head in range(ckpt.dims.n_heads):
+            v = naive_kernel_svd(qk["W_Q"], qk["W_K"], head, d_head)[1][:k]
+            for u, w in enumerate(units):
+                w = np.atleast_2d(w)
+                expected = np.square(w @ v.T).sum() / np.square(w).sum()
+                got = res.expert_energy[u, head, :k].sum() / res.expert_norm2[u]
+                assert got == pytest.approx(expected, rel=1e-4, abs=1e-7), (layer, head, u)
 
 
 def test_llama4_multimodal_checkpoint_reads_as_its_text_tower(tmp_path):
