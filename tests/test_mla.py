@@ -165,6 +165,27 @@ def test_bad_latent_config_is_one_line(tmp_path):
         assert fragment in str(info.value) and "\n" not in str(info.value)
 
 
+def test_deepseek_v3_multi_token_prediction_layer_is_allowed(tmp_path):
+    """Published DeepSeek-V3 checkpoints store the multi-token-prediction layer after the last
+    (``model.layers.61``, ``num_nextn_predict_layers``: 1): allowed, not read; without the key
+    a stored layer past the last is refused in one line."""
+    from safetensors.numpy import load_file, save_file
+
+    build("v3-lora", tmp_path / "m", config=CONFIGS["v3-lora"]())
+    weights = load_file(str(tmp_path / "m" / "model.safetensors"))
+    weights.update({name.replace("layers.1.", "layers.2."): w for name, w in weights.items()
+                    if "layers.1." in name})
+    save_file(weights, str(tmp_path / "m" / "model.safetensors"))
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["num_nextn_predict_layers"] == 1          # as DeepseekV3Config writes it
+    assert open_checkpoint(str(tmp_path / "m")).dims.n_layers == 2
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg,
+                                                            "num_nextn_predict_layers": 0}))
+    with pytest.raises(UserError) as info:
+        open_checkpoint(str(tmp_path / "m"))
+    assert "is of layer 2" in str(info.value) and "\n" not in str(info.value)
+
+
 @pytest.mark.parametrize("qtype", ["F16", "Q8_0"])
 def test_gguf_deepseek2_reads_back_the_hugging_face_weights(built, tmp_path, qtype):
     """The same model written as llama.cpp's converter writes ``deepseek2`` (MQA metadata,

@@ -800,6 +800,7 @@ HF_CONFIG_DEFAULTS = {"gemma3_text": _GEMMA3_TEXT_DEFAULTS, "gemma3": _GEMMA3_TE
 #: published checkpoints store after the last decoder layer (GLM-4.5's ``model.layers.46``,
 #: which transformers does not load either): allowed, not analysed.
 HF_EXTRA_LAYERS = {"glm4_moe": "num_nextn_predict_layers"}
+HF_EXTRA_LAYERS["deepseek_v3"] = "num_nextn_predict_layers"  # DeepSeek-V3's layer 61
 #: ``model_type`` -> why it is refused for now (one line each).
 HF_NOT_YET = dict.fromkeys(("gemma4_text", "gemma4"), (
     "per-layer head sizes (its global layers' global_head_dim and num_global_key_value_heads"

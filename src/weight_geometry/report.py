@@ -262,6 +262,8 @@ def _header(a: Analysis):
               if k == d_head else "") + "\n")
     if (fraction := m.get("rotary_fraction", 1.0)) < 1:
         yield partial_rotary_caveat(fraction, d_head) + "\n"
+    if latent := m.get("latent_attention"):
+        yield f"Latent attention: {latent['note']}.\n"
     if hybrid := left_out(m):
         yield f"**{hybrid}**\n"
     d = m["d_model"]
