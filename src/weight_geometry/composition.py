@@ -104,24 +104,28 @@ class Composition:
     conditional_std: np.ndarray
 
 
-def composition(c: Circuits) -> Composition:
+def composition(c: Circuits, device: str | torch.device = "cpu") -> Composition:
     """``(3, L h, L h)`` float64 scores (:data:`TYPES` order; row = later head ``l h + i``,
     column = earlier head ``e h + j``; NaN where the column's layer is not earlier, and where a
-    head's map is zero), with the conditional null of their squares.
+    head's map is zero), with the conditional null of their squares; computed on ``device``.
 
-    For each later layer its sides are stacked once, and for each earlier layer one float32
-    GEMM with ``A_e^T`` gives every head pair's cores, which are scaled by the singular values,
-    squared and summed per ``m x m`` block in float64. The key (value) sides of the ``g = h /
-    n_kv`` heads of a KV head lie in its ``W_K_j`` (``W_V_j``) row space, whose orthonormal
-    basis ``Q_j`` is the first head's stored rows: ``V_l = (V_l Q_j^T) Q_j``, so with ``g > 1``
-    the GEMM takes ``Q_j`` once per KV head and each head's core is ``(V_l Q_j^T)(Q_j A_e^T)``
-    (``m x m`` by ``m x h m``). The conditional null needs ``M = Q A_e^T diag(t_e)`` for each
-    later head's row-space basis ``Q`` (``U_l``, ``Q_K_j``, ``Q_V_j``): ``||M||_F^2`` and
-    ``||M^T M||_F^2``, from the same blocks. Cost per layer pair ``2 (h + 2 n_kv) m d h m + 4
-    h^2 m^3`` (``6 (h m)^2 d`` with ``g = 1``) plus ``2 (h + 2 n_kv) h m^3`` for the null;
-    memory one layer's sides (float32) and one ``(3 h m, h m)`` float32 block beside the
-    three ``(3, L h, L h)`` results.
+    Every later head's rows ``X`` (``U_l``, ``V_l`` or ``B_l``) lie in the row space of a basis
+    ``Q`` (``m`` orthonormal rows): its own rows, or, for the key (value) sides of the ``g = h /
+    n_kv`` heads of a KV head, the first head's rows ``Q_j``, which span ``W_K_j`` (``W_V_j``):
+    ``X = C Q`` with ``C = X Q^T`` (``m x m``, ``I`` for its own rows). With ``M_{Q,e} = Q A_e^T
+    diag(t_e)`` and ``N = M M^T`` (``m x m``), the squared numerator is ``||diag(s) C M||_F^2 =
+    <G, N>`` with ``G = C^T diag(s^2) C`` (``diag(s^2)`` for its own rows: ``sum_r s_r^2
+    N_rr``), and the conditional null needs ``tr N`` and ``tr N^2 = ||N||_F^2``. So per layer
+    pair: one float32 GEMM of the later layer's stacked bases (``h`` query bases and ``n_b``
+    key and value bases each: ``n_b = n_kv`` under GQA, ``h`` without) with ``A_e^T`` gives
+    every ``M``; one batched product every ``N``; the rest is ``O(h^2 m^2)`` in float64. Cost
+    per layer pair ``2 (h + 2 n_b) m d h m`` (``6 (h m)^2 d`` with ``g = 1``) plus ``2 (h +
+    2 n_b) h m^3``, per later layer ``4 h m^2 d`` for ``C`` under GQA; memory one layer's
+    float32 bases and three ``(h + 2 n_b) m x h m`` float32 blocks on ``device`` (and the
+    write vectors of every earlier layer, as views of ``c.write`` on the CPU) beside the
+    three ``(3, L h, L h)`` float64 results.
     """
+    device = torch.device(device)
     n_layers, h, m, _ = c.shape
     group = h // (c.n_kv_heads or h)
     qk_sq = np.square(np.asarray(c.qk_sigma, dtype=np.float64))
@@ -134,81 +138,94 @@ def composition(c: Circuits) -> Composition:
     out = np.full((3, 3, n_layers, h, n_layers, h), np.nan)      # scores, mean, std
     writes = [None] * n_layers                       # A_e, kept once read
     for later in range(1, n_layers):
-        sides, coefficients = _later_sides(c, later, group)
-        s_later = torch.from_numpy(np.concatenate(
-            [c.qk_sigma[later], c.qk_sigma[later], c.ov_sigma[later]]).astype(np.float32))
-        s_later = s_later.reshape(-1, 1)
+        sides = _later_sides(c, later, group, qk_sq[later], ov_sq[later], device)
         norms2 = np.stack([qk_norm2[later], qk_norm2[later], ov_norm2[later]])  # (3, h)
         spreads = np.stack([spread["qk"][later], spread["qk"][later], spread["ov"][later]])
         for earlier in range(later):
             if writes[earlier] is None:
-                writes[earlier] = _layer(c.write, earlier)
-            t_earlier = torch.from_numpy(np.asarray(c.ov_sigma[earlier], dtype=np.float32))
-            products = (sides @ writes[earlier].T).mul_(t_earlier.reshape(1, -1))
-            tr_n, tr_n2 = _basis_moments(products, h, m, group)                 # (3, h, h)
-            cores = _cores(products, coefficients, h, m)                        # (3hm, hm)
-            cores.mul_(s_later).square_()
-            sums = cores.reshape(3, h, m, h, m).sum(dim=(2, 4), dtype=torch.float64).numpy()
+                writes[earlier] = _layer(c.write, earlier).to(device)
+            t_earlier = torch.as_tensor(np.asarray(c.ov_sigma[earlier], dtype=np.float32),
+                                        device=device)
+            sums, tr_n, spread_n = _pair_moments(sides, writes[earlier], t_earlier, m)
             scale = norms2[:, :, None] * ov_norm2[earlier][None, None, :]
             with np.errstate(divide="ignore", invalid="ignore"):
-                out[0, :, later, :, earlier, :] = np.sqrt(sums / scale)
+                out[0, :, later, :, earlier, :] = np.sqrt(np.maximum(sums, 0) / scale)
                 out[1, :, later, :, earlier, :] = (tr_n / m / ov_norm2[earlier][None, None, :])
-                var = c_var * spreads[:, :, None] * np.maximum(tr_n2 - tr_n**2 / m, 0)
+                var = c_var * spreads[:, :, None] * spread_n
                 out[2, :, later, :, earlier, :] = np.sqrt(var) / scale
     out = out.reshape(3, 3, n_layers * h, n_layers * h)
     out[1:, np.isnan(out[0])] = np.nan
     return Composition(*out)
 
 
-def _basis_moments(products: torch.Tensor, h: int, m: int, group: int
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """``(3, h, h)`` ``||M||_F^2`` and ``||M^T M||_F^2`` of ``M = Q A_e^T diag(t_e)`` for every
-    later head (its basis ``Q``: ``U_l``; ``Q_K_j``, ``Q_V_j`` of its KV head) and earlier
-    head, from the GEMM's column-scaled ``products`` (:func:`_later_sides`' row order).
-    Cost ``2 (h + 2 n_b) h m^3``, ``n_b`` the bases of each of K and V."""
-    n_b = h // group
-    blocks = products.split([h * m, n_b * m, n_b * m])
-    tr_n, tr_n2 = [], []
-    for block, count in zip(blocks, (h, n_b, n_b), strict=True):
-        mats = block.reshape(count, m, h, m).transpose(1, 2)                 # (count, h, m, m)
-        gram = mats.transpose(-1, -2) @ mats
-        first = mats.square().sum(dim=(-1, -2), dtype=torch.float64)
-        second = gram.square().sum(dim=(-1, -2), dtype=torch.float64)
-        repeat = h // count
-        tr_n.append(first.repeat_interleave(repeat, 0))
-        tr_n2.append(second.repeat_interleave(repeat, 0))
-    return torch.stack(tr_n).numpy(), torch.stack(tr_n2).numpy()
+@dataclass
+class _Sides:
+    """One later layer's side of :func:`composition`: ``bases`` ``(n_q + 2 n_b) m x d``
+    (float32: the query bases, then the key and the value bases), ``counts`` ``(n_q, n_b,
+    n_b)``, and per type the weights of ``<G, N>``: ``(h, m)`` squared singular values where
+    each head is its own basis, else ``G`` ``(n_b, g, m, m)`` float64."""
+
+    bases: torch.Tensor
+    counts: tuple[int, int, int]
+    weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def _later_sides(c: Circuits, later: int, group: int
-                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
-    """The rows one GEMM multiplies for layer ``later``: ``[U_l; V_l; B_l]`` ``(3 h m, d)``
-    with ``group == 1``; else ``[U_l; Q_K; Q_V]`` (the KV heads' row-space bases, ``n_kv m``
-    rows each) and the per-KV-head coefficients ``V_l Q_K_j^T``, ``B_l Q_V_j^T`` ``(n_kv, g m,
-    m)``. Cost ``4 h m^2 d`` for the coefficients."""
-    query, key, read = (_layer(x, later) for x in (c.query, c.key, c.read))
+def _later_sides(c: Circuits, later: int, group: int, qk_sq: np.ndarray, ov_sq: np.ndarray,
+                 device: torch.device) -> _Sides:
+    """The bases and weights of layer ``later`` (``qk_sq``, ``ov_sq``: its ``(h, m)`` squared
+    singular values; see :func:`composition`). Cost ``4 h m^2 d + 4 h m^3`` under GQA (``C``
+    and ``G`` of the key and value sides), nothing more without."""
+    query, key, read = (_layer(x, later).to(device) for x in (c.query, c.key, c.read))
+    qk_sq, ov_sq = (torch.as_tensor(x, device=device) for x in (qk_sq, ov_sq))
+    h = qk_sq.shape[0]
     if group == 1:
-        return torch.cat([query, key, read]), None
+        return _Sides(torch.cat([query, key, read]), (h, h, h), (qk_sq, qk_sq, ov_sq))
     m, d = c.shape[2:]
-    bases, coefficients = [], []
-    for side in (key, read):
+    bases, weights = [], [qk_sq]
+    for side, sq in ((key, qk_sq), (read, ov_sq)):
         basis = side.reshape(-1, group, m, d)[:, 0]                          # (n_kv, m, d)
-        coefficients.append(side.reshape(-1, group * m, d) @ basis.transpose(1, 2))
+        coefficient = (side.reshape(-1, group * m, d) @ basis.transpose(1, 2)).double()
+        coefficient = coefficient.reshape(-1, group, m, m)                    # C of each head
+        weights.append(coefficient.mT @ (sq.reshape(coefficient.shape[:3])[..., None]
+                                         * coefficient))
         bases.append(basis.reshape(-1, d))
-    return torch.cat([query, *bases]), tuple(coefficients)
+    n_b = h // group
+    return _Sides(torch.cat([query, *bases]), (h, n_b, n_b), tuple(weights))
 
 
-def _cores(products: torch.Tensor, coefficients, h: int, m: int) -> torch.Tensor:
-    """``(3 h m, h m)`` cores ``[U_l; V_l; B_l] A_e^T`` from the GEMM's ``products`` (see
-    :func:`_later_sides`)."""
-    if coefficients is None:
-        return products
-    n_kv = coefficients[0].shape[0]
-    parts = [products[:h * m]]
-    for t, coefficient in enumerate(coefficients):
-        block = products[h * m + t * n_kv * m:h * m + (t + 1) * n_kv * m]
-        parts.append((coefficient @ block.reshape(n_kv, m, -1)).reshape(h * m, -1))
-    return torch.cat(parts)
+def _pair_moments(sides: _Sides, write: torch.Tensor, t: torch.Tensor, m: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(3, h, h)`` float64 ``<G, N>``, ``tr N`` and ``tr N^2 - (tr N)^2 / m = ||N - (tr N /
+    m) I||_F^2`` (centred: no cancellation) of every (later head, earlier head) of one layer
+    pair (``write``: ``A_e`` ``(h m, d)``, ``t``: ``(h, m)``; :func:`composition`). Cost ``2
+    (n_q + 2 n_b) m d h m + 2 (n_q + 2 n_b) h m^3``; ``<G, N>`` and the traces in float64."""
+    h = t.shape[0]
+    n_rows = sides.bases.shape[0] // m
+    products = sides.bases @ write.T                                         # Q A_e^T
+    blocks = torch.empty((n_rows, h, m, m), dtype=products.dtype, device=products.device)
+    torch.mul(products.reshape(n_rows, m, h, m).transpose(1, 2), t.reshape(1, h, 1, m),
+              out=blocks)                                                    # M per (Q, e)
+    del products
+    gram = blocks @ blocks.mT                                                # N per (Q, e)
+    diag = gram.diagonal(dim1=-2, dim2=-1)                                   # (n_rows, h, m)
+    diag64 = diag.double()
+    sums, start = [], 0
+    for count, weight in zip(sides.counts, sides.weights, strict=True):
+        part = slice(start, start + count)
+        if weight.dim() == 2:                                                # own rows
+            sums.append((weight[:, None, :] * diag64[part]).sum(-1))
+        else:
+            sums.append(torch.einsum("jgab,jeab->jge", weight,
+                                     gram[part].double()).reshape(h, h))
+        start += count
+    trace = diag64.sum(-1)                                                   # (n_rows, h)
+    diag.sub_((trace / m).to(gram.dtype)[..., None])                         # N - tr N / m I
+    centred = torch.linalg.vector_norm(gram, dim=(-2, -1)).double().square()
+    basis = torch.stack([part.repeat_interleave(h // count)   # each later head's basis
+                         for part, count in zip(torch.arange(n_rows).split(sides.counts),
+                                                sides.counts, strict=True)])          # (3, h)
+    basis = basis.to(trace.device)
+    return tuple(x.cpu().numpy() for x in (torch.stack(sums), trace[basis], centred[basis]))
 
 
 def random_circuits(n_layers: int, n_heads: int, d: int, d_head: int,
@@ -372,15 +389,15 @@ def load_circuits(inputs, n_kv_heads: int) -> Circuits:
                     n_kv_heads=n_kv_heads)
 
 
-def write_composition(c: Circuits, outputs) -> None:
+def write_composition(c: Circuits, outputs, device: str | torch.device = "cpu") -> None:
     """Every output of rule ``composition`` (a Snakemake ``output`` with ``composition_{q,k,v},
     null, top, layers``): the three ``(L h, L h)`` score matrices in float32, the null table
     (:data:`NULL_COLUMNS`), the top pairs (:data:`TOP_COLUMNS`) and the layer-pair summary
-    (:data:`LAYER_COLUMNS`)."""
+    (:data:`LAYER_COLUMNS`); the scores computed on ``device`` (:func:`composition`)."""
     from .results_io import save_result, write_rows
 
     n_heads, d_head, d = c.shape[1:]
-    comp = composition(c)
+    comp = composition(c, device)
     scores = comp.scores
     null = isotropic_null(d, d_head)
     tests = {**pair_tests(scores, null), **conditional_tests(comp)}
