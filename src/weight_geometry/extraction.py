@@ -139,7 +139,8 @@ def extract_layer(ckpt: Checkpoint, layer: int, device: torch.device,
               ("W_Q", "W_K", "W_V", "W_O", ffn_input) if attention else ())
     if attention and ckpt.latent is not None:  # latent attention, from its factors
         mla = latent_attention_pass(ckpt, layer, device, fold_norms, compute_ranks)
-        rows, subspaces, query, ov = mla.rows, mla.subspaces, mla.query_vectors, mla.ov
+        rows, subspaces, query = mla.rows, mla.subspaces, mla.query_vectors
+        ov = mla.circuits()  # reads W_O: after the experts where they run first
         del mla
     for wt, array in ckpt.iter_layer(layer, fold_norms, only=needed):
         w = torch.from_numpy(array).to(device)

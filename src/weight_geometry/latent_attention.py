@@ -28,9 +28,11 @@ coordinates; only their ``R`` factors meet in the core) gives ``S`` and the righ
 vectors in ``Q_m``'s coordinates, mapped to ``R^d`` by ``Q_m^T`` (:class:`LatentSubspaces`).
 The left (query) vectors are :meth:`FactoredSubspaces.left_vectors`' coefficients times
 ``W_UQ_i``, then times ``W_DQ`` (``W_UQ_i W_DQ = W_Q_i``): ``Q_a`` is never needed. The OV
-circuit is :func:`kernels.circuit_svd` of ``(W_O^T, Z)`` the same way; its ``v`` rows per head
-are padded with zero rows (singular value 0) to ``m`` when ``v < m``, so that every stored array
-has ``d_head = m`` rows per head.
+circuit is :func:`kernels.factored_subspaces` of ``(W_O^T, Z)`` the same way (as
+:func:`kernels.circuit_svd`); its ``v`` rows per head are padded with zero rows (singular value
+0) to ``m`` when ``v < m``, so that every stored array has ``d_head = m`` rows per head. It is
+computed after the layer's experts (:meth:`LatentPass.circuits`), W_O's effective rank before
+it.
 
 Folded norms (``fold_norms``): the pre-attention gain into ``W_DQ``, ``W_Q`` and ``M``'s
 columns, the query latent's RMSNorm gain (``q_a_layernorm``) into ``W_UQ``'s columns, the
@@ -56,6 +58,7 @@ shapes), and the ``(h, m, d)`` float32 results (0.7 GB each at V3's shapes).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,7 +68,6 @@ from .checkpoint import Checkpoint
 from .kernels import (
     FactoredSubspaces,
     TwoSidedSVD,
-    circuit_svd,
     factored_subspaces,
     query_r_factors,
     thin_qr,
@@ -106,21 +108,44 @@ class LatentSubspaces(FactoredSubspaces):
 @dataclass
 class LatentPass:
     """One layer's latent attention: its kernels' subspaces, their query-side vectors ``(h,
-    m, d)`` float32 (numpy), the OV circuits (zero rows padded to ``m``), and the effective-rank
-    rows of W_Q, W_K, W_V, W_O (``(layer_idx, weight_type, shape, eff_rank)``)."""
+    m, d)`` float32 (numpy), and the effective-rank rows (``(layer_idx, weight_type, shape,
+    eff_rank)``) of W_Q and W_K, then of W_V and W_O once :meth:`circuits` has run. ``values``
+    ``(h v, r + p)`` (``Z``) and ``basis`` (``Q_m``, float64) are what the OV circuits need
+    besides W_O (about 0.1 GB at DeepSeek-V3's shapes)."""
 
     subspaces: LatentSubspaces
     query_vectors: np.ndarray
-    ov: TwoSidedSVD
     rows: list[tuple]
+    values: torch.Tensor
+    basis: torch.Tensor
+    read: Callable[[str], torch.Tensor]
+    rank: Callable[[str, torch.Tensor, tuple[int, int]], None]
+
+    def circuits(self) -> TwoSidedSVD:
+        """Every head's OV circuit ``W_O_i Z_i Q_m^T`` (module docstring), ``(h, m, d)``
+        float32 sides, zero rows (and singular values) from ``v`` to ``m``; W_O is read here,
+        its effective rank taken before the circuits exist (its Gram and theirs are never held
+        together), and dropped on return. Called after the experts' pass, so that neither
+        meets the other's working set."""
+        h, m = self.subspaces.singular_values.shape
+        v = self.values.shape[0] // h
+        w_o = self.read("o")                                             # (d, h v)
+        self.rank("W_V", self.values, (h * v, w_o.shape[0]))
+        self.rank("W_O", w_o, tuple(w_o.shape))
+        core = factored_subspaces(w_o.T, self.values, h, h, v, torch.float64)
+        left = _pad_heads(core.left_vectors(w_o.T, torch.float32), m)
+        del w_o
+        right = _pad_heads(core.vectors(torch.float32), m)              # (h, m, r + p)
+        return TwoSidedSVD(left, right @ self.basis.to(torch.float32).T,
+                           _pad_heads(core.singular_values, m))
 
 
 def latent_attention_pass(ckpt: Checkpoint, layer: int, device: torch.device,
                           fold_norms: bool = False, compute_ranks: bool = True) -> LatentPass:
-    """Every head's kernel subspaces, query vectors and OV circuit of latent-attention
-    ``layer`` (module docstring), each latent weight read once
-    (:meth:`Checkpoint.read_latent`) and dropped once used; with ``compute_ranks`` the
-    effective ranks of the effective W_Q, W_K, W_V and of W_O."""
+    """Every head's kernel subspaces and query vectors of latent-attention ``layer`` (module
+    docstring), and what its OV circuits need (:meth:`LatentPass.circuits`); each latent
+    weight read once (:meth:`Checkpoint.read_latent`) and dropped once used; with
+    ``compute_ranks`` the effective ranks of the effective W_Q, W_K (and W_V, W_O)."""
     lat, dims = ckpt.latent, ckpt.dims
     h, m, n, p, v, r, d = (dims.n_heads, dims.d_head, lat.nope, lat.rope, lat.d_value,
                            lat.kv_rank, dims.d_model)
@@ -164,22 +189,14 @@ def latent_attention_pass(ckpt: Checkpoint, layer: int, device: torch.device,
     rank("W_Q", x, (h * m, d))
     rank("W_K", y, (h * m, d))
     del core, x, y, w_uq, w_dq
-    w_o = read("o")                                                      # (d, h v)
-    ov = circuit_svd(w_o.T, z, h, h, v)
-    ov = TwoSidedSVD(ov.left, ov.right @ q_m.to(ov.right.dtype).T, ov.singular_values)
-    rank("W_V", z, (h * v, d))
-    rank("W_O", w_o, (d, h * v))
-    return LatentPass(subspaces, query.cpu().numpy(), _pad_heads(ov, m), rows)
+    return LatentPass(subspaces, query.cpu().numpy(), rows, z, q_m, read, rank)
 
 
-def _pad_heads(ov: TwoSidedSVD, m: int) -> TwoSidedSVD:
-    """``ov`` with zero rows (and zero singular values) appended to each head's ``v``, up to
-    ``m``: the arrays' ``d_head`` rows per head."""
-    def pad(x: torch.Tensor) -> torch.Tensor:
-        extra = torch.zeros(x.shape[0], m - x.shape[1], *x.shape[2:], dtype=x.dtype,
-                            device=x.device)
-        return torch.cat([x, extra], dim=1)
-
-    if ov.singular_values.shape[1] == m:
-        return ov
-    return TwoSidedSVD(pad(ov.left), pad(ov.right), pad(ov.singular_values))
+def _pad_heads(x: torch.Tensor, m: int) -> torch.Tensor:
+    """``x`` ``(h, v, ...)`` with zero rows appended to each head's ``v``, up to ``m`` (the
+    arrays' ``d_head`` rows per head); ``x`` itself when ``v = m``."""
+    if x.shape[1] == m:
+        return x
+    extra = torch.zeros(x.shape[0], m - x.shape[1], *x.shape[2:], dtype=x.dtype,
+                        device=x.device)
+    return torch.cat([x, extra], dim=1)
