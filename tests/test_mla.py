@@ -186,6 +186,26 @@ def test_deepseek_v3_multi_token_prediction_layer_is_allowed(tmp_path):
     assert "is of layer 2" in str(info.value) and "\n" not in str(info.value)
 
 
+def test_gguf_deepseek2_metadata():
+    """llama.cpp's MQA-over-the-latent metadata give the heads' own widths; layers counted
+    after the decoder's (``nextn_predict_layers``) are not analysed; a key length not above the
+    RoPE width is refused in one line."""
+    from weight_geometry.architectures import dims_from_gguf_metadata
+
+    a = "deepseek2."
+    meta = {a + "block_count": 4, a + "nextn_predict_layers": 1, a + "embedding_length": 64,
+            a + "feed_forward_length": 96, a + "attention.head_count": 4,
+            a + "attention.head_count_kv": 1, a + "attention.key_length": 40,
+            a + "attention.value_length": 32, a + "attention.key_length_mla": 24,
+            a + "attention.value_length_mla": 16, a + "attention.kv_lora_rank": 32,
+            a + "rope.dimension_count": 8}
+    dims = dims_from_gguf_metadata(meta, "deepseek2")
+    assert (dims.n_layers, dims.n_heads, dims.n_kv_heads, dims.d_head) == (3, 4, 4, 24)
+    with pytest.raises(UserError) as info:
+        dims_from_gguf_metadata({**meta, a + "attention.key_length_mla": 8}, "deepseek2")
+    assert "key_length_mla = 8 is not above" in str(info.value)
+
+
 @pytest.mark.parametrize("qtype", ["F16", "Q8_0"])
 def test_gguf_deepseek2_reads_back_the_hugging_face_weights(built, tmp_path, qtype):
     """The same model written as llama.cpp's converter writes ``deepseek2`` (MQA metadata,

@@ -1015,9 +1015,9 @@ def dims_from_gguf_metadata(meta: dict, arch: str) -> ModelDims:
     h_key, kv_key = f"{arch}.attention.head_count", f"{arch}.attention.head_count_kv"
     h = _gguf_int(meta, h_key)
     if (latent := latent_dims_from_gguf_metadata(meta, arch)) is not None:  # MQA on file
-        return ModelDims(*(_gguf_int(meta, f"{arch}.{key}") for key in (
-            "block_count", "embedding_length", "feed_forward_length")), h, h,
-            latent.nope + latent.rope)
+        n_layers = _gguf_int(meta, f"{arch}.block_count") - gguf_extra_layers(meta, arch)
+        return ModelDims(n_layers, *(_gguf_int(meta, f"{arch}.{key}") for key in (
+            "embedding_length", "feed_forward_length")), h, h, latent.nope + latent.rope)
     n_kv = _gguf_int(meta, kv_key, default=0) or h
     _check_kv_heads(h_key, h, kv_key, n_kv)
     d = _gguf_int(meta, f"{arch}.embedding_length")
