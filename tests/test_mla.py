@@ -142,6 +142,15 @@ def test_effective_ranks_and_ffn_energies(built):
             gates = [mlp.experts.gate_up_proj[e, :32].detach().numpy() * g_ffn
                      for e in range(4)]
             gram = sum(g.T @ g for g in gates) / 4
+            # per-unit energies (each expert's W_gate, the shared one, each router row) go
+            # through the latent basis too (LatentSubspaces._project)
+            router = mlp.gate.weight.detach().numpy() * g_ffn
+            units = [*gates, ref, *router[:, None]]
+            assert res.expert_energy.shape == (len(units), H, M)
+            for u, w_u in enumerate(units):
+                ref_u = np.einsum("hrd,de,hre->hr", v, w_u.T @ w_u, v)
+                np.testing.assert_allclose(res.expert_energy[u], ref_u, rtol=1e-4,
+                                           atol=1e-6 * np.trace(w_u.T @ w_u), err_msg=u)
         np.testing.assert_allclose(res.ffn_input_energy, np.einsum("hrd,de,hre->hr", v, gram, v),
                                    rtol=1e-4, atol=1e-6 * np.trace(gram))
 
