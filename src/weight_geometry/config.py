@@ -15,8 +15,14 @@ from pathlib import Path
 import yaml
 
 from . import hub, series
-from .architectures import HF_ADAPTERS, ModelDims
-from .checkpoint import Checkpoint, expand_home, hf_architecture, open_checkpoint
+from .architectures import HF_ADAPTERS, ModelDims, MoeDims
+from .checkpoint import (
+    Checkpoint,
+    expand_home,
+    hf_architecture,
+    hf_moe_dims,
+    open_checkpoint,
+)
 from .errors import UserError
 from .layer_kinds import hf_layer_kinds
 from .safetensors_file import read_json_object
@@ -368,10 +374,18 @@ def _user_ranks_path(name: str, path, src: _Source) -> str:
                         " extraction computes them)")
     try:
         resolved = expand_home(str(path), "user ranks").resolve()
-        read_user_ranks(resolved, src.dims, src.weight_types)
+        read_user_ranks(resolved, src.dims, src.weight_types, _moe_of(src))
     except UserError as err:
         raise UserError(f"models.{name}.effective_ranks: {err}") from None
     return str(resolved)
+
+
+def _moe_of(src: _Source) -> MoeDims | None:
+    """The experts of a planned source: from a Hugging Face directory's config.json (its
+    weights may not be downloaded yet), else from the opened checkpoint's headers."""
+    if src.path.is_dir():
+        return hf_moe_dims(src.path, src.dims)
+    return open_checkpoint(str(src.path)).moe
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,10 @@
 """Effective ranks a user already has, from the earlier notebook's CSV, checked against a model.
 
 The CSV has columns ``layer_idx, weight_type, shape, eff_rank`` (extra columns are ignored),
-``shape`` like ``2048x11008``. Notebooks differ in orientation, so a shape is accepted as
+``shape`` like ``2048x11008``. A mixture-of-experts model's CSV also has an ``expert`` column, as
+the workflow's own table: in a sparse layer one W_gate, W_up and W_down row per expert
+(``0`` .. ``E-1``, ``shared``), empty for the attention weights and for dense layers' FFN.
+Notebooks differ in orientation, so a shape is accepted as
 ``rows x cols`` or ``cols x rows`` of the model's ``nn.Linear`` weight (out x in); the table
 returned always states it as ``rows x cols``, as the workflow's ``effective_ranks`` table.
 Every problem raises :class:`UserError` with one line naming the file, the value and what is
@@ -17,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .architectures import ModelDims
+from .architectures import EXPERT_WEIGHTS, SHARED, ModelDims, MoeDims
 from .errors import UserError
-from .ranks import RANK_COLUMNS, parse_shape, shape_text
+from .ranks import EXPERT_RANK_COLUMNS, RANK_COLUMNS, parse_shape, shape_text
 from .results_io import load_rank_tables
 
 #: ``source`` of effective ranks that the extraction computed (:func:`weight_rank_table`).
@@ -81,7 +84,8 @@ def _read(path: Path) -> pd.DataFrame:
     if missing:
         raise UserError(f"user ranks {path}: missing column(s) {', '.join(missing)}; found"
                         f" {', '.join(map(str, table.columns))}; needed {', '.join(RANK_COLUMNS)}")
-    return table[list(RANK_COLUMNS)].apply(lambda col: col.str.strip())
+    columns = list(EXPERT_RANK_COLUMNS if "expert" in table.columns else RANK_COLUMNS)
+    return table[columns].apply(lambda col: col.str.strip())
 
 
 def _layers(table: pd.DataFrame, path: Path, n_layers: int) -> np.ndarray:
@@ -110,31 +114,77 @@ def _check_weight_types(table: pd.DataFrame, path: Path, weight_types: tuple[str
                         f" model: {', '.join(weight_types)}")
 
 
-def _check_complete(layers: np.ndarray, table: pd.DataFrame, path: Path,
-                    weight_types: tuple[str, ...]):
-    """Each (layer, weight type) exactly once."""
-    keys = list(zip(layers.tolist(), table["weight_type"], strict=True))
-    seen: dict[tuple[int, str], int] = {}
+def _expected(n_layers: int, weight_types: tuple[str, ...], moe: MoeDims | None
+              ) -> list[tuple[int, str, str]]:
+    """``(layer, weight type, expert)`` of every row the model's table has, in the
+    extraction's order: a sparse layer's attention weights (expert ``""``), then per expert its
+    W_gate, W_up, W_down; a dense layer's weight types (expert ``""``)."""
+    keys = []
+    for layer in range(n_layers):
+        if moe is None or layer not in moe.sparse_layers:
+            keys += [(layer, wt, "") for wt in weight_types]
+            continue
+        keys += [(layer, wt, "") for wt in weight_types if wt not in EXPERT_WEIGHTS]
+        keys += [(layer, wt, str(e)) for e in moe.experts for wt in EXPERT_WEIGHTS]
+    return keys
+
+
+def _key_text(key: tuple[int, str, str]) -> str:
+    return f"(layer {key[0]}, {key[1]}" + (f", expert {key[2]})" if key[2] else ")")
+
+
+def _check_experts(table: pd.DataFrame, path: Path, moe: MoeDims | None) -> list[str]:
+    """The ``expert`` of each row (``""`` where none): a column the model's experts need, or
+    that a model without experts leaves empty."""
+    sparse = sorted(moe.sparse_layers) if moe is not None else []
+    if "expert" not in table.columns:
+        if sparse:
+            labels = ", ".join(map(str, moe.experts))
+            raise UserError(f"user ranks {path}: no expert column, but layers {_listing(sparse)}"
+                            f" are mixtures of experts (allowed: an expert column, {labels} on"
+                            " their W_gate, W_up and W_down rows, empty elsewhere)")
+        return [""] * len(table)
+    experts = table["expert"].tolist()
+    if not sparse and (i := _first(np.array([e != "" for e in experts]))) is not None:
+        raise UserError(f"user ranks {path}: expert {experts[i]!r} ({_line(i)}), but the"
+                        " model has no experts (allowed: an empty expert column, or none)")
+    return experts
+
+
+def _check_complete(keys: list[tuple[int, str, str]], path: Path,
+                    expected: list[tuple[int, str, str]]):
+    """Each expected (layer, weight type, expert) exactly once, and no other."""
+    seen: dict[tuple[int, str, str], int] = {}
+    allowed = set(expected)
     for i, key in enumerate(keys):
         if key in seen:
-            raise UserError(f"user ranks {path}: (layer {key[0]}, {key[1]}) appears twice"
+            raise UserError(f"user ranks {path}: {_key_text(key)} appears twice"
                             f" ({_line(seen[key])} and {_line(i)}); each (layer_idx,"
-                            " weight_type) must appear once")
+                            " weight_type, expert) must appear once")
+        if key not in allowed:
+            what = ("an expert of a weight without experts" if key[2] else
+                    "no expert where the model has experts")
+            raise UserError(f"user ranks {path}: {_key_text(key)} ({_line(i)}) has {what}"
+                            " (allowed: an expert 0..E-1 or shared on W_gate, W_up, W_down of"
+                            " a mixture-of-experts layer, empty elsewhere)")
         seen[key] = i
-    absent = [f"(layer {layer}, {wt})" for layer in sorted(set(layers.tolist()))
-              for wt in weight_types if (layer, wt) not in seen]
+    absent = [_key_text(key) for key in expected if key not in seen]
     if absent:
         raise UserError(f"user ranks {path}: no row for {_listing(absent)}; every layer needs"
-                        f" one row per weight type ({', '.join(weight_types)})")
+                        " one row per weight type (per expert in a mixture-of-experts layer)")
 
 
-def _shapes(layers: np.ndarray, table: pd.DataFrame, path: Path,
-            dims: ModelDims) -> list[tuple[int, int]]:
-    """The model's (rows, cols) per row, after checking the CSV's shape (either orientation)."""
+def _shapes(layers: np.ndarray, table: pd.DataFrame, path: Path, dims: ModelDims,
+            experts: list[str], moe: MoeDims | None) -> list[tuple[int, int]]:
+    """The model's (rows, cols) per row, after checking the CSV's shape (either orientation);
+    an expert's from its own width."""
     out = []
     for i, (layer, wt, text) in enumerate(zip(layers, table["weight_type"], table["shape"],
                                               strict=True)):
-        expected = dims.weight_shape(wt)
+        expert = experts[i]
+        own = dims if not expert else moe.expert_dims(
+            dims, SHARED if expert == SHARED else int(expert))
+        expected = own.weight_shape(wt)
         try:
             shape = parse_shape(text)
         except ValueError:
@@ -164,41 +214,62 @@ def _eff_ranks(layers: np.ndarray, table: pd.DataFrame, path: Path,
     return values
 
 
-def read_user_ranks(path, dims: ModelDims, weight_types: tuple[str, ...]) -> pd.DataFrame:
-    """The CSV at ``path`` as the workflow's effective-ranks table for a model of ``dims``.
+def read_user_ranks(path, dims: ModelDims, weight_types: tuple[str, ...],
+                    moe: MoeDims | None = None) -> pd.DataFrame:
+    """The CSV at ``path`` as the workflow's effective-ranks table for a model of ``dims`` (and
+    ``moe``, its experts, if any).
 
     Columns ``layer_idx`` (int64), ``weight_type`` (str), ``shape`` (``"{rows}x{cols}"`` of the
-    model's weight, out x in), ``eff_rank`` (float64); sorted by layer, then in the order of
-    ``weight_types`` (the model's adapter order). Raises :class:`UserError` on a missing or
-    unreadable file, missing columns, a layer set other than 0..L-1, unknown weight types,
-    missing or duplicate (layer, weight type) rows, shapes that differ from the model's (in
-    both orientations), and eff_rank not finite, negative or above ``min(rows, cols)``.
+    model's weight, out x in), ``eff_rank`` (float64), and with ``moe`` ``expert`` (string, null
+    where none); sorted by layer, then in the order of ``weight_types`` (the model's adapter
+    order; a sparse layer's experts after its attention weights, as the extraction writes
+    them). Raises :class:`UserError` on a missing or unreadable file, missing columns, a layer
+    set other than 0..L-1, unknown weight types, an expert column missing where the model has
+    experts or filled where it has none, missing, duplicate or unexpected (layer, weight type,
+    expert) rows, shapes that differ from the model's (in both orientations), and eff_rank not
+    finite, negative or above ``min(rows, cols)``.
     """
     path = Path(path)
     table = _read(path)
     layers = _layers(table, path, dims.n_layers)
     _check_weight_types(table, path, weight_types)
-    _check_complete(layers, table, path, weight_types)
-    shapes = _shapes(layers, table, path, dims)
+    moe = moe if moe is not None and moe.sparse_layers else None
+    experts = _check_experts(table, path, moe)
+    keys = list(zip(layers.tolist(), table["weight_type"], experts, strict=True))
+    expected = _expected(dims.n_layers, weight_types, moe)
+    _check_complete(keys, path, expected)
+    shapes = _shapes(layers, table, path, dims, experts, moe)
     ranks = pd.DataFrame({
         "layer_idx": layers,
         "weight_type": table["weight_type"].to_numpy(),
         "shape": [shape_text(shape) for shape in shapes],
         "eff_rank": _eff_ranks(layers, table, path, shapes),
     })
-    order = ranks["weight_type"].map({wt: i for i, wt in enumerate(weight_types)})
-    return ranks.iloc[np.lexsort((order.to_numpy(), layers))].reset_index(drop=True)
+    if moe is not None:
+        ranks["expert"] = pd.array([e or None for e in experts], dtype="string")
+    order = {key: i for i, key in enumerate(expected)}
+    return ranks.iloc[np.argsort([order[key] for key in keys])].reset_index(drop=True)
+
+
+def record_moe(record: dict) -> MoeDims | None:
+    """The experts recorded in a ``model.json`` (``experts``), None for a dense model."""
+    moe = record.get("experts")
+    if not moe:
+        return None
+    return MoeDims(moe["n_experts"], moe["d_expert"], moe["d_shared"],
+                   frozenset(moe["sparse_layers"]))
 
 
 def weight_rank_table(user_csv, chunk_paths, dims: ModelDims,
-                      weight_types: tuple[str, ...]) -> pd.DataFrame:
+                      weight_types: tuple[str, ...], moe: MoeDims | None = None
+                      ) -> pd.DataFrame:
     """A model's effective-rank table (:data:`ranks.RANK_COLUMNS`) and where it comes from, in
     a ``source`` column: the user's CSV ``user_csv`` when given (:func:`read_user_ranks`;
     ``source`` = ``"user CSV <user_csv>"``; ``chunk_paths`` are not read), else the
     extraction's ``weight_ranks.parquet`` of each layer range, ``chunk_paths``, in layer order
     (:func:`results_io.load_rank_tables`; ``source`` = :data:`COMPUTED_SOURCE`)."""
     if user_csv:
-        ranks = read_user_ranks(user_csv, dims, weight_types)
+        ranks = read_user_ranks(user_csv, dims, weight_types, moe)
         ranks["source"] = f"user CSV {user_csv}"
     else:
         ranks = load_rank_tables(chunk_paths)
@@ -207,9 +278,10 @@ def weight_rank_table(user_csv, chunk_paths, dims: ModelDims,
 
 
 def write_effective_ranks(user_csv, chunk_paths, dims: ModelDims, weight_types: tuple[str, ...],
-                          csv_path, parquet_path) -> None:
+                          csv_path, parquet_path, moe: MoeDims | None = None) -> None:
     """:func:`weight_rank_table` written twice: to ``csv_path`` in the earlier notebook's format
-    (its four columns, no ``source``, no index) and to ``parquet_path`` with ``source``."""
-    ranks = weight_rank_table(user_csv, chunk_paths, dims, weight_types)
+    (its four columns and, for a mixture of experts, ``expert``; no ``source``, no index) and to
+    ``parquet_path`` with ``source``."""
+    ranks = weight_rank_table(user_csv, chunk_paths, dims, weight_types, moe)
     ranks.drop(columns="source").to_csv(csv_path, index=False)
     ranks.to_parquet(parquet_path, index=False)
