@@ -425,6 +425,12 @@ class Checkpoint:
             router = router * self._gains(layer)["ffn"][None, :]
         return np.ascontiguousarray(router)
 
+    @property
+    def has_shared_gate(self) -> bool:
+        """Whether the sparse layers have a shared-expert gate (:meth:`read_shared_gate`)."""
+        layout = self.expert_layout
+        return bool(self.moe and self.moe.d_shared and layout is not None and layout.shared_gate)
+
     def read_shared_gate(self, layer: int, fold_norms: bool = False) -> np.ndarray | None:
         """The shared expert's gate of sparse ``layer``, ``(1, d)`` float32, None where the
         model has none (Qwen2-MoE's ``shared_expert_gate``, GGUF ``ffn_gate_inp_shexp``: the
@@ -491,7 +497,8 @@ class Checkpoint:
             **self.dims.as_dict(),
             "attention_layers": list(self.attention_layers),
             **(self.layer_kinds or LayerKinds(("full",) * self.dims.n_layers)).as_dict(),
-            **({"experts": self.moe.as_dict()} if self.moe is not None else {}),
+            **({"experts": {**self.moe.as_dict(), "shared_gate": self.has_shared_gate}}
+               if self.moe is not None else {}),
             **({"rotary_fraction": self.rotary_fraction} if self.rotary_fraction < 1 else {}),
             **({"latent_attention": {**self.latent.as_dict(), "note": LATENT_NOTE}}
                if self.latent is not None else {}),

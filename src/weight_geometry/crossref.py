@@ -23,7 +23,7 @@ from .multiplicity import (
     null_test,
 )
 from .nulls import similarity_z
-from .ranks import normalized_eff_rank
+from .ranks import per_weight_type
 from .results_io import bottleneck_layer, head_rows
 from .rowspace_nulls import one_head_null
 
@@ -51,7 +51,8 @@ def layer_table(weight_ranks: pd.DataFrame, sims: np.ndarray, best_match: np.nda
     ``(sigma_k - sigma_k+1) / sigma_k`` from ``singular_values (L, h, d_head)`` (below
     :data:`ksweep.GAP_THRESHOLD` the top-k subspace is ill-defined; NaN at ``k = d_head``);
     mean_eff_rank (raw, over the weight types) and mean_normalized_eff_rank (of ``eff_rank /
-    min(rows, cols)``, comparable across weights of different sizes); adjacent_similarity
+    min(rows, cols)``, comparable across weights of different sizes), a sparse layer's FFN
+    weights each counted as its experts' mean (:func:`ranks.per_weight_type`); adjacent_similarity
     ``sim[l, l+1]`` (NaN for the last layer) with adjacent_z (isotropic), adjacent_conditional_mean,
     adjacent_conditional_std, adjacent_z_conditional, adjacent_p, adjacent_p_adjusted;
     adjacent_best_match (all heads); bottleneck_similarity with bottleneck_z (isotropic),
@@ -81,8 +82,8 @@ def layer_table(weight_ranks: pd.DataFrame, sims: np.ndarray, best_match: np.nda
                                            to_ref["conditional_std"])
     align = head_rows(alignment, head).reindex(layers)
     align_p = align["conditional_p"].to_numpy()
-    by_layer = weight_ranks.groupby("layer_idx")
-    normalized = normalized_eff_rank(weight_ranks).groupby(weight_ranks["layer_idx"]).mean()
+    by_layer = per_weight_type(weight_ranks).groupby("layer_idx")  # experts: their mean
+    normalized = by_layer["normalized_eff_rank"].mean()
     return pd.DataFrame({
         "layer": layers,
         "head": head,

@@ -101,3 +101,80 @@ def expert_alignment_table(energy: np.ndarray, norm2: np.ndarray,
     flat["order"] = which
     return (flat.sort_values(["order", "head"], ignore_index=True).drop(columns="order")
             .astype({"expert": "string", "router_row": "string", "weight": "string"}))
+
+
+#: The groups of units the report summarizes (:func:`unit_groups`).
+GROUPS = {"routed": "Routed experts (W_gate)", "shared": "Shared expert (W_gate)",
+          "router": "Router rows"}
+
+
+def unit_groups(table: pd.DataFrame) -> pd.Series:
+    """``"routed"``, ``"shared"`` or ``"router"`` for each row of an expert-alignment table."""
+    expert = table["expert"].astype(object)
+    return expert.map(lambda e: e if e in (SHARED, ROUTER) else "routed")
+
+
+def unit_means(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per (layer, expert, router_row), in the table's order: group, the mean over
+    heads of alignment, chance, conditional_chance, and their ratios ``ratio`` (mean over mean
+    chance) and ``conditional_ratio``. Cost O(rows)."""
+    keys = ["layer", "expert", "router_row"]
+    means = (table.assign(group=unit_groups(table))
+             .groupby(keys, sort=False, dropna=False)
+             .agg(group=("group", "first"), alignment=("alignment", "mean"),
+                  chance=("chance", "mean"), conditional_chance=("conditional_chance", "mean"))
+             .reset_index())
+    means["ratio"] = means["alignment"] / means["chance"]
+    means["conditional_ratio"] = means["alignment"] / means["conditional_chance"]
+    return means
+
+
+def unit_label(row) -> str:
+    """``L3 E17``, ``L3 shared``, ``L3 router row 17``: a unit of :func:`unit_means`."""
+    if row.expert == ROUTER:
+        return f"L{row.layer} router row {row.router_row}"
+    return f"L{row.layer} " + ("shared" if row.expert == SHARED else f"E{row.expert}")
+
+
+def group_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Per group present (:data:`GROUPS`): group, units (number of (layer, unit)), mean
+    alignment over its rows, spread (std over its units of their mean over heads), ratio (mean
+    over isotropic chance), conditional_ratio (mean over mean conditional chance) and the units
+    with the highest and lowest conditional_ratio (:func:`unit_label`). Cost O(rows)."""
+    import pandas as pd
+
+    means, groups, rows = unit_means(table), unit_groups(table), []
+    for key, label in GROUPS.items():
+        part, units = table[groups == key], means[means["group"] == key]
+        if not len(part):
+            continue
+        order = units.sort_values("conditional_ratio", ascending=False)
+        top, bottom = order.iloc[0], order.iloc[-1]
+        rows.append({"group": label, "units": len(units), "mean": part["alignment"].mean(),
+                     "spread": units["alignment"].std(ddof=0) if len(units) > 1 else np.nan,
+                     "ratio": part["alignment"].mean() / part["chance"].mean(),
+                     "conditional_ratio": (part["alignment"].mean()
+                                           / part["conditional_chance"].mean()),
+                     "most": f"{unit_label(top)} ({top.conditional_ratio:.2f}x)",
+                     "least": f"{unit_label(bottom)} ({bottom.conditional_ratio:.2f}x)"})
+    return pd.DataFrame(rows)
+
+
+def expert_finding(table: pd.DataFrame, tested, at_chance: str) -> str:
+    """The report's one sentence on the per-expert alignment: the BH counts of ``tested`` (a
+    :class:`multiplicity.FamilyCounts` of the whole table), each group's mean over its
+    conditional chance and spread, and the most aligned expert; ``at_chance`` (the verdicts'
+    phrase) where no test departs from the conditional null."""
+    groups = group_summary(table).set_index("group")
+    parts = [f"{label.split(' (')[0].lower()} {g.conditional_ratio:.2f}x"
+             + (f" (spread {g.spread:.4f})" if g.units > 1 else "")
+             for label, g in groups.iterrows()]
+    means = f"mean over the conditional chance: {'; '.join(parts)}"
+    if tested.n_above == tested.n_below == 0:
+        return (f"Alignment per expert and router row is {at_chance}: no (layer, unit, head)"
+                f" differs from the conditional null (0 of {tested.n_tests}); {means}.")
+    most = groups.loc[GROUPS["routed"], "most"] if GROUPS["routed"] in groups.index else ""
+    return (f"Alignment per expert differs from the conditional null in {tested.n_above}"
+            f" (above) and {tested.n_below} (below) of {tested.n_tests} (layer, expert or"
+            f" router row, head) tests; {means}" + (f"; most aligned expert {most}" if most
+                                                   else "") + ".")

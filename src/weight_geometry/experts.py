@@ -18,12 +18,19 @@ d_head``: :meth:`kernels.FactoredSubspaces.weight_energies`, ``2 d_e d n_kv d_he
 third of ``W_u``'s ``d x d`` Gram at ``n_kv d_head = 512``, ``d = 2048``, and its ``d x d``
 Gram is never formed for this); ``||W_u||_F^2``; and ``W_u``'s singular values from its smaller
 Gram (``d_e x d_e``), which its effective rank uses too. The router, ``(E, d)``, is read once
-(:meth:`kernels.FactoredSubspaces.row_energies`, ``2 E d n_kv d_head``).
+(:meth:`kernels.FactoredSubspaces.row_energies`, ``2 E d n_kv d_head``), and with it the shared
+expert's gate where there is one (Qwen2-MoE's ``shared_expert_gate``, ``(1, d)``), a router row
+labelled ``shared``.
 
 Cost per routed expert: three ``d_e x d_e`` Grams and ``eigvalsh`` (effective ranks; W_gate's
-alone without them), ``W_gate``'s ``d x d`` Gram for the mean (``d_e d^2`` flops, float32,
-summed in float64) and ``P``. Memory: one expert's three weights, a ``d x d`` float32 Gram, the
-float64 sum, ``P`` and the layer's per-unit arrays (``U (h + n_kv) d_head + U m`` float64).
+alone without them), ``W_gate``'s ``d x d`` Gram added to the float32 sum in place (its upper
+triangle, ``d_e d^2 (1 + p/d)`` flops, :func:`ranks.gram`) and ``P``; per layer one float32
+``d x d`` ``eigvalsh`` of the mean. Memory: one expert's three weights, the ``d x d`` float32
+sum, ``P`` and the layer's per-unit arrays (``U (h + n_kv) d_head + U m`` float64); on
+Qwen3-30B-A3B's shapes the pass peaks 140-150 MiB above the job's start-up, the attention
+outputs it holds included (benchmarks/RESULTS.md). Precision: the float32 sum of ``E`` Grams
+is off by about ``sqrt(E) eps32 ||G||`` (1e-6 relative at E = 128), the float32 Gram's own
+order; the mean's singular values serve the pooled alignment's isotropic null only.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .architectures import SHARED, MoeDims
+from .architectures import SHARED
 from .checkpoint import Checkpoint
 from .expert_alignment import expert_units
 from .kernels import FactoredSubspaces
@@ -61,20 +68,19 @@ class UnitArrays:
     singular_values: np.ndarray
 
     @classmethod
-    def empty(cls, moe: MoeDims | None, n_heads: int, n_kv_heads: int, d_head: int,
-              d_model: int) -> UnitArrays:
-        """NaN arrays of a layer without experts of a model with ``moe`` (``U = 0`` when
-        ``moe`` is None)."""
-        n = len(layer_units(moe)) if moe is not None else 0
-        m = min(d_model, max(moe.d_expert, moe.d_shared)) if moe is not None else 0
+    def empty(cls, ckpt: Checkpoint) -> UnitArrays:
+        """NaN arrays of a layer without experts of ``ckpt`` (``U = 0`` for a dense model)."""
+        dims, moe = ckpt.dims, ckpt.moe
+        n = len(checkpoint_units(ckpt))
+        m = min(dims.d_model, max(moe.d_expert, moe.d_shared)) if moe is not None else 0
         return cls(*(np.full(shape, np.nan) for shape in (
-            (n, n_heads, d_head), (n,), (n, n_kv_heads, d_head), (n, m))))
+            (n, dims.n_heads, dims.d_head), (n,), (n, dims.n_kv_heads, dims.d_head), (n, m))))
 
 
 @dataclass
 class ExpertPass:
     """What the pass over a sparse layer's experts gives: the mean Gram of the routed experts'
-    W_gate (float64 torch, ``(d, d)``), its singular values ``(d,)`` and trace, the per-unit
+    W_gate (float32 torch, ``(d, d)``), its singular values ``(d,)`` and trace, the per-unit
     alignment inputs, and the effective-rank rows ``(layer_idx, weight_type, shape, eff_rank,
     expert)`` (``expert``: ``"0"`` .. ``"E-1"``, ``"shared"``)."""
 
@@ -85,9 +91,26 @@ class ExpertPass:
     rows: list[tuple] = field(default_factory=list)
 
 
-def layer_units(moe: MoeDims) -> list[tuple[str, str | None]]:
-    """The units of a sparse layer of ``moe`` (:func:`expert_alignment.expert_units`)."""
-    return expert_units(moe.n_experts, bool(moe.d_shared))
+@dataclass
+class SparseFfn:
+    """A sparse layer's FFN in the layer's result: :class:`ExpertPass` less its mean Gram,
+    with that Gram's ``(h, d_head)`` energies and ``(n_kv, d_head)`` row-space eigenvalues."""
+
+    rows: list[tuple]
+    singular_values: np.ndarray
+    norm2: np.ndarray
+    units: UnitArrays
+    energy: np.ndarray
+    rowspace_eigenvalues: np.ndarray
+
+
+def checkpoint_units(ckpt: Checkpoint) -> list[tuple[str, str | None]]:
+    """The units of a sparse layer of ``ckpt`` (:func:`expert_alignment.expert_units`; the
+    shared expert's gate, where there is one, the last router row); none for a dense model."""
+    moe = ckpt.moe
+    if moe is None:
+        return []
+    return expert_units(moe.n_experts, bool(moe.d_shared), ckpt.has_shared_gate)
 
 
 def expert_pass(ckpt: Checkpoint, layer: int, device: torch.device,
@@ -98,9 +121,8 @@ def expert_pass(ckpt: Checkpoint, layer: int, device: torch.device,
     otherwise only W_gate is read), the routed experts' mean W_gate Gram, and every unit's
     alignment inputs against the layer's ``subspaces`` (module docstring: cost and memory)."""
     ffn_input, dims = ckpt.adapter.ffn_input, ckpt.dims
-    units = UnitArrays.empty(ckpt.moe, dims.n_heads, dims.n_kv_heads, dims.d_head,
-                             dims.d_model)
-    total = torch.zeros(dims.d_model, dims.d_model, dtype=torch.float64, device=device)
+    units = UnitArrays.empty(ckpt)
+    total = torch.zeros(dims.d_model, dims.d_model, device=device)  # float32, summed in place
     rows = []
     only = None if compute_ranks else (ffn_input,)
     for unit, (expert, weights) in enumerate(ckpt.iter_experts(layer, fold_norms, only)):
@@ -114,17 +136,40 @@ def expert_pass(ckpt: Checkpoint, layer: int, device: torch.device,
             if wt == ffn_input:
                 _store(units, unit, subspaces.weight_energies(w), frobenius_norm2(g), sigma)
                 if expert != SHARED:
-                    total.add_(gram(w, "in"))
+                    gram(w, "in", out=total)
             del w, g
-    router = torch.from_numpy(ckpt.read_router(layer, fold_norms)).to(device)
+        trim_heap()   # the expert's small blocks (below the mmap threshold) back to the system
+    router = ckpt.read_router(layer, fold_norms)
+    shared_gate = ckpt.read_shared_gate(layer, fold_norms)
+    if shared_gate is not None:  # a router row of its own, after the router's
+        router = np.concatenate([router, shared_gate])
+    router = torch.from_numpy(router).to(device)
     first = ckpt.moe.n_experts + bool(ckpt.moe.d_shared)
     energy, rowspace = subspaces.row_energies(router)
     norms = torch.linalg.vector_norm(router.to(torch.float64), dim=1).cpu().numpy()
     for e in range(router.shape[0]):
         _store(units, first + e, (energy[e], rowspace[e]), norms[e] ** 2, norms[e:e + 1])
-    mean = total / ckpt.moe.n_experts
+    mean = total.div_(ckpt.moe.n_experts)
     return ExpertPass(gram=mean, singular_values=singular_values_from_gram(mean),
                       norm2=np.array(frobenius_norm2(mean)), units=units, rows=rows)
+
+
+def trim_heap() -> bool:
+    """Return the heap's free pages to the system (glibc's ``malloc_trim(0)``); False where
+    there is no such call (macOS, Windows).
+
+    An expert's Grams, projections and ``eigvalsh`` workspaces are blocks of 1-4 MiB at
+    Qwen3-30B-A3B's shapes, below the extraction's mmap threshold
+    (:func:`extraction.unmap_large_frees`), so they come from the heap, and freed among the
+    pass's live blocks they stay resident: without a trim the job's RSS grew by about 70 MiB
+    over a layer's 128 experts (benchmarks/moe_memory.py). Cost: a walk over the heap's free
+    blocks, well under a millisecond per expert."""
+    import ctypes
+
+    try:
+        return bool(ctypes.CDLL(None).malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
 
 
 def _store(units: UnitArrays, unit: int, energies: tuple[torch.Tensor, torch.Tensor],

@@ -76,8 +76,8 @@ import torch
 from .checkpoint import Checkpoint
 from .device import pin_float32_matmul, resolve_device
 from .errors import UserError
-from .experts import UnitArrays, expert_pass
-from .kernels import factored_subspaces, ov_circuits
+from .experts import SparseFfn, UnitArrays, expert_pass
+from .kernels import FactoredSubspaces, factored_subspaces, ov_circuits
 from .latent_attention import latent_attention_pass
 from .ranks import (
     effective_rank_from_singular_values,
@@ -133,13 +133,14 @@ def extract_layer(ckpt: Checkpoint, layer: int, device: torch.device,
     dims, ffn_input = ckpt.dims, ckpt.adapter.ffn_input
     heads = (dims.n_heads, dims.n_kv_heads, dims.d_head)
     rows, kernel_inputs = [], {}
-    subspaces = ffn_gram = energy = rowspace = query = ov = None
+    subspaces = ffn_gram = energy = rowspace = query = ov = sparse = None
     attention = ckpt.is_attention(layer)  # else linear attention: FFN effective ranks only
     needed = (None if compute_ranks else
               ("W_Q", "W_K", "W_V", "W_O", ffn_input) if attention else ())
     if attention and ckpt.latent is not None:  # latent attention, from its factors
         mla = latent_attention_pass(ckpt, layer, device, fold_norms, compute_ranks)
         rows, subspaces, query = mla.rows, mla.subspaces, mla.query_vectors
+        sparse = sparse_ffn(ckpt, layer, device, subspaces, fold_norms, compute_ranks)
         ov = mla.circuits()  # reads W_O: after the experts where they run first
         del mla
     for wt, array in ckpt.iter_layer(layer, fold_norms, only=needed):
@@ -161,6 +162,8 @@ def extract_layer(ckpt: Checkpoint, layer: int, device: torch.device,
             subspaces = factored_subspaces(w_q, w_k, *heads, torch.float64)
             query = subspaces.left_vectors(w_q, torch.float32).cpu().numpy()
             del w_q, w_k
+            # the experts now, before W_V, W_O and their circuits are held
+            sparse = sparse_ffn(ckpt, layer, device, subspaces, fold_norms, compute_ranks)
         if "W_V" in kernel_inputs and "W_O" in kernel_inputs:
             ov = ov_circuits(kernel_inputs.pop("W_O"), kernel_inputs.pop("W_V"), *heads)
         if subspaces is not None and ffn_gram is not None:  # drop G as soon as it is used
@@ -171,13 +174,11 @@ def extract_layer(ckpt: Checkpoint, layer: int, device: torch.device,
         if ckpt.is_sparse(layer) and compute_ranks:
             rows += expert_ranks(ckpt, layer, device, fold_norms)
         return LayerResult.ranks_only(rows)
-    units = UnitArrays.empty(ckpt.moe, *heads, dims.d_model)
-    if ckpt.is_sparse(layer):  # a mixture of experts, read one expert at a time
-        moe = expert_pass(ckpt, layer, device, subspaces, fold_norms, compute_ranks)
-        rows += moe.rows
-        ffn_sigma, norm2, units = moe.singular_values, moe.norm2, moe.units
-        energy, rowspace = (x.cpu().numpy() for x in subspaces.energies(moe.gram))
-        del moe
+    units = UnitArrays.empty(ckpt)
+    if sparse is not None:  # a mixture of experts
+        rows += sparse.rows
+        ffn_sigma, norm2, units = sparse.singular_values, sparse.norm2, sparse.units
+        energy, rowspace = sparse.energy, sparse.rowspace_eigenvalues
     singular_values = subspaces.singular_values.cpu().numpy()
     require_defined(ckpt, layer, singular_values, norm2)
     return LayerResult(
@@ -196,6 +197,20 @@ def extract_layer(ckpt: Checkpoint, layer: int, device: torch.device,
         expert_rowspace_eigenvalues=units.rowspace_eigenvalues,
         expert_singular_values=units.singular_values,
         weight_ranks=rows)
+
+
+def sparse_ffn(ckpt: Checkpoint, layer: int, device: torch.device,
+               subspaces: FactoredSubspaces, fold_norms: bool, compute_ranks: bool
+               ) -> SparseFfn | None:
+    """A sparse layer's experts (:func:`experts.expert_pass`, one expert at a time) against the
+    layer's ``subspaces``, with the energies of their mean Gram, which is then dropped; None for
+    a dense layer. Called as soon as the subspaces exist, before W_V and W_O are read, so that
+    the pass's working set never meets theirs and their circuits'."""
+    if not ckpt.is_sparse(layer):
+        return None
+    moe = expert_pass(ckpt, layer, device, subspaces, fold_norms, compute_ranks)
+    energy, rowspace = (x.cpu().numpy() for x in subspaces.energies(moe.gram))
+    return SparseFfn(moe.rows, moe.singular_values, moe.norm2, moe.units, energy, rowspace)
 
 
 def expert_ranks(ckpt: Checkpoint, layer: int, device: torch.device,

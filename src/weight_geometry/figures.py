@@ -12,7 +12,7 @@ import numpy as np
 
 from .ksweep import CONDITIONAL_RATIO_LABELS, RATIO_LABELS
 from .multiplicity import FDR_Q
-from .ranks import normalized_eff_rank
+from .ranks import per_weight_type
 from .results_io import Analysis, pair_matrix
 from .rowspace_nulls import one_head_null
 from .similarity import null_mean
@@ -209,8 +209,8 @@ def draw_all(a: Analysis, out: dict[str, str]) -> None:
     save_figure(fig, out["multihead_summary"])
 
     fig, ax = plt.subplots(figsize=(10, 4.5))
-    for wt, rows in a.weight_ranks.groupby("weight_type", sort=False):
-        ax.plot(rows["layer_idx"], normalized_eff_rank(rows), marker=".", label=wt)
+    for wt, rows in per_weight_type(a.weight_ranks).groupby("weight_type", sort=False):
+        ax.plot(rows["layer_idx"], rows["normalized_eff_rank"], marker=".", label=wt)
     ax.set(xlabel="Layer", ylabel="eff_rank / min(rows, cols)",
            title="Normalized effective rank by layer")
     ax.legend(ncol=4)

@@ -14,7 +14,8 @@ with their sizes):
   (permutation p) together with the three cross-reference correlations (detrended,
   circular-shift p): one family of five;
 - Experiment 3: alignment of every (layer, head) against the conditional null (two-sided), and
-  of the primary head's layers (layer table);
+  of the primary head's layers (layer table); in a mixture-of-experts model, of every (layer,
+  expert or router row, head) (:mod:`expert_alignment`);
 - every head: the adjacent-layer similarity of every (head, layer) (heads table) and its
   similarity to the bottleneck (bottleneck table).
 """
@@ -49,6 +50,9 @@ from .statistics import (
 
 #: The family of Experiment 2's trends and the cross-reference's correlations.
 DEPTH_FAMILY = "Trends and correlations across depth"
+#: The family of the per-expert alignment (mixture-of-experts models).
+EXPERT_FAMILY = ("Alignment per expert vs conditional null (every layer, expert or router row"
+                 " and head)")
 
 
 @dataclass
@@ -73,6 +77,7 @@ class Findings:
     alignment_layers: FamilyCounts        # primary head
     heads_adjacent: FamilyCounts          # every (head, layer) adjacent pair
     heads_bottleneck: FamilyCounts | None  # every (head, layer) similarity to the bottleneck
+    alignment_experts: FamilyCounts | None = None  # every (layer, unit, head); None: no experts
 
     def families(self) -> list[tuple[str, int]]:
         """(family, number of tests) of every family the report ran."""
@@ -88,6 +93,8 @@ class Findings:
                  self.alignment_heads.n_tests),
                 ("Alignment vs conditional null (primary head)", self.alignment_layers.n_tests),
                 (DEPTH_FAMILY, int(np.isfinite(list(self.depth_adjusted.values())).sum()))]
+        if self.alignment_experts is not None:
+            rows.append((EXPERT_FAMILY, self.alignment_experts.n_tests))
         if self.bottleneck is not None:
             rows[6:6] = [("Similarity to the bottleneck vs conditional null (primary head)",
                           self.bottleneck.n_tests),
@@ -177,4 +184,7 @@ def compute_findings(a: Analysis) -> Findings:
         heads_bottleneck=(_family(a.bottleneck, "similarity", "conditional_mean",
                                   "z_conditional", "p_conditional_adjusted")
                           if a.has_bottleneck else None),
+        alignment_experts=(_family(a.alignment_experts, "alignment", "conditional_chance",
+                                   "conditional_z", "conditional_p_adjusted")
+                           if a.has_experts else None),
     )

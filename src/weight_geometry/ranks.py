@@ -94,10 +94,11 @@ def effective_rank_from_singular_values(sigma: np.ndarray, shape: tuple[int, int
     return float(np.exp(-(p * np.log(p)).sum()))
 
 
-def gram(w, side: str, dtype=None, panel: int | None = None):
+def gram(w, side: str, dtype=None, panel: int | None = None, out=None):
     """``W^T W`` (side='in', cols x cols) or ``W W^T`` (side='out', rows x rows) in ``dtype``
     (default float32), on ``w``'s device; ``w`` may carry leading batch axes (``(..., rows,
-    cols)``: one Gram per matrix).
+    cols)``: one Gram per matrix). With ``out`` (a Gram of the same shape, its dtype), the
+    Gram is added to it in place and ``out`` returned: a sum of Grams without a temporary.
 
     ``G = X^T X`` with ``X = W`` or ``W^T`` of shape ``(n, m)``. Only the upper triangle is
     multiplied, in panels of ``p = panel`` (default :data:`GRAM_PANEL`) columns: ``G[c:c+p, c:]
@@ -111,13 +112,15 @@ def gram(w, side: str, dtype=None, panel: int | None = None):
     """
     import torch
 
-    dtype, panel = dtype or torch.float32, panel or GRAM_PANEL
+    dtype = out.dtype if out is not None else dtype or torch.float32
+    panel = panel or GRAM_PANEL
     x = w if side == "in" else w.transpose(-1, -2)
     n, m = x.shape[-2:]
     batch = x.shape[:-2]
     x = x.reshape(-1, n, m)                      # a view: (b, n, m), b = 1 for a plain matrix
     rows = n if x.dtype == dtype else GRAM_BLOCK
-    g = torch.zeros(x.shape[0], m, m, dtype=dtype, device=w.device)
+    g = (out.view(-1, m, m) if out is not None
+         else torch.zeros(x.shape[0], m, m, dtype=dtype, device=w.device))
     for start in range(0, n, rows):
         block = x[:, start:start + rows].to(dtype)
         for c in range(0, m, panel):
@@ -229,6 +232,18 @@ def normalized_eff_rank(table: pd.DataFrame) -> pd.Series:
     an all-zero weight. Cost O(rows of the table)."""
     smaller = table["shape"].map(lambda text: min(parse_shape(text)))
     return (table["eff_rank"] / smaller).rename("normalized_eff_rank")
+
+
+def per_weight_type(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per (layer_idx, weight_type) of an effective-rank table, in its order: a dense
+    weight's own row, and for a mixture-of-experts layer's W_gate, W_up, W_down (rows with an
+    ``expert``) the mean over the layer's experts (routed and shared, each once) of eff_rank
+    and of normalized_eff_rank (:func:`normalized_eff_rank`). Columns layer_idx, weight_type,
+    eff_rank, normalized_eff_rank; so a sparse layer counts as many weights as a dense one in
+    a mean over weight types. Cost O(rows)."""
+    out = table.assign(normalized_eff_rank=normalized_eff_rank(table))
+    return (out.groupby(["layer_idx", "weight_type"], sort=False)[
+        ["eff_rank", "normalized_eff_rank"]].mean().reset_index())
 
 
 def kernel_rank_table(singular_values: np.ndarray, d_model: int) -> pd.DataFrame:

@@ -15,6 +15,7 @@ from .circuits_report import CircuitFindings, CircuitTables, circuit_findings
 from .circuits_report import finding as circuit_finding
 from .circuits_report import section as circuit_section
 from .crossref import PAIRS, layer_correlations
+from .expert_alignment import expert_finding, group_summary
 from .findings import DEPTH_FAMILY, Findings, compute_findings
 from .hybrid import left_out
 from .ksweep import CONDITIONAL_RATIO_LABELS, GAP_THRESHOLD, RATIO_LABELS, ill_defined
@@ -204,6 +205,9 @@ def section_findings(a: Analysis, f: Findings) -> dict[str, str]:
                        if significant else
                        f"No correlation across depth survives detrending and BH"
                        f" ({len(f.depth_adjusted)} tested): {AT_CHANCE}.")
+    if a.has_experts:
+        out["alignment_experts"] = expert_finding(a.alignment_experts, f.alignment_experts,
+                                                  AT_CHANCE)
     return out
 
 
@@ -503,6 +507,43 @@ def _alignment(a: Analysis, f: Findings, lines: dict[str, str]):
         ("Every (layer, head)", f.alignment_heads.count("(layer, head) pairs")),
     ]) + "\n"
     yield ("Per layer with both nulls: [Appendix](#appendix-full-tables) and `layers.csv`.\n")
+    if a.has_experts:
+        yield from _experts(a, f, lines)
+
+
+def _experts(a: Analysis, f: Findings, lines: dict[str, str]):
+    """Experiment 3 per expert of a mixture-of-experts model, beside the layers' pooled FFN
+    input (the tables above)."""
+    table, k = a.alignment_experts, a.k
+    sparse = sorted(set(table["layer"]))
+    dense = sorted(set(range(len(a.layers))) - set(sparse))
+    yield "### Experts and router\n"
+    yield _finding(lines, "alignment_experts")
+    yield (f"The same share for each expert's FFN input `W_gate_e` (and the shared expert's),"
+           f" `||W_gate_e V_k^T||_F^2 / ||W_gate_e||_F^2`, and for each router row `w_e` (the"
+           f" direction whose logit sends a token to expert e), `||V_k w_e||^2 / ||w_e||^2`, for"
+           f" every head at k = {k}, each against its own isotropic and conditional null"
+           " (`alignment_experts.parquet`). Above, a sparse layer's FFN input is its routed"
+           " experts' pooled W_gate (the mean of their Grams); layers without experts"
+           f" ({_listed([str(x) for x in dense]) or 'none'}) are there as dense layers. Spread:"
+           " the std over units of each unit's mean over heads; most and least aligned by that"
+           " mean over its conditional chance.\n")
+    pooled = a.alignment[a.alignment["layer"].isin(sparse)]
+    summary = group_summary(table)
+    summary.loc[len(summary)] = {
+        "group": "Sparse layers' pooled FFN input", "units": len(sparse),
+        "mean": pooled["alignment"].mean(), "spread": np.nan,
+        "ratio": pooled["alignment"].mean() / pooled["chance"].mean(),
+        "conditional_ratio": (pooled["alignment"].mean()
+                              / pooled["conditional_chance"].mean()),
+        "most": "", "least": ""}
+    yield markdown_table(summary.rename(columns={
+        "group": "Units", "units": "N", "mean": "Mean alignment", "spread": "Spread",
+        "ratio": "× isotropic", "conditional_ratio": "× conditional",
+        "most": "Most aligned", "least": "Least aligned"}), ".4f",
+        formats={"× isotropic": ".2f", "× conditional": ".2f"}) + "\n"
+    yield (f"Against the conditional null (two-sided, BH over every (layer, unit, head)):"
+           f" {f.alignment_experts.count('tests')}.\n")
 
 
 def _by_kv_head(a: Analysis) -> pd.DataFrame:
@@ -603,7 +644,12 @@ def _crossref(a: Analysis, f: Findings, lines: dict[str, str]):
            f" ({a.weight_ranks['source'].iloc[0]}). Not WeightWatcher's \"entropy\", a"
            " different quantity. Gap at k: the relative spectral gap `(sigma_k - sigma_k+1) /"
            f" sigma_k` of that head's kernel; below {GAP_THRESHOLD} its top-k subspace is"
-           " ill-defined.\n")
+           " ill-defined."
+           + (" In a mixture-of-experts layer each of W_gate, W_up and W_down enters the"
+              " per-layer means as its experts' mean (routed and shared, normalized first),"
+              " beside the four attention weights; the bottleneck rule reads W_Q and W_K"
+              " only." if "expert" in a.weight_ranks and a.weight_ranks["expert"].notna().any()
+              else "") + "\n")
     yield _fig("effective_ranks", "Effective rank by layer, normalized: eff_rank / min(rows,"
                " cols)") + "\n"
     yield _fig("kernel_effective_ranks", "Kernel effective rank per layer and head") + "\n"

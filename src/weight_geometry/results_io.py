@@ -170,6 +170,13 @@ class Analysis:
     within_layer: pd.DataFrame   # per layer: similarity of heads sharing / not a KV head
     overlaps: np.ndarray         # (2, L, n_kv, L, n_kv) row-space overlap moments
     ksweep: pd.DataFrame | None  # rows by k; None where not an input (the figures)
+    #: per (layer, expert or router row, head): expert_alignment; None where not an input
+    alignment_experts: pd.DataFrame | None = None
+
+    @property
+    def has_experts(self) -> bool:
+        """Whether the per-expert alignment has rows (a mixture-of-experts model)."""
+        return self.alignment_experts is not None and len(self.alignment_experts) > 0
 
     @property
     def has_bottleneck(self) -> bool:
@@ -238,4 +245,6 @@ def load_analysis(inputs, k: int, heads: list[int], primary_head: int) -> Analys
         within_layer=table(inputs.within_layer),
         overlaps=load_array(inputs.overlaps),
         ksweep=pd.read_parquet(inputs.ksweep) if hasattr(inputs, "ksweep") else None,
+        alignment_experts=(table(inputs.alignment_experts)
+                           if hasattr(inputs, "alignment_experts") else None),
     )

@@ -166,6 +166,21 @@ def k_sweep_mem_mb(wildcards):
     return 1000 + (vectors + block + matrices) // 2**20
 
 
+def expert_alignment_mem_mb(wildcards, input):
+    """The first k energies of every (layer, unit, head) in float64 twice (the chunks' copies
+    and the sparse layers' selection), and the table: about 30 float64 columns of one row per
+    (layer, unit, head), three times while it is built and sorted; plus the interpreter and
+    pandas. The rows are counted from the stored energies' headers (memory-mapped, unread).
+    """
+    from math import prod
+
+    from weight_geometry.results_io import load_array
+
+    k = int(wildcards.k)
+    rows = sum(prod(load_array(p, mmap_mode="r").shape[:3]) for p in input.energy)
+    return 1000 + rows * (2 * k * 8 + 3 * 30 * 8) // 2**20
+
+
 def composition_mem_mb(wildcards):
     """The four (L, h, d_head, d) float32 factor arrays (concatenated from the chunks' memory
     maps), one later layer's three sides and one layer pair's (3 h d_head, h d_head) float32
@@ -243,6 +258,7 @@ def analysis_inputs(wildcards):
         "within_layer": f"{kdir}/within_layer.parquet",
         "overlaps": f"{base}/rowspace_overlap.npy",
         "ksweep": f"{base}/ksweep.parquet",
+        "alignment_experts": f"{kdir}/alignment_experts.parquet",
         **(circuit_inputs(wildcards) if PLAN.circuits else {}),
     }
 
@@ -274,7 +290,7 @@ def figure_inputs(wildcards):
         name: path
         for name, path in analysis_inputs(wildcards).items()
         if name not in ("ksweep", "layers", "composition_layers", "composition_top")
-        and name != "read_write"
+        and name not in ("read_write", "alignment_experts")
     }
 
 

@@ -106,6 +106,29 @@ rule ffn_alignment:
         "../scripts/ffn_alignment.py"
 
 
+rule expert_alignment:
+    input:
+        model=f"{R}/model.json",
+        energy=chunk_files("expert_energy.npy"),
+        norm2=chunk_files("expert_norm2.npy"),
+        singular_values=chunk_files("expert_singular_values.npy"),
+        rowspace_eigenvalues=chunk_files("expert_rowspace_eigenvalues.npy"),
+    output:
+        f"{K}/alignment_experts.parquet",
+    log:
+        "logs/{model}/k{k}/alignment_experts.log",
+    benchmark:
+        f"{K}/benchmarks/alignment_experts.tsv"
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=expert_alignment_mem_mb,
+        runtime=5,
+    script:
+        "../scripts/expert_alignment.py"
+
+
 rule layer_table:
     input:
         weight_ranks=f"{R}/effective_ranks.parquet",
