@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 
 from .composition import TYPES
-from .figures import _ratio_heatmap, _ratio_ticks, pyplot, save_figure
+from .figures import _ratio_heatmap, pyplot, save_figure
 
 #: The types' names in titles.
 NAMES = {"q": "Q", "k": "K", "v": "V"}
@@ -47,6 +47,8 @@ def draw_circuits(scores: dict[str, np.ndarray], null_mean: dict[str, float],
     scores of its top layer pair over the isotropic null mean (``scores``: ``(L h, L h)``
     arrays, ``null_mean`` by type); the read/write overlap's ratio to its nulls by layer
     distance."""
+    from matplotlib.ticker import FuncFormatter
+
     plt = pyplot()
     n_layers = scores["q"].shape[0] // n_heads
     fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
@@ -92,8 +94,7 @@ def draw_circuits(scores: dict[str, np.ndarray], null_mean: dict[str, float],
     _integer_ticks(ax, y=False)
     k = int(read_write["k"].iloc[0]) if len(read_write) else 0
     ax.set(xlabel="Layer distance (later - earlier)", ylabel="mean overlap / null mean",
-           yscale="log", title=f"Read/write overlap by layer distance (top-{k}, mean over"
-           " layer pairs)")
-    _ratio_ticks(ax)
+           title=f"Read/write overlap by layer distance (top-{k}, mean over layer pairs)")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
     ax.legend(fontsize="small", ncol=2)
     save_figure(fig, out["read_write"])

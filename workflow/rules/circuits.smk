@@ -50,7 +50,7 @@ rule read_write:
         f"{K}/benchmarks/read_write.tsv"
     conda:
         ENV
-    threads: 2
+    threads: 1
     resources:
         mem_mb=read_write_mem_mb,
         runtime=10,
