@@ -317,6 +317,9 @@ def test_workflow_runs_on_a_hybrid(tmp_path, arch):
     assert compare_table({"hyb": (record, layers)}, 3)["depth"].tolist() == [1 / L, 3 / L]
     align = pd.read_parquet(r / "k3" / "alignment.parquet")
     assert sorted(align["layer"].unique()) == ATTENTION
+    if arch == "qwen3_5_moe_text":   # per expert and router row
+        experts = pd.read_parquet(r / "k3" / "alignment_experts.parquet")
+        assert sorted(experts["layer"].unique()) == ATTENTION
     pairs = pd.read_parquet(r / "k3" / "layer_pairs.parquet")
     assert pairs[["layer_a", "layer_b"]].values.tolist() == [ATTENTION]
     if arch == "qwen3_5_text":   # the circuits' tables name model layers too
