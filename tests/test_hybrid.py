@@ -366,3 +366,22 @@ def test_gguf_reads_as_the_hugging_face_checkpoint(tmp_path, arch, qtype):
                                           hf.iter_experts(layer, True), strict=True):
                 for wt in w_ref:
                     np.testing.assert_allclose(w[wt], w_ref[wt], **tol, err_msg=f"{e} {wt}")
+
+
+def test_trajectory_heatmap_marks_a_hybrid_layer_on_its_row(monkeypatch, tmp_path):
+    """A hybrid series' per-layer tables name model layers 1 and 3: the dots marking where a
+    statistic exceeds step 0 sit on the heatmap's rows of those layers (0 and 1), not at
+    y = 1 and 3."""
+    from weight_geometry import figures
+    from weight_geometry.trajectory import STATISTICS, draw_statistic
+
+    stat = STATISTICS[0]
+    table = pd.DataFrame({"step": [0, 0, 10, 10], "layer": ATTENTION * 2,
+                          f"{stat.column}_minus_initial": [0.0, 0.0, 0.1, 0.3],
+                          f"{stat.column}_exceeds_initial": [False, False, True, True],
+                          stat.column: [0.1, 0.1, 0.2, 0.4]})
+    drawn = {}
+    monkeypatch.setattr(figures, "save_figure", lambda fig, path: drawn.update(fig=fig))
+    draw_statistic(table, stat, tmp_path / "x.png", None)
+    (dots,) = drawn["fig"].axes[0].collections
+    assert dots.get_offsets()[:, 1].tolist() == [0, 1]

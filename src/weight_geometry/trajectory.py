@@ -213,7 +213,8 @@ def draw_statistic(table: pd.DataFrame, stat: Statistic, path, chance: float | N
     flag = f"{stat.column}_exceeds_initial"
     if flag in table:
         hits = table[table[flag]]
-        left.scatter([steps.index(s) for s in hits["step"]], hits["layer"], s=12, c="k",
+        left.scatter([steps.index(s) for s in hits["step"]],   # rows of the grid (a
+                     grid.index.get_indexer(hits["layer"]), s=12, c="k",  # hybrid's skip layers)
                      marker="o", label=f"exceeds step {steps[0]} (BH {FDR_Q})")
         if len(hits):
             left.legend(loc="upper left", fontsize=7)

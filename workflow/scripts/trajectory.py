@@ -10,6 +10,7 @@ def main():
     import numpy as np
     import pandas as pd
 
+    from weight_geometry.hybrid import to_model_layers
     from weight_geometry.results_io import load_layers, read_json
     from weight_geometry.series import TRAJECTORY_FIGURES
     from weight_geometry.trajectory import (
@@ -29,7 +30,7 @@ def main():
 
     table = trajectory_table(steps, [pd.read_parquet(p) for p in inp.layers])
     table.to_parquet(out.trajectory_table, index=False)
-    drift = drift_table(steps, load_bases)
+    drift = to_model_layers(drift_table(steps, load_bases), read_json(inp.models[-1]))
     drift.to_parquet(out.drift_table, index=False)
     d_model = read_json(inp.models[-1])["d_model"]
     draw_figures(table, drift, {name: out[name] for name in TRAJECTORY_FIGURES}, k / d_model)
