@@ -5,6 +5,7 @@ planted circuit."""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import haar_bases, naive_kernel, orthonormal_rows
 from test_lib_composition import factors, random_weights
@@ -192,3 +193,55 @@ def test_locality_null_keeps_each_later_layers_level():
     ps = [locality_test(later, earlier, np.random.default_rng(s).random(len(later)),
                         n_perm=500, seed=s)[1] for s in range(5)]
     assert min(ps) > 0.01 and max(ps) > 0.2, ps
+
+
+def circuit_tables(weights, h, n_kv, d_head, k):
+    """The three tables the report reads, from the library's own rows (as the jobs write
+    them)."""
+    from weight_geometry.circuits_report import CircuitTables
+    from weight_geometry.composition import (
+        LAYER_COLUMNS,
+        TOP_COLUMNS,
+        composition,
+        conditional_tests,
+        isotropic_null,
+        layer_rows,
+        pair_tests,
+        top_pairs,
+    )
+
+    c = factors(weights, h, n_kv, d_head)
+    comp = composition(c)
+    null = isotropic_null(c.shape[-1], d_head)
+    tests = {**pair_tests(comp.scores, null), **conditional_tests(comp)}
+    frame = lambda rows, columns: pd.DataFrame(rows, columns=list(columns))  # noqa: E731
+    return CircuitTables(
+        frame(layer_rows(comp.scores, tests, h), LAYER_COLUMNS),
+        frame(top_pairs(comp.scores, tests, null, h), TOP_COLUMNS),
+        frame(table_rows(read_write(sides_of(weights, h, n_kv, d_head), k)), COLUMNS))
+
+
+@pytest.mark.parametrize("plant", [False, True])
+def test_circuits_finding_at_chance_and_planted(plant):
+    """The section's finding: random weights read as chance (no family departs from its null);
+    layer 0 head 1 writing 10x into layer 2 head 2's top-k key directions is named as the
+    strongest K-composition, and the read/write row of those layers is above its null. The
+    section renders with its three tables and figures."""
+    from weight_geometry.circuits_report import circuit_findings, finding, section
+    from weight_geometry.verdicts import AT_CHANCE
+
+    d, h, n_kv, d_head, k = 64, 4, 2, 8, 2
+    weights = random_weights(np.random.default_rng(21), 3, d, h, n_kv, d_head)
+    if plant:
+        keys = naive_sides(weights, h, d_head)[2][2]["read"][1][:k]
+        weights[0]["W_O"][:, d_head:d_head + k] = 10 * np.sqrt(d) * keys.T
+    tables = circuit_tables(weights, h, n_kv, d_head, k)
+    f = circuit_findings(tables, n_perm=200)
+    line = finding(tables, f)
+    assert f.at_chance() is not plant and (AT_CHANCE in line) is not plant, line
+    if plant:
+        assert "strongest K-composition L2.H2 ← L0.H1" in line, line
+        assert f.read_write["k"].n_above >= 1
+    text = "\n".join(section(tables, f, k, line))
+    assert text.count("| Q ") >= 1 and text.count("![") == 3
+    assert [name for name, _ in f.families()][-1].startswith("Locality of composition")
