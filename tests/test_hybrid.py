@@ -385,3 +385,10 @@ def test_trajectory_heatmap_marks_a_hybrid_layer_on_its_row(monkeypatch, tmp_pat
     draw_statistic(table, stat, tmp_path / "x.png", None)
     (dots,) = drawn["fig"].axes[0].collections
     assert dots.get_offsets()[:, 1].tolist() == [0, 1]
+
+
+def test_comparison_refuses_a_hybrid_layers_table_of_other_layers():
+    record = {"n_layers": L, "d_model": D, "ffn_input": "W_gate", "attention_layers": ATTENTION}
+    with pytest.raises(ValueError, match=r"h: layers table does not hold layers \[1, 3\] \(its"
+                       " softmax-attention layers\\)"):
+        compare_table({"h": (record, pd.DataFrame({"layer": [0, 1]}))}, 3)

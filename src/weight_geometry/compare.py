@@ -57,9 +57,11 @@ _FIGURES = dict(zip(COMPARE_FIGURES, (
 def _model_rows(name: str, model: dict, layers: pd.DataFrame, k: int) -> pd.DataFrame:
     """One model's rows of :func:`compare_table`."""
     n_layers, d = model["n_layers"], model["d_model"]
-    if not np.array_equal(layers["layer"].to_numpy(), attention_layers(model)):
-        raise ValueError(f"{name}: layers table does not hold the attention layers"
-                         f" {attention_layers(model).tolist()}")
+    expected = attention_layers(model)  # every layer, or a hybrid's softmax-attention ones
+    if not np.array_equal(layers["layer"].to_numpy(), expected):
+        which = (f"0..{n_layers - 1}" if len(expected) == n_layers
+                 else f"{expected.tolist()} (its softmax-attention layers)")
+        raise ValueError(f"{name}: layers table does not hold layers {which}")
     chance = null_mean(k, d)
     return pd.DataFrame({
         "model": name,
