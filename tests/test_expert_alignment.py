@@ -325,5 +325,6 @@ def test_workflow_writes_expert_alignment_and_its_report_section(tmp_path):
                                per_type.groupby(level=0).mean().to_numpy(), rtol=1e-12)
     report = (r / "k3" / "report.md").read_text()
     assert "### Experts and router" in report and "| Router rows " in report
+    assert "| Dense layers' FFN input " in report   # layer 1, beside the experts
     assert "Alignment per expert vs conditional null" in report
     assert "enters the per-layer means as its experts' mean" in report

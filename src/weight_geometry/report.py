@@ -528,15 +528,17 @@ def _experts(a: Analysis, f: Findings, lines: dict[str, str]):
            f" ({_listed([str(x) for x in dense]) or 'none'}) are there as dense layers. Spread:"
            " the std over units of each unit's mean over heads; most and least aligned by that"
            " mean over its conditional chance.\n")
-    pooled = a.alignment[a.alignment["layer"].isin(sparse)]
     summary = group_summary(table)
-    summary.loc[len(summary)] = {
-        "group": "Sparse layers' pooled FFN input", "units": len(sparse),
-        "mean": pooled["alignment"].mean(), "spread": np.nan,
-        "ratio": pooled["alignment"].mean() / pooled["chance"].mean(),
-        "conditional_ratio": (pooled["alignment"].mean()
-                              / pooled["conditional_chance"].mean()),
-        "most": "", "least": ""}
+    for label, layers in (("Sparse layers' pooled FFN input", sparse),
+                          ("Dense layers' FFN input", dense)):
+        rows = a.alignment[a.alignment["layer"].isin(layers)]
+        if len(rows):
+            summary.loc[len(summary)] = {
+                "group": label, "units": len(layers), "mean": rows["alignment"].mean(),
+                "spread": np.nan, "ratio": rows["alignment"].mean() / rows["chance"].mean(),
+                "conditional_ratio": (rows["alignment"].mean()
+                                      / rows["conditional_chance"].mean()),
+                "most": "", "least": ""}
     yield markdown_table(summary.rename(columns={
         "group": "Units", "units": "N", "mean": "Mean alignment", "spread": "Spread",
         "ratio": "× isotropic", "conditional_ratio": "× conditional",
