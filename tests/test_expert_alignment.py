@@ -155,6 +155,23 @@ def test_table_is_one_family_with_its_ratios(built):
         assert np.isnan(arrays["expert_norm2"][layer]).all()
 
 
+def test_router_rows_nulls_are_beta_distributions(built):
+    """A router row ``w`` is rank one: for a Haar-random k-subspace of R^d, ``||V w||^2 /
+    ||w||^2 ~ Beta(k/2, (d-k)/2)``; within the head's KV row space (dimension m), the share is
+    ``||Q_j w||^2 / ||w||^2`` times ``Beta(k/2, (m-k)/2)``. scipy's moments of those."""
+    _, _, path = built
+    ckpt, arrays = extract(path)
+    router = table_of(ckpt, arrays)
+    router = router[router["expert"] == ROUTER]
+    d, m = ckpt.dims.d_model, ckpt.dims.d_head
+    np.testing.assert_allclose(router["null_std"], scipy.stats.beta(K / 2, (d - K) / 2).std(),
+                               rtol=1e-10)
+    inside = router["conditional_chance"] * m / K          # ||Q_j w||^2 / ||w||^2
+    np.testing.assert_allclose(router["conditional_std"],
+                               inside * scipy.stats.beta(K / 2, (m - K) / 2).std(), rtol=1e-10)
+    np.testing.assert_allclose(router["conditional_ceiling"], inside, rtol=1e-10)
+
+
 def test_every_k_follows_from_one_extraction(built):
     """The stored energies are per direction: the table at k = 1 and k = d_head - 1 equal the
     reference without another read of the weights."""
