@@ -311,19 +311,35 @@ def ffn_inputs(model, arch: str, layer: int) -> list[np.ndarray]:
     return [w[:d_e].detach().numpy() for w in mlp.experts.gate_up_proj]
 
 
+def expert_units(model, layer: int) -> list[tuple[str, int | None, np.ndarray]]:
+    """``(expert, router row, weight)`` of each unit whose alignment a sparse layer gets, from
+    the live module: every routed expert's W_gate, the shared experts' W_gate (GLM), then every
+    router row ``(1, d)``."""
+    mlp = model.model.layers[layer].mlp
+    d_e = mlp.experts.intermediate_dim
+    units = [(str(e), None, w[:d_e].detach().numpy())
+             for e, w in enumerate(mlp.experts.gate_up_proj)]
+    if hasattr(mlp, "shared_experts"):
+        units.append(("shared", None, mlp.shared_experts.gate_proj.weight.detach().numpy()))
+    router = mlp.gate.weight.detach().numpy()
+    return units + [("router", e, router[e:e + 1]) for e in range(len(router))]
+
+
 @pytest.mark.workflow
 def test_workflow_runs_on_glm4_moe_and_minimax_m2(tmp_path):
     """Both families through the whole workflow to their reports (raw weights, the notebook's
     definitions): head 0's similarity, every head's alignment (pooled over the routed experts
-    in a sparse layer) and every weight's effective rank (each expert's, the shared experts')
-    equal references from the live modules' weights; GLM's report states partial rotary."""
+    in a sparse layer), per expert and router row, and every weight's effective rank (each
+    expert's, the shared experts') equal references from the live modules' weights; GLM's
+    report states partial rotary."""
     models, built_models = {}, {}
     for arch in FAMILIES:
         path = tmp_path / "ckpt" / arch
         built_models[arch] = build(arch, path, config=config_of(arch))
         models[arch.replace("_", "-")] = {"source": str(path)}
     workdir = tmp_path / "run"
-    targets = [f"results/{name}/k3/report.md" for name in models]
+    targets = [f"results/{name}/k3/{out}" for name in models
+               for out in ("report.md", "alignment_experts.parquet")]
     assert_ok(run_snakemake(workdir, *targets, config={
         "models": models, "top_k": 3, "heads": {"sample": 2}, "device": "cpu",
         "fold_norms": False}, timeout=900))
@@ -359,6 +375,19 @@ def test_workflow_runs_on_glm4_moe_and_minimax_m2(tmp_path):
             assert w.shape == (32, 48)     # n_shared_experts = 2 of width 24, one FFN
             row = shared[(shared.layer_idx == 1) & (shared.weight_type == "W_down")]
             assert row.eff_rank.item() == pytest.approx(reference_eff_rank(w), rel=1e-4)
+        per_unit = pd.read_parquet(r / "k3" / "alignment_experts.parquet")
+        assert len(per_unit) == sum(len(expert_units(model, layer)) for layer in SPARSE3[arch]
+                                    ) * model.config.num_attention_heads
+        for layer in SPARSE3[arch]:
+            for head in range(model.config.num_attention_heads):
+                v = top_subspace(model, layer, head, 3)
+                rows = per_unit[(per_unit["layer"] == layer) & (per_unit["head"] == head)]
+                ours = rows.alignment.to_numpy()
+                ref = [np.square(w @ v.T).sum() / np.square(w).sum()
+                       for _, _, w in expert_units(model, layer)]
+                assert [*zip(rows.expert, rows.router_row.fillna(-1).astype(int), strict=True)] == [
+                    (e, -1 if row is None else row) for e, row, _ in expert_units(model, layer)]
+                np.testing.assert_allclose(ours, ref, rtol=1e-4, err_msg=f"{arch} {layer}")
         report = (r / "k3" / "report.md").read_text()
         assert ("Partial rotary: RoPE rotates only the first 8 of each head's 16" in report) == (
             arch == "glm4_moe"), arch
