@@ -19,7 +19,7 @@ pytestmark = pytest.mark.workflow
 
 CHEAP_K_RULES = {"similarity_matrix", "similarity_mean", "bottleneck_similarity",
                  "ffn_alignment", "match_heads", "layer_table", "report_figures",
-                 "report_markdown", "read_write", "circuit_figures"}
+                 "report_markdown", "read_write", "circuit_figures", "expert_alignment"}
 
 
 def planned(proc) -> list[tuple[str, list[str]]]:
