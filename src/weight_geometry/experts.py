@@ -14,9 +14,9 @@ each router row) the pass stores what the per-expert alignment needs at every k
 (:mod:`expert_alignment`), from the expert's weights already in memory, so nothing is read
 twice: the energies ``||W_u v_r||^2`` of every head's ``d_head`` right singular vectors and the
 eigenvalues of ``W_u``'s Gram inside each KV row space, from ``P = W_u Q_k`` (``d_e x n_kv
-d_head``: :meth:`kernels.FactoredSubspaces.weight_energies`, ``2 d_e d n_kv d_head`` flops, a
-third of ``W_u``'s ``d x d`` Gram at ``n_kv d_head = 512``, ``d = 2048``, and its ``d x d``
-Gram is never formed for this); ``||W_u||_F^2``; and ``W_u``'s singular values from its smaller
+d_head``: :meth:`kernels.FactoredSubspaces.weight_energies`, ``2 d_e d n_kv d_head`` flops,
+less than half of ``W_u``'s ``d x d`` Gram's upper triangle at ``n_kv d_head = 512``, ``d =
+2048``; no ``d x d`` Gram of an expert is formed for this); ``||W_u||_F^2``; and ``W_u``'s singular values from its smaller
 Gram (``d_e x d_e``), which its effective rank uses too. The router, ``(E, d)``, is read once
 (:meth:`kernels.FactoredSubspaces.row_energies`, ``2 E d n_kv d_head``), and with it the shared
 expert's gate where there is one (Qwen2-MoE's ``shared_expert_gate``, ``(1, d)``), a router row
@@ -27,8 +27,8 @@ alone without them), ``W_gate``'s ``d x d`` Gram added to the float32 sum in pla
 triangle, ``d_e d^2 (1 + p/d)`` flops, :func:`ranks.gram`) and ``P``; per layer one float32
 ``d x d`` ``eigvalsh`` of the mean. Memory: one expert's three weights, the ``d x d`` float32
 sum, ``P`` and the layer's per-unit arrays (``U (h + n_kv) d_head + U m`` float64); on
-Qwen3-30B-A3B's shapes the pass peaks 140-150 MiB above the job's start-up, the attention
-outputs it holds included (benchmarks/RESULTS.md). Precision: the float32 sum of ``E`` Grams
+Qwen3-30B-A3B's shapes the pass peaks 129 MiB above the job's start-up, the attention outputs
+it holds included (benchmarks/RESULTS.md). Precision: the float32 sum of ``E`` Grams
 is off by about ``sqrt(E) eps32 ||G||`` (1e-6 relative at E = 128), the float32 Gram's own
 order; the mean's singular values serve the pooled alignment's isotropic null only.
 """
@@ -138,7 +138,6 @@ def expert_pass(ckpt: Checkpoint, layer: int, device: torch.device,
                 if expert != SHARED:
                     gram(w, "in", out=total)
             del w, g
-        trim_heap()   # the expert's small blocks (below the mmap threshold) back to the system
     router = ckpt.read_router(layer, fold_norms)
     shared_gate = ckpt.read_shared_gate(layer, fold_norms)
     if shared_gate is not None:  # a router row of its own, after the router's
@@ -152,24 +151,6 @@ def expert_pass(ckpt: Checkpoint, layer: int, device: torch.device,
     mean = total.div_(ckpt.moe.n_experts)
     return ExpertPass(gram=mean, singular_values=singular_values_from_gram(mean),
                       norm2=np.array(frobenius_norm2(mean)), units=units, rows=rows)
-
-
-def trim_heap() -> bool:
-    """Return the heap's free pages to the system (glibc's ``malloc_trim(0)``); False where
-    there is no such call (macOS, Windows).
-
-    An expert's Grams, projections and ``eigvalsh`` workspaces are blocks of 1-4 MiB at
-    Qwen3-30B-A3B's shapes, below the extraction's mmap threshold
-    (:func:`extraction.unmap_large_frees`), so they come from the heap, and freed among the
-    pass's live blocks they stay resident: without a trim the job's RSS grew by about 70 MiB
-    over a layer's 128 experts (benchmarks/moe_memory.py). Cost: a walk over the heap's free
-    blocks, well under a millisecond per expert."""
-    import ctypes
-
-    try:
-        return bool(ctypes.CDLL(None).malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
 
 
 def _store(units: UnitArrays, unit: int, energies: tuple[torch.Tensor, torch.Tensor],
