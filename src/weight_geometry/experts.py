@@ -17,10 +17,10 @@ eigenvalues of ``W_u``'s Gram inside each KV row space, from ``P = W_u Q_k`` (``
 d_head``: :meth:`kernels.FactoredSubspaces.weight_energies`, ``2 d_e d n_kv d_head`` flops,
 less than half of ``W_u``'s ``d x d`` Gram's upper triangle at ``n_kv d_head = 512``, ``d =
 2048``; no ``d x d`` Gram of an expert is formed for this); ``||W_u||_F^2``; and ``W_u``'s
-singular values from its smaller Gram (``d_e x d_e``), which its effective rank uses too. The router, ``(E, d)``, is read once
-(:meth:`kernels.FactoredSubspaces.row_energies`, ``2 E d n_kv d_head``), and with it the shared
-expert's gate where there is one (Qwen2-MoE's ``shared_expert_gate``, ``(1, d)``), a router row
-labelled ``shared``.
+singular values from its smaller Gram (``d_e x d_e``), which its effective rank uses too. The
+router, ``(E, d)``, is read once (:meth:`kernels.FactoredSubspaces.row_energies`, ``2 E d n_kv
+d_head``), and with it the shared expert's gate where there is one (Qwen2-MoE's
+``shared_expert_gate``, ``(1, d)``), a router row labelled ``shared``.
 
 Cost per routed expert: three ``d_e x d_e`` Grams and ``eigvalsh`` (effective ranks; W_gate's
 alone without them), ``W_gate``'s ``d x d`` Gram added to the float32 sum in place (its upper
