@@ -331,12 +331,16 @@ def test_workflow_runs_on_glm4_moe_and_minimax_m2(tmp_path):
     definitions): head 0's similarity, every head's alignment (pooled over the routed experts
     in a sparse layer), per expert and router row, and every weight's effective rank (each
     expert's, the shared experts') equal references from the live modules' weights; GLM's
-    report states partial rotary."""
+    report states partial rotary. GLM's GGUF file (its multi-token-prediction layer stored,
+    as published) gives the same similarity and per-expert alignment."""
     models, built_models = {}, {}
     for arch in FAMILIES:
         path = tmp_path / "ckpt" / arch
         built_models[arch] = build(arch, path, config=config_of(arch))
         models[arch.replace("_", "-")] = {"source": str(path)}
+    add_mtp_layer(tmp_path / "ckpt" / "glm4_moe")   # as published, with its GGUF file
+    gguf = convert_hf_to_gguf(tmp_path / "ckpt" / "glm4_moe", tmp_path / "glm.gguf")[0]
+    models["glm-gguf"] = {"source": str(gguf)}
     workdir = tmp_path / "run"
     targets = [f"results/{name}/k3/{out}" for name in models
                for out in ("report.md", "alignment_experts.parquet")]
@@ -391,3 +395,10 @@ def test_workflow_runs_on_glm4_moe_and_minimax_m2(tmp_path):
         report = (r / "k3" / "report.md").read_text()
         assert ("Partial rotary: RoPE rotates only the first 8 of each head's 16" in report) == (
             arch == "glm4_moe"), arch
+    hf, gg = workdir / "results" / "glm4-moe", workdir / "results" / "glm-gguf"
+    assert json.loads((gg / "model.json").read_text())["rotary_fraction"] == 0.5
+    np.testing.assert_allclose(np.load(gg / "k3" / "similarity_head0.npy"),
+                               np.load(hf / "k3" / "similarity_head0.npy"), atol=1e-6)
+    pd.testing.assert_frame_equal(pd.read_parquet(gg / "k3" / "alignment_experts.parquet"),
+                                  pd.read_parquet(hf / "k3" / "alignment_experts.parquet"),
+                                  rtol=1e-5)
