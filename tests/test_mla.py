@@ -155,6 +155,22 @@ def test_effective_ranks_and_ffn_energies(built):
                                    rtol=1e-4, atol=1e-6 * np.trace(gram))
 
 
+def test_fused_experts_read_as_the_per_expert_ones(tmp_path):
+    """The experts as transformers 5 holds them (``mlp.experts.gate_up_proj`` ``(E, 2 d_e, d)``,
+    ``down_proj``), one slice at a time, equal the per-expert tensors ``save_pretrained``
+    writes; the shared experts and the router are the same tensors in both."""
+    build("v2-lora", tmp_path / "per", config=CONFIGS["v2-lora"]())
+    build("v2-lora", tmp_path / "fused", fused=True, config=CONFIGS["v2-lora"]())
+    per, fused = (open_checkpoint(str(tmp_path / n), fold_norms=True) for n in ("per", "fused"))
+    assert fused.expert_layout.fused and not per.expert_layout.fused
+    pairs = zip(per.iter_experts(1, True), fused.iter_experts(1, True), strict=True)
+    for (e, a), (f, b) in pairs:
+        assert e == f and a.keys() == b.keys()
+        for wt in a:
+            np.testing.assert_array_equal(a[wt], b[wt], err_msg=f"{e} {wt}")
+    np.testing.assert_array_equal(per.read_router(1, True), fused.read_router(1, True))
+
+
 def test_model_json_says_what_is_left_out(built):
     _, _, path = built
     described = open_checkpoint(str(path)).describe(fold_norms=True)
