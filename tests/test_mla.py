@@ -183,7 +183,8 @@ def test_bad_latent_config_is_one_line(tmp_path):
     build("v3-lora", tmp_path / "m", config=CONFIGS["v3-lora"]())
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     for key, value, fragment in (("v_head_dim", 64, "v_head_dim = 64 exceeds"),
-                                 ("kv_lora_rank", "32", "kv_lora_rank: '32' is not allowed")):
+                                 ("kv_lora_rank", "32", "kv_lora_rank: '32' is not allowed"),
+                                 ("kv_lora_rank", 16, "kv_a_proj_with_mqa.weight has shape")):
         (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, key: value}))
         with pytest.raises(UserError) as info:
             open_checkpoint(str(tmp_path / "m"))
