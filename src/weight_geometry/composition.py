@@ -49,6 +49,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .extraction import in_threads, layer_workers
 from .kernels import circuit_svd
 from .multiplicity import FDR_Q, benjamini_hochberg, gamma_p
 
@@ -120,10 +121,13 @@ def composition(c: Circuits, device: str | torch.device = "cpu") -> Composition:
     key and value bases each: ``n_b = n_kv`` under GQA, ``h`` without) with ``A_e^T`` gives
     every ``M``; one batched product every ``N``; the rest is ``O(h^2 m^2)`` in float64. Cost
     per layer pair ``2 (h + 2 n_b) m d h m`` (``6 (h m)^2 d`` with ``g = 1``) plus ``2 (h +
-    2 n_b) h m^3``, per later layer ``4 h m^2 d`` for ``C`` under GQA; memory one layer's
-    float32 bases and three ``(h + 2 n_b) m x h m`` float32 blocks on ``device`` (and the
-    write vectors of every earlier layer, as views of ``c.write`` on the CPU) beside the
-    three ``(3, L h, L h)`` float64 results.
+    2 n_b) h m^3``, per later layer ``4 h m^2 d`` for ``C`` under GQA. On the CPU as many
+    later layers at once as torch has threads, each with one thread
+    (:func:`extraction.in_threads`: small products run badly on threads shared with other
+    processes); on a GPU one. Memory per later layer in flight (at most workers + 1) its
+    float32 bases and three ``(h + 2 n_b) m x h m`` float32 blocks, on ``device``, beside the
+    write vectors of every earlier layer (views of ``c.write`` on the CPU) and the three
+    ``(3, L h, L h)`` float64 results.
     """
     device = torch.device(device)
     n_layers, h, m, _ = c.shape
@@ -136,17 +140,21 @@ def composition(c: Circuits, device: str | torch.device = "cpu") -> Composition:
               for name, x in (("qk", qk_sq), ("ov", ov_sq))}
     c_var = 2 / ((m - 1) * (m + 2)) if m > 1 else 0.0
     out = np.full((3, 3, n_layers, h, n_layers, h), np.nan)      # scores, mean, std
-    writes = [None] * n_layers                       # A_e, kept once read
-    for later in range(1, n_layers):
+    writes = [_layer(c.write, e).to(device) for e in range(n_layers - 1)]        # A_e
+    t_all = torch.as_tensor(np.asarray(c.ov_sigma, dtype=np.float32), device=device)
+    n_rows = h + 2 * (h // group)
+
+    def later_layer(later: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         sides = _later_sides(c, later, group, qk_sq[later], ov_sq[later], device)
+        # The three blocks of every pair, allocated once (fresh ones fault their pages in).
+        work = torch.empty((3, n_rows * h * m * m), dtype=torch.float32, device=device)
+        return [_pair_moments(sides, writes[e], t_all[e], m, work) for e in range(later)]
+
+    workers = layer_workers(device, torch.get_num_threads())
+    for later, moments in enumerate(in_threads(later_layer, range(1, n_layers), workers), 1):
         norms2 = np.stack([qk_norm2[later], qk_norm2[later], ov_norm2[later]])  # (3, h)
         spreads = np.stack([spread["qk"][later], spread["qk"][later], spread["ov"][later]])
-        for earlier in range(later):
-            if writes[earlier] is None:
-                writes[earlier] = _layer(c.write, earlier).to(device)
-            t_earlier = torch.as_tensor(np.asarray(c.ov_sigma[earlier], dtype=np.float32),
-                                        device=device)
-            sums, tr_n, spread_n = _pair_moments(sides, writes[earlier], t_earlier, m)
+        for earlier, (sums, tr_n, spread_n) in enumerate(moments):
             scale = norms2[:, :, None] * ov_norm2[earlier][None, None, :]
             with np.errstate(divide="ignore", invalid="ignore"):
                 out[0, :, later, :, earlier, :] = np.sqrt(np.maximum(sums, 0) / scale)
@@ -193,20 +201,21 @@ def _later_sides(c: Circuits, later: int, group: int, qk_sq: np.ndarray, ov_sq: 
     return _Sides(torch.cat([query, *bases]), (h, n_b, n_b), tuple(weights))
 
 
-def _pair_moments(sides: _Sides, write: torch.Tensor, t: torch.Tensor, m: int
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _pair_moments(sides: _Sides, write: torch.Tensor, t: torch.Tensor, m: int,
+                  work: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(3, h, h)`` float64 ``<G, N>``, ``tr N`` and ``tr N^2 - (tr N)^2 / m = ||N - (tr N /
     m) I||_F^2`` (centred: no cancellation) of every (later head, earlier head) of one layer
-    pair (``write``: ``A_e`` ``(h m, d)``, ``t``: ``(h, m)``; :func:`composition`). Cost ``2
-    (n_q + 2 n_b) m d h m + 2 (n_q + 2 n_b) h m^3``; ``<G, N>`` and the traces in float64."""
+    pair (``write``: ``A_e`` ``(h m, d)``, ``t``: ``(h, m)``; :func:`composition`), in the
+    float32 memory ``work`` (``(3, n_rows h m^2)``, ``n_rows = n_q + 2 n_b``). Cost ``2 (n_q
+    + 2 n_b) m d h m + 2 (n_q + 2 n_b) h m^3``; ``<G, N>`` and the traces in float64."""
     h = t.shape[0]
     n_rows = sides.bases.shape[0] // m
-    products = sides.bases @ write.T                                         # Q A_e^T
-    blocks = torch.empty((n_rows, h, m, m), dtype=products.dtype, device=products.device)
+    products, blocks, gram = (x.reshape(n_rows, h, m, m) for x in work)
+    products = products.reshape(n_rows * m, h * m)
+    torch.matmul(sides.bases, write.T, out=products)                         # Q A_e^T
     torch.mul(products.reshape(n_rows, m, h, m).transpose(1, 2), t.reshape(1, h, 1, m),
               out=blocks)                                                    # M per (Q, e)
-    del products
-    gram = blocks @ blocks.mT                                                # N per (Q, e)
+    torch.matmul(blocks, blocks.mT, out=gram)                                # N per (Q, e)
     diag = gram.diagonal(dim1=-2, dim2=-1)                                   # (n_rows, h, m)
     diag64 = diag.double()
     sums, start = [], 0
