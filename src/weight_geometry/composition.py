@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .extraction import in_threads, layer_workers
+from .extraction import in_threads, layer_workers, unmap_large_frees
 from .kernels import circuit_svd
 from .multiplicity import FDR_Q, benjamini_hochberg, gamma_p
 
@@ -402,8 +402,12 @@ def write_composition(c: Circuits, outputs, device: str | torch.device = "cpu") 
     """Every output of rule ``composition`` (a Snakemake ``output`` with ``composition_{q,k,v},
     null, top, layers``): the three ``(L h, L h)`` score matrices in float32, the null table
     (:data:`NULL_COLUMNS`), the top pairs (:data:`TOP_COLUMNS`) and the layer-pair summary
-    (:data:`LAYER_COLUMNS`); the scores computed on ``device`` (:func:`composition`)."""
+    (:data:`LAYER_COLUMNS`); the scores computed on ``device`` (:func:`composition`). Blocks
+    of 4 MiB and more go back to the system when freed (:func:`extraction.unmap_large_frees`:
+    the worker threads' blocks would otherwise stay in their heaps)."""
     from .results_io import save_result, write_rows
+
+    unmap_large_frees()
 
     n_heads, d_head, d = c.shape[1:]
     comp = composition(c, device)
