@@ -29,6 +29,11 @@ process (so each peak RSS, ``VmHWM``, is that step's own):
   product broadcasts ``(L h, 1, m, d) @ (1, L h, d, m)``, which torch's ``matmul`` expands
   into two ``(L h)^2 m d`` copies before its ``(L h)^2 m^2`` result: the bytes
   :func:`tl_bytes` counts. Run where that fits (a few layers), extrapolated to the model.
+- ``ov_overhead SOURCE --pairs N``: the OV factors' share of the extraction of ``SOURCE``
+  (the driver: the default model, ``--ov-repeats`` passes each): :func:`run_ov_overhead`.
+
+Before each step the driver waits (up to ``--max-wait`` s) for a quiet machine, then runs it
+once and records the load average and the other processes' busy cores during it.
 
 ``--device cuda`` runs the three methods on the GPU (ours through ``composition``'s
 ``device``); without a usable GPU it says so and exits 0.

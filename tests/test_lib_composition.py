@@ -167,3 +167,25 @@ def test_conditional_null_by_monte_carlo():
     mean, std = exact.conditional_mean[:, 2:, :2], exact.conditional_std[:, 2:, :2]
     assert np.all(np.abs(draws.mean(0) - mean) < 3 * std / np.sqrt(len(draws)) + 1e-12)
     np.testing.assert_allclose(draws.std(0), std, rtol=0.08)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_any_number_of_layer_workers_gives_the_same_result(threads):
+    """composition runs as many later layers at once as torch has threads (one thread each):
+    scores and conditional moments do not depend on how many (GQA, 4 layers)."""
+    from weight_geometry.composition import composition
+
+    rng = np.random.default_rng(3)
+    c = factors(random_weights(rng, 4, 24, 4, 2, 3), 4, 2, 3)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        ref = composition(c)
+        torch.set_num_threads(threads)
+        ours = composition(c)
+    finally:
+        torch.set_num_threads(before)
+    for name in ("scores", "conditional_mean", "conditional_std"):
+        np.testing.assert_allclose(getattr(ours, name), getattr(ref, name), rtol=1e-6,
+                                   equal_nan=True)
+    assert np.isfinite(ref.scores).sum() == 3 * 6 * 16
