@@ -116,7 +116,8 @@ def composition(c: Circuits, device: str | torch.device = "cpu") -> Composition:
     ``X = C Q`` with ``C = X Q^T`` (``m x m``, ``I`` for its own rows). With ``M_{Q,e} = Q A_e^T
     diag(t_e)`` and ``N = M M^T`` (``m x m``), the squared numerator is ``||diag(s) C M||_F^2 =
     <G, N>`` with ``G = C^T diag(s^2) C`` (``diag(s^2)`` for its own rows: ``sum_r s_r^2
-    N_rr``), and the conditional null needs ``tr N`` and ``tr N^2 = ||N||_F^2``. So per layer
+    N_rr``), and the conditional null needs ``tr N`` and ``tr N^2 - (tr N)^2 / m = ||N - (tr N
+    / m) I||_F^2``. So per layer
     pair: one float32 GEMM of the later layer's stacked bases (``h`` query bases and ``n_b``
     key and value bases each: ``n_b = n_kv`` under GQA, ``h`` without) with ``A_e^T`` gives
     every ``M``; one batched product every ``N``; the rest is ``O(h^2 m^2)`` in float64. Cost
