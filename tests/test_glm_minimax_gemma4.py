@@ -389,7 +389,8 @@ def test_workflow_runs_on_glm4_moe_and_minimax_m2(tmp_path):
                 ours = rows.alignment.to_numpy()
                 ref = [np.square(w @ v.T).sum() / np.square(w).sum()
                        for _, _, w in expert_units(model, layer)]
-                assert [*zip(rows.expert, rows.router_row.fillna(-1).astype(int), strict=True)] == [
+                router_rows = [-1 if pd.isna(x) else int(x) for x in rows.router_row]
+                assert [*zip(rows.expert, router_rows, strict=True)] == [
                     (e, -1 if row is None else row) for e, row, _ in expert_units(model, layer)]
                 np.testing.assert_allclose(ours, ref, rtol=1e-4, err_msg=f"{arch} {layer}")
         report = (r / "k3" / "report.md").read_text()
