@@ -34,6 +34,19 @@ def config_schema() -> dict:
     return yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
 
 
+def spread_parameters(model, weights: bool = True) -> None:
+    """Spread a freshly built model's parameters in place, so that no structure of the
+    initialisation (routers at zero, gains at one, equal row norms) hides an error: norm gains
+    uniform in [0.5, 1.5), and with ``weights`` every other parameter Gaussian with its rows
+    scaled by factors uniform in [0.5, 1.5)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.rand_like(p) + 0.5)
+            elif weights:
+                p.copy_(torch.randn_like(p) * (torch.rand(p.shape[:-1])[..., None] + 0.5))
+
+
 def make_llama_checkpoint(path: Path, seed: int = 0, **overrides) -> Path:
     """Save a randomly initialised Llama built by transformers to ``path``."""
     from transformers import AutoModelForCausalLM, LlamaConfig

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 import transformers as T
-from conftest import assert_ok, reference_eff_rank, run_snakemake
+from conftest import assert_ok, reference_eff_rank, run_snakemake, spread_parameters
 from safetensors.torch import save_file
 
 from weight_geometry.architectures import SHARED
@@ -55,12 +55,7 @@ def build(arch: str, path, fused: bool = False, config=None):
     etc., 3-D) written as is beside its config."""
     torch.manual_seed(0)
     model = T.AutoModelForCausalLM.from_config(config or CONFIGS[arch]())
-    with torch.no_grad():  # the router starts at zero, the gains at one: spread them all
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(torch.rand_like(p) + 0.5)
-            else:
-                p.copy_(torch.randn_like(p) * (torch.rand(p.shape[:-1])[..., None] + 0.5))
+    spread_parameters(model)  # the router starts at zero, the gains at one
     model.save_pretrained(path)
     if fused:
         for f in path.glob("*.safetensors"):

@@ -16,7 +16,13 @@ import pandas as pd
 import pytest
 import torch
 import transformers as T
-from conftest import assert_ok, naive_kernel_svd, reference_eff_rank, run_snakemake
+from conftest import (
+    assert_ok,
+    naive_kernel_svd,
+    reference_eff_rank,
+    run_snakemake,
+    spread_parameters,
+)
 from test_architectures import build as build_dense
 from test_layer_kinds import reference_kinds
 
@@ -37,12 +43,7 @@ def build_llama4(path, **overrides):
     """The model, every weight and norm gain spread (the router and gains start trivial)."""
     torch.manual_seed(0)
     model = T.AutoModelForCausalLM.from_config(T.Llama4TextConfig(**{**LLAMA4, **overrides}))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(torch.rand_like(p) + 0.5)
-            else:
-                p.copy_(torch.randn_like(p) * (torch.rand(p.shape[:-1])[..., None] + 0.5))
+    spread_parameters(model)
     model.save_pretrained(path)
     return model
 
@@ -260,10 +261,7 @@ def gguf_pair(request, tmp_path_factory):
     else:
         torch.manual_seed(2)
         model = T.AutoModelForCausalLM.from_config(GGUF_CONFIGS[arch]())
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "norm" in name:
-                    p.copy_(torch.rand_like(p) + 0.5)
+        spread_parameters(model, weights=False)
         model.save_pretrained(root / "hf")
     f32 = convert_hf_to_gguf(root / "hf", root / "f32.gguf")[0]
     q8 = convert_hf_to_gguf(root / "hf", root / "q8.gguf", QT.Q8_0)[0]
