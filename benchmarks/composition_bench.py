@@ -316,30 +316,33 @@ def run_tl(directory: Path, n_layers: int, device: str) -> dict:
 def run_ov_overhead(source: str, repeats: int, scratch: Path) -> dict:
     """The extraction pass (``extraction.write_layers``: every layer of ``source``, norms
     folded as in the default config, the job's layer workers) ``repeats`` times with its OV
-    step and as often without it (``kernels.ov_circuits`` replaced by a stand-in returning a
-    result of the same shapes computed once), alternating; each pass's time and the OV calls'
-    own time (summed over the workers' threads)."""
+    step and as often without it (``kernels.emit_ov_circuits``, as the extraction calls it,
+    replaced by a stand-in handing over a result of the same shapes computed once),
+    alternating; each pass's time and the OV calls' own time (summed over the workers'
+    threads)."""
     from weight_geometry import extraction
     from weight_geometry.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(source, fold_norms=True)
     paths = {name: scratch / f"{name}.npy" for name in extraction.LayerResult.array_names()}
     workers = extraction.layer_workers(torch.device("cpu"), torch.get_num_threads())
-    real, ov_time, results = extraction.ov_circuits, {}, {}
+    real, ov_time, results = extraction.emit_ov_circuits, {}, {}
 
     def measured(*args, **kwargs):
         with stopwatch(ov_time, "s"):
             return real(*args, **kwargs)
 
-    def stand_in(w_o, w_v, *heads, **kwargs):
-        if "result" not in results:
-            results["result"] = real(w_o, w_v, *heads, **kwargs)
-        return results["result"]
+    def stand_in(weights, emit, *heads, **kwargs):
+        if not results:
+            real(weights, results.__setitem__, *heads, **kwargs)
+        weights.pop("W_O", None), weights.pop("W_V", None)
+        for name, side in results.items():
+            emit(name, side)
 
     times: dict[str, list[float]] = {"with": [], "without": [], "ov_calls": []}
     for _ in range(repeats + 1):                     # the first round warms the page cache
         for label, fn in (("with", measured), ("without", stand_in)):
-            extraction.ov_circuits = fn
+            extraction.emit_ov_circuits = fn
             ov_time.clear()
             start = time.perf_counter()
             extraction.write_layers(ckpt, range(ckpt.dims.n_layers), torch.device("cpu"), True,
@@ -347,7 +350,7 @@ def run_ov_overhead(source: str, repeats: int, scratch: Path) -> dict:
             times[label].append(time.perf_counter() - start)
             if label == "with":
                 times["ov_calls"].append(ov_time["s"])
-    extraction.ov_circuits = real
+    extraction.emit_ov_circuits = real
     times = {k: v[1:] for k, v in times.items()}
     return {"source": source, "workers": workers, "times": times,
             "median": {k: float(np.median(v)) for k, v in times.items()},

@@ -9,7 +9,8 @@ projections are :func:`make_checkpoint._projection`'s noise plus a low-rank spik
 ``extract`` runs the extraction job's pass (:func:`extraction.write_layers`, one layer worker,
 ``.npy`` files in a scratch directory) in this process and prints one JSON record: seconds per
 layer (wall and this process's CPU), the cores other processes kept busy meanwhile, peak RSS
-(``VmHWM``), one layer's attention weights in float32 and its stored arrays.
+(``VmHWM``) and the RSS before the pass (start-up: interpreter, torch, the opened
+checkpoint), one layer's attention weights in float32 and its stored arrays.
 
     python benchmarks/mla_bench.py write /tmp/wg-bench/dsv3-attn --layers 3
     python benchmarks/mla_bench.py extract /tmp/wg-bench/dsv3-attn --scratch /tmp/wg-bench/out
@@ -24,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from benchlib import cpu_snapshot, foreign_cores, peak_rss_mb
+from benchlib import cpu_snapshot, foreign_cores, peak_rss_mb, status_mb
 from make_checkpoint import VOCAB, _projection
 
 #: DeepSeek-V3's attention (config.json of deepseek-ai/DeepSeek-V3).
@@ -86,6 +87,7 @@ def extract(args) -> None:
     args.scratch.mkdir(parents=True, exist_ok=True)
     paths = {name: args.scratch / f"{name}.npy" for name in LayerResult.array_names()}
     layers = range(ckpt.dims.n_layers)
+    startup = status_mb("VmRSS")
     before = cpu_snapshot()
     start, cpu = time.perf_counter(), time.process_time()
     write_layers(ckpt, layers, torch.device("cpu"), True, paths, workers=args.workers)
@@ -96,7 +98,8 @@ def extract(args) -> None:
     record = {"layers": len(layers), "workers": args.workers,
               "threads": torch.get_num_threads(), "s_per_layer": seconds / len(layers),
               "cpu_s_per_layer": cpu / len(layers), "other_processes_cores": others,
-              "peak_rss_mib": peak_rss_mb(), "attention_fp32_mib": attention / 2**20,
+              "startup_rss_mib": startup, "peak_rss_mib": peak_rss_mb(),
+              "attention_fp32_mib": attention / 2**20,
               "stored_per_layer_mib": stored / 2**20,
               "extrapolated_61_layers_min": seconds / len(layers) * V3_LAYERS / 60}
     print(json.dumps(record))

@@ -434,3 +434,79 @@ def test_zero_weights_stop_with_one_line_instead_of_nan(tiny_llama, tmp_path, te
     with pytest.raises(UserError) as info:
         _extract(ckpt, range(2), tmp_path / "out")
     assert assert_one_line(info.value).startswith(message)
+
+
+def _numpy_base(array: np.ndarray) -> np.ndarray:
+    """The ndarray at the end of ``array``'s chain of views (the memory it lives in)."""
+    while isinstance(array.base, np.ndarray):
+        array = array.base
+    return array
+
+
+def test_iter_layer_holds_no_stored_tensor_between_weights(tiny_llama):
+    """While suspended, iter_layer holds no stored tensor that no later weight is cut from:
+    once the caller drops a weight, its memory is freed (the extraction releases W_O after
+    the OV write side this way)."""
+    import weakref
+
+    path, _ = tiny_llama
+    ckpt = open_checkpoint(str(path))
+    seen = []
+    for wt, array in ckpt.iter_layer(0):
+        ref = weakref.ref(_numpy_base(array))
+        del array
+        assert ref() is None, f"{wt}: still held"
+        seen.append(wt)
+    assert seen == list(NAMES)
+
+
+def test_extract_layer_hands_over_each_array_once(tiny_llama):
+    """With emit, every array goes to emit once, equal bit for bit to the collected one, and
+    the result holds the rank rows alone; a large array is not referenced once handed over."""
+    import weakref
+
+    path, _ = tiny_llama
+    ckpt = open_checkpoint(str(path))
+    collected = extract_layer(ckpt, 1, torch.device("cpu"))
+    emitted, refs = {}, []
+
+    def emit(name, array, rows=None):
+        assert name not in emitted and rows is None
+        assert all(ref() is None for ref in refs), "an earlier array is still held"
+        emitted[name] = array.copy()
+        if array.ndim == 3 and array.shape[-1] == D:  # the (h, d_head, d) ones
+            refs.append(weakref.ref(_numpy_base(array)))
+
+    streamed = extract_layer(ckpt, 1, torch.device("cpu"), emit=emit)
+    assert sorted(emitted) == sorted(LayerResult.array_names())
+    assert len(refs) == 4
+    for name in LayerResult.array_names():
+        assert getattr(streamed, name) is None
+        np.testing.assert_array_equal(emitted[name], getattr(collected, name), err_msg=name)
+    assert streamed.weight_ranks == collected.weight_ranks
+
+
+def test_layer_writer_keeps_layer_order_per_file(tmp_path):
+    """Arrays handed over out of layer order (two layer workers) are written in layer order,
+    each file on its own; a layer without attention (no row) is skipped; a missing row is an
+    error at the end."""
+    paths = {"a": tmp_path / "a.npy", "b": tmp_path / "b.npy"}
+    rows = {(name, layer): np.full((2, 3), 10 * layer + i, np.float32)
+            for i, name in enumerate(paths) for layer in (0, 2, 3)}
+    with extraction.LayerWriter(paths, [0, 2, 3]) as writer:
+        for name, layer in [("a", 3), ("b", 2), ("a", 2), ("b", 0), ("a", 0), ("b", 3)]:
+            writer.emitter(layer)(name, rows[name, layer])
+        writer.emitter(0)("not_stored", np.zeros(1))
+    for name in paths:
+        np.testing.assert_array_equal(np.load(paths[name]),
+                                      np.stack([rows[name, layer] for layer in (0, 2, 3)]))
+    padded = {"a": tmp_path / "padded.npy"}
+    with extraction.LayerWriter(padded, [0, 1]) as writer:     # 3 rows per head, padded to 5
+        writer.emitter(1)("a", rows["a", 2].reshape(2, 3, 1), 5)
+        writer.emitter(0)("a", rows["a", 0].reshape(2, 3, 1), 5)
+    np.testing.assert_array_equal(np.load(padded["a"]), np.stack(
+        [extraction.pad_heads(rows["a", layer].reshape(2, 3, 1), 5) for layer in (0, 2)]))
+    assert np.load(padded["a"])[:, :, 3:].tobytes() == bytes(2 * 2 * 2 * 4)
+    with pytest.raises(RuntimeError, match="incomplete"), \
+            extraction.LayerWriter(paths, [0, 1]) as writer:
+        writer.emitter(1)("a", rows["a", 0])

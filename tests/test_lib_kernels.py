@@ -341,3 +341,27 @@ def test_ov_circuits_of_a_zero_head_are_zero():
     ov = kernels.ov_circuits(torch.from_numpy(w_o), torch.from_numpy(w_v), 2, 1, 6)
     assert torch.all(ov.singular_values[0] == 0) and torch.all(ov.left[0] == 0)
     assert torch.isfinite(ov.right).all() and torch.all(ov.singular_values[1] > 0)
+
+
+def test_emit_ov_circuits_drops_w_o_before_the_read_side():
+    """emit_ov_circuits pops W_O and W_V and hands over each part as ov_circuits returns it;
+    W_O is freed once the write side is handed over, before the read side is formed."""
+    import weakref
+
+    gen = torch.Generator().manual_seed(3)
+    w_o, w_v = torch.randn(24, 4 * 6, generator=gen), torch.randn(2 * 6, 24, generator=gen)
+    expected = kernels.ov_circuits(w_o, w_v, 4, 2, 6)
+    weights = {"W_O": w_o.clone(), "W_V": w_v.clone()}
+    ref, parts = weakref.ref(weights["W_O"]), {}
+
+    def emit(name, tensor):
+        if name == "ov_read_vectors":
+            assert ref() is None, "W_O still held"
+        parts[name] = tensor
+
+    kernels.emit_ov_circuits(weights, emit, 4, 2, 6)
+    assert weights == {} and list(parts) == ["ov_singular_values", "ov_write_vectors",
+                                             "ov_read_vectors"]
+    for name, side in [("ov_write_vectors", expected.left), ("ov_read_vectors", expected.right),
+                       ("ov_singular_values", expected.singular_values)]:
+        assert torch.equal(parts[name], side), name

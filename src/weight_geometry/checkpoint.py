@@ -372,19 +372,22 @@ class Checkpoint:
         QKV: their weight types are consecutive), and dropped before the next one is read.
         With ``fold_norms`` the norm gains are folded in (see architectures). Cost: one read of
         the layer's tensors; memory: one stored tensor and the weight being yielded (the caller
-        decides what it keeps).
+        decides what it keeps). While suspended the generator holds no stored tensor that no
+        later weight is cut from, so the caller's ``del`` of the last weight frees it.
         """
         gains = self._gains(layer) if fold_norms else {}
-        current, tensor = None, None
         present = self.layer_weight_types(layer)
-        for wt, spec in self.adapter.weights.items():
-            if (only is not None and wt not in only) or wt not in present:
-                continue
-            name = self.adapter.tensor_name(wt, layer)
-            if name != current:
-                tensor = None  # drop the previous stored tensor before reading the next
-                current, tensor = name, self._read(name)
-            yield wt, self._weight(wt, spec.extract(tensor, self.dims), gains)
+        wanted = [(wt, spec, self.adapter.tensor_name(wt, layer))
+                  for wt, spec in self.adapter.weights.items()
+                  if (only is None or wt in only) and wt in present]
+        held: dict[str, np.ndarray] = {}  # the stored tensor being cut, by name
+        for i, (wt, spec, name) in enumerate(wanted):
+            if name not in held:
+                held.clear()  # drop the previous stored tensor before reading the next
+                held[name] = self._read(name)
+            last = i + 1 == len(wanted) or wanted[i + 1][2] != name
+            yield wt, self._weight(wt, spec.extract(held.pop(name) if last else held[name],
+                                                    self.dims), gains)
 
     def read_layer(self, layer: int, fold_norms: bool = False) -> dict[str, np.ndarray]:
         """Every weight of ``layer`` (see :meth:`iter_layer`) at once. Memory: one layer."""

@@ -27,8 +27,8 @@ alone without them), ``W_gate``'s ``d x d`` Gram added to the float32 sum in pla
 triangle, ``d_e d^2 (1 + p/d)`` flops, :func:`ranks.gram`) and ``P``; per layer one float32
 ``d x d`` ``eigvalsh`` of the mean. Memory: one expert's three weights, the ``d x d`` float32
 sum, ``P`` and the layer's per-unit arrays (``U (h + n_kv) d_head + U m`` float64); on
-Qwen3-30B-A3B's shapes the pass peaks 129 MiB above the job's start-up, the attention outputs
-it holds included (benchmarks/RESULTS.md). Precision: the float32 sum of ``E`` Grams
+Qwen3-30B-A3B's shapes the pass peaks 97 MiB above the job's start-up (the attention outputs
+are written before it runs; benchmarks/RESULTS.md). Precision: the float32 sum of ``E`` Grams
 is off by about ``sqrt(E) eps32 ||G||`` (1e-6 relative at E = 128), the float32 Gram's own
 order; the mean's singular values serve the pooled alignment's isotropic null only.
 """

@@ -55,13 +55,18 @@ Measured on 2 cores: 23 % (Qwen2.5-3B shapes) to 36 % (Qwen2.5-0.5B) less time p
 Peak memory per worker: one weight in float32 on the host (and the device), its Gram and
 ``eigvalsh``'s copy of it (float32; in float64, plus one :data:`ranks.GRAM_BLOCK`-row float64
 block, for a weight whose bound asks for it): at Qwen2.5-3B shapes about 120 MiB, during an FFN
-weight's spectrum. :func:`write_layers` appends each layer to the ``.npy`` files and releases it
-before the next is extracted, so no layer range is held in memory.
+weight's spectrum. Each ``(h, d_head, d)`` result is handed over as soon as it is computed
+(:func:`extract_layer`'s ``emit``) and :func:`write_layers` appends it to its ``.npy`` file and
+releases it, so neither a layer's four results nor a layer range is held in memory; each
+weight is dropped after its last use (W_O once the OV write vectors are formed, before the read
+side). Qwen3-30B-A3B's layer shapes: the job peaks 117 MiB above start-up (the experts' pass
+97 MiB), within issue 29's 180 MiB (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -77,7 +82,7 @@ from .checkpoint import Checkpoint
 from .device import pin_float32_matmul, resolve_device
 from .errors import UserError
 from .experts import SparseFfn, UnitArrays, expert_pass
-from .kernels import FactoredSubspaces, factored_subspaces, ov_circuits
+from .kernels import FactoredSubspaces, emit_ov_circuits, factored_subspaces
 from .latent_attention import latent_attention_pass
 from .ranks import (
     effective_rank_from_singular_values,
@@ -125,26 +130,51 @@ class LayerResult:
         return cls(**dict.fromkeys(cls.array_names()), weight_ranks=rows)
 
 
+#: ``emit(name, array, rows)``: one of a layer's arrays (a name of
+#: :meth:`LayerResult.array_names`), numpy on the host, handed over as soon as it is computed
+#: (:func:`extract_layer`); ``rows``: None, or the rows per head ``(h, v, ...)`` ``array`` is to
+#: be padded to with zero rows (:func:`pad_heads`), where ``v`` is less.
+Emit = Callable[[str, np.ndarray, "int | None"], None]
+#: The attention weights that the kernels and the OV circuits are formed from.
+KERNEL_WEIGHTS = ("W_Q", "W_K", "W_V", "W_O")
+
+
 def extract_layer(ckpt: Checkpoint, layer: int, device: torch.device,
-                  fold_norms: bool = False, compute_ranks: bool = True) -> LayerResult:
-    """All products of one layer; each weight is dropped once its Gram is done (W_Q and W_K
-    once the subspaces are, W_V and W_O once the OV circuits are). Cost per weight: its
-    float32 Gram and ``eigvalsh``; without ``compute_ranks`` only ``W_in``'s."""
+                  fold_norms: bool = False, compute_ranks: bool = True,
+                  emit: Emit | None = None) -> LayerResult:
+    """All products of one layer. Each weight is dropped once its last use is done (W_K once
+    the subspaces are formed, W_Q once the query vectors are, W_V once its QR is, W_O once the
+    OV write vectors are), and with ``emit`` each array is handed to ``emit(name, array)`` as
+    soon as it is computed and not kept (:func:`write_layers` appends it to its ``.npy``
+    file): the result then holds the rank rows alone, its arrays None. Without ``emit`` the
+    arrays are collected into the result. Cost per weight: its float32 Gram and ``eigvalsh``;
+    without ``compute_ranks`` only ``W_in``'s."""
+    arrays: dict[str, np.ndarray] = {}
+
+    def put(name: str, x: torch.Tensor | np.ndarray, rows: int | None = None) -> None:
+        array = x.cpu().numpy() if isinstance(x, torch.Tensor) else x
+        if emit is not None:
+            emit(name, array, rows)
+        else:
+            arrays[name] = pad_heads(array, rows)
+
     dims, ffn_input = ckpt.dims, ckpt.adapter.ffn_input
     heads = (dims.n_heads, dims.n_kv_heads, dims.d_head)
     rows, kernel_inputs = [], {}
-    subspaces = ffn_gram = energy = rowspace = query = ov = sparse = None
+    subspaces = ffn_gram = ffn_sigma = norm2 = energy = rowspace = sparse = None
     attention = ckpt.is_attention(layer)  # else linear attention: FFN effective ranks only
     needed = (None if compute_ranks else
-              ("W_Q", "W_K", "W_V", "W_O", ffn_input) if attention else ())
+              (*KERNEL_WEIGHTS, ffn_input) if attention else ())
     if attention and ckpt.latent is not None:  # latent attention, from its factors
-        mla = latent_attention_pass(ckpt, layer, device, fold_norms, compute_ranks)
-        rows, subspaces, query = mla.rows, mla.subspaces, mla.query_vectors
+        mla = latent_attention_pass(ckpt, layer, device, put, fold_norms, compute_ranks)
+        rows, subspaces = mla.rows, mla.subspaces
+        put_kernel_sides(ckpt, layer, subspaces, put)
         sparse = sparse_ffn(ckpt, layer, device, subspaces, fold_norms, compute_ranks)
-        ov = mla.circuits()  # reads W_O: after the experts where they run first
+        mla.circuits(put)  # reads W_O: after the experts where they run first
         del mla
     for wt, array in ckpt.iter_layer(layer, fold_norms, only=needed):
         w = torch.from_numpy(array).to(device)
+        del array  # the weight is held by w alone (and iter_layer holds no stored tensor)
         shape = tuple(w.shape)
         g = None
         if compute_ranks or wt == ffn_input:
@@ -155,21 +185,18 @@ def extract_layer(ckpt: Checkpoint, layer: int, device: torch.device,
         if wt == ffn_input:
             ffn_gram, ffn_sigma = g, sigma
             norm2 = np.array(frobenius_norm2(g))
-        if wt in ("W_Q", "W_K", "W_V", "W_O"):
+        if wt in KERNEL_WEIGHTS:
             kernel_inputs[wt] = w
+        del w, g
         if "W_Q" in kernel_inputs and "W_K" in kernel_inputs:
-            w_q, w_k = kernel_inputs.pop("W_Q"), kernel_inputs.pop("W_K")
-            subspaces = factored_subspaces(w_q, w_k, *heads, torch.float64)
-            query = subspaces.left_vectors(w_q, torch.float32).cpu().numpy()
-            del w_q, w_k
+            subspaces = kernel_subspaces(ckpt, layer, kernel_inputs, heads, put)
             # the experts now, before W_V, W_O and their circuits are held
             sparse = sparse_ffn(ckpt, layer, device, subspaces, fold_norms, compute_ranks)
         if "W_V" in kernel_inputs and "W_O" in kernel_inputs:
-            ov = ov_circuits(kernel_inputs.pop("W_O"), kernel_inputs.pop("W_V"), *heads)
+            emit_ov_circuits(kernel_inputs, put, *heads)  # pops W_O and W_V
         if subspaces is not None and ffn_gram is not None:  # drop G as soon as it is used
             energy, rowspace = (x.cpu().numpy() for x in subspaces.energies(ffn_gram))
             ffn_gram = None
-        del w, g, array
     if not attention:
         if ckpt.is_sparse(layer) and compute_ranks:
             rows += expert_ranks(ckpt, layer, device, fold_norms)
@@ -179,24 +206,39 @@ def extract_layer(ckpt: Checkpoint, layer: int, device: torch.device,
         rows += sparse.rows
         ffn_sigma, norm2, units = sparse.singular_values, sparse.norm2, sparse.units
         energy, rowspace = sparse.energy, sparse.rowspace_eigenvalues
+    require_ffn_input(ckpt, layer, norm2)
+    for name, x in (("ffn_input_energy", energy), ("ffn_input_rowspace_eigenvalues", rowspace),
+                    ("ffn_input_norm2", norm2), ("ffn_input_singular_values", ffn_sigma),
+                    ("expert_energy", units.energy), ("expert_norm2", units.norm2),
+                    ("expert_rowspace_eigenvalues", units.rowspace_eigenvalues),
+                    ("expert_singular_values", units.singular_values)):
+        put(name, x)
+    return LayerResult(**{name: arrays.get(name) for name in LayerResult.array_names()},
+                       weight_ranks=rows)
+
+
+def kernel_subspaces(ckpt: Checkpoint, layer: int, inputs: dict[str, torch.Tensor],
+                     heads: tuple[int, int, int], put: Callable) -> FactoredSubspaces:
+    """The kernel subspaces of W_Q and W_K (popped from ``inputs``, so that they are dropped
+    here: W_K once the subspaces are formed, W_Q once the query vectors are), with the
+    ``(h, d_head, d)`` query vectors, the singular values and the right vectors handed to
+    ``put`` one at a time (:func:`put_kernel_sides`)."""
+    w_q = inputs.pop("W_Q")
+    subspaces = factored_subspaces(w_q, inputs.pop("W_K"), *heads, torch.float64)
+    put("query_vectors", subspaces.left_vectors(w_q, torch.float32))
+    del w_q
+    put_kernel_sides(ckpt, layer, subspaces, put)
+    return subspaces
+
+
+def put_kernel_sides(ckpt: Checkpoint, layer: int, subspaces: FactoredSubspaces,
+                     put: Callable) -> None:
+    """The kernels' ``(h, d_head)`` singular values (a UserError where one is zero:
+    :func:`require_kernel`) and ``(h, d_head, d)`` float32 right vectors, handed to ``put``."""
     singular_values = subspaces.singular_values.cpu().numpy()
-    require_defined(ckpt, layer, singular_values, norm2)
-    return LayerResult(
-        vectors=subspaces.vectors(torch.float32).cpu().numpy(),
-        singular_values=singular_values,
-        ffn_input_energy=energy,
-        ffn_input_rowspace_eigenvalues=rowspace,
-        ffn_input_norm2=norm2,
-        ffn_input_singular_values=ffn_sigma,
-        query_vectors=query,
-        ov_write_vectors=ov.left.cpu().numpy(),
-        ov_read_vectors=ov.right.cpu().numpy(),
-        ov_singular_values=ov.singular_values.cpu().numpy(),
-        expert_energy=units.energy,
-        expert_norm2=units.norm2,
-        expert_rowspace_eigenvalues=units.rowspace_eigenvalues,
-        expert_singular_values=units.singular_values,
-        weight_ranks=rows)
+    require_kernel(ckpt, layer, singular_values)
+    put("singular_values", singular_values)
+    put("vectors", subspaces.vectors(torch.float32))
 
 
 def sparse_ffn(ckpt: Checkpoint, layer: int, device: torch.device,
@@ -229,18 +271,21 @@ def expert_ranks(ckpt: Checkpoint, layer: int, device: torch.device,
     return rows
 
 
-def require_defined(ckpt: Checkpoint, layer: int, singular_values: np.ndarray,
-                    norm2: np.ndarray) -> None:
+def require_kernel(ckpt: Checkpoint, layer: int, singular_values: np.ndarray) -> None:
     """A UserError naming the weight where the geometry is undefined, instead of NaN in every
     table: a head whose kernel ``W_Q_i^T W_K_j`` is zero (``sigma_1 = 0``, ``(h, d_head)``
-    singular values: no subspace to speak of, e.g. a zero-initialized W_Q), or an all-zero FFN
-    input (``||W_in||_F^2 = 0``: the alignment is 0/0). Cost O(h)."""
+    singular values: no subspace to speak of, e.g. a zero-initialized W_Q). Cost O(h)."""
     zero = np.flatnonzero(singular_values[:, 0] == 0)
     if zero.size:
         w_q, w_k = ckpt.kernel_tensors(layer)
         raise UserError(f"layer {layer}, head {zero[0]}: the kernel W_Q_i^T W_K_j is zero"
                         f" (rows of {w_q} or {w_k} are all zeros), so its subspaces are"
                         " undefined")
+
+
+def require_ffn_input(ckpt: Checkpoint, layer: int, norm2: np.ndarray) -> None:
+    """A UserError for an all-zero FFN input (``||W_in||_F^2 = 0``: the alignment is 0/0),
+    naming it."""
     if norm2 == 0:
         wt = ckpt.adapter.ffn_input
         raise UserError(f"layer {layer}: {wt} ({ckpt.adapter.tensor_name(wt, layer)}) is all"
@@ -248,15 +293,18 @@ def require_defined(ckpt: Checkpoint, layer: int, singular_values: np.ndarray,
 
 
 def iter_layers(ckpt: Checkpoint, layers: range, device: torch.device,
-                fold_norms: bool = False, compute_ranks: bool = True,
-                workers: int = 1) -> Iterator[LayerResult]:
+                fold_norms: bool = False, compute_ranks: bool = True, workers: int = 1,
+                emitter: Callable[[int], Emit] | None = None) -> Iterator[LayerResult]:
     """:func:`extract_layer` for each layer of ``layers`` in order, with a progress line;
-    ``workers > 1`` (CPU) extracts that many layers at once (see module docstring). Float32
-    products run at full precision (:func:`device.pin_float32_matmul`)."""
+    ``workers > 1`` (CPU) extracts that many layers at once (see module docstring). With
+    ``emitter``, layer ``l``'s arrays go to ``emitter(l)`` as they are computed (the results
+    then carry the rank rows alone). Float32 products run at full precision
+    (:func:`device.pin_float32_matmul`)."""
     pin_float32_matmul(device)
 
     def one(layer: int) -> LayerResult:
-        return extract_layer(ckpt, layer, device, fold_norms, compute_ranks)
+        emit = None if emitter is None else emitter(layer)
+        return extract_layer(ckpt, layer, device, fold_norms, compute_ranks, emit=emit)
 
     results = in_threads(one, layers, workers)
     for pos, layer in enumerate(layers):
@@ -322,16 +370,15 @@ def write_layers(ckpt: Checkpoint, layers: range, device: torch.device, fold_nor
     ``(n, ...)`` for the ``n`` layers of ``layers`` with softmax attention (a hybrid's
     linear-attention layers give effective-rank rows only: :mod:`hybrid`). Returns the
     effective-rank rows (:data:`ranks.RANK_COLUMNS`; none without ``compute_ranks``).
-    Memory: ``workers`` layers' working sets and results; blocks of 4 MiB and more are
+    Memory: ``workers`` layers' working sets; each array is written as soon as it is computed
+    and released (:class:`LayerWriter`; with several workers, a later layer's array waits in
+    memory until the earlier layers' same array is written); blocks of 4 MiB and more are
     returned to the system when freed (:func:`unmap_large_frees`)."""
     unmap_large_frees()
-    files: dict[str, BinaryIO] = {}
     rows: list[tuple] = []
-    n_stored = sum(map(ckpt.is_attention, layers))
-    with ExitStack() as stack:
-        for result in iter_layers(ckpt, layers, device, fold_norms, compute_ranks, workers):
-            if result.vectors is not None:  # else a linear-attention layer: ranks only
-                _append_arrays(result, paths, files, stack, n_stored)
+    with LayerWriter(paths, [layer for layer in layers if ckpt.is_attention(layer)]) as writer:
+        for result in iter_layers(ckpt, layers, device, fold_norms, compute_ranks, workers,
+                                  writer.emitter):
             rows += result.weight_ranks
             del result  # not held while the next layer is extracted
     return rows
@@ -360,17 +407,82 @@ def run_extraction_job(ckpt: Checkpoint, layers: range, device: str, threads: in
     return write_layers(ckpt, layers, resolved, fold_norms, paths, compute_ranks, workers)
 
 
-def _append_arrays(result: LayerResult, paths: Mapping[str, str | Path],
-                   files: dict[str, BinaryIO], stack: ExitStack, n_layers: int) -> None:
-    """Append ``result``'s arrays to their ``.npy`` files, opening each (header for
-    ``n_layers`` rows, registered on ``stack``) at the first layer."""
-    for name, path in paths.items():
-        array = np.asarray(getattr(result, name))
-        if name not in files:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            files[name] = stack.enter_context(open(path, "wb"))  # noqa: SIM115 (stack closes)
-            _write_npy_header(files[name], (n_layers, *array.shape), array.dtype)
-        files[name].write(np.ascontiguousarray(array).data)  # C order, no copy
+class LayerWriter:
+    """The ``.npy`` files ``paths`` (``{array name: path}``) of the layers ``stored`` (those
+    with softmax attention, in order): each layer's arrays appended as they are handed over
+    (:meth:`emitter`, from any thread), each file in layer order. An array handed over before
+    the earlier layers' array of the same name (by another layer worker) waits in memory until
+    those are written. A file is opened, its header for ``len(stored)`` rows written, at its
+    first array; names not in ``paths`` are dropped. A context manager: the files are closed on
+    exit, and a normal exit checks that every file got all its rows."""
+
+    def __init__(self, paths: Mapping[str, str | Path], stored: list[int]):
+        self.paths = dict(paths)
+        self.position = {layer: i for i, layer in enumerate(stored)}
+        self.n_layers = len(stored)
+        self.written = dict.fromkeys(self.paths, 0)        # rows written, per name
+        self.waiting: dict[tuple[str, int], tuple[np.ndarray, int | None]] = {}
+        self.files: dict[str, BinaryIO] = {}
+        self.lock = threading.Lock()
+        self.stack = ExitStack()
+
+    def __enter__(self) -> LayerWriter:
+        return self
+
+    def __exit__(self, kind, *_) -> None:
+        self.stack.close()
+        if kind is None and (self.waiting or any(n != self.n_layers
+                                                 for n in self.written.values())):
+            raise RuntimeError(f"incomplete layer files: {self.written}, waiting"
+                               f" {sorted(self.waiting)}")
+
+    def emitter(self, layer: int) -> Emit:
+        """What ``layer``'s arrays are handed to: ``emit(name, array)``."""
+        position = self.position.get(layer)
+
+        def emit(name: str, array: np.ndarray, rows: int | None = None) -> None:
+            if name in self.paths:
+                self._put(name, position, (array, rows))
+
+        return emit
+
+    def _put(self, name: str, position: int, item: tuple[np.ndarray, int | None]) -> None:
+        with self.lock:
+            if position != self.written[name]:
+                self.waiting[name, position] = item
+                return
+            self._append(name, *item)
+            del item
+            while (name, self.written[name]) in self.waiting:
+                self._append(name, *self.waiting.pop((name, self.written[name])))
+
+    def _append(self, name: str, array: np.ndarray, rows: int | None) -> None:
+        array = np.asarray(array)
+        shape = array.shape if rows is None else (array.shape[0], rows, *array.shape[2:])
+        if name not in self.files:
+            path = Path(self.paths[name])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.files[name] = self.stack.enter_context(open(path, "wb"))  # noqa: SIM115
+            _write_npy_header(self.files[name], (self.n_layers, *shape), array.dtype)
+        fh = self.files[name]
+        if shape == array.shape:
+            fh.write(np.ascontiguousarray(array).data)  # C order, no copy
+        else:  # each head's rows, then its zero rows (pad_heads' bytes, without the copy)
+            zeros = np.zeros((rows - array.shape[1], *array.shape[2:]), array.dtype)
+            for head in array:
+                fh.write(np.ascontiguousarray(head).data)
+                fh.write(zeros.data)
+        self.written[name] += 1
+
+
+def pad_heads(array: np.ndarray, rows: int | None) -> np.ndarray:
+    """``array`` ``(h, v, ...)`` with zero rows appended to each head's ``v``, up to ``rows``;
+    ``array`` itself when ``rows`` is None or ``v``."""
+    if rows is None or array.shape[1] == rows:
+        return array
+    padded = np.zeros((array.shape[0], rows, *array.shape[2:]), array.dtype)
+    padded[:, :array.shape[1]] = array
+    return padded
 
 
 def _write_npy_header(fh: BinaryIO, shape: tuple[int, ...], dtype: np.dtype) -> None:

@@ -31,6 +31,7 @@ Cholesky factors and cores, ``2 h d_head^2 d`` to map ``Vc`` back to ``R^d``; ve
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -338,4 +339,27 @@ def ov_circuits(w_o: torch.Tensor, w_v: torch.Tensor, n_heads: int, n_kv_heads: 
         w_o: ``(d, n_heads * d_head)`` output projection (nn.Linear layout).
         w_v: ``(n_kv_heads * d_head, d)`` value projection.
     """
-    return circuit_svd(w_o.T, w_v, n_heads, n_kv_heads, d_head, dtype)
+    sides: dict[str, torch.Tensor] = {}
+    emit_ov_circuits({"W_O": w_o, "W_V": w_v}, sides.__setitem__, n_heads, n_kv_heads, d_head,
+                     dtype)
+    return TwoSidedSVD(sides["ov_write_vectors"], sides["ov_read_vectors"],
+                       sides["ov_singular_values"])
+
+
+def emit_ov_circuits(weights: dict[str, torch.Tensor],
+                     emit: Callable[[str, torch.Tensor], None], n_heads: int, n_kv_heads: int,
+                     d_head: int, dtype: torch.dtype = torch.float32) -> None:
+    """:func:`ov_circuits` of ``weights["W_O"]`` and ``weights["W_V"]``, which are popped from
+    ``weights`` (so that this call holds their last references), each part handed to ``emit``
+    as soon as it is formed and not kept: ``emit("ov_singular_values", S)``, then
+    ``emit("ov_write_vectors", left)``, after which W_O is dropped, then ``emit(
+    "ov_read_vectors", right)`` (W_V is dropped once its QR is done). Memory: W_O, the
+    factors (``O((h + n_kv) d_head^2)`` and ``Q_k``) and one side at a time, instead of both
+    sides with both weights. The same numbers as :func:`ov_circuits` (which calls this)."""
+    w_o = weights.pop("W_O")
+    f = factored_subspaces(w_o.T, weights.pop("W_V"), n_heads, n_kv_heads, d_head,
+                           torch.float64)
+    emit("ov_singular_values", f.singular_values)
+    emit("ov_write_vectors", f.left_vectors(w_o.T, dtype))
+    del w_o
+    emit("ov_read_vectors", f.vectors(dtype))

@@ -52,7 +52,10 @@ the Gram of ``W_DQ``, ``d r_q^2``; ``X``, ``2 h m r_q^2``; :func:`kernels.factor
 ``2 h m d r_q`` (left) and ``2 h v d (r + p)`` (OV right). At DeepSeek-V3's shapes the
 products with ``d`` dominate, about 0.75 TFLOP per layer. Memory: the layer's latent weights
 (read one at a time), ``X``, ``Y``, ``Z`` and ``Q_m`` in float64 (about 0.55 GB at V3's
-shapes), and the ``(h, m, d)`` float32 results (0.7 GB each at V3's shapes).
+shapes), and one ``(h, m, d)`` float32 result at a time (0.7 GB at V3's shapes): each is
+handed to the caller's ``emit`` (the extraction appends it to its ``.npy`` file) as soon as it
+is formed, ``X`` and ``Y`` are dropped before the query vectors are formed, W_O before its
+write side is padded.
 """
 
 from __future__ import annotations
@@ -61,13 +64,11 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from .checkpoint import Checkpoint
 from .kernels import (
     FactoredSubspaces,
-    TwoSidedSVD,
     factored_subspaces,
     query_r_factors,
     thin_qr,
@@ -107,45 +108,54 @@ class LatentSubspaces(FactoredSubspaces):
 
 @dataclass
 class LatentPass:
-    """One layer's latent attention: its kernels' subspaces, their query-side vectors ``(h,
-    m, d)`` float32 (numpy), and the effective-rank rows (``(layer_idx, weight_type, shape,
-    eff_rank)``) of W_Q and W_K, then of W_V and W_O once :meth:`circuits` has run. ``values``
-    ``(h v, r + p)`` (``Z``) and ``basis`` (``Q_m``, float64) are what the OV circuits need
-    besides W_O (about 0.1 GB at DeepSeek-V3's shapes)."""
+    """One layer's latent attention: its kernels' subspaces (their query-side vectors were
+    handed over to ``emit`` by :func:`latent_attention_pass`), and the effective-rank rows
+    (``(layer_idx, weight_type, shape, eff_rank)``) of W_Q and W_K, then of W_V and W_O once
+    :meth:`circuits` has run. ``values`` ``(h v, r + p)`` (``Z``) and ``basis`` (``Q_m``,
+    float64) are what the OV circuits need besides W_O (about 0.1 GB at DeepSeek-V3's
+    shapes)."""
 
     subspaces: LatentSubspaces
-    query_vectors: np.ndarray
     rows: list[tuple]
     values: torch.Tensor
     basis: torch.Tensor
     read: Callable[[str], torch.Tensor]
     rank: Callable[[str, torch.Tensor, tuple[int, int]], None]
 
-    def circuits(self) -> TwoSidedSVD:
-        """Every head's OV circuit ``W_O_i Z_i Q_m^T`` (module docstring), ``(h, m, d)``
-        float32 sides, zero rows (and singular values) from ``v`` to ``m``; W_O is read here,
-        its effective rank taken before the circuits exist (its Gram and theirs are never held
-        together), and dropped on return. Called after the experts' pass, so that neither
-        meets the other's working set."""
+    def circuits(self, emit: Callable[..., None]) -> None:
+        """Every head's OV circuit ``W_O_i Z_i Q_m^T`` (module docstring), handed to ``emit``
+        one part at a time as :func:`kernels.emit_ov_circuits` does: ``(h, m)`` singular
+        values, then the ``(h, m, d)`` float32 write and read sides, zero rows (and singular
+        values) from ``v`` to ``m``; the write side as ``emit(name, (h, v, d) array, m)``,
+        padded to ``m`` rows per head by the receiver (the extraction, as it writes it), so
+        that no padded copy is held beside it. W_O is read here, its effective rank taken
+        before the circuits exist (its Gram and theirs are never held together), and dropped
+        once the write side is formed. Called after the experts' pass, so that neither meets
+        the other's working set."""
         h, m = self.subspaces.singular_values.shape
         v = self.values.shape[0] // h
         w_o = self.read("o")                                             # (d, h v)
         self.rank("W_V", self.values, (h * v, w_o.shape[0]))
         self.rank("W_O", w_o, tuple(w_o.shape))
         core = factored_subspaces(w_o.T, self.values, h, h, v, torch.float64)
-        left = _pad_heads(core.left_vectors(w_o.T, torch.float32), m)
+        emit("ov_singular_values", _pad_heads(core.singular_values, m))
+        left = core.left_vectors(w_o.T, torch.float32)
         del w_o
+        emit("ov_write_vectors", left, m)  # padded to m rows per head as it is written
+        del left
         right = _pad_heads(core.vectors(torch.float32), m)              # (h, m, r + p)
-        return TwoSidedSVD(left, right @ self.basis.to(torch.float32).T,
-                           _pad_heads(core.singular_values, m))
+        emit("ov_read_vectors", right @ self.basis.to(torch.float32).T)
 
 
 def latent_attention_pass(ckpt: Checkpoint, layer: int, device: torch.device,
-                          fold_norms: bool = False, compute_ranks: bool = True) -> LatentPass:
-    """Every head's kernel subspaces and query vectors of latent-attention ``layer`` (module
-    docstring), and what its OV circuits need (:meth:`LatentPass.circuits`); each latent
-    weight read once (:meth:`Checkpoint.read_latent`) and dropped once used; with
-    ``compute_ranks`` the effective ranks of the effective W_Q, W_K (and W_V, W_O)."""
+                          emit: Callable[[str, torch.Tensor], None], fold_norms: bool = False,
+                          compute_ranks: bool = True) -> LatentPass:
+    """Every head's kernel subspaces of latent-attention ``layer`` (module docstring), their
+    ``(h, m, d)`` float32 query vectors handed to ``emit("query_vectors", ...)`` as soon as
+    formed (the latent factors ``X``, ``Y`` dropped before), and what its OV circuits need
+    (:meth:`LatentPass.circuits`); each latent weight read once
+    (:meth:`Checkpoint.read_latent`) and dropped once used; with ``compute_ranks`` the
+    effective ranks of the effective W_Q, W_K (and W_V, W_O)."""
     lat, dims = ckpt.latent, ckpt.dims
     h, m, n, p, v, r, d = (dims.n_heads, dims.d_head, lat.nope, lat.rope, lat.d_value,
                            lat.kv_rank, dims.d_model)
@@ -183,13 +193,17 @@ def latent_attention_pass(ckpt: Checkpoint, layer: int, device: torch.device,
     core = factored_subspaces(x, y, h, h, m, f64)
     subspaces = LatentSubspaces(**{f.name: getattr(core, f.name)
                                    for f in dataclasses.fields(core)}, basis=q_m)
-    query = subspaces.left_vectors(w_uq, torch.float32)
-    if w_dq is not None:
-        query = query @ w_dq                                             # (h, m, d)
     rank("W_Q", x, (h * m, d))
     rank("W_K", y, (h * m, d))
-    del core, x, y, w_uq, w_dq
-    return LatentPass(subspaces, query.cpu().numpy(), rows, z, q_m, read, rank)
+    del core, x, y
+    query = subspaces.left_vectors(w_uq, torch.float32)
+    del w_uq
+    if w_dq is not None:
+        query = query @ w_dq                                             # (h, m, d)
+    del w_dq
+    emit("query_vectors", query)
+    del query
+    return LatentPass(subspaces, rows, z, q_m, read, rank)
 
 
 def _pad_heads(x: torch.Tensor, m: int) -> torch.Tensor:
