@@ -213,7 +213,7 @@ def circuit_tables(weights, h, n_kv, d_head, k):
     c = factors(weights, h, n_kv, d_head)
     comp = composition(c)
     null = isotropic_null(c.shape[-1], d_head)
-    tests = {**pair_tests(comp.scores, null), **conditional_tests(comp)}
+    tests = {**pair_tests(comp.scores, null), **conditional_tests(comp, c)}
     frame = lambda rows, columns: pd.DataFrame(rows, columns=list(columns))  # noqa: E731
     return CircuitTables(
         frame(layer_rows(comp.scores, tests, h), LAYER_COLUMNS),

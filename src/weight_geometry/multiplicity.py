@@ -10,6 +10,8 @@ trend-respecting correlations across depth.
   :data:`MAX_EXACT_PERMUTATIONS`, else seeded Monte Carlo.
 - :func:`step_drop_test`: one-sided z-test that a step of the adjacent-layer similarity is a drop
   beyond the null of a difference of two independent similarities.
+- :func:`quadratic_form_p`: upper tail of an indefinite quadratic form in Gaussians
+  (Lugannani-Rice saddlepoint), for the composition null's refined tail.
 - :func:`detrended_correlation`: Pearson r across depth of the residuals of linear trends in
   layer index, with an exact two-sided circular-shift p (which keeps each series'
   autocorrelation, unlike a permutation of layers).
@@ -42,6 +44,12 @@ PERMUTATION_CHUNK = 2048
 MIN_DETRENDED_POINTS = 4
 #: Slack of ``>=`` comparisons between statistics summed in different orders.
 TOLERANCE = 1e-12
+#: Newton/bisection steps of :func:`quadratic_form_p` at most (Newton converges in ~10).
+SADDLEPOINT_ITERATIONS = 100
+#: Relative change of the saddlepoint at which :func:`quadratic_form_p` stops iterating.
+SADDLEPOINT_TOLERANCE = 1e-10
+#: Standardized values below which :func:`quadratic_form_p` takes the normal tail.
+SADDLEPOINT_NORMAL_BELOW = 0.1
 
 
 def benjamini_hochberg(p) -> np.ndarray:
@@ -280,6 +288,59 @@ def gamma_p(value, mean, std, two_sided: bool = False) -> np.ndarray:
         shape = np.where(std > 0, np.square(mean / std), np.nan)
         z = (np.cbrt(value / mean) - 1 + 1 / (9 * shape)) * 3 * np.sqrt(shape)
     return two_sided_p(z) if two_sided else upper_p(z)
+
+
+def quadratic_form_p(weights, value) -> np.ndarray:
+    """Upper tail ``P(sum_r w_r g_r^2 > value)`` of a quadratic form in i.i.d. standard normal
+    ``g_r`` with real weights of either sign (``weights`` ``(n, r)``, ``value`` ``(n,)``: one
+    form per row), by the Lugannani-Rice saddlepoint approximation.
+
+    Cumulant generating function ``K(s) = -1/2 sum log(1 - 2 s w_r)``; the saddlepoint solves
+    ``K'(s) = value`` on ``0 <= s < 1 / (2 max w)`` (every ``1 - 2 s w_r > 0``; ``K'`` rises
+    from the mean ``sum w`` to infinity there) by Newton steps with a bisection safeguard, all
+    rows at once; then with ``v = sqrt(2 (s value - K(s)))`` and ``u = s sqrt(K''(s))``:
+    ``p = 1 - Phi(v) + phi(v) (1 / u - 1 / v)``. Relative error a few percent in the far
+    tail. Where ``value`` is within 0.1 standard deviations of the mean or below it (``v ->
+    0``, where the formula cancels), the normal tail; ``0`` where no weight is positive
+    and ``value`` exceeds the mean. Cost ``O(n r)`` per iteration, at most
+    :data:`SADDLEPOINT_ITERATIONS`."""
+    w = np.atleast_2d(np.asarray(weights, dtype=float))
+    x = np.asarray(value, dtype=float).reshape(-1)
+    mean, sd = w.sum(1), np.sqrt(2 * np.square(w).sum(1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = (x - mean) / sd
+    p = upper_p(z)
+    top = w.max(1)
+    p = np.where((top <= 0) & (z > 0), 0.0, p)
+    tail = np.flatnonzero((z > SADDLEPOINT_NORMAL_BELOW) & (top > 0))
+    if tail.size == 0:
+        return p
+    w, x, sd = w[tail], x[tail], sd[tail]
+    lo, hi = np.zeros(tail.size), 0.5 / top[tail]            # K'(lo) < x < K'(hi) = inf
+    s = np.minimum((x - mean[tail]) / np.square(sd), 0.5 * hi)   # normal guess, inside
+    active = np.arange(tail.size)                              # rows not yet converged
+    for _ in range(SADDLEPOINT_ITERATIONS):
+        sa, xa = s[active], x[active]
+        ratio = w[active] / (1 - 2 * sa[:, None] * w[active])
+        slope, curve = ratio.sum(1), 2 * np.square(ratio).sum(1)
+        below = slope < xa
+        lo[active] = np.where(below, sa, lo[active])
+        hi[active] = np.where(below, hi[active], sa)
+        step = sa - (slope - xa) / curve
+        inside = (step > lo[active]) & (step < hi[active])
+        s[active] = np.where(inside, step, 0.5 * (lo[active] + hi[active]))
+        active = active[np.abs(s[active] - sa) > SADDLEPOINT_TOLERANCE * sa]
+        if active.size == 0:
+            break
+    ratio = w / (1 - 2 * s[:, None] * w)
+    curve = 2 * np.square(ratio).sum(1)
+    k = -0.5 * np.log1p(-2 * s[:, None] * w).sum(1)
+    v = np.sqrt(np.maximum(2 * (s * x - k), 0))
+    u = s * np.sqrt(curve)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        density = np.exp(-0.5 * np.square(v)) / math.sqrt(2 * math.pi)
+        p[tail] = np.clip(upper_p(v) + density * (1 / u - 1 / v), 0, 1)
+    return p
 
 
 def z_score(value, mean, std) -> np.ndarray:
