@@ -46,9 +46,9 @@ those two moments (calibrated to ~1e-3, too light beyond), and for the pairs bel
 d)(nu_b - mean nu) P_ab``, ``nu`` the eigenvalues of ``N``; ``C_ab`` taken Gaussian with the
 exact variance, a quadratic form in Gaussians; conservative in the far tail, where the Haar
 null is bounded and the Gaussian is not). Per refined pair ``2 m^2 d + O(m^3)`` flops and
-``O(m^2)`` per saddlepoint iteration: SmolLM2-135M (16 000 of 106 000 pairs refined) ~20 s
-of one core beside the scores' ~5 s; random weights (~0.1 % refined) at Qwen2.5-3B shapes
-~2 s per 500 pairs.
+``O(m^2)`` per saddlepoint iteration: SmolLM2-135M (16 000 of 106 000 pairs refined) takes
+the composition job from 4.4 s to 31 s wall (15 s CPU); random weights (~0.1 % refined) at
+Qwen2.5-3B shapes ~2 s per 500 pairs.
 """
 
 from __future__ import annotations
