@@ -12,6 +12,7 @@ from weight_geometry.composition import (
     TOP_COLUMNS,
     TYPES,
     Circuits,
+    composing_pairs,
     composition_scores,
     isotropic_null,
     layer_rows,
@@ -138,6 +139,17 @@ def test_planted_circuit_is_the_only_discovery(plant):
     layers = layer_rows(scores, tests, h)
     assert len(layers) == 3 * 3
     assert [(r[0], r[1], r[2]) for r in layers if r[7]] == [(plant, 2, 0)]
+
+
+def test_a_pair_composes_only_beyond_both_nulls():
+    """composing_pairs: significant after BH against the isotropic and the conditional null;
+    either alone is not enough (a random-init model's few conditional discoveries sit at
+    isotropic chance), and without the conditional tests the isotropic decides."""
+    iso = np.array([[0.01, 0.01, 0.5, 0.5]])
+    cond = np.array([[0.01, 0.5, 0.01, 0.5]])
+    both = composing_pairs({"p_adjusted": iso, "conditional_p_adjusted": cond})
+    assert both.tolist() == [[True, False, False, False]]
+    assert composing_pairs({"p_adjusted": iso}).tolist() == [[True, True, False, False]]
 
 
 def test_conditional_null_by_monte_carlo():

@@ -298,7 +298,7 @@ def test_read_write_and_circuits_section(tiny_run, modules):
     assert "**Circuits:** " in text.split("## Key findings", 1)[1]
     families = dict((r["Family"], r["Tests"]) for r in markdown_table(
         text, "## Tests and multiplicity"))
-    assert families["K-composition of every head pair vs conditional null"] == "96"
+    assert families["K-composition of every head pair vs both nulls"] == "96"
     assert families["Read/write overlap (keys) of layer pairs vs conditional null"] == "6"
     html = (tiny_run / "results/tiny/k4/report.html").read_text()
     assert "Circuits" in html and 'src="figures/read_write.png"' not in html

@@ -31,10 +31,10 @@ def layer_matrix(table: pd.DataFrame, column: str, n_layers: int) -> np.ndarray:
 
 
 def top_layer_pair(layers: pd.DataFrame, t: str) -> tuple[int, int]:
-    """The type's layer pair with most head pairs above the conditional null, then the highest
-    mean conditional ratio."""
+    """The type's layer pair with most composing head pairs (beyond both nulls), then the
+    highest mean conditional ratio."""
     rows = layers[layers["type"] == t].sort_values(
-        ["n_significant_conditional", "mean_conditional_ratio"], ascending=False)
+        ["n_composing", "mean_conditional_ratio"], ascending=False)
     first = rows.iloc[0]
     return int(first["layer"]), int(first["earlier_layer"])
 

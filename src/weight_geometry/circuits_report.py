@@ -6,7 +6,9 @@ Families of tests it adds to the report's list (each BH-adjusted at :data:`multi
 within itself):
 
 - per composition type, every ordered head pair against the row-space-conditional null of its
-  squared score (one-sided; computed by the composition job, counted from its layer table);
+  squared score (one-sided; computed by the composition job, counted from its layer table); a
+  pair counts as composing where it is also significant against the isotropic null
+  (:func:`composition.composing_pairs`);
 - per read side, every layer pair's mean read/write overlap against its conditional null
   (one-sided; computed by the read_write job);
 - locality (:func:`locality_test`): per composition type, Spearman's rho between a layer
@@ -126,12 +128,12 @@ def locality_test(later, earlier, values, n_perm: int = LOCALITY_PERMUTATIONS,
 class CircuitFindings:
     """What the section and the report's family list read (module docstring)."""
 
-    composition: dict[str, FamilyCounts]      # by type: head pairs vs the conditional null
+    composition: dict[str, FamilyCounts]      # by type: head pairs vs both nulls
     read_write: dict[str, FamilyCounts]       # by side: layer pairs vs the conditional null
     locality: pd.DataFrame                    # type, rho, p, p_adjusted, n_pairs
 
     def families(self) -> list[tuple[str, int]]:
-        rows = [(f"{TYPE_NAMES[t]}-composition of every head pair vs conditional null",
+        rows = [(f"{TYPE_NAMES[t]}-composition of every head pair vs both nulls",
                  c.n_tests) for t, c in self.composition.items()]
         rows += [(f"Read/write overlap ({SIDE_NAMES[t]}) of layer pairs vs conditional null",
                   c.n_tests) for t, c in self.read_write.items()]
@@ -150,13 +152,14 @@ class CircuitFindings:
 
 
 def composition_counts(layers: pd.DataFrame) -> dict[str, FamilyCounts]:
-    """Per type, from the composition layer table: head pairs tested (``n_pairs``), significant
-    against the conditional null after BH (one-sided: all above), the mean conditional ratio."""
+    """Per type, from the composition layer table: head pairs tested (``n_pairs``), composing
+    (``n_composing``: significant after BH against the conditional and the isotropic null,
+    one-sided: all above), the mean conditional ratio."""
     out = {}
     for t in TYPES:
         rows = layers[layers["type"] == t]
         out[t] = FamilyCounts(int(rows["n_pairs"].sum()),
-                              int(rows["n_significant_conditional"].sum()), 0,
+                              int(rows["n_composing"].sum()), 0,
                               float(rows["mean_conditional_ratio"].mean()))
     return out
 
@@ -185,8 +188,11 @@ def _pair(row: pd.Series) -> str:
 
 
 def _strongest(top: pd.DataFrame, t: str):
-    """The type's pair with the largest conditional z (the top table's rows)."""
+    """The type's composing pair (beyond both nulls) with the largest conditional z, else its
+    top-table row with the largest conditional z."""
     rows = top[top["type"] == t]
+    if rows["composing"].any():
+        rows = rows[rows["composing"]]
     return rows.loc[rows["conditional_z"].idxmax()] if len(rows) else None
 
 
@@ -202,9 +208,10 @@ def finding(tables: CircuitTables, f: CircuitFindings) -> str:
     n = {t: c.n_tests for t, c in f.composition.items()}
     rw_tests = sum(c.n_tests for c in f.read_write.values())
     if f.at_chance():
-        return (f"Circuits are {AT_CHANCE}: no head pair composes beyond the conditional null"
-                f" (0 of {n['q']} per type), no layer pair's read/write overlap departs from it"
-                f" (0 of {rw_tests}), and composition strength does not change with layer"
+        return (f"Circuits are {AT_CHANCE}: no head pair composes beyond both nulls (0 of"
+                f" {n['q']} per type), no layer pair's read/write overlap departs from its"
+                f" conditional null (0 of {rw_tests}), and composition strength does not change"
+                " with layer"
                 f" distance ({_locality_text(f)}).")
     counts = ", ".join(f"{TYPE_NAMES[t]} {c.n_above}" for t, c in f.composition.items())
     best = max((_strongest(tables.top, t) for t in TYPES if _strongest(tables.top, t) is not None),
@@ -220,18 +227,18 @@ def finding(tables: CircuitTables, f: CircuitFindings) -> str:
                           f" (rho {r.rho:+.2f})" for r in local.itertuples())
         trend = f"by layer distance: {kinds}"
     rw_above = sum(c.n_above for c in f.read_write.values())
-    return (f"Head pairs composing beyond the conditional null (of {n['q']} per type): {counts}"
+    return (f"Head pairs composing beyond both nulls (of {n['q']} per type): {counts}"
             f"{strongest}; {trend}; read/write overlap above its conditional null in {rw_above}"
             f" of {rw_tests} layer pairs.")
 
 
 def _feeds(layers: pd.DataFrame, t: str) -> str:
-    """The type's layer pairs with most pairs significant against the conditional null (then
-    the highest mean conditional ratio), as ``e→l (n/N, r x)``."""
-    rows = layers[(layers["type"] == t) & (layers["n_significant_conditional"] > 0)]
-    rows = rows.sort_values(["n_significant_conditional", "mean_conditional_ratio"],
+    """The type's layer pairs with most composing pairs (:func:`composition.composing_pairs`;
+    then the highest mean conditional ratio), as ``e→l (n/N, r x)``."""
+    rows = layers[(layers["type"] == t) & (layers["n_composing"] > 0)]
+    rows = rows.sort_values(["n_composing", "mean_conditional_ratio"],
                             ascending=False).head(LISTED_LAYER_PAIRS)
-    return ", ".join(f"{int(r.earlier_layer)}→{int(r.layer)} ({int(r.n_significant_conditional)}"
+    return ", ".join(f"{int(r.earlier_layer)}→{int(r.layer)} ({int(r.n_composing)}"
                      f"/{int(r.n_pairs)}, {r.mean_conditional_ratio:.2f}x)"
                      for r in rows.itertuples()) or "none"
 

@@ -384,12 +384,14 @@ def top_pairs(scores: np.ndarray, tests: dict[str, np.ndarray], null: Compositio
     """Rows of :data:`TOP_COLUMNS` for every pair significant against the conditional null
     (``tests`` of :func:`pair_tests` and, where given, :func:`conditional_tests`; else the
     isotropic one) at :data:`multiplicity.FDR_Q` after BH, and at least the ``least`` highest
-    scores of each type, by type and descending score."""
+    scores of each type, by type and descending score; ``composing`` per
+    :func:`composing_pairs`."""
     rows = []
     nan = np.full(scores.shape, np.nan)
     conditional = [tests.get(k, nan) for k in ("conditional_ratio", "conditional_z",
                                                "conditional_p_adjusted")]
     selected = tests.get("conditional_p_adjusted", tests["p_adjusted"])
+    composing = composing_pairs(tests)
     for t, name in enumerate(TYPES):
         flat_scores = scores[t].ravel()
         finite = np.flatnonzero(~np.isnan(flat_scores))
@@ -406,7 +408,7 @@ def top_pairs(scores: np.ndarray, tests: dict[str, np.ndarray], null: Compositio
                                                                      "p_adjusted")),
                          bool(tests["p_adjusted"][t].ravel()[flat] <= FDR_Q),
                          *(float(x[t].ravel()[flat]) for x in conditional),
-                         bool(significant[flat])))
+                         bool(significant[flat]), bool(composing[t].ravel()[flat])))
     return rows
 
 
@@ -415,7 +417,8 @@ TOP_COLUMNS = {"type": "string", "layer": "int64", "head": "int64", "earlier_lay
                "null_std": "float64", "ratio": "float64", "z": "float64", "p": "float64",
                "p_adjusted": "float64", "significant": "bool",
                "conditional_ratio": "float64", "conditional_z": "float64",
-               "conditional_p_adjusted": "float64", "significant_conditional": "bool"}
+               "conditional_p_adjusted": "float64", "significant_conditional": "bool",
+               "composing": "bool"}
 NULL_COLUMNS = {"type": "string", "null_mean": "float64", "null_std": "float64",
                 "mean_square": "float64", "exact_mean_square": "float64", "n_pairs": "int64",
                 "seed": "int64"}
@@ -423,7 +426,21 @@ LAYER_COLUMNS = {"type": "string", "layer": "int64", "earlier_layer": "int64",
                  "mean_score": "float64", "max_score": "float64", "mean_ratio": "float64",
                  "mean_z": "float64", "n_significant": "int64",
                  "mean_conditional_ratio": "float64", "n_significant_conditional": "int64",
-                 "n_pairs": "int64"}
+                 "n_composing": "int64", "n_pairs": "int64"}
+
+
+def composing_pairs(tests: dict[str, np.ndarray]) -> np.ndarray:
+    """Boolean per type and pair (``tests`` of :func:`pair_tests` and, where given,
+    :func:`conditional_tests`): a pair *composes* where it is significant after BH at
+    :data:`multiplicity.FDR_Q` against both nulls, the isotropic one (it composes more than
+    random heads of these shapes do) and the row-space-conditional one (more than its later
+    head's row space alone explains). An intersection-union test: either null alone leaves
+    pairs at isotropic chance that a row space favours (on a random-init model a few, at the
+    rate BH allows), which are not circuits. Without the conditional tests, the isotropic."""
+    isotropic = tests["p_adjusted"] <= FDR_Q
+    if "conditional_p_adjusted" not in tests:
+        return isotropic
+    return isotropic & (tests["conditional_p_adjusted"] <= FDR_Q)
 
 
 def _nanmean(x: np.ndarray) -> float:
@@ -440,12 +457,14 @@ def null_rows(null: CompositionNull, seed: int = NULL_SEED) -> list[tuple]:
 def layer_rows(scores: np.ndarray, tests: dict[str, np.ndarray], n_heads: int) -> list[tuple]:
     """Per type and layer pair ``earlier_layer < layer`` (:data:`LAYER_COLUMNS`): mean and max
     score over the ``h^2`` head pairs, mean ratio and z, pairs significant after BH against
-    the isotropic and the conditional null (NaN, 0 without :func:`conditional_tests`)."""
+    the isotropic and the conditional null (NaN, 0 without :func:`conditional_tests`), pairs
+    composing (:func:`composing_pairs`)."""
     n_layers = scores.shape[-1] // n_heads
     nan = np.full(scores.shape, np.nan)
     tests = {"conditional_ratio": nan, "conditional_p_adjusted": nan, **tests}
     blocks = {k: v.reshape(3, n_layers, n_heads, n_layers, n_heads)
-              for k, v in {"score": scores, **tests}.items()}
+              for k, v in {"score": scores, "composing": composing_pairs(tests),
+                           **tests}.items()}
     rows = []
     for t, name in enumerate(TYPES):
         for later in range(1, n_layers):
@@ -457,7 +476,7 @@ def layer_rows(scores: np.ndarray, tests: dict[str, np.ndarray], n_heads: int) -
                              int(np.count_nonzero(block["p_adjusted"] <= FDR_Q)),
                              _nanmean(block["conditional_ratio"]),
                              int(np.count_nonzero(block["conditional_p_adjusted"] <= FDR_Q)),
-                             n_heads * n_heads))
+                             int(np.count_nonzero(block["composing"])), n_heads * n_heads))
     return rows
 
 
