@@ -232,7 +232,10 @@ class GGUFFile:
         with open(self.path, "rb") as fh:
             raw = np.frombuffer(os.pread(fh.fileno(), nbytes, offset), dtype=np.uint8)
         rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
-        values = dequantize(raw.reshape(rows, -1), info.ggml_type)
+        # Corrupt scales decode to inf/NaN (numpy would warn): the caller's finiteness check
+        # names the tensor in one line instead.
+        with np.errstate(invalid="ignore", over="ignore"):
+            values = dequantize(raw.reshape(rows, -1), info.ggml_type)
         return np.asarray(values, dtype=np.float32).reshape(shape)
 
 
