@@ -214,8 +214,8 @@ def finding(tables: CircuitTables, f: CircuitFindings) -> str:
                 " with layer"
                 f" distance ({_locality_text(f)}).")
     counts = ", ".join(f"{TYPE_NAMES[t]} {c.n_above}" for t, c in f.composition.items())
-    best = max((_strongest(tables.top, t) for t in TYPES if _strongest(tables.top, t) is not None),
-               key=lambda r: r.conditional_z, default=None)
+    candidates = [row for row in (_strongest(tables.top, t) for t in TYPES) if row is not None]
+    best = max(candidates, key=lambda r: r.conditional_z, default=None)
     strongest = (f"; strongest {TYPE_NAMES[best.type]}-composition {_pair(best)} (score"
                  f" {best.score:.3f}, {best.ratio:.1f}x isotropic, conditional z"
                  f" {best.conditional_z:+.1f})" if best is not None else "")
