@@ -38,7 +38,7 @@ def kv_heads(model: dict) -> np.ndarray:
 
 def is_uniform(model: dict) -> bool:
     """Whether every attention layer has the same head size and KV-head count."""
-    return "head_dims" not in model and "kv_heads" not in model
+    return model.get("head_dims") is None and model.get("kv_heads") is None
 
 
 def min_head_dim(model: dict) -> int:
