@@ -40,6 +40,11 @@ class ModelDims:
     ``d_head`` is the config's explicit ``head_dim`` when it has one, else ``d // h``.
     Query head ``i`` reads key/value head ``i // (h // n_kv)``: ``n_kv`` divides ``h`` (the
     functions building these from a checkpoint's config check it, naming the config's keys).
+
+    Where layers differ (Gemma 4: :func:`gemma4_layers`), ``head_dims``, ``kv_heads`` and
+    ``ffn_widths`` hold each layer's head size, KV-head count and FFN width, and ``d_head``,
+    ``n_kv_heads`` are the largest (the widths of the stored arrays: :mod:`head_layout`);
+    :meth:`layer` gives one layer's dimensions. None: every layer has the scalars.
     """
 
     n_layers: int
@@ -48,6 +53,18 @@ class ModelDims:
     n_heads: int
     n_kv_heads: int
     d_head: int
+    head_dims: tuple[int, ...] | None = None
+    kv_heads: tuple[int, ...] | None = None
+    ffn_widths: tuple[int, ...] | None = None
+
+    def layer(self, layer: int) -> ModelDims:
+        """The dimensions of ``layer`` alone (uniform: ``self`` where no layer differs)."""
+        if self.head_dims is None and self.ffn_widths is None:
+            return self
+        pick = {name: getattr(self, per)[layer] for name, per in
+                (("d_head", "head_dims"), ("n_kv_heads", "kv_heads"), ("d_ff", "ffn_widths"))
+                if getattr(self, per) is not None}
+        return replace(self, head_dims=None, kv_heads=None, ffn_widths=None, **pick)
 
     def weight_shape(self, weight_type: str) -> tuple[int, int]:
         """(out, in) shape of a weight type."""
@@ -56,8 +73,11 @@ class ModelDims:
         return {"W_Q": (q, d), "W_K": (kv, d), "W_V": (kv, d), "W_O": (d, q),
                 "W_gate": (ff, d), "W_up": (ff, d), "W_down": (d, ff)}[weight_type]
 
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
+    def as_dict(self) -> dict:
+        """The ``model.json`` record's dimensions; the per-layer lists only where layers
+        differ."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()
+                if v is not None}
 
 
 # --- how a weight is cut out of its stored tensor -------------------------------------------
@@ -258,8 +278,11 @@ class LatentDims:
     rope: int
     d_value: int
 
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
+    def as_dict(self) -> dict:
+        """The ``model.json`` record's dimensions; the per-layer lists only where layers
+        differ."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()
+                if v is not None}
 
 
 @dataclass(frozen=True)

@@ -94,7 +94,8 @@ def pair_matrix(pairs: pd.DataFrame, column: str, n_layers: int) -> np.ndarray:
 
 def model_dims(record: dict) -> ModelDims:
     """The dimensions recorded in a ``model.json``."""
-    return ModelDims(**{f.name: record[f.name] for f in fields(ModelDims)})
+    return ModelDims(**{f.name: tuple(v) if isinstance(v := record[f.name], list) else v
+                        for f in fields(ModelDims) if f.name in record})
 
 
 def unwritable_directory(paths) -> tuple[Path, str, Path] | None:
