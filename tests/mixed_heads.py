@@ -12,14 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from weight_geometry.head_layout import layout_record
+from weight_geometry.head_layout import layout_record, pad_to
 from weight_geometry.kernels import factored_subspaces, ov_circuits
-
-
-def _pad(array: np.ndarray, shape: tuple[int, ...], fill: float) -> np.ndarray:
-    out = np.full(shape, fill, dtype=array.dtype)
-    out[tuple(slice(0, n) for n in array.shape)] = array
-    return out
 
 
 def mixed_model(d: int = 48, n_heads: int = 4, head_dims=(8, 12, 8, 12, 8),
@@ -61,7 +55,7 @@ def mixed_model(d: int = 48, n_heads: int = 4, head_dims=(8, 12, 8, 12, 8),
               "singular_values": (n_heads, m_max), "ov_singular_values": (n_heads, m_max),
               "ffn_input_energy": (n_heads, m_max),
               "ffn_input_rowspace_eigenvalues": (kv_max, m_max), "ffn_input_norm2": ()}
-    arrays = {name: np.stack([_pad(layer[name], shape,
+    arrays = {name: np.stack([pad_to(layer[name], shape,
                                    np.nan if name.endswith("eigenvalues") else 0.0)
                               for layer in layers])
               for name, shape in shapes.items()}

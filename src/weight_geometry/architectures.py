@@ -28,6 +28,8 @@ from functools import cached_property
 import numpy as np
 
 from .errors import UserError
+from .gemma4 import GEMMA4_TYPES, gemma4_layers
+from .gemma4 import NOT_USED as GEMMA4_NOT_USED
 
 #: Weight types of a gated-FFN layer; a non-gated layer has these less W_gate.
 GATED = ("W_Q", "W_K", "W_V", "W_O", "W_gate", "W_up", "W_down")
@@ -437,6 +439,9 @@ _LLAMA = _split("self_attn.", "mlp.")
 _LLAMA_NORMS = {"attn": "input_layernorm.weight", "ffn": "post_attention_layernorm.weight"}
 _QK_NORMS = {"q": "self_attn.q_norm.weight", "k": "self_attn.k_norm.weight"}
 
+_GEMMA4_NORMS = {"attn": "input_layernorm.weight", "ffn": "pre_feedforward_layernorm.weight",
+                 **_QK_NORMS}
+
 #: Architectures whose positions enter as learned absolute embeddings added to the residual
 #: stream: no rotation acts inside their attention score (every other one here uses RoPE).
 ABSOLUTE_POSITIONS = frozenset({"gpt2"})
@@ -461,6 +466,11 @@ HF_ADAPTERS: dict[str, Adapter] = {
                       also_prefixes=("model.language_model.layers.{layer}.",), norms={
                           "attn": "input_layernorm.weight",
                           "ffn": "pre_feedforward_layernorm.weight", **_QK_NORMS}),
+    # Gemma 4: per-layer head sizes and key/value reuse (gemma4.py); RMSNorm gains as stored.
+    "gemma4_text": Adapter("model.layers.{layer}.", _LLAMA, norms=_GEMMA4_NORMS),
+    # Gemma4ForConditionalGeneration's text tower (config.json's text_config).
+    "gemma4": Adapter("model.language_model.layers.{layer}.", _LLAMA, norms=_GEMMA4_NORMS,
+                      also_prefixes=("language_model.model.layers.{layer}.",)),
     # OLMo 2 has no norm before its sublayers (post_attention_layernorm and
     # post_feedforward_layernorm normalize their outputs, before the residual sum): folding
     # puts only the QK-norm gains, over the whole projection, into W_Q's and W_K's rows.
@@ -544,7 +554,8 @@ _GPT_OSS_NOT_USED = (
     " maps) and the router's and experts' biases are not used")
 #: Architecture (``model_type`` or GGUF ``general.architecture``) -> its parameters, beyond
 #: biases and norms, that the geometry leaves out (``model.json``'s ``not_used``).
-NOT_USED = {"gpt_oss": _GPT_OSS_NOT_USED, "gpt-oss": _GPT_OSS_NOT_USED}
+NOT_USED = {"gpt_oss": _GPT_OSS_NOT_USED, "gpt-oss": _GPT_OSS_NOT_USED,
+            **dict.fromkeys(GEMMA4_TYPES, GEMMA4_NOT_USED)}
 #: ``model_type`` -> its mixture-of-experts config keys (:func:`moe_dims_from_hf_config`).
 HF_MOE_KEYS = {
     "mixtral": MoeKeys(("num_local_experts",), "intermediate_size"),
@@ -807,7 +818,7 @@ def unsupported(kind: str, name: str, supported) -> UserError:
 
 #: ``model_type`` -> the ``config.json`` key holding its text model's config (a multimodal
 #: model whose text tower is analysed).
-HF_TEXT_CONFIG = {"gemma3": "text_config", "qwen3_5": "text_config",
+HF_TEXT_CONFIG = {"gemma3": "text_config", "gemma4": "text_config", "qwen3_5": "text_config",
                   "qwen3_5_moe": "text_config", "llama4": "text_config"}
 _GEMMA3_TEXT_DEFAULTS = {"hidden_size": 2304, "intermediate_size": 9216,
                          "num_hidden_layers": 26, "num_attention_heads": 8,
@@ -824,13 +835,6 @@ HF_CONFIG_DEFAULTS = {"gemma3_text": _GEMMA3_TEXT_DEFAULTS, "gemma3": _GEMMA3_TE
 #: which transformers does not load either): allowed, not analysed.
 HF_EXTRA_LAYERS = {"glm4_moe": "num_nextn_predict_layers"}
 HF_EXTRA_LAYERS["deepseek_v3"] = "num_nextn_predict_layers"  # DeepSeek-V3's layer 61
-#: ``model_type`` -> why it is refused for now (one line each).
-HF_NOT_YET = dict.fromkeys(("gemma4_text", "gemma4"), (
-    "per-layer head sizes (its global layers' global_head_dim and num_global_key_value_heads"
-    " beside the sliding layers' head_dim), layers that reuse an earlier layer's keys and"
-    " values (num_kv_shared_layers) and keys that serve as values (attention_k_eq_v)"))
-
-
 def hf_layers_key(model_type: str) -> str:
     """The ``config.json`` key holding the number of layers."""
     if model_type in HF_TEXT_CONFIG:
@@ -899,7 +903,7 @@ def dims_from_hf_config(config: dict) -> ModelDims:
     d_head = (dim("head_dim", 0)  # 0: absent or null
               or _even_d_head(f"{where}hidden_size", d, f"{where}num_attention_heads", h,
                               f"{where}head_dim"))
-    return ModelDims(
+    dims = ModelDims(
         n_layers=n_layers,
         d_model=d,
         d_ff=dim(HF_FFN_WIDTH_KEY.get(model_type, "intermediate_size")),
@@ -907,6 +911,12 @@ def dims_from_hf_config(config: dict) -> ModelDims:
         n_kv_heads=n_kv,
         d_head=d_head,
     )
+    if model_type not in GEMMA4_TYPES:
+        return dims
+    layers = gemma4_layers(config, n_layers, where)
+    return replace(dims, d_head=max(layers.head_dims), n_kv_heads=max(layers.kv_heads),
+                   head_dims=layers.head_dims, kv_heads=layers.kv_heads,
+                   ffn_widths=layers.ffn_widths)
 
 
 def _hf_int(config: dict, key: str, default: int | None = None, where: str = "") -> int:

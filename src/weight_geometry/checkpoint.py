@@ -35,7 +35,7 @@ from .architectures import (
     HF_ADAPTERS,
     HF_CONFIG_DEFAULTS,
     HF_EXTRA_LAYERS,
-    HF_NOT_YET,
+    HF_TEXT_CONFIG,
     LATENT_PARTS,
     NOT_USED,
     SHARED,
@@ -59,6 +59,7 @@ from .architectures import (
     unsupported,
 )
 from .errors import UserError
+from .gemma4 import GEMMA4_TYPES, KvReuse, gemma4_layers
 from .gguf_file import GGUFModel
 from .layer_kinds import LINEAR, LayerKinds, gguf_layer_kinds, hf_layer_kinds
 from .safetensors_file import (
@@ -177,6 +178,9 @@ class Checkpoint:
     rotary_fraction: float = 1.0
     #: Multi-head latent attention (DeepSeek; None: W_Q, W_K, W_V, W_O stored as such).
     latent: LatentDims | None = None
+    #: Layers that read another layer's keys and values, or their keys as values (Gemma 4,
+    #: :mod:`gemma4`; None: every layer stores its own W_K and W_V).
+    kv_reuse: KvReuse | None = None
 
     @property
     def weight_types(self) -> tuple[str, ...]:
@@ -202,9 +206,26 @@ class Checkpoint:
 
     def norm_roles(self, layer: int) -> tuple[str, ...]:
         """The norm roles (``adapter.norms``) that ``layer``'s weights fold: all, less the
-        attention's (``attn``, ``q``, ``k``) in a linear-attention layer."""
-        skip = () if self.is_attention(layer) else ("attn", "q", "k")
+        attention's (``attn``, ``q``, ``k``) in a linear-attention layer, and the key's
+        (``k``) in a layer that reads another layer's keys (whose gain that layer folds)."""
+        skip = (() if self.is_attention(layer) else ("attn", "q", "k")) + (
+            () if self.owns(layer, "W_K") else ("k",))
         return tuple(role for role in self.adapter.norms if role not in skip)
+
+    def owns(self, layer: int, weight_type: str) -> bool:
+        """Whether ``layer`` stores ``weight_type`` itself: all but a Gemma 4 layer's W_K and
+        W_V where it reads another layer's, and its W_V where its values are its keys
+        (:class:`gemma4.KvReuse`). A weight it does not own is still read for its kernel and
+        circuits, but has no effective-rank row of this layer."""
+        return self.kv_reuse is None or self.kv_reuse.owns(layer, weight_type)
+
+    def _stored(self, layer: int, weight_type: str) -> tuple[str, int]:
+        """``(tensor name, layer)`` of the stored tensor ``layer``'s ``weight_type`` is cut
+        from, and the layer whose norm gains it folds (its own, or the Gemma 4 layer whose
+        keys and values it reads)."""
+        wt, source = (weight_type, layer) if self.kv_reuse is None else (
+            self.kv_reuse.stored_as(layer, weight_type))
+        return self.adapter.tensor_name(wt, source), source
 
     def layer_weight_types(self, layer: int) -> tuple[str, ...]:
         """The weight types :meth:`iter_layer` yields for ``layer``: all, less the FFN's in a
@@ -219,11 +240,12 @@ class Checkpoint:
         readable type (headers only), and none of a layer past the last."""
         self._check_no_extra_layers()
         for layer in range(self.dims.n_layers):
+            dims = self.dims.layer(layer)
             for wt in self.layer_weight_types(layer):
-                if wt not in self.adapter.weights:  # formed from latent factors, below
-                    continue
+                if wt not in self.adapter.weights or not self.owns(layer, wt):
+                    continue  # formed from latent factors (below), or another layer's
                 spec = self.adapter.weights[wt]
-                self._check(self.adapter.tensor_name(wt, layer), spec.raw_shape(self.dims, wt),
+                self._check(self.adapter.tensor_name(wt, layer), spec.raw_shape(dims, wt),
                             f"{wt} of layer {layer}")
             if self.latent is not None:
                 self._check_latent(layer, fold_norms)
@@ -231,7 +253,7 @@ class Checkpoint:
                 self._check_experts(layer)
             if fold_norms:
                 for role in self.norm_roles(layer):
-                    size = self.adapter.norm_size(role, self.dims)
+                    size = self.adapter.norm_size(role, dims)
                     self._check(self.adapter.norm_name(role, layer), (size,),
                                 f"{role} norm gain of layer {layer}", _FOLD_NORMS_NEEDS)
 
@@ -375,19 +397,20 @@ class Checkpoint:
         decides what it keeps). While suspended the generator holds no stored tensor that no
         later weight is cut from, so the caller's ``del`` of the last weight frees it.
         """
-        gains = self._gains(layer) if fold_norms else {}
         present = self.layer_weight_types(layer)
-        wanted = [(wt, spec, self.adapter.tensor_name(wt, layer))
+        wanted = [(wt, spec, *self._stored(layer, wt))
                   for wt, spec in self.adapter.weights.items()
                   if (only is None or wt in only) and wt in present]
+        gains = {source: self._gains(source) if fold_norms else {}
+                 for source in {source for *_, source in wanted}}
         held: dict[str, np.ndarray] = {}  # the stored tensor being cut, by name
-        for i, (wt, spec, name) in enumerate(wanted):
+        for i, (wt, spec, name, source) in enumerate(wanted):
             if name not in held:
                 held.clear()  # drop the previous stored tensor before reading the next
                 held[name] = self._read(name)
             last = i + 1 == len(wanted) or wanted[i + 1][2] != name
             yield wt, self._weight(wt, spec.extract(held.pop(name) if last else held[name],
-                                                    self.dims), gains)
+                                                    self.dims.layer(source)), gains[source])
 
     def read_layer(self, layer: int, fold_norms: bool = False) -> dict[str, np.ndarray]:
         """Every weight of ``layer`` (see :meth:`iter_layer`) at once. Memory: one layer."""
@@ -473,9 +496,8 @@ class Checkpoint:
         if role in gains and self.adapter.qk_norm == "projection":
             w = w * gains[role][:, None]
         elif role in gains:
-            heads = w.shape[0] // self.dims.d_head
-            w = (w.reshape(heads, self.dims.d_head, -1) * gains[role][None, :, None]
-                 ).reshape(w.shape)
+            m = gains[role].shape[0]  # the layer's head size
+            w = (w.reshape(w.shape[0] // m, m, -1) * gains[role][None, :, None]).reshape(w.shape)
         return w
 
     def describe(self, fold_norms: bool = False) -> dict:
@@ -505,6 +527,7 @@ class Checkpoint:
             **({"rotary_fraction": self.rotary_fraction} if self.rotary_fraction < 1 else {}),
             **({"latent_attention": {**self.latent.as_dict(), "note": LATENT_NOTE}}
                if self.latent is not None else {}),
+            **(self.kv_reuse.as_dict() if self.kv_reuse is not None else {}),
         }
 
 
@@ -678,9 +701,6 @@ def hf_architecture(source: str, path: Path) -> tuple[str, ModelDims]:
         raise UserError(f"{config_path}: no model_type (supported:"
                         f" {', '.join(sorted(HF_ADAPTERS))})")
     model_type = str(config["model_type"])
-    if model_type in HF_NOT_YET:
-        raise UserError(f"{config_path}: Hugging Face architecture '{model_type}' is not"
-                        f" supported yet: {HF_NOT_YET[model_type]}")
     if model_type not in HF_ADAPTERS:
         raise UserError(f"{config_path}: {unsupported('Hugging Face', model_type, HF_ADAPTERS)}")
     try:
@@ -723,7 +743,17 @@ def _open_hf_dir(source: str, path: Path) -> Checkpoint:
         _files={n: e.file for n, e in entries.items()}, _reader=SafetensorsReader(entries),
         _layers_key=f"config.json {hf_layers_key(model_type)}",
         moe=moe, expert_layout=_expert_layout(adapter, moe, entries),
-        _extra_layers=extra_layers, rotary_fraction=rotary, latent=latent)
+        _extra_layers=extra_layers, rotary_fraction=rotary, latent=latent,
+        kv_reuse=_hf_kv_reuse(config, model_type, dims.n_layers))
+
+
+def _hf_kv_reuse(config: dict, model_type: str, n_layers: int) -> KvReuse | None:
+    """A Gemma 4 ``config.json``'s key/value reuse (:mod:`gemma4`; a ``gemma4`` model's from
+    its text config, checked with its dimensions); None for any other architecture."""
+    if model_type not in GEMMA4_TYPES:
+        return None
+    text = config[HF_TEXT_CONFIG[model_type]] if model_type in HF_TEXT_CONFIG else config
+    return gemma4_layers(text, n_layers).kv_reuse
 
 
 def _expert_layout(adapter: Adapter, moe: MoeDims | None,

@@ -78,10 +78,12 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
+from .architectures import ModelDims
 from .checkpoint import Checkpoint
 from .device import pin_float32_matmul, resolve_device
 from .errors import UserError
 from .experts import SparseFfn, UnitArrays, expert_pass
+from .head_layout import pad_to
 from .kernels import FactoredSubspaces, emit_ov_circuits, factored_subspaces
 from .latent_attention import latent_attention_pass
 from .ranks import (
@@ -152,13 +154,13 @@ def extract_layer(ckpt: Checkpoint, layer: int, device: torch.device,
     arrays: dict[str, np.ndarray] = {}
 
     def put(name: str, x: torch.Tensor | np.ndarray, rows: int | None = None) -> None:
-        array = x.cpu().numpy() if isinstance(x, torch.Tensor) else x
+        array = padded(name, x.cpu().numpy() if isinstance(x, torch.Tensor) else x, ckpt.dims)
         if emit is not None:
             emit(name, array, rows)
         else:
             arrays[name] = pad_heads(array, rows)
 
-    dims, ffn_input = ckpt.dims, ckpt.adapter.ffn_input
+    dims, ffn_input = ckpt.dims.layer(layer), ckpt.adapter.ffn_input
     heads = (dims.n_heads, dims.n_kv_heads, dims.d_head)
     rows, kernel_inputs = [], {}
     subspaces = ffn_gram = ffn_sigma = norm2 = energy = rowspace = sparse = None
@@ -177,9 +179,10 @@ def extract_layer(ckpt: Checkpoint, layer: int, device: torch.device,
         del array  # the weight is held by w alone (and iter_layer holds no stored tensor)
         shape = tuple(w.shape)
         g = None
-        if compute_ranks or wt == ffn_input:
+        ranked = compute_ranks and ckpt.owns(layer, wt)  # not another layer's W_K, W_V
+        if ranked or wt == ffn_input:
             sigma, g = weight_spectrum(w, gram_side(wt, ffn_input, shape))
-        if compute_ranks:
+        if ranked:
             rows.append((layer, wt, shape_text(shape),
                          effective_rank_from_singular_values(sigma, shape)))
         if wt == ffn_input:
@@ -473,6 +476,31 @@ class LayerWriter:
                 fh.write(np.ascontiguousarray(head).data)
                 fh.write(zeros.data)
         self.written[name] += 1
+
+
+#: Arrays whose axis 1 (an expert unit's: axis 2) runs over a head's rows: zero-padded to the
+#: largest head size where layers differ (:mod:`head_layout`).
+PER_HEAD_ROWS = ("vectors", "query_vectors", "ov_write_vectors", "ov_read_vectors",
+                 "singular_values", "ov_singular_values", "ffn_input_energy")
+
+
+def padded(name: str, array: np.ndarray, dims: ModelDims) -> np.ndarray:
+    """One of a layer's arrays at the widths of the model's stored arrays, where its layers
+    differ in head size or KV-head count (Gemma 4): :mod:`head_layout`'s contract, rows past
+    the layer's head size zero (NaN in the KV-indexed row-space eigenvalues, which a missing
+    KV head also leaves NaN). ``array`` itself for a uniform model. Cost: one copy."""
+    if dims.head_dims is None:
+        return array
+    h, m, n_kv = dims.n_heads, dims.d_head, dims.n_kv_heads
+    if name in PER_HEAD_ROWS:
+        return pad_to(array, (h, m, *array.shape[2:]), 0.0)
+    if name == "ffn_input_rowspace_eigenvalues":
+        return pad_to(array, (n_kv, m), np.nan)
+    if name == "expert_energy":
+        return pad_to(array, (array.shape[0], h, m), 0.0)
+    if name == "expert_rowspace_eigenvalues":
+        return pad_to(array, (array.shape[0], n_kv, m), np.nan)
+    return array
 
 
 def pad_heads(array: np.ndarray, rows: int | None) -> np.ndarray:

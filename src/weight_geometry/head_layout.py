@@ -71,6 +71,16 @@ def layout_record(head_sizes, kv_counts) -> dict:
     return out
 
 
+def pad_to(array: np.ndarray, shape: tuple[int, ...], fill: float) -> np.ndarray:
+    """``array`` in the leading corner of a ``shape`` array filled with ``fill`` (``array``
+    itself where it has that shape). Cost: one copy."""
+    if array.shape == tuple(shape):
+        return array
+    out = np.full(shape, fill, dtype=array.dtype)
+    out[tuple(slice(0, n) for n in array.shape)] = array
+    return out
+
+
 def _per_layer(model: dict, key: str, uniform_key: str) -> np.ndarray:
     values = model.get(key)
     if values is None:

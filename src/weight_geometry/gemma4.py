@@ -1,0 +1,155 @@
+"""Gemma 4's per-layer attention: head sizes, KV-head counts and key/value reuse.
+
+A Gemma 4 text model (``gemma4_text``, or ``gemma4``'s text tower) has sliding layers with
+``head_dim`` and ``num_key_value_heads``, and global (``full``) layers with their own
+``global_head_dim`` and, where ``attention_k_eq_v``, ``num_global_key_value_heads``
+(transformers 5 writes these as ``per_layer_config``: ``{layer: {head_dim,
+num_key_value_heads}}``, which is read first). Two more twists, as transformers' own
+``Gemma4TextAttention`` applies them:
+
+- the last ``num_kv_shared_layers`` layers store no ``k_proj``/``v_proj``: each reuses the keys
+  and values of the last earlier layer of its own kind that stores them (``source``). Its
+  kernel pairs its own W_Q with the source's W_K, whose keys read the *source layer's* input:
+  ``W_Q_l^T W_K_src`` is the bilinear form between the two layers' normed inputs;
+- with ``attention_k_eq_v`` a global layer has no ``v_proj``: its values are its keys'
+  projection, normalized without a gain and not rotated, so ``W_V = W_K`` (the key's QK-norm
+  gain is not in W_V).
+
+Where ``use_double_wide_mlp``, the layers that reuse keys and values have an FFN twice as
+wide. Per-layer input embeddings (``per_layer_input_gate``, ``per_layer_projection``), the
+layer output scalar and the norms after each sublayer are not read (``model.json``'s
+``not_used``). The RMSNorm gains multiply as stored (``x * w``, not Gemma 3's ``1 + w``).
+A mixture-of-experts Gemma 4 (``enable_moe_block``: a dense FFN and routed experts side by
+side in every layer) stops with one line. Cost: O(L).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import UserError
+
+GEMMA4_TYPES = ("gemma4_text", "gemma4")
+#: What the geometry leaves out of a Gemma 4 layer (``model.json``'s ``not_used``).
+NOT_USED = ("the per-layer input embeddings (per_layer_input_gate, per_layer_projection: a"
+            " second input to each layer, not attention) and the per-layer output scalar are"
+            " not used")
+_SLIDING = "sliding_attention"
+
+
+@dataclass(frozen=True)
+class KvReuse:
+    """Where each layer's keys and values come from: ``source[l]`` the layer whose
+    ``k_proj`` (and ``v_proj``) layer ``l``'s attention reads (``l`` itself where it stores its
+    own); ``keys_as_values``: the layers whose values are their keys' projection (W_V = W_K,
+    read from ``k_proj`` of ``source[l]``)."""
+
+    source: tuple[int, ...]
+    keys_as_values: frozenset[int]
+
+    def owns(self, layer: int, weight_type: str) -> bool:
+        """Whether ``layer`` stores ``weight_type`` itself (W_K, W_V: not where it reuses
+        another layer's, nor W_V where its values are its keys)."""
+        if weight_type not in ("W_K", "W_V"):
+            return True
+        return self.source[layer] == layer and not (
+            weight_type == "W_V" and layer in self.keys_as_values)
+
+    def stored_as(self, layer: int, weight_type: str) -> tuple[str, int]:
+        """``(weight type, layer)`` of the stored tensor ``layer``'s ``weight_type`` is."""
+        if weight_type not in ("W_K", "W_V"):
+            return weight_type, layer
+        source = self.source[layer]
+        return ("W_K" if source in self.keys_as_values else weight_type), source
+
+    def as_dict(self) -> dict:
+        """``model.json``'s record: ``kv_shared_layers`` ({layer: source}, layers that reuse
+        another's keys and values) and ``keys_as_values`` (layers with W_V = W_K)."""
+        return {"kv_shared_layers": {str(i): s for i, s in enumerate(self.source) if s != i},
+                "keys_as_values": sorted(self.keys_as_values)}
+
+
+@dataclass(frozen=True)
+class Gemma4Layers:
+    """Each layer's head size, KV-head count and FFN width, and its key/value reuse."""
+
+    head_dims: tuple[int, ...]
+    kv_heads: tuple[int, ...]
+    ffn_widths: tuple[int, ...]
+    kv_reuse: KvReuse
+
+
+def _int(config: dict, key: str, default: int | None, where: str) -> int:
+    value = config.get(key)
+    if value is None:
+        value = default
+    if type(value) is not int or value < 1:
+        raise UserError(f"{where}{key}: {value!r} is not allowed (an integer >= 1)")
+    return value
+
+
+def layer_types(config: dict, n_layers: int) -> list[str]:
+    """``layer_types``, else transformers' default (five sliding layers, then one global), the
+    last layer global in either case (as ``Gemma4TextConfig`` forces it)."""
+    types = list(config.get("layer_types") or [
+        _SLIDING if (i + 1) % 6 else "full_attention" for i in range(n_layers)])
+    if types:
+        types[-1] = "full_attention"
+    return types
+
+
+def gemma4_layers(config: dict, n_layers: int, where: str = "") -> Gemma4Layers:
+    """The per-layer sizes and key/value reuse of a Gemma 4 text ``config`` (module
+    docstring); a bad value is a one-line UserError naming ``{where}{key}``."""
+    if config.get("enable_moe_block"):
+        raise UserError(f"{where}enable_moe_block: true is not supported yet (Gemma 4's"
+                        " mixture of experts, a dense FFN and routed experts side by side;"
+                        " allowed: a dense Gemma 4)")
+    h = _int(config, "num_attention_heads", None, where)
+    m, n_kv = _int(config, "head_dim", 256, where), _int(config, "num_key_value_heads", h, where)
+    k_eq_v = config.get("attention_k_eq_v") is True
+    types = layer_types(config, n_layers)
+    overrides = config.get("per_layer_config")
+    if not isinstance(overrides, dict):
+        full = {"head_dim": _int(config, "global_head_dim", 512, where)}
+        if k_eq_v and config.get("num_global_key_value_heads") is not None:
+            full["num_key_value_heads"] = _int(config, "num_global_key_value_heads", None, where)
+        overrides = {str(i): full for i, t in enumerate(types) if t != _SLIDING}
+    head_dims, kv_heads = [], []
+    for layer in range(n_layers):
+        own = overrides.get(str(layer)) or {}
+        at = f"{where}per_layer_config.{layer}."
+        head_dims.append(_int(own, "head_dim", m, at))
+        kv_heads.append(_int(own, "num_key_value_heads", n_kv, at))
+        if h % kv_heads[-1]:
+            raise UserError(f"{at}num_key_value_heads: {kv_heads[-1]} is not allowed (a"
+                            f" divisor of num_attention_heads = {h})")
+    reuse = _kv_reuse(config, types, k_eq_v, where)
+    width = _int(config, "intermediate_size", None, where)
+    wide = 2 if config.get("use_double_wide_mlp") is True else 1
+    ffn = tuple(width * (wide if s != i else 1) for i, s in enumerate(reuse.source))
+    return Gemma4Layers(tuple(head_dims), tuple(kv_heads), ffn, reuse)
+
+
+def _kv_reuse(config: dict, types: list[str], k_eq_v: bool, where: str) -> KvReuse:
+    """Transformers' ``kv_sharing_modes``: layers from ``L - num_kv_shared_layers`` on reuse
+    the last earlier layer of their kind; a UserError where no earlier layer of that kind
+    stores keys and values."""
+    n = len(types)
+    shared = config.get("num_kv_shared_layers") or 0
+    if type(shared) is not int or not 0 <= shared < n:
+        raise UserError(f"{where}num_kv_shared_layers: {shared!r} is not allowed (an integer"
+                        f" from 0 to {n - 1}: some layer must store its own keys and values)")
+    first = n - shared
+    source = list(range(n))
+    for layer in range(first, n):
+        own = [i for i in range(first) if types[i] == types[layer]]
+        if not own:
+            raise UserError(f"{where}num_kv_shared_layers: {shared} leaves layer {layer}"
+                            f" ({types[layer]}) no earlier layer of its kind to take keys and"
+                            " values from (allowed: at most"
+                            f" {n - max(types.index(t) + 1 for t in set(types))})")
+        source[layer] = own[-1]
+    values = frozenset(i for i, t in enumerate(types) if k_eq_v and t != _SLIDING)
+    return KvReuse(tuple(source), values)
+
