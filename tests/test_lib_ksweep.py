@@ -59,6 +59,12 @@ def _row_spaces(seed: int, **shape):
                                                          @ np.swapaxes(v, -1, -2))
 
 
+def _record(n_layers=7, n_heads=3, d_head=6, d=20) -> dict:
+    """The ``model.json`` record of :func:`_model`'s data: every head its own KV head."""
+    return {"n_layers": n_layers, "d_model": d, "n_heads": n_heads, "n_kv_heads": n_heads,
+            "d_head": d_head}
+
+
 def _matrix(bases: np.ndarray) -> np.ndarray:
     """``(L, L)`` similarity of ``(L, k, d)`` bases pair by pair in float64 (independent of the
     blocked float32 routine), diagonal 1."""
@@ -87,8 +93,8 @@ def test_ksweep_matches_per_k_references():
     vectors, energy, norm2, ffn_sv, sv = _model(1)
     overlaps, rowspace = _row_spaces(1)
     heads, d, m = [0, 2], 20, 6
-    table = ksweep_table(vectors[:, heads], energy[:, heads], norm2, sv[:, heads], d, heads,
-                         overlaps, rowspace)
+    table = ksweep_table(vectors[:, heads], energy[:, heads], norm2, sv[:, heads], _record(),
+                         heads, overlaps, rowspace)
     assert list(table["k"]) == list(range(1, 6))
     assert list(table.columns) == [
         "k", "chance", "null_std", "off_diagonal_mean", "adjacent_mean", "distant_mean",
@@ -124,8 +130,8 @@ def test_random_subspaces_track_chance_for_every_k():
     n_layers, n_heads, d = 12, 4, 24
     vectors, energy, norm2, ffn_sv, sv = _model(2, n_layers=n_layers, n_heads=n_heads, d=d)
     overlaps, rowspace = _row_spaces(2, n_layers=n_layers, n_heads=n_heads, d=d)
-    table = ksweep_table(vectors, energy, norm2, sv, d, list(range(n_heads)), overlaps,
-                         rowspace)
+    table = ksweep_table(vectors, energy, norm2, sv, _record(n_layers, n_heads, d=d),
+                         list(range(n_heads)), overlaps, rowspace)
     n_pairs = n_layers * (n_layers - 1) // 2
     for row in table.itertuples():
         k, chance = row.k, row.chance
@@ -155,7 +161,7 @@ def test_random_subspaces_track_chance_for_every_k():
 def test_planted_shared_directions_stand_out_at_small_k():
     d, shared = 24, 2
     vectors, energy, norm2, ffn_sv, sv = _model(3, d=d, shared=shared)
-    table = ksweep_table(vectors, energy, norm2, sv, d, [0, 1, 2],
+    table = ksweep_table(vectors, energy, norm2, sv, _record(d=d), [0, 1, 2],
                          *_row_spaces(3, d=d, shared=shared)).set_index("k")
     # Up to k = 2 every layer has the same subspace; beyond, 2 of k directions are shared and
     # the rest is random in the (d - 2)-dimensional complement.
@@ -206,7 +212,7 @@ def test_ksweep_counts_ill_defined_among_heads():
 
     def table(heads):
         return ksweep_table(vectors[:, heads], energy[:, heads], norm2, sv[:, heads],
-                            20, heads, overlaps, rowspace).set_index("k")
+                            _record(d_head=4), heads, overlaps, rowspace).set_index("k")
 
     assert table([1, 2]).loc[2, "n_ill_defined"] == 1
     assert table([1, 2]).loc[1, "n_ill_defined"] == 0, "head 0 is not among the heads"

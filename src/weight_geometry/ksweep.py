@@ -1,8 +1,10 @@
-"""Sensitivity to k from one extraction: every statistic for k = 1 .. d_head - 1 at once.
+"""Sensitivity to k from one extraction: every statistic for k = 1 .. m - 1 at once, ``m`` the
+smallest head size (``d_head`` unless layers differ: :mod:`head_layout`).
 
-The extraction keeps all ``d_head`` right singular vectors per head, so each k is a prefix:
-``sim_k(a, b) = sum_{r<k, s<k} (v_a,r . v_b,s)^2 / k`` is a 2-D prefix sum of the squared cross
-products, and ``align(l, i, k)`` a prefix sum of the per-direction energies.
+The extraction keeps all ``m_p`` right singular vectors per head of layer ``p`` (zero-padded to
+``d_head``), so each k is a prefix: ``sim_k(a, b) = sum_{r<k, s<k} (v_a,r . v_b,s)^2 / k`` is a
+2-D prefix sum of the squared cross products, and ``align(l, i, k)`` a prefix sum of the
+per-direction energies; both exact for ``k <= min_p m_p``.
 
 The top-k subspace is only defined up to the spectral gap at k. Davis-Kahan: a perturbation
 ``E`` of the kernel rotates it by ``sin(theta) <= ||E|| / (sigma_k - sigma_{k+1})``, so with a
@@ -17,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from .head_layout import head_dims, kv_of_heads
 from .similarity import cross_head_similarity, null_mean, null_std
 from .statistics import adjacent, distant, off_diagonal
 
@@ -44,19 +47,27 @@ def relative_gaps(singular_values: np.ndarray) -> np.ndarray:
         return np.where(upper > 0, (upper - lower) / upper, 0.0)
 
 
-def gaps_at(singular_values: np.ndarray, k: int) -> np.ndarray:
-    """``(L, h)`` relative gap at ``k`` of each (layer, head) (:func:`relative_gaps`); NaN for
-    ``k >= d_head`` (no ``sigma_{k+1}``: the subspace is the whole row space of ``W_K``)."""
+def gaps_at(singular_values: np.ndarray, k: int, sizes=None) -> np.ndarray:
+    """``(L, h)`` relative gap at ``k`` of each (layer, head) (:func:`relative_gaps`); NaN where
+    ``k >= m_p`` (no ``sigma_{k+1}``: the subspace is the whole row space of ``W_K``).
+
+    ``sizes``: ``(L,)`` each layer's head size ``m_p`` (:func:`head_layout.head_dims`); None:
+    every layer has ``d_head``, the stored width. A layer's padded zeros beyond ``m_p`` would
+    otherwise read as a gap of 1 at ``k = m_p`` and as exact ties above it. Cost O(L h d_head).
+    """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     gaps = relative_gaps(singular_values)
-    return np.full(gaps.shape[:-1], np.nan) if k > gaps.shape[-1] else gaps[..., k - 1]
+    m = np.full(gaps.shape[0], singular_values.shape[-1]) if sizes is None else np.asarray(sizes)
+    if k >= m.max():
+        return np.full(gaps.shape[:-1], np.nan)
+    return np.where((k < m)[:, None], gaps[..., k - 1], np.nan)
 
 
-def ill_defined(singular_values: np.ndarray, k: int) -> pd.DataFrame:
+def ill_defined(singular_values: np.ndarray, k: int, sizes=None) -> pd.DataFrame:
     """(layer, head, gap) of every (layer, head) whose relative gap at ``k`` is below
-    :data:`GAP_THRESHOLD`; empty for ``k >= d_head`` (see :func:`gaps_at`)."""
-    gaps_k = gaps_at(singular_values, k)
+    :data:`GAP_THRESHOLD`; none of a layer with ``k >= m_p`` (see :func:`gaps_at`)."""
+    gaps_k = gaps_at(singular_values, k, sizes)
     layer, head = np.nonzero(gaps_k < GAP_THRESHOLD)
     return pd.DataFrame({"layer": layer, "head": head, "gap": gaps_k[layer, head]})
 
@@ -80,56 +91,68 @@ def _mean_statistics(sims: np.ndarray) -> dict[str, float]:
             "distant_mean": distant(sims).mean()}
 
 
-def _conditional_means(ks: np.ndarray, kv_heads: list[int], overlaps: np.ndarray,
+def _conditional_means(ks: np.ndarray, kv: np.ndarray, sizes: np.ndarray, overlaps: np.ndarray,
                        rowspace_eigenvalues: np.ndarray, norm2: np.ndarray) -> pd.DataFrame:
-    """The row-space-conditional null means of the table's four statistics for every k: each
-    is linear in k (a similarity's is ``k t1 / m^2``, an alignment's ``(k / m) sum mu / tr G``,
-    :mod:`rowspace_nulls`), averaged as the statistics are, over the heads whose KV heads are
-    ``kv_heads``. Cost O(h L^2)."""
-    m = rowspace_eigenvalues.shape[-1]
-    t1 = np.mean([overlaps[0][:, kv, :, kv] for kv in kv_heads], axis=0)      # (L, L)
-    inside = rowspace_eigenvalues.sum(-1) / norm2[:, None]                    # (L, n_kv)
-    per_k = {**{name: value / m**2 for name, value in _mean_statistics(t1).items()},
-             "alignment_mean": inside[:, kv_heads].mean() / m}
+    """The row-space-conditional null means of the table's four statistics for every k, each
+    linear in k (:mod:`rowspace_nulls`): a similarity's ``k t1 / (m_a m_b)``, an alignment's
+    ``(k / m_p) sum_{r < m_p} mu_r / tr G``; averaged as the statistics are, over the heads
+    whose KV heads in each layer are ``kv`` ``(L, h)``, each layer at its own size ``sizes``
+    ``(L,)`` (``m_p``; the padded eigenvalues beyond it are left out). Cost O(h L^2 + L n_kv
+    d_head)."""
+    layers = np.arange(len(sizes))
+    t1 = overlaps[0][layers[:, None, None], kv[:, :, None], layers[None, None, :],
+                     kv.T[None, :, :]]                                     # (L, h, L)
+    per_pair = t1.mean(axis=1) / np.outer(sizes, sizes)                    # (L, L) at k = 1
+    own = np.arange(rowspace_eigenvalues.shape[-1]) < sizes[:, None, None]
+    inside = np.where(own, rowspace_eigenvalues, 0.0).sum(-1) / norm2[:, None]  # (L, n_kv)
+    per_k = {**_mean_statistics(per_pair),
+             "alignment_mean": (inside[layers[:, None], kv] / sizes[:, None]).mean()}
     return pd.DataFrame({name: ks * value for name, value in per_k.items()})
 
 
 def ksweep_table(vectors: np.ndarray, energy: np.ndarray, norm2: np.ndarray,
-                 singular_values: np.ndarray, d: int, kv_heads: list[int],
+                 singular_values: np.ndarray, model: dict, heads: list[int],
                  overlaps: np.ndarray, rowspace_eigenvalues: np.ndarray) -> pd.DataFrame:
-    """One row per k = 1 .. d_head - 1 (k = d_head is skipped: heads sharing a KV head coincide),
-    averaged over the ``h`` heads given (the caller selects them, e.g. the sampled heads).
+    """One row per k = 1 .. m - 1, ``m`` the smallest head size :func:`head_layout.min_head_dim`
+    (k = m is skipped: there heads sharing a KV head coincide in the layers of that size),
+    averaged over the heads ``heads`` (the caller selects them, e.g. the sampled heads).
 
     Args:
-        vectors: ``(L, h, d_head, d)`` right singular vectors, an in-memory array (its
-            float32 copy is made one head at a time: :func:`similarity_by_k`);
-            energy ``(L, h, d_head)``; norm2 ``(L,)``; singular_values ``(L, h, d_head)``.
-        kv_heads: the KV head each of the ``h`` heads reads.
+        vectors: ``(L, h, d_head, d)`` right singular vectors of the heads ``heads``, an
+            in-memory array (its float32 copy is made one head at a time:
+            :func:`similarity_by_k`); energy ``(L, h, d_head)``; norm2 ``(L,)``;
+            singular_values ``(L, h, d_head)``; all zero-padded beyond each layer's ``m_p``.
+        model: the ``model.json`` record: ``d_model``, and each layer's head size ``m_p`` and
+            KV grouping (query head ``i`` of layer ``p`` reads KV head ``i // (h // n_kv_p)``,
+            :mod:`head_layout`).
         overlaps: ``(2, L, n_kv, L, n_kv)`` :func:`rowspace_nulls.rowspace_overlaps`;
-            rowspace_eigenvalues ``(L, n_kv, d_head)`` (the extraction's).
+            rowspace_eigenvalues ``(L, n_kv, d_head)`` (the extraction's, NaN-padded).
     Columns: k; chance ``k/d``; null_std (of one similarity, :func:`similarity.null_std`);
     off_diagonal_mean, adjacent_mean, distant_mean (:func:`statistics.distant`): the mean over
     the heads of each head's statistic of its same-index ``(L, L)`` matrix; alignment_mean
     (mean over layers and heads); each of those four divided by chance as ``*_ratio`` and by
-    its row-space-conditional null mean as ``*_conditional_ratio``; n_ill_defined: (layer,
-    head) pairs with relative gap at k below :data:`GAP_THRESHOLD`. Cost O(h L^2 d_head^2 d /
-    2), memory as :func:`similarity_by_k` plus ``(d_head, L, L)``.
+    its row-space-conditional null mean (each layer at its own ``m_p`` and KV head) as
+    ``*_conditional_ratio``; n_ill_defined: (layer, head) pairs with relative gap at k below
+    :data:`GAP_THRESHOLD`. Cost O(h L^2 d_head^2 d / 2), memory as :func:`similarity_by_k`
+    plus ``(d_head, L, L)``.
     """
-    n_heads, d_head = vectors.shape[1:3]
-    ks = np.arange(1, d_head)
+    d, sizes = model["d_model"], head_dims(model)
+    ks = np.arange(1, sizes.min())
     # The statistics are means of matrix entries: the mean of each head's statistic is the
     # statistic of the head-mean matrix.
-    sims = np.mean([similarity_by_k(vectors[:, head])[:-1] for head in range(n_heads)], axis=0)
+    sims = np.mean([similarity_by_k(vectors[:, i])[:len(ks)] for i in range(len(heads))],
+                   axis=0)
     table = pd.DataFrame([_mean_statistics(s) for s in sims])
     align = np.cumsum(energy, axis=-1, dtype=np.float64) / norm2[:, None, None]
-    table["alignment_mean"] = align.mean(axis=(0, 1))[:-1]
+    table["alignment_mean"] = align.mean(axis=(0, 1))[:len(ks)]
     chance = null_mean(ks, d)
     ratios = table.div(chance, axis=0).add_suffix("_ratio")
-    conditional = table / _conditional_means(ks, kv_heads, overlaps, rowspace_eigenvalues,
-                                             norm2)
+    conditional = table / _conditional_means(ks, kv_of_heads(model)[:, heads], sizes, overlaps,
+                                             rowspace_eigenvalues, norm2)
     table = pd.concat([table, ratios, conditional.add_suffix("_conditional_ratio")], axis=1)
     table.insert(0, "k", ks)
     table.insert(1, "chance", chance)
     table.insert(2, "null_std", [null_std(k, d) for k in ks])
-    table["n_ill_defined"] = (relative_gaps(singular_values) < GAP_THRESHOLD).sum(axis=(0, 1))
+    gaps = relative_gaps(singular_values)[..., :len(ks)]
+    table["n_ill_defined"] = (gaps < GAP_THRESHOLD).sum(axis=(0, 1))
     return table

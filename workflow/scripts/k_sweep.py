@@ -1,4 +1,5 @@
-"""Rule k_sweep: similarity and alignment statistics for every k below d_head, one extraction."""
+"""Rule k_sweep: similarity and alignment statistics for every k below the smallest head size,
+one extraction."""
 
 import _library  # noqa: F401  (puts the checkout's src/ on sys.path)
 
@@ -7,6 +8,7 @@ from weight_geometry.rule_script import run_rule
 
 def main():
     from weight_geometry.figures import draw_ksweep
+    from weight_geometry.head_layout import min_head_dim
     from weight_geometry.ksweep import ksweep_table
     from weight_geometry.results_io import load_array, load_layers, read_json
 
@@ -16,14 +18,13 @@ def main():
     def sampled(a):  # only the sampled heads' bytes are read from each memmap
         return a[:, heads]
 
-    group = model["n_heads"] // model["n_kv_heads"]
     table = ksweep_table(load_layers(inp.vectors, sampled), load_layers(inp.energy, sampled),
                          load_layers(inp.norm2), load_layers(inp.singular_values, sampled),
-                         model["d_model"], [head // group for head in heads],
-                         load_array(inp.overlaps), load_layers(inp.rowspace_eigenvalues))
+                         model, heads, load_array(inp.overlaps),
+                         load_layers(inp.rowspace_eigenvalues))
     table.to_parquet(out.parquet, index=False)
     table.to_csv(out.csv, index=False)
-    draw_ksweep(table, model["d_head"], out.figure)
+    draw_ksweep(table, min_head_dim(model), out.figure)
 
 
 run_rule(main, snakemake.log[0], snakemake.output)
