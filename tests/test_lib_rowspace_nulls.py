@@ -18,6 +18,11 @@ from weight_geometry.rowspace_nulls import (
 from weight_geometry.similarity import null_std
 
 
+def uniform_model(n_layers: int, n_heads: int, n_kv: int, m: int) -> dict:
+    """The ``model.json`` keys :mod:`head_layout` reads, for one head size and KV-head count."""
+    return {"n_layers": n_layers, "n_heads": n_heads, "n_kv_heads": n_kv, "d_head": m}
+
+
 def haar_frames(rng: np.random.Generator, draws: int, k: int, m: int) -> np.ndarray:
     """``(draws, k, m)`` Haar-random orthonormal rows (:func:`conftest.orthonormal_rows` of
     Gaussian matrices)."""
@@ -85,8 +90,9 @@ def test_same_index_null_bounds_the_std_of_correlated_heads(shared):
     spaces = np.stack([[orthonormal_rows(rng.standard_normal((m, d))) for _ in range(n_kv)]
                        for _ in range(2)])
     overlaps = rowspace_overlaps(spaces)
-    mean, std = same_index_null(overlaps, k, m, n_kv * group)
-    pair_mean, _ = head_pair_null(overlaps, k, m, n_kv * group)
+    model = uniform_model(2, n_kv * group, n_kv, m)
+    mean, std = same_index_null(overlaps, k, model)
+    pair_mean, _ = head_pair_null(overlaps, k, model)
     assert pair_mean.shape == (2, 6, 2, 6)
     values = np.zeros(draws)
     for j in range(n_kv):
@@ -116,7 +122,7 @@ def test_alignment_null_matches_monte_carlo_and_projector_formulas():
     g = w_in.T @ w_in
     q = orthonormal_rows(rng.standard_normal((m, d)))
     mu, vecs = np.linalg.eigh(q @ g @ q.T)
-    null = alignment_null(mu[None, None], np.array([np.trace(g)]), k, n_heads=2)
+    null = alignment_null(mu[None, None], np.array([np.trace(g)]), k, uniform_model(1, 2, 1, m))
     assert null["chance"].shape == (1, 2)
     frames = haar_frames(rng, draws, k, m) @ q
     shares = np.square(frames @ w_in.T).sum((1, 2)) / np.trace(g)
@@ -133,6 +139,7 @@ def test_alignment_null_of_the_whole_space_is_the_isotropic_null():
     rng = np.random.default_rng(2)
     d, k = 12, 4
     sigma = np.sort(rng.uniform(0.1, 2.0, d))[::-1]
-    null = alignment_null(np.square(sigma)[None, None], np.array([np.square(sigma).sum()]), k, 1)
+    null = alignment_null(np.square(sigma)[None, None], np.array([np.square(sigma).sum()]), k,
+                          uniform_model(1, 1, 1, d))
     assert null["chance"][0, 0] == pytest.approx(k / d)
     assert null["std"][0, 0] == pytest.approx(alignment_null_std(k, d, sigma[None])[0])

@@ -17,6 +17,7 @@ import numpy as np
 
 from .architectures import ModelDims
 from .errors import UserError
+from .head_layout import first_heads
 
 if TYPE_CHECKING:  # pandas is imported where tables are read: array-only jobs start faster
     import pandas as pd
@@ -71,11 +72,18 @@ def load_head_bases(vector_paths, head: int, k: int) -> np.ndarray:
     return load_layers(vector_paths, lambda a: a[:, head, :k, :])
 
 
-def load_row_spaces(vector_paths, n_heads: int, n_kv_heads: int) -> np.ndarray:
-    """``(L, n_kv, d_head, d)``: for each KV head, the ``d_head`` stored vectors of its first
-    query head, an orthonormal basis of the KV head's row space (every head of the group has
-    one; :mod:`rowspace_nulls`)."""
-    return load_layers(vector_paths, lambda a: a[:, ::n_heads // n_kv_heads])
+def load_row_spaces(vector_paths, model: dict) -> np.ndarray:
+    """``(L, n_kv_heads, d_head, d)``: for each KV head ``j`` of each layer ``p``, the stored
+    vectors of its first query head (:func:`head_layout.first_heads`), an orthonormal basis of
+    the KV head's row space (every head of the group has one; :mod:`rowspace_nulls`): ``m_p``
+    rows, the padded rows zero (:mod:`head_layout`), and all zero for a KV head ``j >=
+    n_kv_p``. Reads the union over layers of those heads' vectors. Cost O(L n_kv d_head d)."""
+    first = first_heads(model)                                          # (L, n_kv), -1: none
+    heads = np.unique(first[first >= 0])
+    loaded = load_layers(vector_paths, lambda a: a[:, heads])
+    out = loaded[np.arange(len(first))[:, None], np.searchsorted(heads, first)]
+    out[first < 0] = 0
+    return out
 
 
 def load_similarities(paths) -> dict[int, np.ndarray]:

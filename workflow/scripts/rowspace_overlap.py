@@ -11,7 +11,7 @@ def main():
     from weight_geometry.rowspace_nulls import rowspace_overlaps
 
     model = read_json(snakemake.input.model)
-    bases = load_row_spaces(snakemake.input.vectors, model["n_heads"], model["n_kv_heads"])
+    bases = load_row_spaces(snakemake.input.vectors, model)
     save_result(snakemake.output[0], rowspace_overlaps(bases))
 
 
