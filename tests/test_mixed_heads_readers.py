@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import assert_one_line
 from mixed_heads import mixed_model
 
+from weight_geometry.errors import UserError
 from weight_geometry.head_layout import head_dims
 from weight_geometry.ksweep import GAP_THRESHOLD, gaps_at, ill_defined, ksweep_table
 from weight_geometry.similarity import null_mean, null_std, similarity
@@ -112,3 +114,38 @@ def test_gaps_are_undefined_from_each_layers_own_head_size(mixed):
     # above it: the sizes are what makes the answer right.
     assert (gaps_at(sv, 8)[0] == 1).all()
     assert len(ill_defined(sv, 9)) == 3 * N_HEADS
+
+
+# --- config ----------------------------------------------------------------------------------
+
+def _plan(dims, top_k):
+    """:func:`config._model_plan` of a source with ``dims`` (its headers already read)."""
+    from pathlib import Path
+
+    from weight_geometry.config import _model_plan, _Source
+
+    src = _Source("g4", Path("g4"), None, dims, ("W_Q", "W_K", "W_V", "W_O"))
+    return _model_plan("g4", src, top_k, ("all", None), 0, "auto", 0)
+
+
+def test_config_checks_k_against_the_smallest_head_size():
+    from weight_geometry.architectures import ModelDims
+
+    mixed = ModelDims(n_layers=6, d_model=64, d_ff=96, n_heads=4, n_kv_heads=2, d_head=16,
+                      head_dims=(8, 16) * 3, kv_heads=(2, 1) * 3)
+    assert _plan(mixed, [4, 8]).name == "g4"
+    with pytest.raises(UserError) as info:
+        _plan(mixed, [4, 9, 16])
+    assert assert_one_line(info.value) == (
+        "top_k: 9 is not allowed for model g4 (1 <= k <= 8, the smallest head size, that of"
+        " layers 0, 2, 4; the largest is d_head = 16)")
+    one = ModelDims(n_layers=3, d_model=64, d_ff=96, n_heads=4, n_kv_heads=2, d_head=16,
+                    head_dims=(16, 16, 12), kv_heads=(2, 2, 1))
+    with pytest.raises(UserError, match=r"<= 12, the smallest head size, that of layer 2;"):
+        _plan(one, [13])
+    # A uniform model: the message as before.
+    uniform = ModelDims(n_layers=6, d_model=64, d_ff=96, n_heads=4, n_kv_heads=2, d_head=16)
+    assert _plan(uniform, [16]).name == "g4"
+    with pytest.raises(UserError) as info:
+        _plan(uniform, [17])
+    assert str(info.value) == "top_k: 17 is not allowed for model g4 (1 <= k <= d_head = 16)"

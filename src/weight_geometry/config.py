@@ -1,8 +1,8 @@
 """Validate the workflow config and turn it into a per-model plan, with one-line errors.
 
 Runs at Snakefile parse time, before any job: it opens each checkpoint's header (no tensor
-data, no torch) to check model-dependent values (k <= d_head, heads < h, bottleneck < L,
-every needed tensor present with the expected shape).
+data, no torch) to check model-dependent values (k <= the smallest head size, heads < h,
+bottleneck < L, every needed tensor present with the expected shape).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from . import hub, series
+from . import head_layout, hub, series
 from .architectures import HF_ADAPTERS, ModelDims, MoeDims
 from .checkpoint import (
     Checkpoint,
@@ -421,16 +421,40 @@ def _open_source(source: str, fold_norms: bool, revision: str | None = None) -> 
                    ckpt.attention_layers)
 
 
+def _check_top_k(name: str, dims: ModelDims, ks: list[int]) -> None:
+    """Every k of ``ks`` (ascending) at most the smallest head size ``min_l m_l``
+    (:func:`head_layout.min_head_dim`; ``d_head`` unless layers differ), the largest k at
+    which every layer's top-k subspace is defined; else a one-line UserError for the first k
+    above it, naming the smallest head size and the layers that have it (``dims``' per-layer
+    sizes are by model layer). Cost O(L)."""
+    record = dims.as_dict()
+    bound = head_layout.min_head_dim(record)
+    bad = [k for k in ks if k > bound]
+    if not bad:
+        return
+    if head_layout.is_uniform(record):
+        raise UserError(f"top_k: {bad[0]} is not allowed for model {name} (1 <= k <= d_head ="
+                        f" {bound})")
+    smallest = [str(layer) for layer, m in enumerate(head_layout.head_dims(record))
+                if m == bound]
+    raise UserError(f"top_k: {bad[0]} is not allowed for model {name} (1 <= k <= {bound}, the"
+                    f" smallest head size, that of layer{'s' * (len(smallest) > 1)}"
+                    f" {_listing(smallest)}; the largest is d_head = {dims.d_head})")
+
+
+def _listing(items: list[str], most: int = 8) -> str:
+    """``a, b, c`` or ``a, b, .., h and 4 more``."""
+    more = f" and {len(items) - most} more" if len(items) > most else ""
+    return ", ".join(items[:most]) + more
+
+
 def _model_plan(name, src: _Source, ks, head_spec, primary, bottleneck, per_job) -> ModelPlan:
     dims, attention = src.dims, src.attention_layers or tuple(range(src.dims.n_layers))
     if len(attention) < 2:
         kind = "" if len(attention) == dims.n_layers else " softmax-attention"
         raise UserError(f"models.{name}: {len(attention)}{kind} layer(s); comparing layers"
                         " needs at least 2")
-    for k in ks:
-        if k > dims.d_head:
-            raise UserError(f"top_k: {k} is not allowed for model {name} (1 <= k <= d_head ="
-                            f" {dims.d_head})")
+    _check_top_k(name, dims, ks)
     heads = select_heads(head_spec, dims.n_heads)
     for head, key in [*((h, "heads") for h in heads), (primary, "primary_head")]:
         if not 0 <= head < dims.n_heads:
