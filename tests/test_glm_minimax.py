@@ -3,7 +3,7 @@ attention weights, each head's kernel and QK-norm folding against the live modul
 float64 SVD of the formed kernel; GLM's multi-token-prediction layer and QK-norm switch; the
 rotary fraction as transformers resolves it; the workflow end to end, its similarity,
 alignment and per-expert effective ranks against references from the live modules' weights.
-Gemma 4 is refused in one line (per-layer head sizes are not supported yet)."""
+(Gemma 4: tests/test_gemma4.py.)"""
 
 from __future__ import annotations
 
@@ -176,19 +176,6 @@ def test_rotary_fraction_of_a_text_tower(tmp_path):
     with pytest.raises(UserError) as info:
         rotary_fraction_from_hf_config(cfg)
     assert_one_line(info.value, "text_config.rope_parameters.partial_rotary_factor: 0 is not")
-
-
-def test_gemma4_is_refused_in_one_line(tmp_path):
-    """Gemma 4's global layers have their own head size and KV-head count: not supported yet,
-    said in one line naming the file and why."""
-    config = T.Gemma4TextConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                global_head_dim=16, vocab_size=64)
-    config.save_pretrained(tmp_path / "g4")
-    with pytest.raises(UserError) as info:
-        open_checkpoint(str(tmp_path / "g4"))
-    assert_one_line(info.value, tmp_path / "g4" / "config.json", "'gemma4_text'",
-                    "not supported yet: per-layer head sizes")
 
 
 @pytest.mark.parametrize("arch, changes", [("glm4_moe", {}),
