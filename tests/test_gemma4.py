@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import transformers as T
@@ -210,8 +211,65 @@ def test_effective_ranks_of_the_weights_each_layer_stores(built):
             assert rank == pytest.approx(reference_eff_rank(w), rel=1e-4), (layer, wt)
 
 
+#: A mixture-of-experts Gemma 4: routed experts beside the dense FFN in every layer.
+MOE = {"enable_moe_block": True, "num_experts": 4, "top_k_experts": 2,
+       "moe_intermediate_size": 12, "use_double_wide_mlp": False}
+
+
+@pytest.fixture(scope="module")
+def built_moe(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gemma4moe") / "g4moe"
+    return build(path, **MOE), path
+
+
+def expert_units(model, layer: int) -> list[tuple[str, int | None, np.ndarray]]:
+    """``(expert, router row, folded weight)`` of each unit of ``layer`` from the live modules:
+    every routed expert's W_gate with the experts' own pre-FFN gain, the dense FFN's W_gate
+    (the shared expert) with the pre-FFN gain, every router row with ``router.scale``."""
+    blk = model.model.layers[layer]
+    g2 = blk.pre_feedforward_layernorm_2.weight.detach().numpy()
+    d_e = blk.experts.intermediate_dim
+    units = [(str(e), None, w[:d_e].detach().numpy() * g2)
+             for e, w in enumerate(blk.experts.gate_up_proj)]
+    units.append(("shared", None, blk.mlp.gate_proj.weight.detach().numpy()
+                  * blk.pre_feedforward_layernorm.weight.detach().numpy()))
+    router = blk.router.proj.weight.detach().numpy() * blk.router.scale.detach().numpy()
+    return units + [("router", e, router[e:e + 1]) for e in range(len(router))]
+
+
+def test_moe_experts_and_router_read_as_the_live_modules(built_moe):
+    """Every layer sparse; each routed expert's W_gate/W_up/W_down (slices of the fused
+    tensors), the dense FFN as the shared expert, with their own gains folded; the folded
+    router gives the live router's probabilities from the gain-free normalized stream."""
+    model, path = built_moe
+    ckpt = open_checkpoint(str(path), fold_norms=True)
+    assert ckpt.moe.sparse_layers == frozenset(range(6))
+    assert (ckpt.moe.n_experts, ckpt.moe.d_expert, ckpt.moe.d_shared) == (4, 12, 24)
+    for layer in (0, 5):
+        units = expert_units(model, layer)
+        got = dict(ckpt.iter_experts(layer, fold_norms=True))
+        for name, _, ref in units[:5]:
+            np.testing.assert_allclose(got[int(name) if name != "shared" else name]["W_gate"],
+                                       ref, rtol=1e-6, atol=1e-7, err_msg=f"{layer} {name}")
+        blk = model.model.layers[layer]
+        np.testing.assert_allclose(got[1]["W_down"], blk.experts.down_proj[1].detach().numpy())
+        router = ckpt.read_router(layer, fold_norms=True)
+        x = torch.randn(5, D, dtype=torch.float64)
+        x_hat = x / (x.pow(2).mean(-1, keepdim=True) + model.config.rms_norm_eps).sqrt()
+        logits = x_hat @ torch.from_numpy(router).double().T * D ** -0.5
+        with torch.no_grad():
+            probs = blk.router(x)[0]
+        np.testing.assert_allclose(torch.softmax(logits, -1), probs, rtol=1e-5)
+    res = extract_layer(ckpt, 4, torch.device("cpu"), fold_norms=True)
+    assert res.expert_energy.shape == (9, H, 16)        # 4 experts, shared, 4 router rows
+    m = SIZES[TYPES[4]][0]
+    assert not res.expert_energy[:, :, m:].any()
+    assert np.isnan(res.expert_rowspace_eigenvalues[:, :, m:]).all()
+
+
 @pytest.mark.parametrize("change, fragments", [
-    ({"enable_moe_block": True}, ["enable_moe_block: true is not supported yet"]),
+    ({**MOE, "use_double_wide_mlp": True},
+     ["use_double_wide_mlp: true is not supported with enable_moe_block"]),
     ({"num_kv_shared_layers": 6}, ["num_kv_shared_layers: 6 is not allowed", "0 to 5"]),
     ({"num_kv_shared_layers": 5}, ["num_kv_shared_layers: 5 leaves layer 1", "at most 4"]),
     ({"per_layer_config": {"1": {"head_dim": 16, "num_key_value_heads": 3}}},
@@ -232,31 +290,46 @@ def test_bad_gemma4_configs_stop_in_one_line(built, tmp_path, change, fragments)
 
 
 @pytest.mark.workflow
-def test_workflow_runs_on_gemma4(built, tmp_path):
-    """The workflow end to end on Gemma 4 (raw weights): head 0's similarity over all layers
-    (sliding and global, head sizes 8 and 16) and every head's alignment equal references from
-    the live weights, the report states the per-layer sizes and the reuse."""
-    model, path = built
+def test_workflow_runs_on_gemma4(built, built_moe, tmp_path):
+    """The workflow end to end on Gemma 4, dense and mixture of experts (folded gains): head
+    0's similarity over all layers (sliding and global, head sizes 8 and 16), every head's
+    alignment (the MoE's: pooled over the routed experts) and every unit's alignment equal
+    references from the live weights; the report states the per-layer sizes and the reuse."""
     workdir = tmp_path / "run"
-    assert_ok(run_snakemake(workdir, "results/g4/k3/report.md", config={
-        "models": {"g4": {"source": str(path)}}, "top_k": 3, "heads": {"sample": 2},
-        "device": "cpu", "fold_norms": False}, timeout=900))
-    r = workdir / "results" / "g4"
-    bases = []
-    for layer in range(6):
-        src, m = source_layers(model.config)[layer], SIZES[TYPES[layer]][0]
-        w_q = model.model.layers[layer].self_attn.q_proj.weight.detach().numpy()
-        w_k = model.model.layers[src].self_attn.k_proj.weight.detach().numpy()
-        bases.append([naive_kernel_svd(w_q, w_k, i, m)[1][:3] for i in range(H)])
-    expected = np.array([[np.square(a[0] @ b[0].T).sum() / 3 for b in bases] for a in bases])
-    np.testing.assert_allclose(np.load(r / "k3" / "similarity_head0.npy"), expected, atol=1e-5)
-    import pandas as pd
-
-    align = pd.read_parquet(r / "k3" / "alignment.parquet").set_index(["layer", "head"])
-    for layer in range(6):
-        gate = model.model.layers[layer].mlp.gate_proj.weight.detach().numpy()
-        for i in range(H):
-            ref = np.square(gate @ bases[layer][i].T).sum() / np.square(gate).sum()
-            assert align.loc[(layer, i), "alignment"] == pytest.approx(ref, rel=1e-4)
-    report = (r / "k3" / "report.md").read_text()
-    assert "16" in report and "reuse" in report
+    models = {"g4": built, "g4moe": built_moe}
+    assert_ok(run_snakemake(workdir, *(f"results/{name}/k3/{out}" for name in models
+                                       for out in ("report.md", "alignment_experts.parquet")),
+                            config={"models": {name: {"source": str(path)}
+                                               for name, (_, path) in models.items()},
+                                    "top_k": 3, "heads": {"sample": 2}, "device": "cpu",
+                                    "fold_norms": True}, timeout=900))
+    for name, (model, _) in models.items():
+        r = workdir / "results" / name
+        bases = []
+        for layer in range(6):
+            w = folded(model, layer)
+            bases.append([naive_kernel_svd(w["W_Q"], w["W_K"], i, SIZES[TYPES[layer]][0])[1][:3]
+                          for i in range(H)])
+        expected = np.array([[np.square(a[0] @ b[0].T).sum() / 3 for b in bases]
+                             for a in bases])
+        np.testing.assert_allclose(np.load(r / "k3" / "similarity_head0.npy"), expected,
+                                   atol=1e-5, err_msg=name)
+        align = pd.read_parquet(r / "k3" / "alignment.parquet").set_index(["layer", "head"])
+        units = pd.read_parquet(r / "k3" / "alignment_experts.parquet")
+        for layer in range(6):
+            blk = model.model.layers[layer]
+            routed = ([w for e, _, w in expert_units(model, layer) if e.isdigit()] if name ==
+                      "g4moe" else [blk.mlp.gate_proj.weight.detach().numpy()
+                                    * blk.pre_feedforward_layernorm.weight.detach().numpy()])
+            for i in range(H):
+                v = bases[layer][i]
+                ref = sum(np.square(w @ v.T).sum() for w in routed) / sum(
+                    np.square(w).sum() for w in routed)
+                assert align.loc[(layer, i), "alignment"] == pytest.approx(ref, rel=1e-4)
+                if name == "g4moe":
+                    rows = units[(units["layer"] == layer) & (units["head"] == i)]
+                    ref = [np.square(w @ v.T).sum() / np.square(w).sum()
+                           for _, _, w in expert_units(model, layer)]
+                    np.testing.assert_allclose(rows.alignment.to_numpy(), ref, rtol=1e-4)
+        report = (r / "k3" / "report.md").read_text()
+        assert "16" in report and "reuse" in report, name

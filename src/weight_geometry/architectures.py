@@ -254,7 +254,9 @@ class MoeKeys:
     ``d_shared``. ``first_dense``: the key counting the leading layers that keep a dense FFN
     (``first_k_dense_replace``: layers ``0 .. n-1`` dense, the rest sparse). ``interleave``:
     the sparse layers are ``moe_layers`` when listed, else every
-    ``interleave_moe_layer_step``-th layer (``step - 1, 2 step - 1, ...``; Llama 4)."""
+    ``interleave_moe_layer_step``-th layer (``step - 1, 2 step - 1, ...``; Llama 4).
+    ``switch``: the key that must be ``true`` for the model to have experts at all (Gemma 4's
+    ``enable_moe_block``; else it is dense)."""
 
     n_experts: tuple[str, ...]
     d_expert: str
@@ -263,6 +265,7 @@ class MoeKeys:
     shared_count: str | None = None
     first_dense: str | None = None
     interleave: bool = False
+    switch: str | None = None
 
 
 @dataclass(frozen=True)
@@ -280,11 +283,8 @@ class LatentDims:
     rope: int
     d_value: int
 
-    def as_dict(self) -> dict:
-        """The ``model.json`` record's dimensions; the per-layer lists only where layers
-        differ."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()
-                if v is not None}
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -439,9 +439,6 @@ _LLAMA = _split("self_attn.", "mlp.")
 _LLAMA_NORMS = {"attn": "input_layernorm.weight", "ffn": "post_attention_layernorm.weight"}
 _QK_NORMS = {"q": "self_attn.q_norm.weight", "k": "self_attn.k_norm.weight"}
 
-_GEMMA4_NORMS = {"attn": "input_layernorm.weight", "ffn": "pre_feedforward_layernorm.weight",
-                 **_QK_NORMS}
-
 #: Architectures whose positions enter as learned absolute embeddings added to the residual
 #: stream: no rotation acts inside their attention score (every other one here uses RoPE).
 ABSOLUTE_POSITIONS = frozenset({"gpt2"})
@@ -466,11 +463,6 @@ HF_ADAPTERS: dict[str, Adapter] = {
                       also_prefixes=("model.language_model.layers.{layer}.",), norms={
                           "attn": "input_layernorm.weight",
                           "ffn": "pre_feedforward_layernorm.weight", **_QK_NORMS}),
-    # Gemma 4: per-layer head sizes and key/value reuse (gemma4.py); RMSNorm gains as stored.
-    "gemma4_text": Adapter("model.layers.{layer}.", _LLAMA, norms=_GEMMA4_NORMS),
-    # Gemma4ForConditionalGeneration's text tower (config.json's text_config).
-    "gemma4": Adapter("model.language_model.layers.{layer}.", _LLAMA, norms=_GEMMA4_NORMS,
-                      also_prefixes=("language_model.model.layers.{layer}.",)),
     # OLMo 2 has no norm before its sublayers (post_attention_layernorm and
     # post_feedforward_layernorm normalize their outputs, before the residual sum): folding
     # puts only the QK-norm gains, over the whole projection, into W_Q's and W_K's rows.
@@ -593,6 +585,30 @@ HF_ADAPTERS.update({
                           norms={**_LLAMA_NORMS, **_QK_NORMS}, qk_norm="projection",
                           experts=_MOE_LAYOUTS["minimax_m2"]),
 })
+
+#: Gemma 4 (gemma4.py: per-layer head sizes, key/value reuse; RMSNorm gains as stored). Its
+#: mixture of experts (``enable_moe_block``): every layer has routed experts (fused, nn.Linear
+#: orientation) reading their own pre-FFN norm (``experts``) beside its dense FFN, read as the
+#: shared expert (``ffn``); the router ``router.proj`` reads the normalized stream times
+#: ``router.scale`` (``router``).
+_GEMMA4_NORMS = {"attn": "input_layernorm.weight", "ffn": "pre_feedforward_layernorm.weight",
+                 **_QK_NORMS, "experts": "pre_feedforward_layernorm_2.weight",
+                 "router": "router.scale"}
+_GEMMA4_EXPERTS = ExpertLayout("router.proj.weight", {
+    **_fused_gate_up("experts.gate_up_proj"), "W_down": WeightSpec("experts.down_proj")},
+    fused=True, shared=_per_expert("mlp.", "gate_proj", "up_proj", "down_proj"))
+_GEMMA4 = Adapter("model.layers.{layer}.", _LLAMA, norms=_GEMMA4_NORMS,
+                  experts=(_GEMMA4_EXPERTS,))
+HF_ADAPTERS.update({
+    "gemma4_text": _GEMMA4,
+    # Gemma4ForConditionalGeneration's text tower (config.json's text_config).
+    "gemma4": replace(_GEMMA4, layer_prefix="model.language_model.layers.{layer}.",
+                      also_prefixes=("language_model.model.layers.{layer}.",)),
+})
+HF_MOE_KEYS.update(dict.fromkeys(GEMMA4_TYPES, MoeKeys(
+    ("num_experts",), "moe_intermediate_size", "intermediate_size", switch="enable_moe_block")))
+#: Norm roles that only a sparse layer has (a dense layer has no such gains).
+EXPERT_NORMS = ("experts", "router")
 
 #: Llama 4: experts fused in ``x @ W`` orientation, hence transposed: ``gate_up_proj``
 #: ``(E, d, 2 d_ff)`` (gate = the first d_ff columns), ``down_proj`` ``(E, d_ff, d)``; the router
@@ -994,6 +1010,8 @@ def moe_dims_from_hf_config(config: dict, n_layers: int) -> MoeDims | None:
         return None
     if config["model_type"] in HF_TEXT_CONFIG:  # a multimodal model's text tower
         config = config.get(HF_TEXT_CONFIG[config["model_type"]]) or {}
+    if keys.switch and config.get(keys.switch) is not True:
+        return None
     defaults = HF_CONFIG_DEFAULTS.get(config.get("model_type"), {})
     config = {**config, **{k: v for k, v in defaults.items() if config.get(k) is None}}
 

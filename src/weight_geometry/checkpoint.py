@@ -29,6 +29,7 @@ import numpy as np
 
 from . import hub
 from .architectures import (
+    EXPERT_NORMS,
     EXPERT_WEIGHTS,
     GGUF_ADAPTERS,
     GGUF_ROPE_PERMUTED,
@@ -206,10 +207,12 @@ class Checkpoint:
 
     def norm_roles(self, layer: int) -> tuple[str, ...]:
         """The norm roles (``adapter.norms``) that ``layer``'s weights fold: all, less the
-        attention's (``attn``, ``q``, ``k``) in a linear-attention layer, and the key's
-        (``k``) in a layer that reads another layer's keys (whose gain that layer folds)."""
+        attention's (``attn``, ``q``, ``k``) in a linear-attention layer, the key's (``k``)
+        in a layer that reads another layer's keys (whose gain that layer folds), and the
+        experts' and router's (:data:`EXPERT_NORMS`, Gemma 4) in a dense layer."""
         skip = (() if self.is_attention(layer) else ("attn", "q", "k")) + (
-            () if self.owns(layer, "W_K") else ("k",))
+            () if self.owns(layer, "W_K") else ("k",)) + (
+            () if self.is_sparse(layer) else EXPERT_NORMS)
         return tuple(role for role in self.adapter.norms if role not in skip)
 
     def owns(self, layer: int, weight_type: str) -> bool:
@@ -423,12 +426,16 @@ class Checkpoint:
         experts ``0 .. E-1``, then the shared one (:data:`architectures.SHARED`), each with its
         W_gate ``(d_e, d)``, W_up ``(d_e, d)``, W_down ``(d, d_e)`` (those in ``only``), float32,
         HF orientation, C-contiguous; with ``fold_norms`` the pre-FFN gain folded into W_gate
-        and W_up as for a dense FFN. A fused 3-D tensor is read one expert's slice at a time
+        and W_up as for a dense FFN (the routed experts': their own where they have one,
+        Gemma 4's ``experts`` role). A fused 3-D tensor is read one expert's slice at a time
         (W_gate and W_up from one read of ``gate_up_proj[e]``). Memory: one expert's weights.
         """
         layout, prefix = self.expert_layout, self._prefix(layer)
-        gains = self._gains(layer) if fold_norms else {}
+        shared_gains = self._gains(layer) if fold_norms else {}
+        routed_gains = ({**shared_gains, "ffn": shared_gains["experts"]}
+                        if "experts" in shared_gains else shared_gains)
         for expert in self.moe.experts:
+            gains = shared_gains if expert == SHARED else routed_gains
             dims, weights, current, tensor = self.moe.expert_dims(self.dims, expert), {}, None, None
             for wt in EXPERT_WEIGHTS:
                 if only is not None and wt not in only:
@@ -445,10 +452,12 @@ class Checkpoint:
     def read_router(self, layer: int, fold_norms: bool = False) -> np.ndarray:
         """The router of sparse ``layer``, ``(E, d)`` float32: expert ``e``'s logit is row
         ``e`` times the FFN's normed input; with ``fold_norms`` the pre-FFN gain folded into
-        its columns (``R diag(g)``), as into W_gate. One read."""
+        its columns (``R diag(g)``), as into W_gate (the router's own gain where it has one:
+        Gemma 4's ``router.scale``). One read."""
         router = self._read(self._prefix(layer) + self.expert_layout.router)
-        if fold_norms and "ffn" in self.adapter.norms:
-            router = router * self._gains(layer)["ffn"][None, :]
+        role = "router" if "router" in self.adapter.norms else "ffn"
+        if fold_norms and role in self.adapter.norms:
+            router = router * self._gains(layer)[role][None, :]
         return np.ascontiguousarray(router)
 
     @property

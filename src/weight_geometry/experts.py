@@ -68,9 +68,11 @@ class UnitArrays:
     singular_values: np.ndarray
 
     @classmethod
-    def empty(cls, ckpt: Checkpoint) -> UnitArrays:
-        """NaN arrays of a layer without experts of ``ckpt`` (``U = 0`` for a dense model)."""
-        dims, moe = ckpt.dims, ckpt.moe
+    def empty(cls, ckpt: Checkpoint, layer: int | None = None) -> UnitArrays:
+        """NaN arrays of a layer without experts of ``ckpt`` (``U = 0`` for a dense model), at
+        ``layer``'s head size and KV-head count (None: the model's largest, the stored
+        arrays' widths)."""
+        dims, moe = ckpt.dims if layer is None else ckpt.dims.layer(layer), ckpt.moe
         n = len(checkpoint_units(ckpt))
         m = min(dims.d_model, max(moe.d_expert, moe.d_shared)) if moe is not None else 0
         return cls(*(np.full(shape, np.nan) for shape in (
@@ -121,7 +123,7 @@ def expert_pass(ckpt: Checkpoint, layer: int, device: torch.device,
     otherwise only W_gate is read), the routed experts' mean W_gate Gram, and every unit's
     alignment inputs against the layer's ``subspaces`` (module docstring: cost and memory)."""
     ffn_input, dims = ckpt.adapter.ffn_input, ckpt.dims
-    units = UnitArrays.empty(ckpt)
+    units = UnitArrays.empty(ckpt, layer)
     total = torch.zeros(dims.d_model, dims.d_model, device=device)  # float32, summed in place
     rows = []
     only = None if compute_ranks else (ffn_input,)

@@ -19,8 +19,9 @@ Where ``use_double_wide_mlp``, the layers that reuse keys and values have an FFN
 wide. Per-layer input embeddings (``per_layer_input_gate``, ``per_layer_projection``), the
 layer output scalar and the norms after each sublayer are not read (``model.json``'s
 ``not_used``). The RMSNorm gains multiply as stored (``x * w``, not Gemma 3's ``1 + w``).
-A mixture-of-experts Gemma 4 (``enable_moe_block``: a dense FFN and routed experts side by
-side in every layer) stops with one line. Cost: O(L).
+A mixture-of-experts Gemma 4 (``enable_moe_block``) has routed experts beside the dense FFN
+in every layer: the dense FFN is read as their shared expert, and each of the three reads
+the stream through its own gain (architectures.py). Cost: O(L).
 """
 
 from __future__ import annotations
@@ -101,10 +102,6 @@ def layer_types(config: dict, n_layers: int) -> list[str]:
 def gemma4_layers(config: dict, n_layers: int, where: str = "") -> Gemma4Layers:
     """The per-layer sizes and key/value reuse of a Gemma 4 text ``config`` (module
     docstring); a bad value is a one-line UserError naming ``{where}{key}``."""
-    if config.get("enable_moe_block"):
-        raise UserError(f"{where}enable_moe_block: true is not supported yet (Gemma 4's"
-                        " mixture of experts, a dense FFN and routed experts side by side;"
-                        " allowed: a dense Gemma 4)")
     h = _int(config, "num_attention_heads", None, where)
     m, n_kv = _int(config, "head_dim", 256, where), _int(config, "num_key_value_heads", h, where)
     k_eq_v = config.get("attention_k_eq_v") is True
@@ -128,6 +125,11 @@ def gemma4_layers(config: dict, n_layers: int, where: str = "") -> Gemma4Layers:
     width = _int(config, "intermediate_size", None, where)
     wide = 2 if config.get("use_double_wide_mlp") is True else 1
     ffn = tuple(width * (wide if s != i else 1) for i, s in enumerate(reuse.source))
+    if config.get("enable_moe_block") is True and len(set(ffn)) > 1:
+        raise UserError(f"{where}use_double_wide_mlp: true is not supported with"
+                        " enable_moe_block (the dense FFN beside the experts, read as their"
+                        " shared expert, would differ in width between layers; allowed: one of"
+                        " the two, or no layer reusing keys and values)")
     return Gemma4Layers(tuple(head_dims), tuple(kv_heads), ffn, reuse)
 
 
