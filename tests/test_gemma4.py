@@ -211,6 +211,28 @@ def test_effective_ranks_of_the_weights_each_layer_stores(built):
             assert rank == pytest.approx(reference_eff_rank(w), rel=1e-4), (layer, wt)
 
 
+def test_multimodal_gemma4_is_read_as_its_text_tower(tmp_path):
+    """Gemma4ForConditionalGeneration (``gemma4``): its text tower's layers
+    (``model.language_model.``), sizes and reuse from ``text_config``, each weight the live
+    tower's; the vision tower is not read."""
+    config = T.Gemma4Config(text_config=gemma4_config().to_dict(), audio_config=None,
+                            vision_config={"hidden_size": 16, "intermediate_size": 32,
+                                           "num_hidden_layers": 1, "num_attention_heads": 2,
+                                           "num_key_value_heads": 2, "head_dim": 8})
+    torch.manual_seed(0)
+    model = T.Gemma4ForConditionalGeneration(config)
+    model.save_pretrained(tmp_path / "mm")
+    ckpt = open_checkpoint(str(tmp_path / "mm"))
+    assert ckpt.architecture == "gemma4" and ckpt.kv_reuse.source == (0, 1, 2, 3, 2, 3)
+    assert ckpt.dims.head_dims == (8, 16) * 3 and ckpt.describe()["layer_types"][1] == "full"
+    for layer in (1, 5):
+        tower = model.model.language_model.layers
+        src = ckpt.kv_reuse.source[layer]
+        ours = ckpt.read_layer(layer)
+        np.testing.assert_array_equal(ours["W_Q"], tower[layer].self_attn.q_proj.weight.detach())
+        np.testing.assert_array_equal(ours["W_V"], tower[src].self_attn.k_proj.weight.detach())
+
+
 #: A mixture-of-experts Gemma 4: routed experts beside the dense FFN in every layer.
 MOE = {"enable_moe_block": True, "num_experts": 4, "top_k_experts": 2,
        "moe_intermediate_size": 12, "use_double_wide_mlp": False}
