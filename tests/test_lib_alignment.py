@@ -10,6 +10,12 @@ from weight_geometry.alignment import alignment_table
 from weight_geometry.multiplicity import benjamini_hochberg
 
 
+def _record(n_layers: int, d: int, h: int, n_kv: int, d_head: int) -> dict:
+    """The ``model.json`` keys alignment_table reads, for one head size and KV-head count."""
+    return {"n_layers": n_layers, "d_model": d, "n_heads": h, "n_kv_heads": n_kv,
+            "d_head": d_head}
+
+
 def _setup(seed=5, n_layers=3, d=24, h=4, n_kv=2, d_head=6, d_ff=40):
     rng = np.random.default_rng(seed)
     vectors = gaussian_kernel_bases(rng, n_layers, h, n_kv, d_head, d, d_head)
@@ -28,7 +34,8 @@ def test_alignment_table_equals_projector_formula(k):
     norm2 = np.array([np.square(g).sum() for g in gates])
     spectra = np.stack([np.linalg.svd(g, compute_uv=False) for g in gates])
     rowspace = _rowspace_eigenvalues(vectors, gates, n_kv=2)
-    table = alignment_table(energy, norm2, spectra, rowspace, k, d, "W_gate")
+    table = alignment_table(energy, norm2, spectra, rowspace, k,
+                            _record(n_layers, d, h, 2, rowspace.shape[-1]), "W_gate")
     assert len(table) == n_layers * h
     assert list(table[["head", "layer"]].itertuples(index=False, name=None)) == \
         [(i, ly) for i in range(h) for ly in range(n_layers)], "sorted by head then layer"
@@ -100,11 +107,12 @@ def test_alignment_full_space_is_one_and_isotropic_gate_near_chance():
     norm2 = np.array([np.square(w).sum()])
     spectrum = np.linalg.svd(w, compute_uv=False)[None]
     rowspace = np.linalg.eigvalsh(w.T @ w)[None, None]        # the row space is R^d
-    full = alignment_table(energy, norm2, spectrum, rowspace, d, d, "W_up")
+    model = _record(1, d, 1, 1, d)
+    full = alignment_table(energy, norm2, spectrum, rowspace, d, model, "W_up")
     assert full["alignment"].iloc[0] == pytest.approx(1.0)
     assert full["ratio"].iloc[0] == pytest.approx(1.0)
     assert full["conditional_ratio"].iloc[0] == pytest.approx(1.0)
-    three = alignment_table(energy, norm2, spectrum, rowspace, 3, d, "W_up")
+    three = alignment_table(energy, norm2, spectrum, rowspace, 3, model, "W_up")
     assert three["conditional_chance"].iloc[0] == pytest.approx(0.3)
     assert three["chance"].iloc[0] == pytest.approx(0.3)
     assert three["alignment"].iloc[0] == pytest.approx(0.3, abs=0.02)
@@ -139,7 +147,8 @@ def _planted_alignment(plant: str, seed: int = 3):
         norm2.append(np.square(w_gate).sum())
         spectra.append(np.sqrt(np.clip(np.linalg.eigvalsh(w_gate.T @ w_gate)[::-1], 0, None)))
     table = alignment_table(np.stack(energy), np.array(norm2), np.stack(spectra),
-                            np.stack(rowspace), k, d, "W_gate")
+                            np.stack(rowspace), k, _record(n_layers, d, h, n_kv, d_head),
+                            "W_gate")
     family = count_family(table["alignment"], table["conditional_chance"],
                           table["conditional_z"], table["conditional_p_adjusted"])
     return table, conditional_alignment_verdict(family, "W_gate", "(layer, head) pairs")

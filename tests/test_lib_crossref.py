@@ -100,7 +100,7 @@ def test_layer_table_follows_its_docstring():
     t1 = rng.uniform(0.5, 2.0, size=(n, 2, n, 2))
     t1 = (t1 + t1.transpose(2, 3, 0, 1)) / 2
     overlaps = np.stack([t1, t1**2 / m])
-    model = {"d_model": d, "d_head": m, "n_heads": 4}
+    model = {"n_layers": n, "d_model": d, "d_head": m, "n_heads": 4, "n_kv_heads": 2}
 
     # Spectra (n, 4 heads, d_head = 5), descending; head 2's gap at k = 3 set per layer.
     spectra = np.sort(rng.uniform(1, 2, size=(n, 4, 5)), axis=-1)[..., ::-1].copy()

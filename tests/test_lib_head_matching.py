@@ -20,6 +20,12 @@ from weight_geometry.rowspace_nulls import rowspace_overlaps, same_index_null
 from weight_geometry.similarity import null_std, similarity
 
 
+def _record(n_layers: int, n_heads: int, n_kv: int, d_head: int, d: int) -> dict:
+    """The ``model.json`` keys the head-matching nulls read, for one head size and KV count."""
+    return {"n_layers": n_layers, "d_model": d, "n_heads": n_heads, "n_kv_heads": n_kv,
+            "d_head": d_head}
+
+
 def _own_row_spaces(bases: np.ndarray) -> np.ndarray:
     """Overlap moments for heads that are their own KV heads with d_head = k (each top-k
     subspace is its whole row space): the nulls of independent Haar heads."""
@@ -103,7 +109,8 @@ def test_best_match_recovers_planted_permutation_that_same_index_misses():
         # labels[b, j] == labels[a, i].
         planted = np.argsort(labels[b])[labels[a]]
         np.testing.assert_array_equal(pairs[a, b], planted)
-    table = layer_pair_table(sims, best, k, d, n_heads, k, _own_row_spaces(bases), n_perm=200)
+    table = layer_pair_table(sims, best, k, _record(n_layers, n_heads, n_heads, k, d),
+                             _own_row_spaces(bases), n_perm=200)
     assert (table["z_best_match"] > 20).all()
     assert (table["z_same_index"].abs() < 5).all()
     # Against the random pairing (which averages in the one true match per head) the same-index
@@ -115,7 +122,8 @@ def test_best_match_recovers_planted_permutation_that_same_index_misses():
 def test_same_index_planted_shared_subspaces_give_large_z():
     bases, _ = _planted(seed=3, relabel=False)
     n_layers, n_heads, k, d = bases.shape
-    _, _, table, _ = match_heads(bases, k, d, n_heads, k, _own_row_spaces(bases), n_perm=200)
+    _, _, table, _ = match_heads(bases, k, _record(n_layers, n_heads, n_heads, k, d),
+                                 _own_row_spaces(bases), n_perm=200)
     assert (table["same_index"] > 0.95).all()
     assert (table["z_same_index"] > 20).all()
     assert (table["z_same_index_vs_pairing"] > 3).all()
@@ -126,7 +134,8 @@ def test_z_scores_standard_under_isotropic_null():
     rng = np.random.default_rng(4)
     n_layers, n_heads, k, d = 14, 6, 3, 30
     bases = haar_bases(rng, (n_layers, n_heads), k, d)
-    _, _, table, _ = match_heads(bases, k, d, n_heads, k, _own_row_spaces(bases), n_perm=300)
+    _, _, table, _ = match_heads(bases, k, _record(n_layers, n_heads, n_heads, k, d),
+                                 _own_row_spaces(bases), n_perm=300)
     assert len(table) == n_layers * (n_layers - 1) // 2
     assert (table["layer_a"] < table["layer_b"]).all()
     # 91 pairwise-independent z (same_index): mean within ~5 standard errors of 0.
@@ -137,10 +146,11 @@ def test_z_scores_standard_under_isotropic_null():
     assert np.allclose(table["isotropic_mean"], k / d)
     # the simulated null (64 layers here: 2016 pairs) against the exact std of a mean of h
     # independent similarities
-    null = isotropic_weight_null(n_heads, n_heads, k, d, k, n_layers=64)
-    assert null["isotropic_std"] == pytest.approx(null_std(k, d) / np.sqrt(n_heads), rel=0.1)
-    assert table["isotropic_std"][0] == isotropic_weight_null(n_heads, n_heads, k, d, k)[
-        "isotropic_std"]
+    model = _record(n_layers, n_heads, n_heads, k, d)
+    null = isotropic_weight_null(model, k, n_layers=64)
+    assert null["isotropic_std"][0, 1] == pytest.approx(null_std(k, d) / np.sqrt(n_heads),
+                                                        rel=0.1)
+    assert table["isotropic_std"][0] == isotropic_weight_null(model, k)["isotropic_std"][0, 1]
 
 
 @pytest.mark.parametrize("n_kv", [1, 2, 8])
@@ -152,7 +162,8 @@ def test_z_scores_standard_for_random_weights_with_shared_kv_heads(n_kv):
     full = gaussian_kernel_bases(np.random.default_rng(n_kv), n_layers, n_heads, n_kv, d_head,
                                  d, d_head)
     overlaps = rowspace_overlaps(full[:, ::n_heads // n_kv])
-    _, _, table, _ = match_heads(full[:, :, :k], k, d, n_kv, d_head, overlaps, n_perm=200)
+    _, _, table, _ = match_heads(full[:, :, :k], k, _record(n_layers, n_heads, n_kv, d_head, d),
+                                 overlaps, n_perm=200)
     for column in ("z_same_index", "z_best_match"):
         z = table[column]
         assert abs(z.mean()) < 0.4, column
@@ -171,7 +182,8 @@ def test_z_scores_standard_for_random_weights_with_shared_kv_heads(n_kv):
 
 def test_single_head_pairing_std_zero_gives_nan_z():
     bases = haar_bases(np.random.default_rng(6), (3, 1), 2, 8)
-    _, _, table, _ = match_heads(bases, 2, 8, 1, 2, _own_row_spaces(bases), n_perm=20)
+    _, _, table, _ = match_heads(bases, 2, _record(3, 1, 1, 2, 8), _own_row_spaces(bases),
+                                 n_perm=20)
     assert (table["random_pairing_std"] == 0).all()
     assert table["z_same_index_vs_pairing"].isna().all()
     np.testing.assert_allclose(table["best_match"], table["same_index"])
@@ -184,11 +196,12 @@ def test_match_heads_is_its_parts_computed_once():
     bases, _ = _planted(seed=8)
     n_layers, n_heads, k, d = bases.shape
     overlaps = _own_row_spaces(bases)
-    best, pairs, table, sims = match_heads(bases, k, d, n_heads, k, overlaps, n_perm=50, seed=3)
+    model = _record(n_layers, n_heads, n_heads, k, d)
+    best, pairs, table, sims = match_heads(bases, k, model, overlaps, n_perm=50, seed=3)
     np.testing.assert_array_equal(sims, cross_head_similarity(bases))
     np.testing.assert_array_equal(best, best_match(sims)[0])
     np.testing.assert_array_equal(pairs, best_match(sims)[1])
-    pd.testing.assert_frame_equal(table, layer_pair_table(sims, best, k, d, n_heads, k, overlaps,
+    pd.testing.assert_frame_equal(table, layer_pair_table(sims, best, k, model, overlaps,
                                                           n_perm=50, seed=3))
     a, b = np.triu_indices(n_layers, 1)
     np.testing.assert_array_equal(table["best_match"], best[a, b])
@@ -198,7 +211,7 @@ def test_match_heads_is_its_parts_computed_once():
     np.testing.assert_array_equal(table["random_pairing_std"], std[a, b])
     np.testing.assert_array_equal(table["p_pairing"],
                                   pairing_permutation_p(sims, 50, 3)[a, b])
-    cond_mean, cond_std = same_index_null(overlaps, k, k, n_heads)
+    cond_mean, cond_std = same_index_null(overlaps, k, model)
     np.testing.assert_array_equal(table["conditional_mean"], cond_mean[a, b])
     np.testing.assert_allclose(table["z_conditional"],
                                (table["same_index"] - cond_mean[a, b]) / cond_std[a, b])
@@ -215,14 +228,15 @@ def test_planted_identity_is_found_after_multiplicity_control_and_random_models_
     full = gaussian_kernel_bases(rng, n_layers, n_heads, n_kv, d_head, d, d_head)
     full[5] = orthonormal_rows(full[2] + 0.15 * rng.standard_normal(full[2].shape))
     overlaps = rowspace_overlaps(full[:, ::n_heads // n_kv])
-    _, _, table, _ = match_heads(full[:, :, :k], k, d, n_kv, d_head, overlaps, n_perm=2000)
+    model = _record(n_layers, n_heads, n_kv, d_head, d)
+    _, _, table, _ = match_heads(full[:, :, :k], k, model, overlaps, n_perm=2000)
     found = table[table["p_pairing_adjusted"] <= 0.05]
     assert list(zip(found["layer_a"], found["layer_b"], strict=True)) == [(2, 5)]
     discoveries = []
     for seed in range(10):
         bases = gaussian_kernel_bases(np.random.default_rng(100 + seed), n_layers, n_heads,
                                       n_kv, d_head, d, d_head)
-        _, _, null_table, _ = match_heads(bases[:, :, :k], k, d, n_kv, d_head,
+        _, _, null_table, _ = match_heads(bases[:, :, :k], k, model,
                                           rowspace_overlaps(bases[:, ::n_heads // n_kv]),
                                           n_perm=2000, seed=seed)
         discoveries.append(int((null_table["p_pairing_adjusted"] <= 0.05).sum()))

@@ -187,7 +187,8 @@ def test_random_weight_bases_match_drawn_gaussian_weights(n_kv):
     head unless n_kv = h) and across layers (same-index, best match), mean and std over 4000
     independent layers (2000 layer pairs) of each."""
     n_layers, n_heads, d_head, d, k = 4000, 4, 6, 40, 3
-    fast = random_weight_bases(np.random.default_rng(1), n_layers, n_heads, n_kv, d_head, d, k)
+    fast = random_weight_bases(np.random.default_rng(1), n_heads, [n_kv] * n_layers,
+                               [d_head] * n_layers, d, k)
     assert fast.shape == (n_layers, n_heads, k, d) and fast.dtype == np.float32
     np.testing.assert_allclose(fast @ np.swapaxes(fast, -1, -2),
                                np.broadcast_to(np.eye(k), (n_layers, n_heads, k, k)), atol=1e-6)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from .head_layout import head_dims, kv_heads
 from .multiplicity import benjamini_hochberg, null_test
 from .nulls import (
     alignment_ceiling,
@@ -37,8 +38,8 @@ from .similarity import null_mean
 
 
 def alignment_table(energy: np.ndarray, norm2: np.ndarray, ffn_singular_values: np.ndarray,
-                    rowspace_eigenvalues: np.ndarray, k: int, d: int,
-                    ffn_input: str) -> pd.DataFrame:
+                    rowspace_eigenvalues: np.ndarray, k: int, model: dict,
+                    ffn_input: str, layers=None) -> pd.DataFrame:
     """Long table, sorted by (head, layer), for every head: head, layer, alignment; the
     isotropic null's chance, ratio, null_std, z, ceiling, floor, normalized; the conditional
     null's conditional_chance, conditional_ratio, conditional_std, conditional_z,
@@ -46,22 +47,32 @@ def alignment_table(energy: np.ndarray, norm2: np.ndarray, ffn_singular_values: 
     conditional_p_adjusted; ffn_input.
 
     Args:
-        energy: ``(L, h, d_head)`` per-direction energies ``||W_in v_r||^2``.
+        energy: ``(L, h, d_head)`` per-direction energies ``||W_in v_r||^2`` (zero beyond
+            each layer's head size).
         norm2: ``(L,)`` ``||W_in||_F^2``.
         ffn_singular_values: ``(L, d)`` singular values of ``W_in``, descending.
-        rowspace_eigenvalues: ``(L, n_kv, d_head)`` eigenvalues of ``W_in``'s Gram inside each
-            KV head's row space.
+        rowspace_eigenvalues: ``(L, n_kv_heads, d_head)`` eigenvalues of ``W_in``'s Gram inside
+            each KV head's row space (NaN-padded: :func:`rowspace_nulls.alignment_null`).
+        model: the ``model.json`` record (``d_model``, ``n_heads``, each layer's head size and
+            KV heads: :mod:`head_layout`); ``k`` at most the smallest head size.
+        layers: ``(L,)`` the layer (stored row, as :mod:`head_layout` indexes) of each row, for
+            rows that are not the layers in order (an expert's, :mod:`expert_alignment`); None:
+            row ``p`` is layer ``p``.
     Cost O(L h k + L d log d).
     """
     values = energy[:, :, :k].sum(-1) / norm2[:, None]       # (L, h)
     n_layers, n_heads = values.shape
+    d = model["d_model"]
     chance = null_mean(k, d)
     per_layer = {"null_std": alignment_null_std(k, d, ffn_singular_values),
                  "ceiling": alignment_ceiling(ffn_singular_values, k),
                  "floor": alignment_floor(ffn_singular_values, k, d)}
     iso = {name: np.broadcast_to(v[:, None], values.shape) for name, v in per_layer.items()}
-    cond = alignment_null(rowspace_eigenvalues, norm2, k, n_heads)
-    # k = d_head: no spread, no test (NaN)
+    if layers is not None:   # each row at its layer's sizes
+        model = {**model, "head_dims": head_dims(model)[layers].tolist(),
+                 "kv_heads": kv_heads(model)[layers].tolist()}
+    cond = alignment_null(rowspace_eigenvalues, norm2, k, model)
+    # k = m_l: no spread, no test (NaN)
     cond_z, cond_p = null_test(values, cond["chance"], cond["std"], two_sided=True)
     columns = {
         "alignment": values,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from .head_layout import head_dims
 from .ksweep import gaps_at
 from .multiplicity import (
     DetrendedCorrelation,
@@ -49,7 +50,8 @@ def layer_table(weight_ranks: pd.DataFrame, sims: np.ndarray, best_match: np.nda
 
     Columns: layer, head, is_bottleneck; relative_gap at ``k`` of the head's kernel,
     ``(sigma_k - sigma_k+1) / sigma_k`` from ``singular_values (L, h, d_head)`` (below
-    :data:`ksweep.GAP_THRESHOLD` the top-k subspace is ill-defined; NaN at ``k = d_head``);
+    :data:`ksweep.GAP_THRESHOLD` the top-k subspace is ill-defined; NaN at ``k = m_l``, the
+    layer's head size);
     mean_eff_rank (raw, over the weight types) and mean_normalized_eff_rank (of ``eff_rank /
     min(rows, cols)``, comparable across weights of different sizes), a sparse layer's FFN
     weights each counted as its experts' mean (:func:`ranks.per_weight_type`); adjacent_similarity
@@ -63,13 +65,14 @@ def layer_table(weight_ranks: pd.DataFrame, sims: np.ndarray, best_match: np.nda
     alignment_p, alignment_p_adjusted.
 
     Args:
-        model: the ``model.json`` record (``d_model``, ``d_head``, ``n_heads``).
+        model: the ``model.json`` record (``d_model``, ``n_heads``, each layer's head size
+            and KV heads: :mod:`head_layout`).
         overlaps: ``(2, L, n_kv, L, n_kv)`` :func:`rowspace_nulls.rowspace_overlaps`.
     Cost O(L^2) plus the tables' group-bys.
     """
     n, d = len(sims), model["d_model"]
     layers = np.arange(n)
-    cond_mean, cond_std = one_head_null(overlaps, k, model["d_head"], model["n_heads"], head)
+    cond_mean, cond_std = one_head_null(overlaps, k, model, head)
     adjacent = _next_layer(sims)
     adjacent_z, adjacent_p = null_test(adjacent, _next_layer(cond_mean),
                                        _next_layer(cond_std))
@@ -88,7 +91,7 @@ def layer_table(weight_ranks: pd.DataFrame, sims: np.ndarray, best_match: np.nda
         "layer": layers,
         "head": head,
         "is_bottleneck": untested,
-        "relative_gap": gaps_at(singular_values, k)[:, head],
+        "relative_gap": gaps_at(singular_values, k, head_dims(model))[:, head],
         "mean_eff_rank": by_layer["eff_rank"].mean().reindex(layers).to_numpy(),
         "mean_normalized_eff_rank": normalized.reindex(layers).to_numpy(),
         "adjacent_similarity": adjacent,

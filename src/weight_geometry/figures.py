@@ -117,11 +117,10 @@ def draw_all(a: Analysis, out: dict[str, str]) -> None:
     k, head, b = a.k, a.primary_head, a.bottleneck_layer
     chance = null_mean(a.k, a.model["d_model"])
 
-    m, n_heads = a.model["d_head"], a.model["n_heads"]
     n_layers = len(a.best_match)
 
     fig, ax = plt.subplots(figsize=(8, 6.5))
-    _ratio_heatmap(ax, fig, a.similarity[head], one_head_null(a.overlaps, k, m, n_heads, head)[0],
+    _ratio_heatmap(ax, fig, a.similarity[head], one_head_null(a.overlaps, k, a.model, head)[0],
                    f"Attention subspace overlap over the conditional null (head {head},"
                    f" top-{k})", "conditional null mean")
     save_figure(fig, out["similarity_heatmap"])
@@ -182,7 +181,7 @@ def draw_all(a: Analysis, out: dict[str, str]) -> None:
     save_figure(fig, out["alignment"])
 
     fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
-    sampled_null = np.mean([one_head_null(a.overlaps, k, m, n_heads, h)[0] for h in a.heads],
+    sampled_null = np.mean([one_head_null(a.overlaps, k, a.model, h)[0] for h in a.heads],
                            axis=0)
     _ratio_heatmap(axes[0], fig, a.similarity_mean, sampled_null,
                    f"Mean overlap over heads {a.heads}", "conditional null mean")

@@ -137,9 +137,9 @@ def _family(table: pd.DataFrame, value: str, null: str, z: str, p_adjusted: str)
 def compute_findings(a: Analysis) -> Findings:
     """Every family of the module docstring from ``a``. Cost O(L^2 h^2) (the conditional null
     of the primary head and the tables' columns) plus the trends' permutations."""
-    k, head, m = a.k, a.primary_head, a.model["d_head"]
+    k, head = a.k, a.primary_head
     sims = a.similarity[head]
-    mean, std = one_head_null(a.overlaps, k, m, a.model["n_heads"], head)
+    mean, std = one_head_null(a.overlaps, k, a.model, head)
     layers, pairs = a.layers, a.layer_pairs
     boundaries, n_steps = phase_boundaries(sims, std)
     persistent = pairs[(pairs["p_pairing_adjusted"] <= FDR_Q)

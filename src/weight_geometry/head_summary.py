@@ -8,8 +8,10 @@ From the cross-head similarity ``S (L, h, L, h)`` (:func:`similarity.cross_head_
   (:func:`multiplicity.gamma_p`) BH-adjusted over all ``h (L - 1)`` tests;
 - :func:`within_layer_similarity`: per layer, the mean similarity of two different heads of
   that layer that share a KV head, and of two that do not, each beside its conditional null
-  (``k / d_head`` for a shared row space). Heads that share a KV head share its row space, so
+  (``k / m_p`` for a shared row space). Heads that share a KV head share its row space, so
   they are not independent replicates of one another: the report states this dependence.
+
+Each layer (pair) is taken at its own head sizes and KV grouping (:mod:`head_layout`).
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from .head_layout import kv_of_heads
 from .multiplicity import benjamini_hochberg, null_test
 from .nulls import similarity_z
 from .rowspace_nulls import head_pair_null
 
 
-def adjacent_by_head(sims: np.ndarray, overlaps: np.ndarray, k: int, d: int,
-                     d_head: int) -> pd.DataFrame:
+def adjacent_by_head(sims: np.ndarray, overlaps: np.ndarray, k: int,
+                     model: dict) -> pd.DataFrame:
     """Long table sorted by (head, layer), one row per head and layer ``l < L - 1``: head,
     kv_head, layer, adjacent_similarity (``S[l, i, l+1, i]``), z_isotropic,
     conditional_mean, conditional_std, z_conditional, p_conditional, p_conditional_adjusted.
@@ -31,22 +34,22 @@ def adjacent_by_head(sims: np.ndarray, overlaps: np.ndarray, k: int, d: int,
     Args:
         sims: ``(L, h, L, h)`` cross-head similarity at this k.
         overlaps: ``(2, L, n_kv, L, n_kv)`` :func:`rowspace_nulls.rowspace_overlaps`.
+        model: the ``model.json`` record (``d_model``; the layers' sizes, :mod:`head_layout`).
     Cost O(L^2 h^2) (the conditional null of every head pair; the table reads its adjacent
     ones).
     """
     n_layers, n_heads = sims.shape[:2]
-    mean, std = head_pair_null(overlaps, k, d_head, n_heads)
+    mean, std = head_pair_null(overlaps, k, model)
     layers, heads = np.arange(n_layers - 1), np.arange(n_heads)
     pick = (layers[None, :], heads[:, None], layers[None, :] + 1, heads[:, None])   # (h, L-1)
     value, cond_mean, cond_std = sims[pick], mean[pick], std[pick]
     z_cond, p = null_test(value, cond_mean, cond_std)
-    group = n_heads // overlaps.shape[2]
     return pd.DataFrame({
         "head": np.repeat(heads, n_layers - 1),
-        "kv_head": np.repeat(heads // group, n_layers - 1),
+        "kv_head": kv_of_heads(model)[:-1].T.reshape(-1),
         "layer": np.tile(layers, n_heads),
         "adjacent_similarity": value.reshape(-1),
-        "z_isotropic": similarity_z(value, k, d).reshape(-1),
+        "z_isotropic": similarity_z(value, k, model["d_model"]).reshape(-1),
         "conditional_mean": cond_mean.reshape(-1),
         "conditional_std": cond_std.reshape(-1),
         "z_conditional": z_cond.reshape(-1),
@@ -56,28 +59,29 @@ def adjacent_by_head(sims: np.ndarray, overlaps: np.ndarray, k: int, d: int,
 
 
 def within_layer_similarity(sims: np.ndarray, overlaps: np.ndarray, k: int,
-                            d_head: int) -> pd.DataFrame:
+                            model: dict) -> pd.DataFrame:
     """One row per layer: layer, same_kv_mean (mean ``S[l, i, l, j]`` over ``i != j`` of one KV
-    head; NaN without grouped heads), same_kv_conditional_mean (``k / d_head``: one row space),
+    head; NaN without grouped heads), same_kv_conditional_mean (``k / m_l``: one row space),
     other_kv_mean (over ``i, j`` of different KV heads; NaN with one KV head) and
-    other_kv_conditional_mean. Cost O(L h^2)."""
+    other_kv_conditional_mean, each layer with its own KV grouping (:mod:`head_layout`). Cost
+    O(L h^2)."""
     n_layers, n_heads = sims.shape[:2]
-    n_kv = overlaps.shape[2]
-    kv = np.arange(n_heads) // (n_heads // n_kv)
-    mean, _ = head_pair_null(overlaps, k, d_head, n_heads)
+    kv = kv_of_heads(model)                                       # (L, h)
+    mean, _ = head_pair_null(overlaps, k, model)
     layers = np.arange(n_layers)
     within = sims[layers, :, layers, :]                          # (L, h, h)
     within_null = mean[layers, :, layers, :]
-    same = (kv[:, None] == kv[None, :]) & ~np.eye(n_heads, dtype=bool)
-    other = kv[:, None] != kv[None, :]
+    shared = kv[:, :, None] == kv[:, None, :]                    # (L, h, h)
+    same = shared & ~np.eye(n_heads, dtype=bool)
 
     def masked_mean(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        return values[:, mask].mean(axis=1) if mask.any() else np.full(n_layers, np.nan)
+        return np.array([v[m].mean() if m.any() else np.nan
+                         for v, m in zip(values, mask, strict=True)])
 
     return pd.DataFrame({
         "layer": layers,
         "same_kv_mean": masked_mean(within, same),
         "same_kv_conditional_mean": masked_mean(within_null, same),
-        "other_kv_mean": masked_mean(within, other),
-        "other_kv_conditional_mean": masked_mean(within_null, other),
+        "other_kv_mean": masked_mean(within, ~shared),
+        "other_kv_conditional_mean": masked_mean(within_null, ~shared),
     })

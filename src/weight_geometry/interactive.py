@@ -76,12 +76,12 @@ def similarity_cells(a: Analysis) -> pd.DataFrame:
     similarity across layers (conditional null of that head), the same-index mean over all heads
     (its conditional null) and the best match (the best match of isotropic random weights, its
     only null)."""
-    k, d, m, h = a.k, a.model["d_model"], a.model["d_head"], a.model["n_heads"]
+    k, d = a.k, a.model["d_model"]
     chance, iso = null_mean(k, d), null_std(k, d)
     n = len(a.best_match)
     pairs = a.layer_pairs
     frames = [_cells(f"head {head}", a.similarity[head], chance, iso,
-                     *one_head_null(a.overlaps, k, m, h, head), "conditional")
+                     *one_head_null(a.overlaps, k, a.model, head), "conditional")
               for head in sorted(a.similarity)]
     frames.append(_cells(SAME_INDEX, pair_matrix(pairs, "same_index", n), chance,
                          pair_matrix(pairs, "isotropic_std", n),

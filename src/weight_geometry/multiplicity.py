@@ -135,12 +135,18 @@ def _hoeffding(c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, np.square(d).sum(axis=(-2, -1)) / (n - 1)
 
 
-def pairing_null_exact(sims: np.ndarray, group: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def _pair_groups(group, n_layers: int) -> np.ndarray:
+    """``group`` (an int, or ``(L, L)`` ints: one per layer pair) as an ``(L, L)`` array."""
+    return np.broadcast_to(np.asarray(group, dtype=int), (n_layers, n_layers))
+
+
+def pairing_null_exact(sims: np.ndarray, group=1) -> tuple[np.ndarray, np.ndarray]:
     """Exact mean and std ``(L, L)`` of ``T_pi = mean_i S[a, i, b, pi(i)]`` over a random head
     ordering ``pi`` that respects the KV heads, per layer pair ``(a, b)`` of ``S (L, h, L, h)``
-    whose consecutive runs of ``group`` heads share a KV head: the KV heads of layer b are
-    permuted uniformly as blocks, and the heads within each block uniformly (``group = 1`` or
-    ``group = h``: any permutation of the heads).
+    whose consecutive runs of ``group`` heads share a KV head (``group`` an int, or ``(L, L)``
+    ints: one per layer pair, :func:`head_matching.pairing_groups`): the KV heads of layer b
+    are permuted uniformly as blocks, and the heads within each block uniformly (``group = 1``
+    or ``group = h``: any permutation of the heads).
 
     Heads of one KV head share its row space and lean towards the same directions of it, so
     under random weights they are exchangeable only within their block, and blocks only as
@@ -155,13 +161,18 @@ def pairing_null_exact(sims: np.ndarray, group: int = 1) -> tuple[np.ndarray, np
     """
     c = _pair_blocks(sims)
     n_layers, n_heads = c.shape[0], c.shape[2]
-    n_kv = n_heads // (group if 1 < group < n_heads else n_heads)
-    size = n_heads // n_kv
-    blocks = c.reshape(n_layers, n_layers, n_kv, size, n_kv, size).transpose(0, 1, 2, 4, 3, 5)
-    within_mean, within_var = _hoeffding(blocks)                      # (L, L, n_kv, n_kv)
-    across_mean, across_var = _hoeffding(within_mean)
-    variance = within_var.sum(axis=(-2, -1)) / n_kv + across_var
-    return across_mean / n_heads, np.sqrt(variance) / n_heads
+    groups = _pair_groups(group, n_layers)
+    mean, std = np.empty((n_layers, n_layers)), np.empty((n_layers, n_layers))
+    for size in np.unique(groups):
+        at = groups == size
+        n_kv = n_heads // (size if 1 < size < n_heads else n_heads)
+        block = n_heads // n_kv
+        blocks = c[at].reshape(-1, n_kv, block, n_kv, block).transpose(0, 1, 3, 2, 4)
+        within_mean, within_var = _hoeffding(blocks)                  # (pairs, n_kv, n_kv)
+        across_mean, across_var = _hoeffding(within_mean)
+        variance = within_var.sum(axis=(-2, -1)) / n_kv + across_var
+        mean[at], std[at] = across_mean / n_heads, np.sqrt(variance) / n_heads
+    return mean, std
 
 
 def _block_orderings(n_heads: int, group: int) -> Iterator[tuple[int, ...]]:
@@ -205,12 +216,13 @@ def _ordering_sums(blocks: np.ndarray, perms: np.ndarray) -> np.ndarray:
 
 def pairing_permutation_p(sims: np.ndarray, n_perm: int = PAIRING_P_PERMUTATIONS, seed: int = 0,
                           max_exact: int = MAX_EXACT_PERMUTATIONS,
-                          chunk: int = PERMUTATION_CHUNK, group: int = 1) -> np.ndarray:
+                          chunk: int = PERMUTATION_CHUNK, group=1) -> np.ndarray:
     """``(L, L)`` one-sided p-values that the same-index ``T = mean_i S[a, i, b, i]`` of each
     layer pair of ``S (L, h, L, h)`` is as large as ``T_pi = mean_i S[a, i, b, pi(i)]`` under
     random head orderings ``pi`` (the null: head numbers carry no identity). Orderings respect
     the KV heads (:func:`pairing_null_exact`: blocks of ``group`` heads permuted as wholes,
-    heads within them; ``group`` 1 or ``h``: all orderings).
+    heads within them; ``group`` 1 or ``h``: all orderings; an int, or ``(L, L)`` ints: one per
+    layer pair, symmetric).
 
     - Exact when their number (``h!``, or ``n_kv! (group!)^n_kv``) is at most ``max_exact``:
       ``p = #{pi : T_pi >= T - tol} / count`` over all of them, the identity included.
@@ -220,16 +232,31 @@ def pairing_permutation_p(sims: np.ndarray, n_perm: int = PAIRING_P_PERMUTATIONS
       see :data:`PAIRING_P_PERMUTATIONS` for the number BH needs).
 
     ``tol`` = :data:`TOLERANCE` (sums in different orders). Each ordering relabels the heads of
-    every layer pair at once: each pair's p is that of its own test; pairs' p-values are
-    dependent only through shared draws. The diagonal ``a = b`` compares each head with itself
+    every layer pair of one block size at once (each block size its own orderings, from the
+    same seed): each pair's p is that of its own test; pairs' p-values are dependent only
+    through shared draws. The diagonal ``a = b`` compares each head with itself
     (``T = 1``) and is no test. Pairs ``a <= b`` are computed and mirrored (``S`` is
     symmetric: ``(b, a)``'s orderings are the inverses of ``(a, b)``'s), so the result is
-    symmetric. Cost O(P L^2 h / 2) for ``P`` orderings; memory O(L^2 h^2 + chunk L^2).
+    symmetric. Cost O(P L^2 h / 2) for ``P`` orderings per block size; memory O(L^2 h^2 +
+    chunk L^2).
     """
     c = _pair_blocks(sims)
-    n_layers, n_heads = c.shape[0], c.shape[2]
+    n_layers = c.shape[0]
     upper_a, upper_b = np.triu_indices(n_layers)
-    blocks = c[upper_a, upper_b]                                       # (pairs, h, h)
+    groups = _pair_groups(group, n_layers)[upper_a, upper_b]
+    p = np.empty((n_layers, n_layers))
+    for size in np.unique(groups):
+        at = groups == size
+        a, b = upper_a[at], upper_b[at]
+        p[a, b] = p[b, a] = _ordering_p(c[a, b], n_perm, seed, max_exact, chunk, int(size))
+    return p
+
+
+def _ordering_p(blocks: np.ndarray, n_perm: int, seed: int, max_exact: int, chunk: int,
+                group: int) -> np.ndarray:
+    """:func:`pairing_permutation_p` of the layer pairs ``blocks (pairs, h, h)``
+    (``C[i, j] = S[a, i, b, j]``) whose KV heads have ``group`` heads: ``(pairs,)``."""
+    n_heads = blocks.shape[1]
     observed = _ordering_sums(blocks, np.arange(n_heads)[None, :])[:, 0] / n_heads
     threshold = observed[:, None] - TOLERANCE
     count = np.zeros(len(blocks), dtype=np.int64)
@@ -249,10 +276,7 @@ def pairing_permutation_p(sims: np.ndarray, n_perm: int = PAIRING_P_PERMUTATIONS
             perms = np.stack([_draw_ordering(rng, n_heads, group) for _ in range(size)])
         count += (_ordering_sums(blocks, perms) / n_heads >= threshold).sum(axis=1)
         done += size
-    p = np.empty((n_layers, n_layers))
-    p[upper_a, upper_b] = count / total if exact else (1 + count) / (1 + total)
-    p[upper_b, upper_a] = p[upper_a, upper_b]
-    return p
+    return count / total if exact else (1 + count) / (1 + total)
 
 
 def normal_cdf(z) -> np.ndarray:

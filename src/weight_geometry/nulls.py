@@ -115,11 +115,12 @@ def bartlett_r(rng: np.random.Generator, n: int, m: int, size: tuple[int, ...]) 
     return r
 
 
-def random_weight_bases(rng: np.random.Generator, n_layers: int, n_heads: int,
-                        n_kv_heads: int, d_head: int, d: int, k: int) -> np.ndarray:
-    """``(n_layers, h, k, d)`` float32: the top-k right singular vectors of every head's kernel
-    ``W_Q_i^T W_K_j`` for isotropic random weights, W_Q ``(h d_head, d)`` and W_K ``(n_kv d_head,
-    d)`` with independent standard Gaussian entries in every layer.
+def random_weight_bases(rng: np.random.Generator, n_heads: int, kv_heads, head_dims, d: int,
+                        k: int) -> np.ndarray:
+    """``(L, h, k, d)`` float32: the top-k right singular vectors of every head's kernel
+    ``W_Q_i^T W_K_j`` for isotropic random weights, layer ``l`` drawn at its own sizes
+    (``kv_heads[l] = n_kv``, ``head_dims[l] = d_head``, ``L`` of each; ``k <= d_head``): W_Q
+    ``(h d_head, d)`` and W_K ``(n_kv d_head, d)`` with independent standard Gaussian entries.
 
     With ``W_K_j^T = Q_j R_j`` and ``W_Q_i^T = Q'_i B_i`` (thin QRs) the kernel is ``Q'_i (B_i
     R_j^T) Q_j^T``, so its right singular vectors are ``Q_j`` times the eigenvectors of ``(B_i
@@ -134,14 +135,15 @@ def random_weight_bases(rng: np.random.Generator, n_layers: int, n_heads: int,
     (grouped-query attention; independent heads when ``n_kv = h``). Cost per layer ``O(n_kv d
     d_head^2 + h d_head^3 + h k d_head d)``, one layer at a time; memory the result.
     """
-    group = n_heads // n_kv_heads
-    bases = np.empty((n_layers, n_kv_heads, group, k, d), dtype=np.float32)
-    for layer in range(n_layers):
-        y = rng.standard_normal((n_kv_heads, d, d_head))                      # W_K_j^T
+    bases = np.empty((len(kv_heads), n_heads, k, d), dtype=np.float32)
+    for layer, (n_kv, d_head) in enumerate(zip(kv_heads, head_dims, strict=True)):
+        group = n_heads // n_kv
+        y = rng.standard_normal((n_kv, d, d_head))                            # W_K_j^T
         lower = np.linalg.cholesky(np.swapaxes(y, 1, 2) @ y)                  # R_j^T
         q = y @ np.swapaxes(np.linalg.inv(lower), 1, 2)                       # Y R_j^-1
-        core = bartlett_r(rng, d, d_head, (n_kv_heads, group)) @ lower[:, None]
+        core = bartlett_r(rng, d, d_head, (n_kv, group)) @ lower[:, None]
         _, vectors = np.linalg.eigh(np.swapaxes(core, -1, -2) @ core)       # ascending
         top = np.swapaxes(vectors[..., ::-1][..., :k], -1, -2)               # (n_kv, g, k, d_head)
-        bases[layer] = top.astype(np.float32) @ np.swapaxes(q, 1, 2)[:, None].astype(np.float32)
-    return bases.reshape(n_layers, n_heads, k, d)
+        bases[layer] = (top.astype(np.float32)
+                        @ np.swapaxes(q, 1, 2)[:, None].astype(np.float32)).reshape(-1, k, d)
+    return bases

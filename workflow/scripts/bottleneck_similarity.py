@@ -17,7 +17,7 @@ def main():
     inp = snakemake.input
     model, overlaps, k = read_json(inp.model), load_array(inp.overlaps), int(snakemake.wildcards.k)
     sims = dict(enumerate(load_array(inp.same_index)))        # every head
-    nulls = {head: one_head_null(overlaps, k, model["d_head"], model["n_heads"], head)
+    nulls = {head: one_head_null(overlaps, k, model, head)
              for head in sims}
     choice = snakemake.params.bottleneck  # a model layer: its position among attention layers
     if choice != "auto":

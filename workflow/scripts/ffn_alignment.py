@@ -15,7 +15,7 @@ def main():
     table = alignment_table(load_layers(inp.energy), load_layers(inp.norm2),
                             load_layers(inp.ffn_singular_values),
                             load_layers(inp.rowspace_eigenvalues), int(snakemake.wildcards.k),
-                            model["d_model"], model["ffn_input"])
+                            model, model["ffn_input"])
     to_model_layers(table, model).to_parquet(snakemake.output[0], index=False)
 
 

@@ -17,8 +17,7 @@ def main():
     model = read_json(inp.model)
     overlaps = load_array(inp.overlaps)
     matrix, pairs, table, sims = match_heads(
-        load_layers(inp.vectors, lambda a: a[:, :, :k]), k, model["d_model"],
-        model["n_kv_heads"], model["d_head"], overlaps)
+        load_layers(inp.vectors, lambda a: a[:, :, :k]), k, model, overlaps)
     save_result(out.best_match, matrix)
     save_result(out.pairs, pairs)
     save_result(out.same_index, same_index_matrices(sims))
@@ -29,9 +28,9 @@ def main():
     def labelled(t):  # model layers, with their kind
         return with_layer_type(to_model_layers(t, model), model)
 
-    labelled(adjacent_by_head(sims, overlaps, k, model["d_model"], model["d_head"])).to_parquet(
+    labelled(adjacent_by_head(sims, overlaps, k, model)).to_parquet(
         out.heads, index=False)
-    labelled(within_layer_similarity(sims, overlaps, k, model["d_head"])).to_parquet(
+    labelled(within_layer_similarity(sims, overlaps, k, model)).to_parquet(
         out.within_layer, index=False)
 
 
