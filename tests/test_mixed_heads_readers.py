@@ -4,6 +4,8 @@ pair by pair) at each layer's own sizes, from the unpadded arrays."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from conftest import assert_one_line
@@ -149,3 +151,114 @@ def test_config_checks_k_against_the_smallest_head_size():
     with pytest.raises(UserError) as info:
         _plan(uniform, [17])
     assert str(info.value) == "top_k: 17 is not allowed for model g4 (1 <= k <= d_head = 16)"
+
+
+# --- report ----------------------------------------------------------------------------------
+
+#: The report's mixed record: sliding layers (head size 6, 2 KV heads: no head shares one) and
+#: full layers (8, 1: both heads share it), two shared-KV layers and keys as values.
+REPORT_SIZES, REPORT_KV = [6, 8] * 3, [2, 1] * 3
+
+
+def _mixed_analysis(k: int):
+    """test_lib_report's hand-built Analysis (2 heads, 6 layers) as a Gemma-4-like model at
+    ``k``: per-layer sizes, layer kinds, key/value reuse; singular values zero-padded beyond
+    each layer's size, one full layer's gap at 6 tiny."""
+    from test_lib_report import _analysis
+
+    a = _analysis()
+    model = {**a.model, "d_head": 8, "n_kv_heads": 2, "head_dims": REPORT_SIZES,
+             "kv_heads": REPORT_KV, "layer_types": ["sliding", "full"] * 3,
+             "kv_shared_layers": {"4": 2, "5": 3}, "keys_as_values": [1, 3, 5]}
+    sv = np.zeros((6, 2, 8))
+    for p, m in enumerate(REPORT_SIZES):
+        sv[p, :, :m] = np.arange(m, 0, -1)
+    sv[3, 1, 6] = sv[3, 1, 5] * (1 - 1e-3)                    # L3/H1: gap 0.001 at k = 6
+    return replace(a, model=model, k=k, singular_values=sv)
+
+
+def _section(generator) -> str:
+    return "\n".join(generator)
+
+
+def test_report_model_table_shows_per_layer_sizes():
+    from test_lib_report import _metrics
+
+    from weight_geometry.report import _configuration
+
+    got = _metrics(_section(_configuration(_mixed_analysis(3))), "## Model configuration")
+    assert got["Head dim (d_head)"] == "6 (sliding), 8 (full)"
+    assert got["Key/value heads (n_kv)"] == "2 (sliding), 1 (full)"
+
+
+def test_by_kind_names_layers_where_kinds_do_not_decide():
+    from weight_geometry.report import by_kind
+
+    model = {"n_layers": 4, "layer_types": ["sliding", "full", "sliding", "full"]}
+    assert by_kind(model, ["8", "8", "8", "8"]) == "8"
+    assert by_kind(model, ["6", "8", "6", "8"]) == "6 (sliding), 8 (full)"
+    assert by_kind(model, ["6", "8", "6", "12"]) == "6 (sliding), 8 (layer 1), 12 (layer 3)"
+    assert by_kind(model, ["6", None, "6", "8"]) == "6 (sliding), 8 (full)"
+    assert by_kind({"n_layers": 3}, ["6", "8", "6"]) == "6 (layers 0, 2), 8 (layer 1)"
+
+
+def test_report_header_states_sizes_reuse_and_the_k_bound():
+    from weight_geometry.report import _header
+
+    text = _section(_header(_mixed_analysis(6)))
+    assert ("Key/value reuse (Gemma 4): Layers 4 (from 2), 5 (from 3) store no W_K or W_V and"
+            " reuse an earlier layer's keys and values; their kernel pairs their own W_Q with"
+            " the source layer's W_K, whose keys read the source layer's input") in text
+    assert "Layers 1, 3, 5 use their keys as values (W_V = W_K)" in text
+    assert "m-dimensional row space (m the layer's head size: 6 (sliding), 8 (full))" in text
+    assert ("**k = m = 6, the smallest head size (layers 0, 2, 4): in those layers the subspace"
+            " is the row space of W_K alone") in text
+    assert "d_head" not in text
+    below = _section(_header(_mixed_analysis(5)))
+    assert "**k =" not in below and "Key/value reuse" in below
+    # Without reuse (no entries, or empty ones) no such line.
+    a = _mixed_analysis(5)
+    model = {key: v for key, v in a.model.items()
+             if key not in ("kv_shared_layers", "keys_as_values")}
+    for empty in ({}, {"kv_shared_layers": {}, "keys_as_values": []}):
+        assert "Key/value reuse" not in _section(_header(replace(a, model={**model, **empty})))
+
+
+def test_report_groups_heads_by_each_layers_kv_head():
+    from weight_geometry.multiplicity import count_family
+    from weight_geometry.report import _by_kv_head
+
+    a = _mixed_analysis(3)
+    table = _by_kv_head(a).set_index("Group")
+    assert list(table.index) == ["KV head 0 (heads 0 (sliding); 0, 1 (full))",
+                                 "KV head 1 (heads 1 (sliding))", "Model"]
+    t = a.every_head
+    # Layer p's heads on KV head 0: head 0 where it has 2 KV heads, both where it has 1.
+    on_zero = (t["head"] == 0) | (np.array(REPORT_KV)[t["layer"]] == 1)
+    for label, rows in (("KV head 0 (heads 0 (sliding); 0, 1 (full))", t[on_zero]),
+                        ("KV head 1 (heads 1 (sliding))", t[~on_zero])):
+        assert table.loc[label, "Adjacent sim × conditional"] == pytest.approx(
+            rows["adjacent_similarity"].mean() / rows["conditional_mean"].mean())
+        assert table.loc[label, "Adjacent sim significant"] == count_family(
+            rows["adjacent_similarity"], rows["conditional_mean"], rows["z_conditional"],
+            rows["p_conditional_adjusted"]).above_below()
+
+
+def test_report_within_layer_chance_uses_the_sharing_layers_sizes():
+    from weight_geometry.report import _every_head
+
+    text = _section(_every_head(_mixed_analysis(3), None, {"every_head": "."}))
+    # Only the full layers (m = 8, one KV head) have heads sharing a KV head.
+    assert "random k-subspaces of one row space: k/m = 0.375 (full))" in text
+
+
+def test_report_k_sensitivity_bounds_k_by_the_smallest_head():
+    from weight_geometry.report import _k_sensitivity
+
+    text = _section(_k_sensitivity(_mixed_analysis(6), {"k_sensitivity": "."}))
+    assert ("every k from 1 to m - 1 = 5 (m = 6, the smallest head size (layers 0, 2, 4))"
+            in text)
+    assert "**This report's k = m = 6: heads sharing a KV head have identical" in text
+    # At k = 6 the sliding layers' subspaces are their whole row spaces (no gap, not listed,
+    # whatever their zero padding says); the full layers' gaps are their own.
+    assert ": 1 of 12; smallest gaps first: L3/H1 (0.0010)." in text

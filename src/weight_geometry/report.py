@@ -17,7 +17,8 @@ from .circuits_report import section as circuit_section
 from .crossref import PAIRS, layer_correlations
 from .expert_alignment import expert_finding, group_summary
 from .findings import DEPTH_FAMILY, Findings, compute_findings
-from .hybrid import left_out
+from .head_layout import head_dims, is_uniform, kv_heads, kv_of_heads, min_head_dim
+from .hybrid import attention_layers, left_out
 from .ksweep import CONDITIONAL_RATIO_LABELS, GAP_THRESHOLD, RATIO_LABELS, ill_defined
 from .layer_kinds import LayerKinds, position_caveat
 from .multiplicity import FDR_Q, count_family
@@ -106,6 +107,58 @@ def _finding(lines: dict[str, str], section: str) -> str:
 def _listed(items: list[str], most: int = 8) -> str:
     more = f" and {len(items) - most} more" if len(items) > most else ""
     return ", ".join(items[:most]) + more
+
+
+def by_kind(model: dict, values: list, sep: str = ", ") -> str:
+    """One value (text) per attention layer, None where a layer has none, as text: the value
+    itself where every layer has it, else each distinct value (in order of first appearance) with
+    the layer kinds that have it, ``"256 (sliding), 512 (full)"``, or where other layers of
+    those kinds differ, the layers (positions among the attention layers, as the report
+    numbers them); the parts joined by ``sep``. Cost O(L)."""
+    if len(set(values)) == 1:
+        return values[0]
+    present = [v for v in values if v is not None]
+    every = LayerKinds.from_record(model).kinds
+    kinds = [every[layer] for layer in attention_layers(model)]
+    parts = []
+    for value in dict.fromkeys(present):
+        layers = [p for p, v in enumerate(values) if v == value]
+        own = list(dict.fromkeys(kinds[p] for p in layers))
+        alone = all(v == value for v, kind in zip(values, kinds, strict=True)
+                    if kind in own and v is not None)
+        where = (", ".join(own) if alone
+                 else f"layer{'s' * (len(layers) > 1)} {_listed([str(p) for p in layers])}")
+        parts.append(f"{value} ({where})")
+    return sep.join(parts)
+
+
+def _smallest_head(model: dict) -> str:
+    """``m = 8, the smallest head size (layers 0, 2, 4)``: the bound on k of a model whose
+    layers differ in head size."""
+    sizes, m = head_dims(model), min_head_dim(model)
+    layers = [str(p) for p in np.flatnonzero(sizes == m)]
+    return (f"m = {m}, the smallest head size (layer{'s' * (len(layers) > 1)}"
+            f" {_listed(layers)})")
+
+
+def kv_reuse_caveat(model: dict) -> str:
+    """Gemma 4's key/value reuse in words (``model.json``'s ``kv_shared_layers``, ``{layer:
+    source}``, and ``keys_as_values``); empty where the model has neither."""
+    shared = {int(layer): source for layer, source in
+              (model.get("kv_shared_layers") or {}).items()}
+    same = model.get("keys_as_values") or []
+    parts = []
+    if shared:
+        listed = _listed([f"{layer} (from {source})" for layer, source in sorted(shared.items())])
+        parts.append(f"Layers {listed} store no W_K or W_V and reuse an earlier layer's keys and"
+                     " values; their kernel pairs their own W_Q with the source layer's W_K,"
+                     " whose keys read the source layer's input, so `W_Q_i^T W_K_j` there is a"
+                     " bilinear form between two layers' inputs, not within one layer.")
+    if same:
+        parts.append(f"Layer{'s' * (len(same) > 1)} {_listed([str(x) for x in same])} use"
+                     " their keys as values (W_V = W_K): their value and key row spaces are"
+                     " one.")
+    return ("Key/value reuse (Gemma 4): " + " ".join(parts)) if parts else ""
 
 
 def overlap_at_chance(f: Findings) -> bool:
@@ -253,6 +306,7 @@ def partial_rotary_caveat(fraction: float, d_head: int) -> str:
 
 def _header(a: Analysis):
     m, k, d_head = a.model, a.k, a.model["d_head"]
+    uniform = is_uniform(m)
     yield f"# Subspace geometry analysis: {m['name']}\n"
     yield (f"Source: `{m['source']}` ({m['format']}, architecture `{m['architecture']}`);"
            f" weights stored as {m['storage_dtype']}; analysed as {m['compute_dtype']}.\n")
@@ -263,9 +317,14 @@ def _header(a: Analysis):
            + (f" Also, {m['not_used']}." if m.get("not_used") else "")
            + (f" **k = d_head = {d_head}: the subspace is the row space of W_K alone, so heads"
               " sharing a KV head are identical; use k < d_head to compare heads.**"
-              if k == d_head else "") + "\n")
+              if uniform and k == d_head else "")
+           + (f" **k = {_smallest_head(m)}: in those layers the subspace is the row space of"
+              " W_K alone, so heads sharing a KV head are identical; use a smaller k to"
+              " compare heads.**" if not uniform and k == min_head_dim(m) else "") + "\n")
     if (fraction := m.get("rotary_fraction", 1.0)) < 1:
         yield partial_rotary_caveat(fraction, d_head) + "\n"
+    if reuse := kv_reuse_caveat(m):
+        yield reuse + "\n"
     if latent := m.get("latent_attention"):
         yield f"Latent attention: {latent['note']}.\n"
     if hybrid := left_out(m):
@@ -274,8 +333,11 @@ def _header(a: Analysis):
     yield ("Nulls: every similarity and alignment stands beside two nulls. The isotropic null"
            f" (Haar-random k-subspaces of R^d: similarity mean k/d = {null_mean(k, d):.4f},"
            f" std {null_std(k, d):.4f}) is what random weights give. But every"
-           " direction of a head's kernel lies in its KV head's d_head-dimensional row space"
-           " of W_K, so anything that shares that row space beats the isotropic null without"
+           " direction of a head's kernel lies in its KV head's"
+           + (" d_head-dimensional row space" if uniform else
+              " m-dimensional row space (m the layer's head size:"
+              f" {by_kind(m, [str(x) for x in head_dims(m)])})")
+           + " of W_K, so anything that shares that row space beats the isotropic null without"
            " any structure of the kernel itself. **The verdicts are judged against"
            f" {CONDITIONAL_NULL}**, whose mean and std are exact (docs/SCIENCE.md); 'conditional'"
            " below means this null. z-scores get p-values under a normal approximation,"
@@ -289,8 +351,10 @@ def _configuration(a: Analysis):
     yield _metric_table([
         ("Architecture", m["architecture"]), ("Layers (L)", m["n_layers"]),
         ("Hidden size (d)", m["d_model"]), ("FFN intermediate (d_ff)", m["d_ff"]),
-        ("Attention heads (h)", m["n_heads"]), ("Key/value heads (n_kv)", m["n_kv_heads"]),
-        ("Head dim (d_head)", m["d_head"]), ("Subspace rank (k)", a.k),
+        ("Attention heads (h)", m["n_heads"]),
+        ("Key/value heads (n_kv)", by_kind(m, [str(x) for x in kv_heads(m)])),
+        ("Head dim (d_head)", by_kind(m, [str(x) for x in head_dims(m)])),
+        ("Subspace rank (k)", a.k),
         ("Primary head", a.primary_head), ("Sampled heads", a.heads),
         ("FFN input used for alignment", m["ffn_input"]),
         ("Norm gains", m.get("norm_gains", "not applied (raw projection weights)")),
@@ -394,7 +458,8 @@ def _head_matching(a: Analysis, f: Findings, lines: dict[str, str]):
     yield (f"- **Isotropic null**: the same statistics for isotropic random weights of this"
            f" architecture (Gaussian W_Q and W_K, simulated), whose heads' subspaces are random"
            f" k-subspaces of R^{d} but share their KV head's row space"
-           f" ({a.model['n_heads']} heads on {a.model['n_kv_heads']} KV heads): mean k/d ="
+           f" ({a.model['n_heads']} heads on"
+           f" {by_kind(a.model, [str(x) for x in kv_heads(a.model)])} KV heads): mean k/d ="
            f" {null_mean(k, d):.4f} for same-index; for the best match, the expected maximum"
            " over heads (`best_match_null_mean`).\n")
     yield _fig("best_match", "Same-index and best-match similarity") + "\n"
@@ -476,7 +541,9 @@ def _alignment(a: Analysis, f: Findings, lines: dict[str, str]):
            f" inside the top-{k} attention subspace of head {a.primary_head},"
            f" `||W_in V_k^T||_F^2 / ||W_in||_F^2`. Isotropic chance = k/d = {k}/{d} ="
            f" {chance:.4f}, its std from W_in's spectrum. The conditional chance is"
-           " `(k / d_head) ||W_in P_R||_F^2 / ||W_in||_F^2`, the share of a random k-subspace of"
+           + (" `(k / d_head) ||W_in P_R||_F^2 / ||W_in||_F^2`" if is_uniform(m) else
+              " `(k / m) ||W_in P_R||_F^2 / ||W_in||_F^2` (m the layer's head size)")
+           + ", the share of a random k-subspace of"
            " the head's KV row space R, with its own std. 'Normalized' places the alignment"
            " piecewise linearly between the floor (-1: W_in's bottom-k directions, the least"
            " any k-subspace holds), chance (0) and the ceiling (+1: W_in's top-k directions);"
@@ -551,8 +618,11 @@ def _experts(a: Analysis, f: Findings, lines: dict[str, str]):
 def _by_kv_head(a: Analysis) -> pd.DataFrame:
     """Per KV head and over the model: the adjacent similarity, the similarity to the
     bottleneck (where there is one) and the alignment of all its heads against their
-    conditional nulls (ratio of means), with the BH counts of the every-head families."""
-    group = a.model["n_heads"] // a.model["n_kv_heads"]
+    conditional nulls (ratio of means), with the BH counts of the every-head families. Query
+    head ``i`` of layer ``p`` reads KV head ``i // (h // n_kv_p)`` (:mod:`head_layout`), so
+    where layers differ a KV head gathers different heads in different layers."""
+    model = a.model
+    owner = kv_of_heads(model)                                          # (L, h)
     tables = {"adjacent": (a.every_head, "adjacent_similarity", "conditional_mean",
                            "z_conditional", "p_conditional_adjusted"),
               "alignment": (a.alignment, "alignment", "conditional_chance", "conditional_z",
@@ -563,8 +633,9 @@ def _by_kv_head(a: Analysis) -> pd.DataFrame:
                                 "p_conditional_adjusted")
     columns = {"adjacent": "Adjacent sim", "alignment": "Alignment",
                "bottleneck": "Sim to bottleneck"}
-    groups = [(f"KV head {j} (heads {', '.join(map(str, range(j * group, (j + 1) * group)))})",
-               lambda t, j=j: t[t["head"] // group == j]) for j in range(a.model["n_kv_heads"])]
+    groups = [(f"KV head {j} ({_kv_members(model, owner, j)})",
+               lambda t, j=j: t[owner[t["layer"], t["head"]] == j])
+              for j in range(model["n_kv_heads"])]
     groups.append(("Model", lambda t: t))
     rows = []
     for label, select in groups:
@@ -578,9 +649,17 @@ def _by_kv_head(a: Analysis) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _kv_members(model: dict, owner: np.ndarray, j: int) -> str:
+    """The query heads of KV head ``j`` (``owner``: :func:`head_layout.kv_of_heads`): ``heads 0,
+    1``, or where layers group them differently, ``heads 0, 1 (sliding); 0, 1, 2, 3 (full)``
+    (:func:`by_kind`), leaving out the layers without KV head ``j``."""
+    members = [", ".join(map(str, np.flatnonzero(row == j))) or None for row in owner]
+    return "heads " + by_kind(model, members, "; ")
+
+
 def _every_head(a: Analysis, f: Findings, lines: dict[str, str]):
     m = a.model
-    k, d_head = a.k, m["d_head"]
+    k = a.k
     within = a.within_layer
     yield "## Every head\n"
     yield _finding(lines, "every_head")
@@ -588,10 +667,14 @@ def _every_head(a: Analysis, f: Findings, lines: dict[str, str]):
            " its row space, so they are not independent replicates: summaries are per KV head"
            " and over the model, with the BH counts of the every-head families.\n")
     yield markdown_table(_by_kv_head(a), ".2f") + "\n"
-    if m["n_heads"] > m["n_kv_heads"]:
+    shared = m["n_heads"] > kv_heads(m)        # layers where heads share a KV head
+    if shared.any():
+        sizes = head_dims(m)
+        chance = (f"k/d_head = {k / m['d_head']:.3f}" if is_uniform(m) else "k/m = " + by_kind(
+            m, [f"{k / size:.3f}" if s else None for size, s in zip(sizes, shared, strict=True)]))
         yield (f"Within-layer dependence, measured: two heads of one KV head have mean"
                f" similarity {within['same_kv_mean'].mean():.3f} (random k-subspaces of one row"
-               f" space: k/d_head = {k / d_head:.3f}); two heads of different KV heads"
+               f" space: {chance}); two heads of different KV heads"
                f" {within['other_kv_mean'].mean():.3f} (conditional null"
                f" {within['other_kv_conditional_mean'].mean():.3f}).\n")
     yield (f"The notebook's multi-head robustness: the sampled heads {a.heads} (its linspace"
@@ -606,15 +689,18 @@ def _every_head(a: Analysis, f: Findings, lines: dict[str, str]):
 
 
 def _k_sensitivity(a: Analysis, lines: dict[str, str]):
-    k, d_head = a.k, a.model["d_head"]
+    k, d_head, uniform = a.k, min_head_dim(a.model), is_uniform(a.model)
     sweep = a.ksweep
     yield "## k-sensitivity\n"
     yield _finding(lines, "k_sensitivity")
-    yield (f"The statistics above at every k from 1 to d_head - 1 = {d_head - 1}, from the same"
-           f" extraction (sampled heads {a.heads}), each divided by chance k/d and by its"
-           " conditional null mean; all rows are in"
-           " `../ksweep.csv`. k = d_head is left out: there the subspace is the key"
-           " projection's row space, and heads sharing a KV head become identical.\n")
+    size = "d_head" if uniform else "m"
+    yield (f"The statistics above at every k from 1 to {size} - 1 = {d_head - 1}"
+           + ("" if uniform else f" ({_smallest_head(a.model)})")
+           + f", from the same extraction (sampled heads {a.heads}), each divided by chance k/d"
+           " and by its conditional null mean; all rows are in"
+           f" `../ksweep.csv`. k = {size} is left out: there the subspace is the key"
+           " projection's row space, and heads sharing a KV head become identical"
+           + ("" if uniform else " (in the layers of that size)") + ".\n")
     yield "![k-sweep](../figures/ksweep.png)\n"
     shown = sweep[sweep["k"].isin([*KSWEEP_ROWS, k])]
     yield markdown_table(shown[["k", *RATIO_LABELS, *CONDITIONAL_RATIO_LABELS,
@@ -622,10 +708,13 @@ def _k_sensitivity(a: Analysis, lines: dict[str, str]):
         **RATIO_LABELS, **CONDITIONAL_RATIO_LABELS,
         "n_ill_defined": "Ill-defined (layer, sampled head)"}), ".2f") + "\n"
     if k == d_head:
-        yield (f"**This report's k = d_head = {d_head}: heads sharing a KV head have identical"
-               " subspaces; choose k < d_head to compare heads.**\n")
-        return
-    weak = ill_defined(a.singular_values, k).sort_values("gap")
+        yield (f"**This report's k = {size} = {d_head}: heads sharing a KV head have identical"
+               + (" subspaces; choose k < d_head to compare heads.**\n" if uniform else
+                  " subspaces in the layers of that size; choose a smaller k to compare"
+                  " heads.**\n"))
+        if uniform:   # every subspace is the whole row space: no gap to list
+            return
+    weak = ill_defined(a.singular_values, k, head_dims(a.model)).sort_values("gap")
     listed = ", ".join(f"L{r.layer}/H{r.head} ({r.gap:.4f})"
                        for r in weak.head(MAX_LISTED).itertuples())
     more = f" and {len(weak) - MAX_LISTED} more" if len(weak) > MAX_LISTED else ""
