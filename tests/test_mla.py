@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 import transformers as T
-from conftest import assert_ok, naive_kernel, reference_eff_rank, run_snakemake
+from conftest import assert_ok, assert_one_line, naive_kernel, reference_eff_rank, run_snakemake
 from gguf_convert import convert_hf_to_gguf
 from test_moe import build
 
@@ -51,10 +51,13 @@ def effective_projections(model, layer: int, fold: bool) -> dict[str, np.ndarray
     """Each head's effective W_Q ``(h m, d)``, W_K ``(h m, d)`` (the shared RoPE rows in every
     head's block), W_V ``(h v, d)`` and W_O ``(d, h v)``, float64, from the live module's own
     layers applied to the identity (or, with ``fold``, to ``diag(g_attn)``), its latent RMSNorms
-    replaced by their gains (``fold``) or by nothing: the normalization is left out."""
+    replaced by their gains (``fold``) or by nothing: the normalization is left out. Sizes are
+    the module's own."""
     blk = model.model.layers[layer]
     att = blk.self_attn
-    x = torch.eye(D, dtype=torch.float64)
+    d, h, nope, rope, v = (att.hidden_size, att.num_heads, att.qk_nope_head_dim,
+                           att.qk_rope_head_dim, att.v_head_dim)
+    x = torch.eye(d, dtype=torch.float64)
     if fold:
         x = x * blk.input_layernorm.weight.detach()
 
@@ -67,11 +70,11 @@ def effective_projections(model, layer: int, fold: bool) -> dict[str, np.ndarray
         else:
             q = att.q_b_proj(gain(att.q_a_layernorm)(att.q_a_proj(x)))
         kv_a = att.kv_a_proj_with_mqa(x)
-        latent, k_rot = kv_a[:, :KV_RANK], kv_a[:, KV_RANK:]
-        kv = att.kv_b_proj(gain(att.kv_a_layernorm)(latent)).reshape(D, H, NOPE + V)
-        k = torch.cat([kv[..., :NOPE], k_rot[:, None].expand(D, H, ROPE)], dim=-1)
-        return {"W_Q": q.T.numpy(), "W_K": k.reshape(D, H * M).T.numpy(),
-                "W_V": kv[..., NOPE:].reshape(D, H * V).T.numpy(),
+        latent, k_rot = kv_a[:, :att.kv_lora_rank], kv_a[:, att.kv_lora_rank:]
+        kv = att.kv_b_proj(gain(att.kv_a_layernorm)(latent)).reshape(d, h, nope + v)
+        k = torch.cat([kv[..., :nope], k_rot[:, None].expand(d, h, rope)], dim=-1)
+        return {"W_Q": q.T.numpy(), "W_K": k.reshape(d, h * (nope + rope)).T.numpy(),
+                "W_V": kv[..., nope:].reshape(d, h * v).T.numpy(),
                 "W_O": att.o_proj.weight.detach().numpy()}
 
 
@@ -153,6 +156,73 @@ def test_effective_ranks_and_ffn_energies(built):
                                            atol=1e-6 * np.trace(w_u.T @ w_u), err_msg=u)
         np.testing.assert_allclose(res.ffn_input_energy, np.einsum("hrd,de,hre->hr", v, gram, v),
                                    rtol=1e-4, atol=1e-6 * np.trace(gram))
+        # the row-space nulls' spectra: G restricted to each head's key row space, which its
+        # M right vectors span (full-rank kernels), M eigenvalues each
+        restricted = np.linalg.eigvalsh(np.einsum("hrd,de,hse->hrs", v, gram, v))[:, ::-1]
+        np.testing.assert_allclose(res.ffn_input_rowspace_eigenvalues, restricted, rtol=1e-4,
+                                   atol=1e-6 * np.trace(gram))
+
+
+def test_ov_sides_are_handed_over_unpadded(built):
+    """With an ``emit``, each OV part leaves the pass with its ``v`` rows per head and ``m``,
+    the rows the receiver pads it to (no padded copy, no product of zero rows with ``Q_m``);
+    the kernel's parts have their ``m`` rows already."""
+    _, _, path = built
+    seen = {}
+    extract_layer(open_checkpoint(str(path)), 0, torch.device("cpu"),
+                  emit=lambda name, array, rows=None: seen.update({name: (array.shape, rows)}))
+    assert seen["ov_singular_values"] == ((H, V), M)
+    assert seen["ov_write_vectors"] == seen["ov_read_vectors"] == ((H, V, D), M)
+    assert seen["vectors"] == seen["query_vectors"] == ((H, M, D), None)
+    assert seen["singular_values"] == ((H, M), None)
+
+
+#: The smallest latents with every thin QR (``q_lora_rank = m``, ``kv_lora_rank = nope``),
+#: odd widths, ``v`` neither ``m`` nor ``nope``: m = 8 of 64.
+SMALLEST = dict(q_lora_rank=8, kv_lora_rank=5, qk_nope_head_dim=5, qk_rope_head_dim=3,
+                v_head_dim=7)
+
+
+def test_smallest_latents_with_odd_widths_equal_the_formed_maps(tmp_path):
+    """At the smallest allowed latent ranks (square ``X_i`` and ``Y_i``) and odd widths, the
+    kernels and OV circuits are the formed maps' (folded gains), OV rows padded from 7 to 8;
+    ``W_UV_i`` (7 x 5) leaves each OV circuit of rank 5, its other singular values 0."""
+    cfg = T.DeepseekV3Config(**{**COMMON, **SMALLEST}, n_shared_experts=1)
+    model = build("v3", tmp_path / "m", config=cfg).double()
+    ckpt, m, v, rank = open_checkpoint(str(tmp_path / "m"), fold_norms=True), 8, 7, 5
+    res = extract_layer(ckpt, 1, torch.device("cpu"), fold_norms=True)
+    w = effective_projections(model, 1, True)
+    for head in range(H):
+        _, s, vt = np.linalg.svd(naive_kernel(w["W_Q"], w["W_K"], head, m))
+        np.testing.assert_allclose(res.singular_values[head], s[:m], rtol=1e-6)
+        assert s[m] < 1e-9 * s[0]
+        assert_same_vectors(res.vectors[head], vt[:m], f"smallest {head}")
+        ov = w["W_O"][:, head * v:(head + 1) * v] @ w["W_V"][head * v:(head + 1) * v]
+        u, t, vt = np.linalg.svd(ov)
+        np.testing.assert_allclose(res.ov_singular_values[head], [*t[:v], 0], rtol=1e-6,
+                                   atol=1e-9 * t[0])
+        assert t[rank - 1] > 1e-3 * t[0] and t[rank] < 1e-9 * t[0]
+        assert_same_vectors(res.ov_write_vectors[head, :rank], u[:, :rank].T, f"{head} OV out")
+        assert_same_vectors(res.ov_read_vectors[head, :rank], vt[:rank], f"{head} OV in")
+        assert not res.ov_read_vectors[head, v:].any()
+
+
+@pytest.mark.parametrize("overrides, fragments", [
+    (dict(q_lora_rank=16), ("q_lora_rank = 16 is not allowed", "= 24 to hidden_size = 64")),
+    (dict(q_lora_rank=65), ("q_lora_rank = 65 is not allowed", "= 24 to hidden_size = 64")),
+    (dict(kv_lora_rank=8), ("kv_lora_rank = 8 is below qk_nope_head_dim = 16",)),
+    (dict(kv_lora_rank=60), ("kv_lora_rank + qk_rope_head_dim = 68 exceeds hidden_size = 64",)),
+], ids=["q-below-m", "q-above-d", "kv-below-nope", "kv-above-d"])
+def test_latents_without_thin_qrs_are_one_line(tmp_path, overrides, fragments):
+    """A query latent narrower than ``m`` or wider than ``d``, a key latent narrower than
+    ``nope`` or, with the RoPE key, wider than ``d``: a one-line UserError naming the keys and
+    what is allowed, not a shape error from inside a QR."""
+    cfg = T.DeepseekV3Config(**{**COMMON, "q_lora_rank": Q_RANK, **overrides},
+                             n_shared_experts=1)
+    build("v3", tmp_path / "m", config=cfg)
+    with pytest.raises(UserError) as info:
+        extract_layer(open_checkpoint(str(tmp_path / "m")), 0, torch.device("cpu"))
+    assert_one_line(info.value, tmp_path / "m", *fragments)
 
 
 def test_fused_experts_read_as_the_per_expert_ones(tmp_path):

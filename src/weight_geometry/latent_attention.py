@@ -15,7 +15,7 @@ One layer, width ``d``, ``h`` heads, ``r_q`` = ``q_lora_rank``, ``r`` = ``kv_lor
 The zero-offset kernel of head ``i`` is ``A_i = W_Q_i^T W_K_i`` (``d x d``, rank <= ``m``): the
 query's no-RoPE rows meet the head's own key rows, its RoPE rows the RoPE key ``W_KR`` that
 every head shares. Each head has a key of its own (``n_kv = h``). Its OV circuit is ``W_O_i
-W_V_i`` (rank <= ``v``). Both are factored once per layer::
+W_V_i`` (rank <= ``min(v, r)``). Both are factored once per layer::
 
     M^T = Q_m R_m   (thin QR, Q_m: d x (r + p)),      W_DQ^T = Q_a R_a   (R_a only)
     W_K_i = Y_i Q_m^T,   Y_i = E_i R_m^T                         (m, r + p)
@@ -29,10 +29,16 @@ vectors in ``Q_m``'s coordinates, mapped to ``R^d`` by ``Q_m^T`` (:class:`Latent
 The left (query) vectors are :meth:`FactoredSubspaces.left_vectors`' coefficients times
 ``W_UQ_i``, then times ``W_DQ`` (``W_UQ_i W_DQ = W_Q_i``): ``Q_a`` is never needed. The OV
 circuit is :func:`kernels.factored_subspaces` of ``(W_O^T, Z)`` the same way (as
-:func:`kernels.circuit_svd`); its ``v`` rows per head are padded with zero rows (singular value
-0) to ``m`` when ``v < m``, so that every stored array has ``d_head = m`` rows per head. It is
-computed after the layer's experts (:meth:`LatentPass.circuits`), W_O's effective rank before
-it.
+:func:`kernels.circuit_svd`); its ``v`` rows per head are handed over as they are, and the
+receiver pads them with zero rows (singular value 0) to ``m`` when ``v < m``, so that every
+stored array has ``d_head = m`` rows per head. It is computed after the layer's experts
+(:meth:`LatentPass.circuits`), W_O's effective rank before it.
+
+The thin QRs need ``X_i^T`` ``(r_q, m)``, ``Y_i^T`` ``(r + p, m)``, ``W_DQ^T`` ``(d, r_q)`` and
+``M^T`` ``(d, r + p)`` to have at least as many rows as columns: ``m <= r_q <= d`` (or no query
+LoRA), ``n <= r`` and ``r + p <= d`` (:func:`require_latent_shapes`). A smaller ``r_q`` or
+``r`` would leave every head's kernel of rank below ``m`` (zero singular values, refused for
+any architecture); a latent wider than ``d`` compresses nothing.
 
 Folded norms (``fold_norms``): the pre-attention gain into ``W_DQ``, ``W_Q`` and ``M``'s
 columns, the query latent's RMSNorm gain (``q_a_layernorm``) into ``W_UQ``'s columns, the
@@ -49,13 +55,16 @@ stacked over heads, ``W_Q (h m, d)``, ``W_K (h m, d)`` (the shared RoPE rows onc
 Cost per layer (float64 unless said): the thin QR of ``M^T``, ``O(d (r + p)^2)``; ``R_a`` from
 the Gram of ``W_DQ``, ``d r_q^2``; ``X``, ``2 h m r_q^2``; :func:`kernels.factored_subspaces`,
 ``O(h m (r_q + r + p) m)``; in float32 the vectors in ``R^d``, ``2 h m d (r + p)`` (right),
-``2 h m d r_q`` (left) and ``2 h v d (r + p)`` (OV right). At DeepSeek-V3's shapes the
-products with ``d`` dominate, about 0.75 TFLOP per layer. Memory: the layer's latent weights
-(read one at a time), ``X``, ``Y``, ``Z`` and ``Q_m`` in float64 (about 0.55 GB at V3's
-shapes), and one ``(h, m, d)`` float32 result at a time (0.7 GB at V3's shapes): each is
-handed to the caller's ``emit`` (the extraction appends it to its ``.npy`` file) as soon as it
-is formed, ``X`` and ``Y`` are dropped before the query vectors are formed, W_O before its
-write side is padded.
+``2 h m d r_q`` (left), ``2 h v d (r + p)`` (OV read side) and ``2 h v^2 d`` (OV write side);
+with ``compute_ranks`` W_O's spectrum, its ``d x d`` Gram ``h v d^2`` and ``eigvalsh``. At
+DeepSeek-V3's shapes (``d`` 7168, ``h`` 128, ``m`` 192, ``v`` 128, ``r_q`` 1536, ``r + p`` 576)
+the vectors take 0.91 TFLOP (0.54 of them the query vectors), W_O's Gram 0.84 TFLOP, the rest
+(``X``, the QRs and cores, the other spectra) about 0.25 TFLOP. Memory: the layer's latent
+weights (read one at a time), ``X``, ``Y``, ``Z`` and ``Q_m`` in float64 (about 0.52 GB at V3's
+shapes), and one ``(h, m, d)`` float32 result at a time (0.7 GB at V3's shapes; the OV sides
+``(h, v, d)``): each is handed to the caller's ``emit`` (the extraction appends it to its
+``.npy`` file) as soon as it is formed, ``X`` and ``Y`` are dropped before the query vectors
+are formed, W_O before the OV read side is formed.
 """
 
 from __future__ import annotations
@@ -63,10 +72,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from .checkpoint import Checkpoint
+from .errors import UserError
 from .kernels import (
     FactoredSubspaces,
     factored_subspaces,
@@ -74,6 +84,10 @@ from .kernels import (
     thin_qr,
 )
 from .ranks import effective_rank_from_singular_values, shape_text, smaller_side, weight_spectrum
+
+if TYPE_CHECKING:  # checkpoint may import this module (require_latent_shapes)
+    from .architectures import LatentDims, ModelDims
+    from .checkpoint import Checkpoint
 
 
 @dataclass
@@ -94,7 +108,9 @@ class LatentSubspaces(FactoredSubspaces):
     def energies(self, gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`FactoredSubspaces.energies` of the ``(d, d)`` Gram ``G`` through ``G_m =
         Q_m^T G Q_m`` (``(r + p)^2``; ``G Q_m`` in ``G``'s dtype, at least float32, then
-        float64): cost ``2 d^2 (r + p)``."""
+        float64): cost ``2 d^2 (r + p)``. ``G`` is read whole, so it must be symmetric (the
+        extraction's Grams are: :func:`ranks.gram` mirrors them); ``G_m``'s upper triangle is
+        what the base reads."""
         dtype = torch.promote_types(gram.dtype, torch.float32)
         g_q = (gram.to(dtype) @ self.basis.to(dtype)).to(self.q_k.dtype)
         return super().energies(self.basis.T @ g_q)
@@ -124,39 +140,60 @@ class LatentPass:
 
     def circuits(self, emit: Callable[..., None]) -> None:
         """Every head's OV circuit ``W_O_i Z_i Q_m^T`` (module docstring), handed to ``emit``
-        one part at a time as :func:`kernels.emit_ov_circuits` does: ``(h, m)`` singular
-        values, then the ``(h, m, d)`` float32 write and read sides, zero rows (and singular
-        values) from ``v`` to ``m``; the write side as ``emit(name, (h, v, d) array, m)``,
-        padded to ``m`` rows per head by the receiver (the extraction, as it writes it), so
-        that no padded copy is held beside it. W_O is read here, its effective rank taken
-        before the circuits exist (its Gram and theirs are never held together), and dropped
-        once the write side is formed. Called after the experts' pass, so that neither meets
-        the other's working set."""
+        one part at a time as :func:`kernels.emit_ov_circuits` does: the ``(h, v)`` singular
+        values, then the ``(h, v, d)`` float32 write and read sides, each as ``emit(name,
+        array, m)``: the receiver (the extraction, as it writes them) pads each head's ``v``
+        rows with zero rows (and zero singular values) to ``m``, so that no padded copy is
+        held, nor multiplied by ``Q_m^T``. W_O is read here, its effective rank taken before
+        the circuits exist (its Gram and theirs are never held together), and dropped once the
+        write side is formed. Called after the experts' pass, so that neither meets the
+        other's working set."""
         h, m = self.subspaces.singular_values.shape
         v = self.values.shape[0] // h
         w_o = self.read("o")                                             # (d, h v)
         self.rank("W_V", self.values, (h * v, w_o.shape[0]))
         self.rank("W_O", w_o, tuple(w_o.shape))
         core = factored_subspaces(w_o.T, self.values, h, h, v, torch.float64)
-        emit("ov_singular_values", _pad_heads(core.singular_values, m))
-        left = core.left_vectors(w_o.T, torch.float32)
+        emit("ov_singular_values", core.singular_values, m)
+        left = core.left_vectors(w_o.T, torch.float32)                   # (h, v, d)
         del w_o
-        emit("ov_write_vectors", left, m)  # padded to m rows per head as it is written
+        emit("ov_write_vectors", left, m)
         del left
-        right = _pad_heads(core.vectors(torch.float32), m)              # (h, m, r + p)
-        emit("ov_read_vectors", right @ self.basis.to(torch.float32).T)
+        right = core.vectors(torch.float32)                              # (h, v, r + p)
+        emit("ov_read_vectors", right @ self.basis.to(torch.float32).T, m)
+
+
+def require_latent_shapes(dims: ModelDims, lat: LatentDims, where: str) -> None:
+    """A one-line UserError (prefixed by ``where``, the checkpoint) unless every thin QR of the
+    module docstring exists: ``m <= r_q <= d`` or no query LoRA (``r_q = 0``), ``n <= r`` and
+    ``r + p <= d``, in the config's own names. Cost O(1)."""
+    m, d = dims.d_head, dims.d_model
+    if lat.q_rank and not m <= lat.q_rank <= d:
+        raise UserError(f"{where}: q_lora_rank = {lat.q_rank} is not allowed (null, or from"
+                        f" qk_nope_head_dim + qk_rope_head_dim = {m} to hidden_size = {d}:"
+                        " a smaller query latent leaves every kernel of rank below d_head)")
+    if lat.kv_rank < lat.nope:
+        raise UserError(f"{where}: kv_lora_rank = {lat.kv_rank} is below qk_nope_head_dim ="
+                        f" {lat.nope} (allowed: kv_lora_rank >= qk_nope_head_dim; a smaller"
+                        " latent leaves every key of rank below d_head)")
+    if lat.kv_rank + lat.rope > d:
+        raise UserError(f"{where}: kv_lora_rank + qk_rope_head_dim = {lat.kv_rank + lat.rope}"
+                        f" exceeds hidden_size = {d} (allowed: a key/value latent no wider"
+                        " than the residual stream)")
 
 
 def latent_attention_pass(ckpt: Checkpoint, layer: int, device: torch.device,
-                          emit: Callable[[str, torch.Tensor], None], fold_norms: bool = False,
+                          emit: Callable[..., None], fold_norms: bool = False,
                           compute_ranks: bool = True) -> LatentPass:
     """Every head's kernel subspaces of latent-attention ``layer`` (module docstring), their
     ``(h, m, d)`` float32 query vectors handed to ``emit("query_vectors", ...)`` as soon as
     formed (the latent factors ``X``, ``Y`` dropped before), and what its OV circuits need
     (:meth:`LatentPass.circuits`); each latent weight read once
     (:meth:`Checkpoint.read_latent`) and dropped once used; with ``compute_ranks`` the
-    effective ranks of the effective W_Q, W_K (and W_V, W_O)."""
+    effective ranks of the effective W_Q, W_K (and W_V, W_O). Shapes without those QRs are a
+    UserError (:func:`require_latent_shapes`)."""
     lat, dims = ckpt.latent, ckpt.dims
+    require_latent_shapes(dims, lat, str(ckpt.path))
     h, m, n, p, v, r, d = (dims.n_heads, dims.d_head, lat.nope, lat.rope, lat.d_value,
                            lat.kv_rank, dims.d_model)
     f64, rows = torch.float64, []
@@ -205,12 +242,3 @@ def latent_attention_pass(ckpt: Checkpoint, layer: int, device: torch.device,
     del query
     return LatentPass(subspaces, rows, z, q_m, read, rank)
 
-
-def _pad_heads(x: torch.Tensor, m: int) -> torch.Tensor:
-    """``x`` ``(h, v, ...)`` with zero rows appended to each head's ``v``, up to ``m`` (the
-    arrays' ``d_head`` rows per head); ``x`` itself when ``v = m``."""
-    if x.shape[1] == m:
-        return x
-    extra = torch.zeros(x.shape[0], m - x.shape[1], *x.shape[2:], dtype=x.dtype,
-                        device=x.device)
-    return torch.cat([x, extra], dim=1)
