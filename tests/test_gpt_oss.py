@@ -70,21 +70,35 @@ def build_gpt_oss(path, published: bool = False):
 
 
 def test_mxfp4_decoding_is_transformers():
-    """Every code (all 256 bytes) under every finite exponent (0 .. 254: subnormal 2^-127 to
-    overflow to inf at 6 * 2^127) decodes as transformers' own dequantization, exactly."""
+    """Every code (all 256 bytes, both nibbles) under every finite exponent (0 .. 254:
+    subnormal 2^-127 to overflow to inf at 6 * 2^127) decodes as transformers' own
+    dequantization, exactly, over more groups than one decoding chunk (a partial last one)."""
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
     rng = np.random.default_rng(1)
-    blocks, scales = random_mxfp4(rng, 96, 64, low=0, high=255)
-    blocks[0, 0, 0] = np.arange(16, dtype=np.uint8) * 17       # every nibble, both halves
+    blocks, scales = random_mxfp4(rng, 96, 96, low=0, high=255)
+    assert mxfp4._CHUNK_GROUPS < scales.size < 2 * mxfp4._CHUNK_GROUPS
+    blocks.reshape(-1, 16)[:16] = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    scales.reshape(-1)[-255:] = np.arange(255)                 # in the last, partial chunk
     ref = convert_moe_packed_tensors(torch.from_numpy(blocks), torch.from_numpy(scales),
                                      dtype=torch.float32)      # (E, cols, rows): x @ W
     ours = mxfp4.decode(blocks, scales)
-    assert ours.shape == (N_EXPERTS, 96, 64) and ours.dtype == np.float32
+    assert ours.shape == (N_EXPERTS, 96, 96) and ours.dtype == np.float32
     np.testing.assert_array_equal(ours, ref.transpose(1, 2).numpy())
     assert np.isinf(ours).any() and (ours[np.isfinite(ours)] != 0).any()
     with pytest.raises(ValueError):
         mxfp4.decode(blocks, scales[..., :1])
+
+
+def test_mxfp4_nan_scale_makes_its_group_nan():
+    """E8M0's 255 is NaN: every value of its group is NaN (zero codes too), the other groups
+    are untouched."""
+    blocks = np.arange(64, dtype=np.uint8).reshape(1, 2, 2, 16)
+    scales = np.array([[[127, 255], [255, 127]]], dtype=np.uint8)
+    ours = mxfp4.decode(blocks, scales).reshape(4, 32)
+    assert np.isnan(ours[[1, 2]]).all() and np.isfinite(ours[[0, 3]]).all()
+    np.testing.assert_array_equal(ours[0], mxfp4.FP4_VALUES[np.stack(
+        [np.arange(16) & 15, np.arange(16) >> 4], axis=1).ravel()])
 
 
 def gpt_oss_expert(w: dict[str, np.ndarray], x: torch.Tensor, experts) -> torch.Tensor:

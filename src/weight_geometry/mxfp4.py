@@ -27,10 +27,11 @@ GROUP_BYTES = GROUP // 2
 #: The E2M1 value of each 4-bit code.
 FP4_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
                        -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], dtype=np.float32)
-#: ``2^(s - 127)`` for each exponent byte ``s``, in float32 (``s = 255``, E8M0's NaN, is
-#: ``2^128``: inf, which the checkpoint reader refuses as non-finite; ``s = 0`` is ``2^-127``,
-#: a float32 subnormal).
-SCALES = np.append(np.ldexp(1.0, np.arange(255) - 127), np.inf).astype(np.float32)
+#: ``2^(s - 127)`` for each exponent byte ``s``, in float32 (``s = 0`` is ``2^-127``, a float32
+#: subnormal); ``s = 255`` is E8M0's NaN, which makes its whole group NaN (the OCP MX spec),
+#: refused by the checkpoint reader as non-finite. (transformers' ``ldexp`` by 128 gives inf
+#: instead, and 0 for a zero code.)
+SCALES = np.append(np.ldexp(1.0, np.arange(255) - 127), np.nan).astype(np.float32)
 #: Both values of each code byte (low nibble first) as one 8-byte word: one gather per byte
 #: decodes two values (twice as fast as gathering the nibbles apart).
 _BYTE_PAIRS = np.stack([FP4_VALUES[np.arange(256) & 0x0F], FP4_VALUES[np.arange(256) >> 4]],
@@ -61,6 +62,6 @@ def decode(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
     for first in range(0, codes.shape[0], _CHUNK_GROUPS):
         part = slice(first, first + _CHUNK_GROUPS)
         np.take(_BYTE_PAIRS, codes[part], out=words[part])
-        with np.errstate(over="ignore", invalid="ignore"):  # inf, as transformers gives
+        with np.errstate(over="ignore"):  # 6 * 2^127 is inf, as transformers gives
             values[part] *= SCALES[exponents[part]][:, None]
     return values.reshape(decoded_shape(blocks.shape))
