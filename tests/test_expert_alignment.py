@@ -43,7 +43,7 @@ def table_of(ckpt, arrays, k: int = K) -> pd.DataFrame:
     return expert_alignment_table(arrays["expert_energy"], arrays["expert_norm2"],
                                   arrays["expert_singular_values"],
                                   arrays["expert_rowspace_eigenvalues"], units, k,
-                                  ckpt.dims.d_model, ckpt.adapter.ffn_input)
+                                  ckpt.dims.as_dict(), ckpt.adapter.ffn_input)
 
 
 def module_weights(model, arch: str, layer: int, gains: bool) -> dict:

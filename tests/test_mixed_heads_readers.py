@@ -262,3 +262,68 @@ def test_report_k_sensitivity_bounds_k_by_the_smallest_head():
     # At k = 6 the sliding layers' subspaces are their whole row spaces (no gap, not listed,
     # whatever their zero padding says); the full layers' gaps are their own.
     assert ": 1 of 12; smallest gaps first: L3/H1 (0.0010)." in text
+
+
+# --- expert alignment ------------------------------------------------------------------------
+
+def _expert_arrays(layers: list[dict], dense: int, seed: int = 1):
+    """One routed expert's W_gate ``(6, d)`` and one router row per layer but ``dense`` (no
+    experts: NaN), their stored arrays padded per the contract, and the weights."""
+    rng = np.random.default_rng(seed)
+    n, d = len(layers), layers[0]["W_Q"].shape[1]
+    m_max, kv_max = max(SIZES), max(KV)
+    energy, eig = np.zeros((n, 2, N_HEADS, m_max)), np.full((n, 2, kv_max, m_max), np.nan)
+    norm2, sv = np.full((n, 2), np.nan), np.zeros((n, 2, 6))
+    weights = {}
+    for p, layer in enumerate(layers):
+        if p == dense:
+            continue
+        for u, rows in enumerate((6, 1)):
+            w = weights[p, u] = rng.standard_normal((rows, d))
+            energy[p, u, :, :layer["m"]] = np.square(
+                layer["vectors"].astype(np.float64) @ w.T).sum(-1)
+            for j in range(layer["n_kv"]):
+                q = _row_space(layer, j)
+                eig[p, u, j, :layer["m"]] = np.linalg.eigvalsh(q @ w.T @ w @ q.T)
+            norm2[p, u] = np.square(w).sum()
+            sv[p, u, :rows] = np.linalg.svd(w, compute_uv=False)
+    return energy, norm2, sv, eig, weights
+
+
+def _haar_frame(rng, k: int, m: int) -> np.ndarray:
+    return np.linalg.qr(rng.standard_normal((m, k)))[0].T
+
+
+def test_expert_alignment_nulls_at_each_layers_own_sizes(mixed):
+    from weight_geometry.expert_alignment import expert_alignment_table, expert_units
+
+    model, _, layers = mixed
+    k, dense = 3, 2
+    energy, norm2, sv, eig, weights = _expert_arrays(layers, dense)
+    table = expert_alignment_table(energy, norm2, sv, eig, expert_units(1, False), k, model,
+                                   "W_gate")
+    assert len(table) == (len(layers) - 1) * 2 * N_HEADS and dense not in set(table["layer"])
+    c = {m: 2 * k * (m - k) / (m * (m - 1) * (m + 2)) for m in set(SIZES)}
+    for row in table.itertuples():
+        layer, u = layers[row.layer], int(row.expert == "router")
+        mu = np.sort(eig[row.layer, u, _kv(layer, row.head), :layer["m"]])
+        total, m = norm2[row.layer, u], layer["m"]
+        assert row.alignment == pytest.approx(energy[row.layer, u, row.head, :k].sum() / total)
+        assert row.conditional_chance == pytest.approx(k / m * mu.sum() / total, rel=1e-12)
+        assert row.conditional_std == pytest.approx(
+            np.sqrt(c[m] * (np.square(mu).sum() - mu.sum() ** 2 / m)) / total, rel=1e-9)
+        assert row.conditional_ceiling == pytest.approx(mu[-k:].sum() / total, rel=1e-12)
+        assert row.conditional_floor == pytest.approx(mu[:k].sum() / total, rel=1e-12)
+    # Monte Carlo: head 3's top-k replaced by a Haar-random k-subspace of its KV row space, in
+    # a sliding (m = 8, KV head 1) and a full layer (m = 12, KV head 0). 4000 draws put the
+    # mean within 4 standard errors (about 0.06 std): a wrong m moves it by 1/3 or 1/2.
+    rng = np.random.default_rng(7)
+    for p in (0, 1):
+        layer, w = layers[p], weights[p, 0]
+        q = _row_space(layer, _kv(layer, 3))
+        draws = np.array([np.square(w @ (_haar_frame(rng, k, layer["m"]) @ q).T).sum()
+                          for _ in range(4000)]) / norm2[p, 0]
+        row = table[(table["layer"] == p) & (table["expert"] == "0") & (table["head"] == 3)]
+        mean, std = row["conditional_chance"].item(), row["conditional_std"].item()
+        assert draws.mean() == pytest.approx(mean, abs=4 * std / np.sqrt(len(draws))), p
+        assert draws.std() == pytest.approx(std, rel=0.1), p

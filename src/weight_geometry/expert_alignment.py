@@ -64,7 +64,7 @@ def record_units(model: dict) -> list[tuple[str, str | None]]:
 
 def expert_alignment_table(energy: np.ndarray, norm2: np.ndarray,
                            singular_values: np.ndarray, rowspace_eigenvalues: np.ndarray,
-                           units: list[tuple[str, str | None]], k: int, d: int,
+                           units: list[tuple[str, str | None]], k: int, model: dict,
                            ffn_input: str) -> pd.DataFrame:
     """Long table sorted by (layer, unit, head): layer, expert, router_row, weight (``ffn_input``
     for an expert, ``"router"`` for a router row), head, and :func:`alignment.alignment_table`'s
@@ -73,11 +73,16 @@ def expert_alignment_table(energy: np.ndarray, norm2: np.ndarray,
     dense model.
 
     Args:
-        energy: ``(L, U, h, d_head)`` per-direction energies ``||W_u v_r||^2``.
+        energy: ``(L, U, h, d_head)`` per-direction energies ``||W_u v_r||^2`` (zero beyond
+            layer ``p``'s head size ``m_p``).
         norm2: ``(L, U)`` ``||W_u||_F^2`` (NaN in a layer without experts).
         singular_values: ``(L, U, m)`` singular values of each ``W_u``, zero-padded.
-        rowspace_eigenvalues: ``(L, U, n_kv, d_head)``.
+        rowspace_eigenvalues: ``(L, U, n_kv_heads, d_head)``, NaN beyond layer ``p``'s ``m_p``
+            and ``n_kv_p`` (:mod:`head_layout`).
         units: :func:`expert_units`, ``U`` of them.
+        model: the ``model.json`` record: ``d_model`` and each layer's head size and KV
+            grouping, with which every (layer, unit) row gets its layer's conditional null
+            (:func:`alignment.alignment_table`'s ``layers``); ``k <= min_p m_p``.
     Cost O(L U (h k + m log m)).
     """
     from .alignment import alignment_table
@@ -88,7 +93,7 @@ def expert_alignment_table(energy: np.ndarray, norm2: np.ndarray,
     layer, unit = np.nonzero(np.isfinite(norm2)) if n_units else (np.zeros(0, int),) * 2
     flat = alignment_table(energy[layer, unit], norm2[layer, unit],
                            singular_values[layer, unit], rowspace_eigenvalues[layer, unit],
-                           k, d, ffn_input)
+                           k, model, ffn_input, layers=layer)
     which = flat.pop("layer").to_numpy()
     flat = flat.drop(columns="ffn_input")
     labels = np.array(units, dtype=object).reshape(-1, 2)

@@ -15,7 +15,7 @@ def main():
     table = expert_alignment_table(load_layers(inp.energy, lambda a: a[..., :k]),
                                    load_layers(inp.norm2), load_layers(inp.singular_values),
                                    load_layers(inp.rowspace_eigenvalues), record_units(model),
-                                   k, model["d_model"], model["ffn_input"])
+                                   k, model, model["ffn_input"])
     to_model_layers(table, model).to_parquet(snakemake.output[0], index=False)
 
 
