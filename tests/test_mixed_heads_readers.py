@@ -327,3 +327,27 @@ def test_expert_alignment_nulls_at_each_layers_own_sizes(mixed):
         mean, std = row["conditional_chance"].item(), row["conditional_std"].item()
         assert draws.mean() == pytest.approx(mean, abs=4 * std / np.sqrt(len(draws))), p
         assert draws.std() == pytest.approx(std, rel=0.1), p
+
+
+# --- model comparison ------------------------------------------------------------------------
+
+def test_compare_states_k_over_each_layers_head_size():
+    from test_lib_compare import K, _model
+
+    from weight_geometry.compare import compare_summary, compare_table, render_compare
+
+    models = {"small": _model("small", 6, 64, 4, 0), "g4": _model("g4", 6, 64, 2, 1)}
+    models["g4"][0].update(d_head=32, n_kv_heads=2, head_dims=[16, 32] * 3, kv_heads=[2, 1] * 3,
+                           layer_types=["sliding", "full"] * 3)
+    table = compare_table(models, K)
+    summary = compare_summary(table)
+    records = {name: record for name, (record, _) in models.items()}
+    text = render_compare(table, summary, K, records)
+    assert ("In g4 the head size differs by layer (16 (sliding), 32 (full)): a top-8 subspace"
+            " fills k / m = 0.5000 (sliding), 0.2500 (full) of its row space") in text
+    assert "In small" not in text
+    # Uniform models alone: the text as without the records.
+    uniform = {"small": models["small"]}
+    table = compare_table(uniform, K)
+    assert render_compare(table, compare_summary(table), K, {"small": models["small"][0]}) == (
+        render_compare(table, compare_summary(table), K))

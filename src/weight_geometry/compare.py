@@ -4,7 +4,8 @@ Models of different depth are put on one axis by normalized depth ``layer / L`` 
 Raw Grassmann similarities are not comparable across widths, since the isotropic null is
 ``k / d``; the ``*_ratio`` columns divide by it (``alignment_ratio`` already does). Nor is the
 ratio to ``k / d`` comparable across head sizes at one k (a k-subspace fills ``k / d_head`` of
-its row space), so models are compared and ranked by their ratios to the row-space-conditional
+its row space; ``k / m_p`` in layer ``p`` of a model whose layers differ, :mod:`head_layout`),
+so models are compared and ranked by their ratios to the row-space-conditional
 null (``*_conditional_ratio``), which accounts for both; effective ranks by their normalized
 mean (``eff_rank / min(rows, cols)``).
 """
@@ -18,8 +19,9 @@ import pandas as pd
 
 from .figure_names import COMPARE_FIGURES
 from .figures import pyplot, save_figure
+from .head_layout import head_dims, is_uniform
 from .hybrid import attention_layers
-from .report import markdown_table
+from .report import by_kind, markdown_table
 from .similarity import null_mean
 from .verdicts import alignment_verdict
 
@@ -216,8 +218,21 @@ def _findings(table: pd.DataFrame, summary: pd.DataFrame) -> list[str]:
     return out
 
 
-def render_compare(table: pd.DataFrame, summary: pd.DataFrame, k: int) -> str:
-    """Markdown comparison report: summary table, figures (``figures/{name}.png``), findings."""
+def _head_sizes(records: dict[str, dict], k: int) -> list[str]:
+    """One sentence per model whose layers differ in head size: the share ``k / m_p`` of a row
+    space its k-subspaces fill, per layer kind (:func:`report.by_kind`)."""
+    return [f"In {name} the head size differs by layer"
+            f" ({by_kind(record, [str(m) for m in head_dims(record)])}): a top-{k} subspace"
+            f" fills k / m = {by_kind(record, [f'{k / m:.4f}' for m in head_dims(record)])} of"
+            " its row space, and its conditional ratios use each layer's own m.\n"
+            for name, record in records.items() if not is_uniform(record)]
+
+
+def render_compare(table: pd.DataFrame, summary: pd.DataFrame, k: int,
+                   records: dict[str, dict] | None = None) -> str:
+    """Markdown comparison report: summary table, figures (``figures/{name}.png``), findings;
+    with ``records`` (each model's ``model.json``), a sentence on each model whose layers
+    differ in head size (:func:`_head_sizes`)."""
     names = ", ".join(summary["model"])
     out = [
         f"# Cross-model comparison (top-{k})\n",
@@ -226,6 +241,7 @@ def render_compare(table: pd.DataFrame, summary: pd.DataFrame, k: int) -> str:
         " Ratios to the isotropic null k/d depend on the width and, at one k, on the head size"
         " (k / d_head of a row space); models are ranked by their ratios to the"
         " row-space-conditional null, which accounts for both.\n",
+        *_head_sizes(records or {}, k),
         "## Summary\n",
         markdown_table(summary[list(_SUMMARY_COLUMNS)].rename(columns=_SUMMARY_COLUMNS)) + "\n",
         "Adjacent sim: mean of `sim[l, l+1]`; Sim to bottleneck (others): mean similarity to the"

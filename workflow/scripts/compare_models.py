@@ -30,7 +30,8 @@ def main():
     table.to_csv(out.csv, index=False)
     summary.to_csv(out.summary, index=False)
     draw_compare(table, {name: out[name] for name in COMPARE_FIGURES})
-    Path(out.report).write_text(render_compare(table, summary, k))
+    records = {name: record for name, (record, _) in models.items()}
+    Path(out.report).write_text(render_compare(table, summary, k, records))
 
 
 run_rule(main, snakemake.log[0], snakemake.output)
