@@ -387,6 +387,57 @@ def test_trajectory_heatmap_marks_a_hybrid_layer_on_its_row(monkeypatch, tmp_pat
     assert dots.get_offsets()[:, 1].tolist() == [0, 1]
 
 
+def test_layer_maps_between_positions_and_model_layers(tmp_path):
+    """Positions among the attention layers <-> model layers in every layer column, -1 kept;
+    a row naming a linear-attention layer in any column is dropped on the way to positions;
+    a record without ``attention_layers`` (or without linear layers) maps nothing."""
+    from weight_geometry.hybrid import (
+        attention_layers,
+        is_hybrid,
+        relabel_table_file,
+        to_model_layers,
+        to_positions,
+    )
+
+    record = {"n_layers": L, "attention_layers": ATTENTION}
+    positions = pd.DataFrame({"layer": [0, 1, 1], "earlier_layer": [0, 0, 1],
+                              "bottleneck_layer": [-1, 0, 1], "x": [0.5, 1.5, 2.5]})
+    model_layers = to_model_layers(positions, record)
+    assert model_layers.to_dict("list") == {"layer": [1, 3, 3], "earlier_layer": [1, 1, 3],
+                                            "bottleneck_layer": [-1, 1, 3], "x": [0.5, 1.5, 2.5]}
+    assert positions["layer"].tolist() == [0, 1, 1]                    # the input unchanged
+    pd.testing.assert_frame_equal(to_positions(model_layers, record), positions)
+    pairs = pd.DataFrame({"layer_a": [1, 1, 0, 3], "layer_b": [3, 2, 3, 3], "y": [1, 2, 3, 4]})
+    assert to_positions(pairs, record).to_dict("list") == {"layer_a": [0, 1], "layer_b": [1, 1],
+                                                           "y": [1, 4]}
+    ranks = pd.DataFrame({"layer_idx": range(L), "eff_rank": [9.0, 8.0, 7.0, 6.0, 5.0]})
+    kept = to_positions(ranks, record)
+    assert kept.index.tolist() == [0, 1] and kept.to_dict("list") == {
+        "layer_idx": [0, 1], "eff_rank": [8.0, 6.0]}
+    for plain in ({"n_layers": L}, {"n_layers": 2, "attention_layers": [0, 1]}):
+        assert not is_hybrid(plain)
+        assert attention_layers(plain).tolist() == list(range(plain["n_layers"]))
+        pd.testing.assert_frame_equal(to_model_layers(positions, plain), positions)
+    path = tmp_path / "t.parquet"
+    positions.to_parquet(path, index=False)
+    relabel_table_file(path, {"n_layers": L})                         # not a hybrid: as is
+    pd.testing.assert_frame_equal(pd.read_parquet(path), positions)
+    relabel_table_file(path, record)
+    pd.testing.assert_frame_equal(pd.read_parquet(path), model_layers)
+
+
+def test_left_out_counts_the_linear_layers():
+    from weight_geometry.hybrid import left_out
+
+    assert left_out({"n_layers": L, "attention_layers": list(range(L))}) == ""
+    assert left_out({"n_layers": L}) == ""
+    three = left_out({"n_layers": L, "attention_layers": ATTENTION})
+    assert "its 2 softmax attention layers of 5 (model layers 1, 3); 3 linear-attention layers" \
+        " are left out" in three
+    one = left_out({"n_layers": 4, "attention_layers": [0, 1, 3]})
+    assert "(model layers 0, 1, 3); 1 linear-attention layer is left out" in one
+
+
 def test_comparison_refuses_a_hybrid_layers_table_of_other_layers():
     record = {"n_layers": L, "d_model": D, "ffn_input": "W_gate", "attention_layers": ATTENTION}
     with pytest.raises(ValueError, match=r"h: layers table does not hold layers \[1, 3\] \(its"

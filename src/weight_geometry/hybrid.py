@@ -83,20 +83,17 @@ def relabel_table_file(path, model: dict) -> None:
 
 
 def left_out(model: dict) -> str:
-    """One sentence for the report: how many layers of which kind the attention experiments
-    leave out, and why (empty for a model without linear attention)."""
+    """One sentence for the report: how many layers the attention experiments leave out, and
+    why (empty for a model without linear attention). Every layer left out is a
+    linear-attention one (:data:`layer_kinds.ATTENTION_KINDS` are all the others)."""
     if not is_hybrid(model):
         return ""
     n, kept = model["n_layers"], attention_layers(model)
-    kinds = model.get("layer_types") or []
-    counts: dict[str, int] = {}
-    for layer in sorted(set(range(n)) - set(kept.tolist())):
-        kind = kinds[layer] if layer < len(kinds) else "linear"
-        counts[kind] = counts.get(kind, 0) + 1
-    what = ", ".join(f"{c} {kind}-attention" for kind, c in counts.items())
+    linear = n - len(kept)
     return (f"Hybrid model: the attention experiments run over its {len(kept)} softmax"
-            f" attention layers of {n} (model layers {', '.join(map(str, kept))}); {what}"
-            " layers are left out, since linear attention (gated DeltaNet) has no softmax"
-            " kernel W_Q_i^T W_K_j. Layer numbers in this report count those layers in order"
-            " (layer p is model layer attention_layers[p] of model.json); the tables on disk"
-            " name model layers, and effective_ranks.csv keeps every layer's FFN.")
+            f" attention layers of {n} (model layers {', '.join(map(str, kept))}); {linear}"
+            f" linear-attention {'layer is' if linear == 1 else 'layers are'} left out, since"
+            " linear attention (gated DeltaNet) has no softmax kernel W_Q_i^T W_K_j. Layer"
+            " numbers in this report count the softmax attention layers in order (layer p is"
+            " model layer attention_layers[p] of model.json); the tables on disk name model"
+            " layers, and effective_ranks.csv keeps every layer's FFN.")
