@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .head_layout import kv_of_heads
+from .head_layout import kv_heads, kv_of_heads
 from .multiplicity import benjamini_hochberg, null_test
 from .nulls import similarity_z
 from .rowspace_nulls import head_pair_null
@@ -66,22 +66,19 @@ def within_layer_similarity(sims: np.ndarray, overlaps: np.ndarray, k: int,
     other_kv_conditional_mean, each layer with its own KV grouping (:mod:`head_layout`). Cost
     O(L h^2)."""
     n_layers, n_heads = sims.shape[:2]
-    kv = kv_of_heads(model)                                       # (L, h)
     mean, _ = head_pair_null(overlaps, k, model)
     layers = np.arange(n_layers)
     within = sims[layers, :, layers, :]                          # (L, h, h)
     within_null = mean[layers, :, layers, :]
-    shared = kv[:, :, None] == kv[:, None, :]                    # (L, h, h)
-    same = shared & ~np.eye(n_heads, dtype=bool)
-
-    def masked_mean(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        return np.array([v[m].mean() if m.any() else np.nan
-                         for v, m in zip(values, mask, strict=True)])
-
-    return pd.DataFrame({
-        "layer": layers,
-        "same_kv_mean": masked_mean(within, same),
-        "same_kv_conditional_mean": masked_mean(within_null, same),
-        "other_kv_mean": masked_mean(within, ~shared),
-        "other_kv_conditional_mean": masked_mean(within_null, ~shared),
-    })
+    columns = {name: np.full(n_layers, np.nan) for name in (
+        "same_kv_mean", "same_kv_conditional_mean", "other_kv_mean", "other_kv_conditional_mean")}
+    counts, kv = kv_heads(model), kv_of_heads(model)
+    for n_kv in np.unique(counts):                 # the layers that group heads alike
+        at = counts == n_kv
+        shared = kv[at][0][:, None] == kv[at][0][None, :]
+        for name, mask in (("same", shared & ~np.eye(n_heads, dtype=bool)),
+                           ("other", ~shared)):
+            if mask.any():
+                columns[f"{name}_kv_mean"][at] = within[at][:, mask].mean(axis=1)
+                columns[f"{name}_kv_conditional_mean"][at] = within_null[at][:, mask].mean(axis=1)
+    return pd.DataFrame({"layer": layers, **columns})

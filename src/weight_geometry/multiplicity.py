@@ -157,21 +157,23 @@ def pairing_null_exact(sims: np.ndarray, group=1) -> tuple[np.ndarray, np.ndarra
     (:func:`_hoeffding`) and ``sigma`` the blocks' permutation, ``Var = E_sigma[sum_p
     v_p,sigma(p)] + Var_sigma(sum_p m_p,sigma(p)) = sum_pq v_pq / n_kv +`` Hoeffding's
     variance of the ``n_kv x n_kv`` matrix ``m``. ``T``'s moments are these over
-    ``h`` and ``h^2``. The population std over all orderings. Cost O(L^2 h^2).
+    ``h`` and ``h^2``. The population std over all orderings. Cost O(L^2 h^2) per distinct
+    block size.
     """
     c = _pair_blocks(sims)
     n_layers, n_heads = c.shape[0], c.shape[2]
     groups = _pair_groups(group, n_layers)
     mean, std = np.empty((n_layers, n_layers)), np.empty((n_layers, n_layers))
-    for size in np.unique(groups):
-        at = groups == size
+    for size in np.unique(groups):   # every pair at each block size, kept where it applies
         n_kv = n_heads // (size if 1 < size < n_heads else n_heads)
         block = n_heads // n_kv
-        blocks = c[at].reshape(-1, n_kv, block, n_kv, block).transpose(0, 1, 3, 2, 4)
-        within_mean, within_var = _hoeffding(blocks)                  # (pairs, n_kv, n_kv)
+        blocks = c.reshape(n_layers, n_layers, n_kv, block, n_kv, block).transpose(
+            0, 1, 2, 4, 3, 5)
+        within_mean, within_var = _hoeffding(blocks)                  # (L, L, n_kv, n_kv)
         across_mean, across_var = _hoeffding(within_mean)
         variance = within_var.sum(axis=(-2, -1)) / n_kv + across_var
-        mean[at], std[at] = across_mean / n_heads, np.sqrt(variance) / n_heads
+        at = groups == size
+        mean[at], std[at] = (across_mean / n_heads)[at], (np.sqrt(variance) / n_heads)[at]
     return mean, std
 
 

@@ -152,7 +152,7 @@ def similarity_null(t1, t2, k: int, m_a, m_b=None) -> tuple[np.ndarray, np.ndarr
     var_tr_n = c_b * (t2 - t1**2 / m_b)
     tr_n2 = t2 * (v_b + q_b) + (t1**2 - t2) * w_b
     tr_n_sq = var_tr_n + q_b * t1**2
-    var = c_a * (tr_n2 - tr_n_sq / m_a) + q_a * var_tr_n
+    var = c_a * (tr_n2 - tr_n_sq / m_a) + q_a * c_b * (t2 - t1**2 / m_b)
     mean = r_a * r_b * t1 / k
     return mean, np.sqrt(np.maximum(var, 0.0)) / k
 
