@@ -171,7 +171,7 @@ def test_conditional_null_by_monte_carlo():
     for _ in range(3000):
         q, r = np.linalg.qr(rng.standard_normal((d_head, d_head)))
         rot = q * np.sign(np.diag(r))
-        turned = {k: v.copy() for k, v in vars(c).items() if k != "n_kv_heads"}
+        turned = {k: v.copy() for k, v in vars(c).items() if isinstance(v, np.ndarray)}
         for k in ("query", "key", "read"):
             turned[k][1] = np.einsum("ab,hbd->had", rot, c.__dict__[k][1])
         draws.append(np.square(composition_scores(Circuits(**turned))[:, 2:, :2]))

@@ -49,6 +49,15 @@ null is bounded and the Gaussian is not). Per refined pair ``2 m^2 d + O(m^3)`` 
 ``O(m^2)`` per saddlepoint iteration: SmolLM2-135M (16 000 of 106 000 pairs refined) takes
 the composition job from 4.4 s to 31 s wall (15 s CPU); random weights (~0.1 % refined) at
 Qwen2.5-3B shapes ~2 s per 500 pairs.
+
+Layers of different head sizes (Gemma 4; :mod:`head_layout`'s padded arrays): every pair is
+computed at its two layers' own sizes, ``m_l`` (later) and ``m_e`` (earlier), from the first
+``m_p`` rows and singular values of each head (the padding is never read): ``M`` is ``m_l x
+m_e``, the conditional null is in the later head's ``m_l``-dimensional row space, the KV
+grouping each layer's ``h / n_kv_p``. E[score^2] = 1/d holds for any sizes, but the score's
+distribution does not: the isotropic null is drawn once per distinct ``(m_e, m_l)``
+(:func:`isotropic_nulls`; one for a uniform model, four for two sizes) and each pair is tested
+against its own.
 """
 
 from __future__ import annotations
@@ -59,6 +68,7 @@ import numpy as np
 import torch
 
 from .extraction import in_threads, layer_workers, unmap_large_frees
+from .head_layout import pad_to
 from .kernels import circuit_svd
 from .multiplicity import FDR_Q, benjamini_hochberg, gamma_p, quadratic_form_p
 
@@ -82,8 +92,11 @@ REFINE_CHUNK = 1 << 24
 class Circuits:
     """The per-head factors of ``L`` layers: ``query``, ``key``, ``write``, ``read`` ``(L, h, m,
     d)`` (rows as in the module docstring; memory-mapped arrays are read one layer at a time),
-    ``qk_sigma``, ``ov_sigma`` ``(L, h, m)``; ``n_kv_heads`` KV heads (0: ``h``), whose query
-    heads ``j g .. (j + 1) g - 1`` share the row spaces of ``W_K_j`` and ``W_V_j``."""
+    ``qk_sigma``, ``ov_sigma`` ``(L, h, m)``; ``n_kv_heads`` KV heads (one count, or ``(L,)``
+    per layer; 0: ``h``), whose query heads ``j g .. (j + 1) g - 1`` share the row spaces of
+    ``W_K_j`` and ``W_V_j``; ``head_dims`` ``(L,)`` each layer's head size ``m_p <= m`` (None:
+    ``m``), its rows and singular values ``r >= m_p`` padding (:mod:`head_layout`), never
+    read."""
 
     query: np.ndarray
     key: np.ndarray
@@ -91,17 +104,44 @@ class Circuits:
     write: np.ndarray
     read: np.ndarray
     ov_sigma: np.ndarray
-    n_kv_heads: int = 0
+    n_kv_heads: int | np.ndarray = 0
+    head_dims: np.ndarray | None = None
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
         return self.write.shape
 
+    def layout(self) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`layer_layout` of these factors."""
+        n_layers, h, m, _ = self.shape
+        return layer_layout(n_layers, h, m, self.n_kv_heads, self.head_dims)
 
-def _layer(array: np.ndarray, layer: int) -> torch.Tensor:
-    """One layer's ``(h, m, d)`` vectors as a float32 ``(h m, d)`` tensor."""
-    block = np.ascontiguousarray(array[layer], dtype=np.float32)
+
+def layer_layout(n_layers: int, n_heads: int, d_head: int, n_kv_heads=0, head_dims=None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """``(L,)`` int head sizes ``m_p`` and query heads per KV head ``g_p = h // n_kv_p`` of
+    stored ``(L, h, d_head, ...)`` arrays: ``head_dims`` (None: ``d_head`` in every layer),
+    ``n_kv_heads`` one count or one per layer (0: ``h``, every head its own KV head). O(L)."""
+    sizes = (np.full(n_layers, d_head) if head_dims is None
+             else np.asarray(head_dims, dtype=int).reshape(n_layers))
+    kv = np.broadcast_to(np.asarray(n_kv_heads, dtype=int), (n_layers,))
+    return sizes, n_heads // np.where(kv == 0, n_heads, kv)
+
+
+def _layer(array: np.ndarray, layer: int, m: int) -> torch.Tensor:
+    """One layer's first ``m`` vectors of each head, ``(h, m, d)``, as a float32 ``(h m, d)``
+    tensor (a view of ``array`` where it is float32 and ``m`` all its rows)."""
+    block = np.ascontiguousarray(array[layer, :, :m], dtype=np.float32)
     return torch.from_numpy(block).reshape(-1, block.shape[-1])
+
+
+def _spread(squares: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """``(L, h)`` ``sum_{r < m_p} (x_r - mean x)^2`` of each head's ``(m,)`` weights ``x``
+    (``squares`` ``(L, h, m)``; the mean over its layer's ``m_p`` entries, the padding left
+    out). Cost O(L h m)."""
+    mask = np.arange(squares.shape[-1]) < sizes[:, None, None]
+    mean = squares.sum(-1, keepdims=True) / sizes[:, None, None]
+    return np.square(np.where(mask, squares - mean, 0.0)).sum(-1)
 
 
 def composition_scores(c: Circuits) -> np.ndarray:
@@ -144,30 +184,40 @@ def composition(c: Circuits, device: str | torch.device = "cpu") -> Composition:
     float32 bases and three ``(h + 2 n_b) m x h m`` float32 blocks, on ``device``, beside the
     write vectors of every earlier layer (views of ``c.write`` on the CPU) and the three
     ``(3, L h, L h)`` float64 results.
+
+    Per-layer sizes (:mod:`head_layout`): each layer is read at its own head size ``m_p`` (the
+    first ``m_p`` rows and singular values of each head, the padding never) and KV grouping
+    ``g_p``; a layer pair's ``M`` is ``m_l x m_e`` (later, earlier), ``N``, ``G``, ``C`` and
+    the conditional null are the later layer's, ``m = m_l``. The costs above with ``m^2``
+    read ``m_l m_e``; a write layer with ``m_e`` below the array's width is copied (``h m_e
+    d`` float32).
     """
     device = torch.device(device)
-    n_layers, h, m, _ = c.shape
-    group = h // (c.n_kv_heads or h)
+    n_layers, h, _, _ = c.shape
+    sizes, groups = c.layout()
     qk_sq = np.square(np.asarray(c.qk_sigma, dtype=np.float64))
     ov_sq = np.square(np.asarray(c.ov_sigma, dtype=np.float64))
     qk_norm2, ov_norm2 = qk_sq.sum(-1), ov_sq.sum(-1)
     # Spread of each later head's weights d = s^2 about their mean: sum (d - mean d)^2.
-    spread = {name: np.square(x - x.mean(-1, keepdims=True)).sum(-1)
-              for name, x in (("qk", qk_sq), ("ov", ov_sq))}
-    c_var = 2 / ((m - 1) * (m + 2)) if m > 1 else 0.0
+    spread = {name: _spread(x, sizes) for name, x in (("qk", qk_sq), ("ov", ov_sq))}
     out = np.full((3, 3, n_layers, h, n_layers, h), np.nan)      # scores, mean, std
-    writes = [_layer(c.write, e).to(device) for e in range(n_layers - 1)]        # A_e
-    t_all = torch.as_tensor(np.asarray(c.ov_sigma, dtype=np.float32), device=device)
-    n_rows = h + 2 * (h // group)
+    writes = [_layer(c.write, e, int(sizes[e])).to(device) for e in range(n_layers - 1)]  # A_e
+    t_all = [torch.as_tensor(np.asarray(c.ov_sigma[e, :, :sizes[e]], dtype=np.float32),
+                             device=device) for e in range(n_layers - 1)]                # t_e
 
     def later_layer(later: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        sides = _later_sides(c, later, group, qk_sq[later], ov_sq[later], device)
+        m = int(sizes[later])
+        sides = _later_sides(c, later, groups[later], qk_sq[later, :, :m], ov_sq[later, :, :m],
+                             device)
         # The three blocks of every pair, allocated once (fresh ones fault their pages in).
-        work = torch.empty((3, n_rows * h * m * m), dtype=torch.float32, device=device)
+        n_rows, widest = sum(sides.counts), max(m, int(sizes[:later].max()))
+        work = torch.empty((3, n_rows * h * m * widest), dtype=torch.float32, device=device)
         return [_pair_moments(sides, writes[e], t_all[e], m, work) for e in range(later)]
 
     workers = layer_workers(device, torch.get_num_threads())
     for later, moments in enumerate(in_threads(later_layer, range(1, n_layers), workers), 1):
+        m = int(sizes[later])
+        c_var = 2 / ((m - 1) * (m + 2)) if m > 1 else 0.0
         norms2 = np.stack([qk_norm2[later], qk_norm2[later], ov_norm2[later]])  # (3, h)
         spreads = np.stack([spread["qk"][later], spread["qk"][later], spread["ov"][later]])
         for earlier, (sums, tr_n, spread_n) in enumerate(moments):
@@ -199,12 +249,13 @@ def _later_sides(c: Circuits, later: int, group: int, qk_sq: np.ndarray, ov_sq: 
     """The bases and weights of layer ``later`` (``qk_sq``, ``ov_sq``: its ``(h, m)`` squared
     singular values; see :func:`composition`). Cost ``4 h m^2 d + 4 h m^3`` under GQA (``C``
     and ``G`` of the key and value sides), nothing more without."""
-    query, key, read = (_layer(x, later).to(device) for x in (c.query, c.key, c.read))
+    m = qk_sq.shape[1]
+    query, key, read = (_layer(x, later, m).to(device) for x in (c.query, c.key, c.read))
     qk_sq, ov_sq = (torch.as_tensor(x, device=device) for x in (qk_sq, ov_sq))
     h = qk_sq.shape[0]
     if group == 1:
         return _Sides(torch.cat([query, key, read]), (h, h, h), (qk_sq, qk_sq, ov_sq))
-    m, d = c.shape[2:]
+    d = c.shape[3]
     bases, weights = [], [qk_sq]
     for side, sq in ((key, qk_sq), (read, ov_sq)):
         basis = side.reshape(-1, group, m, d)[:, 0]                          # (n_kv, m, d)
@@ -221,15 +272,19 @@ def _pair_moments(sides: _Sides, write: torch.Tensor, t: torch.Tensor, m: int,
                   work: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(3, h, h)`` float64 ``<G, N>``, ``tr N`` and ``tr N^2 - (tr N)^2 / m = ||N - (tr N /
     m) I||_F^2`` (centred: no cancellation) of every (later head, earlier head) of one layer
-    pair (``write``: ``A_e`` ``(h m, d)``, ``t``: ``(h, m)``; :func:`composition`), in the
-    float32 memory ``work`` (``(3, n_rows h m^2)``, ``n_rows = n_q + 2 n_b``). Cost ``2 (n_q
-    + 2 n_b) m d h m + 2 (n_q + 2 n_b) h m^3``; ``<G, N>`` and the traces in float64."""
-    h = t.shape[0]
+    pair (``m`` the later layer's head size, ``m_e`` the earlier's: ``write`` ``A_e`` ``(h
+    m_e, d)``, ``t`` ``(h, m_e)``; ``M`` is ``m x m_e``, ``N`` ``m x m``; :func:`composition`),
+    in the float32 memory ``work`` (``(3, >= n_rows h m max(m, m_e))``, ``n_rows = n_q + 2
+    n_b``). Cost ``2 (n_q + 2 n_b) m d h m_e + 2 (n_q + 2 n_b) h m^2 m_e``; ``<G, N>`` and the
+    traces in float64."""
+    h, m_e = t.shape
     n_rows = sides.bases.shape[0] // m
-    products, blocks, gram = (x.reshape(n_rows, h, m, m) for x in work)
-    products = products.reshape(n_rows * m, h * m)
+    size = n_rows * m * h * m_e
+    products = work[0, :size].reshape(n_rows * m, h * m_e)
+    blocks = work[1, :size].reshape(n_rows, h, m, m_e)
+    gram = work[2, :n_rows * h * m * m].reshape(n_rows, h, m, m)
     torch.matmul(sides.bases, write.T, out=products)                         # Q A_e^T
-    torch.mul(products.reshape(n_rows, m, h, m).transpose(1, 2), t.reshape(1, h, 1, m),
+    torch.mul(products.reshape(n_rows, m, h, m_e).transpose(1, 2), t.reshape(1, h, 1, m_e),
               out=blocks)                                                    # M per (Q, e)
     torch.matmul(blocks, blocks.mT, out=gram)                                # N per (Q, e)
     diag = gram.diagonal(dim1=-2, dim2=-1)                                   # (n_rows, h, m)
@@ -253,21 +308,25 @@ def _pair_moments(sides: _Sides, write: torch.Tensor, t: torch.Tensor, m: int,
     return tuple(x.cpu().numpy() for x in (torch.stack(sums), trace[basis], centred[basis]))
 
 
-def random_circuits(n_layers: int, n_heads: int, d: int, d_head: int,
+def random_circuits(n_layers: int, n_heads: int, d: int, d_head,
                     rng: np.random.Generator) -> Circuits:
     """The factors of ``n_layers`` layers of ``n_heads`` heads (one KV head each) with
     standard Gaussian ``W_Q, W_K, W_V, W_O``, by the extraction's routines
-    (:func:`kernels.circuit_svd`). Cost ``O(n_layers n_heads d d_head^2)``."""
+    (:func:`kernels.circuit_svd`); ``d_head`` one head size or one per layer (then padded to
+    the largest, :mod:`head_layout`). Cost ``O(n_layers n_heads d d_head^2)``."""
+    sizes = np.broadcast_to(np.asarray(d_head, dtype=int), (n_layers,))
+    widest = int(sizes.max())
     parts = {name: [] for name in ("query", "key", "qk_sigma", "write", "read", "ov_sigma")}
-    for _ in range(n_layers):
-        w_q, w_k, w_v, w_o_t = (torch.from_numpy(rng.standard_normal((n_heads * d_head, d)))
+    for m in sizes.tolist():
+        w_q, w_k, w_v, w_o_t = (torch.from_numpy(rng.standard_normal((n_heads * m, d)))
                                 for _ in range(4))
-        qk = circuit_svd(w_q, w_k, n_heads, n_heads, d_head)
-        ov = circuit_svd(w_o_t, w_v, n_heads, n_heads, d_head)
+        qk = circuit_svd(w_q, w_k, n_heads, n_heads, m)
+        ov = circuit_svd(w_o_t, w_v, n_heads, n_heads, m)
         for name, x in (("query", qk.left), ("key", qk.right), ("qk_sigma", qk.singular_values),
                         ("write", ov.left), ("read", ov.right), ("ov_sigma", ov.singular_values)):
-            parts[name].append(x.numpy())
-    return Circuits(**{name: np.stack(x) for name, x in parts.items()})
+            x = x.numpy()
+            parts[name].append(pad_to(x, (n_heads, widest, *x.shape[2:]), 0.0))
+    return Circuits(**{name: np.stack(x) for name, x in parts.items()}, head_dims=sizes)
 
 
 @dataclass(frozen=True)
@@ -282,13 +341,19 @@ class CompositionNull:
     exact_mean_square: float
     n_pairs: int
 
+    def pair_moments(self) -> tuple[np.ndarray, np.ndarray]:
+        """The score's null mean and std per type, ``(3, 1, 1)``: broadcasting against the
+        ``(3, L h, L h)`` scores."""
+        return self.mean[:, None, None], self.std[:, None, None]
 
-def isotropic_null(d: int, d_head: int, n_heads: int = NULL_HEADS,
+
+def isotropic_null(d: int, d_head, n_heads: int = NULL_HEADS,
                    seed: int = NULL_SEED) -> CompositionNull:
     """The scores of every (later, earlier) pair of two random layers of ``n_heads`` heads
-    (:func:`random_circuits`, seeded): ``n_heads^2`` pairs per type, correlated through their
-    shared heads (the mean is unbiased; the std good to a few percent at 32 heads). Cost
-    :func:`composition_scores`' for one layer pair of ``n_heads`` heads, ``6 (n m)^2 d``."""
+    (:func:`random_circuits`, seeded) of head size ``d_head``, or ``(m_e, m_l)`` (earlier,
+    later): ``n_heads^2`` pairs per type, correlated through their shared heads (the mean is
+    unbiased; the std good to a few percent at 32 heads). Cost :func:`composition_scores`'
+    for one layer pair of ``n_heads`` heads, ``6 n^2 m_e m_l d``."""
     rng = np.random.default_rng(seed)
     scores = composition_scores(random_circuits(2, n_heads, d, d_head, rng))
     pairs = scores[:, n_heads:, :n_heads].reshape(3, -1)
@@ -296,11 +361,58 @@ def isotropic_null(d: int, d_head: int, n_heads: int = NULL_HEADS,
                            1 / d, pairs.shape[1])
 
 
-def pair_tests(scores: np.ndarray, null: CompositionNull) -> dict[str, np.ndarray]:
+@dataclass(frozen=True)
+class IsotropicNulls:
+    """The isotropic null of a model whose layers may differ in head size: ``by_sizes`` the
+    :func:`isotropic_null` of each ``(m_e, m_l)`` (earlier, later) that a layer pair has; the
+    model's ``head_dims`` ``(L,)`` and ``n_heads`` per layer."""
+
+    by_sizes: dict[tuple[int, int], CompositionNull]
+    head_dims: np.ndarray
+    n_heads: int
+
+    @property
+    def uniform(self) -> bool:
+        """Whether every layer has one head size (one null for every pair)."""
+        return len(set(self.head_dims.tolist())) == 1
+
+    def pair_moments(self) -> tuple[np.ndarray, np.ndarray]:
+        """The score's null mean and std per type and pair, broadcasting against the ``(3, L
+        h, L h)`` scores: the one null's ``(3, 1, 1)`` where :attr:`uniform`, else ``(3, L h,
+        L h)``, each pair's from its layers' sizes (NaN where the earlier layer is not
+        earlier). Cost O((L h)^2) for a mixed model."""
+        if self.uniform:
+            return next(iter(self.by_sizes.values())).pair_moments()
+        n_layers = len(self.head_dims)
+        moments = np.full((2, 3, n_layers, n_layers), np.nan)
+        for later, earlier in zip(*np.tril_indices(n_layers, -1), strict=True):
+            null = self.by_sizes[int(self.head_dims[earlier]), int(self.head_dims[later])]
+            moments[:, :, later, earlier] = null.mean, null.std
+        grid = np.repeat(np.repeat(moments, self.n_heads, axis=2), self.n_heads, axis=3)
+        return grid[0], grid[1]
+
+
+def isotropic_nulls(d: int, head_dims, n_heads: int, null_heads: int = NULL_HEADS,
+                    seed: int = NULL_SEED) -> IsotropicNulls:
+    """:func:`isotropic_null` (of ``null_heads`` random heads per layer) once per distinct
+    ``(m_e, m_l)`` of the layer pairs ``e < l`` of a model with ``(L,)`` ``head_dims`` and
+    ``n_heads`` heads per layer (one null for a uniform model; a one-layer model gets its
+    ``(m, m)``). Cost that of one null per distinct size pair (four for two sizes)."""
+    sizes = np.asarray(head_dims, dtype=int)
+    later, earlier = np.tril_indices(len(sizes), -1)
+    pairs = (sorted(set(zip(sizes[earlier].tolist(), sizes[later].tolist(), strict=True)))
+             or [(int(sizes[0]), int(sizes[0]))])
+    return IsotropicNulls({pair: isotropic_null(d, pair, null_heads, seed) for pair in pairs},
+                          sizes, n_heads)
+
+
+def pair_tests(scores: np.ndarray, null: CompositionNull | IsotropicNulls
+               ) -> dict[str, np.ndarray]:
     """Per type and pair (``scores``' shape): ``ratio`` (score over the null mean), ``z``,
     one-sided ``p`` (:func:`multiplicity.gamma_p`) and ``p_adjusted`` (BH over every finite
-    pair of that type). Cost O(n log n) for n pairs."""
-    mean, std = null.mean[:, None, None], null.std[:, None, None]
+    pair of that type), against each pair's isotropic null (``null.pair_moments()``). Cost
+    O(n log n) for n pairs."""
+    mean, std = null.pair_moments()
     p = gamma_p(scores, mean, std)
     p = np.where(np.isnan(scores), np.nan, p)
     return {"ratio": scores / mean, "z": (scores - mean) / std, "p": p,
@@ -345,47 +457,64 @@ def refined_conditional_p(c: Circuits, comp: Composition, pairs: np.ndarray) -> 
     conservative (larger than the exact one); from 1e-2 to 1e-4 it is within a factor ~1.5 of
     Monte Carlo of the Haar null and never much lighter (tests). Cost per pair ``2 m^2 d``
     (``M``, float32, batched), ``O(m^3)`` (``eigvalsh`` of ``N``) and ``O(m^2)`` per saddlepoint
-    iteration (~10); memory :data:`REFINE_CHUNK` pairs' rows at once."""
-    n_layers, h, m, d = c.shape
+    iteration (~10); memory :data:`REFINE_CHUNK` pairs' rows at once. Per-layer sizes: each
+    pair at its later head's ``m_l`` and its earlier head's ``m_e`` (``M`` is ``m_l x m_e``),
+    the pairs taken by ``(m_l, m_e)``."""
+    h, d = c.shape[1], c.shape[3]
+    sizes = c.layout()[0]
     out = np.full(len(pairs), np.nan)
-    if m < 2:
-        return out
-    sides = (c.query, c.key, c.read)
-    sigma = (c.qk_sigma, c.qk_sigma, c.ov_sigma)
-    chunk = max(1, REFINE_CHUNK // (m * d))
-    for start in range(0, len(pairs), chunk):
-        part = pairs[start:start + chunk]
-        kind, later, earlier = part.T
-        rows = np.empty((len(part), m, d), dtype=np.float32)
-        weights = np.empty((len(part), m))
-        for t in range(3):
-            sel = np.flatnonzero(kind == t)
-            if sel.size:
-                rows[sel] = sides[t][later[sel] // h, later[sel] % h]
-                weights[sel] = np.square(np.asarray(sigma[t][later[sel] // h, later[sel] % h],
-                                                    dtype=np.float64))
-        write = np.asarray(c.write[earlier // h, earlier % h], dtype=np.float32)
-        t_e = np.asarray(c.ov_sigma[earlier // h, earlier % h], dtype=np.float64)
-        core = torch.from_numpy(rows) @ torch.from_numpy(write).mT            # X_l A_e^T
-        core = core.double() * torch.from_numpy(t_e)[:, None, :]             # M
-        nu = torch.linalg.eigvalsh(core @ core.mT).numpy()                  # of N
-        scale = weights.sum(1) * np.square(t_e).sum(1)
-        lam = ((weights - weights.mean(1, keepdims=True))[:, :, None]
-               * (nu - nu.mean(1, keepdims=True))[:, None, :]).reshape(len(part), -1)
-        lam /= (np.sqrt((m - 1) * (m + 2)) * scale)[:, None]
-        excess = (np.square(comp.scores[kind, later, earlier])
-                  - comp.conditional_mean[kind, later, earlier])
-        out[start:start + chunk] = quadratic_form_p(lam, excess)
+    later_m, earlier_m = sizes[pairs[:, 1] // h], sizes[pairs[:, 2] // h]
+    for m, m_e in np.unique(np.stack([later_m, earlier_m], axis=1), axis=0).tolist():
+        if m < 2:
+            continue
+        chosen = np.flatnonzero((later_m == m) & (earlier_m == m_e))
+        chunk = max(1, REFINE_CHUNK // (max(m, m_e) * d))
+        for start in range(0, len(chosen), chunk):
+            part = chosen[start:start + chunk]
+            out[part] = _refined_p(c, comp, pairs[part], m, m_e)
     return out
 
 
-def top_pairs(scores: np.ndarray, tests: dict[str, np.ndarray], null: CompositionNull,
-              n_heads: int, least: int = TOP_PAIRS) -> list[tuple]:
+def _refined_p(c: Circuits, comp: Composition, pairs: np.ndarray, m: int, m_e: int
+               ) -> np.ndarray:
+    """:func:`refined_conditional_p` of ``pairs`` whose later heads have size ``m`` and
+    earlier heads ``m_e``, all at once."""
+    h = c.shape[1]
+    sides = (c.query, c.key, c.read)
+    sigma = (c.qk_sigma, c.qk_sigma, c.ov_sigma)
+    kind, later, earlier = pairs.T
+    rows = np.empty((len(pairs), m, c.shape[3]), dtype=np.float32)
+    weights = np.empty((len(pairs), m))
+    for t in range(3):
+        sel = np.flatnonzero(kind == t)
+        if sel.size:
+            layer, head = later[sel] // h, later[sel] % h
+            rows[sel] = sides[t][layer, head, :m]
+            weights[sel] = np.square(np.asarray(sigma[t][layer, head, :m], dtype=np.float64))
+    layer, head = earlier // h, earlier % h
+    write = np.asarray(c.write[layer, head, :m_e], dtype=np.float32)
+    t_e = np.asarray(c.ov_sigma[layer, head, :m_e], dtype=np.float64)
+    core = torch.from_numpy(rows) @ torch.from_numpy(write).mT                # X_l A_e^T
+    core = core.double() * torch.from_numpy(t_e)[:, None, :]                 # M
+    nu = torch.linalg.eigvalsh(core @ core.mT).numpy()                      # of N
+    scale = weights.sum(1) * np.square(t_e).sum(1)
+    lam = ((weights - weights.mean(1, keepdims=True))[:, :, None]
+           * (nu - nu.mean(1, keepdims=True))[:, None, :]).reshape(len(pairs), -1)
+    lam /= (np.sqrt((m - 1) * (m + 2)) * scale)[:, None]
+    excess = (np.square(comp.scores[kind, later, earlier])
+              - comp.conditional_mean[kind, later, earlier])
+    return quadratic_form_p(lam, excess)
+
+
+def top_pairs(scores: np.ndarray, tests: dict[str, np.ndarray],
+              null: CompositionNull | IsotropicNulls, n_heads: int,
+              least: int = TOP_PAIRS) -> list[tuple]:
     """Rows of :data:`TOP_COLUMNS` for every pair significant against the conditional null
     (``tests`` of :func:`pair_tests` and, where given, :func:`conditional_tests`; else the
     isotropic one) at :data:`multiplicity.FDR_Q` after BH, and at least the ``least`` highest
-    scores of each type, by type and descending score; ``composing`` per
-    :func:`composing_pairs`."""
+    scores of each type, by type and descending score, each with its own isotropic null's
+    mean and std; ``composing`` per :func:`composing_pairs`."""
+    null_mean, null_std = (np.broadcast_to(x, scores.shape) for x in null.pair_moments())
     rows = []
     nan = np.full(scores.shape, np.nan)
     conditional = [tests.get(k, nan) for k in ("conditional_ratio", "conditional_z",
@@ -403,7 +532,8 @@ def top_pairs(scores: np.ndarray, tests: dict[str, np.ndarray], null: Compositio
             later, earlier = divmod(int(flat), scores.shape[-1])
             rows.append((name, later // n_heads, later % n_heads, earlier // n_heads,
                          earlier % n_heads, float(flat_scores[flat]),
-                         float(null.mean[t]), float(null.std[t]),
+                         float(null_mean[t, later, earlier]),
+                         float(null_std[t, later, earlier]),
                          *(float(tests[k][t].ravel()[flat]) for k in ("ratio", "z", "p",
                                                                      "p_adjusted")),
                          bool(tests["p_adjusted"][t].ravel()[flat] <= FDR_Q),
@@ -422,6 +552,9 @@ TOP_COLUMNS = {"type": "string", "layer": "int64", "head": "int64", "earlier_lay
 NULL_COLUMNS = {"type": "string", "null_mean": "float64", "null_std": "float64",
                 "mean_square": "float64", "exact_mean_square": "float64", "n_pairs": "int64",
                 "seed": "int64"}
+#: Those of a model whose layers differ in head size: the null of each pair of sizes, the
+#: earlier (writing) layer's ``earlier_head_dim`` and the later one's ``head_dim``.
+SIZED_NULL_COLUMNS = {**NULL_COLUMNS, "earlier_head_dim": "int64", "head_dim": "int64"}
 LAYER_COLUMNS = {"type": "string", "layer": "int64", "earlier_layer": "int64",
                  "mean_score": "float64", "max_score": "float64", "mean_ratio": "float64",
                  "mean_z": "float64", "n_significant": "int64",
@@ -454,6 +587,18 @@ def null_rows(null: CompositionNull, seed: int = NULL_SEED) -> list[tuple]:
              null.exact_mean_square, null.n_pairs, seed) for t, name in enumerate(TYPES)]
 
 
+def null_table(nulls: IsotropicNulls, seed: int = NULL_SEED) -> tuple[dict[str, str],
+                                                                     list[tuple]]:
+    """The columns and rows of ``composition_null.parquet``: a uniform model's one null,
+    :func:`null_rows`; else one row per type and ``(m_e, m_l)`` (by type, then sizes),
+    :data:`SIZED_NULL_COLUMNS`."""
+    if nulls.uniform:
+        return NULL_COLUMNS, null_rows(next(iter(nulls.by_sizes.values())), seed)
+    rows = [(*null_rows(null, seed)[t], *sizes) for t in range(len(TYPES))
+            for sizes, null in sorted(nulls.by_sizes.items())]
+    return SIZED_NULL_COLUMNS, rows
+
+
 def layer_rows(scores: np.ndarray, tests: dict[str, np.ndarray], n_heads: int) -> list[tuple]:
     """Per type and layer pair ``earlier_layer < layer`` (:data:`LAYER_COLUMNS`): mean and max
     score over the ``h^2`` head pairs, mean ratio and z, pairs significant after BH against
@@ -480,36 +625,39 @@ def layer_rows(scores: np.ndarray, tests: dict[str, np.ndarray], n_heads: int) -
     return rows
 
 
-def load_circuits(inputs, n_kv_heads: int) -> Circuits:
+def load_circuits(inputs, model: dict) -> Circuits:
     """The stored factors of every layer range (a Snakemake ``input`` with entries ``query,
-    key, qk_sigma, write, read, ov_sigma``, each a list of chunk files) of a model with
-    ``n_kv_heads`` KV heads, concatenated in layer order (:func:`results_io.load_layers`).
+    key, qk_sigma, write, read, ov_sigma``, each a list of chunk files) of the model of
+    ``model.json`` record ``model`` (its per-layer head sizes and KV-head counts,
+    :mod:`head_layout`), concatenated in layer order (:func:`results_io.load_layers`).
     Memory: the four ``(L, h, d_head, d)`` float32 arrays."""
+    from .head_layout import head_dims, kv_heads
     from .results_io import load_layers
 
     return Circuits(**{name: load_layers(getattr(inputs, name))
                        for name in ("query", "key", "qk_sigma", "write", "read", "ov_sigma")},
-                    n_kv_heads=n_kv_heads)
+                    n_kv_heads=kv_heads(model), head_dims=head_dims(model))
 
 
 def write_composition(c: Circuits, outputs, device: str | torch.device = "cpu") -> None:
     """Every output of rule ``composition`` (a Snakemake ``output`` with ``composition_{q,k,v},
     null, top, layers``): the three ``(L h, L h)`` score matrices in float32, the null table
-    (:data:`NULL_COLUMNS`), the top pairs (:data:`TOP_COLUMNS`) and the layer-pair summary
-    (:data:`LAYER_COLUMNS`); the scores computed on ``device`` (:func:`composition`). Blocks
-    of 4 MiB and more go back to the system when freed (:func:`extraction.unmap_large_frees`:
-    the worker threads' blocks would otherwise stay in their heaps)."""
+    (:func:`null_table`: one null per pair of head sizes), the top pairs
+    (:data:`TOP_COLUMNS`) and the layer-pair summary (:data:`LAYER_COLUMNS`); the scores
+    computed on ``device`` (:func:`composition`). Blocks of 4 MiB and more go back to the
+    system when freed (:func:`extraction.unmap_large_frees`: the worker threads' blocks would
+    otherwise stay in their heaps)."""
     from .results_io import save_result, write_rows
 
     unmap_large_frees()
 
-    n_heads, d_head, d = c.shape[1:]
+    n_heads, d = c.shape[1], c.shape[3]
     comp = composition(c, device)
     scores = comp.scores
-    null = isotropic_null(d, d_head)
-    tests = {**pair_tests(scores, null), **conditional_tests(comp, c)}
+    nulls = isotropic_nulls(d, c.layout()[0], n_heads)
+    tests = {**pair_tests(scores, nulls), **conditional_tests(comp, c)}
     for t, name in enumerate(TYPES):
         save_result(getattr(outputs, f"composition_{name}"), scores[t].astype(np.float32))
-    write_rows(outputs.null, NULL_COLUMNS, null_rows(null))
-    write_rows(outputs.top, TOP_COLUMNS, top_pairs(scores, tests, null, n_heads))
+    write_rows(outputs.null, *null_table(nulls))
+    write_rows(outputs.top, TOP_COLUMNS, top_pairs(scores, tests, nulls, n_heads))
     write_rows(outputs.layers, LAYER_COLUMNS, layer_rows(scores, tests, n_heads))

@@ -15,7 +15,7 @@ def main():
 
     torch.set_num_threads(max(snakemake.threads, 1))
     model, out = read_json(snakemake.input.model), snakemake.output
-    write_composition(load_circuits(snakemake.input, model["n_kv_heads"]), out)
+    write_composition(load_circuits(snakemake.input, model), out)
     for table in (out.top, out.layers):  # a hybrid's tables name model layers
         relabel_table_file(table, model)
 
