@@ -46,6 +46,12 @@ null; the write subspace is kept):
   seeded); the std given is that of one maximum, an upper bound for the mean over writers
   (which share readers).
 
+Per-layer sizes (:mod:`head_layout`, Gemma 4): a later layer is read at its own head size
+``m_l`` (its first ``m_l`` stored rows; the padding is never read) and KV grouping ``g_l = h /
+n_kv_l``: its bases, the conditional null's ``m`` and the KV heads' bound are its own. The
+writers' top-k rows lie within every layer's size (``k <= min m_p``), and the isotropic and
+best-match nulls do not involve ``m``.
+
 Cost per later layer ``l`` (all earlier layers at once): one float32 GEMM ``((h + 2 n_kv) m,
 d) x (d, l h k)`` (the read bases under GQA, as composition's), the cores ``k x m`` times ``m x
 l h k`` per later head, ``m x k`` Grams per (basis, writer) and ``m x m`` Grams per (basis,
@@ -63,7 +69,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .composition import TYPES
+from .composition import TYPES, layer_layout
 from .errors import UserError
 from .multiplicity import FDR_Q, benjamini_hochberg, null_test
 from .rowspace_nulls import trace_null_var
@@ -79,14 +85,23 @@ MAX_NULL_SEED = 0
 class ReadSides:
     """The stored vectors :func:`read_write` needs, ``(L, h, m, d)`` with orthonormal rows:
     ``query`` (``U``), ``key`` (``V``), ``read`` (``B``), ``write`` (``A``; only its first
-    ``k`` rows are read); ``n_kv_heads`` KV heads (0: ``h``), whose heads share the row spaces
-    of ``W_K_j`` and ``W_V_j`` (the first head's ``m`` stored rows are their bases)."""
+    ``k`` rows are read); ``n_kv_heads`` KV heads (one count, or ``(L,)`` per layer; 0:
+    ``h``), whose heads share the row spaces of ``W_K_j`` and ``W_V_j`` (the first head's
+    ``m_p`` stored rows are their bases); ``head_dims`` ``(L,)`` each layer's head size ``m_p
+    <= m`` (None: ``m``; rows ``r >= m_p`` are padding, :mod:`head_layout`, never read)."""
 
     query: np.ndarray
     key: np.ndarray
     read: np.ndarray
     write: np.ndarray
-    n_kv_heads: int = 0
+    n_kv_heads: int | np.ndarray = 0
+    head_dims: np.ndarray | None = None
+
+    def layout(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(L,)`` head sizes ``m_p`` and KV groups ``g_p`` (:func:`composition.
+        layer_layout`)."""
+        n_layers, h, m, _ = self.query.shape
+        return layer_layout(n_layers, h, m, self.n_kv_heads, self.head_dims)
 
 
 @dataclass
@@ -110,25 +125,29 @@ class ReadWrite:
     d: int
 
 
-def check_k(k: int, d_head: int) -> None:
-    """A one-line UserError unless ``1 <= k <= d_head``."""
+def check_k(k: int, head_dims) -> None:
+    """A one-line UserError unless ``1 <= k <= m_p`` in every layer (``head_dims`` one head
+    size ``d_head`` or one per layer)."""
+    sizes = np.unique(head_dims)
+    d_head = int(sizes[0])
     if not 1 <= k <= d_head:
-        raise UserError(f"top_k = {k} is outside 1 .. d_head = {d_head} (allowed: an int in"
+        name = "d_head" if len(sizes) == 1 else "the smallest layer's d_head"
+        raise UserError(f"top_k = {k} is outside 1 .. {name} = {d_head} (allowed: an int in"
                         f" [1, {d_head}])")
 
 
-def _read_bases(sides: ReadSides, layer: int, k: int, group: int):
+def _read_bases(sides: ReadSides, layer: int, k: int, group: int, m: int):
     """Layer ``layer``'s read bases stacked ``((h + 2 n_kv) m, d)`` (``U`` of every head, then
-    the KV heads' ``W_K`` and ``W_V`` row-space bases) and per type its ``(first basis,
-    coefficients (n, g k, m))``: the top-k read vectors of the ``g`` heads of each of its ``n``
-    bases in that basis, ``X_i[:k] Q^T`` (``g = 1`` for queries); float32 tensors. Cost ``2 h
-    k m d`` per type."""
+    the KV heads' ``W_K`` and ``W_V`` row-space bases: the first ``m`` rows, the layer's head
+    size) and per type its ``(first basis, coefficients (n, g k, m))``: the top-k read vectors
+    of the ``g`` heads of each of its ``n`` bases in that basis, ``X_i[:k] Q^T`` (``g = 1``
+    for queries); float32 tensors. Cost ``2 h k m d`` per type."""
     import torch
 
     d = sides.query.shape[-1]
     blocks, coefficients, start = [], [], 0
     for vectors, step in ((sides.query, 1), (sides.key, group), (sides.read, group)):
-        rows = torch.from_numpy(np.asarray(vectors[layer], dtype=np.float32))  # (h, m, d)
+        rows = torch.from_numpy(np.asarray(vectors[layer, :, :m], dtype=np.float32))  # (h, m, d)
         basis = rows[::step]                                                   # (n, m, d)
         top = rows[:, :k].reshape(len(basis), -1, d)                           # (n, g k, d)
         blocks.append(basis.reshape(-1, d))
@@ -145,14 +164,15 @@ def _sum_squares(x, dims=(-1, -2)) -> np.ndarray:
 
 
 def read_write(sides: ReadSides, k: int) -> ReadWrite:
-    """Every overlap and null of the module docstring at ``k`` (``1 <= k <= d_head``), with
-    float32 torch products (stacked small products are 5-10x faster than numpy's here) and
-    float64 sums of squares."""
+    """Every overlap and null of the module docstring at ``k`` (``1 <= k <= m_p`` in every
+    layer), with float32 torch products (stacked small products are 5-10x faster than numpy's
+    here) and float64 sums of squares; each later layer at its own head size ``m`` and KV
+    group ``g`` (the writers' top-k rows are within every layer's size)."""
     import torch
 
-    n_layers, h, m, d = sides.query.shape
-    check_k(k, m)
-    group = h // (sides.n_kv_heads or h)
+    n_layers, h, _, d = sides.query.shape
+    sizes, groups = sides.layout()
+    check_k(k, sizes)
     writes = torch.from_numpy(np.stack([np.asarray(sides.write[e, :, :k], dtype=np.float32)
                                         for e in range(n_layers)])).reshape(n_layers, h * k, d)
     # The isotropic variance of a layer pair's mean (independent readers): tr S^2 of each
@@ -164,7 +184,8 @@ def read_write(sides: ReadSides, k: int) -> ReadWrite:
     mean, isotropic_std, cond_mean, cond_std, best = (np.full((3, n_layers, n_layers), np.nan)
                                                       for _ in range(5))
     for later in range(1, n_layers):
-        bases, coefficients = _read_bases(sides, later, k, group)
+        m, group = int(sizes[later]), int(groups[later])
+        bases, coefficients = _read_bases(sides, later, k, group, m)
         products = bases @ writes[:later].reshape(-1, d).T                     # (rows, e h k)
         for t, (start, coefficient) in enumerate(coefficients):
             step = 1 if t == 0 else group           # heads per read basis
@@ -276,14 +297,17 @@ def table_rows(rw: ReadWrite) -> list[tuple]:
     return rows
 
 
-def load_sides(inputs, n_kv_heads: int) -> ReadSides:
+def load_sides(inputs, model: dict) -> ReadSides:
     """The stored vectors of every layer range (a Snakemake ``input`` with entries ``query,
     key, read, write``, lists of chunk files; :func:`results_io.load_layers`), in layer
-    order. Memory: the four ``(L, h, m, d)`` float32 arrays."""
+    order, of the model of ``model.json`` record ``model`` (its per-layer head sizes and
+    KV-head counts, :mod:`head_layout`). Memory: the four ``(L, h, m, d)`` float32 arrays."""
+    from .head_layout import head_dims, kv_heads
     from .results_io import load_layers
 
     return ReadSides(**{name: load_layers(getattr(inputs, name))
-                        for name in ("query", "key", "read", "write")}, n_kv_heads=n_kv_heads)
+                        for name in ("query", "key", "read", "write")},
+                     n_kv_heads=kv_heads(model), head_dims=head_dims(model))
 
 
 def write_read_write(sides: ReadSides, k: int, path) -> None:

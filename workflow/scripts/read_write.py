@@ -15,7 +15,7 @@ def main():
 
     torch.set_num_threads(max(snakemake.threads, 1))
     model = read_json(snakemake.input.model)
-    sides = load_sides(snakemake.input, model["n_kv_heads"])
+    sides = load_sides(snakemake.input, model)
     write_read_write(sides, int(snakemake.wildcards.k), snakemake.output[0])
     relabel_table_file(snakemake.output[0], model)  # a hybrid's table names model layers
 
