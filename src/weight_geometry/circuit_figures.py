@@ -30,6 +30,26 @@ def layer_matrix(table: pd.DataFrame, column: str, n_layers: int) -> np.ndarray:
     return out
 
 
+def null_means(null: pd.DataFrame, head_dims) -> dict[str, np.ndarray]:
+    """Per type, ``(L, L)`` ``[later, earlier]``: the isotropic null mean of the score of each
+    layer pair, from ``composition_null.parquet`` (one row per type, or for a model whose
+    layers differ in head size one per type and ``(earlier_head_dim, head_dim)``:
+    :func:`composition.null_table`) and the ``(L,)`` head sizes (:mod:`head_layout`); NaN
+    where no row has the pair's sizes. Cost O(L^2)."""
+    sizes = np.asarray(head_dims, dtype=int)
+    out = {}
+    for t in TYPES:
+        rows = null[null["type"] == t]
+        if "head_dim" not in rows:
+            out[t] = np.full((len(sizes), len(sizes)), float(rows["null_mean"].iloc[0]))
+            continue
+        by_sizes = pd.Series(rows["null_mean"].to_numpy(), index=pd.MultiIndex.from_arrays(
+            [rows["head_dim"], rows["earlier_head_dim"]]))
+        pairs = pd.MultiIndex.from_product([sizes, sizes])      # (later, earlier) sizes
+        out[t] = by_sizes.reindex(pairs).to_numpy().reshape(len(sizes), len(sizes))
+    return out
+
+
 def top_layer_pair(layers: pd.DataFrame, t: str) -> tuple[int, int]:
     """The type's layer pair with most composing head pairs (beyond both nulls), then the
     highest mean conditional ratio."""
@@ -39,14 +59,14 @@ def top_layer_pair(layers: pd.DataFrame, t: str) -> tuple[int, int]:
     return int(first["layer"]), int(first["earlier_layer"])
 
 
-def draw_circuits(scores: dict[str, np.ndarray], null_mean: dict[str, float],
+def draw_circuits(scores: dict[str, np.ndarray], null_mean: dict[str, np.ndarray],
                   layers: pd.DataFrame, read_write: pd.DataFrame, n_heads: int,
                   out: dict[str, str]) -> None:
     """The three figures to ``out[name]``: per type the layer x layer mean conditional ratio of
     the squared scores (``layers``: ``composition_layers.parquet``); per type the head x head
-    scores of its top layer pair over the isotropic null mean (``scores``: ``(L h, L h)``
-    arrays, ``null_mean`` by type); the read/write overlap's ratio to its nulls by layer
-    distance."""
+    scores of its top layer pair over its isotropic null mean (``scores``: ``(L h, L h)``
+    arrays, ``null_mean`` by type ``(L, L)``: :func:`null_means`); the read/write overlap's
+    ratio to its nulls by layer distance."""
     from matplotlib.ticker import FuncFormatter
 
     plt = pyplot()
@@ -68,7 +88,7 @@ def draw_circuits(scores: dict[str, np.ndarray], null_mean: dict[str, float],
         later, earlier = top_layer_pair(layers, t)
         block = scores[t][later * n_heads:(later + 1) * n_heads,
                           earlier * n_heads:(earlier + 1) * n_heads]
-        _ratio_heatmap(ax, fig, block, np.full(block.shape, null_mean[t]),
+        _ratio_heatmap(ax, fig, block, np.full(block.shape, null_mean[t][later, earlier]),
                        f"{NAMES[t]}-composition, layer {earlier} → {later}", "isotropic null",
                        "score", diagonal=True)
         ax.set(xlabel=f"Head of layer {earlier} (writes)",
