@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import assert_one_line
 from mixed_heads import mixed_model
@@ -351,3 +352,77 @@ def test_compare_states_k_over_each_layers_head_size():
     table = compare_table(uniform, K)
     assert render_compare(table, compare_summary(table), K, {"small": models["small"][0]}) == (
         render_compare(table, compare_summary(table), K))
+
+
+# --- user ranks and kernel ranks -------------------------------------------------------------
+
+def test_user_ranks_have_each_layers_own_shapes_and_no_row_of_reused_weights(tmp_path):
+    from weight_geometry.architectures import GATED, ModelDims
+    from weight_geometry.user_ranks import read_user_ranks, record_not_stored
+
+    dims = ModelDims(n_layers=4, d_model=32, d_ff=24, n_heads=4, n_kv_heads=2, d_head=16,
+                     head_dims=(8, 16, 8, 16), kv_heads=(2, 1, 2, 1), ffn_widths=(24, 24, 48, 48))
+    record = {"kv_shared_layers": {"2": 0, "3": 1}, "keys_as_values": [1, 3]}
+    not_stored = record_not_stored(record)
+    assert not_stored == {(2, "W_K"), (2, "W_V"), (3, "W_K"), (3, "W_V"), (1, "W_V")}
+    # Written by hand, layer by layer: W_Q (h m, d), W_K (n_kv m, d), W_O (d, h m), FFN widths.
+    shapes = {"W_Q": ["32x32", "64x32", "32x32", "64x32"], "W_K": ["16x32", "16x32", None, None],
+              "W_V": ["16x32", None, None, None], "W_O": ["32x32", "32x64", "32x32", "32x64"],
+              "W_gate": ["24x32", "24x32", "48x32", "48x32"],
+              "W_up": ["24x32", "24x32", "48x32", "48x32"],
+              "W_down": ["32x24", "32x24", "32x48", "32x48"]}
+    rows = [(layer, wt, shape[layer], 3.0) for layer in range(4) for wt in GATED
+            if (shape := shapes[wt])[layer] is not None]
+    table = pd.DataFrame(rows, columns=["layer_idx", "weight_type", "shape", "eff_rank"])
+    path = tmp_path / "ranks.csv"
+    table.to_csv(path, index=False)
+    got = read_user_ranks(path, dims, GATED, None, not_stored)
+    pd.testing.assert_frame_equal(got, table)
+    # A sliding layer's W_Q with a full layer's shape, or a row of a weight the layer does not
+    # store: one line each.
+    wrong = table.copy()
+    wrong.loc[0, "shape"] = "64x32"
+    wrong.to_csv(path, index=False)
+    with pytest.raises(UserError) as info:
+        read_user_ranks(path, dims, GATED, None, not_stored)
+    assert_one_line(info.value, "shape 64x32 of (layer 0, W_Q)", "expected 32x32")
+    extra = pd.concat([table, pd.DataFrame([(3, "W_K", "16x32", 3.0)], columns=table.columns)])
+    extra.to_csv(path, index=False)
+    with pytest.raises(UserError) as info:
+        read_user_ranks(path, dims, GATED, None, not_stored)
+    assert_one_line(info.value, "(layer 3, W_K)", "is a weight this layer does not store")
+
+
+def test_kernel_ranks_of_padded_heads_are_each_layers_own(mixed):
+    from weight_geometry.ranks import effective_rank_from_singular_values, kernel_rank_table
+
+    model, arrays, layers = mixed
+    d = model["d_model"]
+    table = kernel_rank_table(arrays["singular_values"], d)
+    wanted = [effective_rank_from_singular_values(layer["singular_values"][h], (d, d))
+              for layer in layers for h in range(N_HEADS)]
+    np.testing.assert_allclose(table["kernel_eff_rank"], wanted, rtol=1e-12)
+    assert (table["kernel_eff_rank"] > 0).all()
+
+
+def test_config_reads_user_ranks_with_the_sources_key_value_reuse(tmp_path):
+    from weight_geometry.architectures import GATED, ModelDims
+    from weight_geometry.config import _Source, _user_ranks_path
+
+    dims = ModelDims(n_layers=2, d_model=32, d_ff=24, n_heads=4, n_kv_heads=2, d_head=16,
+                     head_dims=(8, 16), kv_heads=(2, 1))
+    (tmp_path / "config.json").write_text("{}")                     # dense: no experts
+    src = _Source("g4", tmp_path, None, dims, GATED, (), {"kv_shared_layers": {"1": 0},
+                                                          "keys_as_values": []})
+    rows = [(0, "W_Q", "32x32"), (0, "W_K", "16x32"), (0, "W_V", "16x32"), (0, "W_O", "32x32"),
+            (1, "W_Q", "64x32"), (1, "W_O", "32x64")]
+    rows += [(layer, wt, shape) for layer in (0, 1) for wt, shape in
+             (("W_gate", "24x32"), ("W_up", "24x32"), ("W_down", "32x24"))]
+    table = pd.DataFrame(rows, columns=["layer_idx", "weight_type", "shape"]).assign(eff_rank=2.0)
+    path = tmp_path / "ranks.csv"
+    table.to_csv(path, index=False)
+    assert _user_ranks_path("g4", str(path), src) == str(path.resolve())
+    table.iloc[:-1].to_csv(path, index=False)
+    with pytest.raises(UserError) as info:
+        _user_ranks_path("g4", str(path), src)
+    assert_one_line(info.value, "models.g4.effective_ranks:", "no row for (layer 1, W_down)")

@@ -18,6 +18,7 @@ from . import head_layout, hub, series
 from .architectures import HF_ADAPTERS, ModelDims, MoeDims
 from .checkpoint import (
     Checkpoint,
+    _hf_kv_reuse,
     expand_home,
     hf_architecture,
     hf_moe_dims,
@@ -365,7 +366,7 @@ def _check_model_entry(name, entry) -> None:
 
 def _user_ranks_path(name: str, path, src: _Source) -> str:
     """Validate a user's effective-rank CSV against the model now, before any job runs."""
-    from .user_ranks import read_user_ranks
+    from .user_ranks import read_user_ranks, record_not_stored
 
     if 0 < len(src.attention_layers) < src.dims.n_layers:
         raise UserError(f"models.{name}.effective_ranks: not allowed for a hybrid model (its"
@@ -374,7 +375,8 @@ def _user_ranks_path(name: str, path, src: _Source) -> str:
                         " extraction computes them)")
     try:
         resolved = expand_home(str(path), "user ranks").resolve()
-        read_user_ranks(resolved, src.dims, src.weight_types, _moe_of(src))
+        read_user_ranks(resolved, src.dims, src.weight_types, _moe_of(src),
+                        record_not_stored(src.kv_reuse))
     except UserError as err:
         raise UserError(f"models.{name}.effective_ranks: {err}") from None
     return str(resolved)
@@ -399,6 +401,9 @@ class _Source:
     weight_types: tuple[str, ...]
     #: The layers with softmax attention (all but a hybrid's linear-attention layers).
     attention_layers: tuple[int, ...] = ()
+    #: Gemma 4's key/value reuse as ``model.json`` records it (empty for other models): its
+    #: user ranks have no row for a weight a layer does not store.
+    kv_reuse: dict = field(default_factory=dict)
 
 
 def _open_source(source: str, fold_norms: bool, revision: str | None = None) -> _Source:
@@ -411,14 +416,17 @@ def _open_source(source: str, fold_norms: bool, revision: str | None = None) -> 
         state = hub.resolve(hub_id, revision)
         if not state.complete:
             architecture, dims = hf_architecture(source, state.snapshot)
-            kinds = hf_layer_kinds(read_json_object(state.snapshot / "config.json"),
-                                   dims.n_layers)
+            config = read_json_object(state.snapshot / "config.json")
+            kinds = hf_layer_kinds(config, dims.n_layers)
+            reuse = _hf_kv_reuse(config, architecture, dims.n_layers)
             return _Source(source, state.snapshot, hub_id, dims,
-                           HF_ADAPTERS[architecture].weight_types, kinds.attention_layers)
+                           HF_ADAPTERS[architecture].weight_types, kinds.attention_layers,
+                           reuse.as_dict() if reuse is not None else {})
         local = str(state.snapshot)  # resolved once; open_checkpoint needs no second lookup
     ckpt: Checkpoint = open_checkpoint(local, fold_norms)
     return _Source(source, ckpt.path, hub_id, ckpt.dims, ckpt.adapter.weight_types,
-                   ckpt.attention_layers)
+                   ckpt.attention_layers,
+                   ckpt.kv_reuse.as_dict() if ckpt.kv_reuse is not None else {})
 
 
 def _check_top_k(name: str, dims: ModelDims, ks: list[int]) -> None:

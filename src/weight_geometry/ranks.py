@@ -249,9 +249,10 @@ def per_weight_type(table: pd.DataFrame) -> pd.DataFrame:
 def kernel_rank_table(singular_values: np.ndarray, d_model: int) -> pd.DataFrame:
     """Effective rank of every head's ``d x d`` kernel from its singular values ``(L, h, d_head)``.
 
-    The kernel ``W_Q_i^T W_K_j`` has rank <= d_head, so its stored ``d_head`` singular values are
-    all of its nonzero ones; the zero-threshold uses the kernel's shape ``(d, d)``. Cost O(L h
-    d_head).
+    The kernel ``W_Q_i^T W_K_j`` of layer ``p`` has rank <= ``m_p``, its head size, so its
+    stored ``m_p`` singular values are all of its nonzero ones; the zeros that pad them to
+    ``d_head`` where layers differ (:mod:`head_layout`) fall below the zero-threshold, which
+    uses the kernel's shape ``(d, d)``, like any zero singular value. Cost O(L h d_head).
     """
     import pandas as pd
 

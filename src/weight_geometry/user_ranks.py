@@ -114,17 +114,20 @@ def _check_weight_types(table: pd.DataFrame, path: Path, weight_types: tuple[str
                         f" model: {', '.join(weight_types)}")
 
 
-def _expected(n_layers: int, weight_types: tuple[str, ...], moe: MoeDims | None
+def _expected(n_layers: int, weight_types: tuple[str, ...], moe: MoeDims | None,
+              not_stored: frozenset[tuple[int, str]] = frozenset()
               ) -> list[tuple[int, str, str]]:
     """``(layer, weight type, expert)`` of every row the model's table has, in the
     extraction's order: a sparse layer's attention weights (expert ``""``), then per expert its
-    W_gate, W_up, W_down; a dense layer's weight types (expert ``""``)."""
+    W_gate, W_up, W_down; a dense layer's weight types (expert ``""``); none of a ``(layer,
+    weight type)`` in ``not_stored`` (:func:`record_not_stored`)."""
     keys = []
     for layer in range(n_layers):
+        own = [wt for wt in weight_types if (layer, wt) not in not_stored]
         if moe is None or layer not in moe.sparse_layers:
-            keys += [(layer, wt, "") for wt in weight_types]
+            keys += [(layer, wt, "") for wt in own]
             continue
-        keys += [(layer, wt, "") for wt in weight_types if wt not in EXPERT_WEIGHTS]
+        keys += [(layer, wt, "") for wt in own if wt not in EXPERT_WEIGHTS]
         keys += [(layer, wt, str(e)) for e in moe.experts for wt in EXPERT_WEIGHTS]
     return keys
 
@@ -152,8 +155,10 @@ def _check_experts(table: pd.DataFrame, path: Path, moe: MoeDims | None) -> list
 
 
 def _check_complete(keys: list[tuple[int, str, str]], path: Path,
-                    expected: list[tuple[int, str, str]]):
-    """Each expected (layer, weight type, expert) exactly once, and no other."""
+                    expected: list[tuple[int, str, str]],
+                    not_stored: frozenset[tuple[int, str]] = frozenset()):
+    """Each expected (layer, weight type, expert) exactly once, and no other (none of a weight
+    the layer does not store, ``not_stored``)."""
     seen: dict[tuple[int, str, str], int] = {}
     allowed = set(expected)
     for i, key in enumerate(keys):
@@ -161,6 +166,10 @@ def _check_complete(keys: list[tuple[int, str, str]], path: Path,
             raise UserError(f"user ranks {path}: {_key_text(key)} appears twice"
                             f" ({_line(seen[key])} and {_line(i)}); each (layer_idx,"
                             " weight_type, expert) must appear once")
+        if key[:2] in not_stored:
+            raise UserError(f"user ranks {path}: {_key_text(key)} ({_line(i)}) is a weight"
+                            " this layer does not store: it reads another layer's keys, or"
+                            " its values are its keys (allowed: no row for it)")
         if key not in allowed:
             what = ("an expert of a weight without experts" if key[2] else
                     "no expert where the model has experts")
@@ -181,9 +190,9 @@ def _shapes(layers: np.ndarray, table: pd.DataFrame, path: Path, dims: ModelDims
     out = []
     for i, (layer, wt, text) in enumerate(zip(layers, table["weight_type"], table["shape"],
                                               strict=True)):
-        expert = experts[i]
-        own = dims if not expert else moe.expert_dims(
-            dims, SHARED if expert == SHARED else int(expert))
+        expert, layer_dims = experts[i], dims.layer(int(layer))   # the layer's own head sizes
+        own = layer_dims if not expert else moe.expert_dims(
+            layer_dims, SHARED if expert == SHARED else int(expert))
         expected = own.weight_shape(wt)
         try:
             shape = parse_shape(text)
@@ -215,9 +224,12 @@ def _eff_ranks(layers: np.ndarray, table: pd.DataFrame, path: Path,
 
 
 def read_user_ranks(path, dims: ModelDims, weight_types: tuple[str, ...],
-                    moe: MoeDims | None = None) -> pd.DataFrame:
+                    moe: MoeDims | None = None,
+                    not_stored: frozenset[tuple[int, str]] = frozenset()) -> pd.DataFrame:
     """The CSV at ``path`` as the workflow's effective-ranks table for a model of ``dims`` (and
-    ``moe``, its experts, if any).
+    ``moe``, its experts, if any; each layer's attention weights at its own head size and
+    KV-head count, :meth:`ModelDims.layer`), with no row for a ``(layer, weight type)`` in
+    ``not_stored`` (:func:`record_not_stored`).
 
     Columns ``layer_idx`` (int64), ``weight_type`` (str), ``shape`` (``"{rows}x{cols}"`` of the
     model's weight, out x in), ``eff_rank`` (float64), and with ``moe`` ``expert`` (string, null
@@ -236,8 +248,8 @@ def read_user_ranks(path, dims: ModelDims, weight_types: tuple[str, ...],
     moe = moe if moe is not None and moe.sparse_layers else None
     experts = _check_experts(table, path, moe)
     keys = list(zip(layers.tolist(), table["weight_type"], experts, strict=True))
-    expected = _expected(dims.n_layers, weight_types, moe)
-    _check_complete(keys, path, expected)
+    expected = _expected(dims.n_layers, weight_types, moe, not_stored)
+    _check_complete(keys, path, expected, not_stored)
     shapes = _shapes(layers, table, path, dims, experts, moe)
     ranks = pd.DataFrame({
         "layer_idx": layers,
@@ -251,6 +263,16 @@ def read_user_ranks(path, dims: ModelDims, weight_types: tuple[str, ...],
     return ranks.iloc[np.argsort([order[key] for key in keys])].reset_index(drop=True)
 
 
+def record_not_stored(record: dict) -> frozenset[tuple[int, str]]:
+    """The ``(layer, weight type)`` pairs a ``model.json`` records as not stored by their layer,
+    which therefore have no effective rank (Gemma 4): W_K and W_V of the layers that reuse
+    another layer's keys and values (``kv_shared_layers``), W_V of the layers whose values are
+    their keys (``keys_as_values``). Empty for every other model."""
+    shared = [int(layer) for layer in record.get("kv_shared_layers") or {}]
+    return frozenset([*((layer, wt) for layer in shared for wt in ("W_K", "W_V")),
+                      *((int(layer), "W_V") for layer in record.get("keys_as_values") or [])])
+
+
 def record_moe(record: dict) -> MoeDims | None:
     """The experts recorded in a ``model.json`` (``experts``), None for a dense model."""
     moe = record.get("experts")
@@ -261,15 +283,16 @@ def record_moe(record: dict) -> MoeDims | None:
 
 
 def weight_rank_table(user_csv, chunk_paths, dims: ModelDims,
-                      weight_types: tuple[str, ...], moe: MoeDims | None = None
-                      ) -> pd.DataFrame:
+                      weight_types: tuple[str, ...], moe: MoeDims | None = None,
+                      not_stored: frozenset[tuple[int, str]] = frozenset()) -> pd.DataFrame:
     """A model's effective-rank table (:data:`ranks.RANK_COLUMNS`) and where it comes from, in
-    a ``source`` column: the user's CSV ``user_csv`` when given (:func:`read_user_ranks`;
+    a ``source`` column: the user's CSV ``user_csv`` when given (:func:`read_user_ranks`, with
+    ``moe`` and ``not_stored``;
     ``source`` = ``"user CSV <user_csv>"``; ``chunk_paths`` are not read), else the
     extraction's ``weight_ranks.parquet`` of each layer range, ``chunk_paths``, in layer order
     (:func:`results_io.load_rank_tables`; ``source`` = :data:`COMPUTED_SOURCE`)."""
     if user_csv:
-        ranks = read_user_ranks(user_csv, dims, weight_types, moe)
+        ranks = read_user_ranks(user_csv, dims, weight_types, moe, not_stored)
         ranks["source"] = f"user CSV {user_csv}"
     else:
         ranks = load_rank_tables(chunk_paths)
@@ -278,10 +301,11 @@ def weight_rank_table(user_csv, chunk_paths, dims: ModelDims,
 
 
 def write_effective_ranks(user_csv, chunk_paths, dims: ModelDims, weight_types: tuple[str, ...],
-                          csv_path, parquet_path, moe: MoeDims | None = None) -> None:
+                          csv_path, parquet_path, moe: MoeDims | None = None,
+                          not_stored: frozenset[tuple[int, str]] = frozenset()) -> None:
     """:func:`weight_rank_table` written twice: to ``csv_path`` in the earlier notebook's format
     (its four columns and, for a mixture of experts, ``expert``; no ``source``, no index) and to
     ``parquet_path`` with ``source``."""
-    ranks = weight_rank_table(user_csv, chunk_paths, dims, weight_types, moe)
+    ranks = weight_rank_table(user_csv, chunk_paths, dims, weight_types, moe, not_stored)
     ranks.drop(columns="source").to_csv(csv_path, index=False)
     ranks.to_parquet(parquet_path, index=False)
