@@ -824,6 +824,20 @@ GGUF_ADAPTERS.update({"qwen35": _GGUF_HYBRID,
 #: GGUF ``general.architecture`` -> the key of ``ModelDims.d_ff`` where it is not
 #: ``feed_forward_length``: Qwen3.5-MoE has no dense FFN.
 GGUF_FFN_WIDTH_KEY = {"qwen35moe": "expert_feed_forward_length"}
+#: Gemma 4 (``gemma4``) as llama.cpp's converter writes it (``Gemma4Model``, a
+#: ``Gemma3Model`` whose ``norm_shift`` is 0): every ``*norm.weight`` stored as the gain ``w``
+#: itself (Gemma 4's RMSNorm multiplies by ``w``), ``ffn_norm`` the pre-FFN norm
+#: (``pre_feedforward_layernorm``), QK-norm gains per head (``attn_q_norm``, ``attn_k_norm``);
+#: a layer that reuses another's keys and values stores no ``attn_k``/``attn_v``/``attn_k_norm``,
+#: one whose values are its keys no ``attn_v`` (:func:`gemma4.gguf_kv_reuse`); per-layer sizes
+#: in the metadata (:func:`_gguf_per_layer_dims`). Not read: ``post_attention_norm``,
+#: ``post_ffw_norm``, ``layer_output_scale``, the per-layer input embeddings (``inp_gate``,
+#: ``proj``, ``post_norm``, ``per_layer_*``) and ``rope_freqs``. No RoPE permutation.
+GGUF_ADAPTERS["gemma4"] = Adapter("blk.{layer}.", _GGUF, norms={**_GGUF_NORMS,
+                                                                **_GGUF_QK_NORMS})
+#: Architectures whose head sizes, KV-head counts, FFN widths and key/value reuse may differ
+#: per layer (Gemma 4).
+GGUF_PER_LAYER_DIMS = ("gemma4",)
 
 
 def unsupported(kind: str, name: str, supported) -> UserError:
@@ -1069,13 +1083,15 @@ def dims_from_gguf_metadata(meta: dict, arch: str) -> ModelDims:
         n_layers = _gguf_int(meta, f"{arch}.block_count") - gguf_extra_layers(meta, arch)
         return ModelDims(n_layers, *(_gguf_int(meta, f"{arch}.{key}") for key in (
             "embedding_length", "feed_forward_length")), h, h, latent.nope + latent.rope)
-    n_kv = _gguf_int(meta, kv_key, default=0) or h
-    _check_kv_heads(h_key, h, kv_key, n_kv)
     d = _gguf_int(meta, f"{arch}.embedding_length")
     head_dim_key = f"{arch}.attention.key_length"
     d_head = (_gguf_int(meta, head_dim_key, default=0)
               or _even_d_head(f"{arch}.embedding_length", d, h_key, h, head_dim_key,
                               "the GGUF metadata"))
+    if arch in GGUF_PER_LAYER_DIMS:
+        return _gguf_per_layer_dims(meta, arch, d, h, d_head)
+    n_kv = _gguf_int(meta, kv_key, default=0) or h
+    _check_kv_heads(h_key, h, kv_key, n_kv)
     if arch in GGUF_ROPE_PERMUTED and d_head % 2:
         how = (f"{head_dim_key} = {d_head}" if meta.get(head_dim_key) else
                f"{arch}.embedding_length {d} / {arch}.attention.head_count {h} = {d_head}")
@@ -1089,6 +1105,74 @@ def dims_from_gguf_metadata(meta: dict, arch: str) -> ModelDims:
         n_kv_heads=n_kv,
         d_head=d_head,
     )
+
+
+def _gguf_per_layer_dims(meta: dict, arch: str, d: int, h: int, m_full: int) -> ModelDims:
+    """Gemma 4's per-layer dimensions as llama.cpp's converter writes them
+    (``Gemma4Model.set_gguf_parameters``, ``conversion/gemma.py``) and its loader reads them
+    (``llama_model_gemma4::load_arch_hparams``; ``llama_hparams::n_embd_head_k(il)``,
+    ``n_head_kv(il)``, ``n_ff(il)``): each layer's kind from ``attention.sliding_window_pattern``
+    (:func:`gguf_sliding_layers`); its head size ``attention.key_length_swa`` where it slides,
+    ``attention.key_length`` (``m_full``: ``global_head_dim``) where it is global, the values'
+    ``value_length_swa`` / ``value_length`` the same (llama.cpp refuses others); its KV-head
+    count ``attention.head_count_kv`` and FFN width ``feed_forward_length``, each an integer or
+    an array of one per layer (llama.cpp's ``get_key_or_arr``: the converter writes arrays
+    where ``num_global_key_value_heads`` or ``use_double_wide_mlp`` make layers differ).
+    ``d_ff`` is layer 0's width (``intermediate_size``: layer 0 stores its own keys, so it is
+    never double-wide), ``d_head`` and ``n_kv_heads`` the largest, as
+    :func:`dims_from_hf_config` gives them. A bad value is a UserError naming the key."""
+    n_layers = _gguf_int(meta, f"{arch}.block_count")
+    key = f"{arch}.attention."
+    sizes = {}
+    for slides, suffix in ((True, "_swa"), (False, "")):
+        m = _gguf_int(meta, f"{key}key_length{suffix}") if slides else m_full
+        value = _gguf_int(meta, f"{key}value_length{suffix}", default=0) or m
+        if value != m:
+            raise UserError(f"GGUF metadata {key}value_length{suffix}: {value} is not allowed"
+                            f" (the keys' head size, {key}key_length{suffix} = {m}: llama.cpp"
+                            " requires them equal for Gemma 4)")
+        sizes[slides] = m
+    kv_heads = _gguf_per_layer(meta, f"{key}head_count_kv", n_layers, h)
+    for layer, n_kv in enumerate(kv_heads):
+        if h % n_kv:
+            raise UserError(f"GGUF metadata {key}head_count_kv: {n_kv} (layer {layer}) is not"
+                            f" allowed (a divisor of {key}head_count = {h})")
+    ffn = _gguf_per_layer(meta, f"{arch}.feed_forward_length", n_layers)
+    head_dims = tuple(sizes[slides] for slides in gguf_sliding_layers(meta, arch, n_layers))
+    return ModelDims(n_layers, d, ffn[0], h, max(kv_heads), max(head_dims),
+                     head_dims=head_dims, kv_heads=kv_heads, ffn_widths=ffn)
+
+
+def gguf_sliding_layers(meta: dict, arch: str, n_layers: int) -> tuple[bool, ...]:
+    """Whether each layer slides, from ``{arch}.attention.sliding_window_pattern``: one bool per
+    layer (llama.cpp's Gemma 4 loader requires it; the converter writes ``layer_types``'
+    ``sliding_attention`` as true); else a UserError naming the key."""
+    key = f"{arch}.attention.sliding_window_pattern"
+    pattern = meta.get(key)
+    if not isinstance(pattern, tuple) or len(pattern) != n_layers or any(
+            type(p) is not bool for p in pattern):
+        got = (f"an array of {len(pattern)} items" if isinstance(pattern, tuple)
+               else "absent" if key not in meta else repr(pattern))
+        raise UserError(f"GGUF metadata {key}: {got} is not allowed (one bool per layer,"
+                        f" {n_layers} layers: whether it slides, as llama.cpp's {arch} loader"
+                        " reads it)")
+    return pattern
+
+
+def _gguf_per_layer(meta: dict, key: str, n_layers: int, default: int | None = None
+                    ) -> tuple[int, ...]:
+    """``key`` per layer: one integer >= 1 for every layer, or an array of one per layer
+    (llama.cpp's ``get_key_or_arr``); ``default`` where absent (when given); else a UserError
+    naming the key."""
+    if not isinstance(meta.get(key), tuple):
+        return (_gguf_int(meta, key, default) or default,) * n_layers
+    values = meta[key]
+    if len(values) != n_layers or any(type(v) is not int or v < 1 for v in values):
+        got = (f"an array of {len(values)} items" if len(values) != n_layers
+               else repr(next(v for v in values if type(v) is not int or v < 1)))
+        raise UserError(f"GGUF metadata {key}: {got} is not allowed (an integer >= 1, or an"
+                        f" array of one per layer, {n_layers} layers)")
+    return values
 
 
 def gguf_extra_layers(meta: dict, arch: str) -> int:

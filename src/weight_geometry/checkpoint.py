@@ -32,6 +32,7 @@ from .architectures import (
     EXPERT_NORMS,
     EXPERT_WEIGHTS,
     GGUF_ADAPTERS,
+    GGUF_PER_LAYER_DIMS,
     GGUF_ROPE_PERMUTED,
     HF_ADAPTERS,
     HF_CONFIG_DEFAULTS,
@@ -49,6 +50,7 @@ from .architectures import (
     dims_from_hf_config,
     gguf_extra_layers,
     gguf_rotary_fraction,
+    gguf_sliding_layers,
     gguf_sparse_layers,
     hf_layers_key,
     latent_dims_from_gguf_metadata,
@@ -60,7 +62,7 @@ from .architectures import (
     unsupported,
 )
 from .errors import UserError
-from .gemma4 import GEMMA4_TYPES, KvReuse, gemma4_layers
+from .gemma4 import GEMMA4_TYPES, KvReuse, gemma4_layers, gguf_kv_reuse
 from .gguf_file import GGUFModel
 from .layer_kinds import LINEAR, LayerKinds, gguf_layer_kinds, hf_layer_kinds
 from .safetensors_file import (
@@ -598,6 +600,7 @@ def _open_gguf(source: str, path: Path) -> Checkpoint:
         latent = latent_dims_from_gguf_metadata(gguf.metadata, arch)
         dims = dims_from_gguf_metadata(gguf.metadata, arch)
         moe, layout = _gguf_experts(gguf, arch, adapter, dims)
+        kv_reuse = _gguf_kv_reuse(gguf, arch, adapter, dims.n_layers)
     except UserError as err:
         raise UserError(f"{path}: {err}") from None
     first = min(moe.sparse_layers) if moe and moe.sparse_layers else 0
@@ -622,7 +625,30 @@ def _open_gguf(source: str, path: Path) -> Checkpoint:
         _files=gguf.files, _reader=gguf,
         _layers_key=f"GGUF metadata {arch}.block_count", _unpermute_qk=arch in GGUF_ROPE_PERMUTED,
         _extra_layers=gguf_extra_layers(gguf.metadata, arch), rotary_fraction=rotary,
-        moe=moe, expert_layout=layout, latent=latent)
+        moe=moe, expert_layout=layout, latent=latent, kv_reuse=kv_reuse)
+
+
+def _gguf_kv_reuse(gguf: GGUFModel, arch: str, adapter: Adapter, n_layers: int
+                   ) -> KvReuse | None:
+    """A Gemma 4 GGUF file's key/value reuse (:func:`gemma4.gguf_kv_reuse`: from
+    ``{arch}.attention.shared_kv_layers``, absent 0 as llama.cpp reads it, each layer's kind,
+    and which layers store no ``attn_v``); None for another architecture. A layer that the
+    metadata makes reuse another's keys but stores its own ``attn_k`` is a UserError naming
+    both (the file contradicts its metadata)."""
+    if arch not in GGUF_PER_LAYER_DIMS:
+        return None
+    key = f"{arch}.attention.shared_kv_layers"
+    without_values = [layer for layer in range(n_layers)
+                      if adapter.tensor_name("W_V", layer) not in gguf.tensors]
+    reuse = gguf_kv_reuse(gguf_sliding_layers(gguf.metadata, arch, n_layers),
+                          gguf.metadata.get(key, 0), without_values, f"GGUF metadata {key}")
+    for layer, source in enumerate(reuse.source):
+        if source != layer and (name := adapter.tensor_name("W_K", layer)) in gguf.tensors:
+            raise UserError(f"GGUF metadata {key} = {gguf.metadata[key]} makes layer {layer}"
+                            f" reuse the keys and values of layer {source}, but it stores"
+                            f" {name} (allowed: a count of the trailing layers without"
+                            " attn_k)")
+    return reuse
 
 
 def _gguf_latent_layout(adapter: Adapter, names: Collection[str]) -> Adapter:

@@ -26,6 +26,7 @@ the stream through its own gain (architectures.py). Cost: O(L).
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from .errors import UserError
@@ -155,3 +156,42 @@ def _kv_reuse(config: dict, types: list[str], k_eq_v: bool, where: str) -> KvReu
     values = frozenset(i for i, t in enumerate(types) if k_eq_v and t != _SLIDING)
     return KvReuse(tuple(source), values)
 
+
+def gguf_kv_reuse(sliding: Sequence[bool], shared: int, without_values: Collection[int],
+                  key: str) -> KvReuse:
+    """The key/value reuse of a Gemma 4 GGUF file, as llama.cpp reads it: its metadata says
+    how many layers reuse (``shared``, ``{arch}.attention.shared_kv_layers``: the last ones)
+    and each layer's kind (``sliding``), not which layer they read; llama.cpp's KV cache
+    (``src/llama-model.cpp``, ``create_memory``'s ``layer_reuse_cb`` for ``LLM_ARCH_GEMMA3N``
+    and ``LLM_ARCH_GEMMA4``) gives a reusing sliding layer the keys and values of layer
+    ``first - 2`` and a reusing global one those of ``first - 1`` (``first = L - shared``,
+    ``hparams.n_layer_kv_from_start``). That is transformers' choice (the last earlier layer
+    of its kind: :func:`_kv_reuse`) wherever layer ``first - 1`` is global and ``first - 2``
+    sliding, as in every published Gemma 4; a file where the two differ is a UserError naming
+    ``key`` (its kernel would pair heads of different sizes in one and not the other).
+
+    Keys as values: the file has no ``attention_k_eq_v``; llama.cpp reads ``attn_v`` as
+    optional and uses the keys' projection where a layer storing ``attn_k`` has none
+    (``src/models/gemma4.cpp``: ``Vcur = Kcur`` unless ``wv``), so ``without_values`` (the
+    layers without a stored ``attn_v``) that store their own keys have W_V = W_K, and so do
+    the layers that reuse theirs, as :func:`_kv_reuse` records them. Cost: O(L^2) at most."""
+    n = len(sliding)
+    if type(shared) is not int or not 0 <= shared < n:
+        raise UserError(f"{key}: {shared!r} is not allowed (an integer from 0 to {n - 1}: some"
+                        " layer must store its own keys and values)")
+    first = n - shared
+    source = list(range(n))
+    for layer in range(first, n):
+        source[layer] = first - (2 if sliding[layer] else 1)
+        own = [i for i in range(first) if sliding[i] == sliding[layer]]
+        if not own or own[-1] != source[layer]:
+            kind = "sliding" if sliding[layer] else "global"
+            ours = f"layer {source[layer]}" if source[layer] >= 0 else "no layer"
+            theirs = f"layer {own[-1]}" if own else "no layer"
+            raise UserError(f"{key}: {shared} makes {kind} layer {layer} read the keys and"
+                            f" values of {ours} in llama.cpp, of {theirs} in"
+                            " transformers (the last earlier layer of its kind); allowed: a"
+                            f" count whose layer {first - 1} is global and {first - 2} sliding")
+    values = {layer for layer in without_values if layer < first}
+    return KvReuse(tuple(source), frozenset(
+        layer for layer in range(n) if source[layer] in values))
