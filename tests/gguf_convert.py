@@ -43,6 +43,14 @@ Llama 4 (``llama4``, ``Llama4Model``: no permutation; ``feed_forward_length`` is
 ``intermediate_size_mlp``, ``expert_feed_forward_length`` ``intermediate_size``; the fused
 ``x @ W`` experts transposed, ``gate_up_proj`` split into halves, gate first).
 
+Gemma 4 (``gemma4_text`` as ``gemma4``: ``Gemma4Model``, registered for
+``Gemma4ForConditionalGeneration``, whose text config this is): every norm as it is
+(``norm_shift`` 0: Gemma 4's RMSNorm multiplies by ``w``), ``layer_scalar`` as
+``layer_output_scale.weight``, the extra ``rope_freqs`` tensor, and per-layer metadata:
+``key_length``/``key_length_swa``, ``sliding_window_pattern``, ``shared_kv_layers``, arrays
+``head_count_kv`` and ``feed_forward_length`` (``_gemma4_hparams``); a layer that reuses keys and
+values has no ``k_proj``/``v_proj`` to write, one whose values are its keys no ``v_proj``.
+
 Weights of two or more dimensions whose rows are whole blocks are stored in ``qtype``
 (quantized with ``gguf.quants.quantize``), the rest as F32, as the converter keeps norms.
 """
@@ -143,7 +151,7 @@ def _hf_tensors(hf_dir: Path, model_type: str, n_experts: int):
         if model_type == "llama4_text" and ".feed_forward.experts." in name:
             yield from _llama4_experts(name, w)
             continue
-        if name.endswith(".sinks"):
+        if name.endswith((".sinks", ".layer_scalar")):   # Gemma4Model.filter_tensors too
             name += ".weight"
         if name.endswith("shared_expert_gate.weight"):  # (1, d) stored as llama.cpp's (d,)
             w = w.reshape(-1)
@@ -254,6 +262,62 @@ def _split_kv_b(tensors, config: dict):
             yield name, w
 
 
+#: Gemma 4 (``Gemma4Model``): its text model, written as ``gemma4``.
+GGUF_ARCH["gemma4_text"] = "gemma4"
+
+
+def _gemma4_full_layer(config: dict, key: str, published: str):
+    """A global layer's ``key`` (``head_dim``, ``num_key_value_heads``): the published
+    config's ``published`` key (``global_head_dim``, ``num_global_key_value_heads``: what the
+    converter reads), else, as transformers 5 saves a config, its ``per_layer_config`` entry of
+    the first global layer (None where it has none)."""
+    if config.get(published) is not None:
+        return config[published]
+    first = config["layer_types"].index("full_attention")
+    return (config.get("per_layer_config") or {}).get(str(first), {}).get(key)
+
+
+def _gemma4_hparams(config: dict) -> dict:
+    """``Gemma4Model.set_gguf_parameters``: ``sliding_window`` (``Gemma3Model``'s) and
+    ``sliding_window_pattern`` (per layer, whether it slides: ``layer_types``),
+    ``key_length``/``value_length`` the global layers' head size and ``*_swa`` the sliding
+    layers' (``head_dim``), ``shared_kv_layers``,
+    ``embedding_length_per_layer_input``, ``rope.dimension_count`` (the global head size:
+    proportional RoPE through ``rope_freqs``) and ``rope.dimension_count_swa``
+    (``head_dim * partial_rotary_factor``); ``head_count_kv`` an array (sliding layers'
+    ``num_key_value_heads``, global ones' ``num_global_key_value_heads``) where the config has
+    a global count; ``feed_forward_length`` an array (``intermediate_size``, twice that from
+    the first layer reusing keys and values on) where ``use_double_wide_mlp``."""
+    swa = [t == "sliding_attention" for t in config["layer_types"]]
+    full, m = _gemma4_full_layer(config, "head_dim", "global_head_dim"), config["head_dim"]
+    n_kv_full = _gemma4_full_layer(config, "num_key_value_heads", "num_global_key_value_heads")
+    shared, n_ff = config.get("num_kv_shared_layers", 0), config["intermediate_size"]
+    first = config["num_hidden_layers"] - shared
+    out = {"attention.sliding_window": config["sliding_window"],
+           "attention.sliding_window_pattern": swa,
+           "attention.key_length": full, "attention.value_length": full,
+           "attention.key_length_swa": m, "attention.value_length_swa": m,
+           "attention.shared_kv_layers": shared,
+           "embedding_length_per_layer_input": config.get("hidden_size_per_layer_input") or 0,
+           "rope.dimension_count": full,
+           "rope.dimension_count_swa": int(m * config.get("partial_rotary_factor", 1.0))}
+    if config.get("use_double_wide_mlp"):
+        out["feed_forward_length"] = [n_ff * (1 if i < first else 2) for i in range(len(swa))]
+    if n_kv_full is not None:
+        out["attention.head_count_kv"] = [config["num_key_value_heads"] if s else n_kv_full
+                                          for s in swa]
+    return out
+
+
+def _gemma4_rope_freqs(config: dict) -> np.ndarray:
+    """``Gemma4Model.generate_extra_tensors``: ``rope_freqs`` (global layers' proportional
+    RoPE), 1 for each rotated pair and 1e30 for the others."""
+    full = _gemma4_full_layer(config, "head_dim", "global_head_dim")
+    factor = config["rope_parameters"]["full_attention"]["partial_rotary_factor"]
+    rotated = int(full * factor / 2)
+    return np.array([1.0] * rotated + [1e30] * (full // 2 - rotated), dtype=np.float32)
+
+
 #: Hybrids: ``Qwen3NextModel``, ``Qwen3_5TextModel``, ``Qwen3_5MoeTextModel``.
 HYBRID = {"qwen3_next": "qwen3next", "qwen3_5_text": "qwen35", "qwen3_5_moe_text": "qwen35moe"}
 GGUF_ARCH.update(HYBRID)
@@ -283,14 +347,16 @@ def _fused_gate_up(pending: dict, name: str, w: np.ndarray):
 
 def convert_hf_to_gguf(hf_dir: Path, out: Path, qtype=None, split_max_tensors: int = 0,
                        tokens: int | None = None, fuse_gate_up_exps: bool = False,
-                       per_expert: bool = False) -> list[Path]:
+                       per_expert: bool = False, metadata: dict | None = None) -> list[Path]:
     """Write the checkpoint in ``hf_dir`` (config.json, model.safetensors) as GGUF at ``out``;
     split in parts of at most ``split_max_tensors`` tensors when given (``out`` then names
     ``OUT-0000i-of-0000N.gguf``). ``tokens``: a dummy vocabulary of that many tokens (what
     transformers' GGUF loading needs); ``fuse_gate_up_exps``: the experts' gate and up in one
     tensor (:func:`_fused_gate_up`); ``per_expert``: each expert's weights as 2-D tensors
     ``ffn_{gate,up,down}.{e}.weight``, as llama.cpp's first Mixtral files (its loader's
-    ``LLM_TENSOR_FFN_*_EXP``). Returns the files written."""
+    ``LLM_TENSOR_FFN_*_EXP``); ``metadata``: hyperparameters (without the ``{arch}.`` prefix;
+    a list is an array) written in place of the converter's, for a file whose metadata
+    contradicts its tensors. Returns the files written."""
     import gguf
     from gguf.quants import quantize
 
@@ -305,11 +371,17 @@ def convert_hf_to_gguf(hf_dir: Path, out: Path, qtype=None, split_max_tensors: i
         hp.update(_glm_minimax_hparams(config))
     if model_type in HYBRID:
         hp.update(_hybrid_hparams(config))
+    if arch == "gemma4":
+        hp.update(_gemma4_hparams(config))
+    hp.update(metadata or {})
     model_arch = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
     names = gguf.get_tensor_name_map(model_arch, hp["block_count"])
     writer = gguf.GGUFWriter(str(out), arch, split_max_tensors=split_max_tensors)
     for key, value in hp.items():
-        writer.add_uint32(f"{arch}.{key}", value)
+        if isinstance(value, list):    # per layer (Gemma 4: ints, or bools for the pattern)
+            writer.add_array(f"{arch}.{key}", value)
+        else:
+            writer.add_uint32(f"{arch}.{key}", value)
     _sliding_window(writer, arch, config)
     eps = config.get("rms_norm_eps") or config.get("layer_norm_epsilon") or 1e-5
     writer.add_float32(f"{arch}.attention.layer_norm_{'' if arch == 'gpt2' else 'rms_'}epsilon",
@@ -322,6 +394,8 @@ def convert_hf_to_gguf(hf_dir: Path, out: Path, qtype=None, split_max_tensors: i
         for special in ("bos", "eos", "pad"):
             getattr(writer, f"add_{special}_token_id")(0)
     tensors, pending = _hf_tensors(hf_dir, model_type, hp.get("expert_count", 0)), {}
+    if arch == "gemma4":
+        writer.add_tensor("rope_freqs.weight", _gemma4_rope_freqs(config))
     for name, w in _split_kv_b(tensors, config) if model_type in LATENT else tensors:
         gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:   # buffers (GPT-2's attn.bias masks), nothing the converter maps
