@@ -116,7 +116,7 @@ def test_ksweep_matches_per_k_references():
             assert getattr(row, f"{stat}_ratio") == pytest.approx(wanted * d / k, abs=1e-5)
             assert getattr(row, f"{stat}_conditional_ratio") == pytest.approx(
                 wanted / np.mean([s[stat] for s in null]), rel=1e-5), (k, stat)
-        align = alignment_table(energy, norm2, ffn_sv, rowspace, k, d, "W_gate")
+        align = alignment_table(energy, norm2, ffn_sv, rowspace, k, _record(), "W_gate")
         mine = align[align["head"].isin(heads)]
         wanted = mine["alignment"].mean()
         assert row.alignment_mean == pytest.approx(wanted, rel=1e-12)
@@ -152,7 +152,7 @@ def test_random_subspaces_track_chance_for_every_k():
             tolerance = 5 * np.sqrt(np.square(s_ab).sum()) / s_ab.size / m_ab.mean()
             assert getattr(row, f"{stat}_conditional_ratio") == pytest.approx(
                 1.0, abs=tolerance), (k, stat)
-        null = alignment_null(rowspace, norm2, k, n_heads)
+        null = alignment_null(rowspace, norm2, k, _record(n_layers, n_heads, d=d))
         tolerance = 5 * np.sqrt(np.square(null["std"]).sum()) / null["std"].size
         assert row.alignment_mean_conditional_ratio == pytest.approx(
             1.0, abs=tolerance / null["chance"].mean()), k
