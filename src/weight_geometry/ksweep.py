@@ -40,7 +40,9 @@ CONDITIONAL_RATIO_LABELS = {
 
 def relative_gaps(singular_values: np.ndarray) -> np.ndarray:
     """``(L, h, d_head - 1)``: entry ``k - 1`` is ``(sigma_k - sigma_{k+1}) / sigma_k`` (1-based
-    sigma, descending); 0 where ``sigma_k = 0`` (then ``sigma_{k+1} = 0``: an exact tie)."""
+    sigma, descending); 0 where ``sigma_k = 0`` (then ``sigma_{k+1} = 0``: an exact tie). A
+    layer's entries from ``k = m_p`` on are those of its zero padding (:func:`gaps_at` leaves
+    them out)."""
     s = np.asarray(singular_values, dtype=np.float64)
     upper, lower = s[..., :-1], s[..., 1:]
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -689,12 +689,12 @@ def _every_head(a: Analysis, f: Findings, lines: dict[str, str]):
 
 
 def _k_sensitivity(a: Analysis, lines: dict[str, str]):
-    k, d_head, uniform = a.k, min_head_dim(a.model), is_uniform(a.model)
+    k, bound, uniform = a.k, min_head_dim(a.model), is_uniform(a.model)
     sweep = a.ksweep
     yield "## k-sensitivity\n"
     yield _finding(lines, "k_sensitivity")
     size = "d_head" if uniform else "m"
-    yield (f"The statistics above at every k from 1 to {size} - 1 = {d_head - 1}"
+    yield (f"The statistics above at every k from 1 to {size} - 1 = {bound - 1}"
            + ("" if uniform else f" ({_smallest_head(a.model)})")
            + f", from the same extraction (sampled heads {a.heads}), each divided by chance k/d"
            " and by its conditional null mean; all rows are in"
@@ -707,8 +707,8 @@ def _k_sensitivity(a: Analysis, lines: dict[str, str]):
                                 "n_ill_defined"]].rename(columns={
         **RATIO_LABELS, **CONDITIONAL_RATIO_LABELS,
         "n_ill_defined": "Ill-defined (layer, sampled head)"}), ".2f") + "\n"
-    if k == d_head:
-        yield (f"**This report's k = {size} = {d_head}: heads sharing a KV head have identical"
+    if k == bound:
+        yield (f"**This report's k = {size} = {bound}: heads sharing a KV head have identical"
                + (" subspaces; choose k < d_head to compare heads.**\n" if uniform else
                   " subspaces in the layers of that size; choose a smaller k to compare"
                   " heads.**\n"))
