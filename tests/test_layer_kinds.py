@@ -54,9 +54,20 @@ CONFIGS = {
         attention_chunk_size=None),
     "gpt_oss": lambda: T.GptOssConfig(**SMALL, head_dim=8, num_local_experts=2,
                                       sliding_window=16),
+    "qwen3": lambda: T.Qwen3Config(**SMALL, head_dim=8, use_sliding_window=True,
+                                   sliding_window=16, max_window_layers=3),
+    "qwen2_moe": lambda: T.Qwen2MoeConfig(**SMALL, num_experts=2, use_sliding_window=True,
+                                          sliding_window=16, max_window_layers=5),
+    "qwen3_moe": lambda: T.Qwen3MoeConfig(**SMALL, head_dim=8, num_experts=2,
+                                          use_sliding_window=True, sliding_window=16),
+    "mixtral": lambda: T.MixtralConfig(**SMALL, num_local_experts=2, sliding_window=16),
+    "olmo3-no-window": lambda: T.Olmo3Config(**SMALL, sliding_window=None),
+    "gemma4_text": lambda: T.Gemma4TextConfig(
+        **SMALL, head_dim=8, global_head_dim=16, sliding_window=16,
+        hidden_size_per_layer_input=4, vocab_size_per_layer_input=64),
 }
 #: Models whose attention takes ``config.sliding_window`` in every layer (no per-layer type).
-EVERY_LAYER_WINDOW = ("mistral", "phi3")
+EVERY_LAYER_WINDOW = ("mistral", "phi3", "mixtral")
 
 
 def reference_kinds(model) -> list[str]:
@@ -128,6 +139,10 @@ def test_hf_smollm3_sliding_nope_layers_keep_their_window():
      " chunked_attention, linear_attention per layer)"),
     ({"model_type": "smollm3", "no_rope_layers": [1, 1, 2, 0]},
      "no_rope_layers: 2 is not allowed (1 for a RoPE layer, 0 for a NoPE layer)"),
+    ({"model_type": "smollm3", "no_rope_layers": []},
+     "no_rope_layers: 0 entries is not allowed (a list of one entry per layer, 4 layers)"),
+    ({"model_type": "qwen3_next", "full_attention_interval": 0},
+     "full_attention_interval: 0 is not allowed (an integer >= 1)"),
     ({"model_type": "smollm3", "no_rope_layer_interval": 0},
      "no_rope_layer_interval: 0 is not allowed (an integer >= 1)"),
     ({"model_type": "gemma3", "text_config": {"layer_types": "all"}},

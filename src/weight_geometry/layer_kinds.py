@@ -101,7 +101,14 @@ _HF_SLIDING: dict[str, Callable[[dict, int], bool]] = {
     "gemma3": lambda c, layer: _period(c.get("sliding_window_pattern", 6))(c, layer),
     "mistral": lambda c, layer: True, "mixtral": lambda c, layer: True,
     "phi3": lambda c, layer: True,
-    "qwen2": _qwen, "qwen3": _qwen, "qwen2_moe": _qwen, "qwen3_moe": _qwen,
+    "qwen2": _qwen, "qwen3": _qwen,
+    # Qwen2-MoE slides its even layers below max_window_layers, Qwen3-MoE every layer.
+    "qwen2_moe": lambda c, layer: bool(c.get("use_sliding_window")) and layer % 2 == 0
+    and layer < c.get("max_window_layers", 28),
+    "qwen3_moe": lambda c, layer: bool(c.get("use_sliding_window")),
+    # Gemma 4: five sliding layers, then a global one; the last layer always global.
+    **dict.fromkeys(("gemma4_text", "gemma4"), lambda c, layer: _period(6)(c, layer)
+                    and layer != c.get("num_hidden_layers", 0) - 1),
 }   # SmolLM3's use_sliding_window slides its NoPE layers only: labelled nope, window kept
 #: ``model_type`` -> NoPE layers every ``no_rope_layer_interval``-th layer when the config
 #: has no ``no_rope_layers`` (transformers' default).
@@ -137,6 +144,8 @@ def hf_layer_kinds(config: dict, n_layers: int) -> LayerKinds:
         slides = _HF_SLIDING.get(model_type)
         kinds = [SLIDING if slides and window is not None and slides(config, layer) else FULL
                  for layer in range(n_layers)]
+    if window is None:  # a sliding or chunked layer without a window attends to every token
+        kinds = [FULL if kind in (SLIDING, CHUNKED) else kind for kind in kinds]
     for layer in _hf_nope_layers(config, model_type, where, n_layers):
         if kinds[layer] != LINEAR:
             kinds[layer] = NOPE
@@ -152,7 +161,9 @@ def _hybrid_layer_types(config: dict, where: str, model_type: str, n_layers: int
     """A hybrid's ``layer_types`` as transformers fills them in when ``config.json`` has none
     (Qwen3-Next's published configs): every ``full_attention_interval``-th layer full
     attention, the others linear."""
-    interval = config.get("full_attention_interval") or HF_HYBRID_INTERVAL[model_type]
+    interval = config.get("full_attention_interval")
+    if interval is None:
+        interval = HF_HYBRID_INTERVAL[model_type]
     return ["full_attention" if full else "linear_attention" for full in _full_every(
         interval, f"{where}full_attention_interval", n_layers)]
 
@@ -169,7 +180,7 @@ def _full_every(interval, key: str, n_layers: int) -> list[bool]:
 def _hf_nope_layers(config: dict, model_type: str, where: str, n_layers: int) -> list[int]:
     """Layers whose ``no_rope_layers`` entry is 0 (it lists 1 for RoPE layers)."""
     flags = config.get("no_rope_layers")
-    if not flags and model_type in _HF_NOPE_DEFAULT:
+    if flags is None and model_type in _HF_NOPE_DEFAULT:
         interval = config.get("no_rope_layer_interval", 4)
         if type(interval) is not int or interval < 1:
             raise UserError(f"{where}no_rope_layer_interval: {interval!r} is not allowed (an"
@@ -178,8 +189,8 @@ def _hf_nope_layers(config: dict, model_type: str, where: str, n_layers: int) ->
     if flags is None:
         return []
     flags = _per_layer(flags, f"{where}no_rope_layers", n_layers)
-    if any(f not in (0, 1) or type(f) is not int for f in flags):
-        bad = next(f for f in flags if f not in (0, 1) or type(f) is not int)
+    if bad := [f for f in flags if f not in (0, 1) or type(f) is not int]:
+        bad = bad[0]
         raise UserError(f"{where}no_rope_layers: {bad!r} is not allowed (1 for a RoPE layer, 0"
                         " for a NoPE layer)")
     return [layer for layer, f in enumerate(flags) if f == 0]
