@@ -64,6 +64,7 @@ from .architectures import (
 from .errors import UserError
 from .gemma4 import GEMMA4_TYPES, KvReuse, gemma4_layers, gguf_kv_reuse
 from .gguf_file import GGUFModel
+from .latent_attention import require_latent_shapes
 from .layer_kinds import LINEAR, LayerKinds, gguf_layer_kinds, hf_layer_kinds
 from .safetensors_file import (
     DTYPE_NAMES,
@@ -242,8 +243,12 @@ class Checkpoint:
 
     def validate(self, fold_norms: bool = False) -> None:
         """Check that every needed tensor exists with the shape the config implies and a
-        readable type (headers only), and none of a layer past the last."""
+        readable type (headers only), and none of a layer past the last; latent attention's
+        ranks such that each head's factors exist (:func:`latent_attention.
+        require_latent_shapes`)."""
         self._check_no_extra_layers()
+        if self.latent is not None:
+            require_latent_shapes(self.dims, self.latent, str(self.path))
         for layer in range(self.dims.n_layers):
             dims = self.dims.layer(layer)
             for wt in self.layer_weight_types(layer):
