@@ -239,7 +239,8 @@ def _ratio_ticks(ax) -> None:
 def draw_ksweep(table, d_head: int, path) -> None:
     """Statistics / chance (solid) and / their conditional null mean (dashed) against k (rows
     of :func:`ksweep.ksweep_table`), and the number of ill-defined (layer, head) subspaces per
-    k."""
+    k; ``d_head`` the smallest head size (:func:`head_layout.min_head_dim`), where the sweep
+    stops."""
     fig, (top, bottom) = pyplot().subplots(2, 1, figsize=(10, 7), sharex=True,
                                       gridspec_kw={"height_ratios": [3, 1]})
     for (column, label), (conditional, conditional_label) in zip(

@@ -149,10 +149,10 @@ def similarity_null(t1, t2, k: int, m_a, m_b=None) -> tuple[np.ndarray, np.ndarr
     c_b, v_b, w_b = _moments(k, m_b)
     r_a, r_b = k / np.asarray(m_a), k / np.asarray(m_b)
     q_a, q_b = r_a**2, r_b**2
-    var_tr_n = c_b * (t2 - t1**2 / m_b)
+    spread = t2 - t1**2 / m_b                     # Var[tr N] / c_{m_b}
     tr_n2 = t2 * (v_b + q_b) + (t1**2 - t2) * w_b
-    tr_n_sq = var_tr_n + q_b * t1**2
-    var = c_a * (tr_n2 - tr_n_sq / m_a) + q_a * c_b * (t2 - t1**2 / m_b)
+    tr_n_sq = c_b * spread + q_b * t1**2
+    var = c_a * (tr_n2 - tr_n_sq / m_a) + q_a * c_b * spread
     mean = r_a * r_b * t1 / k
     return mean, np.sqrt(np.maximum(var, 0.0)) / k
 
@@ -197,15 +197,18 @@ def same_index_null(overlaps: np.ndarray, k: int, model: dict
     as independent. Heads of one KV head lean towards the same directions of their shared row
     space (random weights too: a Gaussian ``W_K_j``'s uneven spectrum favours some directions),
     so counting them as independent understates the std (measured z stds of 1.4 and 1.8 for
-    random weights with 4 and 8 heads per KV head); the bound overstates it by at most
-    ``sqrt(h / n_kv)``. Where layers ``a`` and ``b`` group heads differently (``g_a = h /
-    n_kv_a`` and ``g_b`` heads per KV head), head ``i``'s similarity depends on both of its
-    KV heads, so two heads are dependent when they share a KV head in either layer; the groups
-    are the connected runs of that relation, ``lcm(g_a, g_b)`` consecutive heads (two
-    neighbours are cut apart only where both layers' KV heads change, at multiples of both
-    sizes). Any union of heads obeys ``Var(sum) <= (sum of stds)^2`` (Cauchy-Schwarz), and heads
-    of different runs share no KV head, so the bound still holds; at ``g_a = g_b`` the groups
-    are the KV heads. Cost O(L^2 h)."""
+    random weights with 4 and 8 heads per KV head); the bound overstates it by at most the
+    square root of the group's size (``sqrt(h / n_kv)``).
+
+    Where layers ``a`` and ``b`` group heads differently (``g_a = h / n_kv_a`` and ``g_b``
+    heads per KV head), head ``i``'s similarity depends on both of its KV heads, so two heads
+    are dependent when they share a KV head in either layer; the groups are the connected runs
+    of that relation, ``lcm(g_a, g_b)`` consecutive heads (two neighbours are cut apart only
+    where both layers' KV heads change, at multiples of both sizes). Any union of heads obeys
+    ``Var(sum) <= (sum of stds)^2`` (Cauchy-Schwarz), and heads of different runs share no KV
+    head, so the bound still holds (grouping by one layer's KV heads alone would not: through
+    the other layer's shared draw, its groups move together); at ``g_a = g_b`` the groups are
+    the KV heads. Cost O(L^2 h)."""
     mean, std = head_pair_null(overlaps, k, model)
     n_heads = model["n_heads"]
     same_mean = np.einsum("aibi->ab", mean) / n_heads
