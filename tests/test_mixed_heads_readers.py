@@ -187,9 +187,14 @@ def test_report_model_table_shows_per_layer_sizes():
 
     from weight_geometry.report import _configuration
 
-    got = _metrics(_section(_configuration(_mixed_analysis(3))), "## Model configuration")
+    a = _mixed_analysis(3)
+    got = _metrics(_section(_configuration(a)), "## Model configuration")
     assert got["Head dim (d_head)"] == "6 (sliding), 8 (full)"
     assert got["Key/value heads (n_kv)"] == "2 (sliding), 1 (full)"
+    assert got["FFN intermediate (d_ff)"] == "96"
+    wide = replace(a, model={**a.model, "ffn_widths": [96] * 4 + [192] * 2})
+    got = _metrics(_section(_configuration(wide)), "## Model configuration")
+    assert got["FFN intermediate (d_ff)"] == "96 (layers 0, 1, 2, 3), 192 (layers 4, 5)"
 
 
 def test_by_kind_names_layers_where_kinds_do_not_decide():

@@ -346,11 +346,16 @@ def _header(a: Analysis):
 
 
 def _configuration(a: Analysis):
+    """The model's dimensions; a size that differs by layer (Gemma 4's head sizes, KV-head
+    counts and FFN widths, ``ffn_widths`` by model layer) per layer kind (:func:`by_kind`)."""
     m = a.model
+    widths = m.get("ffn_widths")
     yield "## Model configuration\n"
     yield _metric_table([
         ("Architecture", m["architecture"]), ("Layers (L)", m["n_layers"]),
-        ("Hidden size (d)", m["d_model"]), ("FFN intermediate (d_ff)", m["d_ff"]),
+        ("Hidden size (d)", m["d_model"]),
+        ("FFN intermediate (d_ff)", by_kind(m, [str(widths[layer] if widths else m["d_ff"])
+                                                for layer in attention_layers(m)])),
         ("Attention heads (h)", m["n_heads"]),
         ("Key/value heads (n_kv)", by_kind(m, [str(x) for x in kv_heads(m)])),
         ("Head dim (d_head)", by_kind(m, [str(x) for x in head_dims(m)])),
