@@ -7,11 +7,13 @@ similarity null of row spaces of different dimensions is checked by Monte Carlo.
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import gaussian_kernel_bases, orthonormal_rows
 from mixed_heads import mixed_model
 
 from weight_geometry.alignment import alignment_table
+from weight_geometry.crossref import layer_table
 from weight_geometry.head_matching import (
     isotropic_weight_null,
     match_heads,
@@ -30,6 +32,7 @@ from weight_geometry.rowspace_nulls import (
     similarity_null,
 )
 from weight_geometry.similarity import cross_head_similarity
+from weight_geometry.statistics import bottleneck_table
 
 #: Sliding (m 8, 2 KV heads) and full (m 12, 1 KV head) layers, 4 query heads.
 SIZES, KV, N_HEADS, K = (8, 12, 8, 12, 8), (2, 1, 2, 1, 2), 4, 3
@@ -273,6 +276,44 @@ def test_head_tables_take_each_layers_kv_heads_and_sizes(mixed):
                            ("random_pairing_std", pair_std),
                            *((name, value) for name, value in iso.items())):
         np.testing.assert_allclose(table[column], matrix[a, b], rtol=1e-12, err_msg=column)
+
+
+def test_layer_table_takes_each_layers_sizes(mixed):
+    """crossref.layer_table of head 2 (KV head 1 of a sliding layer, 0 of a full one): the
+    adjacent conditional null of the two layers' own KV heads at their own sizes, the
+    bottleneck's that head's null, and the relative gap from each layer's own singular values
+    (NaN at k = 8 where the layer has 8 of them, defined where it has 12)."""
+    model, arrays, layers, overlaps = mixed
+    head, n = 2, len(layers)
+    sims = cross_head_similarity(arrays["vectors"][:, :, :K])
+    same = {i: sims[:, i, :, i] for i in range(N_HEADS)}
+    ranks = pd.DataFrame([(p, name, "48x48", 10.0 + p) for p in range(n)
+                          for name in ("W_Q", "W_K")],
+                         columns=["layer_idx", "weight_type", "shape", "eff_rank"])
+    nulls = {i: one_head_null(overlaps, K, model, i) for i in same}
+    bottleneck = bottleneck_table(same, ranks, 1, nulls)
+    alignment = alignment_table(arrays["ffn_input_energy"], arrays["ffn_input_norm2"],
+                                np.ones((n, model["d_model"])),
+                                arrays["ffn_input_rowspace_eigenvalues"], K, model, "W_gate")
+    args = (ranks, same[head], np.eye(n), bottleneck, alignment, arrays["singular_values"],
+            head)
+    table = layer_table(*args, K, model, overlaps)
+    for p in range(n - 1):
+        la, lb = layers[p], layers[p + 1]
+        t1, t2 = _moments(_row_space(la, _kv(la, head)), _row_space(lb, _kv(lb, head)))
+        want = similarity_null(t1, t2, K, la["m"], lb["m"])
+        assert table["adjacent_conditional_mean"][p] == pytest.approx(want[0], rel=1e-5)
+        assert table["adjacent_conditional_std"][p] == pytest.approx(want[1], rel=1e-4)
+    np.testing.assert_array_equal(table["bottleneck_conditional_mean"], nulls[head][0][1])
+    sigma = [layer["singular_values"][head] for layer in layers]
+    np.testing.assert_allclose(table["relative_gap"],
+                               [(s[K - 1] - s[K]) / s[K - 1] for s in sigma])
+    at_8 = layer_table(*args, 8, model, overlaps)["relative_gap"].to_numpy()
+    for p, s in enumerate(sigma):
+        if layers[p]["m"] == 8:
+            assert np.isnan(at_8[p])
+        else:
+            assert at_8[p] == pytest.approx((s[7] - s[8]) / s[7])
 
 
 def test_alignment_null_takes_each_layers_own_eigenvalues(mixed):
