@@ -315,8 +315,9 @@ def test_bad_gemma4_configs_stop_in_one_line(built, tmp_path, change, fragments)
 def test_workflow_runs_on_gemma4(built, built_moe, tmp_path):
     """The workflow end to end on Gemma 4, dense and mixture of experts (folded gains): head
     0's similarity over all layers (sliding and global, head sizes 8 and 16), every head's
-    alignment (the MoE's: pooled over the routed experts) and every unit's alignment equal
-    references from the live weights; the report states the per-layer sizes and the reuse."""
+    alignment (the MoE's: pooled over the routed experts), every unit's alignment and
+    K-composition scores across layers of different head sizes equal references from the live
+    weights; the report states the per-layer sizes and the reuse."""
     workdir = tmp_path / "run"
     models = {"g4": built, "g4moe": built_moe}
     assert_ok(run_snakemake(workdir, *(f"results/{name}/k3/{out}" for name in models
@@ -324,7 +325,7 @@ def test_workflow_runs_on_gemma4(built, built_moe, tmp_path):
                             config={"models": {name: {"source": str(path)}
                                                for name, (_, path) in models.items()},
                                     "top_k": 3, "heads": {"sample": 2}, "device": "cpu",
-                                    "fold_norms": True}, timeout=900))
+                                    "fold_norms": True, "circuits": True}, timeout=900))
     for name, (model, _) in models.items():
         r = workdir / "results" / name
         bases = []
@@ -355,3 +356,19 @@ def test_workflow_runs_on_gemma4(built, built_moe, tmp_path):
                     np.testing.assert_allclose(rows.alignment.to_numpy(), ref, rtol=1e-4)
         report = (r / "k3" / "report.md").read_text()
         assert "16" in report and "reuse" in report, name
+    model = built[0]
+    maps = [folded(model, layer) for layer in range(6)]
+
+    def circuit(layer: int, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Head ``i``'s formed ``W_QK`` and ``W_OV`` (``d x d``) at its layer's sizes."""
+        w, (m, n_kv) = maps[layer], SIZES[TYPES[layer]]
+        j = i // (H // n_kv)
+        return (w["W_Q"][i * m:(i + 1) * m].T @ w["W_K"][j * m:(j + 1) * m],
+                w["W_O"][:, i * m:(i + 1) * m] @ w["W_V"][j * m:(j + 1) * m])
+
+    k_comp = np.load(workdir / "results" / "g4" / "circuits" / "composition_k.npy")
+    for later, i, earlier, j in ((1, 0, 0, 3), (4, 2, 1, 1), (5, 3, 4, 0)):
+        qk, _ = circuit(later, i)
+        _, ov = circuit(earlier, j)
+        ref = np.linalg.norm(qk @ ov) / np.linalg.norm(qk) / np.linalg.norm(ov)
+        assert k_comp[later * H + i, earlier * H + j] == pytest.approx(ref, rel=1e-4)

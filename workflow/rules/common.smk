@@ -185,8 +185,9 @@ def composition_mem_mb(wildcards):
     """The four (L, h, d_head, d) float32 factor arrays (concatenated from the chunks' memory
     maps), one later layer's three sides and one layer pair's (3 h d_head, h d_head) float32
     block with its float64 sums; the null's two random layers of NULL_HEADS heads (float64
-    weights and factors); the (3, L h, L h) float64 scores and their four test arrays; plus
-    the interpreter and torch."""
+    weights and factors); the (3, L h, L h) float64 scores and their four test arrays (six
+    where head sizes vary: the per-pair null mean and std, Gemma 4); plus the interpreter and
+    torch."""
     from weight_geometry.composition import NULL_HEADS
 
     d = model_plan(wildcards).dims
@@ -194,7 +195,7 @@ def composition_mem_mb(wildcards):
     block = 3 * (d.n_heads * d.d_head) * (d.d_model + d.n_heads * d.d_head * 3) * 4
     per_head = d.d_model * 8 * 12 + 3 * NULL_HEADS * d.d_head * 12
     null = 2 * NULL_HEADS * d.d_head * per_head
-    tests = 5 * 3 * (d.n_layers * d.n_heads) ** 2 * 8
+    tests = (5 if d.head_dims is None else 7) * 3 * (d.n_layers * d.n_heads) ** 2 * 8
     return 1500 + (factors + block + null + tests) // 2**20
 
 
