@@ -672,7 +672,8 @@ def _gguf_experts(gguf: GGUFModel, arch: str, adapter: Adapter, dims: ModelDims
     (:func:`gguf_sparse_layers`), the layout the first of the adapter's whose W_up tensor is
     stored there (else the first); (None, None) for a dense file. A mixture-of-experts file
     (``{arch}.expert_count`` >= 1) of an architecture without one, or without a stored router,
-    is a UserError naming the key."""
+    is a UserError naming the key, and so is a file storing routers without ``expert_count``
+    (its dense FFN beside them would be read as the layer's only FFN: Gemma 4)."""
     if not adapter.experts:
         moe = moe_dims_from_gguf_metadata(gguf.metadata, arch, frozenset())
         if moe is not None:
@@ -684,10 +685,14 @@ def _gguf_experts(gguf: GGUFModel, arch: str, adapter: Adapter, dims: ModelDims
     layout = adapter.experts[0]
     sparse = gguf_sparse_layers(adapter, layout, dims.n_layers, gguf.tensors)
     moe = moe_dims_from_gguf_metadata(gguf.metadata, arch, sparse)
+    router = adapter.layer_prefix.replace("{layer}", "N") + layout.router
+    if moe is None and sparse:
+        raise UserError(f"layers {sorted(sparse)} store a router ({router}), but GGUF metadata"
+                        f" {arch}.expert_count is absent or 0 (allowed: the count of experts"
+                        " the routers choose among)")
     if moe is None:
         return None, None
     if not sparse:
-        router = adapter.layer_prefix.replace("{layer}", "N") + layout.router
         raise UserError(f"GGUF metadata {arch}.expert_count = {moe.n_experts}, but no layer"
                         f" stores a router ({router}) (allowed: a mixture of experts with its"
                         " routers and ffn_*_exps tensors, or a dense file without"
@@ -784,10 +789,10 @@ def _open_hf_dir(source: str, path: Path) -> Checkpoint:
         _layers_key=f"config.json {hf_layers_key(model_type)}",
         moe=moe, expert_layout=_expert_layout(adapter, moe, entries),
         _extra_layers=extra_layers, rotary_fraction=rotary, latent=latent,
-        kv_reuse=_hf_kv_reuse(config, model_type, dims.n_layers))
+        kv_reuse=hf_kv_reuse(config, model_type, dims.n_layers))
 
 
-def _hf_kv_reuse(config: dict, model_type: str, n_layers: int) -> KvReuse | None:
+def hf_kv_reuse(config: dict, model_type: str, n_layers: int) -> KvReuse | None:
     """A Gemma 4 ``config.json``'s key/value reuse (:mod:`gemma4`; a ``gemma4`` model's from
     its text config, checked with its dimensions); None for any other architecture."""
     if model_type not in GEMMA4_TYPES:

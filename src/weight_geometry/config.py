@@ -18,9 +18,9 @@ from . import head_layout, hub, series
 from .architectures import HF_ADAPTERS, ModelDims, MoeDims
 from .checkpoint import (
     Checkpoint,
-    _hf_kv_reuse,
     expand_home,
     hf_architecture,
+    hf_kv_reuse,
     hf_moe_dims,
     open_checkpoint,
 )
@@ -418,7 +418,7 @@ def _open_source(source: str, fold_norms: bool, revision: str | None = None) -> 
             architecture, dims = hf_architecture(source, state.snapshot)
             config = read_json_object(state.snapshot / "config.json")
             kinds = hf_layer_kinds(config, dims.n_layers)
-            reuse = _hf_kv_reuse(config, architecture, dims.n_layers)
+            reuse = hf_kv_reuse(config, architecture, dims.n_layers)
             return _Source(source, state.snapshot, hub_id, dims,
                            HF_ADAPTERS[architecture].weight_types, kinds.attention_layers,
                            reuse.as_dict() if reuse is not None else {})
