@@ -236,11 +236,12 @@ def _ratio_ticks(ax) -> None:
     ax.yaxis.set_minor_formatter(ticker.NullFormatter())
 
 
-def draw_ksweep(table, d_head: int, path) -> None:
+def draw_ksweep(table, d_head: int, path, uniform: bool = True) -> None:
     """Statistics / chance (solid) and / their conditional null mean (dashed) against k (rows
     of :func:`ksweep.ksweep_table`), and the number of ill-defined (layer, head) subspaces per
     k; ``d_head`` the smallest head size (:func:`head_layout.min_head_dim`), where the sweep
-    stops."""
+    stops; ``uniform``: whether every layer has that size (else the title names it as the
+    smallest)."""
     fig, (top, bottom) = pyplot().subplots(2, 1, figsize=(10, 7), sharex=True,
                                       gridspec_kw={"height_ratios": [3, 1]})
     for (column, label), (conditional, conditional_label) in zip(
@@ -250,7 +251,9 @@ def draw_ksweep(table, d_head: int, path) -> None:
                  label=conditional_label)
     top.axhline(1.0, color="gray", linestyle=":", label="the null (1)")
     top.set(ylabel="statistic / null mean", yscale="log",
-            title=f"k-sensitivity (k = 1 .. {d_head - 1}; d_head = {d_head} excluded)")
+            title=f"k-sensitivity (k = 1 .. {d_head - 1}; "
+            + (f"d_head = {d_head}" if uniform else f"the smallest head size, {d_head},")
+            + " excluded)")
     _ratio_ticks(top)
     top.legend()
     bottom.bar(table["k"], table["n_ill_defined"], color="gray")

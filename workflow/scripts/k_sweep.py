@@ -8,7 +8,7 @@ from weight_geometry.rule_script import run_rule
 
 def main():
     from weight_geometry.figures import draw_ksweep
-    from weight_geometry.head_layout import min_head_dim
+    from weight_geometry.head_layout import is_uniform, min_head_dim
     from weight_geometry.ksweep import ksweep_table
     from weight_geometry.results_io import load_array, load_layers, read_json
 
@@ -24,7 +24,7 @@ def main():
                          load_layers(inp.rowspace_eigenvalues))
     table.to_parquet(out.parquet, index=False)
     table.to_csv(out.csv, index=False)
-    draw_ksweep(table, min_head_dim(model), out.figure)
+    draw_ksweep(table, min_head_dim(model), out.figure, is_uniform(model))
 
 
 run_rule(main, snakemake.log[0], snakemake.output)
