@@ -243,6 +243,7 @@ def stage_alignment(args) -> dict:
     ckpt = _open(args.checkpoint)
     dims, ffn_input = ckpt.dims, ckpt.adapter.ffn_input
     energy = np.empty((dims.n_layers, dims.n_heads, dims.d_head))
+    rowspace = np.empty((dims.n_layers, dims.n_kv_heads, dims.d_head))
     norm2 = np.empty(dims.n_layers)
     sigma = np.empty((dims.n_layers, dims.d_model))
     times = {"read": 0.0, "compute": 0.0, "marginal": 0.0}
@@ -256,10 +257,11 @@ def stage_alignment(args) -> dict:
         with stopwatch(times, "compute", args.device):
             sigma[layer], g = weight_spectrum(w_in, "in")
             with stopwatch(times, "marginal", args.device):
-                energy[layer] = subspaces.energies(g)[0].cpu().numpy()
+                energy[layer], rowspace[layer] = (x.cpu().numpy()
+                                                  for x in subspaces.energies(g))
                 norm2[layer] = frobenius_norm2(g)
     with stopwatch(times, "compute"), stopwatch(times, "marginal"):
-        alignment_table(energy, norm2, sigma, args.k, dims.d_model, ffn_input)
+        alignment_table(energy, norm2, sigma, rowspace, args.k, dims.as_dict(), ffn_input)
     return times
 
 
