@@ -109,6 +109,9 @@ def test_layer_sizes_and_reuse_follow_transformers(built):
     assert record["keys_as_values"] == [1, 3, 5]
     assert record["layer_types"] == ["sliding", "full"] * 3
     assert "per-layer input embeddings" in record["not_used"]
+    assert record["rotary_fractions"] == {"full": 0.25}      # proportional RoPE, transformers'
+    rope = model.model.rotary_emb                            # the live global layers' pairs:
+    assert int((rope.full_attention_inv_freq > 0).sum()) == int(0.25 * 16) // 2
 
 
 def test_kernels_and_circuits_equal_naive_svds_of_live_weights(built):
@@ -293,6 +296,9 @@ def test_moe_experts_and_router_read_as_the_live_modules(built_moe):
     ({**MOE, "use_double_wide_mlp": True},
      ["use_double_wide_mlp: true is not supported with enable_moe_block"]),
     ({"num_kv_shared_layers": 6}, ["num_kv_shared_layers: 6 is not allowed", "0 to 5"]),
+    ({"rope_parameters": {"full_attention": {"rope_type": "proportional",
+                                             "partial_rotary_factor": 0}}},
+     ["rope_parameters.full_attention.partial_rotary_factor: 0 is not allowed"]),
     ({"num_kv_shared_layers": 5}, ["num_kv_shared_layers: 5 leaves layer 1", "at most 4"]),
     ({"per_layer_config": {"1": {"head_dim": 16, "num_key_value_heads": 3}}},
      ["per_layer_config.1.num_key_value_heads: 3 is not allowed", "divisor of"]),
@@ -356,6 +362,7 @@ def test_workflow_runs_on_gemma4(built, built_moe, tmp_path):
                     np.testing.assert_allclose(rows.alignment.to_numpy(), ref, rtol=1e-4)
         report = (r / "k3" / "report.md").read_text()
         assert "16" in report and "reuse" in report, name
+        assert "Proportional RoPE on the full layers turns only 2 of 8 coordinate pairs" in report
     model = built[0]
     maps = [folded(model, layer) for layer in range(6)]
 

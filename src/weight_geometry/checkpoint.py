@@ -62,7 +62,7 @@ from .architectures import (
     unsupported,
 )
 from .errors import UserError
-from .gemma4 import GEMMA4_TYPES, KvReuse, gemma4_layers, gguf_kv_reuse
+from .gemma4 import GEMMA4_TYPES, KvReuse, gemma4_layers, gguf_kv_reuse, rotary_fractions
 from .gguf_file import GGUFModel
 from .latent_attention import require_latent_shapes
 from .layer_kinds import LINEAR, LayerKinds, gguf_layer_kinds, hf_layer_kinds
@@ -185,6 +185,9 @@ class Checkpoint:
     #: Layers that read another layer's keys and values, or their keys as values (Gemma 4,
     #: :mod:`gemma4`; None: every layer stores its own W_K and W_V).
     kv_reuse: KvReuse | None = None
+    #: The rotated share of each head's coordinate pairs by layer kind, where a kind's RoPE
+    #: turns only part of them (Gemma 4's global layers; :func:`gemma4.rotary_fractions`).
+    rotary_by_kind: dict[str, float] = field(default_factory=dict)
 
     @property
     def weight_types(self) -> tuple[str, ...]:
@@ -544,6 +547,7 @@ class Checkpoint:
             **({"latent_attention": {**self.latent.as_dict(), "note": LATENT_NOTE}}
                if self.latent is not None else {}),
             **(self.kv_reuse.as_dict() if self.kv_reuse is not None else {}),
+            **({"rotary_fractions": self.rotary_by_kind} if self.rotary_by_kind else {}),
         }
 
 
@@ -789,7 +793,20 @@ def _open_hf_dir(source: str, path: Path) -> Checkpoint:
         _layers_key=f"config.json {hf_layers_key(model_type)}",
         moe=moe, expert_layout=_expert_layout(adapter, moe, entries),
         _extra_layers=extra_layers, rotary_fraction=rotary, latent=latent,
-        kv_reuse=hf_kv_reuse(config, model_type, dims.n_layers))
+        kv_reuse=hf_kv_reuse(config, model_type, dims.n_layers),
+        rotary_by_kind=_hf_rotary_by_kind(path, config, model_type))
+
+
+def _hf_rotary_by_kind(path: Path, config: dict, model_type: str) -> dict[str, float]:
+    """A Gemma 4 text config's rotated share per layer kind (:func:`gemma4.rotary_fractions`),
+    a bad one a UserError naming the file; empty for any other architecture."""
+    if model_type not in GEMMA4_TYPES:
+        return {}
+    where = f"{HF_TEXT_CONFIG[model_type]}." if model_type in HF_TEXT_CONFIG else ""
+    try:
+        return rotary_fractions(config[where[:-1]] if where else config, where)
+    except UserError as err:
+        raise UserError(f"{path / 'config.json'}: {err}") from None
 
 
 def hf_kv_reuse(config: dict, model_type: str, n_layers: int) -> KvReuse | None:

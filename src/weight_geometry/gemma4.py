@@ -195,3 +195,30 @@ def gguf_kv_reuse(sliding: Sequence[bool], shared: int, without_values: Collecti
     values = {layer for layer in without_values if layer < first}
     return KvReuse(tuple(source), frozenset(
         layer for layer in range(n) if source[layer] in values))
+
+
+#: Transformers' RoPE of each Gemma 4 layer type when ``rope_parameters`` leaves it out.
+_ROPE_DEFAULTS = {"full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25},
+                  "sliding_attention": {"rope_type": "default"}}
+_KIND = {"full_attention": "full", "sliding_attention": "sliding"}
+
+
+def rotary_fractions(config: dict, where: str = "") -> dict[str, float]:
+    """``{layer kind: the share of each head's frequency pairs its RoPE turns}``, for the kinds
+    whose share is below 1: Gemma 4's global layers use proportional RoPE, which turns the
+    first ``int(f m / 2)`` of a head's ``m / 2`` pairs (``partial_rotary_factor`` ``f``, 0.25 by
+    default) and leaves the others at frequency 0. A bad factor is a UserError naming
+    ``{where}rope_parameters.{type}.partial_rotary_factor``."""
+    rope = config.get("rope_parameters") or {}
+    out = {}
+    for layer_type, kind in _KIND.items():
+        params = rope.get(layer_type) if isinstance(rope.get(layer_type), dict) else (
+            _ROPE_DEFAULTS[layer_type])
+        f = params.get("partial_rotary_factor", 1.0)
+        if isinstance(f, bool) or not isinstance(f, int | float) or not 0 < f <= 1:
+            raise UserError(f"{where}rope_parameters.{layer_type}.partial_rotary_factor: {f!r}"
+                            " is not allowed (a number in (0, 1])")
+        if f < 1:
+            out[kind] = float(f)
+    return out
+

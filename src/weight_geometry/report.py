@@ -304,6 +304,26 @@ def partial_rotary_caveat(fraction: float, d_head: int) -> str:
             f" the part from the other {d_head - r} is the same at every offset.")
 
 
+def kind_rotary_caveats(m: dict) -> list[str]:
+    """What the zero-offset kernel is on the layer kinds whose RoPE turns only part of each
+    head's coordinate pairs (``model.json``'s ``rotary_fractions``: Gemma 4's global layers,
+    proportional RoPE, which turns the first ``int(f m / 2)`` of a head's ``m / 2`` pairs), one
+    sentence per kind, naming its head sizes."""
+    kinds = [m["layer_types"][layer] for layer in attention_layers(m)] if "layer_types" in m \
+        else []
+    out = []
+    for kind, f in m.get("rotary_fractions", {}).items():
+        sizes = sorted({int(s) for s, t in zip(head_dims(m), kinds, strict=True) if t == kind})
+        turned = ", ".join(f"{int(f * s) // 2} of {s // 2}" for s in sizes)
+        out.append(f"Proportional RoPE on the {kind} layers turns only {turned} coordinate"
+                   f" pairs of each query and key head (partial_rotary_factor {f:g}); the other"
+                   " pairs have frequency 0. At offset 0 every rotation is the identity, so the"
+                   " kernel is still the whole `W_Q_i^T W_K_j`; at other offsets only the part"
+                   " of the score from the turned pairs changes, the rest is the same at every"
+                   " offset.")
+    return out
+
+
 def _header(a: Analysis):
     m, k, d_head = a.model, a.k, a.model["d_head"]
     uniform = is_uniform(m)
@@ -323,6 +343,8 @@ def _header(a: Analysis):
               " compare heads.**" if not uniform and k == min_head_dim(m) else "") + "\n")
     if (fraction := m.get("rotary_fraction", 1.0)) < 1:
         yield partial_rotary_caveat(fraction, d_head) + "\n"
+    for caveat in kind_rotary_caveats(m):
+        yield caveat + "\n"
     if reuse := kv_reuse_caveat(m):
         yield reuse + "\n"
     if latent := m.get("latent_attention"):
