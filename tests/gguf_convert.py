@@ -49,7 +49,17 @@ Gemma 4 (``gemma4_text`` as ``gemma4``: ``Gemma4Model``, registered for
 ``layer_output_scale.weight``, the extra ``rope_freqs`` tensor, and per-layer metadata:
 ``key_length``/``key_length_swa``, ``sliding_window_pattern``, ``shared_kv_layers``, arrays
 ``head_count_kv`` and ``feed_forward_length`` (``_gemma4_hparams``); a layer that reuses keys and
-values has no ``k_proj``/``v_proj`` to write, one whose values are its keys no ``v_proj``.
+values has no ``k_proj``/``v_proj`` to write, one whose values are its keys no ``v_proj``. Its
+mixture of experts (``enable_moe_block``), as ``Gemma4Model`` and gguf-py's name map write it:
+``experts.gate_up_proj`` ``(E, 2 d_e, d)`` (``.weight`` appended, ``filter_tensors``) as
+``ffn_gate_up_exps``, gate rows first, ``experts.down_proj`` as ``ffn_down_exps``,
+``router.proj`` as ``ffn_gate_inp``, ``router.scale`` as ``ffn_gate_inp.scale`` and
+``router.per_expert_scale`` as ``ffn_down_exps.scale`` (``modify_tensors``),
+``pre_feedforward_layernorm_2`` as ``pre_ffw_norm_2``, ``post_feedforward_layernorm_1``/``_2``
+as ``post_ffw_norm_1``/``_2``, the dense FFN beside the experts as ``ffn_gate``/``ffn_up``/
+``ffn_down``; ``expert_count`` (``num_experts``), ``expert_used_count`` (``top_k_experts``:
+``TextModel.set_gguf_parameters``) and ``expert_feed_forward_length``
+(``moe_intermediate_size``).
 
 Weights of two or more dimensions whose rows are whole blocks are stored in ``qtype``
 (quantized with ``gguf.quants.quantize``), the rest as F32, as the converter keeps norms.
@@ -106,7 +116,7 @@ def _hparams(config: dict) -> dict[str, int]:
     n_experts = config.get("num_local_experts") or config.get("num_experts")
     if n_experts:
         out["expert_count"] = n_experts
-        out["expert_used_count"] = config["num_experts_per_tok"]
+        out["expert_used_count"] = config.get("num_experts_per_tok") or config["top_k_experts"]
     d_expert = (config["intermediate_size"] if config["model_type"] in ("gpt_oss", "llama4_text")
                 else config.get("moe_intermediate_size"))
     if config["model_type"] == "llama4_text":   # Llama4Model: dense FFNs, MoE interleave
@@ -151,7 +161,8 @@ def _hf_tensors(hf_dir: Path, model_type: str, n_experts: int):
         if model_type == "llama4_text" and ".feed_forward.experts." in name:
             yield from _llama4_experts(name, w)
             continue
-        if name.endswith((".sinks", ".layer_scalar")):   # Gemma4Model.filter_tensors too
+        if name.endswith((".sinks", ".layer_scalar")) or (   # Gemma4Model.filter_tensors too
+                model_type == "gemma4_text" and ".experts." in name):
             name += ".weight"
         if name.endswith("shared_expert_gate.weight"):  # (1, d) stored as llama.cpp's (d,)
             w = w.reshape(-1)
@@ -309,6 +320,21 @@ def _gemma4_hparams(config: dict) -> dict:
     return out
 
 
+#: ``Gemma4Model.modify_tensors``: the router's gain and each expert's output scale, which
+#: gguf-py's name map does not know, as the ``scale`` tensors of ``ffn_gate_inp`` and
+#: ``ffn_down_exps``.
+GEMMA4_SCALES = re.compile(
+    r"model\.layers\.(?P<bid>\d+)\.router\.(?P<which>scale|per_expert_scale)")
+
+
+def _gemma4_scale_name(name: str) -> str | None:
+    """The GGUF name of a Gemma 4 router's ``scale`` or ``per_expert_scale`` (None for any
+    other tensor)."""
+    if not (m := GEMMA4_SCALES.fullmatch(name)):
+        return None
+    return f"blk.{m['bid']}.{'ffn_gate_inp' if m['which'] == 'scale' else 'ffn_down_exps'}.scale"
+
+
 def _gemma4_rope_freqs(config: dict) -> np.ndarray:
     """``Gemma4Model.generate_extra_tensors``: ``rope_freqs`` (global layers' proportional
     RoPE), 1 for each rotated pair and 1e30 for the others."""
@@ -355,8 +381,8 @@ def convert_hf_to_gguf(hf_dir: Path, out: Path, qtype=None, split_max_tensors: i
     tensor (:func:`_fused_gate_up`); ``per_expert``: each expert's weights as 2-D tensors
     ``ffn_{gate,up,down}.{e}.weight``, as llama.cpp's first Mixtral files (its loader's
     ``LLM_TENSOR_FFN_*_EXP``); ``metadata``: hyperparameters (without the ``{arch}.`` prefix;
-    a list is an array) written in place of the converter's, for a file whose metadata
-    contradicts its tensors. Returns the files written."""
+    a list is an array, None leaves the key out) written in place of the converter's, for a
+    file whose metadata contradicts its tensors. Returns the files written."""
     import gguf
     from gguf.quants import quantize
 
@@ -373,7 +399,7 @@ def convert_hf_to_gguf(hf_dir: Path, out: Path, qtype=None, split_max_tensors: i
         hp.update(_hybrid_hparams(config))
     if arch == "gemma4":
         hp.update(_gemma4_hparams(config))
-    hp.update(metadata or {})
+    hp = {key: value for key, value in {**hp, **(metadata or {})}.items() if value is not None}
     model_arch = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
     names = gguf.get_tensor_name_map(model_arch, hp["block_count"])
     writer = gguf.GGUFWriter(str(out), arch, split_max_tensors=split_max_tensors)
@@ -397,7 +423,8 @@ def convert_hf_to_gguf(hf_dir: Path, out: Path, qtype=None, split_max_tensors: i
     if arch == "gemma4":
         writer.add_tensor("rope_freqs.weight", _gemma4_rope_freqs(config))
     for name, w in _split_kv_b(tensors, config) if model_type in LATENT else tensors:
-        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        gguf_name = (_gemma4_scale_name(name) if arch == "gemma4" else None) or names.get_name(
+            name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:   # buffers (GPT-2's attn.bias masks), nothing the converter maps
             continue
         if fuse_gate_up_exps and gguf_name.endswith(("ffn_gate_exps.weight",
