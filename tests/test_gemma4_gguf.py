@@ -8,6 +8,15 @@ key/value reuse and ``model.json`` record, every layer's weights raw and folded,
 extraction array, from an F32 file exactly and from a Q8_0 file as from a checkpoint holding
 its dequantized weights. A file whose metadata contradicts its tensors stops in one line.
 
+Its mixture of experts (test_gemma4.py's ``MOE``: every layer sparse, four routed experts of
+width 12 beside the dense FFN of width 24) as the converter writes it (``ffn_gate_up_exps``,
+``ffn_down_exps``, ``ffn_gate_inp`` and its ``scale``, ``pre_ffw_norm_2``): every expert's
+weights and the router, raw and folded, are the Hugging Face checkpoint's and the live
+modules' (the routed experts through ``pre_ffw_norm_2``, the dense FFN as the shared expert
+through ``ffn_norm``, the router through ``ffn_gate_inp.scale``), every extraction array with
+the ``expert_*`` ones equal, from an F32 file and a Q4_0 one; bad expert metadata stops in one
+line.
+
 transformers' own GGUF loading cannot cross-check the converter here: it reads none of Gemma
 4's per-layer keys (``key_length_swa``, ``sliding_window_pattern``, ``shared_kv_layers``, the
 per-layer arrays); the file's tensor names are checked against gguf-py's ``MODEL_TENSORS``
@@ -27,7 +36,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize, quantize
 from gguf_convert import convert_hf_to_gguf
 from safetensors.numpy import load_file, save_file
-from test_gemma4 import build
+from test_gemma4 import MOE, D, build, expert_units
 
 from weight_geometry.checkpoint import open_checkpoint
 from weight_geometry.errors import UserError
@@ -49,14 +58,14 @@ def files(tmp_path_factory):
     return root / "hf", f32, q8, dequantized_copy(root / "hf", root / "hf_q8")
 
 
-def dequantized_copy(hf, out):
-    """``hf`` with every tensor the converter quantizes to Q8_0 (two or more dimensions, rows
-    of whole 32-value blocks) replaced by its dequantized quantization: what the Q8_0 file
-    holds, as a Hugging Face checkpoint."""
+def dequantized_copy(hf, out, qtype=QT.Q8_0):
+    """``hf`` with every tensor the converter quantizes to ``qtype`` (two or more dimensions,
+    rows of whole 32-value blocks) replaced by its dequantized quantization: what the ``qtype``
+    file holds, as a Hugging Face checkpoint."""
     out.mkdir()
     shutil.copy(hf / "config.json", out / "config.json")
     tensors = load_file(str(hf / "model.safetensors"))
-    save_file({name: dequantize(quantize(w, QT.Q8_0), QT.Q8_0)
+    save_file({name: dequantize(quantize(w, qtype), qtype)
                if w.ndim >= 2 and w.shape[-1] % 32 == 0 else w
                for name, w in tensors.items()}, str(out / "model.safetensors"))
     return out
@@ -129,7 +138,8 @@ def assert_same_extraction(ours, ref, fold: bool, what: str) -> None:
             if b is not None:
                 np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7, equal_nan=True,
                                            err_msg=f"{what} {name} layer {layer} fold {fold}")
-        assert [r[:3] for r in got.weight_ranks] == [r[:3] for r in expected.weight_ranks]
+        assert [r[:3] + r[4:] for r in got.weight_ranks] == [
+            r[:3] + r[4:] for r in expected.weight_ranks]       # (layer, type, shape, expert)
         assert [r[3] for r in got.weight_ranks] == pytest.approx(
             [r[3] for r in expected.weight_ranks], rel=1e-6), layer
 
@@ -186,8 +196,8 @@ def test_q8_0_reads_as_its_dequantized_weights(files):
     ({"attention.shared_kv_layers": 1},
      ["shared_kv_layers: 1 makes global layer 5", "layer 4 in llama.cpp, of layer 3 in"]),
     ({"attention.shared_kv_layers": 6}, ["shared_kv_layers: 6 is not allowed", "0 to 5"]),
-    ({"expert_count": 4, "expert_feed_forward_length": 16},
-     ["a mixture-of-experts gemma4 model", "expert_count = 4"]),
+    ({"expert_count": 4, "expert_feed_forward_length": 16, "feed_forward_length": 24},
+     ["gemma4.expert_count = 4, but no layer stores a router (blk.N.ffn_gate_inp.weight)"]),
 ])
 def test_metadata_contradicting_the_tensors_stops_in_one_line(files, tmp_path, metadata,
                                                                fragments):
@@ -213,3 +223,156 @@ def test_layers_storing_keys_the_metadata_says_they_reuse_stop_in_one_line(tmp_p
     assert_one_line(info.value, path, "shared_kv_layers = 2 makes layer 4 reuse the keys and"
                     " values of layer 2, but it stores blk.4.attn_k.weight")
     assert open_checkpoint(str(tmp_path / "hf")).kv_reuse.source == tuple(range(L))
+
+
+@pytest.fixture(scope="module")
+def moe_files(tmp_path_factory):
+    """(live MoE model, HF directory, F32 GGUF, Q4_0 GGUF, HF directory of the Q4_0 file's
+    weights)."""
+    root = tmp_path_factory.mktemp("gemma4_moe_gguf")
+    model = build(root / "hf", **MOE)
+    f32 = convert_hf_to_gguf(root / "hf", root / "f32.gguf")[0]
+    q4 = convert_hf_to_gguf(root / "hf", root / "q4.gguf", QT.Q4_0)[0]
+    return model, root / "hf", f32, q4, dequantized_copy(root / "hf", root / "hf_q4", QT.Q4_0)
+
+
+#: Each sparse layer's tensors that llama.cpp's loader requires beside the dense FFN
+#: (``llama_model_gemma4::load_arch_tensors`` where ``ffn_gate_inp`` is stored), with their
+#: shapes (numpy order, outermost first) for E = 4 experts of width d_e = 12, d = 32.
+MOE_TENSORS = {"ffn_gate_inp.weight": (4, D), "ffn_gate_inp.scale": (D,),
+               "pre_ffw_norm_2.weight": (D,), "post_ffw_norm_1.weight": (D,),
+               "post_ffw_norm_2.weight": (D,), "ffn_gate_up_exps.weight": (4, 24, D),
+               "ffn_down_exps.weight": (4, D, 12), "ffn_down_exps.scale": (4,),
+               "ffn_gate.weight": (24, D), "ffn_up.weight": (24, D), "ffn_down.weight": (D, 24)}
+
+
+def test_moe_written_as_llama_cpp_loads_it(moe_files):
+    """Every tensor is one of gguf-py's Gemma 4 tensors (the router's and the experts' scales
+    as ``.scale`` of theirs), each layer holds the MoE tensors llama.cpp's loader requires in
+    its shapes, and the metadata counts and widths are the config's; ``ffn_gate_up_exps[e]``
+    is expert e's ``gate_up_proj``, gate rows first."""
+    model, _, f32, _, _ = moe_files
+    gguf_file = GGUFModel(f32)
+    known = {gguf.TENSOR_NAMES[t].format(bid=b) + suffix
+             for t in gguf.MODEL_TENSORS[gguf.MODEL_ARCH.GEMMA4] for b in range(L)
+             for suffix in (".weight", ".scale")}
+    assert set(gguf_file.tensors) <= known, sorted(set(gguf_file.tensors) - known)
+    for layer in range(L):
+        for name, shape in MOE_TENSORS.items():
+            assert gguf_file.tensors[f"blk.{layer}.{name}"].shape == shape, (layer, name)
+    meta = {key: gguf_file.metadata[f"gemma4.{key}"] for key in (
+        "expert_count", "expert_used_count", "expert_feed_forward_length",
+        "feed_forward_length")}
+    assert meta == {"expert_count": 4, "expert_used_count": 2,
+                    "expert_feed_forward_length": 12, "feed_forward_length": 24}
+    np.testing.assert_array_equal(gguf_file.read("blk.5.ffn_gate_up_exps.weight", 3),
+                                  model.model.layers[5].experts.gate_up_proj[3].detach()
+                                  .float().numpy())
+
+
+def test_moe_experts_and_router_equal_the_hf_checkpoints(moe_files):
+    """Experts, widths and sparse layers and the ``model.json`` record are the Hugging Face
+    checkpoint's; every expert's W_gate, W_up, W_down (the shared one the dense FFN) and the
+    router, raw and folded, are its too, bit for bit; folded, each unit's W_gate and router row
+    is the live modules' (routed experts through ``pre_feedforward_layernorm_2``, the shared
+    one through ``pre_feedforward_layernorm``, the router through ``router.scale``), which
+    differ from each other and from the raw weights."""
+    model, hf, f32, _, _ = moe_files
+    for fold in (False, True):
+        ref, ours = open_checkpoint(str(hf), fold), open_checkpoint(str(f32), fold)
+        assert ours.moe == ref.moe
+        assert (ours.moe.n_experts, ours.moe.d_expert, ours.moe.d_shared) == (4, 12, 24)
+        assert ours.moe.sparse_layers == frozenset(range(L))
+        record, expected = ours.describe(fold), ref.describe(fold)
+        for key in FORMAT_KEYS:
+            del record[key], expected[key]
+        assert record == expected
+        for layer in range(L):
+            got, want = dict(ours.iter_experts(layer, fold)), dict(ref.iter_experts(layer, fold))
+            assert list(got) == [0, 1, 2, 3, "shared"] == list(want)
+            for expert, weights in want.items():
+                assert got[expert].keys() == weights.keys() == {"W_gate", "W_up", "W_down"}
+                for wt, w in weights.items():
+                    np.testing.assert_array_equal(got[expert][wt], w,
+                                                  err_msg=f"{layer} {expert} {wt} {fold}")
+            np.testing.assert_array_equal(ours.read_router(layer, fold),
+                                          ref.read_router(layer, fold), err_msg=f"{layer}")
+    raw, folded = open_checkpoint(str(f32)), open_checkpoint(str(f32), True)
+    for layer in (0, 5):
+        units = expert_units(model, layer)
+        got = dict(folded.iter_experts(layer, True))
+        for name, _, w in units[:5]:
+            np.testing.assert_allclose(got[int(name) if name.isdigit() else name]["W_gate"], w,
+                                       rtol=1e-6, atol=1e-7, err_msg=f"{layer} {name}")
+        router = np.concatenate([w for name, _, w in units if name == "router"])
+        np.testing.assert_allclose(folded.read_router(layer, True), router, rtol=1e-6,
+                                   atol=1e-7)
+        assert not np.allclose(raw.read_router(layer), router)
+        blk = model.model.layers[layer]
+        assert not torch.allclose(blk.pre_feedforward_layernorm.weight,
+                                  blk.pre_feedforward_layernorm_2.weight)
+
+
+@pytest.mark.parametrize("fold", [False, True])
+def test_moe_extraction_arrays_equal_the_hf_checkpoints(moe_files, fold):
+    """The F32 MoE file's extraction arrays, ``expert_*`` included (routed experts, the dense
+    FFN as the shared one, the router's rows, each at its layer's head size), and every
+    effective-rank row, with its expert, are the Hugging Face checkpoint's."""
+    _, hf, f32, _, _ = moe_files
+    ours = open_checkpoint(str(f32), fold)
+    res = extract_layer(ours, 1, torch.device("cpu"), fold)
+    assert res.expert_energy.shape == (9, 4, 16)    # 4 experts, shared, 4 router rows
+    assert np.isfinite(res.expert_energy).all() and res.expert_energy.any()
+    assert {r[4] for r in res.weight_ranks if len(r) > 4} == {"0", "1", "2", "3", "shared"}
+    assert_same_extraction(ours, open_checkpoint(str(hf), fold), fold, "MoE F32")
+
+
+def test_moe_q4_0_reads_as_its_dequantized_weights(moe_files):
+    """The Q4_0 MoE file: each expert's weights and the router are those of a checkpoint
+    holding the dequantized quantizations (``ffn_gate_up_exps`` and ``ffn_gate_inp``, rows of
+    32 values; ``ffn_down_exps``, rows of 12, and the gains F32), raw and folded, and so is
+    every extraction array; the quantization changed them."""
+    _, hf, _, q4, hf_q4 = moe_files
+    for fold in (False, True):
+        ref, ours = open_checkpoint(str(hf_q4), fold), open_checkpoint(str(q4), fold)
+        for layer in range(L):
+            got, want = dict(ours.iter_experts(layer, fold)), dict(ref.iter_experts(layer, fold))
+            for expert, weights in want.items():
+                for wt, w in weights.items():
+                    np.testing.assert_allclose(got[expert][wt], w, rtol=1e-6, atol=1e-7,
+                                               err_msg=f"{layer} {expert} {wt} {fold}")
+            np.testing.assert_allclose(ours.read_router(layer, fold),
+                                       ref.read_router(layer, fold), rtol=1e-6, atol=1e-7)
+        assert_same_extraction(ours, ref, fold, "MoE Q4_0")
+    ours, exact = open_checkpoint(str(q4)), open_checkpoint(str(hf))
+    assert ours.storage_dtype == "F32/Q4_0 (GGUF, dequantized to float32)"
+    assert np.abs(dict(ours.iter_experts(2))[1]["W_up"]
+                  - dict(exact.iter_experts(2))[1]["W_up"]).max() > 0
+    assert np.abs(ours.read_router(2) - exact.read_router(2)).max() > 0
+
+
+@pytest.mark.parametrize("metadata, fragments", [
+    ({"expert_count": 3},
+     ["tensor blk.0.ffn_gate_inp.weight has shape (4, 32)", "implies (3, 32)"]),
+    ({"expert_count": None},
+     ["layers [0, 1, 2, 3, 4, 5] store a router (blk.N.ffn_gate_inp.weight)",
+      "gemma4.expert_count is absent or 0"]),
+    ({"expert_feed_forward_length": 16},
+     ["tensor blk.0.ffn_gate_up_exps.weight has shape (4, 24, 32)", "implies (4, 32, 32)"]),
+    ({"expert_feed_forward_length": None},
+     ["no gemma4.expert_feed_forward_length in the GGUF metadata"]),
+    ({"feed_forward_length": 48},
+     ["tensor blk.0.ffn_gate.weight has shape (24, 32)", "implies (48, 32)"]),
+    ({"feed_forward_length": [24] * 4 + [48] * 2},
+     ["gemma4.feed_forward_length: widths [24, 48] are not allowed with experts"]),
+])
+def test_bad_moe_metadata_stops_in_one_line(moe_files, tmp_path, metadata, fragments):
+    """Expert metadata that the tensors contradict (the expert count, the experts' or the dense
+    FFN's width), that is missing (routers stored without an expert count, no expert width) or
+    that gives the dense FFN beside the experts a width per layer stops in one line naming the
+    file."""
+    _, hf, *_ = moe_files
+    path = convert_hf_to_gguf(hf, tmp_path / "bad.gguf", metadata=metadata)[0]
+    with pytest.raises(UserError) as info:
+        open_checkpoint(str(path))
+    assert_one_line(info.value, path, *fragments)

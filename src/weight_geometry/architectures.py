@@ -833,8 +833,27 @@ GGUF_FFN_WIDTH_KEY = {"qwen35moe": "expert_feed_forward_length"}
 #: in the metadata (:func:`_gguf_per_layer_dims`). Not read: ``post_attention_norm``,
 #: ``post_ffw_norm``, ``layer_output_scale``, the per-layer input embeddings (``inp_gate``,
 #: ``proj``, ``post_norm``, ``per_layer_*``) and ``rope_freqs``. No RoPE permutation.
-GGUF_ADAPTERS["gemma4"] = Adapter("blk.{layer}.", _GGUF, norms={**_GGUF_NORMS,
-                                                                **_GGUF_QK_NORMS})
+#:
+#: Its mixture of experts as the converter writes it (``Gemma4Model.filter_tensors`` and
+#: ``modify_tensors``, ``conversion/gemma.py``; gguf-py's name map) and llama.cpp's loader and
+#: graph read it (``llama_model_gemma4::load_arch_tensors``, ``src/models/gemma4.cpp``): a layer
+#: is sparse where ``ffn_gate_inp`` (``router.proj``, ``(E, d)``) is stored; its routed experts
+#: are ``ffn_gate_up_exps`` ``(E, 2 d_e, d)`` (``experts.gate_up_proj``, gate rows first: the
+#: graph's ``gate_up_exps``) and ``ffn_down_exps`` ``(E, d, d_e)``, reading the stream through
+#: ``pre_ffw_norm_2`` (``pre_feedforward_layernorm_2``: the ``experts`` gain); the router reads
+#: the gain-free normalized stream times ``ffn_gate_inp.scale`` (``router.scale``: the ``router``
+#: gain) and ``1 / sqrt(d)``; the dense ``ffn_gate``/``ffn_up``/``ffn_down`` beside the experts
+#: (the graph's "MLP (shared exp)", reading ``ffn_norm``) is their ``shared`` expert, as in the
+#: Hugging Face layout. Not read, as there: ``ffn_down_exps.scale`` (``router.per_expert_scale``,
+#: each expert's output scale), ``post_ffw_norm_1``, ``post_ffw_norm_2``.
+_GGUF_GEMMA4_EXPERTS = replace(GGUF_GATE_UP_EXPERTS, shared_gate=None, shared={
+    wt: _GGUF[wt] for wt in EXPERT_WEIGHTS})
+GGUF_ADAPTERS["gemma4"] = Adapter("blk.{layer}.", _GGUF, norms={
+    **_GGUF_NORMS, **_GGUF_QK_NORMS, "experts": "pre_ffw_norm_2.weight",
+    "router": "ffn_gate_inp.scale"}, experts=(_GGUF_GEMMA4_EXPERTS,))
+#: Architectures whose dense FFN runs beside the experts in every sparse layer, read as their
+#: shared expert of width ``feed_forward_length`` (Gemma 4).
+GGUF_SHARED_IS_DENSE_FFN = ("gemma4",)
 #: Architectures whose head sizes, KV-head counts, FFN widths and key/value reuse may differ
 #: per layer (Gemma 4).
 GGUF_PER_LAYER_DIMS = ("gemma4",)
@@ -1246,18 +1265,40 @@ def moe_dims_from_gguf_metadata(meta: dict, arch: str, sparse_layers: frozenset[
     ``feed_forward_length``, as llama.cpp reads Mixtral's and OLMoE's), shared-expert width
     ``{arch}.expert_shared_feed_forward_length`` (else ``expert_shared_count`` times the expert
     width, else the expert width for :data:`GGUF_SHARED_AS_WIDE_AS_EXPERTS`, else 0), in
-    ``sparse_layers`` (:func:`gguf_sparse_layers`). A bad value is a UserError naming the key
-    (the caller adds the file)."""
+    ``sparse_layers`` (:func:`gguf_sparse_layers`). For :data:`GGUF_SHARED_IS_DENSE_FFN`
+    (Gemma 4) ``expert_feed_forward_length`` is required (llama.cpp's ``n_ff_exp`` has no
+    fallback) and the shared expert is the dense FFN (:func:`_gguf_one_ffn_width`). A bad value
+    is a UserError naming the key (the caller adds the file)."""
     n_experts = _gguf_int(meta, f"{arch}.expert_count", default=0)
     if not n_experts:
         return None
-    d_expert = (_gguf_int(meta, f"{arch}.expert_feed_forward_length", default=0)
-                or _gguf_int(meta, f"{arch}.feed_forward_length"))
-    d_shared = (_gguf_int(meta, f"{arch}.expert_shared_feed_forward_length", default=0)
-                or _gguf_int(meta, f"{arch}.expert_shared_count", default=0) * d_expert
-                or (d_expert if arch in GGUF_SHARED_AS_WIDE_AS_EXPERTS else 0))
+    if arch in GGUF_SHARED_IS_DENSE_FFN:
+        d_expert = _gguf_int(meta, f"{arch}.expert_feed_forward_length")
+        d_shared = _gguf_one_ffn_width(meta, arch)
+    else:
+        d_expert = (_gguf_int(meta, f"{arch}.expert_feed_forward_length", default=0)
+                    or _gguf_int(meta, f"{arch}.feed_forward_length"))
+        d_shared = (_gguf_int(meta, f"{arch}.expert_shared_feed_forward_length", default=0)
+                    or _gguf_int(meta, f"{arch}.expert_shared_count", default=0) * d_expert
+                    or (d_expert if arch in GGUF_SHARED_AS_WIDE_AS_EXPERTS else 0))
     return MoeDims(n_experts=n_experts, d_expert=d_expert, d_shared=d_shared,
                    sparse_layers=sparse_layers)
+
+
+def _gguf_one_ffn_width(meta: dict, arch: str) -> int:
+    """The width of a dense FFN read as the shared expert (:data:`GGUF_SHARED_IS_DENSE_FFN`):
+    ``{arch}.feed_forward_length``, one integer or an array of one per layer
+    (:func:`_gguf_per_layer`) whose values are equal; an array of differing widths (Gemma 4's
+    ``use_double_wide_mlp``, which its Hugging Face config refuses beside experts too) is a
+    UserError naming the key. Cost: O(L)."""
+    key = f"{arch}.feed_forward_length"
+    widths = sorted(set(_gguf_per_layer(meta, key, _gguf_int(meta, f"{arch}.block_count"))))
+    if len(widths) > 1:
+        raise UserError(f"GGUF metadata {key}: widths {widths} are not allowed with experts"
+                        f" ({arch}.expert_count: the dense FFN beside them, read as their"
+                        " shared expert, would differ in width between layers; allowed: one"
+                        " width for every layer)")
+    return widths[0]
 
 
 def gguf_sparse_layers(adapter: Adapter, layout: ExpertLayout, n_layers: int,
