@@ -24,6 +24,7 @@ from conftest import (
     spread_parameters,
 )
 
+from weight_geometry.architectures import dims_from_hf_config
 from weight_geometry.checkpoint import open_checkpoint
 from weight_geometry.errors import UserError
 from weight_geometry.extraction import extract_layer
@@ -112,6 +113,21 @@ def test_layer_sizes_and_reuse_follow_transformers(built):
     assert record["rotary_fractions"] == {"full": 0.25}      # proportional RoPE, transformers'
     rope = model.model.rotary_emb                            # the live global layers' pairs:
     assert int((rope.full_attention_inv_freq > 0).sum()) == int(0.25 * 16) // 2
+
+
+def test_sizes_of_a_deep_config_as_transformers_resolves_them(tmp_path):
+    """A 12-layer config (transformers writes its per_layer_config keys zero-padded, "03"):
+    every layer's head size and KV-head count as the config class resolves them."""
+    config = gemma4_config(num_hidden_layers=12, layer_types=(["sliding_attention"] * 3
+                                                             + ["full_attention"]) * 3)
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert "03" in saved["per_layer_config"]
+    dims = dims_from_hf_config(saved)
+    assert [dims.layer(i).d_head for i in range(12)] == [
+        config.per_layer_config[i].head_dim for i in range(12)] == [8, 8, 8, 16] * 3
+    assert [dims.layer(i).n_kv_heads for i in range(12)] == [
+        config.per_layer_config[i].num_key_value_heads for i in range(12)]
 
 
 def test_kernels_and_circuits_equal_naive_svds_of_live_weights(built):
@@ -296,6 +312,7 @@ def test_moe_experts_and_router_read_as_the_live_modules(built_moe):
     ({**MOE, "use_double_wide_mlp": True},
      ["use_double_wide_mlp: true is not supported with enable_moe_block"]),
     ({"num_kv_shared_layers": 6}, ["num_kv_shared_layers: 6 is not allowed", "0 to 5"]),
+    ({"per_layer_config": {"x": {}}}, ["per_layer_config: key 'x' is not allowed", "0 to 5"]),
     ({"rope_parameters": {"full_attention": {"rope_type": "proportional",
                                              "partial_rotary_factor": 0}}},
      ["rope_parameters.full_attention.partial_rotary_factor: 0 is not allowed"]),

@@ -112,10 +112,12 @@ def gemma4_layers(config: dict, n_layers: int, where: str = "") -> Gemma4Layers:
         full = {"head_dim": _int(config, "global_head_dim", 512, where)}
         if k_eq_v and config.get("num_global_key_value_heads") is not None:
             full["num_key_value_heads"] = _int(config, "num_global_key_value_heads", None, where)
-        overrides = {str(i): full for i, t in enumerate(types) if t != _SLIDING}
+        overrides = {i: full for i, t in enumerate(types) if t != _SLIDING}
+    else:  # JSON keys: transformers writes them zero-padded ("03") in a model of 10+ layers
+        overrides = {_layer_key(key, n_layers, where): value for key, value in overrides.items()}
     head_dims, kv_heads = [], []
     for layer in range(n_layers):
-        own = overrides.get(str(layer)) or {}
+        own = overrides.get(layer) or {}
         at = f"{where}per_layer_config.{layer}."
         head_dims.append(_int(own, "head_dim", m, at))
         kv_heads.append(_int(own, "num_key_value_heads", n_kv, at))
@@ -222,3 +224,11 @@ def rotary_fractions(config: dict, where: str = "") -> dict[str, float]:
             out[kind] = float(f)
     return out
 
+
+def _layer_key(key: str, n_layers: int, where: str) -> int:
+    """A ``per_layer_config`` key as the layer it names (``"3"`` or ``"03"``); anything else is
+    a UserError naming it."""
+    if not (isinstance(key, str) and key.isdigit() and int(key) < n_layers):
+        raise UserError(f"{where}per_layer_config: key {key!r} is not allowed (a layer index,"
+                        f" 0 to {n_layers - 1})")
+    return int(key)
