@@ -10,6 +10,8 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -122,14 +124,18 @@ def test_second_model_plans_only_that_model_and_the_comparison(base):
 def test_edited_script_reruns_rule_and_dependants(tmp_path, base):
     """A copy of the workflow whose ffn_alignment script changed: that rule and what reads its
     output rerun, nothing upstream or beside it. An edited library module alone reruns
-    nothing."""
-    _, config, root = base
+    nothing. The copy starts from the base run's outputs and metadata, which it takes as its
+    own but for the report (its ``vega`` parameter is a path into the workflow copy)."""
+    workdir, config, root = base
     repo = tmp_path / "repo"
     repo.mkdir()
     for part in ("Snakefile", "workflow", "src", "config", "profiles", "envs"):
         src = REPO / part
         (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / part)
+    shutil.copytree(workdir, tmp_path / "run", symlinks=True)  # copy2: modification times kept
     cmd = snakemake_command(tmp_path / "run", config=config, snakefile=repo / "Snakefile")
+    copied = planned(subprocess.run(cmd + ["-n"], capture_output=True, text=True, timeout=300))
+    assert {r for r, _ in copied} <= {"report_markdown"}, copied
     assert_ok(subprocess.run(cmd, capture_output=True, text=True, timeout=600))
     # An edited library module is not a rerun trigger (the README says so: use --forcerun).
     module = repo / "src/weight_geometry/alignment.py"
@@ -150,10 +156,13 @@ def _digests(workdir: Path) -> dict[str, str]:
             for p in files}
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
-def test_interrupted_run_completes_identically(tmp_path, base, sig):
-    workdir, config, root = base
-    run_dir = tmp_path / "run"
+SIGNALS = (signal.SIGINT, signal.SIGKILL)
+
+
+def interrupt_and_complete(run_dir: Path, config: dict, sig: signal.Signals) -> dict[str, str]:
+    """The workflow at ``--cores 1`` into ``run_dir``, sent ``sig`` once extraction has begun,
+    then completed (after ``--unlock`` where a kill -9 left the lock): :func:`_digests` of the
+    result."""
     cmd = snakemake_command(run_dir, config=config, cores=1)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log = run_dir / "logs/tiny/extract_layers000-003.log"
@@ -167,4 +176,22 @@ def test_interrupted_run_completes_identically(tmp_path, base, sig):
     if sig == signal.SIGKILL:  # a killed Snakemake cannot release its lock: documented step
         assert_ok(subprocess.run(cmd + ["--unlock"], capture_output=True, text=True, timeout=120))
     assert_ok(subprocess.run(cmd, capture_output=True, text=True, timeout=600))
-    assert _digests(run_dir) == _digests(workdir)
+    return _digests(run_dir)
+
+
+@pytest.fixture(scope="module")
+def interrupted(base, tmp_path_factory) -> Iterator[dict[signal.Signals, Future]]:
+    """:func:`interrupt_and_complete` for each of :data:`SIGNALS`, both at once in threads
+    (each run takes one of the two cores): signal -> future of the digests."""
+    _, config, _ = base
+    with ThreadPoolExecutor(len(SIGNALS)) as pool:
+        yield {sig: pool.submit(interrupt_and_complete,
+                                tmp_path_factory.mktemp(f"interrupted-{sig.name}") / "run",
+                                config, sig)
+               for sig in SIGNALS}
+
+
+@pytest.mark.parametrize("sig", SIGNALS)
+def test_interrupted_run_completes_identically(base, interrupted, sig):
+    workdir, _, _ = base
+    assert interrupted[sig].result() == _digests(workdir)
