@@ -102,6 +102,7 @@ def test_dims_kinds_reuse_and_record_equal_the_hf_checkpoints(files):
     assert ours.kv_reuse.source == (0, 1, 2, 3, 2, 3)
     assert ours.kv_reuse.keys_as_values == {1, 3, 5}
     assert ours.rotary_fraction == ref.rotary_fraction
+    assert ours.rotary_by_kind == ref.rotary_by_kind == {"full": 0.25}   # rope_freqs: 2 of 8
     for fold in (False, True):
         record, expected = ours.describe(fold), ref.describe(fold)
         for key in FORMAT_KEYS:
@@ -196,6 +197,8 @@ def test_q8_0_reads_as_its_dequantized_weights(files):
     ({"attention.shared_kv_layers": 1},
      ["shared_kv_layers: 1 makes global layer 5", "layer 4 in llama.cpp, of layer 3 in"]),
     ({"attention.shared_kv_layers": 6}, ["shared_kv_layers: 6 is not allowed", "0 to 5"]),
+    ({"rope.dimension_count_swa": 9},
+     ["gemma4.rope.dimension_count_swa: 9 is not allowed", "sliding layers' head size, 8"]),
     ({"expert_count": 4, "expert_feed_forward_length": 16, "feed_forward_length": 24},
      ["gemma4.expert_count = 4, but no layer stores a router (blk.N.ffn_gate_inp.weight)"]),
 ])
@@ -210,6 +213,16 @@ def test_metadata_contradicting_the_tensors_stops_in_one_line(files, tmp_path, m
     with pytest.raises(UserError) as info:
         open_checkpoint(str(path))
     assert_one_line(info.value, path, *fragments)
+
+
+def test_sliding_layers_rotating_part_of_each_head_are_recorded(files, tmp_path):
+    """``rope.dimension_count_swa`` below the sliding head size records their share beside the
+    global layers' (from ``rope_freqs``)."""
+    hf, *_ = files
+    path = convert_hf_to_gguf(hf, tmp_path / "swa.gguf",
+                              metadata={"rope.dimension_count_swa": 4})[0]
+    assert open_checkpoint(str(path)).describe()["rotary_fractions"] == {"full": 0.25,
+                                                                         "sliding": 0.5}
 
 
 def test_layers_storing_keys_the_metadata_says_they_reuse_stop_in_one_line(tmp_path):

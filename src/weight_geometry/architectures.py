@@ -832,7 +832,8 @@ GGUF_FFN_WIDTH_KEY = {"qwen35moe": "expert_feed_forward_length"}
 #: one whose values are its keys no ``attn_v`` (:func:`gemma4.gguf_kv_reuse`); per-layer sizes
 #: in the metadata (:func:`_gguf_per_layer_dims`). Not read: ``post_attention_norm``,
 #: ``post_ffw_norm``, ``layer_output_scale``, the per-layer input embeddings (``inp_gate``,
-#: ``proj``, ``post_norm``, ``per_layer_*``) and ``rope_freqs``. No RoPE permutation.
+#: ``proj``, ``post_norm``, ``per_layer_*``); ``rope_freqs`` only for the share of pairs the
+#: global layers' RoPE turns (:func:`gemma4.gguf_rotary_fractions`). No RoPE permutation.
 #:
 #: Its mixture of experts as the converter writes it (``Gemma4Model.filter_tensors`` and
 #: ``modify_tensors``, ``conversion/gemma.py``; gguf-py's name map) and llama.cpp's loader and

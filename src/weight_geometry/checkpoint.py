@@ -62,7 +62,14 @@ from .architectures import (
     unsupported,
 )
 from .errors import UserError
-from .gemma4 import GEMMA4_TYPES, KvReuse, gemma4_layers, gguf_kv_reuse, rotary_fractions
+from .gemma4 import (
+    GEMMA4_TYPES,
+    KvReuse,
+    gemma4_layers,
+    gguf_kv_reuse,
+    gguf_rotary_fractions,
+    rotary_fractions,
+)
 from .gguf_file import GGUFModel
 from .latent_attention import require_latent_shapes
 from .layer_kinds import LINEAR, LayerKinds, gguf_layer_kinds, hf_layer_kinds
@@ -610,6 +617,13 @@ def _open_gguf(source: str, path: Path) -> Checkpoint:
         dims = dims_from_gguf_metadata(gguf.metadata, arch)
         moe, layout = _gguf_experts(gguf, arch, adapter, dims)
         kv_reuse = _gguf_kv_reuse(gguf, arch, adapter, dims.n_layers)
+        rotary_by_kind = {}
+        if arch in GGUF_PER_LAYER_DIMS:  # Gemma 4: proportional RoPE on its global layers
+            key = f"{arch}.rope.dimension_count_swa"
+            m_swa = gguf.metadata[f"{arch}.attention.key_length_swa"]  # checked by the dims
+            rotary_by_kind = gguf_rotary_fractions(
+                gguf.read("rope_freqs.weight") if "rope_freqs.weight" in gguf.tensors else None,
+                gguf.metadata.get(key, m_swa), m_swa, f"GGUF metadata {key}")
     except UserError as err:
         raise UserError(f"{path}: {err}") from None
     first = min(moe.sparse_layers) if moe and moe.sparse_layers else 0
@@ -634,7 +648,8 @@ def _open_gguf(source: str, path: Path) -> Checkpoint:
         _files=gguf.files, _reader=gguf,
         _layers_key=f"GGUF metadata {arch}.block_count", _unpermute_qk=arch in GGUF_ROPE_PERMUTED,
         _extra_layers=gguf_extra_layers(gguf.metadata, arch), rotary_fraction=rotary,
-        moe=moe, expert_layout=layout, latent=latent, kv_reuse=kv_reuse)
+        moe=moe, expert_layout=layout, latent=latent, kv_reuse=kv_reuse,
+        rotary_by_kind=rotary_by_kind)
 
 
 def _gguf_kv_reuse(gguf: GGUFModel, arch: str, adapter: Adapter, n_layers: int

@@ -225,6 +225,32 @@ def rotary_fractions(config: dict, where: str = "") -> dict[str, float]:
     return out
 
 
+#: A ``rope_freqs`` factor at least this large leaves its pair still (its frequency divided by
+#: it): llama.cpp's converter writes 1e30 for the pairs proportional RoPE does not turn.
+_STILL = 1e15
+
+
+def gguf_rotary_fractions(pair_factors: Sequence[float] | None, rotated_swa: int, m_swa: int,
+                          key: str) -> dict[str, float]:
+    """:func:`rotary_fractions` of a Gemma 4 GGUF file, from what llama.cpp's converter writes
+    (``Gemma4Model.generate_extra_tensors``, ``set_gguf_parameters``, ``conversion/gemma.py``)
+    and its graph reads (``src/models/gemma4.cpp``: ``rope_freqs`` as the global layers'
+    ``freq_factors``): ``pair_factors``, the ``rope_freqs`` tensor, one factor per frequency
+    pair of the global head, 1 for each of the ``int(f m / 2)`` pairs it turns and 1e30 for the
+    others (None or empty where it is absent: every pair turns); ``rotated_swa``
+    (``rope.dimension_count_swa``, ``key``) of the sliding layers' ``m_swa`` coordinates. The
+    share is the turned pairs' (transformers' ``f`` wherever ``f m / 2`` is whole, as in every
+    published Gemma 4); kinds that turn every pair are left out. A ``rotated_swa`` outside 1 to
+    ``m_swa`` is a UserError naming ``key``. Cost: O(m)."""
+    if type(rotated_swa) is not int or not 1 <= rotated_swa <= m_swa:
+        raise UserError(f"{key}: {rotated_swa!r} is not allowed (an integer from 1 to the"
+                        f" sliding layers' head size, {m_swa})")
+    turned = [factor < _STILL for factor in ([] if pair_factors is None else pair_factors)]
+    shares = {"full": float(sum(turned)) / len(turned) if turned else 1.0,
+              "sliding": rotated_swa / m_swa}
+    return {kind: share for kind, share in shares.items() if share < 1}
+
+
 def _layer_key(key: str, n_layers: int, where: str) -> int:
     """A ``per_layer_config`` key as the layer it names (``"3"`` or ``"03"``); anything else is
     a UserError naming it."""
