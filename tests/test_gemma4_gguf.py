@@ -341,10 +341,10 @@ def test_moe_extraction_arrays_equal_the_hf_checkpoints(moe_files, fold):
 
 
 def test_moe_q4_0_reads_as_its_dequantized_weights(moe_files):
-    """The Q4_0 MoE file: each expert's weights and the router are those of a checkpoint
-    holding the dequantized quantizations (``ffn_gate_up_exps`` and ``ffn_gate_inp``, rows of
-    32 values; ``ffn_down_exps``, rows of 12, and the gains F32), raw and folded, and so is
-    every extraction array; the quantization changed them."""
+    """The Q4_0 MoE file: each expert's weights and the router are, bit for bit, those of a
+    checkpoint holding the dequantized quantizations (``ffn_gate_up_exps`` and
+    ``ffn_gate_inp``, rows of 32 values; ``ffn_down_exps``, rows of 12, and the gains F32), raw
+    and folded, and so is every extraction array; the quantization changed them."""
     _, hf, _, q4, hf_q4 = moe_files
     for fold in (False, True):
         ref, ours = open_checkpoint(str(hf_q4), fold), open_checkpoint(str(q4), fold)
@@ -352,10 +352,10 @@ def test_moe_q4_0_reads_as_its_dequantized_weights(moe_files):
             got, want = dict(ours.iter_experts(layer, fold)), dict(ref.iter_experts(layer, fold))
             for expert, weights in want.items():
                 for wt, w in weights.items():
-                    np.testing.assert_allclose(got[expert][wt], w, rtol=1e-6, atol=1e-7,
-                                               err_msg=f"{layer} {expert} {wt} {fold}")
-            np.testing.assert_allclose(ours.read_router(layer, fold),
-                                       ref.read_router(layer, fold), rtol=1e-6, atol=1e-7)
+                    np.testing.assert_array_equal(got[expert][wt], w,
+                                                  err_msg=f"{layer} {expert} {wt} {fold}")
+            np.testing.assert_array_equal(ours.read_router(layer, fold),
+                                          ref.read_router(layer, fold))
         assert_same_extraction(ours, ref, fold, "MoE Q4_0")
     ours, exact = open_checkpoint(str(q4)), open_checkpoint(str(hf))
     assert ours.storage_dtype == "F32/Q4_0 (GGUF, dequantized to float32)"
