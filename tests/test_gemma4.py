@@ -28,6 +28,9 @@ from weight_geometry.architectures import dims_from_hf_config
 from weight_geometry.checkpoint import open_checkpoint
 from weight_geometry.errors import UserError
 from weight_geometry.extraction import extract_layer
+from weight_geometry.head_layout import kv_of_heads, same_keys
+from weight_geometry.ksweep import untested_pairs
+from weight_geometry.rowspace_nulls import head_pair_null, one_head_null
 
 TYPES = ["sliding_attention", "full_attention"] * 3
 D, H = 32, 4
@@ -250,6 +253,35 @@ def test_multimodal_gemma4_is_read_as_its_text_tower(tmp_path):
         ours = ckpt.read_layer(layer)
         np.testing.assert_array_equal(ours["W_Q"], tower[layer].self_attn.q_proj.weight.detach())
         np.testing.assert_array_equal(ours["W_V"], tower[src].self_attn.k_proj.weight.detach())
+
+
+def test_layers_reading_the_same_keys_have_no_row_space_null(built):
+    """Two kernels that end in the same W_K (a layer reusing keys and its source) share their
+    top-k directions beyond the row-space null even for random queries (W_K's own spectrum
+    pulls both towards its top directions: Monte Carlo below), so their pairs are left out of
+    the tests (NaN null) and of the k-sweep's conditional ratios; every other pair keeps its
+    null."""
+    rng = np.random.default_rng(0)
+    d, m, k = 64, 16, 4
+    w_k = rng.standard_normal((m, d))
+    sims = []
+    for _ in range(200):
+        a, b = (np.linalg.svd(rng.standard_normal((m, d)).T @ w_k)[2][:k] for _ in range(2))
+        sims.append(np.square(a @ b.T).sum() / k)
+    haar = k / m          # the row-space null's mean for one shared row space (t1 = m)
+    assert np.mean(sims) > haar + 5 * np.std(sims) / np.sqrt(len(sims))
+    _, path = built
+    record = open_checkpoint(str(path)).describe()
+    shared = {(2, 4), (4, 2), (3, 5), (5, 3)}
+    overlaps = np.ones((2, 6, 2, 6, 2))
+    mean, std = one_head_null(overlaps, 3, record, 0)
+    for a in range(6):
+        for b in range(6):
+            assert np.isnan(mean[a, b]) == np.isnan(std[a, b]) == ((a, b) in shared)
+    assert {tuple(x) for x in np.argwhere(untested_pairs(record, [0, 1]))} == shared
+    pair_mean, _ = head_pair_null(overlaps, 3, record)
+    mask = same_keys(record, kv_of_heads(record))
+    assert (np.isnan(pair_mean) == mask).all() and mask[2, 0, 4, 1] and not mask[2, 0, 4, 2]
 
 
 #: A mixture-of-experts Gemma 4: routed experts beside the dense FFN in every layer.

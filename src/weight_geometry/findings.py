@@ -63,6 +63,7 @@ class Findings:
     conditional_mean: np.ndarray          # (L, L) conditional null of the primary head
     conditional_std: np.ndarray
     conditional_summary: dict[str, float]  # off-diagonal / adjacent / distant null means
+    conditional_ratio: dict[str, float]   # their observed means over them (tested pairs)
     adjacent: FamilyCounts
     pairs: FamilyCounts                   # every off-diagonal layer pair, primary head
     boundaries: pd.DataFrame              # significant drops only, largest first
@@ -129,6 +130,15 @@ def phase_boundaries(sims: np.ndarray, std: np.ndarray) -> tuple[pd.DataFrame, i
     }), int(np.isfinite(p).sum())
 
 
+def tested_means(values: np.ndarray, null: np.ndarray) -> tuple[float, float]:
+    """The mean of ``values`` and of their conditional ``null`` means over the entries that
+    have a null (a NaN null leaves a pair out of every test: Gemma 4's layers that read the
+    same keys, :func:`rowspace_nulls.one_head_null`); NaN for none. Cost O(n)."""
+    ok = np.isfinite(null)
+    return (float(values[ok].mean()), float(null[ok].mean())) if ok.any() else (
+        float("nan"), float("nan"))
+
+
 def _family(table: pd.DataFrame, value: str, null: str, z: str, p_adjusted: str) -> FamilyCounts:
     """:func:`multiplicity.count_family` of four columns of a table."""
     return count_family(*(table[c] for c in (value, null, z, p_adjusted)))
@@ -156,13 +166,14 @@ def compute_findings(a: Analysis) -> Findings:
                         if "bottleneck_similarity" not in (x, y)]
     depth_p.update({label: c.p for label, c in correlations})
     adjusted = benjamini_hochberg(np.array(list(depth_p.values()), dtype=float))
-    far = distant(mean)
+    tested = {name: tested_means(part(sims), part(mean)) for name, part in
+              (("off_diagonal_mean", off_diagonal), ("adjacent_mean", adjacent),
+               ("distant_mean", distant))}
     return Findings(
         overlap=overlap_summary(sims),
         conditional_mean=mean, conditional_std=std,
-        conditional_summary={"off_diagonal_mean": off_diagonal(mean).mean(),
-                             "adjacent_mean": adjacent(mean).mean(),
-                             "distant_mean": far.mean() if far.size else float("nan")},
+        conditional_summary={name: null for name, (_, null) in tested.items()},
+        conditional_ratio={name: value / null for name, (value, null) in tested.items()},
         adjacent=_family(layers, "adjacent_similarity", "adjacent_conditional_mean",
                          "adjacent_z_conditional", "adjacent_p_adjusted"),
         pairs=_upper_triangle_test(sims, mean, std),

@@ -60,6 +60,29 @@ def first_heads(model: dict) -> np.ndarray:
     return np.where(j < n_kv[:, None], j * (model["n_heads"] // n_kv)[:, None], -1)
 
 
+def key_sources(model: dict) -> np.ndarray:
+    """``(L_attn,)`` int: for each attention layer (stored row ``p``), the row of the layer
+    whose W_K its kernel ends in: its own, or for a Gemma 4 layer that reuses an earlier
+    layer's keys (``model.json``'s ``kv_shared_layers``, ``{layer: source}`` in model layers)
+    that layer's."""
+    layers = model.get("attention_layers") or list(range(model["n_layers"]))
+    row = {layer: p for p, layer in enumerate(layers)}
+    shared = {int(layer): source for layer, source in
+              (model.get("kv_shared_layers") or {}).items()}
+    return np.array([row[shared.get(layer, layer)] for layer in layers], dtype=int)
+
+
+def same_keys(model: dict, kv: np.ndarray) -> np.ndarray:
+    """``(L, n, L, n)`` bool for query heads given by their KV heads ``kv`` ``(L, n)``: whether
+    head ``i`` of layer ``a`` and head ``j`` of another layer ``b`` end in the same ``W_K_j``
+    (both layers read one layer's keys, through the same KV head). All False without key
+    reuse."""
+    src = key_sources(model)
+    n_layers = len(src)
+    pair = (src[:, None] == src[None, :]) & ~np.eye(n_layers, dtype=bool)
+    return pair[:, None, :, None] & (kv[:, :, None, None] == kv[None, None, :, :])
+
+
 def layout_record(head_sizes, kv_counts) -> dict:
     """The ``model.json`` keys for per-layer sizes (``d_head``, ``n_kv_heads`` the largest;
     ``head_dims``, ``kv_heads`` only where a layer differs): empty of the per-layer keys for

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .head_layout import head_dims, kv_of_heads
+from .head_layout import head_dims, kv_of_heads, same_keys
 from .similarity import cross_head_similarity, null_mean, null_std
 from .statistics import adjacent, distant, off_diagonal
 
@@ -88,23 +88,35 @@ def similarity_by_k(bases: np.ndarray) -> np.ndarray:
 
 
 def _mean_statistics(sims: np.ndarray) -> dict[str, float]:
-    return {"off_diagonal_mean": off_diagonal(sims).mean(),
-            "adjacent_mean": adjacent(sims).mean(),
-            "distant_mean": distant(sims).mean()}
+    """The three similarity means of an ``(L, L)`` matrix, over its entries that are not NaN
+    (NaN marks a pair left out of the conditional comparison: :func:`untested_pairs`)."""
+    return {"off_diagonal_mean": np.nanmean(off_diagonal(sims)),
+            "adjacent_mean": np.nanmean(adjacent(sims)),
+            "distant_mean": np.nanmean(distant(sims))}
+
+
+def untested_pairs(model: dict, heads: list[int]) -> np.ndarray:
+    """``(L, L)`` bool: layer pairs whose same-index similarity of the heads ``heads`` has no
+    conditional null (both layers' kernels end in the same W_K: Gemma 4's reused keys,
+    :func:`head_layout.same_keys`), left out of the conditional ratios."""
+    kv = kv_of_heads(model)[:, heads]
+    return np.einsum("aibi->abi", same_keys(model, kv)).any(-1)
 
 
 def _conditional_means(ks: np.ndarray, kv: np.ndarray, sizes: np.ndarray, overlaps: np.ndarray,
-                       rowspace_eigenvalues: np.ndarray, norm2: np.ndarray) -> pd.DataFrame:
+                       rowspace_eigenvalues: np.ndarray, norm2: np.ndarray,
+                       untested: np.ndarray) -> pd.DataFrame:
     """The row-space-conditional null means of the table's four statistics for every k, each
     linear in k (:mod:`rowspace_nulls`): a similarity's ``k t1 / (m_a m_b)``, an alignment's
     ``(k / m_p) sum_{r < m_p} mu_r / tr G``; averaged as the statistics are, over the heads
     whose KV heads in each layer are ``kv`` ``(L, h)``, each layer at its own size ``sizes``
     ``(L,)`` (``m_p``; the padded eigenvalues beyond it are left out). Cost O(h L^2 + L n_kv
-    d_head)."""
+    d_head). Layer pairs ``untested`` ``(L, L)`` are left out (:func:`untested_pairs`)."""
     layers = np.arange(len(sizes))
     t1 = overlaps[0][layers[:, None, None], kv[:, :, None], layers[None, None, :],
                      kv.T[None, :, :]]                                     # (L, h, L)
     per_pair = t1.mean(axis=1) / np.outer(sizes, sizes)                    # (L, L) at k = 1
+    per_pair[untested] = np.nan
     own = np.arange(rowspace_eigenvalues.shape[-1]) < sizes[:, None, None]
     inside = np.where(own, rowspace_eigenvalues, 0.0).sum(-1) / norm2[:, None]  # (L, n_kv)
     per_k = {**_mean_statistics(per_pair),
@@ -133,7 +145,8 @@ def ksweep_table(vectors: np.ndarray, energy: np.ndarray, norm2: np.ndarray,
     off_diagonal_mean, adjacent_mean, distant_mean (:func:`statistics.distant`): the mean over
     the heads of each head's statistic of its same-index ``(L, L)`` matrix; alignment_mean
     (mean over layers and heads); each of those four divided by chance as ``*_ratio`` and by
-    its row-space-conditional null mean (each layer at its own ``m_p`` and KV head) as
+    its row-space-conditional null mean (each layer at its own ``m_p`` and KV head; both over
+    the layer pairs that have one, :func:`untested_pairs`) as
     ``*_conditional_ratio``; n_ill_defined: (layer, head) pairs with relative gap at k below
     :data:`GAP_THRESHOLD`. Cost O(h L^2 d_head^2 d / 2), memory as :func:`similarity_by_k`
     plus ``(d_head, L, L)``.
@@ -149,8 +162,11 @@ def ksweep_table(vectors: np.ndarray, energy: np.ndarray, norm2: np.ndarray,
     table["alignment_mean"] = align.mean(axis=(0, 1))[:len(ks)]
     chance = null_mean(ks, d)
     ratios = table.div(chance, axis=0).add_suffix("_ratio")
-    conditional = table / _conditional_means(ks, kv_of_heads(model)[:, heads], sizes, overlaps,
-                                             rowspace_eigenvalues, norm2)
+    untested = untested_pairs(model, heads)
+    tested = pd.DataFrame([_mean_statistics(np.where(untested, np.nan, s)) for s in sims])
+    tested["alignment_mean"] = table["alignment_mean"]
+    conditional = tested / _conditional_means(ks, kv_of_heads(model)[:, heads], sizes,
+                                              overlaps, rowspace_eigenvalues, norm2, untested)
     table = pd.concat([table, ratios, conditional.add_suffix("_conditional_ratio")], axis=1)
     table.insert(0, "k", ks)
     table.insert(1, "chance", chance)

@@ -16,7 +16,7 @@ from .circuits_report import finding as circuit_finding
 from .circuits_report import section as circuit_section
 from .crossref import PAIRS, layer_correlations
 from .expert_alignment import expert_finding, group_summary
-from .findings import DEPTH_FAMILY, Findings, compute_findings
+from .findings import DEPTH_FAMILY, Findings, compute_findings, tested_means
 from .head_layout import head_dims, is_uniform, kv_heads, kv_of_heads, min_head_dim
 from .hybrid import attention_layers, left_out
 from .ksweep import CONDITIONAL_RATIO_LABELS, GAP_THRESHOLD, RATIO_LABELS, ill_defined
@@ -153,7 +153,13 @@ def kv_reuse_caveat(model: dict) -> str:
         parts.append(f"Layers {listed} store no W_K or W_V and reuse an earlier layer's keys and"
                      " values; their kernel pairs their own W_Q with the source layer's W_K,"
                      " whose keys read the source layer's input, so `W_Q_i^T W_K_j` there is a"
-                     " bilinear form between two layers' inputs, not within one layer.")
+                     " bilinear form between two layers' inputs, not within one layer. Two"
+                     " layers whose kernels end in the same W_K (such a layer and its source,"
+                     " or two that share one) are left out of every similarity test and"
+                     " conditional ratio: that W_K's uneven spectrum pulls both kernels' top-k"
+                     " directions together for any queries, random ones too, which the"
+                     " row-space null (independent random frames of the row space) does not"
+                     " model; their similarities stay in the matrices.")
     if same:
         parts.append(f"Layer{'s' * (len(same) > 1)} {_listed([str(x) for x in same])} use"
                      " their keys as values (W_V = W_K): their value and key row spaces are"
@@ -174,9 +180,8 @@ def section_findings(a: Analysis, f: Findings) -> dict[str, str]:
     chance = null_mean(k, d)
     layers, pairs = a.layers, a.layer_pairs
     out = {}
-    c1 = f.conditional_summary
-    adjacent_ratio = f.overlap["adjacent_mean"] / c1["adjacent_mean"]
-    distant_ratio = f.overlap["distant_mean"] / c1["distant_mean"]
+    adjacent_ratio = f.conditional_ratio["adjacent_mean"]
+    distant_ratio = f.conditional_ratio["distant_mean"]
     if overlap_at_chance(f):
         out["overlap"] = (f"Head {head}'s top-{k} subspaces are {AT_CHANCE} across layers: no"
                           f" layer pair shares more than the conditional null (0 of"
@@ -415,21 +420,22 @@ def _overlap(a: Analysis, f: Findings, lines: dict[str, str]):
     yield "### Summary statistics\n"
     t = s1["distant_threshold"]
     chance = null_mean(k, d)
+    r1 = f.conditional_ratio
     rows = [("Isotropic null mean (k/d)", chance, None),
             ("Isotropic null std (one pair)", null_std(k, d), None),
-            ("Off-diagonal mean", s1["off_diagonal_mean"], c1["off_diagonal_mean"]),
+            ("Off-diagonal mean", s1["off_diagonal_mean"], "off_diagonal_mean"),
             ("Off-diagonal std", s1["off_diagonal_std"], None),
             ("Off-diagonal min", s1["off_diagonal_min"], None),
             ("Off-diagonal max", s1["off_diagonal_max"], None),
-            ("Adjacent layer mean", s1["adjacent_mean"], c1["adjacent_mean"]),
+            ("Adjacent layer mean", s1["adjacent_mean"], "adjacent_mean"),
             ("Adjacent layer std", s1["adjacent_std"], None),
-            (f"Distant layer (>{t} apart) mean", s1["distant_mean"], c1["distant_mean"]),
+            (f"Distant layer (>{t} apart) mean", s1["distant_mean"], "distant_mean"),
             (f"Distant layer (>{t} apart) std", s1["distant_std"], None),
             ("Adjacent vs distant gap", s1["adjacent_minus_distant"], None)]
     yield markdown_table(pd.DataFrame(
         [(label, f"{value:.4f}", _ratio(value, chance) if null is not None or "min" in label
-          or "max" in label else "", f"{null:.4f}" if null is not None else "",
-          _ratio(value, null) if null is not None else "")
+          or "max" in label else "", f"{c1[null]:.4f}" if null is not None else "",
+          f"{r1[null]:.2f}x" if null is not None and np.isfinite(r1[null]) else "")
          for label, value, null in rows],
         columns=["Metric", "Value", "× isotropic", "Conditional null mean",
                  "× conditional"])) + "\n"
@@ -453,9 +459,11 @@ def _overlap(a: Analysis, f: Findings, lines: dict[str, str]):
     yield "### Similarity by layer distance\n"
     by_distance = similarity_by_distance(a.similarity[head])
     by_distance["ratio"] = by_distance["mean"] / chance
-    by_distance["conditional"] = [
-        np.diagonal(f.conditional_mean, offset=dist).mean() for dist in by_distance["distance"]]
-    by_distance["conditional_ratio"] = by_distance["mean"] / by_distance["conditional"]
+    tested = [tested_means(np.diagonal(a.similarity[head], offset=dist),
+                           np.diagonal(f.conditional_mean, offset=dist))
+              for dist in by_distance["distance"]]
+    by_distance["conditional"] = [null for _, null in tested]
+    by_distance["conditional_ratio"] = [value / null for value, null in tested]
     yield markdown_table(by_distance.rename(columns={
         "distance": "Distance", "mean": "Mean similarity", "std": "Std",
         "n_pairs": "N pairs", "ratio": "× isotropic", "conditional": "Conditional null mean",
@@ -669,7 +677,8 @@ def _by_kv_head(a: Analysis) -> pd.DataFrame:
         row = {"Group": label}
         for name, (table, value, null, z, p_adjusted) in tables.items():
             part = select(table)
-            row[f"{columns[name]} × conditional"] = part[value].mean() / part[null].mean()
+            observed, expected = tested_means(part[value].to_numpy(), part[null].to_numpy())
+            row[f"{columns[name]} × conditional"] = observed / expected
             row[f"{columns[name]} significant"] = count_family(
                 part[value], part[null], part[z], part[p_adjusted]).above_below()
         rows.append(row)
@@ -797,7 +806,7 @@ def _findings(a: Analysis, f: Findings, lines: dict[str, str]):
     k, d, ffn = a.k, a.model["d_model"], a.model["ffn_input"]
     chance = null_mean(k, d)
     mean_ratio = a.layers["alignment"].mean() / chance
-    distant_ratio = f.overlap["distant_mean"] / f.conditional_summary["distant_mean"]
+    distant_ratio = f.conditional_ratio["distant_mean"]
     yield "## Key findings\n"
     overlap = overlap_verdict(f.overlap, chance, overlap_at_chance(f))
     yield (f"**Experiment 1 (subspace overlap):** {overlap}"

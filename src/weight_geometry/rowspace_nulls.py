@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .head_layout import head_dims, kv_heads, kv_of_heads
+from .head_layout import head_dims, kv_heads, kv_of_heads, same_keys
 
 
 def _moments(k: int, m) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -175,8 +175,9 @@ def one_head_null(overlaps: np.ndarray, k: int, model: dict, head: int
     layers (the null of its similarity matrix), from the ``(2, L, n_kv_heads, L, n_kv_heads)``
     :func:`rowspace_overlaps`, each layer pair at its own head sizes and KV heads
     (:mod:`head_layout`). Cost O(L^2)."""
-    t, (m_a, m_b) = _layer_pairs(overlaps, model, kv_of_heads(model)[:, head:head + 1])
-    mean, std = similarity_null(t[0], t[1], k, m_a, m_b)
+    kv = kv_of_heads(model)[:, head:head + 1]
+    t, (m_a, m_b) = _layer_pairs(overlaps, model, kv)
+    mean, std = _unless_same_keys(similarity_null(t[0], t[1], k, m_a, m_b), model, kv)
     return mean[:, 0, :, 0], std[:, 0, :, 0]
 
 
@@ -184,8 +185,21 @@ def head_pair_null(overlaps: np.ndarray, k: int, model: dict) -> tuple[np.ndarra
     """``(L, h, L, h)`` conditional mean and std of ``sim(V_a,i, V_b,j)`` for every pair of
     heads, from the ``(2, L, n_kv_heads, L, n_kv_heads)`` :func:`rowspace_overlaps`, each
     layer pair at its own head sizes and KV heads (:mod:`head_layout`). Cost O(L^2 h^2)."""
-    t, (m_a, m_b) = _layer_pairs(overlaps, model, kv_of_heads(model))
-    return similarity_null(t[0], t[1], k, m_a, m_b)
+    kv = kv_of_heads(model)
+    t, (m_a, m_b) = _layer_pairs(overlaps, model, kv)
+    return _unless_same_keys(similarity_null(t[0], t[1], k, m_a, m_b), model, kv)
+
+
+def _unless_same_keys(null: tuple[np.ndarray, np.ndarray], model: dict, kv: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """``null`` (mean, std ``(L, n, L, n)``) with NaN for two heads of different layers whose
+    kernels end in the same ``W_K_j`` (Gemma 4's reused keys: :func:`head_layout.same_keys`),
+    which leaves them out of every test. Their top-k directions are pulled towards the same
+    directions of that row space by ``W_K_j``'s own uneven spectrum, for any queries (random
+    ones too), so independent Haar frames of the row space understate their similarity: as
+    for two heads of one KV head, this null does not hold there."""
+    mask = same_keys(model, kv)
+    return tuple(np.where(mask, np.nan, x) for x in null)
 
 
 def same_index_null(overlaps: np.ndarray, k: int, model: dict
