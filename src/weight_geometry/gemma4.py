@@ -34,8 +34,9 @@ from .errors import UserError
 GEMMA4_TYPES = ("gemma4_text", "gemma4")
 #: What the geometry leaves out of a Gemma 4 layer (``model.json``'s ``not_used``).
 NOT_USED = ("the per-layer input embeddings (per_layer_input_gate, per_layer_projection: a"
-            " second input to each layer, not attention) and the per-layer output scalar are"
-            " not used")
+            " second input to each layer, not attention), the per-layer output scalar and the"
+            " router's per-expert output scales (a scalar per expert: no direction) are not"
+            " used")
 _SLIDING = "sliding_attention"
 
 
