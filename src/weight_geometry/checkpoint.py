@@ -400,6 +400,8 @@ class Checkpoint:
         NaN/Inf is a UserError (checked by its min and max: NaN propagates through both, no
         boolean temporary)."""
         tensor = self._reader.read(name) if index is None else self._reader.read(name, index)
+        if not tensor.flags.writeable:  # an F32 GGUF tensor: a read-only view of the file
+            tensor = tensor.copy()      # in memory, as every other type's, for torch to own
         if tensor.size and not (np.isfinite(tensor.min()) and np.isfinite(tensor.max())):
             raise UserError(f"{self._files[name]}: tensor {name} contains NaN or Inf")
         return tensor
