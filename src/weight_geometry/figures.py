@@ -71,8 +71,7 @@ def _ratio_heatmap(ax, fig, values, null, title, null_label, quantity="similarit
     else:
         ratio = off_diagonal_ratio(values, null)
     r = ratio_limit(ratio)
-    cmap = plt.get_cmap("RdBu_r").copy()
-    cmap.set_bad("0.85")
+    cmap = plt.get_cmap("RdBu_r").with_extremes(bad="0.85")
     im = ax.imshow(ratio, cmap=cmap, norm=colors.LogNorm(1 / r, r), interpolation="nearest")
     bar = fig.colorbar(im, ax=ax, label=f"{quantity} / {null_label}")
     ticks = [t for t in (0.25, 0.5, 0.67, 0.8, 1, 1.25, 1.5, 2, 3, 4, 6, 8, 16)
