@@ -27,7 +27,7 @@ from conftest import (
 from weight_geometry.architectures import dims_from_hf_config
 from weight_geometry.checkpoint import open_checkpoint
 from weight_geometry.errors import UserError
-from weight_geometry.extraction import extract_layer
+from weight_geometry.extraction import LayerResult, extract_layer, write_layers
 from weight_geometry.head_layout import kv_of_heads, same_keys
 from weight_geometry.ksweep import untested_pairs
 from weight_geometry.rowspace_nulls import head_pair_null, one_head_null
@@ -169,6 +169,21 @@ def test_kernels_and_circuits_equal_naive_svds_of_live_weights(built):
         v = res.vectors[0, :m].astype(np.float64)
         np.testing.assert_allclose(res.ffn_input_energy[0, :m], np.square(gate @ v.T).sum(0),
                                    rtol=1e-4)
+
+
+def test_written_layer_files_equal_the_padded_arrays(built, tmp_path):
+    """The extraction job's ``.npy`` files (each array padded as it is written) hold exactly
+    the padded arrays of each layer (:func:`extraction.extract_layer`, padded in memory)."""
+    _, path = built
+    ckpt = open_checkpoint(str(path), fold_norms=True)
+    names = LayerResult.array_names()
+    paths = {name: tmp_path / f"{name}.npy" for name in names}
+    write_layers(ckpt, range(6), torch.device("cpu"), True, paths)
+    results = [extract_layer(ckpt, layer, torch.device("cpu"), fold_norms=True)
+               for layer in range(6)]
+    for name in names:
+        np.testing.assert_array_equal(np.load(paths[name]),
+                                      np.stack([getattr(r, name) for r in results]), name)
 
 
 def test_folded_kernel_is_what_the_live_qk_norms_compute(built):

@@ -154,7 +154,8 @@ def extract_layer(ckpt: Checkpoint, layer: int, device: torch.device,
     arrays: dict[str, np.ndarray] = {}
 
     def put(name: str, x: torch.Tensor | np.ndarray, rows: int | None = None) -> None:
-        array = padded(name, x.cpu().numpy() if isinstance(x, torch.Tensor) else x, ckpt.dims)
+        array, rows = padded(name, x.cpu().numpy() if isinstance(x, torch.Tensor) else x,
+                             ckpt.dims, rows)
         if emit is not None:
             emit(name, array, rows)
         else:
@@ -484,23 +485,27 @@ PER_HEAD_ROWS = ("vectors", "query_vectors", "ov_write_vectors", "ov_read_vector
                  "singular_values", "ov_singular_values", "ffn_input_energy")
 
 
-def padded(name: str, array: np.ndarray, dims: ModelDims) -> np.ndarray:
-    """One of a layer's arrays at the widths of the model's stored arrays, where its layers
-    differ in head size or KV-head count (Gemma 4): :mod:`head_layout`'s contract, rows past
-    the layer's head size zero (NaN in the KV-indexed row-space eigenvalues, which a missing
-    KV head also leaves NaN). ``array`` itself for a uniform model. Cost: one copy."""
+def padded(name: str, array: np.ndarray, dims: ModelDims, rows: int | None
+           ) -> tuple[np.ndarray, int | None]:
+    """``(array, rows)``: one of a layer's arrays and the rows per head it is to be padded to
+    (:data:`Emit`), at the widths of the model's stored arrays where its layers differ in head
+    size or KV-head count (Gemma 4: :mod:`head_layout`'s contract). A per-head array keeps its
+    rows and is padded with zero rows to the largest head size as it is written (no copy of
+    the ``(h, d_head, d)`` vectors); the small per-KV-head and per-unit arrays are padded here,
+    with zeros (energies) or NaN (row-space eigenvalues; a KV head the layer lacks too). For a
+    uniform model ``(array, rows)`` unchanged."""
     if dims.head_dims is None:
-        return array
+        return array, rows
     h, m, n_kv = dims.n_heads, dims.d_head, dims.n_kv_heads
     if name in PER_HEAD_ROWS:
-        return pad_to(array, (h, m, *array.shape[2:]), 0.0)
+        return array, m
     if name == "ffn_input_rowspace_eigenvalues":
-        return pad_to(array, (n_kv, m), np.nan)
+        return pad_to(array, (n_kv, m), np.nan), rows
     if name == "expert_energy":
-        return pad_to(array, (array.shape[0], h, m), 0.0)
+        return pad_to(array, (array.shape[0], h, m), 0.0), rows
     if name == "expert_rowspace_eigenvalues":
-        return pad_to(array, (array.shape[0], n_kv, m), np.nan)
-    return array
+        return pad_to(array, (array.shape[0], n_kv, m), np.nan), rows
+    return array, rows
 
 
 def pad_heads(array: np.ndarray, rows: int | None) -> np.ndarray:
