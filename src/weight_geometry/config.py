@@ -24,7 +24,7 @@ from .checkpoint import (
     hf_moe_dims,
     open_checkpoint,
 )
-from .errors import UserError
+from .errors import UserError, listed
 from .layer_kinds import hf_layer_kinds
 from .safetensors_file import read_json_object
 
@@ -447,13 +447,7 @@ def _check_top_k(name: str, dims: ModelDims, ks: list[int]) -> None:
                 if m == bound]
     raise UserError(f"top_k: {bad[0]} is not allowed for model {name} (1 <= k <= {bound}, the"
                     f" smallest head size, that of layer{'s' * (len(smallest) > 1)}"
-                    f" {_listing(smallest)}; the largest is d_head = {dims.d_head})")
-
-
-def _listing(items: list[str], most: int = 8) -> str:
-    """``a, b, c`` or ``a, b, .., h and 4 more``."""
-    more = f" and {len(items) - most} more" if len(items) > most else ""
-    return ", ".join(items[:most]) + more
+                    f" {listed(smallest)}; the largest is d_head = {dims.d_head})")
 
 
 def _model_plan(name, src: _Source, ks, head_spec, primary, bottleneck, per_job) -> ModelPlan:

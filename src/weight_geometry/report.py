@@ -15,6 +15,7 @@ from .circuits_report import CircuitFindings, CircuitTables, circuit_findings
 from .circuits_report import finding as circuit_finding
 from .circuits_report import section as circuit_section
 from .crossref import PAIRS, layer_correlations
+from .errors import listed
 from .expert_alignment import expert_finding, group_summary
 from .findings import DEPTH_FAMILY, Findings, compute_findings, tested_means
 from .head_layout import head_dims, is_uniform, kv_heads, kv_of_heads, min_head_dim
@@ -104,11 +105,6 @@ def _finding(lines: dict[str, str], section: str) -> str:
     return f"**Finding:** {lines[section]}\n"
 
 
-def _listed(items: list[str], most: int = 8) -> str:
-    more = f" and {len(items) - most} more" if len(items) > most else ""
-    return ", ".join(items[:most]) + more
-
-
 def by_kind(model: dict, values: list, sep: str = ", ") -> str:
     """One value (text) per attention layer, None where a layer has none, as text: the value
     itself where every layer has it, else each distinct value (in order of first appearance) with
@@ -127,7 +123,7 @@ def by_kind(model: dict, values: list, sep: str = ", ") -> str:
         alone = all(v == value for v, kind in zip(values, kinds, strict=True)
                     if kind in own and v is not None)
         where = (", ".join(own) if alone
-                 else f"layer{'s' * (len(layers) > 1)} {_listed([str(p) for p in layers])}")
+                 else f"layer{'s' * (len(layers) > 1)} {listed([str(p) for p in layers])}")
         parts.append(f"{value} ({where})")
     return sep.join(parts)
 
@@ -138,7 +134,7 @@ def _smallest_head(model: dict) -> str:
     sizes, m = head_dims(model), min_head_dim(model)
     layers = [str(p) for p in np.flatnonzero(sizes == m)]
     return (f"m = {m}, the smallest head size (layer{'s' * (len(layers) > 1)}"
-            f" {_listed(layers)})")
+            f" {listed(layers)})")
 
 
 def kv_reuse_caveat(model: dict) -> str:
@@ -149,8 +145,8 @@ def kv_reuse_caveat(model: dict) -> str:
     same = model.get("keys_as_values") or []
     parts = []
     if shared:
-        listed = _listed([f"{layer} (from {source})" for layer, source in sorted(shared.items())])
-        parts.append(f"Layers {listed} store no W_K or W_V and reuse an earlier layer's keys and"
+        layers = listed([f"{layer} (from {source})" for layer, source in sorted(shared.items())])
+        parts.append(f"Layers {layers} store no W_K or W_V and reuse an earlier layer's keys and"
                      " values; their kernel pairs their own W_Q with the source layer's W_K,"
                      " whose keys read the source layer's input, so `W_Q_i^T W_K_j` there is a"
                      " bilinear form between two layers' inputs, not within one layer. Two"
@@ -161,7 +157,7 @@ def kv_reuse_caveat(model: dict) -> str:
                      " row-space null (independent random frames of the row space) does not"
                      " model; their similarities stay in the matrices.")
     if same:
-        parts.append(f"Layer{'s' * (len(same) > 1)} {_listed([str(x) for x in same])} use"
+        parts.append(f"Layer{'s' * (len(same) > 1)} {listed([str(x) for x in same])} use"
                      " their keys as values (W_V = W_K): their value and key row spaces are"
                      " one.")
     return ("Key/value reuse (Gemma 4): " + " ".join(parts)) if parts else ""
@@ -201,7 +197,7 @@ def section_findings(a: Analysis, f: Findings) -> dict[str, str]:
                           f" {f.adjacent.n_tests} adjacent pairs are above the conditional null"
                           f" (mean {adjacent_ratio:.2f}x it,"
                           f" {f.overlap['adjacent_mean'] / chance:.2f}x k/d; most:"
-                          f" {_listed(named, 5) or 'none'}), distant layers"
+                          f" {listed(named, 5) or 'none'}), distant layers"
                           f" {distant_ratio:.2f}x{boundaries}.")
     best = (pairs["best_match"].mean() / pairs["best_match_null_mean"].mean())
     if not f.identity and f.same_index.n_above == 0:
@@ -239,7 +235,7 @@ def section_findings(a: Analysis, f: Findings) -> dict[str, str]:
         out["alignment"] = (f"FFN alignment differs from the conditional null in {t.n_above}"
                             f" (above) and {t.n_below} (below) of {t.n_tests} (layer, head)"
                             f" pairs (mean {t.mean_ratio:.2f}x); head {head}'s layers that"
-                            " differ: " + (_listed([f"{ly} ({r:.2f}x)" for ly, r in deviating])
+                            " differ: " + (listed([f"{ly} ({r:.2f}x)" for ly, r in deviating])
                                            or "none") + ".")
     families = [f.heads_adjacent, f.alignment_heads] + (
         [f.heads_bottleneck] if a.has_bottleneck else [])
@@ -627,7 +623,7 @@ def _experts(a: Analysis, f: Findings, lines: dict[str, str]):
            f" every head at k = {k}, each against its own isotropic and conditional null"
            " (`alignment_experts.parquet`). Above, a sparse layer's FFN input is its routed"
            " experts' pooled W_gate (the mean of their Grams); layers without experts"
-           f" ({_listed([str(x) for x in dense]) or 'none'}) are there as dense layers. Spread:"
+           f" ({listed([str(x) for x in dense]) or 'none'}) are there as dense layers. Spread:"
            " the std over units of each unit's mean over heads; most and least aligned by that"
            " mean over its conditional chance.\n")
     summary = group_summary(table)

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from .architectures import EXPERT_WEIGHTS, SHARED, ModelDims, MoeDims
-from .errors import UserError
+from .errors import UserError, listed
 from .ranks import EXPERT_RANK_COLUMNS, RANK_COLUMNS, parse_shape, shape_text
 from .results_io import load_rank_tables
 
@@ -29,12 +29,6 @@ from .results_io import load_rank_tables
 COMPUTED_SOURCE = "computed from the weights"
 
 _SHOWN = 5  # how many offending items a message lists
-
-
-def _listing(items) -> str:
-    items = list(items)
-    more = f" and {len(items) - _SHOWN} more" if len(items) > _SHOWN else ""
-    return ", ".join(map(str, items[:_SHOWN])) + more
 
 
 def _first(mask: np.ndarray) -> int | None:
@@ -97,7 +91,7 @@ def _layers(table: pd.DataFrame, path: Path, n_layers: int) -> np.ndarray:
     layers = values.astype(np.int64)
     found, expected = set(layers.tolist()), set(range(n_layers))
     if found != expected:
-        differences = [f"{label}: [{_listing(sorted(items))}]" for label, items in
+        differences = [f"{label}: [{listed(sorted(items), _SHOWN)}]" for label, items in
                        (("missing", expected - found), ("not in the model", found - expected))
                        if items]
         raise UserError(
@@ -143,7 +137,8 @@ def _check_experts(table: pd.DataFrame, path: Path, moe: MoeDims | None) -> list
     if "expert" not in table.columns:
         if sparse:
             labels = ", ".join(map(str, moe.experts))
-            raise UserError(f"user ranks {path}: no expert column, but layers {_listing(sparse)}"
+            raise UserError(f"user ranks {path}: no expert column, but layers"
+                            f" {listed(sparse, _SHOWN)}"
                             f" are mixtures of experts (allowed: an expert column, {labels} on"
                             " their W_gate, W_up and W_down rows, empty elsewhere)")
         return [""] * len(table)
@@ -179,7 +174,7 @@ def _check_complete(keys: list[tuple[int, str, str]], path: Path,
         seen[key] = i
     absent = [_key_text(key) for key in expected if key not in seen]
     if absent:
-        raise UserError(f"user ranks {path}: no row for {_listing(absent)}; every layer needs"
+        raise UserError(f"user ranks {path}: no row for {listed(absent, _SHOWN)}; every layer needs"
                         " one row per weight type (per expert in a mixture-of-experts layer)")
 
 
