@@ -105,6 +105,13 @@ def _finding(lines: dict[str, str], section: str) -> str:
     return f"**Finding:** {lines[section]}\n"
 
 
+def attention_kinds(model: dict) -> list[str]:
+    """Each attention layer's kind (``model.json``'s ``layer_types`` at ``attention_layers``),
+    in the report's layer order. Cost O(L)."""
+    every = LayerKinds.from_record(model).kinds
+    return [every[layer] for layer in attention_layers(model)]
+
+
 def by_kind(model: dict, values: list, sep: str = ", ") -> str:
     """One value (text) per attention layer, None where a layer has none, as text: the value
     itself where every layer has it, else each distinct value (in order of first appearance) with
@@ -114,8 +121,7 @@ def by_kind(model: dict, values: list, sep: str = ", ") -> str:
     if len(set(values)) == 1:
         return values[0]
     present = [v for v in values if v is not None]
-    every = LayerKinds.from_record(model).kinds
-    kinds = [every[layer] for layer in attention_layers(model)]
+    kinds = attention_kinds(model)
     parts = []
     for value in dict.fromkeys(present):
         layers = [p for p, v in enumerate(values) if v == value]
@@ -310,11 +316,10 @@ def kind_rotary_caveats(m: dict) -> list[str]:
     head's coordinate pairs (``model.json``'s ``rotary_fractions``: Gemma 4's global layers,
     proportional RoPE, which turns the first ``int(f m / 2)`` of a head's ``m / 2`` pairs), one
     sentence per kind, naming its head sizes."""
-    kinds = [m["layer_types"][layer] for layer in attention_layers(m)] if "layer_types" in m \
-        else []
     out = []
     for kind, f in m.get("rotary_fractions", {}).items():
-        sizes = sorted({int(s) for s, t in zip(head_dims(m), kinds, strict=True) if t == kind})
+        sizes = sorted({int(s) for s, t in zip(head_dims(m), attention_kinds(m), strict=True)
+                        if t == kind})
         turned = ", ".join(f"{int(f * s) // 2} of {s // 2}" for s in sizes)
         out.append(f"Proportional RoPE on the {kind} layers turns only {turned} coordinate"
                    f" pairs of each query and key head (partial_rotary_factor {f:g}); the other"
