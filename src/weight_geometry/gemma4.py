@@ -141,23 +141,31 @@ def _kv_reuse(config: dict, types: list[str], k_eq_v: bool, where: str) -> KvReu
     """Transformers' ``kv_sharing_modes``: layers from ``L - num_kv_shared_layers`` on reuse
     the last earlier layer of their kind; a UserError where no earlier layer of that kind
     stores keys and values."""
-    n = len(types)
     shared = config.get("num_kv_shared_layers") or 0
-    if type(shared) is not int or not 0 <= shared < n:
-        raise UserError(f"{where}num_kv_shared_layers: {shared!r} is not allowed (an integer"
-                        f" from 0 to {n - 1}: some layer must store its own keys and values)")
-    first = n - shared
-    source = list(range(n))
-    for layer in range(first, n):
-        own = [i for i in range(first) if types[i] == types[layer]]
-        if not own:
-            raise UserError(f"{where}num_kv_shared_layers: {shared} leaves layer {layer}"
-                            f" ({types[layer]}) no earlier layer of its kind to take keys and"
-                            " values from (allowed: at most"
-                            f" {n - max(types.index(t) + 1 for t in set(types))})")
-        source[layer] = own[-1]
+    source = _sources(types, shared, f"{where}num_kv_shared_layers")
+    if None in source:
+        layer = source.index(None)
+        raise UserError(f"{where}num_kv_shared_layers: {shared} leaves layer {layer}"
+                        f" ({types[layer]}) no earlier layer of its kind to take keys and"
+                        " values from (allowed: at most"
+                        f" {len(types) - max(types.index(t) + 1 for t in set(types))})")
     values = frozenset(i for i, t in enumerate(types) if k_eq_v and t != _SLIDING)
     return KvReuse(tuple(source), values)
+
+
+def _sources(kinds: Sequence, shared, key: str) -> list[int | None]:
+    """Each layer's key/value source as transformers picks it (``kv_sharing_modes``): the
+    last ``shared`` layers read the last earlier layer of their kind (None where there is
+    none), the others their own; a ``shared`` outside 0 to ``L - 1`` is a UserError naming
+    ``key``. Cost O(L^2) at most."""
+    n = len(kinds)
+    if type(shared) is not int or not 0 <= shared < n:
+        raise UserError(f"{key}: {shared!r} is not allowed (an integer from 0 to {n - 1}: some"
+                        " layer must store its own keys and values)")
+    first = n - shared
+    return [layer if layer < first else
+            next((i for i in reversed(range(first)) if kinds[i] == kinds[layer]), None)
+            for layer in range(n)]
 
 
 def gguf_kv_reuse(sliding: Sequence[bool], shared: int, without_values: Collection[int],
@@ -178,21 +186,18 @@ def gguf_kv_reuse(sliding: Sequence[bool], shared: int, without_values: Collecti
     (``src/models/gemma4.cpp``: ``Vcur = Kcur`` unless ``wv``), so ``without_values`` (the
     layers without a stored ``attn_v``) that store their own keys have W_V = W_K, and so do
     the layers that reuse theirs, as :func:`_kv_reuse` records them. Cost: O(L^2) at most."""
+    theirs = _sources(sliding, shared, key)
     n = len(sliding)
-    if type(shared) is not int or not 0 <= shared < n:
-        raise UserError(f"{key}: {shared!r} is not allowed (an integer from 0 to {n - 1}: some"
-                        " layer must store its own keys and values)")
     first = n - shared
     source = list(range(n))
     for layer in range(first, n):
         source[layer] = first - (2 if sliding[layer] else 1)
-        own = [i for i in range(first) if sliding[i] == sliding[layer]]
-        if not own or own[-1] != source[layer]:
+        if theirs[layer] != source[layer]:
             kind = "sliding" if sliding[layer] else "global"
             ours = f"layer {source[layer]}" if source[layer] >= 0 else "no layer"
-            theirs = f"layer {own[-1]}" if own else "no layer"
+            chosen = "no layer" if theirs[layer] is None else f"layer {theirs[layer]}"
             raise UserError(f"{key}: {shared} makes {kind} layer {layer} read the keys and"
-                            f" values of {ours} in llama.cpp, of {theirs} in"
+                            f" values of {ours} in llama.cpp, of {chosen} in"
                             " transformers (the last earlier layer of its kind); allowed: a"
                             f" count whose layer {first - 1} is global and {first - 2} sliding")
     values = {layer for layer in without_values if layer < first}
