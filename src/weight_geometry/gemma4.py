@@ -186,16 +186,15 @@ def gguf_kv_reuse(sliding: Sequence[bool], shared: int, without_values: Collecti
     (``src/models/gemma4.cpp``: ``Vcur = Kcur`` unless ``wv``), so ``without_values`` (the
     layers without a stored ``attn_v``) that store their own keys have W_V = W_K, and so do
     the layers that reuse theirs, as :func:`_kv_reuse` records them. Cost: O(L^2) at most."""
-    theirs = _sources(sliding, shared, key)
+    source = _sources(sliding, shared, key)
     n = len(sliding)
     first = n - shared
-    source = list(range(n))
     for layer in range(first, n):
-        source[layer] = first - (2 if sliding[layer] else 1)
-        if theirs[layer] != source[layer]:
+        llama = first - (2 if sliding[layer] else 1)
+        if source[layer] != llama:
             kind = "sliding" if sliding[layer] else "global"
-            ours = f"layer {source[layer]}" if source[layer] >= 0 else "no layer"
-            chosen = "no layer" if theirs[layer] is None else f"layer {theirs[layer]}"
+            ours = f"layer {llama}" if llama >= 0 else "no layer"
+            chosen = "no layer" if source[layer] is None else f"layer {source[layer]}"
             raise UserError(f"{key}: {shared} makes {kind} layer {layer} read the keys and"
                             f" values of {ours} in llama.cpp, of {chosen} in"
                             " transformers (the last earlier layer of its kind); allowed: a"
