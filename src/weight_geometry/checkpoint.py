@@ -814,25 +814,31 @@ def _open_hf_dir(source: str, path: Path) -> Checkpoint:
         rotary_by_kind=_hf_rotary_by_kind(path, config, model_type))
 
 
+def _gemma4_text(config: dict, model_type: str) -> tuple[dict, str] | None:
+    """A Gemma 4 ``config.json``'s text config and the prefix its keys are named with
+    (``gemma4``'s ``text_config.``; already checked by its dimensions); None for any other
+    architecture."""
+    if model_type not in GEMMA4_TYPES:
+        return None
+    where = HF_TEXT_CONFIG.get(model_type)
+    return (config[where], f"{where}.") if where else (config, "")
+
+
 def _hf_rotary_by_kind(path: Path, config: dict, model_type: str) -> dict[str, float]:
     """A Gemma 4 text config's rotated share per layer kind (:func:`gemma4.rotary_fractions`),
     a bad one a UserError naming the file; empty for any other architecture."""
-    if model_type not in GEMMA4_TYPES:
-        return {}
-    where = f"{HF_TEXT_CONFIG[model_type]}." if model_type in HF_TEXT_CONFIG else ""
+    text = _gemma4_text(config, model_type)
     try:
-        return rotary_fractions(config[where[:-1]] if where else config, where)
+        return {} if text is None else rotary_fractions(*text)
     except UserError as err:
         raise UserError(f"{path / 'config.json'}: {err}") from None
 
 
 def hf_kv_reuse(config: dict, model_type: str, n_layers: int) -> KvReuse | None:
     """A Gemma 4 ``config.json``'s key/value reuse (:mod:`gemma4`; a ``gemma4`` model's from
-    its text config, checked with its dimensions); None for any other architecture."""
-    if model_type not in GEMMA4_TYPES:
-        return None
-    text = config[HF_TEXT_CONFIG[model_type]] if model_type in HF_TEXT_CONFIG else config
-    return gemma4_layers(text, n_layers).kv_reuse
+    its text config); None for any other architecture."""
+    text = _gemma4_text(config, model_type)
+    return None if text is None else gemma4_layers(text[0], n_layers, text[1]).kv_reuse
 
 
 def _expert_layout(adapter: Adapter, moe: MoeDims | None,
