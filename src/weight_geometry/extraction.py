@@ -511,11 +511,7 @@ def padded(name: str, array: np.ndarray, dims: ModelDims, rows: int | None
 def pad_heads(array: np.ndarray, rows: int | None) -> np.ndarray:
     """``array`` ``(h, v, ...)`` with zero rows appended to each head's ``v``, up to ``rows``;
     ``array`` itself when ``rows`` is None or ``v``."""
-    if rows is None or array.shape[1] == rows:
-        return array
-    padded = np.zeros((array.shape[0], rows, *array.shape[2:]), array.dtype)
-    padded[:, :array.shape[1]] = array
-    return padded
+    return array if rows is None else pad_to(array, (array.shape[0], rows, *array.shape[2:]), 0)
 
 
 def _write_npy_header(fh: BinaryIO, shape: tuple[int, ...], dtype: np.dtype) -> None:
