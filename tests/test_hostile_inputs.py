@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import resource
 import string
 import struct
 import subprocess
@@ -29,6 +28,7 @@ from weight_geometry.config import build_plan, user_models
 from weight_geometry.errors import UserError
 from weight_geometry.gguf_file import GGUFFile
 from weight_geometry.results_io import load_layers, load_similarities
+from weight_geometry.rule_script import peak_rss_mib
 from weight_geometry.safetensors_file import directory_entries
 
 GIB = 1 << 30
@@ -58,10 +58,6 @@ def _hf_dir(path: Path) -> Path:
     return path
 
 
-def _max_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 # --- 1. a crafted header size: refused before anything of that size is read or allocated ---
 
 
@@ -79,10 +75,10 @@ def test_huge_safetensors_header_is_refused_unread(tmp_path, header_bytes):
     """40 GiB: a MemoryError traceback before; 1 GiB: read (1.47 GB peak), then a JSON error."""
     ckpt = _hf_dir(tmp_path / "ckpt")
     weights = _sparse_safetensors(ckpt / "model.safetensors", header_bytes)
-    before = _max_rss_mib()
+    before = peak_rss_mib()
     with pytest.raises(UserError) as info:
         open_checkpoint(str(ckpt))
-    assert _max_rss_mib() - before < 64
+    assert peak_rss_mib() - before < 64
     assert str(info.value) == (
         f"{weights}: the safetensors header is {header_bytes} bytes long (allowed: at most"
         f" {MAX_HEADER_BYTES}, the format's own limit; a crafted or corrupt file?)")
@@ -135,10 +131,10 @@ _ARCH = _gguf_string(b"general.architecture") + struct.pack("<I", 8) + _gguf_str
 def test_huge_gguf_metadata_is_refused_uncopied(tmp_path, body, n_kv, n_tensors, size,
                                                 expected):
     path = _gguf(tmp_path / "x.gguf", body, n_kv=n_kv, n_tensors=n_tensors, size=size)
-    before = _max_rss_mib()
+    before = peak_rss_mib()
     with pytest.raises(UserError) as info:
         GGUFFile(path)
-    assert _max_rss_mib() - before < 64
+    assert peak_rss_mib() - before < 64
     assert_one_line(info.value, path, expected, "a crafted or corrupt file?")
 
 

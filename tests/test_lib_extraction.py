@@ -4,6 +4,7 @@ checkpoint written by transformers, its files read back with results_io's loader
 from __future__ import annotations
 
 import platform
+import re
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -322,8 +323,10 @@ def test_run_extraction_job_applies_the_job_policy(tiny_llama, tmp_path, monkeyp
     [(_, layers, used, fold, given, compute_ranks, used_workers)] = calls
     assert (layers, used, fold, given, compute_ranks, used_workers) == (
         range(1, L), resolved, False, paths, True, workers)
-    first, *others = capsys.readouterr().out.splitlines()    # then write_layers' own lines
+    first, *others, peak = capsys.readouterr().out.splitlines()  # write_layers' lines between
     assert first.endswith(f"] {ckpt.path}: layers 1-{L - 1} on {resolved} ({workers} at a time)")
+    assert re.fullmatch(r"\[[0-9:]+\] peak memory of this job: [0-9]+\.[0-9] MiB \(resident,"
+                        r" high-water mark\)", peak), peak
     assert [line.split("] ")[1] for line in others] == [f"layer {layer} done ({layer}/{L - 1})"
                                                          for layer in range(1, L)]
     shapes = {wt: "x".join(map(str, ckpt.dims.weight_shape(wt))) for wt in NAMES}

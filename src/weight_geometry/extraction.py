@@ -94,7 +94,7 @@ from .ranks import (
     smaller_side,
     weight_spectrum,
 )
-from .rule_script import progress
+from .rule_script import peak_rss_mib, progress
 
 #: Bytes from which :func:`write_layers` has glibc map each allocation (:func:`unmap_large_frees`).
 MMAP_THRESHOLD = 4 << 20
@@ -399,7 +399,8 @@ def run_extraction_job(ckpt: Checkpoint, layers: range, device: str, threads: in
     those it sees, for its lifetime, with a line naming it); :func:`layer_workers` layers are
     extracted at once; a progress line names the checkpoint, the layers, the device
     (``cuda:i``) and the workers. The log (``logs/{model}/extract_layers*.log``) is the
-    record of the device each layer range ran on.
+    record of the device each layer range ran on, and ends with the job's peak resident memory
+    (:func:`rule_script.peak_rss_mib`, exact where Snakemake's benchmark samples).
     Returns the effective-rank rows (:data:`ranks.RANK_COLUMNS`; none without
     ``compute_ranks``), which the job writes after the pass."""
     threads = max(threads, 1)
@@ -408,7 +409,10 @@ def run_extraction_job(ckpt: Checkpoint, layers: range, device: str, threads: in
     workers = layer_workers(resolved, threads)
     progress(f"{ckpt.path}: layers {layers.start}-{layers.stop - 1} on {resolved}"
              f" ({workers} at a time)")
-    return write_layers(ckpt, layers, resolved, fold_norms, paths, compute_ranks, workers)
+    rows = write_layers(ckpt, layers, resolved, fold_norms, paths, compute_ranks, workers)
+    if (peak := peak_rss_mib()) is not None:
+        progress(f"peak memory of this job: {peak:.1f} MiB (resident, high-water mark)")
+    return rows
 
 
 class LayerWriter:

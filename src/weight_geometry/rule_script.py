@@ -142,6 +142,18 @@ def _flush_all() -> None:
         ctypes.CDLL(None).fflush(None)
 
 
+def peak_rss_mib() -> float | None:
+    """This process's peak resident memory so far, in MiB (``getrusage``'s ``ru_maxrss``: the
+    kernel's high-water mark, Linux ``VmHWM``, exact, not sampled); None where the platform
+    has no ``resource`` module (Windows). Cost: one system call."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB; bytes on macOS
+    return peak / (2**20 if sys.platform == "darwin" else 2**10)
+
+
 def progress(message: str) -> None:
     """Print one progress line to the rule's log (stdout is redirected there)."""
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
